@@ -1,0 +1,39 @@
+"""jlora: LoRA fine-tuning for JAX/Flax as transforms of parameter pytrees."""
+
+from jlora._config import LoraConfig as LoraConfig
+from jlora._config import TaskType as TaskType
+from jlora._init import init_tree as init_tree
+from jlora._linen import apply as apply
+from jlora._linen import init as init
+from jlora._merge import apply_merged as apply_merged
+from jlora._merge import merge as merge
+from jlora._merge import unmerge as unmerge
+from jlora._optim import freeze as freeze
+from jlora._optim import optimizer as optimizer
+from jlora._summary import Summary as Summary
+from jlora._summary import summary as summary
+from jlora._tree import combine as combine
+from jlora._tree import labels as labels
+from jlora._tree import split as split
+from jlora._tree import trainable_mask as trainable_mask
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "LoraConfig",
+    "Summary",
+    "TaskType",
+    "apply",
+    "apply_merged",
+    "combine",
+    "freeze",
+    "init",
+    "init_tree",
+    "labels",
+    "merge",
+    "optimizer",
+    "split",
+    "summary",
+    "trainable_mask",
+    "unmerge",
+]

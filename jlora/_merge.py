@@ -1,0 +1,124 @@
+"""Merge and unmerge: rewrite the param tree between `W0 + adapters` and `W = W0 + s·A·B`."""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Mapping
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from jlora import _ops
+from jlora._config import LoraConfig
+from jlora._tree import LORA_KEYS, Params, _check_tree, adapted_modules, get_path, kernel_key
+
+__all__ = ["merge", "unmerge", "apply_merged"]
+
+
+def _scaled_delta(path: tuple[str, ...], node, kernel_shape, config: LoraConfig) -> jax.Array:
+  where = "/".join(path)
+  a, b = node["lora_a"], node["lora_b"]
+  _ops.check_adapter(where, kernel_shape, a.shape, b.shape, config.rank_for(where))
+  return config.scale_for(where) * _ops.delta_kernel(a, b, kernel_shape)
+
+
+def _rebuild(tree: Params, replace: dict[tuple[str, ...], dict], drop_lora: bool, prefix=()) -> dict:
+  out = {}
+  for key, value in tree.items():
+    path = prefix + (str(key),)
+    if isinstance(value, Mapping):
+      out[key] = _rebuild(value, replace, drop_lora, path)
+    elif not (drop_lora and key in LORA_KEYS):
+      out[key] = value
+  out.update(replace.get(prefix, {}))
+  return out
+
+
+def _check_finite(where: str, value: jax.Array) -> None:
+  if isinstance(value, jax.core.Tracer):
+    raise ValueError(
+        f"merge(safe=True) checks values, so it cannot run under jax.jit (at {where!r}); "
+        "call it outside jit or use safe=False."
+    )
+  if not bool(np.all(np.isfinite(np.asarray(value, dtype=np.float32)))):
+    raise ValueError(f"merge(safe=True): the merged kernel at {where!r} has NaN or inf; the adapter is broken.")
+
+
+def merge(params: Params, config: LoraConfig, *, safe: bool = False) -> dict:
+  """Folds every adapter into its kernel: `W ← W0 + s·A·B`, and drops the adapter leaves.
+
+  The result has the base's tree structure, shapes and dtypes, so plain
+  `model.apply` runs it with no added latency. The sum is computed in float32
+  and cast back to the kernel's dtype. Stacked (scanned) layers merge per layer.
+  Trained biases and `modules_to_save` leaves are kept as they are.
+
+  Args:
+    params: params with adapters.
+    config: the config the adapters were created with (for ranks and scales).
+    safe: check that every merged kernel is finite (outside `jit` only).
+
+  Returns:
+    The merged params tree.
+
+  Raises:
+    ValueError: `params` holds no adapter; an adapter does not fit its kernel or
+      the config's rank; with `safe`, a merged kernel has NaN/inf.
+  """
+  _check_tree(params)
+  replace: dict[tuple[str, ...], dict] = {}
+  for path, node in adapted_modules(params):
+    name = kernel_key(path, node)
+    w0 = node[name]
+    merged = (w0.astype(jnp.float32) + _scaled_delta(path, node, w0.shape, config)).astype(w0.dtype)
+    if safe:
+      _check_finite("/".join(path + (name,)), merged)
+    replace[path] = {name: merged}
+  if not replace:
+    raise ValueError(
+        "merge: `params` holds no LoRA adapter (lora_a/lora_b leaves); there is nothing to merge. "
+        "Was it merged already, or split into (trainable, frozen)? Pass jlora.combine(trainable, frozen)."
+    )
+  return _rebuild(params, replace, drop_lora=True)
+
+
+def unmerge(merged: Params, adapters: Params, config: LoraConfig) -> dict:
+  """Undoes `merge`: `W0 ← W − s·A·B`, with the adapters put back beside the kernels.
+
+  Args:
+    merged: a merged tree (from `merge`).
+    adapters: a tree holding the adapters that were merged: the unmerged params,
+      or just the trainable half of `jlora.split`.
+    config: the config of those adapters.
+
+  Returns:
+    The params with adapters; `W0` is restored to floating-point tolerance
+    (exactly for float32 kernels only up to rounding of the float32 sums).
+  """
+  _check_tree(merged, "merged")
+  _check_tree(adapters, "adapters")
+  replace: dict[tuple[str, ...], dict] = {}
+  for path, node in adapted_modules(adapters):
+    try:
+      target = get_path(merged, path)
+    except (KeyError, TypeError):
+      raise ValueError(f"unmerge: `merged` has no module {'/'.join(path)!r} for the adapter found there.") from None
+    name = kernel_key(path, target)
+    w = target[name]
+    w0 = (w.astype(jnp.float32) - _scaled_delta(path, node, w.shape, config)).astype(w.dtype)
+    replace[path] = {name: w0, "lora_a": node["lora_a"], "lora_b": node["lora_b"]}
+  if not replace:
+    raise ValueError("unmerge: `adapters` holds no lora_a/lora_b leaves.")
+  return _rebuild(merged, replace, drop_lora=False)
+
+
+def apply_merged(fn: Callable[..., Any], params: Params, config: LoraConfig, *args, **kwargs) -> Any:
+  """Runs any pure function of a param tree with LoRA, by materializing `W0 + s·A·B`.
+
+  The generic path for models that are not linen modules (Haiku, Equinox trees
+  converted to dicts, hand-written jnp): `fn(merge(params, config), *args, **kwargs)`.
+  It is exact and differentiable wrt the adapters, but a training step pays for
+  the full `d_in × d_out` weight gradient (`dA = s·dW·Bᵀ`), so it is slower than
+  the factored `jlora.apply` of linen models.
+  """
+  return fn(merge(params, config), *args, **kwargs)

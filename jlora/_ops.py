@@ -1,0 +1,220 @@
+"""The LoRA math per layer kind: adapter shapes, initial values, factored deltas, merge deltas.
+
+Layouts (Flax kernels are `(in..., out...)`; `S` are leading scan axes, if any):
+
+* `dense`, `dense_general`, `conv`, `embed` — the *concat* layout:
+  `A: S + in_shape + (r,)`, `B: S + (r,) + out_shape`, `delta = A·B` reshaped to
+  the kernel. For `conv`, `in_shape` is `kernel_size + (in_features,)` (A is a
+  convolution with the base's window) and `B` is a 1×1 convolution `(r, out)`.
+* `einsum` — the *broadcast* layout, since an `nn.Einsum` kernel may interleave
+  input, output and shared (batch) axes: `A` has the kernel's shape with every
+  output axis of size 1, then `r`; `B` has the kernel's shape with every input
+  axis of size 1, then `r`; `delta[...] = sum_r A[..., r] B[..., r]`.
+
+Both layouts are recognised from the shapes alone, so `merge` needs no model.
+"""
+
+from __future__ import annotations
+
+import math
+import string
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from jax import lax
+
+from jlora._targets import Site
+
+__all__ = ["adapter_shapes", "init_adapter", "pissa", "delta_kernel", "check_adapter", "lora_delta", "contract_last"]
+
+
+# ----------------------------------------------------------------- shapes
+def adapter_shapes(site: Site, r: int) -> tuple[tuple[int, ...], tuple[int, ...]]:
+  """Per-layer shapes of `A` and `B` for a site (see the module docstring)."""
+  k = site.kernel_shape
+  if site.kind == "einsum":
+    a = tuple(1 if i in site.out_axes else d for i, d in enumerate(k)) + (r,)
+    b = tuple(1 if i in site.in_axes else d for i, d in enumerate(k)) + (r,)
+    return a, b
+  return tuple(k[i] for i in site.in_axes) + (r,), (r,) + tuple(k[i] for i in site.out_axes)
+
+
+def _layout(a_shape, b_shape, kernel_shape) -> tuple[str, int]:
+  """('broadcast', 0) or ('concat', number of leading stack axes)."""
+  if len(a_shape) == len(b_shape) == len(kernel_shape) + 1:
+    return "broadcast", 0
+  return "concat", len(a_shape) + len(b_shape) - 2 - len(kernel_shape)
+
+
+def check_adapter(path: str, kernel_shape, a_shape, b_shape, r: int) -> None:
+  """Raises a `ValueError` naming `path` unless A and B fit the kernel with rank `r`."""
+  kernel_shape, a_shape, b_shape = tuple(kernel_shape), tuple(a_shape), tuple(b_shape)
+  layout, s = _layout(a_shape, b_shape, kernel_shape)
+  if layout == "broadcast":
+    try:
+      fits = np.broadcast_shapes(a_shape[:-1], b_shape[:-1]) == kernel_shape
+    except ValueError:
+      fits = False
+    rank = (a_shape[-1], b_shape[-1])
+  else:
+    fits = (
+        0 <= s < len(a_shape) - 1
+        and a_shape[:s] == b_shape[:s] == kernel_shape[:s]
+        and a_shape[:-1] + b_shape[s + 1:] == kernel_shape
+    )
+    rank = (a_shape[-1], b_shape[s] if 0 <= s < len(b_shape) else None)
+  if not fits or rank[0] != rank[1]:
+    raise ValueError(
+        f"Adapter at {path!r} does not fit its kernel {kernel_shape}: lora_a {a_shape}, lora_b {b_shape}. "
+        "Were the adapters made for another base model or config?"
+    )
+  if rank[0] != r:
+    raise ValueError(
+        f"Adapter at {path!r} has rank {rank[0]} but the config gives r={r} for it; "
+        "pass the LoraConfig the adapters were created with (check `r` and `rank_pattern`)."
+    )
+
+
+def delta_kernel(a: jax.Array, b: jax.Array, kernel_shape) -> jax.Array:
+  """`A·B` in the kernel's layout (unscaled, in float32). Shapes as in the module docstring."""
+  a, b = a.astype(jnp.float32), b.astype(jnp.float32)
+  layout, s = _layout(a.shape, b.shape, tuple(kernel_shape))
+  if layout == "broadcast":
+    return jnp.einsum("...r,...r->...", a, b)
+  r = a.shape[-1]
+  a2 = a.reshape(a.shape[:s] + (-1, r))
+  b2 = b.reshape(b.shape[:s] + (r, -1))
+  return jnp.matmul(a2, b2, precision=lax.Precision.HIGHEST).reshape(kernel_shape)
+
+
+# --------------------------------------------------------------- init
+def init_adapter(key: jax.Array, site: Site, r: int, stack: tuple[int, ...], method, dtype):
+  """Initial `(A, B)` for a site, with `stack` leading scan axes (a different draw per layer).
+
+  PEFT's initializations: `True` A ~ U(±1/sqrt(fan_in)) (kaiming-uniform, a=√5),
+  B = 0; `"gaussian"` A ~ N(0, 1/r²), B = 0; `False` B ~ U(±1/sqrt(r)) too. For
+  `nn.Embed` the roles swap as in PEFT: A = 0 and B ~ N(0, 1), or both normal
+  with `False`. (`"pissa"` is `pissa`.)
+  """
+  a_shape, b_shape = adapter_shapes(site, r)
+  a_shape, b_shape = stack + a_shape, stack + b_shape
+  ka, kb = jax.random.split(key)
+  if site.kind == "embed":
+    b = jax.random.normal(kb, b_shape, jnp.float32)
+    a = jax.random.normal(ka, a_shape, jnp.float32) if method is False else jnp.zeros(a_shape, jnp.float32)
+    return a.astype(dtype), b.astype(dtype)
+  if method == "gaussian":
+    a = jax.random.normal(ka, a_shape, jnp.float32) / r
+  else:
+    bound = 1.0 / math.sqrt(site.fan_in)
+    a = jax.random.uniform(ka, a_shape, jnp.float32, -bound, bound)
+  if method is False:
+    bound = 1.0 / math.sqrt(r)
+    b = jax.random.uniform(kb, b_shape, jnp.float32, -bound, bound)
+  else:
+    b = jnp.zeros(b_shape, jnp.float32)
+  return a.astype(dtype), b.astype(dtype)
+
+
+def pissa(kernel: jax.Array, site: Site, r: int, scale: float, dtype):
+  """PiSSA: A, B from the top-r singular triplets of W0; returns `(A, B, W_res)`.
+
+  With `W0 = U S Vᵀ` (inputs × outputs), `A = U_r √S_r / √s`, `B = √S_r V_rᵀ / √s`
+  and `W_res = W0 − s·A·B`, so the model is unchanged at init and the adapter
+  starts on the principal subspace.
+  """
+  if site.batch_axes:
+    raise ValueError(
+        f"init_lora_weights='pissa' is not supported for the einsum at {'/'.join(site.path)!r}: "
+        "its kernel has axes shared by input and output."
+    )
+  k = site.kernel_shape
+  stack = kernel.shape[: kernel.ndim - len(k)]
+  ns = len(stack)
+  perm = tuple(range(ns)) + tuple(ns + i for i in site.in_axes + site.out_axes)
+  w = jnp.transpose(kernel.astype(jnp.float32), perm).reshape(stack + (site.fan_in, site.fan_out))
+  u, sv, vh = jnp.linalg.svd(w, full_matrices=False)
+  root = jnp.sqrt(sv[..., :r]) / math.sqrt(scale)
+  a = u[..., :, :r] * root[..., None, :]
+  b = root[..., :, None] * vh[..., :r, :]
+  principal = scale * jnp.matmul(a, b, precision=lax.Precision.HIGHEST)
+  residual = (w - principal).reshape(stack + tuple(k[i] for i in site.in_axes + site.out_axes))
+  residual = jnp.transpose(residual, np.argsort(perm)).astype(kernel.dtype)
+  a_shape, b_shape = adapter_shapes(site, r)
+  if site.kind == "einsum":
+    b = jnp.swapaxes(b, -1, -2)
+  return a.reshape(stack + a_shape).astype(dtype), b.reshape(stack + b_shape).astype(dtype), residual
+
+
+# ------------------------------------------------------------ forward
+def contract_last(u: jax.Array, b: jax.Array, precision) -> jax.Array:
+  """`u (..., r) · B (r, out...) -> (..., out...)`."""
+  return lax.dot_general(u, b, (((u.ndim - 1,), (0,)), ((), ())), precision=precision)
+
+
+def lora_delta(kind: str, x: jax.Array, a: jax.Array, b: jax.Array, *, axis=(-1,), einsum_str=None,
+               precision=None) -> jax.Array:
+  """The factored LoRA term `(x·A)·B` (unscaled) for one layer, never forming `A·B`.
+
+  Args:
+    kind: `dense`, `dense_general`, `einsum`, `embed` (x are ids) or `attend`
+      (`nn.Embed.attend`: x are queries `(..., features)`, result `(..., vocab)`).
+      Convolutions go through `jlora._linen` since they reuse flax's padding logic.
+    x: the layer input; for `dense`: `(..., d_in)`.
+    a: per-layer A, e.g. `(d_in, r)`.
+    b: per-layer B, e.g. `(r, d_out)`.
+    axis: `nn.DenseGeneral`'s input axes.
+    einsum_str: `nn.Einsum`'s equation.
+    precision: the layer's matmul precision.
+
+  Returns:
+    The term in the layer's output shape, e.g. `(..., d_out)`.
+  """
+  if kind == "dense":
+    return contract_last(contract_last(x, a, precision), b, precision)
+  if kind == "dense_general":
+    axes = tuple(ax % x.ndim for ax in ((axis,) if isinstance(axis, int) else axis))
+    u = lax.dot_general(x, a, ((axes, tuple(range(len(axes)))), ((), ())), precision=precision)
+    return contract_last(u, b, precision)
+  if kind == "embed":
+    return contract_last(jnp.take(a, x, axis=0), b, precision)
+  if kind == "attend":
+    u = lax.dot_general(x, b, (((x.ndim - 1,), (1,)), ((), ())), precision=precision)
+    return lax.dot_general(u, a, (((u.ndim - 1,), (1,)), ((), ())), precision=precision)
+  if kind == "einsum":
+    return _einsum_delta(einsum_str, x, a, b, precision)
+  raise ValueError(f"unknown layer kind {kind!r}")
+
+
+def einsum_axes(einsum_str: str) -> tuple[tuple[int, ...], tuple[int, ...], tuple[int, ...]]:
+  """`(in_axes, out_axes, batch_axes)` of an `nn.Einsum` kernel, from `"lhs,kernel->out"`."""
+  lhs, kernel, out = _parse(einsum_str)
+  in_axes = tuple(i for i, c in enumerate(kernel) if c in lhs and c not in out)
+  batch = tuple(i for i, c in enumerate(kernel) if c in lhs and c in out)
+  out_axes = tuple(i for i, c in enumerate(kernel) if c not in lhs)
+  return in_axes, out_axes, batch
+
+
+def _parse(einsum_str: str) -> tuple[str, str, str]:
+  eq = einsum_str.replace(" ", "")
+  lhs, rest = eq.split(",")
+  kernel, out = rest.split("->")
+  if "." in kernel or len(set(kernel)) != len(kernel):
+    raise ValueError(f"nn.Einsum equation {einsum_str!r}: jlora needs a kernel with distinct, explicit labels.")
+  return lhs, kernel, out
+
+
+def _einsum_delta(einsum_str, x, a, b, precision):
+  lhs, kernel, out = _parse(einsum_str)
+  in_axes, out_axes, _ = einsum_axes(einsum_str)
+  rank = next(c for c in string.ascii_letters if c not in einsum_str)
+  ins = {kernel[i] for i in in_axes}
+  outs = {kernel[i] for i in out_axes}
+  a_labels = "".join(c for c in kernel if c not in outs)
+  b_labels = "".join(c for c in kernel if c not in ins)
+  u_labels = "".join(c for c in lhs if c not in ins) + rank
+  a_sq = a.reshape(tuple(d for c, d in zip(kernel, a.shape) if c not in outs) + a.shape[-1:])
+  b_sq = b.reshape(tuple(d for c, d in zip(kernel, b.shape) if c not in ins) + b.shape[-1:])
+  u = jnp.einsum(f"{lhs},{a_labels}{rank}->{u_labels}", x, a_sq, precision=precision)
+  return jnp.einsum(f"{u_labels},{b_labels}{rank}->{out}", u, b_sq, precision=precision)

@@ -1,0 +1,198 @@
+"""Which modules get adapters: `Site`s found in a model, matched against a `LoraConfig`.
+
+A module path is the tuple of module names from the root, which is also the path
+of the module's parameters in the `'params'` collection, e.g.
+`('encoder', 'layers_0', 'attention', 'query')`. Users write it with `.` (PEFT
+style) or `/`; both forms are accepted everywhere.
+"""
+
+from __future__ import annotations
+
+import functools
+import math
+import re
+from collections.abc import Iterable, Sequence
+from typing import NamedTuple
+
+from jlora._config import ALL_LINEAR, LoraConfig
+
+__all__ = ["Site", "LINEAR_KINDS", "HEAD_NAMES", "select_sites", "matches", "layer_index", "path_str"]
+
+# Layer kinds: the linen classes jlora adapts.
+LINEAR_KINDS = ("dense", "dense_general", "einsum")
+KINDS = LINEAR_KINDS + ("conv", "embed")
+# Names that mark the output head, which `"all-linear"` leaves alone (as PEFT does).
+HEAD_NAMES = ("lm_head", "classifier", "score", "qa_outputs", "head")
+
+
+class Site(NamedTuple):
+  """One adaptable module, as seen inside the model (per layer, without scan axes).
+
+  Attributes:
+    path: module path, e.g. `('encoder', 'layers_0', 'query')`.
+    kind: one of `dense`, `dense_general`, `einsum`, `conv`, `embed`.
+    kernel_name: `'kernel'`, or `'embedding'` for `nn.Embed`.
+    kernel_shape: the kernel's shape as the module sees it.
+    in_axes: kernel axes contracted with the input (`A` keeps them).
+    out_axes: kernel axes that reach the output (`B` keeps them).
+    batch_axes: `nn.Einsum` kernel axes shared by input and output (both keep them).
+    is_head: the module's output is the model's output, or it has a head name.
+    unsupported: why jlora cannot adapt this module ('' when it can).
+  """
+
+  path: tuple[str, ...]
+  kind: str
+  kernel_name: str
+  kernel_shape: tuple[int, ...]
+  in_axes: tuple[int, ...]
+  out_axes: tuple[int, ...]
+  batch_axes: tuple[int, ...] = ()
+  is_head: bool = False
+  unsupported: str = ""
+
+  @property
+  def fan_in(self) -> int:
+    return math.prod(self.kernel_shape[i] for i in self.in_axes)
+
+  @property
+  def fan_out(self) -> int:
+    return math.prod(self.kernel_shape[i] for i in self.out_axes)
+
+
+def path_str(path: Sequence[str]) -> str:
+  """`('a', 'b')` -> `'a/b'`."""
+  return "/".join(str(p) for p in path)
+
+
+def _split(name: str) -> tuple[str, ...]:
+  return tuple(p for p in re.split(r"[./]", name) if p)
+
+
+@functools.lru_cache(maxsize=4096)
+def matches(spec: str | tuple[str, ...] | None, path: tuple[str, ...]) -> bool:
+  """Whether a module path is matched by a `target_modules`-style spec.
+
+  A tuple matches when one entry equals the module's name or a trailing part of
+  its path (`"q"`, `"attn.q"`, `"attn/q"`); a string is a regex that must match
+  the whole path, written with `.` or with `/`.
+  """
+  if spec is None:
+    return False
+  if isinstance(spec, str):
+    return any(re.fullmatch(spec, sep.join(path)) for sep in (".", "/"))
+  for entry in spec:
+    parts = _split(entry)
+    if parts and len(parts) <= len(path) and path[-len(parts):] == parts:
+      return True
+  return False
+
+
+def layer_index(path: Sequence[str], patterns: Sequence[str] | None = None) -> int | None:
+  """The layer index that `layers_to_transform` reads from a module path.
+
+  With `layers_pattern` (e.g. `("layers",)`), a component `layers_3`, `layers3`,
+  or `layers` followed by a component `3` gives 3. Without it, the first
+  component, other than the module's own name, that is a number or ends in `_N`.
+  """
+  comps = list(path)
+  if patterns:
+    alt = "|".join(re.escape(p) for p in patterns)
+    for i, comp in enumerate(comps):
+      m = re.fullmatch(rf"(?:{alt})_?(\d+)", comp)
+      if m:
+        return int(m.group(1))
+      if comp in patterns and i + 1 < len(comps) and comps[i + 1].isdigit():
+        return int(comps[i + 1])
+    return None
+  for comp in comps[:-1]:
+    m = re.fullmatch(r"(?:.*_)?(\d+)", comp)
+    if m:
+      return int(m.group(1))
+  return None
+
+
+def _listing(sites: Iterable[Site], limit: int = 40) -> str:
+  rows = [f"  {path_str(s.path)}  ({s.kind}{', head' if s.is_head else ''})" for s in sites]
+  more = f"\n  ... and {len(rows) - limit} more" if len(rows) > limit else ""
+  return "\n".join(rows[:limit]) + more
+
+
+def is_targeted(config: LoraConfig, site: Site) -> bool:
+  """Name/regex/all-linear matching with `exclude_modules` (layers are filtered apart)."""
+  if config.target_modules == ALL_LINEAR:
+    hit = site.kind in LINEAR_KINDS and not site.is_head
+  else:
+    hit = matches(config.target_modules, site.path)
+  return hit and not matches(config.exclude_modules, site.path)
+
+
+def select_sites(config: LoraConfig, sites: Sequence[Site], stacked: dict[tuple[str, ...], int]) -> list[Site]:
+  """The sites that `config` adapts, with every user error caught here.
+
+  Args:
+    config: the LoRA config.
+    sites: every adaptable module found in the model.
+    stacked: the number of leading scan/vmap axes of each site's kernel.
+
+  Returns:
+    The targeted sites, in model order.
+
+  Raises:
+    ValueError: nothing matched (the message lists the adaptable paths), a
+      rank exceeds a module's dimensions, `layers_to_transform` finds no layer
+      index or meets scanned layers, or a module is both adapted and saved.
+  """
+  if not sites:
+    raise ValueError(
+        "The model has no adaptable layer (nn.Dense, nn.DenseGeneral, nn.Einsum, nn.Conv, nn.Embed) "
+        "on the inputs given to `jlora.init`."
+    )
+  if config.target_modules is None:
+    raise ValueError(
+        "`target_modules` is not set. Name the layers to adapt, e.g. target_modules=[\"query\", \"value\"] "
+        f"or \"all-linear\". Adaptable modules:\n{_listing(sites)}"
+    )
+  named = [s for s in sites if is_targeted(config, s)]
+  if not named:
+    raise ValueError(
+        f"`target_modules`={config.target_modules!r} matched no module"
+        f"{' (after exclude_modules)' if config.exclude_modules else ''}. Adaptable modules:\n{_listing(sites)}\n"
+        "Give names or path suffixes from this list, a regex over the whole path, or \"all-linear\"."
+    )
+  chosen = named
+  if config.layers_to_transform is not None:
+    wanted = set(config.layers_to_transform)
+    chosen = []
+    for s in named:
+      if stacked.get(s.path, 0):
+        raise ValueError(
+            f"`layers_to_transform` cannot pick layers inside the scanned stack at {path_str(s.path)!r}: "
+            "its layers share one parameter path. Adapt all layers, or build the model without nn.scan."
+        )
+      idx = layer_index(s.path, config.layers_pattern)
+      if idx is not None and idx in wanted:
+        chosen.append(s)
+    if not chosen:
+      found = sorted({i for s in named if (i := layer_index(s.path, config.layers_pattern)) is not None})
+      raise ValueError(
+          f"`layers_to_transform`={list(config.layers_to_transform)} selected no module"
+          f" (layers_pattern={config.layers_pattern!r}); layer indices found in the targeted paths: "
+          f"{found or 'none'}. Targeted paths:\n{_listing(named)}\n"
+          "Set `layers_pattern` to the name of your layer list (e.g. \"layers\" for layers_0, layers_1, ...)."
+      )
+  for s in chosen:
+    if s.unsupported:
+      raise ValueError(f"Cannot adapt {path_str(s.path)!r} ({s.kind}): {s.unsupported}. Exclude it with `exclude_modules`.")
+    r = config.rank_for(path_str(s.path))
+    if r > min(s.fan_in, s.fan_out):
+      raise ValueError(
+          f"`r`={r} is larger than the dimensions of {path_str(s.path)!r} ({s.kind}, kernel {s.kernel_shape}: "
+          f"fan-in {s.fan_in}, fan-out {s.fan_out}); use r <= {min(s.fan_in, s.fan_out)} "
+          "or a `rank_pattern` entry for this module."
+      )
+    if config.modules_to_save and any(matches(config.modules_to_save, s.path[:i]) for i in range(1, len(s.path) + 1)):
+      raise ValueError(
+          f"{path_str(s.path)!r} is both in `target_modules` and in `modules_to_save`; "
+          "a module is either adapted or fully trained. Exclude it from one of them."
+      )
+  return chosen

@@ -1,0 +1,134 @@
+"""Target matching: exact, suffix, regex, all-linear without the head, exclude, layers_to_transform; errors."""
+
+import jax
+import pytest
+
+import jlora
+from jlora._targets import layer_index, matches
+from tests import zoo
+
+LOOP = zoo.Case("loop", zoo.LoopStack(), jax.numpy.zeros((1, 4), jax.numpy.int32), ())
+BASE = zoo.build(LOOP)
+
+
+def adapted(**kw):
+  kw.setdefault("r", 2)
+  cfg = jlora.LoraConfig(**kw)
+  params = jlora.init(jax.random.key(0), LOOP.model, BASE, cfg, LOOP.inputs)
+  return sorted("/".join(p[:-1]) for p, _ in _leaves(params) if p[-1] == "lora_a")
+
+
+def _leaves(tree, prefix=()):
+  for k, v in tree.items():
+    if isinstance(v, dict):
+      yield from _leaves(v, (*prefix, k))
+    else:
+      yield (*prefix, k), v
+
+
+def test_exact_name():
+  assert adapted(target_modules=["query"]) == [f"layers_{i}/attn/query" for i in range(3)]
+
+
+def test_suffix_with_dots_or_slashes():
+  expected = ["layers_1/attn/value"]
+  assert adapted(target_modules=["layers_1.attn.value"]) == expected
+  assert adapted(target_modules=["layers_1/attn/value"]) == expected
+  assert not matches(("ttn.value",), ("layers_1", "attn", "value")), "suffixes are whole names"
+
+
+def test_regex_full_match():
+  assert adapted(target_modules=r"layers_[02]\.attn\.(query|value)") == [
+      "layers_0/attn/query", "layers_0/attn/value", "layers_2/attn/query", "layers_2/attn/value"]
+  assert adapted(target_modules=r"layers_0/up") == ["layers_0/up"]
+
+
+def test_all_linear_skips_head_and_embeddings():
+  got = adapted(target_modules="all-linear")
+  assert "lm_head" not in got and "embed" not in got
+  assert len(got) == 3 * 6 and "layers_0/attn/out" in got and "layers_2/down" in got
+
+
+def test_head_found_by_output_identity():
+  class Net(zoo.nn.Module):
+    @zoo.nn.compact
+    def __call__(self, x):
+      return zoo.nn.Dense(3, name="proj_out")(zoo.nn.Dense(8, name="hidden")(x))
+
+  model, x = Net(), jax.numpy.ones((1, 4))
+  cfg = jlora.LoraConfig(target_modules="all-linear", r=2)
+  params = jlora.init(jax.random.key(0), model, model.init(jax.random.key(1), x)["params"], cfg, x)
+  assert "lora_a" in params["hidden"] and "lora_a" not in params["proj_out"]
+
+
+def test_exclude_wins():
+  assert adapted(target_modules="all-linear", exclude_modules=["query", "key", "value", "attn.out", "down"]) == [
+      f"layers_{i}/up" for i in range(3)]
+  assert adapted(target_modules=["query"], exclude_modules=r".*layers_1.*") == [
+      "layers_0/attn/query", "layers_2/attn/query"]
+
+
+def test_layers_to_transform():
+  assert adapted(target_modules=["query"], layers_to_transform=[0, 2]) == ["layers_0/attn/query",
+                                                                          "layers_2/attn/query"]
+  assert adapted(target_modules=["up"], layers_to_transform=1, layers_pattern="layers") == ["layers_1/up"]
+
+
+def test_layer_index_rules():
+  assert layer_index(("model", "layers_3", "attn", "q")) == 3
+  assert layer_index(("model", "layers", "3", "q"), ("layers",)) == 3
+  assert layer_index(("h7", "attn"), ("h",)) == 7
+  assert layer_index(("blocks_2", "attn"), ("layers",)) is None
+  assert layer_index(("Dense_0",)) is None
+
+
+def test_matches_cases():
+  assert matches(("q",), ("enc", "q"))
+  assert not matches(("q",), ("enc", "qq"))
+  assert matches(".*q", ("enc", "q"))
+  assert not matches("q", ("enc", "q")), "a regex must match the whole path"
+
+
+def test_no_match_lists_modules():
+  with pytest.raises(ValueError, match=r"matched no module(.|\n)*layers_0/attn/query  \(dense_general\)"):
+    adapted(target_modules=["q_proj"])
+
+
+def test_missing_target_modules_lists_modules():
+  with pytest.raises(ValueError, match=r"`target_modules` is not set(.|\n)*lm_head  \(dense, head\)"):
+    adapted()
+
+
+def test_rank_too_large_names_module():
+  with pytest.raises(ValueError, match=r"`r`=17 is larger than the dimensions of 'layers_0/attn/query'"):
+    adapted(target_modules=["query"], r=17)
+
+
+def test_layers_without_index():
+  with pytest.raises(ValueError, match="layers_to_transform`=\\[5\\] selected no module"):
+    adapted(target_modules=["query"], layers_to_transform=[5])
+  with pytest.raises(ValueError, match="Set `layers_pattern`"):
+    adapted(target_modules=["query"], layers_to_transform=[0], layers_pattern="blocks")
+
+
+def test_layers_to_transform_in_scan_is_refused():
+  case = zoo.cases()[5]
+  cfg = jlora.LoraConfig(r=2, target_modules=["query"], layers_to_transform=[0])
+  with pytest.raises(ValueError, match="cannot pick layers inside the scanned stack at 'layers/attn/query'"):
+    jlora.init(jax.random.key(0), case.model, zoo.build(case), cfg, case.inputs)
+
+
+def test_adapted_and_saved_conflict():
+  with pytest.raises(ValueError, match="both in `target_modules` and in `modules_to_save`"):
+    adapted(target_modules=["up"], modules_to_save=["layers_0"])
+
+
+def test_already_adapted_and_bad_arguments():
+  cfg = jlora.LoraConfig(r=2, target_modules=["up"])
+  params = jlora.init(jax.random.key(0), LOOP.model, BASE, cfg, LOOP.inputs)
+  with pytest.raises(ValueError, match="already holds LoRA adapters"):
+    jlora.init(jax.random.key(0), LOOP.model, params, cfg, LOOP.inputs)
+  with pytest.raises(TypeError, match="`config` must be a jlora.LoraConfig"):
+    jlora.init(jax.random.key(0), LOOP.model, BASE, {"r": 2}, LOOP.inputs)
+  with pytest.raises(TypeError, match="`params` must be a nested dict"):
+    jlora.init(jax.random.key(0), LOOP.model, [1], cfg, LOOP.inputs)

@@ -34,3 +34,13 @@ def test_readme_commands_are_the_ci_commands():
   ci = (ROOT / ".ci" / "run").read_text().strip().splitlines()[-1]
   assert f"```bash\n{ci}\n```" in readme
   assert subprocess.run([sys.executable, "-c", "import jlora"], check=True).returncode == 0
+
+
+def test_notebook_executes():
+  import nbclient
+  import nbformat
+
+  nb = nbformat.read(ROOT / "notebooks" / "quickstart.ipynb", as_version=4)
+  assert all(not cell.get("outputs") for cell in nb.cells if cell.cell_type == "code"), "outputs stripped in git"
+  nbclient.NotebookClient(nb, timeout=300, kernel_name="python3", resources={"metadata": {"path": str(ROOT)}}).execute()
+  assert any("max |merged - factored|" in str(cell.get("outputs")) for cell in nb.cells)

@@ -22,7 +22,7 @@ def _adapted(name="attention", **kw):
 
 @pytest.mark.parametrize("name", ["attention", "einsum", "conv", "embed", "scan"])
 def test_unmerge_restores_base(name):
-  case, cfg, base, params = _adapted(name)
+  case, cfg, _base, params = _adapted(name)
   merged = jlora.merge(params, cfg)
   restored = jlora.unmerge(merged, params, cfg)
   assert jax.tree.structure(restored) == jax.tree.structure(params)
@@ -46,14 +46,14 @@ def test_merged_differs_from_base_and_double_merge_refused():
 def test_safe_merge_raises_on_nan():
   _, cfg, _, params = _adapted()
   params["value"]["lora_b"] = params["value"]["lora_b"].at[0, 0, 0].set(jnp.nan)
-  with pytest.raises(ValueError, match="merged kernel at 'value/kernel' has NaN or inf"):
+  with pytest.raises(ValueError, match=r"merged kernel at 'value/kernel' has NaN or inf"):
     jlora.merge(params, cfg, safe=True)
-  with pytest.raises(ValueError, match="cannot run under jax.jit"):
+  with pytest.raises(ValueError, match=r"cannot run under jax\.jit"):
     jax.jit(lambda p: jlora.merge(p, cfg, safe=True))(params)
 
 
 def test_rank_mismatch_names_path():
-  case, cfg, _, params = _adapted()
+  case, _cfg, _, params = _adapted()
   wrong = jlora.LoraConfig(r=2, lora_alpha=8, target_modules=case.targets)
   with pytest.raises(ValueError, match="Adapter at 'query' has rank 4 but the config gives r=2"):
     jlora.merge(params, wrong)
@@ -71,7 +71,7 @@ def test_shape_mismatch_names_path():
 
 
 def test_stale_config_detected_at_apply():
-  case, cfg, _, params = _adapted()
+  case, _cfg, _, params = _adapted()
   other = jlora.LoraConfig(r=4, lora_alpha=8, target_modules=["query"])
   with pytest.raises(ValueError, match="holds an adapter at 'value', which the config"):
     jlora.apply(case.model, params, other, case.inputs)
@@ -128,7 +128,6 @@ def test_pissa(name):
   y0 = case.model.apply({"params": base}, case.inputs)
   np.testing.assert_allclose(jlora.apply(case.model, params, cfg, case.inputs), y0, rtol=1e-4, atol=1e-4)
   chex.assert_trees_all_close(jlora.merge(params, cfg), base, rtol=1e-4, atol=1e-5)
-  assert not np.allclose(jax.tree.leaves(jlora.split(params, cfg)[1])[0], jax.tree.leaves(base)[0]) or True
   # The adapter holds the principal subspace: its delta is W0's best rank-r approximation.
   path = {"mlp": ("fc_0",), "einsum": ("out",), "conv": ("conv1",), "scan": ("layers", "up")}[name]
   node, w0 = params, base

@@ -105,7 +105,7 @@ def test_rank_too_large_names_module():
 
 
 def test_layers_without_index():
-  with pytest.raises(ValueError, match="layers_to_transform`=\\[5\\] selected no module"):
+  with pytest.raises(ValueError, match=r"layers_to_transform`=\[5\] selected no module"):
     adapted(target_modules=["query"], layers_to_transform=[5])
   with pytest.raises(ValueError, match="Set `layers_pattern`"):
     adapted(target_modules=["query"], layers_to_transform=[0], layers_pattern="blocks")
@@ -128,7 +128,7 @@ def test_already_adapted_and_bad_arguments():
   params = jlora.init(jax.random.key(0), LOOP.model, BASE, cfg, LOOP.inputs)
   with pytest.raises(ValueError, match="already holds LoRA adapters"):
     jlora.init(jax.random.key(0), LOOP.model, params, cfg, LOOP.inputs)
-  with pytest.raises(TypeError, match="`config` must be a jlora.LoraConfig"):
+  with pytest.raises(TypeError, match=r"`config` must be a jlora\.LoraConfig"):
     jlora.init(jax.random.key(0), LOOP.model, BASE, {"r": 2}, LOOP.inputs)
   with pytest.raises(TypeError, match="`params` must be a nested dict"):
     jlora.init(jax.random.key(0), LOOP.model, [1], cfg, LOOP.inputs)

@@ -45,7 +45,7 @@ def test_labels_and_mask():
 
 
 def test_split_combine_round_trip():
-  cfg, base, params = _setup(bias="all")
+  cfg, _base, params = _setup(bias="all")
   trainable, frozen = jlora.split(params, cfg)
   assert "kernel" not in trainable["layers"]["attn"]["query"]
   assert set(trainable["layers"]["attn"]["query"]) == {"lora_a", "lora_b", "bias"}
@@ -60,7 +60,7 @@ def test_split_combine_round_trip():
 @pytest.mark.parametrize("jit", [False, True])
 def test_training_changes_only_trainable_leaves_split(jit):
   """The recommended loop: differentiate the trainable tree only."""
-  cfg, base, params = _setup(bias="lora_only")
+  cfg, _base, params = _setup(bias="lora_only")
   trainable, frozen = jlora.split(params, cfg)
   tx = optax.adam(1e-2)
   state = tx.init(trainable)
@@ -86,7 +86,7 @@ def test_training_changes_only_trainable_leaves_split(jit):
 
 
 def test_optimizer_on_full_tree_keeps_base_bit_identical():
-  cfg, base, params = _setup()
+  cfg, _base, params = _setup()
   # A negative zero in the base must survive (optax.set_to_zero would flip it to +0).
   params["lm_head"]["bias"] = params["lm_head"]["bias"].at[0].set(-0.0)
   tx = jlora.optimizer(optax.chain(optax.clip_by_global_norm(1.0), optax.adamw(1e-2)), params, cfg)
@@ -115,7 +115,7 @@ def test_optimizer_on_full_tree_keeps_base_bit_identical():
 
 def test_lora_plus_ratio_scales_b_updates():
   cfg, _, params = _setup()
-  trainable, frozen = jlora.split(params, cfg)
+  trainable, _frozen = jlora.split(params, cfg)
   grads = jax.tree.map(jnp.ones_like, trainable)
   plain = jlora.optimizer(optax.sgd(0.1), trainable, cfg)
   plus = jlora.optimizer(optax.sgd(0.1), trainable, cfg, lora_plus_ratio=16.0)

@@ -30,6 +30,11 @@ def _check_tree(params: Any, name: str = "params") -> None:
         f"`{name}` must be a nested dict of arrays (the 'params' collection, e.g. variables['params']), "
         f"got {type(params).__name__}."
     )
+  if list(params) == ["params"] and isinstance(params["params"], Mapping):
+    raise ValueError(
+        f"`{name}` looks like a whole variables dict ({{'params': ...}}); pass its 'params' collection, "
+        "e.g. model.init(key, x)['params']."
+    )
 
 
 def module_dicts(params: Params, prefix: tuple[str, ...] = ()) -> Iterator[tuple[tuple[str, ...], Mapping]]:

@@ -29,6 +29,15 @@ def test_quickstart_example_learns_and_keeps_base():
   assert out["merge_diff"] < 1e-4
 
 
+def test_docstring_examples_run():
+  import doctest
+
+  import jlora._linen
+
+  result = doctest.testmod(jlora._linen, optionflags=doctest.ELLIPSIS)
+  assert result.attempted > 0 and result.failed == 0
+
+
 def test_readme_commands_are_the_ci_commands():
   readme = (ROOT / "README.md").read_text()
   ci = (ROOT / ".ci" / "run").read_text().strip().splitlines()[-1]

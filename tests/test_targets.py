@@ -130,5 +130,7 @@ def test_already_adapted_and_bad_arguments():
     jlora.init(jax.random.key(0), LOOP.model, params, cfg, LOOP.inputs)
   with pytest.raises(TypeError, match=r"`config` must be a jlora\.LoraConfig"):
     jlora.init(jax.random.key(0), LOOP.model, BASE, {"r": 2}, LOOP.inputs)
+  with pytest.raises(ValueError, match="looks like a whole variables dict"):
+    jlora.init(jax.random.key(0), LOOP.model, {"params": BASE}, cfg, LOOP.inputs)
   with pytest.raises(TypeError, match="`params` must be a nested dict"):
     jlora.init(jax.random.key(0), LOOP.model, [1], cfg, LOOP.inputs)

@@ -153,9 +153,19 @@ def contract_last(u: jax.Array, b: jax.Array, precision) -> jax.Array:
   return lax.dot_general(u, b, (((u.ndim - 1,), (0,)), ((), ())), precision=precision)
 
 
+def _low_rank_2d(x2: jax.Array, a: jax.Array, b: jax.Array, precision) -> jax.Array:
+  """`(x2 (N, d_in) · A (d_in, r)) · B (r, d_out)` as two plain 2-D matmuls."""
+  u = jnp.matmul(x2, a.reshape(-1, a.shape[-1]), precision=precision)
+  return jnp.matmul(u, b.reshape(b.shape[0], -1), precision=precision)
+
+
 def lora_delta(kind: str, x: jax.Array, a: jax.Array, b: jax.Array, *, axis=(-1,), einsum_str=None,
                precision=None) -> jax.Array:
   """The factored LoRA term `(x·A)·B` (unscaled) for one layer, never forming `A·B`.
+
+  Dense-like kinds flatten the input to 2-D `(N, d_in)` first: on CPU, XLA's
+  dots on 3-D activations with an r-wide operand (and their transposes in the
+  backward pass) cost several times the 2-D form (`benchmarks/`, README).
 
   Args:
     kind: `dense`, `dense_general`, `einsum`, `embed` (x are ids) or `attend`
@@ -171,12 +181,13 @@ def lora_delta(kind: str, x: jax.Array, a: jax.Array, b: jax.Array, *, axis=(-1,
   Returns:
     The term in the layer's output shape, e.g. `(..., d_out)`.
   """
-  if kind == "dense":
-    return contract_last(contract_last(x, a, precision), b, precision)
-  if kind == "dense_general":
-    axes = tuple(ax % x.ndim for ax in ((axis,) if isinstance(axis, int) else axis))
-    u = lax.dot_general(x, a, ((axes, tuple(range(len(axes)))), ((), ())), precision=precision)
-    return contract_last(u, b, precision)
+  if kind in ("dense", "dense_general"):
+    axes = (-1,) if kind == "dense" else ((axis,) if isinstance(axis, int) else tuple(axis))
+    n_in = len(axes)
+    x = jnp.moveaxis(x, [ax % x.ndim for ax in axes], list(range(x.ndim - n_in, x.ndim)))
+    lead = x.shape[: x.ndim - n_in]
+    y = _low_rank_2d(x.reshape(-1, math.prod(x.shape[x.ndim - n_in:])), a, b, precision)
+    return y.reshape(lead + b.shape[1:])
   if kind == "embed":
     return contract_last(jnp.take(a, x, axis=0), b, precision)
   if kind == "attend":

@@ -53,3 +53,25 @@ def test_notebook_executes():
   assert all(not cell.get("outputs") for cell in nb.cells if cell.cell_type == "code"), "outputs stripped in git"
   nbclient.NotebookClient(nb, timeout=300, kernel_name="python3", resources={"metadata": {"path": str(ROOT)}}).execute()
   assert any("max |merged - factored|" in str(cell.get("outputs")) for cell in nb.cells)
+
+
+def test_readme_checkpoint_block_runs(tmp_path, monkeypatch):
+  """The README's reference-model block, on a tiny Llama checkpoint and tokenizer written here."""
+  import json
+
+  import tokenizers
+
+  from tests.models.helpers import CONFIGS, write_checkpoint
+
+  ckpt = tmp_path / "llama"
+  write_checkpoint(ckpt, CONFIGS["llama"])
+  vocab = {w: i for i, w in enumerate(["[PAD]", "[UNK]", "The", "capital", "of", "France", "is"])}
+  tok = tokenizers.Tokenizer(tokenizers.models.WordLevel(vocab, unk_token="[UNK]"))
+  tok.pre_tokenizer = tokenizers.pre_tokenizers.Whitespace()
+  tok.save(str(ckpt / "tokenizer.json"))
+  (ckpt / "tokenizer_config.json").write_text(json.dumps({"pad_token": "[PAD]"}))
+  monkeypatch.chdir(tmp_path)
+  (block,) = re.findall(r"```python checkpoint\n(.*?)```", (ROOT / "README.md").read_text(), flags=re.S)
+  scope = {"__name__": "readme"}
+  exec(compile(block.replace("path/to/llama", str(ckpt)), "README.md", "exec"), scope)
+  assert scope["out"].shape[-1] >= 20 and (tmp_path / "merged" / "model.safetensors").exists()

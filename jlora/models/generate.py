@@ -1,0 +1,133 @@
+"""Jitted autoregressive generation with a KV cache for the decoder models (GPT-2, Llama).
+
+The model only needs `init_cache(batch, length)` and a `__call__` that accepts
+`attention_mask`, `positions` and `cache` and then returns `(logits, cache)`, as
+:class:`~jlora.models.gpt2.GPT2LMHeadModel` and :class:`~jlora.models.llama.LlamaForCausalLM` do.
+"""
+
+from __future__ import annotations
+
+import functools
+from collections.abc import Callable
+from typing import Any
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+
+__all__ = ["generate"]
+
+ApplyFn = Callable[..., tuple[jax.Array, Any]]
+
+
+def generate(
+  model: nn.Module,
+  params: Any,
+  input_ids: jax.Array,
+  attention_mask: jax.Array | None = None,
+  *,
+  max_new_tokens: int,
+  key: jax.Array | None = None,
+  temperature: float = 0.0,
+  top_k: int | None = None,
+  eos_token_id: int | None = None,
+  pad_token_id: int = 0,
+  apply_fn: ApplyFn | None = None,
+) -> jax.Array:
+  """Generates tokens greedily (`temperature=0`) or by temperature / top-k sampling.
+
+  Prompts in a batch must be left-padded (`Tokenizer(..., padding_side="left")`); positions
+  are counted from each prompt's first real token.
+
+  Args:
+    model: a decoder with `init_cache` (GPT-2 or Llama family).
+    params: the `'params'` tree; extra leaves such as `lora_a`/`lora_b` are ignored by
+      the plain model (pass `apply_fn` to use them).
+    input_ids: (B, T) int prompt tokens.
+    attention_mask: (B, T) 0/1, 0 for left padding; default all ones.
+    max_new_tokens: number of tokens to generate (N).
+    key: PRNG key, required when `temperature > 0`.
+    temperature: 0 for greedy decoding, else the softmax temperature.
+    top_k: sample only among the `top_k` most likely tokens.
+    eos_token_id: when given, a sequence that produced it continues with `pad_token_id`.
+    pad_token_id: token emitted after `eos_token_id`.
+    apply_fn: `apply_fn(params, input_ids, attention_mask=..., positions=..., cache=...)`
+      returning `(logits, cache)`; default `model.apply({'params': params}, ...)`. Use it
+      to run a LoRA-adapted forward. It is a static argument of the jitted loop: pass
+      the same function object across calls to avoid recompiling.
+
+  Returns:
+    (B, N) int32 generated tokens (the prompt is not included).
+
+  Raises:
+    ValueError: if `model` is not a decoder, sampling without a `key`, or
+      `max_new_tokens < 1`.
+  """
+  if not hasattr(model, "init_cache"):
+    raise ValueError(
+      f"`generate` needs a decoder with a KV cache (GPT-2 or the Llama family), got {type(model).__name__}."
+    )
+  if max_new_tokens < 1:
+    raise ValueError(f"`max_new_tokens` must be >= 1, got {max_new_tokens}.")
+  if temperature > 0 and key is None:
+    raise ValueError("Sampling (`temperature > 0`) needs an explicit `key=jax.random.key(...)`.")
+  input_ids = jnp.asarray(input_ids, jnp.int32)
+  mask = jnp.ones_like(input_ids) if attention_mask is None else jnp.asarray(attention_mask, jnp.int32)
+  key = jax.random.key(0) if key is None else key
+  cache = model.init_cache(input_ids.shape[0], input_ids.shape[1] + max_new_tokens)
+  return _generate(
+    model,
+    apply_fn,
+    max_new_tokens,
+    temperature > 0,
+    top_k,
+    eos_token_id,
+    pad_token_id,
+    params,
+    input_ids,
+    mask,
+    cache,
+    key,
+    jnp.float32(temperature or 1.0),
+  )
+
+
+@functools.partial(jax.jit, static_argnums=(0, 1, 2, 3, 4, 5, 6))
+def _generate(
+  model, apply_fn, max_new_tokens, sample, top_k, eos, pad, params, input_ids, mask, cache, key, temperature
+):
+  if apply_fn is None:
+
+    def apply_fn(p, *args, **kwargs):
+      return model.apply({"params": p}, *args, **kwargs)
+
+  def select(logits, k):
+    logits = logits.astype(jnp.float32)
+    if not sample:
+      return jnp.argmax(logits, axis=-1).astype(jnp.int32)
+    logits = logits / temperature
+    if top_k is not None:
+      kth = jax.lax.top_k(logits, top_k)[0][:, -1:]
+      logits = jnp.where(logits < kth, -jnp.inf, logits)
+    return jax.random.categorical(k, logits, axis=-1).astype(jnp.int32)
+
+  positions = jnp.maximum(jnp.cumsum(mask, axis=1) - 1, 0)
+  keys = jax.random.split(key, max_new_tokens)
+  logits, cache = apply_fn(params, input_ids, attention_mask=mask, positions=positions, cache=cache)
+  first = select(logits[:, -1], keys[0])
+  done = jnp.zeros_like(first, bool) if eos is None else first == eos
+
+  def step(carry, k):
+    tok, pos, cache, done = carry
+    logits, cache = apply_fn(
+      params, tok[:, None], attention_mask=jnp.ones_like(tok)[:, None], positions=pos[:, None], cache=cache
+    )
+    new = select(logits[:, -1], k)
+    if eos is not None:
+      new = jnp.where(done, pad, new)
+      done = done | (new == eos)
+    return (new, pos + 1, cache, done), new
+
+  carry = (first, positions[:, -1] + 1, cache, done)
+  _, rest = jax.lax.scan(step, carry, keys[1:])
+  return jnp.concatenate([first[:, None], rest.T], axis=1)

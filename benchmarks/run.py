@@ -35,9 +35,10 @@ import optax
 import safetensors.numpy
 
 sys.path.insert(0, str(pathlib.Path(__file__).resolve().parent))
-import jlora  # noqa: E402
-from _timing import measure  # noqa: E402
-from jlora import models  # noqa: E402
+from _timing import measure
+
+import jlora
+from jlora import models
 
 ALL_LINEAR = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
 SIZES = {

@@ -82,7 +82,7 @@ class Steps:
       u, s = tx.update(g, s, p)
       return optax.apply_updates(p, u), s
 
-    return jax.jit(step, donate_argnums=(0, 1)), (self.base, tx.init(self.base))
+    return jax.jit(step, donate_argnums=(0, 1)), (self.base, tx.init(self.base)), ()
 
   def bound(self):
     """Backward wrt activations only: a zero added to the embedding output is all that is differentiated."""
@@ -110,26 +110,26 @@ class Steps:
     params = jlora.init(jax.random.key(2), model, self.base, config, x)
     trainable, frozen = jlora.split(params, config)
 
-    def forward(t):
+    def forward(t, frozen):
       p = jlora.combine(t, frozen)
       if materialize:
         return jlora.apply_merged(lambda q, x: model.apply({"params": q}, x), p, config, x)
       return jlora.apply(model, p, config, x)
 
-    def step(t, s):
-      g = jax.grad(lambda t: xent(forward(t), y))(t)
+    def step(t, s, frozen):  # the frozen base is an argument (not a baked-in constant), never donated
+      g = jax.grad(lambda t: xent(forward(t, frozen), y))(t)
       u, s = tx.update(g, s, t)
       return optax.apply_updates(t, u), s
 
-    return jax.jit(step, donate_argnums=(0, 1)), (trainable, tx.init(trainable)), params, config
+    return jax.jit(step, donate_argnums=(0, 1)), (trainable, tx.init(trainable)), (frozen,), params, config
 
 
-def _looped(step, state):
+def _looped(step, state, fixed=()):
   """A thunk that runs one step, feeding its outputs back (donated buffers stay valid)."""
   box = [state]
 
   def run():
-    box[0] = step(*box[0])
+    box[0] = step(*box[0], *fixed)
     return box[0]
 
   return run
@@ -153,19 +153,19 @@ def bench_size(size: str, repeats: int) -> dict:
   model, base, x, y = build(size)
   steps = Steps(model, base, x, y)
   ms, info = {}, {}
-  full_step, full_args = steps.full()
+  full_step, full_args, _ = steps.full()
   info["compile_s/full"] = compile_seconds(full_step, full_args)
   copy = lambda t: jax.tree.map(jnp.copy, t)  # noqa: E731  (donation consumes the inputs)
   timed = {"train/full_ft": _looped(full_step, copy(full_args))}
   bound_step, bound_args = steps.bound()
   timed["train/frozen_base_bound"] = lambda: bound_step(*bound_args)
-  qv_step, qv_args, _, _ = steps.lora(["q_proj", "v_proj"])
-  all_step, all_args, p_all, c_all = steps.lora(ALL_LINEAR)
-  mat_step, mat_args, _, _ = steps.lora(ALL_LINEAR, materialize=True)
-  info["compile_s/lora_all"] = compile_seconds(all_step, all_args)
-  timed["train/lora_qv"] = _looped(qv_step, qv_args)
-  timed["train/lora_all_linear"] = _looped(all_step, copy(all_args))
-  timed["train/lora_all_materialized"] = _looped(mat_step, mat_args)
+  qv_step, qv_args, qv_fixed, _, _ = steps.lora(["q_proj", "v_proj"])
+  all_step, all_args, all_fixed, p_all, c_all = steps.lora(ALL_LINEAR)
+  mat_step, mat_args, mat_fixed, _, _ = steps.lora(ALL_LINEAR, materialize=True)
+  info["compile_s/lora_all"] = compile_seconds(all_step, all_args + all_fixed)
+  timed["train/lora_qv"] = _looped(qv_step, qv_args, qv_fixed)
+  timed["train/lora_all_linear"] = _looped(all_step, copy(all_args), all_fixed)
+  timed["train/lora_all_materialized"] = _looped(mat_step, mat_args, mat_fixed)
   fwd = jax.jit(lambda p, x: model.apply({"params": p}, x))
   fwd_lora = jax.jit(lambda p, x: jlora.apply(model, p, c_all, x))
   merged = jlora.merge(p_all, c_all)
@@ -202,12 +202,10 @@ def memory_child(kind: str, size: str) -> None:
   model, base, x, y = build(size)
   rss0 = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
   steps = Steps(model, base, x, y)
-  step, args = steps.full() if kind == "full" else steps.lora(ALL_LINEAR)[:2]
-  compiled = step.lower(*args).compile()
-  mem = compiled.memory_analysis()
-  state = args
+  step, state, fixed = steps.full() if kind == "full" else steps.lora(ALL_LINEAR)[:3]
+  mem = step.lower(*state, *fixed).compile().memory_analysis()
   for _ in range(3):
-    state = step(*state)
+    state = step(*state, *fixed)
   jax.block_until_ready(state)
   rss1 = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
   xla = None

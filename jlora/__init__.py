@@ -10,12 +10,16 @@ from jlora._merge import merge as merge
 from jlora._merge import unmerge as unmerge
 from jlora._optim import freeze as freeze
 from jlora._optim import optimizer as optimizer
+from jlora._peft import load_peft as load_peft
+from jlora._peft import save_peft as save_peft
 from jlora._summary import Summary as Summary
 from jlora._summary import summary as summary
 from jlora._tree import combine as combine
 from jlora._tree import labels as labels
 from jlora._tree import split as split
 from jlora._tree import trainable_mask as trainable_mask
+from jlora.checkpoint import load_adapter as load_adapter
+from jlora.checkpoint import save_adapter as save_adapter
 
 __version__ = "0.1.0"
 
@@ -30,8 +34,12 @@ __all__ = [
     "init",
     "init_tree",
     "labels",
+    "load_adapter",
+    "load_peft",
     "merge",
     "optimizer",
+    "save_adapter",
+    "save_peft",
     "split",
     "summary",
     "trainable_mask",

@@ -14,7 +14,7 @@ from jlora._targets import matches
 
 __all__ = [
     "LORA_KEYS", "KERNEL_KEYS", "module_dicts", "adapted_modules", "labels", "trainable_mask",
-    "split", "combine", "get_path", "has_adapters",
+    "split", "combine", "get_path", "has_adapters", "flatten", "unflatten",
 ]
 
 LORA_KEYS = ("lora_a", "lora_b")
@@ -70,6 +70,29 @@ def kernel_key(path: tuple[str, ...], node: Mapping) -> str:
       f"Module {'/'.join(path)!r} holds lora_a/lora_b but no single weight ({', '.join(KERNEL_KEYS)}) to adapt; "
       "pass the whole params tree (base and adapters), e.g. jlora.combine(trainable, frozen)."
   )
+
+
+def flatten(tree: Params, prefix: tuple[str, ...] = ()) -> dict[tuple[str, ...], Any]:
+  """`{path: leaf}` of a nested dict, depth first."""
+  out: dict[tuple[str, ...], Any] = {}
+  for key, value in tree.items():
+    path = (*prefix, str(key))
+    if isinstance(value, Mapping):
+      out.update(flatten(value, path))
+    else:
+      out[path] = value
+  return out
+
+
+def unflatten(flat: Mapping[tuple[str, ...], Any]) -> dict:
+  """The inverse of `flatten`."""
+  out: dict = {}
+  for path, value in flat.items():
+    node = out
+    for key in path[:-1]:
+      node = node.setdefault(key, {})
+    node[path[-1]] = value
+  return out
 
 
 def get_path(tree: Params, path: tuple[str, ...]) -> Any:

@@ -71,7 +71,10 @@ def test_readme_checkpoint_block_runs(tmp_path, monkeypatch):
   tok.save(str(ckpt / "tokenizer.json"))
   (ckpt / "tokenizer_config.json").write_text(json.dumps({"pad_token": "[PAD]"}))
   monkeypatch.chdir(tmp_path)
-  (block,) = re.findall(r"```python checkpoint\n(.*?)```", (ROOT / "README.md").read_text(), flags=re.S)
+  blocks = re.findall(r"```python checkpoint\n(.*?)```", (ROOT / "README.md").read_text(), flags=re.S)
+  assert len(blocks) == 3
   scope = {"__name__": "readme"}
-  exec(compile(block.replace("path/to/llama", str(ckpt)), "README.md", "exec"), scope)
+  exec(compile("".join(blocks).replace("path/to/llama", str(ckpt)), "README.md", "exec"), scope)
   assert scope["out"].shape[-1] >= 20 and (tmp_path / "merged" / "model.safetensors").exists()
+  assert (tmp_path / "peft_out" / "adapter_model.safetensors").exists()
+  assert set(scope["params"]) == set(scope["base"])

@@ -22,6 +22,8 @@ import jax.numpy as jnp
 import numpy as np
 import safetensors.numpy
 
+from jlora._tree import flatten, unflatten
+
 __all__ = ["HFSpec", "from_hf_tensors", "hashable", "read_config", "read_safetensors", "to_hf_tensors"]
 
 _LEAF_NAMES = {"kernel": "weight", "embedding": "weight", "scale": "weight", "bias": "bias"}
@@ -143,26 +145,6 @@ def _hf_name(path: tuple[str, ...], spec: HFSpec) -> tuple[str, bool, bool]:
   return ".".join([*parts, _LEAF_NAMES[leaf]]), transpose, stacked
 
 
-def _flat(tree: Mapping, prefix: tuple[str, ...] = ()) -> dict[tuple[str, ...], Any]:
-  out = {}
-  for k, v in tree.items():
-    if isinstance(v, Mapping):
-      out.update(_flat(v, (*prefix, k)))
-    else:
-      out[(*prefix, k)] = v
-  return out
-
-
-def _unflat(flat: Mapping[tuple[str, ...], Any]) -> dict:
-  out: dict = {}
-  for path, v in flat.items():
-    d = out
-    for p in path[:-1]:
-      d = d.setdefault(p, {})
-    d[path[-1]] = v
-  return out
-
-
 def _strip(name: str, prefix: str) -> str:
   return name[len(prefix) :] if prefix and name.startswith(prefix) else name
 
@@ -180,7 +162,7 @@ def to_hf_tensors(params: Mapping, spec: HFSpec) -> dict[str, np.ndarray]:
     `{hf_name: np.ndarray}` with torch layouts (linear weights `(out, in)`).
   """
   out = {}
-  for path, leaf in _flat(params).items():
+  for path, leaf in flatten(params).items():
     if path[-1] not in _LEAF_NAMES:
       continue
     name, transpose, stacked = _hf_name(path, spec)
@@ -226,11 +208,11 @@ def from_hf_tensors(
     ValueError: naming missing, unexpected and mis-shaped tensors.
   """
   given = _canonical(tensors, spec)
-  fresh_flat = _flat(fresh) if fresh is not None else {}
+  fresh_flat = flatten(fresh) if fresh is not None else {}
   used: set[str] = set()
   missing, misshaped, new_heads = [], [], []
   out = {}
-  for path, sds in _flat(shapes).items():
+  for path, sds in flatten(shapes).items():
     name, transpose, stacked = _hf_name(path, spec)
     full = [name.format(i=i) for i in range(sds.shape[0])] if stacked else [name]
     names = [_strip(n, spec.base_prefix) for n in full]
@@ -277,4 +259,4 @@ def from_hf_tensors(
       + ". Check that config.json belongs to these weights (sizes, layer count, "
       "model_type, task head)."
     )
-  return _unflat(out)
+  return unflatten(out)

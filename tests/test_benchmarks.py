@@ -8,7 +8,7 @@ import time
 import pytest
 
 sys.path.insert(0, str(pathlib.Path(__file__).resolve().parent.parent / "benchmarks"))
-from _timing import measure  # noqa: E402
+from _timing import measure
 
 
 @pytest.mark.skipif(not pathlib.Path("/proc/stat").exists(), reason="reads /proc/stat")

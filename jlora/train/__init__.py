@@ -1,0 +1,18 @@
+"""`jlora train`: a reference LoRA training loop driven by YAML configs.
+
+Examples:
+  >>> from jlora import train
+  >>> config = train.load("configs/default.yaml", ["train.steps=50", "lora.r=16"])  # doctest: +SKIP
+  >>> result = train.run(config)  # doctest: +SKIP
+  >>> result["after"]["recall@1"]  # doctest: +SKIP
+"""
+
+from jlora.train._loop import Interrupted as Interrupted
+from jlora.train._loop import replace as replace
+from jlora.train._loop import run as run
+from jlora.train._schema import Config as Config
+from jlora.train._schema import apply_overrides as apply_overrides
+from jlora.train._schema import describe as describe
+from jlora.train._schema import load as load
+
+__all__ = ["Config", "Interrupted", "apply_overrides", "describe", "load", "replace", "run"]

@@ -1,0 +1,157 @@
+"""Offline datasets derived from the Python standard library of the running interpreter.
+
+Every public function, class and method of a fixed list of stdlib modules that has
+a docstring becomes a `Record`: its qualified name, its signature (from
+`inspect.signature`) and the first line of its docstring. Records are ordered by
+module and qualified name, so a given interpreter always produces the same list.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import importlib
+import inspect
+import re
+import warnings
+from collections import Counter
+from collections.abc import Iterable, Sequence
+
+__all__ = ["HELD_OUT", "TRAIN", "Record", "code_search_split", "records"]
+
+# Modules to train on, and a disjoint held-out set to evaluate on. Both fixed lists; a
+# module the interpreter cannot import (platform-specific) is skipped.
+TRAIN: tuple[str, ...] = (
+  "abc", "argparse", "ast", "asyncio", "binascii", "builtins", "bz2", "cmath",
+  "cmd", "code", "codecs", "collections", "colorsys", "compileall", "concurrent.futures", "configparser",
+  "contextlib", "copyreg", "ctypes", "dataclasses", "datetime", "dbm", "decimal", "dis",
+  "doctest", "email", "email.utils", "enum", "filecmp", "fileinput", "fnmatch", "fractions",
+  "functools", "gc", "getopt", "getpass", "gettext", "glob", "graphlib", "grp", "hashlib",
+  "hmac", "html", "html.parser", "http.client", "http.cookies", "http.server", "imaplib", "importlib",
+  "importlib.util", "inspect", "io", "ipaddress", "itertools", "keyword", "linecache", "locale", "logging",
+  "logging.handlers", "lzma", "mailbox", "marshal", "math", "mimetypes", "mmap", "modulefinder",
+  "multiprocessing", "netrc", "numbers", "opcode", "operator", "optparse", "os", "pathlib", "pdb", "pickle",
+  "pickletools", "pkgutil", "platform", "plistlib", "poplib", "posix", "pprint", "profile", "pstats",
+  "py_compile", "pyclbr", "pydoc", "quopri", "re", "reprlib", "resource", "rlcompleter",
+  "runpy", "sched", "secrets", "select", "shlex", "signal", "site", "smtplib",
+  "socket", "socketserver", "sqlite3", "ssl", "stat", "string", "stringprep", "struct",
+  "subprocess", "symtable", "sys", "sysconfig", "tabnanny", "termios",
+  "threading", "time", "timeit", "token", "tokenize", "trace", "traceback", "tracemalloc", "tty", "types",
+  "typing", "unicodedata", "unittest", "unittest.mock", "urllib.request", "uuid", "warnings",
+  "wave", "weakref", "wsgiref.util", "xml.dom.minidom", "xml.etree.ElementTree", "xmlrpc.client",
+  "zipimport", "zlib", "zoneinfo",
+)
+HELD_OUT: tuple[str, ...] = (
+  "array", "atexit", "contextvars", "errno", "faulthandler", "fcntl", "json", "json.decoder", "json.encoder",
+  "posixpath", "pty", "pwd", "shelve", "string.templatelib", "textwrap", "urllib.error", "zipapp",
+  "sre_compile", "selectors", "heapq", "readline", "copy", "csv", "bisect", "statistics", "difflib",
+  "tarfile", "calendar", "ftplib", "zipfile", "shutil", "random", "base64", "tempfile", "urllib.parse", "queue",
+  "gzip",
+)
+
+
+@dataclasses.dataclass(frozen=True)
+class Record:
+  """One documented callable: `module`, `qualname`, `signature` (may be empty) and `doc` (first line)."""
+
+  module: str
+  qualname: str
+  signature: str
+  doc: str
+
+  @property
+  def code(self) -> str:
+    """`module.qualname(signature)`, the text a code-search query should find."""
+    return f"{self.module}.{self.qualname}{self.signature}"
+
+
+def _first_line(obj: object) -> str:
+  doc = inspect.getdoc(obj) or ""
+  line = doc.strip().split("\n\n")[0].replace("\n", " ").strip()
+  return re.sub(r"\s+", " ", line)
+
+
+def _literal(value: object) -> bool:
+  if value is None or isinstance(value, bool | int | float | complex | str | bytes):
+    return len(repr(value)) <= 40
+  return isinstance(value, tuple | frozenset) and all(_literal(v) for v in value)
+
+
+def _signature(obj: object) -> str:
+  """`str(inspect.signature(obj))`, with defaults that are not literals shown as `...`.
+
+  A default such as `logging.shutdown(handlerList=[<weakref ...>])` depends on the
+  process's state; writing `...` keeps the text the same in every process.
+  """
+  try:
+    sig = inspect.signature(obj)
+  except (TypeError, ValueError):
+    return ""
+  params = [p.replace(default=Ellipsis) if p.default is not p.empty and not _literal(p.default) else p
+            for p in sig.parameters.values()]
+  return str(sig.replace(parameters=params, return_annotation=sig.empty))
+
+
+def _public(module: object, name: str) -> list[tuple[str, object]]:
+  obj = getattr(module, name)
+  out = [(name, obj)]
+  if inspect.isclass(obj):
+    for attr, member in sorted(vars(obj).items()):
+      if not attr.startswith("_") and (inspect.isfunction(member) or inspect.ismethoddescriptor(member)):
+        out.append((f"{name}.{attr}", member))
+  return out
+
+
+def _module_records(name: str) -> list[Record]:
+  try:
+    module = importlib.import_module(name)
+  except Exception:  # platform-specific or broken module: skip it
+    return []
+  out = []
+  for attr in sorted(vars(module)):
+    obj = vars(module)[attr]
+    if attr.startswith("_") or getattr(obj, "__module__", None) != name:
+      continue
+    if not (inspect.isfunction(obj) or inspect.isbuiltin(obj) or inspect.isclass(obj)):
+      continue
+    for qualname, member in _public(module, attr):
+      doc = _first_line(member)
+      short = qualname.rsplit(".", 1)[-1]
+      # Docstrings that spell out the call ("S.split(sep) -> list") would give the answer away.
+      if len(doc) < 12 or "->" in doc or f"{short}(" in doc or short in doc.split():
+        continue
+      out.append(Record(name, qualname, _signature(member), doc))
+  return out
+
+
+def records(modules: Iterable[str]) -> list[Record]:
+  """The records of `modules`, in the given module order, then by qualified name."""
+  with warnings.catch_warnings():  # importing and inspecting deprecated modules (`typing.re`) warns
+    warnings.simplefilter("ignore")
+    return [r for m in modules for r in _module_records(m)]
+
+
+def _unique(recs: Sequence[Record]) -> list[Record]:
+  """Drops every record whose docstring line or code text occurs more than once."""
+  docs = Counter(r.doc.lower() for r in recs)
+  codes = Counter(r.code for r in recs)
+  return [r for r in recs if docs[r.doc.lower()] == 1 and codes[r.code] == 1]
+
+
+def code_search_split(
+  train_modules: Sequence[str] = TRAIN, eval_modules: Sequence[str] = HELD_OUT
+) -> tuple[list[Record], list[Record]]:
+  """`(train, held_out)` records from disjoint module lists, deduplicated across both.
+
+  A docstring line or code text that occurs twice anywhere (e.g. `posixpath` and
+  `os.path`, or an inherited method) is dropped from both splits, so no held-out
+  query or answer is seen in training.
+
+  Raises:
+    ValueError: if the module lists overlap.
+  """
+  overlap = sorted(set(train_modules) & set(eval_modules))
+  if overlap:
+    raise ValueError(f"`train_modules` and `eval_modules` must be disjoint; both list {overlap}.")
+  train, held = records(train_modules), records(eval_modules)
+  keep = set(_unique(train + held))
+  return [r for r in train if r in keep], [r for r in held if r in keep]

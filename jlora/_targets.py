@@ -20,7 +20,6 @@ __all__ = ["Site", "LINEAR_KINDS", "HEAD_NAMES", "select_sites", "matches", "lay
 
 # Layer kinds: the linen classes jlora adapts.
 LINEAR_KINDS = ("dense", "dense_general", "einsum")
-KINDS = LINEAR_KINDS + ("conv", "embed")
 # Names that mark the output head, which `"all-linear"` leaves alone (as PEFT does).
 HEAD_NAMES = ("lm_head", "classifier", "score", "qa_outputs", "head")
 

@@ -19,7 +19,6 @@ __all__ = [
 
 LORA_KEYS = ("lora_a", "lora_b")
 KERNEL_KEYS = ("kernel", "embedding", "w", "weight")
-LABELS = ("lora_a", "lora_b", "bias", "saved", "frozen")
 
 Params = Mapping[str, Any]
 

@@ -201,6 +201,7 @@ class _Forward:
     a, b = a.astype(dt), b.astype(dt)
     x = x if kind == "embed" else x.astype(dt)
     precision = getattr(module, "precision", None)
+    scale = self.config.scale_for(where)
     if kind == "conv":
       lora_in = module.clone(parent=None, features=a.shape[-1], use_bias=False, mask=None, dtype=dt, param_dtype=dt)
       token = _BYPASS.set(True)
@@ -208,12 +209,12 @@ class _Forward:
         u = lora_in.apply({"params": {"kernel": a}}, x)
       finally:
         _BYPASS.reset(token)
-      delta = _ops.contract_last(u, b, precision)
+      delta = _ops.contract_last(u * scale, b, precision)
     else:
-      delta = _ops.lora_delta(kind, x, a, b, axis=getattr(module, "axis", (-1,)),
+      delta = _ops.lora_delta(kind, x, a, b, scale=scale, axis=getattr(module, "axis", (-1,)),
                               einsum_str=_einsum_str(module, args, kwargs) if kind == "einsum" else None,
                               precision=precision)
-    return y + (self.config.scale_for(where) * delta).astype(y.dtype)
+    return y + delta.astype(y.dtype)
 
   def _dropout(self, module: nn.Module, x: jax.Array) -> jax.Array:
     rate = self.config.lora_dropout

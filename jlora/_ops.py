@@ -153,19 +153,21 @@ def contract_last(u: jax.Array, b: jax.Array, precision) -> jax.Array:
   return lax.dot_general(u, b, (((u.ndim - 1,), (0,)), ((), ())), precision=precision)
 
 
-def _low_rank_2d(x2: jax.Array, a: jax.Array, b: jax.Array, precision) -> jax.Array:
-  """`(x2 (N, d_in) · A (d_in, r)) · B (r, d_out)` as two plain 2-D matmuls."""
-  u = jnp.matmul(x2, a.reshape(-1, a.shape[-1]), precision=precision)
+def _low_rank_2d(x2: jax.Array, a: jax.Array, b: jax.Array, scale: float, precision) -> jax.Array:
+  """`s·(x2 (N, d_in) · A (d_in, r)) · B (r, d_out)` as two plain 2-D matmuls."""
+  u = jnp.matmul(x2, a.reshape(-1, a.shape[-1]), precision=precision) * scale
   return jnp.matmul(u, b.reshape(b.shape[0], -1), precision=precision)
 
 
-def lora_delta(kind: str, x: jax.Array, a: jax.Array, b: jax.Array, *, axis=(-1,), einsum_str=None,
-               precision=None) -> jax.Array:
-  """The factored LoRA term `(x·A)·B` (unscaled) for one layer, never forming `A·B`.
+def lora_delta(kind: str, x: jax.Array, a: jax.Array, b: jax.Array, *, scale: float = 1.0, axis=(-1,),
+               einsum_str=None, precision=None) -> jax.Array:
+  """The factored LoRA term `s·(x·A)·B` for one layer, never forming `A·B`.
 
   Dense-like kinds flatten the input to 2-D `(N, d_in)` first: on CPU, XLA's
   dots on 3-D activations with an r-wide operand (and their transposes in the
-  backward pass) cost several times the 2-D form (`benchmarks/`, README).
+  backward pass) cost several times the 2-D form. The scale multiplies the
+  rank-r intermediate `x·A`, the narrowest tensor on the path, rather than the
+  `(N, d_out)` term and its gradient (`benchmarks/`, README).
 
   Args:
     kind: `dense`, `dense_general`, `einsum`, `embed` (x are ids) or `attend`
@@ -174,6 +176,7 @@ def lora_delta(kind: str, x: jax.Array, a: jax.Array, b: jax.Array, *, axis=(-1,
     x: the layer input; for `dense`: `(..., d_in)`.
     a: per-layer A, e.g. `(d_in, r)`.
     b: per-layer B, e.g. `(r, d_out)`.
+    scale: `s`, e.g. `lora_alpha / r`.
     axis: `nn.DenseGeneral`'s input axes.
     einsum_str: `nn.Einsum`'s equation.
     precision: the layer's matmul precision.
@@ -186,15 +189,15 @@ def lora_delta(kind: str, x: jax.Array, a: jax.Array, b: jax.Array, *, axis=(-1,
     n_in = len(axes)
     x = jnp.moveaxis(x, [ax % x.ndim for ax in axes], list(range(x.ndim - n_in, x.ndim)))
     lead = x.shape[: x.ndim - n_in]
-    y = _low_rank_2d(x.reshape(-1, math.prod(x.shape[x.ndim - n_in:])), a, b, precision)
+    y = _low_rank_2d(x.reshape(-1, math.prod(x.shape[x.ndim - n_in:])), a, b, scale, precision)
     return y.reshape(lead + b.shape[1:])
   if kind == "embed":
-    return contract_last(jnp.take(a, x, axis=0), b, precision)
+    return contract_last(jnp.take(a, x, axis=0) * scale, b, precision)
   if kind == "attend":
-    u = lax.dot_general(x, b, (((x.ndim - 1,), (1,)), ((), ())), precision=precision)
+    u = lax.dot_general(x, b, (((x.ndim - 1,), (1,)), ((), ())), precision=precision) * scale
     return lax.dot_general(u, a, (((u.ndim - 1,), (1,)), ((), ())), precision=precision)
   if kind == "einsum":
-    return _einsum_delta(einsum_str, x, a, b, precision)
+    return _einsum_delta(einsum_str, x, a, b, scale, precision)
   raise ValueError(f"unknown layer kind {kind!r}")
 
 
@@ -216,7 +219,7 @@ def _parse(einsum_str: str) -> tuple[str, str, str]:
   return lhs, kernel, out
 
 
-def _einsum_delta(einsum_str, x, a, b, precision):
+def _einsum_delta(einsum_str, x, a, b, scale, precision):
   lhs, kernel, out = _parse(einsum_str)
   in_axes, out_axes, _ = einsum_axes(einsum_str)
   rank = next(c for c in string.ascii_letters if c not in einsum_str)
@@ -227,5 +230,5 @@ def _einsum_delta(einsum_str, x, a, b, precision):
   u_labels = "".join(c for c in lhs if c not in ins) + rank
   a_sq = a.reshape(tuple(d for c, d in zip(kernel, a.shape) if c not in outs) + a.shape[-1:])
   b_sq = b.reshape(tuple(d for c, d in zip(kernel, b.shape) if c not in ins) + b.shape[-1:])
-  u = jnp.einsum(f"{lhs},{a_labels}{rank}->{u_labels}", x, a_sq, precision=precision)
+  u = jnp.einsum(f"{lhs},{a_labels}{rank}->{u_labels}", x, a_sq, precision=precision) * scale
   return jnp.einsum(f"{u_labels},{b_labels}{rank}->{out}", u, b_sq, precision=precision)

@@ -3,8 +3,8 @@
 Needs the `hf` extra (CPU torch, transformers, peft). Both sides train LoRA (r=8,
 alpha=16) with AdamW on next-token cross-entropy; the torch side uses
 `torch.set_num_threads(os.cpu_count())`, the JAX side XLA's CPU thread pool of
-the same cores. Both are timed in the same process, one after the other, and
-rounds another process disturbed are redone (see `_timing.py`).
+the same cores. Both are timed in the same process, in interleaved rounds, and
+calls another process disturbed are redone (see `_timing.py`).
 
 Run: python benchmarks/peft_compare.py [--quick] [--out benchmarks/results/peft_cpu.json]
 """
@@ -12,7 +12,6 @@ Run: python benchmarks/peft_compare.py [--quick] [--out benchmarks/results/peft_
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import pathlib
 import sys
@@ -22,7 +21,7 @@ import numpy as np
 import optax
 
 sys.path.insert(0, str(pathlib.Path(__file__).resolve().parent))
-from _timing import measure
+from _timing import measure_side_by_side, paired_ratio, write_report
 
 import jlora
 from jlora import models
@@ -87,18 +86,14 @@ def main() -> None:
       box[0] = jax_step(*box[0])
       return box[0]
 
-    t_torch = measure(torch_step, repeats=repeats)
-    t_jax = measure(jlora_step, repeats=repeats)
-    report["ms"][f"peft/{name}"] = t_torch.median_ms
-    report["ms"][f"jlora/{name}"] = t_jax.median_ms
-    report[f"ratio/jlora_to_peft/{name}"] = t_jax.median_ms / t_torch.median_ms
-    print(f"{name:10s} PEFT {t_torch.median_ms:8.1f} ms   jlora {t_jax.median_ms:8.1f} ms   "
-          f"jlora/PEFT {t_jax.median_ms / t_torch.median_ms:.2f}   (redone rounds: {t_torch.disturbed}, "
-          f"{t_jax.disturbed})", flush=True)
-  path = pathlib.Path(args.out)
-  path.parent.mkdir(parents=True, exist_ok=True)
-  path.write_text(json.dumps(report, indent=2))
-  print(f"wrote {path}")
+    t = measure_side_by_side({"peft": torch_step, "jlora": jlora_step}, repeats=repeats)
+    ratio = paired_ratio(t, "jlora", "peft")
+    report["ms"][f"peft/{name}"] = t["peft"].median_ms
+    report["ms"][f"jlora/{name}"] = t["jlora"].median_ms
+    report[f"ratio/jlora_to_peft/{name}"] = ratio
+    print(f"{name:10s} PEFT {t['peft'].median_ms:8.1f} ms   jlora {t['jlora'].median_ms:8.1f} ms   "
+          f"jlora/PEFT {ratio:.2f}   (redone calls: {t['peft'].disturbed}, {t['jlora'].disturbed})", flush=True)
+  write_report(report, args.out)
 
 
 if __name__ == "__main__":

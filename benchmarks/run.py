@@ -1,7 +1,8 @@
 """jlora benchmark suite: LoRA vs full fine-tuning on the reference Llama decoder, side by side.
 
-For each model size, in one process, jitted, medians over undisturbed rounds
-after warm-up (see `_timing.py`):
+For each model size, in one process, jitted, after warm-up, in interleaved
+rounds (each round runs every step once; calls another process disturbed are
+redone; ratios are medians of per-round ratios, see `_timing.py`):
   train step: full fine-tuning (adamw) · frozen-base bound (gradient wrt
   activations only, no weight gradient at all) · LoRA q,v · LoRA all-linear ·
   LoRA all-linear by materializing W0 + s·A·B;
@@ -34,7 +35,7 @@ import optax
 import safetensors.numpy
 
 sys.path.insert(0, str(pathlib.Path(__file__).resolve().parent))
-from _timing import measure
+from _timing import measure_side_by_side, paired_ratio, write_report
 
 import jlora
 from jlora import models
@@ -45,6 +46,8 @@ SIZES = {
                  batch=2, seq=32),
     "small": dict(hidden_size=256, intermediate_size=688, num_hidden_layers=4, num_attention_heads=4,
                   vocab_size=4096, batch=4, seq=256),
+    "small-deep": dict(hidden_size=256, intermediate_size=688, num_hidden_layers=8, num_attention_heads=4,
+                       vocab_size=4096, batch=4, seq=256),
     "medium": dict(hidden_size=768, intermediate_size=2048, num_hidden_layers=4, num_attention_heads=12,
                    vocab_size=8192, batch=4, seq=256),
     # weights dominate: the peak-memory comparison
@@ -53,11 +56,12 @@ SIZES = {
 }
 
 
-def build(size: str):
+def build(size: str, dtype=None, **options):
+  """The reference Llama of `size` (params and compute in `dtype`, float32 by default) and a batch."""
   spec = dict(SIZES[size])
   batch, seq = spec.pop("batch"), spec.pop("seq")
   config = {"model_type": "llama", "max_position_embeddings": max(seq, 64), **spec}
-  model, params = models.from_config(config, key=jax.random.key(0))
+  model, params = models.from_config(config, key=jax.random.key(0), dtype=dtype, **options)
   ids = jax.random.randint(jax.random.key(1), (batch, seq + 1), 0, spec["vocab_size"])
   return model, params, ids[:, :-1], ids[:, 1:]
 
@@ -171,26 +175,27 @@ def bench_size(size: str, repeats: int) -> dict:
   timed["forward/base"] = lambda: fwd(base, x)
   timed["forward/lora_unmerged"] = lambda: fwd_lora(p_all, x)
   timed["forward/lora_merged"] = lambda: fwd(merged, x)
+  timings = measure_side_by_side(timed, repeats=repeats)
   disturbed = {}
-  for name, fn in timed.items():
-    t = measure(fn, repeats=repeats)
+  for name, t in timings.items():
     ms[name], disturbed[name] = t.median_ms, t.disturbed
-    print(f"  {size:7s} {name:30s} {t.median_ms:9.1f} ms  ({t.disturbed} rounds redone)", flush=True)
+    print(f"  {size:10s} {name:30s} median {t.median_ms:9.1f} ms  min {t.min_ms:9.1f} ms  ({t.disturbed} calls redone)",
+          flush=True)
+  ratio = lambda a, b: paired_ratio(timings, a, b)  # noqa: E731
   trainable, _ = jlora.split(p_all, c_all)
   info["adapter_bytes/all_linear"] = checkpoint_bytes(trainable)
   info["checkpoint_bytes/full"] = checkpoint_bytes(base)
-  b, t = x.shape
   return {
       "shape": {**SIZES[size], "r": 8, "params": int(sum(v.size for v in jax.tree.leaves(base)))},
-      "ms": ms, "disturbed_rounds": disturbed, **info,
-      "tokens": b * t,
-      "ratio/lora_all_linear_to_bound": ms["train/lora_all_linear"] / ms["train/frozen_base_bound"],
-      "ratio/lora_qv_to_bound": ms["train/lora_qv"] / ms["train/frozen_base_bound"],
-      "ratio/lora_all_linear_to_full": ms["train/lora_all_linear"] / ms["train/full_ft"],
-      "ratio/lora_qv_to_full": ms["train/lora_qv"] / ms["train/full_ft"],
-      "ratio/materialized_to_factored": ms["train/lora_all_materialized"] / ms["train/lora_all_linear"],
-      "ratio/unmerged_forward_to_base": ms["forward/lora_unmerged"] / ms["forward/base"],
-      "ratio/merged_forward_to_base": ms["forward/lora_merged"] / ms["forward/base"],
+      "ms": ms, "min_ms": {n: t.min_ms for n, t in timings.items()}, "disturbed_calls": disturbed, **info,
+      "tokens": int(x.size),
+      "ratio/lora_all_linear_to_bound": ratio("train/lora_all_linear", "train/frozen_base_bound"),
+      "ratio/lora_qv_to_bound": ratio("train/lora_qv", "train/frozen_base_bound"),
+      "ratio/lora_all_linear_to_full": ratio("train/lora_all_linear", "train/full_ft"),
+      "ratio/lora_qv_to_full": ratio("train/lora_qv", "train/full_ft"),
+      "ratio/materialized_to_factored": ratio("train/lora_all_materialized", "train/lora_all_linear"),
+      "ratio/unmerged_forward_to_base": ratio("forward/lora_unmerged", "forward/base"),
+      "ratio/merged_forward_to_base": ratio("forward/lora_merged", "forward/base"),
       "ratio/compile_lora_to_full": info["compile_s/lora_all"] / info["compile_s/full"],
       "ratio/adapter_to_full_bytes": info["adapter_bytes/all_linear"] / info["checkpoint_bytes/full"],
   }
@@ -255,7 +260,7 @@ def main() -> None:
   if args.memory_child:
     memory_child(args.memory_child, "tiny" if os.environ.get("JLORA_BENCH_QUICK") else "memory")
     return
-  sizes = (args.sizes or ("tiny" if args.quick else "small,medium")).split(",")
+  sizes = (args.sizes or ("tiny" if args.quick else "small,small-deep,medium")).split(",")
   repeats = args.repeats or (3 if args.quick else 10)
   report = {"device": jax.devices()[0].device_kind, "backend": jax.default_backend(), "cpu_count": os.cpu_count(),
             "jax": jax.__version__, "sizes": {}}
@@ -266,10 +271,7 @@ def main() -> None:
   report["memory"] = bench_memory()
   report["markdown"] = markdown(report)
   print(report["markdown"])
-  path = pathlib.Path(args.out)
-  path.parent.mkdir(parents=True, exist_ok=True)
-  path.write_text(json.dumps(report, indent=2))
-  print(f"wrote {path}")
+  write_report(report, args.out)
 
 
 if __name__ == "__main__":

@@ -1,5 +1,6 @@
-"""The benchmark timer notices another process taking the CPU (no timing is asserted)."""
+"""The benchmark timer: interleaved rounds, and it notices another process taking the CPU (no timing is asserted)."""
 
+import itertools
 import pathlib
 import subprocess
 import sys
@@ -8,7 +9,7 @@ import time
 import pytest
 
 sys.path.insert(0, str(pathlib.Path(__file__).resolve().parent.parent / "benchmarks"))
-from _timing import measure
+from _timing import measure, measure_side_by_side, paired_ratio
 
 
 @pytest.mark.skipif(not pathlib.Path("/proc/stat").exists(), reason="reads /proc/stat")
@@ -22,3 +23,15 @@ def test_disturbed_rounds_are_redone():
       hog.kill()
   assert result.disturbed == 2, result
   assert result.rounds == 3 and result.steal_fraction > 0.1
+
+
+def test_side_by_side_rounds_interleave_without_repeats():
+  calls = []
+  fns = {name: (lambda name=name: calls.append(name)) for name in "abcd"}
+  timings = measure_side_by_side(fns, repeats=6, warmup=0)
+  rounds = [calls[i:i + 4] for i in range(0, len(calls), 4)]
+  assert len(rounds) == 6 and all(sorted(r) == list("abcd") for r in rounds)
+  assert all(x != y for x, y in itertools.pairwise(calls)), calls  # never one function twice in a row
+  assert len({tuple(r) for r in rounds}) > 1  # the order changes between rounds
+  assert all(len(t.samples_ms) == 6 and t.min_ms <= t.median_ms for t in timings.values())
+  assert paired_ratio(timings, "a", "a") == 1.0

@@ -155,11 +155,13 @@ def test_killed_and_interrupted_runs_resume_exactly(tmp_path):
   assert [r["step"] for r in rows if r["kind"] == "train"] == list(range(1, 9))  # no duplicated steps
 
 
-def test_changed_config_or_data_does_not_resume(tmp_path):
+def test_changed_config_or_data_does_not_resume(tmp_path, monkeypatch):
   _run("causal_lm_tiny.yaml", tmp_path, "train.steps=2")
-  with pytest.raises(ValueError, match=r"different run \(changed: \['lora'\]\)"):
-    _run("causal_lm_tiny.yaml", tmp_path, "train.steps=2", "lora.r=2")
-  with pytest.raises(ValueError, match=r"different run \(changed: \['data', 'examples_sha256'\]\)"):
-    _run("causal_lm_tiny.yaml", tmp_path, "train.steps=2", "data.max_train=32")
+  with monkeypatch.context() as m:  # the mismatch is found before the model is built
+    m.setattr(train._loop._tasks, "build_model", lambda *a, **k: pytest.fail("built the model"))
+    with pytest.raises(ValueError, match=r"different run \(changed: \['lora'\]\)"):
+      _run("causal_lm_tiny.yaml", tmp_path, "train.steps=2", "lora.r=2")
+    with pytest.raises(ValueError, match=r"different run \(changed: \['data', 'examples_sha256'\]\)"):
+      _run("causal_lm_tiny.yaml", tmp_path, "train.steps=2", "data.max_train=32")
   fresh = _run("causal_lm_tiny.yaml", tmp_path, "train.steps=2", "lora.r=2", "checkpointing.resume=false")
   assert fresh["resumed_from"] is None

@@ -169,23 +169,8 @@ def run(config: Config, *, on_step: Callable[[int, float], None] | None = None,
   with open(os.path.join(out_dir, "config.yaml"), "w", encoding="utf-8") as f:
     yaml.safe_dump(config.to_dict(), f, sort_keys=False)
 
-  # Data and model.
+  # Data, and whether a checkpoint of this very run exists (checked before the model loads).
   train_rows, eval_rows = _data.examples(config.data, task)
-  num_labels = _data.num_labels(task, train_rows, eval_rows)
-  key = jax.random.key(tc.seed)
-  model_key, lora_key, data_key = jax.random.split(key, 3)
-  base = _tasks.build_model(config.model, task, num_labels=num_labels, key=model_key)
-  model = base.model
-  enc = lambda rows: _data.encode(rows, task, base.tokenizer, seq_len=tc.seq_len, target_len=tc.target_len)  # noqa: E731
-  train_arrays, eval_arrays = enc(train_rows), enc(eval_rows)
-  n_train = len(train_rows)
-  args, kwargs = _tasks.example_inputs(task, _rows(train_arrays, np.arange(1)), model)
-  params = jlora.init(lora_key, model, base.params, lora, *args, **kwargs)
-  trainable, frozen = jlora.split(params, lora)
-  tx, schedule = make_optimizer(config.optimizer, tc.steps, trainable, lora)
-  state = _state.State(trainable, tx.init(trainable), 0, np.asarray(jax.random.key_data(data_key)))
-
-  # Resume.
   fingerprint = {**_fingerprint(config), "examples_sha256": hashlib.sha256(
     json.dumps([train_rows, eval_rows], sort_keys=True, default=str).encode()).hexdigest()}
   ckpt_dir = os.path.join(out_dir, "checkpoints")
@@ -193,14 +178,28 @@ def run(config: Config, *, on_step: Callable[[int, float], None] | None = None,
     shutil.rmtree(ckpt_dir)
   checkpoints = _state.Checkpoints(ckpt_dir, keep=config.checkpointing.keep)
   try:
-    restored = checkpoints.restore(state, fingerprint=fingerprint) if config.checkpointing.resume else None
+    resumed_from = checkpoints.check(fingerprint) if config.checkpointing.resume else None
+
+    # Model, adapters, optimizer.
+    num_labels = _data.num_labels(task, train_rows, eval_rows)
+    key = jax.random.key(tc.seed)
+    model_key, lora_key, data_key = jax.random.split(key, 3)
+    base = _tasks.build_model(config.model, task, num_labels=num_labels, key=model_key)
+    model = base.model
+    enc = lambda rows: _data.encode(rows, task, base.tokenizer, seq_len=tc.seq_len, target_len=tc.target_len)  # noqa: E731
+    train_arrays, eval_arrays = enc(train_rows), enc(eval_rows)
+    n_train = len(train_rows)
+    args, kwargs = _tasks.example_inputs(task, _rows(train_arrays, np.arange(1)), model)
+    params = jlora.init(lora_key, model, base.params, lora, *args, **kwargs)
+    trainable, frozen = jlora.split(params, lora)
+    tx, schedule = make_optimizer(config.optimizer, tc.steps, trainable, lora)
+    state = _state.State(trainable, tx.init(trainable), 0, np.asarray(jax.random.key_data(data_key)))
+    if resumed_from is not None:
+      state = checkpoints.restore(state, resumed_from)
+      log(f"Resuming from step {resumed_from} ({ckpt_dir}).")
   except BaseException:
     checkpoints.close()
     raise
-  resumed_from = None
-  if restored is not None:
-    state, resumed_from = restored, restored.step
-    log(f"Resuming from step {resumed_from} ({ckpt_dir}).")
   metrics_log = _report.Metrics(os.path.join(out_dir, "metrics.jsonl"), resume_step=resumed_from)
   rng_key = jax.random.wrap_key_data(jnp.asarray(state.rng, jnp.uint32))
 
@@ -283,9 +282,13 @@ def run(config: Config, *, on_step: Callable[[int, float], None] | None = None,
   merged = jlora.merge(params, lora)
   probe = next(_eval_batches(eval_arrays, min(tc.eval_batch_size, 8)))
   args, kwargs = _tasks.example_inputs(task, probe, model)
-  factored_out = jlora.apply(model, params, lora, *args, **kwargs)
-  merged_out = model.apply({"params": merged}, *args, **kwargs)
-  merge_diff = float(jnp.max(jnp.abs(factored_out.astype(jnp.float32) - merged_out.astype(jnp.float32))))
+
+  @jax.jit  # one compile for both forwards: run op by op, they took seconds even for a tiny T5
+  def merge_gap(params, merged, args, kwargs):
+    factored_out = jlora.apply(model, params, lora, *args, **kwargs).astype(jnp.float32)
+    return jnp.max(jnp.abs(factored_out - model.apply({"params": merged}, *args, **kwargs).astype(jnp.float32)))
+
+  merge_diff = float(merge_gap(params, merged, args, kwargs))
   if config.outputs.merged:
     save_merged(os.path.join(out_dir, "merged"), model, merged, base.checkpoint)
   if config.outputs.plot:

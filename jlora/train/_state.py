@@ -62,8 +62,8 @@ class Checkpoints:
     )
     self._manager.wait_until_finished()
 
-  def restore(self, template: State, *, fingerprint: dict) -> State | None:
-    """The newest checkpoint shaped like `template`, or None if there is none.
+  def check(self, fingerprint: dict) -> int | None:
+    """The newest checkpoint's step, or None; cheap (reads its metadata only).
 
     Raises:
       ValueError: the checkpoint was written by a run with a different config fingerprint
@@ -72,17 +72,24 @@ class Checkpoints:
     step = self.latest()
     if step is None:
       return None
-    meta = self._manager.restore(step, args=ocp.args.Composite(meta=ocp.args.JsonRestore()))["meta"]
-    if meta.get("fingerprint") != fingerprint:
-      saved = meta.get("fingerprint", {})
+    saved = self._meta(step).get("fingerprint", {})
+    if saved != fingerprint:
       changed = sorted(k for k in set(fingerprint) | set(saved) if fingerprint.get(k) != saved.get(k))
       raise ValueError(f"{self.directory} holds a checkpoint of a different run (changed: {changed}); "
                        "use another `outputs.dir`, delete the checkpoints, or set `checkpointing.resume=false`.")
+    return step
+
+  def restore(self, template: State, step: int) -> State:
+    """Checkpoint `step` (one that `check` accepted), shaped like `template`."""
+    meta = self._meta(step)
     abstract = jax.tree.map(ocp.utils.to_shape_dtype_struct,
                             {"trainable": template.trainable, "opt_state": template.opt_state})
     out = self._manager.restore(step, args=ocp.args.Composite(state=ocp.args.StandardRestore(abstract)))
     return State(out["state"]["trainable"], out["state"]["opt_state"], int(meta["step"]),
                  np.asarray(meta["rng"], np.uint32))
+
+  def _meta(self, step: int) -> dict:
+    return self._manager.restore(step, args=ocp.args.Composite(meta=ocp.args.JsonRestore()))["meta"]
 
   def close(self) -> None:
     """Releases the manager."""

@@ -35,3 +35,17 @@ def test_side_by_side_rounds_interleave_without_repeats():
   assert len({tuple(r) for r in rounds}) > 1  # the order changes between rounds
   assert all(len(t.samples_ms) == 6 and t.min_ms <= t.median_ms for t in timings.values())
   assert paired_ratio(timings, "a", "a") == 1.0
+
+
+def test_benchmark_suite_runs_on_the_tiny_size():
+  import run
+
+  report = run.bench_size("tiny", repeats=1)
+  ratios = {k: v for k, v in report.items() if k.startswith("ratio/")}
+  assert len(ratios) == 9 and all(0 < v < float("inf") for v in ratios.values()), ratios
+  assert report["ratio/adapter_to_full_bytes"] < 0.2  # r=8 adapters on a d=64 model
+  assert set(report["ms"]) == {"train/full_ft", "train/frozen_base_bound", "train/lora_qv", "train/lora_all_linear",
+                               "train/lora_all_materialized", "forward/base", "forward/lora_unmerged",
+                               "forward/lora_merged"}
+  table = run.markdown({"sizes": {"tiny": report}})
+  assert table.count("\n") == 2 and "| tiny (d=64, L=2) |" in table

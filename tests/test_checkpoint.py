@@ -23,9 +23,19 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 CASES = {c.name: c for c in zoo.cases()}
 
 
+_BASES = {}
+
+
+def _build(case):
+  """`zoo.build(case)`, jitted and built once per process (the arrays are immutable, the dicts copied)."""
+  if case.name not in _BASES:
+    _BASES[case.name] = jax.jit(case.model.init)(jax.random.key(0), case.inputs)["params"]
+  return jax.tree.map(lambda x: x, _BASES[case.name])
+
+
 def _setup(name="mlp", key=1, **kwargs):
   case = CASES[name]
-  base = zoo.build(case)
+  base = _build(case)
   kwargs.setdefault("target_modules", case.targets)
   cfg = jlora.LoraConfig(r=4, lora_alpha=8, init_lora_weights=False, **kwargs)
   return case, base, cfg, jlora.init(jax.random.key(key), case.model, base, cfg, case.inputs)
@@ -76,8 +86,9 @@ def test_round_trip_after_training(tmp_path, name):
   save_adapter(tmp_path / "ckpt", trained, cfg)
   loaded, cfg2 = load_adapter(tmp_path / "ckpt", base)
   _same_trees(loaded, trained)
-  np.testing.assert_array_equal(jlora.apply(case.model, loaded, cfg2, case.inputs),
-                                jlora.apply(case.model, trained, cfg, case.inputs))
+  # Jitted (the config static: one compile when cfg2 == cfg) rather than dispatched primitive by primitive.
+  forward = jax.jit(lambda p, c: jlora.apply(case.model, p, c, case.inputs), static_argnums=1)
+  np.testing.assert_array_equal(forward(loaded, cfg2), forward(trained, cfg))
   # Onto a tree that already holds other adapters: they (and the trained leaves) are replaced.
   _, _, _, other = _setup(name, key=7, **extra)
   again, _ = load_adapter(tmp_path / "ckpt", other)
@@ -241,8 +252,8 @@ assert up["lora_a"].sharding.spec == P(None, "data", None), up["lora_a"].shardin
 assert up["lora_b"].sharding.spec == P(None, None, "model"), up["lora_b"].sharding
 assert len(up["lora_b"].addressable_shards) == 4
 np.testing.assert_array_equal(up["lora_b"], params["layers"]["up"]["lora_b"])
-out = jlora.apply(case.model, loaded, cfg, case.inputs)
-np.testing.assert_allclose(out, jlora.apply(case.model, params, cfg, case.inputs), atol=1e-5)
+forward = jax.jit(lambda p: jlora.apply(case.model, p, cfg, case.inputs))
+np.testing.assert_allclose(forward(loaded), forward(params), atol=1e-5)
 print("OK")
 """
 

@@ -14,7 +14,7 @@ import jlora
 from jlora import models
 from jlora._peft import load_peft, save_peft
 from tests import zoo
-from tests.models.helpers import CONFIGS, tokens, write_checkpoint
+from tests.models.helpers import CONFIGS, forward, lora_forward, tokens, write_checkpoint
 
 ATOL = 1e-4
 
@@ -39,6 +39,10 @@ def _tiny(name, targets, *, key=2, **options):
   model, base = models.from_config(CONFIGS[name], key=jax.random.key(0), **opts)
   cfg = jlora.LoraConfig(r=4, lora_alpha=8, target_modules=targets, init_lora_weights=False, **options)
   return model, base, cfg, jlora.init(jax.random.key(key), model, base, cfg, *_inputs(name))
+
+
+
+
 
 
 def _weights(directory):
@@ -93,7 +97,7 @@ def test_scanned_stack_exports_per_layer(tmp_path):
   per_layer, cfg2 = load_peft(tmp_path, plain, plain_base)
   np.testing.assert_array_equal(per_layer["model"]["layers_1"]["self_attn"]["v_proj"]["lora_b"], stacked[1])
   x = _inputs("llama")
-  np.testing.assert_allclose(jlora.apply(plain, per_layer, cfg2, *x), jlora.apply(model, params, cfg, *x), atol=1e-5)
+  np.testing.assert_allclose(lora_forward(plain, per_layer, cfg2, *x), lora_forward(model, params, cfg, *x), atol=1e-5)
   again, _ = load_peft(tmp_path, model, base)
   _same_trees(again, params)
 
@@ -310,12 +314,12 @@ def test_jlora_to_peft(hf, tmp_path, arch):
     params = jlora.combine(jax.tree.map(jnp.add, trainable, noise), frozen)
   save_peft(tmp_path / "adapter", params, cfg, model=model)
   peft_model = peft.PeftModel.from_pretrained(_hf_model(hf, cls, tmp_path / "base"), tmp_path / "adapter").eval()
-  ours = np.asarray(jlora.apply(model, params, cfg, *inputs))
+  ours = np.asarray(lora_forward(model, params, cfg, *inputs))
   kw = _torch_inputs(torch, name, inputs)
-  plain = np.asarray(model.apply({"params": base}, *inputs))
+  plain = np.asarray(forward(model, base, *inputs))
   assert np.abs(ours - plain).max() > 1e-2  # the adapter is not a no-op
   np.testing.assert_allclose(_logits(torch, peft_model, kw), ours, atol=ATOL, rtol=0)
-  merged = np.asarray(model.apply({"params": jlora.merge(params, cfg)}, *inputs))
+  merged = np.asarray(forward(model, jlora.merge(params, cfg), *inputs))
   np.testing.assert_allclose(_logits(torch, peft_model.merge_and_unload(), kw), merged, atol=ATOL, rtol=0)
 
 
@@ -337,6 +341,6 @@ def test_peft_to_jlora(hf, tmp_path, arch):
   theirs = _logits(torch, peft_model, kw)
   model, base = models.from_pretrained(tmp_path / "base", **options)
   params, cfg = load_peft(tmp_path / "adapter", model, base)
-  np.testing.assert_allclose(np.asarray(jlora.apply(model, params, cfg, *inputs)), theirs, atol=ATOL, rtol=0)
-  merged = np.asarray(model.apply({"params": jlora.merge(params, cfg)}, *inputs))
+  np.testing.assert_allclose(np.asarray(lora_forward(model, params, cfg, *inputs)), theirs, atol=ATOL, rtol=0)
+  merged = np.asarray(forward(model, jlora.merge(params, cfg), *inputs))
   np.testing.assert_allclose(merged, _logits(torch, peft_model.merge_and_unload(), kw), atol=ATOL, rtol=0)

@@ -2,9 +2,13 @@
 
 from __future__ import annotations
 
+import functools
+import json
+
 import jax
 import numpy as np
 
+import jlora
 from jlora import models
 
 GPT2 = {
@@ -135,14 +139,45 @@ def randomize(params, key):
   return jax.tree_util.tree_unflatten(treedef, out)
 
 
+_MODELS: dict = {}
+
+
+def random_model(config, *, seed=0, **options):
+  """`(model, params)` of `config` with every leaf random (`randomize`), built once per process.
+
+  Building and randomizing compiles per model and per leaf shape; the tests share the (immutable) arrays and get
+  fresh dicts, so that a test may edit its tree.
+  """
+  cache_key = (json.dumps(config, sort_keys=True), seed, tuple(sorted(options.items())))
+  if cache_key not in _MODELS:
+    model, params = models.from_config(config, key=jax.random.key(seed), **options)
+    _MODELS[cache_key] = model, randomize(params, jax.random.key(seed + 1))
+  model, params = _MODELS[cache_key]
+  return model, jax.tree.map(lambda x: x, params)
+
+
 def write_checkpoint(path, config, *, seed=0):
   """Writes a random checkpoint (config.json + model.safetensors) with HF tensor names."""
-  model, params = models.from_config(config, key=jax.random.key(seed))
-  params = randomize(params, jax.random.key(seed + 1))
+  model, params = random_model(config, seed=seed)
   models.save_pretrained(path, model, params, config=config)
   return model, params
 
 
+@functools.cache
+def _tokens(shape, vocab, seed):
+  return np.asarray(jax.random.randint(jax.random.key(seed), shape, 1, vocab), np.int32)
+
+
 def tokens(shape, vocab=37, seed=0):
   """Random int32 token ids (never 0, so that pad-sensitive code paths stay honest)."""
-  return np.asarray(jax.random.randint(jax.random.key(seed), shape, 1, vocab), np.int32)
+  return _tokens(tuple(shape), vocab, seed).copy()
+
+
+def forward(model, params, *inputs):
+  """The plain model's output, jitted: one compile instead of an eager dispatch per primitive."""
+  return jax.jit(lambda p, *x: model.apply({"params": p}, *x))(params, *inputs)
+
+
+def lora_forward(model, params, cfg, *inputs):
+  """`jlora.apply`, jitted likewise."""
+  return jax.jit(lambda p, *x: jlora.apply(model, p, cfg, *x))(params, *inputs)

@@ -6,14 +6,13 @@ import numpy as np
 import pytest
 
 from jlora import models
-from tests.models.helpers import CONFIGS, randomize, tokens
+from tests.models.helpers import CONFIGS, random_model, tokens
 
 NEW = 6
 
 
 def _model(name, **options):
-  model, params = models.from_config(CONFIGS[name], key=jax.random.key(0), **options)
-  return model, randomize(params, jax.random.key(1))
+  return random_model(CONFIGS[name], **options)
 
 
 def _greedy_reference(model, params, ids, n):

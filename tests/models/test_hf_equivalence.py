@@ -4,7 +4,7 @@ import numpy as np
 import pytest
 
 from jlora import models
-from tests.models.helpers import tokens
+from tests.models.helpers import forward, tokens
 
 torch = pytest.importorskip("torch")
 transformers = pytest.importorskip("transformers")
@@ -25,6 +25,8 @@ def _close(ours, theirs):
   np.testing.assert_allclose(ours, theirs, atol=ATOL, rtol=0)
 
 
+
+
 def _mask(b, t):
   mask = np.ones((b, t), np.int32)
   mask[1, t - 3 :] = 0  # right padding in the second row
@@ -36,7 +38,7 @@ def test_causal_lm(checkpoint, name):
   path = checkpoint(name)
   model, params = models.from_pretrained(path)
   ids, mask = tokens((2, 9)), _mask(2, 9)
-  ours = model.apply({"params": params}, ids, mask)
+  ours = forward(model, params, ids, mask)
   hf = _hf("AutoModelForCausalLM", path)
   with torch.no_grad():
     theirs = hf(input_ids=torch.tensor(ids, dtype=torch.long), attention_mask=torch.tensor(mask)).logits
@@ -53,7 +55,7 @@ def test_bert_heads(checkpoint, name, cls):
   ids, mask = tokens((2, 7)), _mask(2, 7)
   types = np.zeros_like(ids)
   types[:, 4:] = 1
-  ours = model.apply({"params": params}, ids, mask, types)
+  ours = forward(model, params, ids, mask, types)
   with torch.no_grad():
     theirs = _hf(cls, path)(
       input_ids=torch.tensor(ids, dtype=torch.long),
@@ -71,7 +73,7 @@ def test_bert_sentence_embedding(checkpoint, normalize):
   path = checkpoint("bert")
   model, params = models.from_pretrained(path, normalize=normalize)
   ids, mask = tokens((2, 7)), _mask(2, 7)
-  ours = model.apply({"params": params}, ids, mask)
+  ours = forward(model, params, ids, mask)
   tmask = torch.tensor(mask)
   with torch.no_grad():
     h = _hf("BertModel", path, ["pooler.dense.weight", "pooler.dense.bias"])(
@@ -90,7 +92,7 @@ def test_t5(checkpoint, name):
   model, params = models.from_pretrained(path)
   ids, mask = tokens((2, 11)), _mask(2, 11)
   dec = tokens((2, 10), seed=1)
-  ours = model.apply({"params": params}, ids, mask, dec)
+  ours = forward(model, params, ids, mask, dec)
   with torch.no_grad():
     theirs = _hf("T5ForConditionalGeneration", path)(
       input_ids=torch.tensor(ids, dtype=torch.long),

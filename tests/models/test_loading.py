@@ -9,7 +9,7 @@ import pytest
 import safetensors.numpy
 
 from jlora import models
-from tests.models.helpers import CONFIGS, tokens, write_checkpoint
+from tests.models.helpers import CONFIGS, forward, tokens, write_checkpoint
 
 GPT2_ONE_LAYER = [
   "transformer.wte.weight",
@@ -29,6 +29,8 @@ def _inputs(name, model):
   return (ids, None, tokens((2, 4), seed=1)) if name.startswith("t5") else (ids,)
 
 
+
+
 def _equal_trees(a, b):
   assert jax.tree.structure(a) == jax.tree.structure(b)
   for x, y in zip(jax.tree.leaves(a), jax.tree.leaves(b)):
@@ -40,7 +42,7 @@ def test_load_run_round_trip(tmp_path, name):
   _, written = write_checkpoint(tmp_path, CONFIGS[name])
   model, params = models.from_pretrained(tmp_path)
   _equal_trees(params, written)
-  out = model.apply({"params": params}, *_inputs(name, model))
+  out = forward(model, params, *_inputs(name, model))
   assert np.isfinite(np.asarray(out)).all()
   on_disk = safetensors.numpy.load_file(str(tmp_path / "model.safetensors"))
   back = models.to_hf_state_dict(model, params)
@@ -98,7 +100,7 @@ def test_dtype_option(tmp_path):
   write_checkpoint(tmp_path, CONFIGS["gpt2"])
   model, params = models.from_pretrained(tmp_path, dtype=jnp.bfloat16)
   assert {x.dtype for x in jax.tree.leaves(params)} == {jnp.dtype(jnp.bfloat16)}
-  assert model.apply({"params": params}, tokens((1, 3))).dtype == jnp.bfloat16
+  assert forward(model, params, tokens((1, 3))).dtype == jnp.bfloat16
 
 
 def test_bfloat16_checkpoint_loads_as_float32(tmp_path):
@@ -120,10 +122,10 @@ def test_new_head_needs_a_key(tmp_path):
     models.from_pretrained(tmp_path, task="SEQ_CLS")
   model, params = models.from_pretrained(tmp_path, task="SEQ_CLS", key=jax.random.key(1))
   assert params["classifier"]["kernel"].shape == (16, 2)
-  assert model.apply({"params": params}, tokens((2, 5))).shape == (2, 2)
+  assert forward(model, params, tokens((2, 5))).shape == (2, 2)
   model, params = models.from_pretrained(tmp_path, task="TOKEN_CLS", num_labels=5, key=jax.random.key(1))
   assert "pooler" not in params["bert"]
-  assert model.apply({"params": params}, tokens((2, 5))).shape == (2, 5, 5)
+  assert forward(model, params, tokens((2, 5))).shape == (2, 5, 5)
 
 
 # --- errors --------------------------------------------------------------------------------

@@ -7,7 +7,7 @@ import pytest
 
 import jlora
 from jlora import models
-from tests.models.helpers import CONFIGS, randomize, tokens
+from tests.models.helpers import CONFIGS, forward, lora_forward, random_model, tokens
 
 
 def _adapted(params, prefix=()):
@@ -63,9 +63,12 @@ CASES = {
 }
 
 
+
+
+
+
 def _setup(name, targets, **options):
-  model, params = models.from_config(CONFIGS[name], key=jax.random.key(0), **options)
-  params = randomize(params, jax.random.key(1))
+  model, params = random_model(CONFIGS[name], **options)
   cfg = jlora.LoraConfig(r=4, lora_alpha=8, target_modules=targets, init_lora_weights=False)
   inputs = _inputs(name)
   return model, jlora.init(jax.random.key(2), model, params, cfg, *inputs), cfg, inputs, params
@@ -76,9 +79,9 @@ def test_hf_target_modules_factored_equals_merged(name):
   targets, expected = CASES[name]
   model, params, cfg, inputs, base = _setup(name, targets)
   assert _adapted(params) == expected
-  factored = jax.jit(lambda p, *x: jlora.apply(model, p, cfg, *x))(params, *inputs)
-  merged = model.apply({"params": jlora.merge(params, cfg)}, *inputs)
-  plain = model.apply({"params": base}, *inputs)
+  factored = lora_forward(model, params, cfg, *inputs)
+  merged = forward(model, jlora.merge(params, cfg), *inputs)
+  plain = forward(model, base, *inputs)
   np.testing.assert_allclose(np.asarray(factored), np.asarray(merged), rtol=1e-5, atol=1e-5)
   assert not np.allclose(np.asarray(factored), np.asarray(plain), atol=1e-3)  # non-zero B: not a no-op
   # Merged params export to HF names like the base.
@@ -91,15 +94,15 @@ def test_scan_layers_stacked_adapters():
   model, params, cfg, inputs, _ = _setup("llama", ["q_proj", "v_proj"], scan_layers=True, remat=True)
   assert _adapted(params) == {f"model/layers/self_attn/{m}": (2, 32, 4) for m in ("q_proj", "v_proj")}
   assert params["model"]["layers"]["self_attn"]["v_proj"]["lora_b"].shape == (2, 4, 16)
-  factored = jax.jit(lambda p, *x: jlora.apply(model, p, cfg, *x))(params, *inputs)
-  merged = model.apply({"params": jlora.merge(params, cfg)}, *inputs)
+  factored = lora_forward(model, params, cfg, *inputs)
+  merged = forward(model, jlora.merge(params, cfg), *inputs)
   np.testing.assert_allclose(np.asarray(factored), np.asarray(merged), rtol=1e-5, atol=1e-5)
 
 
 def test_scan_and_loop_agree_with_adapters():
   """The same adapters, stacked or per layer, give the same LoRA forward."""
   model, params, cfg, inputs, _ = _setup("llama", ["q_proj", "v_proj"])
-  scanned, _ = models.from_config(CONFIGS["llama"], key=jax.random.key(0), scan_layers=True)
+  scanned, _ = random_model(CONFIGS["llama"], scan_layers=True)
   layers = [params["model"].pop(f"layers_{i}") for i in range(2)]
   stacked = {
     "model": {**params["model"], "layers": jax.tree.map(lambda *x: jnp.stack(x), *layers)},
@@ -107,8 +110,8 @@ def test_scan_and_loop_agree_with_adapters():
   }
   for i, layer in enumerate(layers):
     params["model"][f"layers_{i}"] = layer
-  a = jlora.apply(model, params, cfg, *inputs)
-  b = jlora.apply(scanned, stacked, cfg, *inputs)
+  a = lora_forward(model, params, cfg, *inputs)
+  b = lora_forward(scanned, stacked, cfg, *inputs)
   np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=1e-5, atol=1e-5)
 
 

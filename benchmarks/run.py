@@ -26,6 +26,7 @@ import subprocess
 import sys
 import tempfile
 import time
+from typing import Any, NamedTuple
 
 import flax.linen as nn
 import jax
@@ -70,6 +71,15 @@ def xent(logits, targets):
   return optax.softmax_cross_entropy_with_integer_labels(logits.astype(jnp.float32), targets).mean()
 
 
+class LoraStep(NamedTuple):
+  step: Any
+  state: tuple
+  fixed: tuple
+  params: dict
+  config: jlora.LoraConfig
+  forward: Any  # (trainable, frozen) -> logits
+
+
 class Steps:
   """The jitted steps of one model, all with adamw."""
 
@@ -107,7 +117,12 @@ class Steps:
     d = self.base["model"]["embed_tokens"]["embedding"].shape[-1]
     return jax.jit(step), (self.base, jnp.zeros(x.shape + (d,)))
 
-  def lora(self, targets, materialize=False):
+  def lora(self, targets, materialize=False, *, interceptor=None, donate=True):
+    """The jitted LoRA step `(trainable, opt_state, frozen)`, its state, fixed args, params, config and forward.
+
+    `interceptor(config)`, if given, is a flax method interceptor that computes the
+    LoRA term in place of `jlora.apply` (`benchmarks/variants.py`).
+    """
     model, x, y, tx = self.model, self.x, self.y, self.tx
     config = jlora.LoraConfig(r=8, lora_alpha=16, target_modules=targets)
     params = jlora.init(jax.random.key(2), model, self.base, config, x)
@@ -117,6 +132,9 @@ class Steps:
       p = jlora.combine(t, frozen)
       if materialize:
         return jlora.apply_merged(lambda q, x: model.apply({"params": q}, x), p, config, x)
+      if interceptor is not None:
+        with nn.intercept_methods(interceptor(config)):
+          return model.apply({"params": p}, x)
       return jlora.apply(model, p, config, x)
 
     def step(t, s, frozen):  # the frozen base is an argument (not a baked-in constant), never donated
@@ -124,7 +142,8 @@ class Steps:
       u, s = tx.update(g, s, t)
       return optax.apply_updates(t, u), s
 
-    return jax.jit(step, donate_argnums=(0, 1)), (trainable, tx.init(trainable)), (frozen,), params, config
+    jitted = jax.jit(step, donate_argnums=(0, 1) if donate else ())
+    return LoraStep(jitted, (trainable, tx.init(trainable)), (frozen,), params, config, forward)
 
 
 def _looped(step, state, fixed=()):
@@ -162,9 +181,9 @@ def bench_size(size: str, repeats: int) -> dict:
   timed = {"train/full_ft": _looped(full_step, copy(full_args))}
   bound_step, bound_args = steps.bound()
   timed["train/frozen_base_bound"] = lambda: bound_step(*bound_args)
-  qv_step, qv_args, qv_fixed, _, _ = steps.lora(["q_proj", "v_proj"])
-  all_step, all_args, all_fixed, p_all, c_all = steps.lora(ALL_LINEAR)
-  mat_step, mat_args, mat_fixed, _, _ = steps.lora(ALL_LINEAR, materialize=True)
+  qv_step, qv_args, qv_fixed, *_ = steps.lora(["q_proj", "v_proj"])
+  all_step, all_args, all_fixed, p_all, c_all, _ = steps.lora(ALL_LINEAR)
+  mat_step, mat_args, mat_fixed, *_ = steps.lora(ALL_LINEAR, materialize=True)
   info["compile_s/lora_all"] = compile_seconds(all_step, all_args + all_fixed)
   timed["train/lora_qv"] = _looped(qv_step, qv_args, qv_fixed)
   timed["train/lora_all_linear"] = _looped(all_step, copy(all_args), all_fixed)

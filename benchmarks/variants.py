@@ -30,13 +30,10 @@ import sys
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
-import optax
 
 sys.path.insert(0, str(pathlib.Path(__file__).resolve().parent))
 import run
 from _timing import measure_side_by_side, paired_ratio, write_report
-
-import jlora
 
 VARIANTS = ("jlora", "dot3d", "scale_out", "vjp", "concat", "concat_vjp", "concat_jvp", "no_donate", "remat")
 
@@ -137,29 +134,15 @@ def interceptor(variant: str, s: float):
 
 
 def lora_step(steps: run.Steps, variant: str):
-  """A looped thunk of the LoRA all-linear train step computed by `variant`, and its forward."""
-  model, x, y, tx = steps.model, steps.x, steps.y, steps.tx
-  config = jlora.LoraConfig(r=8, lora_alpha=16, target_modules=run.ALL_LINEAR)
-  trainable, frozen = jlora.split(jlora.init(jax.random.key(2), model, steps.base, config, x), config)
-
-  def forward(t, frozen):
-    p = jlora.combine(t, frozen)
-    if variant in ("jlora", "no_donate", "remat"):
-      return jlora.apply(model, p, config, x)
-    with nn.intercept_methods(interceptor(variant, config.scale_for(""))):
-      return model.apply({"params": p}, x)
-
-  def step(t, s, frozen):
-    g = jax.grad(lambda t: run.xent(forward(t, frozen), y))(t)
-    u, s = tx.update(g, s, t)
-    return optax.apply_updates(t, u), s
-
-  jitted = jax.jit(step, donate_argnums=() if variant == "no_donate" else (0, 1))
-  state = (trainable, tx.init(trainable))
-  mem = jitted.lower(*state, frozen).compile().memory_analysis()
+  """A looped thunk of the LoRA all-linear step computed by `variant`, its logits, and XLA's step buffer bytes."""
+  library = variant in ("jlora", "no_donate", "remat")
+  icpt = None if library else (lambda config: interceptor(variant, config.scale_for("")))
+  lora = steps.lora(run.ALL_LINEAR, interceptor=icpt, donate=variant != "no_donate")
+  trainable, frozen = lora.state[0], lora.fixed[0]
+  mem = lora.step.lower(*lora.state, *lora.fixed).compile().memory_analysis()
   buffer_bytes = mem.temp_size_in_bytes + mem.output_size_in_bytes - mem.alias_size_in_bytes if mem else None
   perturbed = jax.tree.map(lambda v: v + 0.01, trainable)  # B = 0 at init would hide a wrong term
-  return run._looped(jitted, state, (frozen,)), jax.jit(forward)(perturbed, frozen), buffer_bytes
+  return run._looped(lora.step, lora.state, lora.fixed), jax.jit(lora.forward)(perturbed, frozen), buffer_bytes
 
 
 def bench(size: str, variants: list[str], rounds: int, dtype) -> dict:

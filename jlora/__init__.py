@@ -5,10 +5,10 @@ from jlora._config import TaskType as TaskType
 from jlora._init import init_tree as init_tree
 from jlora._linen import apply as apply
 from jlora._linen import init as init
+from jlora._linen import lora_apply as lora_apply
 from jlora._merge import apply_merged as apply_merged
 from jlora._merge import merge as merge
 from jlora._merge import unmerge as unmerge
-from jlora._optim import freeze as freeze
 from jlora._optim import optimizer as optimizer
 from jlora._peft import load_peft as load_peft
 from jlora._peft import save_peft as save_peft
@@ -30,12 +30,12 @@ __all__ = [
     "apply",
     "apply_merged",
     "combine",
-    "freeze",
     "init",
     "init_tree",
     "labels",
     "load_adapter",
     "load_peft",
+    "lora_apply",
     "merge",
     "optimizer",
     "save_adapter",

@@ -17,24 +17,40 @@ cached trace would keep or lose LoRA behind the user's back).
 from __future__ import annotations
 
 import contextvars
+import dataclasses
+import warnings
 from collections.abc import Mapping
 from typing import Any
 
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 from jlora import _ops
-from jlora._config import ALL_LINEAR, LoraConfig
+from jlora._config import LoraConfig
 from jlora._init import add_adapters
-from jlora._targets import HEAD_NAMES, LINEAR_KINDS, Site, matches, path_str
+from jlora._targets import HEAD_NAMES, Site, path_str, selects
 from jlora._tree import Params, _check_tree, has_adapters
 
-__all__ = ["init", "apply"]
+__all__ = ["init", "apply", "lora_apply", "LoraApply"]
+
+# `apply` warns when a traced call carries more than this many bytes of concrete (closed-over) base leaves.
+CLOSED_OVER_WARN_BYTES = 16 * 2**20
 
 # Set while jlora runs a helper module of its own (the LoRA half of a Conv), so
 # that the interceptor lets that inner call through untouched.
 _BYPASS: contextvars.ContextVar[bool] = contextvars.ContextVar("jlora_bypass", default=False)
+
+
+def _check_args(model: Any, config: Any) -> None:
+  if not isinstance(config, LoraConfig):
+    raise TypeError(f"`config` must be a jlora.LoraConfig, got {type(config).__name__}.")
+  if not isinstance(model, nn.Module):
+    raise TypeError(
+        f"`model` must be a flax.linen Module, got {type(model).__name__}; for other models use jlora.init_tree "
+        "and jlora.apply_merged."
+    )
 
 
 def _kind(module: nn.Module, method: str) -> str | None:
@@ -164,12 +180,7 @@ def init(key: jax.Array, model: nn.Module, params: Params, config: LoraConfig, *
     >>> params["lora_a"].shape, params["lora_b"].shape
     ((512, 8), (8, 64))
   """
-  if not isinstance(config, LoraConfig):
-    raise TypeError(f"`config` must be a jlora.LoraConfig, got {type(config).__name__}.")
-  if not isinstance(model, nn.Module):
-    raise TypeError(
-        f"`model` must be a flax.linen Module, got {type(model).__name__}; for other models use jlora.init_tree."
-    )
+  _check_args(model, config)
   _check_tree(params)
   sites = _discover(model, params, args, kwargs, variables)
   return add_adapters(key, params, config, sites, dtype=dtype)
@@ -226,14 +237,12 @@ class _Forward:
   def _validate(self, path, kind, module, a, b) -> None:
     where = path_str(path)
     cfg = self.config
-    if cfg.target_modules == ALL_LINEAR:
-      targeted = kind in LINEAR_KINDS
-    else:
-      targeted = matches(cfg.target_modules, path)
-    if not targeted or matches(cfg.exclude_modules, path):
+    kind = "embed" if kind == "attend" else kind
+    if not selects(cfg, path, kind, is_head=bool(path) and path[-1] in HEAD_NAMES):
       raise ValueError(
-          f"`params` holds an adapter at {where!r}, which the config's target_modules={cfg.target_modules!r} "
-          f"(exclude_modules={cfg.exclude_modules!r}) does not select. Pass the LoraConfig that created it."
+          f"`params` holds an adapter at {where!r}, which the config (target_modules={cfg.target_modules!r}, "
+          f"exclude_modules={cfg.exclude_modules!r}, layers_to_transform={cfg.layers_to_transform!r}) does not "
+          "select. Pass the LoraConfig that created it."
       )
     kernel = module.get_variable("params", "embedding" if kind in ("embed", "attend") else "kernel")
     _ops.check_adapter(where, kernel.shape, a.shape, b.shape, cfg.rank_for(where))
@@ -269,11 +278,83 @@ def apply(model: nn.Module, params: Params, config: LoraConfig, *args, rngs: Map
     ValueError: `params` holds no adapter, or an adapter does not match the
       config (rank, shape, or a module the config does not target).
   """
+  _check_args(model, config)
   _check_tree(params)
   if not has_adapters(params):
     raise ValueError(
         "`params` holds no LoRA adapter (no lora_a/lora_b leaves), so jlora.apply would run the bare base model. "
         "Create adapters with jlora.init, or pass jlora.combine(trainable, frozen)."
     )
+  _warn_if_closed_over(params)
   with nn.intercept_methods(_Forward(config)):
     return model.apply({"params": params, **(variables or {})}, *args, rngs=rngs, **kwargs)
+
+
+def _warn_if_closed_over(params: Params) -> None:
+  """Warns when a traced (jitted) call sees large concrete leaves: a base closed over, baked into the program."""
+  if not isinstance(jnp.zeros(()), jax.core.Tracer):  # not being staged out (eager, or eager grad / vmap)
+    return
+  concrete = [x for x in jax.tree.leaves(params)
+              if isinstance(x, (jax.Array, np.ndarray)) and not isinstance(x, jax.core.Tracer)]
+  nbytes = sum(x.nbytes for x in concrete)
+  if nbytes > CLOSED_OVER_WARN_BYTES:
+    warnings.warn(
+        f"jlora.apply is being traced with {len(concrete)} parameter leaves ({nbytes / 2**20:,.1f} MiB) that are "
+        "concrete arrays, not arguments of the traced function: they were closed over, so jax compiles them into "
+        "the program as constants (slow compiles and a huge program; a 7B base will not compile at all). Pass the "
+        "frozen tree as an argument: `step = jax.jit(lambda trainable, frozen, x: ...)` and call "
+        "`step(trainable, frozen, x)`.",
+        UserWarning,
+        stacklevel=3,
+    )
+
+
+@dataclasses.dataclass(frozen=True)
+class LoraApply:
+  """`fn(variables, *args, **kwargs)`: the factored LoRA forward of `model` in the `apply_fn` slot.
+
+  Takes a variables dict (`{'params': params_with_adapters, **other_collections}`),
+  as `model.apply` does, so it fits flax's `TrainState.apply_fn`,
+  `jlora.models.generate(apply_fn=...)` and loops written for `model.apply`.
+  Instances are immutable and compare equal when their model and config do, so
+  it is a static `jax.jit` argument that does not recompile per call.
+
+  Attributes:
+    model: the linen module.
+    config: the config the adapters were created with.
+  """
+
+  model: nn.Module
+  config: LoraConfig
+
+  def __call__(self, variables: Mapping[str, Any], *args, rngs: Mapping[str, jax.Array] | None = None,
+               **kwargs) -> Any:
+    if not isinstance(variables, Mapping) or "params" not in variables:
+      got = f"a mapping with keys {sorted(variables)}" if isinstance(variables, Mapping) else type(variables).__name__
+      raise TypeError(
+          f"`variables` must be a variables dict such as {{'params': params}} (as for model.apply), got {got}; "
+          "for a bare params tree call jlora.apply(model, params, config, ...)."
+      )
+    others = {k: v for k, v in variables.items() if k != "params"}
+    return apply(self.model, variables["params"], self.config, *args, rngs=rngs, variables=others, **kwargs)
+
+
+def lora_apply(model: nn.Module, config: LoraConfig) -> LoraApply:
+  """The LoRA forward as one hashable `apply_fn(variables, *args, **kwargs)`.
+
+  Example:
+    >>> import flax.linen as nn, jax, jax.numpy as jnp, jlora
+    >>> model, x = nn.Dense(4), jnp.ones((1, 8))
+    >>> config = jlora.LoraConfig(r=2, target_modules=".*")
+    >>> params = jlora.init(jax.random.key(1), model, model.init(jax.random.key(0), x)["params"], config, x)
+    >>> apply_fn = jlora.lora_apply(model, config)
+    >>> apply_fn({"params": params}, x).shape
+    (1, 4)
+    >>> apply_fn == jlora.lora_apply(model, config)  # a static jit argument: no recompiles
+    True
+
+  Raises:
+    TypeError: `model` is not a linen Module or `config` not a `LoraConfig`.
+  """
+  _check_args(model, config)
+  return LoraApply(model, config)

@@ -9,18 +9,16 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from jlora import _ops
+from jlora import _ops, _tree
 from jlora._config import LoraConfig
-from jlora._tree import LORA_KEYS, Params, _check_tree, adapted_modules, get_path, kernel_key
+from jlora._tree import LORA_KEYS, Adapter, Params, _check_tree, adapted_modules
 
 __all__ = ["merge", "unmerge", "apply_merged"]
 
 
-def _scaled_delta(path: tuple[str, ...], node, kernel_shape, config: LoraConfig) -> jax.Array:
-  where = "/".join(path)
-  a, b = node["lora_a"], node["lora_b"]
-  _ops.check_adapter(where, kernel_shape, a.shape, b.shape, config.rank_for(where))
-  return config.scale_for(where) * _ops.delta_kernel(a, b, kernel_shape)
+def _scaled_delta(ad: Adapter) -> jax.Array:
+  """`s·A·B` in the kernel's layout, in float32."""
+  return ad.scale * _ops.delta_kernel(ad.a, ad.b, ad.kernel.shape)
 
 
 def _rebuild(tree: Params, replace: dict[tuple[str, ...], dict], drop_lora: bool, prefix=()) -> dict:
@@ -67,13 +65,12 @@ def merge(params: Params, config: LoraConfig, *, safe: bool = False) -> dict:
   """
   _check_tree(params)
   replace: dict[tuple[str, ...], dict] = {}
-  for path, node in adapted_modules(params):
-    name = kernel_key(path, node)
-    w0 = node[name]
-    merged = (w0.astype(jnp.float32) + _scaled_delta(path, node, w0.shape, config)).astype(w0.dtype)
+  for ad in _tree.adapters(params, config):
+    w0 = ad.kernel
+    merged = (w0.astype(jnp.float32) + _scaled_delta(ad)).astype(w0.dtype)
     if safe:
-      _check_finite("/".join(path + (name,)), merged)
-    replace[path] = {name: merged}
+      _check_finite(f"{ad.where}/{ad.kernel_name}", merged)
+    replace[ad.path] = {ad.kernel_name: merged}
   if not replace:
     raise ValueError(
         "merge: `params` holds no LoRA adapter (lora_a/lora_b leaves); there is nothing to merge. "
@@ -86,27 +83,33 @@ def unmerge(merged: Params, adapters: Params, config: LoraConfig) -> dict:
   """Undoes `merge`: `W0 ← W − s·A·B`, with the adapters put back beside the kernels.
 
   Args:
-    merged: a merged tree (from `merge`).
-    adapters: a tree holding the adapters that were merged: the unmerged params,
-      or just the trainable half of `jlora.split`.
+    merged: a merged tree (from `merge`): no `lora_a` / `lora_b` leaves.
+    adapters: a tree holding the adapters that were merged: the unmerged
+      params, or just the trainable half of `jlora.split`.
     config: the config of those adapters.
 
   Returns:
-    The params with adapters; `W0` is restored to floating-point tolerance
-    (exactly for float32 kernels only up to rounding of the float32 sums).
+    The params with adapters; `W0` is restored up to the rounding of the float32
+    sums (cast back to the kernel's dtype).
+
+  Raises:
+    ValueError: `merged` still holds adapters (it is not a merged tree: subtracting
+      would corrupt the kernels), `adapters` holds none, or an adapter does
+      not fit the merged kernel.
   """
   _check_tree(merged, "merged")
   _check_tree(adapters, "adapters")
+  left = [("/".join(path)) for path, _ in adapted_modules(merged)]
+  if left:
+    raise ValueError(
+        f"unmerge: `merged` still holds LoRA adapters (at {left[:4]}{' …' if len(left) > 4 else ''}), so its "
+        "kernels are W0, not W0 + s·A·B; subtracting would corrupt them. Pass the output of jlora.merge."
+    )
   replace: dict[tuple[str, ...], dict] = {}
-  for path, node in adapted_modules(adapters):
-    try:
-      target = get_path(merged, path)
-    except (KeyError, TypeError):
-      raise ValueError(f"unmerge: `merged` has no module {'/'.join(path)!r} for the adapter found there.") from None
-    name = kernel_key(path, target)
-    w = target[name]
-    w0 = (w.astype(jnp.float32) - _scaled_delta(path, node, w.shape, config)).astype(w.dtype)
-    replace[path] = {name: w0, "lora_a": node["lora_a"], "lora_b": node["lora_b"]}
+  for ad in _tree.adapters(adapters, config, kernels=merged):
+    w = ad.kernel
+    w0 = (w.astype(jnp.float32) - _scaled_delta(ad)).astype(w.dtype)
+    replace[ad.path] = {ad.kernel_name: w0, "lora_a": ad.a, "lora_b": ad.b}
   if not replace:
     raise ValueError("unmerge: `adapters` holds no lora_a/lora_b leaves.")
   return _rebuild(merged, replace, drop_lora=False)

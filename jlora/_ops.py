@@ -26,7 +26,8 @@ from jax import lax
 
 from jlora._targets import Site
 
-__all__ = ["adapter_shapes", "init_adapter", "pissa", "delta_kernel", "check_adapter", "lora_delta", "contract_last"]
+__all__ = ["adapter_shapes", "layout", "init_adapter", "pissa", "delta_kernel", "check_adapter", "lora_delta",
+           "contract_last"]
 
 
 # ----------------------------------------------------------------- shapes
@@ -40,8 +41,9 @@ def adapter_shapes(site: Site, r: int) -> tuple[tuple[int, ...], tuple[int, ...]
   return tuple(k[i] for i in site.in_axes) + (r,), (r,) + tuple(k[i] for i in site.out_axes)
 
 
-def _layout(a_shape, b_shape, kernel_shape) -> tuple[str, int]:
-  """('broadcast', 0) or ('concat', number of leading stack axes)."""
+def layout(a_shape, b_shape, kernel_shape) -> tuple[str, int]:
+  """`('broadcast', 0)` or `('concat', number of leading stack axes)`, from the shapes alone."""
+  a_shape, b_shape, kernel_shape = tuple(a_shape), tuple(b_shape), tuple(kernel_shape)
   if len(a_shape) == len(b_shape) == len(kernel_shape) + 1:
     return "broadcast", 0
   return "concat", len(a_shape) + len(b_shape) - 2 - len(kernel_shape)
@@ -50,8 +52,8 @@ def _layout(a_shape, b_shape, kernel_shape) -> tuple[str, int]:
 def check_adapter(path: str, kernel_shape, a_shape, b_shape, r: int) -> None:
   """Raises a `ValueError` naming `path` unless A and B fit the kernel with rank `r`."""
   kernel_shape, a_shape, b_shape = tuple(kernel_shape), tuple(a_shape), tuple(b_shape)
-  layout, s = _layout(a_shape, b_shape, kernel_shape)
-  if layout == "broadcast":
+  form, s = layout(a_shape, b_shape, kernel_shape)
+  if form == "broadcast":
     try:
       fits = np.broadcast_shapes(a_shape[:-1], b_shape[:-1]) == kernel_shape
     except ValueError:
@@ -79,8 +81,8 @@ def check_adapter(path: str, kernel_shape, a_shape, b_shape, r: int) -> None:
 def delta_kernel(a: jax.Array, b: jax.Array, kernel_shape) -> jax.Array:
   """`A·B` in the kernel's layout (unscaled, in float32). Shapes as in the module docstring."""
   a, b = a.astype(jnp.float32), b.astype(jnp.float32)
-  layout, s = _layout(a.shape, b.shape, tuple(kernel_shape))
-  if layout == "broadcast":
+  form, s = layout(a.shape, b.shape, tuple(kernel_shape))
+  if form == "broadcast":
     return jnp.einsum("...r,...r->...", a, b)
   r = a.shape[-1]
   a2 = a.reshape(a.shape[:s] + (-1, r))

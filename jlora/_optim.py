@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from typing import NamedTuple
+from typing import Any, NamedTuple
 
 import jax
 import jax.numpy as jnp
@@ -11,14 +11,14 @@ import optax
 from jlora._config import LoraConfig
 from jlora._tree import Params, labels
 
-__all__ = ["optimizer", "freeze"]
+__all__ = ["optimizer"]
 
 
-class _FreezeState(NamedTuple):
+class _KeepState(NamedTuple):
   pass
 
 
-def freeze() -> optax.GradientTransformation:
+def _keep_bits() -> optax.GradientTransformation:
   """Updates of `-0.0` and no state: `optax.apply_updates` leaves every leaf bit-identical.
 
   (`-0.0` rather than `0.0`, because `-0.0 + 0.0` is `+0.0` while `x + -0.0` is `x`
@@ -27,7 +27,7 @@ def freeze() -> optax.GradientTransformation:
 
   def init_fn(params):
     del params
-    return _FreezeState()
+    return _KeepState()
 
   def update_fn(updates, state, params=None):
     del params
@@ -36,19 +36,20 @@ def freeze() -> optax.GradientTransformation:
   return optax.GradientTransformation(init_fn, update_fn)
 
 
-def optimizer(tx: optax.GradientTransformation, params: Params, config: LoraConfig, *,
+def optimizer(tx: optax.GradientTransformation, config: LoraConfig, *legacy: Any,
               lora_plus_ratio: float | None = None) -> optax.GradientTransformation:
-  """An optax transformation for a whole LoRA tree: `tx` on trainable leaves, frozen elsewhere.
+  """An optax transformation for a LoRA tree: `tx` on trainable leaves, frozen elsewhere.
 
-  Trainable leaves (see `jlora.trainable_mask`) get `tx`; frozen leaves get no
-  optimizer state and an update that keeps them bit-identical. (Plain
+  Which leaves train is read from the tree the optimizer is given (`init`,
+  `update`), by `jlora.labels(tree, config)`: adapters, the biases that
+  `config.bias` trains, and `modules_to_save`. Frozen leaves get no optimizer
+  state and an update that keeps them bit-identical. (Plain
   `optax.masked(tx, mask)` would pass the frozen gradients through as updates.)
   Under `jit`, the frozen leaves' gradients are then dead code and XLA drops
-  them. Works as well on the trainable half of `jlora.split`.
+  them. Works as well on the whole tree as on the trainable half of `jlora.split`.
 
   Args:
     tx: the optimizer for the trainable leaves, e.g. `optax.adamw(1e-4)`.
-    params: the tree the optimizer will see (only its structure and names are used).
     config: the LoRA config.
     lora_plus_ratio: LoRA+ — `lora_b` updates are scaled by this factor after
       `tx`, i.e. B gets `ratio ×` the learning rate of A (the paper suggests 16).
@@ -57,18 +58,34 @@ def optimizer(tx: optax.GradientTransformation, params: Params, config: LoraConf
   Returns:
     An `optax.GradientTransformation`.
 
+  Raises:
+    TypeError: `config` is not a `LoraConfig` (e.g. the older `optimizer(tx, params, config)` call).
+    ValueError: `lora_plus_ratio` is not a positive number.
+
   Example:
     >>> import optax, jlora
-    >>> tx = jlora.optimizer(optax.adamw(1e-3), params, config)  # doctest: +SKIP
-    >>> opt_state = tx.init(params)  # doctest: +SKIP
+    >>> tx = jlora.optimizer(optax.adamw(1e-3), jlora.LoraConfig(target_modules=["q", "v"]))
+    >>> isinstance(tx, optax.GradientTransformation)
+    True
   """
-  if lora_plus_ratio is not None and not lora_plus_ratio > 0:
+  if legacy or not isinstance(config, LoraConfig):
+    raise TypeError(
+        f"`jlora.optimizer(tx, config)` takes a jlora.LoraConfig second, got {type(config).__name__}"
+        f"{' and more positional arguments' if legacy else ''}. The trainable leaves are read from the tree the "
+        "optimizer is given, so no params argument is needed: `jlora.optimizer(tx, config)`."
+    )
+  if lora_plus_ratio is not None and not (isinstance(lora_plus_ratio, (int, float)) and 0 < lora_plus_ratio < float("inf")):
     raise ValueError(f"`lora_plus_ratio` must be a positive number (e.g. 16), got {lora_plus_ratio!r}.")
-  leaf_labels = labels(params, config)
-  groups = jax.tree.map(lambda label: "frozen" if label == "frozen" else "train", leaf_labels)
+
+  def groups(tree: Params) -> Any:
+    return jax.tree.map(lambda label: "frozen" if label == "frozen" else "train", labels(tree, config))
+
   # One `tx` over all trainable leaves, so global-norm clipping stays global.
-  out = optax.partition({"train": tx, "frozen": freeze()}, groups)
+  out = optax.partition({"train": tx, "frozen": _keep_bits()}, groups)
   if lora_plus_ratio is not None:
-    is_b = jax.tree.map(lambda label: label == "lora_b", leaf_labels)
+
+    def is_b(tree: Params) -> Any:
+      return jax.tree.map(lambda label: label == "lora_b", labels(tree, config))
+
     out = optax.chain(out, optax.masked(optax.scale(float(lora_plus_ratio)), is_b))
   return out

@@ -44,7 +44,8 @@ import safetensors
 import safetensors.numpy
 
 from jlora import _ops
-from jlora._config import ALL_LINEAR, LoraConfig, pattern_lookup
+from jlora._config import LoraConfig
+from jlora._fields import ALL_LINEAR, pattern_lookup
 from jlora._targets import matches
 from jlora._tree import Params, _check_tree, adapted_modules, flatten, kernel_key, labels, unflatten
 from jlora.checkpoint import strip_adapters
@@ -164,7 +165,7 @@ def save_peft(directory: str | os.PathLike, params: Params, config: LoraConfig, 
     kernel, a, b = node[kname], node["lora_a"], node["lora_b"]
     r = config.rank_for(where)
     _ops.check_adapter(where, kernel.shape, a.shape, b.shape, r)
-    layout, stack = _ops._layout(tuple(a.shape), tuple(b.shape), tuple(kernel.shape))
+    layout, stack = _ops.layout(tuple(a.shape), tuple(b.shape), tuple(kernel.shape))
     if layout == "broadcast":
       raise ValueError(
           f"save_peft: {where!r} is an nn.Einsum adapter (broadcast layout), which has no PEFT equivalent. "

@@ -8,7 +8,7 @@ from typing import NamedTuple
 import jax
 
 from jlora._config import LoraConfig
-from jlora._tree import Params, _check_tree, adapted_modules, kernel_key, split
+from jlora._tree import Params, _check_tree, adapters, split
 
 __all__ = ["summary", "Summary", "ModuleRow"]
 
@@ -76,12 +76,9 @@ def summary(params: Params, config: LoraConfig) -> Summary:
   """
   _check_tree(params)
   rows = []
-  for path, node in adapted_modules(params):
-    where = "/".join(path)
-    kernel = node[kernel_key(path, node)]
-    adapter = math.prod(node["lora_a"].shape) + math.prod(node["lora_b"].shape)
-    rows.append(ModuleRow(where, tuple(kernel.shape), config.rank_for(where), config.scale_for(where),
-                          math.prod(kernel.shape), adapter))
+  for ad in adapters(params, config):
+    rows.append(ModuleRow(ad.where, tuple(ad.kernel.shape), ad.rank, ad.scale, math.prod(ad.kernel.shape),
+                          math.prod(ad.a.shape) + math.prod(ad.b.shape)))
   trainable, frozen = split(params, config)
   n_train, train_bytes = _count(trainable)
   n_frozen, _ = _count(frozen)

@@ -14,9 +14,10 @@ import re
 from collections.abc import Iterable, Sequence
 from typing import NamedTuple
 
-from jlora._config import ALL_LINEAR, LoraConfig
+from jlora._config import LoraConfig
+from jlora._fields import ALL_LINEAR
 
-__all__ = ["Site", "LINEAR_KINDS", "HEAD_NAMES", "select_sites", "matches", "layer_index", "path_str"]
+__all__ = ["Site", "LINEAR_KINDS", "HEAD_NAMES", "select_sites", "selects", "is_saved", "matches", "layer_index", "path_str"]
 
 # Layer kinds: the linen classes jlora adapts.
 LINEAR_KINDS = ("dense", "dense_general", "einsum")
@@ -116,13 +117,32 @@ def _listing(sites: Iterable[Site], limit: int = 40) -> str:
   return "\n".join(rows[:limit]) + more
 
 
-def is_targeted(config: LoraConfig, site: Site) -> bool:
-  """Name/regex/all-linear matching with `exclude_modules` (layers are filtered apart)."""
+def _named(config: LoraConfig, path: tuple[str, ...], kind: str, is_head: bool) -> bool:
+  """`target_modules` (names, regex, or all-linear without the head) minus `exclude_modules`."""
   if config.target_modules == ALL_LINEAR:
-    hit = site.kind in LINEAR_KINDS and not site.is_head
+    hit = kind in LINEAR_KINDS and not is_head
   else:
-    hit = matches(config.target_modules, site.path)
-  return hit and not matches(config.exclude_modules, site.path)
+    hit = matches(config.target_modules, path)
+  return hit and not matches(config.exclude_modules, path)
+
+
+def selects(config: LoraConfig, path: tuple[str, ...], kind: str, *, is_head: bool = False) -> bool:
+  """Whether `config` adapts the module at `path`: the one rule that `init` and `apply` both use.
+
+  Args:
+    config: the LoRA config.
+    path: the module path, e.g. `('layers_0', 'attn', 'query')`.
+    kind: the layer kind (`dense`, `dense_general`, `einsum`, `conv`, `embed`).
+    is_head: whether the module is the output head (`"all-linear"` skips it).
+  """
+  if not _named(config, path, kind, is_head):
+    return False
+  return config.layers_to_transform is None or layer_index(path, config.layers_pattern) in config.layers_to_transform
+
+
+def is_saved(config: LoraConfig, path: tuple[str, ...]) -> bool:
+  """Whether the module at `path` is, or lies inside, a `modules_to_save` module (trained in full, saved)."""
+  return bool(config.modules_to_save) and any(matches(config.modules_to_save, path[:i]) for i in range(1, len(path) + 1))
 
 
 def select_sites(config: LoraConfig, sites: Sequence[Site], stacked: dict[tuple[str, ...], int]) -> list[Site]:
@@ -151,7 +171,7 @@ def select_sites(config: LoraConfig, sites: Sequence[Site], stacked: dict[tuple[
         "`target_modules` is not set. Name the layers to adapt, e.g. target_modules=[\"query\", \"value\"] "
         f"or \"all-linear\". Adaptable modules:\n{_listing(sites)}"
     )
-  named = [s for s in sites if is_targeted(config, s)]
+  named = [s for s in sites if _named(config, s.path, s.kind, s.is_head)]
   if not named:
     raise ValueError(
         f"`target_modules`={config.target_modules!r} matched no module"
@@ -168,16 +188,21 @@ def select_sites(config: LoraConfig, sites: Sequence[Site], stacked: dict[tuple[
             f"`layers_to_transform` cannot pick layers inside the scanned stack at {path_str(s.path)!r}: "
             "its layers share one parameter path. Adapt all layers, or build the model without nn.scan."
         )
-      idx = layer_index(s.path, config.layers_pattern)
-      if idx is not None and idx in wanted:
+      if selects(config, s.path, s.kind, is_head=s.is_head):
         chosen.append(s)
+    found = sorted({i for s in named if (i := layer_index(s.path, config.layers_pattern)) is not None})
     if not chosen:
-      found = sorted({i for s in named if (i := layer_index(s.path, config.layers_pattern)) is not None})
       raise ValueError(
           f"`layers_to_transform`={list(config.layers_to_transform)} selected no module"
           f" (layers_pattern={config.layers_pattern!r}); layer indices found in the targeted paths: "
           f"{found or 'none'}. Targeted paths:\n{_listing(named)}\n"
           "Set `layers_pattern` to the name of your layer list (e.g. \"layers\" for layers_0, layers_1, ...)."
+      )
+    absent = sorted(wanted - set(found))
+    if absent:
+      raise ValueError(
+          f"`layers_to_transform`={list(config.layers_to_transform)} asks for layer(s) {absent}, which no targeted "
+          f"module has (layer indices found: {found}). Remove them, or check `layers_pattern`."
       )
   for s in chosen:
     if s.unsupported:
@@ -189,7 +214,7 @@ def select_sites(config: LoraConfig, sites: Sequence[Site], stacked: dict[tuple[
           f"fan-in {s.fan_in}, fan-out {s.fan_out}); use r <= {min(s.fan_in, s.fan_out)} "
           "or a `rank_pattern` entry for this module."
       )
-    if config.modules_to_save and any(matches(config.modules_to_save, s.path[:i]) for i in range(1, len(s.path) + 1)):
+    if is_saved(config, s.path):
       raise ValueError(
           f"{path_str(s.path)!r} is both in `target_modules` and in `modules_to_save`; "
           "a module is either adapted or fully trained. Exclude it from one of them."

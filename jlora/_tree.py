@@ -7,17 +7,19 @@ adapter leaves `lora_a` / `lora_b` sit beside the kernel they adapt.
 from __future__ import annotations
 
 from collections.abc import Callable, Iterator, Mapping
-from typing import Any
+from typing import Any, NamedTuple
 
+from jlora import _ops
 from jlora._config import LoraConfig
-from jlora._targets import matches
+from jlora._targets import is_saved
 
 __all__ = [
-    "LORA_KEYS", "KERNEL_KEYS", "module_dicts", "adapted_modules", "labels", "trainable_mask",
-    "split", "combine", "get_path", "has_adapters", "flatten", "unflatten",
+    "LORA_KEYS", "KERNEL_KEYS", "Adapter", "adapters", "module_dicts", "adapted_modules", "labels",
+    "trainable_mask", "split", "combine", "get_path", "has_adapters", "flatten", "unflatten",
 ]
 
 LORA_KEYS = ("lora_a", "lora_b")
+# Names of the weight an adapter folds into, in order of preference (Flax, Haiku, Equinox/PyTorch-style trees).
 KERNEL_KEYS = ("kernel", "embedding", "w", "weight")
 
 Params = Mapping[str, Any]
@@ -71,6 +73,67 @@ def kernel_key(path: tuple[str, ...], node: Mapping) -> str:
   )
 
 
+class Adapter(NamedTuple):
+  """One adapter of a params tree, checked against its kernel and the config.
+
+  Attributes:
+    path: the module path, e.g. `('layers_0', 'attn', 'query')`.
+    kernel_name: the weight it folds into (`kernel`, `embedding`, ...).
+    kernel: that weight, `S + kernel_shape` with `S` leading scan axes.
+    a: `lora_a`, `S + in_shape + (r,)` (or the einsum broadcast layout, see `jlora._ops`).
+    b: `lora_b`, `S + (r,) + out_shape`.
+    rank: `r` for this module (after `rank_pattern`).
+    scale: `s` for this module (`alpha / r`, or `alpha / sqrt(r)` with rsLoRA).
+    layout: `"concat"` or `"broadcast"` (`nn.Einsum`); see `jlora._ops`.
+    stack: the number of leading scan axes `len(S)`.
+  """
+
+  path: tuple[str, ...]
+  kernel_name: str
+  kernel: Any
+  a: Any
+  b: Any
+  rank: int
+  scale: float
+  layout: str
+  stack: int
+
+  @property
+  def where(self) -> str:
+    """The module path as `a/b/c`, for messages."""
+    return "/".join(self.path)
+
+
+def adapters(params: Params, config: LoraConfig, *, kernels: Params | None = None) -> Iterator[Adapter]:
+  """Every adapter in `params`, each checked to fit its kernel with the config's rank for it.
+
+  Args:
+    params: a tree holding `lora_a` / `lora_b` leaves (and, unless `kernels` is
+      given, the kernels beside them).
+    config: the config the adapters were made with.
+    kernels: a tree to read the kernels from instead (e.g. a merged tree, when
+      `params` is only the trainable half).
+
+  Raises:
+    ValueError: an adapter is incomplete, has no kernel to fold into, or does not
+      fit its kernel or the config's rank (the message names the module).
+  """
+  for path, node in adapted_modules(params):
+    holder = node
+    if kernels is not None:
+      try:
+        holder = get_path(kernels, path)
+      except (KeyError, TypeError):
+        raise ValueError(f"There is no module {'/'.join(path)!r} for the adapter found there.") from None
+    name = kernel_key(path, holder)
+    kernel, a, b = holder[name], node["lora_a"], node["lora_b"]
+    where = "/".join(path)
+    rank = config.rank_for(where)
+    _ops.check_adapter(where, kernel.shape, a.shape, b.shape, rank)
+    layout, stack = _ops.layout(a.shape, b.shape, kernel.shape)
+    yield Adapter(path, name, kernel, a, b, rank, config.scale_for(where), layout, stack)
+
+
 def flatten(tree: Params, prefix: tuple[str, ...] = ()) -> dict[tuple[str, ...], Any]:
   """`{path: leaf}` of a nested dict, depth first."""
   out: dict[tuple[str, ...], Any] = {}
@@ -113,7 +176,7 @@ def _label(config: LoraConfig, path: tuple[str, ...], siblings: Mapping) -> str:
   name = path[-1]
   if name in LORA_KEYS:
     return name
-  if config.modules_to_save and any(matches(config.modules_to_save, path[:i]) for i in range(1, len(path))):
+  if is_saved(config, path[:-1]):
     return "saved"
   if name == "bias" and (config.bias == "all" or (config.bias == "lora_only" and "lora_a" in siblings)):
     return "bias"

@@ -282,7 +282,7 @@ def default_sharding(path: Path, shapes: Mapping[Path, tuple], base: Mapping[Pat
   k_shape = tuple(kernel.shape)
   spec = tuple(sharding.spec) + (None,) * (len(k_shape) - len(sharding.spec))
   a_shape, b_shape = shapes[(*module, "lora_a")], shapes[(*module, "lora_b")]
-  layout, s = _ops._layout(a_shape, b_shape, k_shape)
+  layout, s = _ops.layout(a_shape, b_shape, k_shape)
   own = a_shape if path[-1] == "lora_a" else b_shape
   if layout == "broadcast":
     out = tuple(p if own[i] == k_shape[i] else None for i, p in enumerate(spec)) + (None,)

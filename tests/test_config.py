@@ -55,8 +55,8 @@ def test_scaling_default_rslora_patterns():
     ({"r": 0}, "`r` must be a positive integer"),
     ({"r": -2}, "`r` must be a positive integer"),
     ({"r": 2.5}, "`r` must be a positive integer"),
-    ({"lora_alpha": 0}, "`lora_alpha` must be a positive number"),
-    ({"lora_alpha": -1.0}, "`lora_alpha` must be a positive number"),
+    ({"lora_alpha": 0}, "`lora_alpha` must be a positive, finite number"),
+    ({"lora_alpha": -1.0}, "`lora_alpha` must be a positive, finite number"),
     ({"lora_dropout": 1.0}, r"`lora_dropout` must be in \[0, 1\)"),
     ({"lora_dropout": -0.1}, r"`lora_dropout` must be in \[0, 1\)"),
     ({"bias": "some"}, "`bias` must be one of"),
@@ -65,7 +65,7 @@ def test_scaling_default_rslora_patterns():
     ({"layers_to_transform": [-1]}, "`layers_to_transform` must be"),
     ({"layers_pattern": "layers"}, "`layers_pattern` was given without `layers_to_transform`"),
     ({"target_modules": ".*q", "layers_to_transform": [0]}, "cannot be combined with a regex"),
-    ({"rank_pattern": {"q": 0}}, r"`rank_pattern\['q'\]` must be a positive number"),
+    ({"rank_pattern": {"q": 0}}, r"`rank_pattern\[.q.\]` must be a positive, finite number"),
     ({"rank_pattern": {"q": 2.5}}, "must be an integer rank"),
 ])
 def test_invalid_values(kwargs, match):

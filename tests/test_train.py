@@ -89,7 +89,7 @@ def test_optimizer_on_full_tree_keeps_base_bit_identical():
   cfg, _base, params = _setup()
   # A negative zero in the base must survive (optax.set_to_zero would flip it to +0).
   params["lm_head"]["bias"] = params["lm_head"]["bias"].at[0].set(-0.0)
-  tx = jlora.optimizer(optax.chain(optax.clip_by_global_norm(1.0), optax.adamw(1e-2)), params, cfg)
+  tx = jlora.optimizer(optax.chain(optax.clip_by_global_norm(1.0), optax.adamw(1e-2)), cfg)
   state = tx.init(params)
   state_leaves = jax.tree.leaves(state)
   n_trainable = sum(x.size for x in jax.tree.leaves(jlora.split(params, cfg)[0]))
@@ -117,15 +117,15 @@ def test_lora_plus_ratio_scales_b_updates():
   cfg, _, params = _setup()
   trainable, _frozen = jlora.split(params, cfg)
   grads = jax.tree.map(jnp.ones_like, trainable)
-  plain = jlora.optimizer(optax.sgd(0.1), trainable, cfg)
-  plus = jlora.optimizer(optax.sgd(0.1), trainable, cfg, lora_plus_ratio=16.0)
+  plain = jlora.optimizer(optax.sgd(0.1), cfg)
+  plus = jlora.optimizer(optax.sgd(0.1), cfg, lora_plus_ratio=16.0)
   u1, _ = plain.update(grads, plain.init(trainable), trainable)
   u2, _ = plus.update(grads, plus.init(trainable), trainable)
   q1, q2 = u1["layers"]["attn"]["query"], u2["layers"]["attn"]["query"]
   np.testing.assert_allclose(q2["lora_a"], q1["lora_a"])
   np.testing.assert_allclose(q2["lora_b"], 16.0 * q1["lora_b"])
   with pytest.raises(ValueError, match="`lora_plus_ratio` must be a positive number"):
-    jlora.optimizer(optax.sgd(0.1), trainable, cfg, lora_plus_ratio=0)
+    jlora.optimizer(optax.sgd(0.1), cfg, lora_plus_ratio=0)
 
 
 def test_base_gradients_absent_in_split_step():

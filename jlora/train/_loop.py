@@ -64,7 +64,7 @@ def make_optimizer(cfg: Any, steps: int, trainable: Any,
   tx = optax.adamw(schedule, b1=cfg.b1, b2=cfg.b2, eps=cfg.eps, weight_decay=cfg.weight_decay)
   if cfg.clip_norm is not None:
     tx = optax.chain(optax.clip_by_global_norm(cfg.clip_norm), tx)
-  return jlora.optimizer(tx, trainable, lora, lora_plus_ratio=cfg.lora_plus_ratio), schedule
+  return jlora.optimizer(tx, lora, lora_plus_ratio=cfg.lora_plus_ratio), schedule
 
 
 def _forward(model, params, lora, rng):

@@ -1,0 +1,218 @@
+"""The values of `LoraConfig`'s fields: their types, their checks, and PEFT's pattern-matching rule.
+
+`normalize` validates every field once, at construction, so that every later use
+can trust the config: ranks and alphas are positive and finite, regexes compile,
+names are strings, and the enum-like fields hold one of their allowed values.
+"""
+
+from __future__ import annotations
+
+import enum
+import functools
+import math
+import re
+from collections.abc import Iterator, Mapping, Sequence
+from typing import Any
+
+__all__ = ["ALL_LINEAR", "BIAS_MODES", "INIT_METHODS", "FrozenMapping", "TaskType", "normalize", "pattern_lookup"]
+
+BIAS_MODES = ("none", "all", "lora_only")
+INIT_METHODS = (True, False, "gaussian", "pissa")
+ALL_LINEAR = "all-linear"
+
+
+class TaskType(enum.StrEnum):
+  """PEFT's task types; the long spellings (`SEQUENCE_CLASSIFICATION`, ...) are accepted too."""
+
+  SEQ_CLS = "SEQ_CLS"
+  SEQ_2_SEQ_LM = "SEQ_2_SEQ_LM"
+  CAUSAL_LM = "CAUSAL_LM"
+  TOKEN_CLS = "TOKEN_CLS"
+  QUESTION_ANS = "QUESTION_ANS"
+  FEATURE_EXTRACTION = "FEATURE_EXTRACTION"
+
+  @classmethod
+  def _missing_(cls, value: object) -> TaskType | None:
+    if isinstance(value, str):
+      key = value.strip().upper().replace("-", "_")
+      key = _TASK_ALIASES.get(key, key)
+      for member in cls:
+        if member.value == key:
+          return member
+    return None
+
+
+_TASK_ALIASES = {
+    "SEQUENCE_CLASSIFICATION": "SEQ_CLS",
+    "TOKEN_CLASSIFICATION": "TOKEN_CLS",
+    "QUESTION_ANSWERING": "QUESTION_ANS",
+    "SEQ2SEQ_LM": "SEQ_2_SEQ_LM",
+}
+
+
+class FrozenMapping(Mapping):
+  """A read-only, hashable `str -> number` mapping (for `rank_pattern` / `alpha_pattern`).
+
+  Its order is part of its value: the first matching key wins (PEFT's rule), so two
+  mappings with the same items in another order are different configs.
+  """
+
+  __slots__ = ("_items",)
+
+  def __init__(self, items: Mapping[str, Any] = ()):
+    self._items = dict(items)
+
+  def __getitem__(self, key: str) -> Any:
+    return self._items[key]
+
+  def __iter__(self) -> Iterator[str]:
+    return iter(self._items)
+
+  def __len__(self) -> int:
+    return len(self._items)
+
+  def __hash__(self) -> int:
+    return hash(tuple(self._items.items()))
+
+  def __eq__(self, other: object) -> bool:
+    return isinstance(other, Mapping) and list(self._items.items()) == list(other.items())
+
+  def __repr__(self) -> str:
+    return repr(self._items)
+
+
+TargetSpec = str | tuple[str, ...] | None
+
+
+@functools.lru_cache(maxsize=1024)
+def _pattern_regex(key: str) -> re.Pattern:
+  """PEFT's `(.*\\.)?key$` for a `rank_pattern` / `alpha_pattern` key (also with `/` separators)."""
+  return re.compile(rf"(?:.*[./])?(?:{key})")
+
+
+def pattern_lookup(pattern: Mapping[str, Any], path: str, default: Any) -> Any:
+  """PEFT's `rank_pattern`/`alpha_pattern` lookup for a module path (`a/b/c` or `a.b.c`).
+
+  The first key, in the mapping's order, whose regex matches the whole path or a
+  trailing part of it after a separator (PEFT's `(.*\\.)?key$`) gives the value;
+  otherwise `default`. This is PEFT's `get_pattern_key` rule: with overlapping keys,
+  order decides, not length.
+  """
+  forms = {path.replace("/", "."), path.replace(".", "/")}
+  for key, value in pattern.items():
+    regex = _pattern_regex(key)
+    if any(regex.fullmatch(form) for form in forms):
+      return value
+  return default
+
+
+def _compiles(name: str, regex: str) -> None:
+  try:
+    re.compile(regex)
+  except re.error as e:
+    raise ValueError(f"`{name}`: {regex!r} is not a valid regular expression ({e}); escape special characters "
+                     "such as `.` and `(` with a backslash, or give a list of module names.") from None
+
+
+def _targets(name: str, value: Any) -> TargetSpec:
+  if value is None:
+    return None
+  if isinstance(value, str):
+    if not value:
+      raise ValueError(f"`{name}` is an empty string; give a module name list or a regex.")
+    if value != ALL_LINEAR:
+      _compiles(name, value)
+    return value
+  if isinstance(value, (Sequence, set, frozenset)) and all(isinstance(v, str) and v for v in value):
+    if not value:
+      raise ValueError(f"`{name}` is empty; give at least one module name, a regex or 'all-linear'.")
+    return tuple(sorted(value)) if isinstance(value, (set, frozenset)) else tuple(value)
+  raise TypeError(
+      f"`{name}` must be a list of module names or a regex string, got {value!r}; "
+      f"e.g. {name}=[\"q\", \"v\"]."
+  )
+
+
+def _pattern(name: str, value: Any, number_type: type) -> FrozenMapping:
+  if value is None:
+    return FrozenMapping()
+  if not isinstance(value, Mapping):
+    raise TypeError(f"`{name}` must be a mapping of module name to value, got {type(value).__name__}.")
+  for key, v in value.items():
+    if not isinstance(key, str) or not key:
+      raise TypeError(f"`{name}` keys must be non-empty module names, got {key!r}.")
+    _compiles(f"{name}[{key!r}]", key)
+    if isinstance(v, bool) or not isinstance(v, (int, float)) or not 0 < v < math.inf:
+      raise ValueError(f"`{name}[{key!r}]` must be a positive, finite number, got {v!r}.")
+    if number_type is int and int(v) != v:
+      raise ValueError(f"`{name}[{key!r}]` must be an integer rank, got {v!r}.")
+  return FrozenMapping({k: number_type(v) for k, v in value.items()})
+
+
+def normalize(cfg: Any) -> dict[str, Any]:
+  """Validates every field of a `LoraConfig`; returns the normalized values (lists as tuples, ...)."""
+  out: dict[str, Any] = {}
+  if isinstance(cfg.r, bool) or not isinstance(cfg.r, int) or cfg.r <= 0:
+    raise ValueError(f"`r` must be a positive integer (the adapter rank), got {cfg.r!r}; e.g. r=8.")
+  alpha = cfg.lora_alpha
+  if isinstance(alpha, bool) or not isinstance(alpha, (int, float)) or not 0 < alpha < math.inf:
+    raise ValueError(f"`lora_alpha` must be a positive, finite number, got {alpha!r}; e.g. lora_alpha=16.")
+  drop = cfg.lora_dropout
+  if isinstance(drop, bool) or not isinstance(drop, (int, float)) or not 0.0 <= drop < 1.0:
+    raise ValueError(f"`lora_dropout` must be in [0, 1), got {drop!r}; e.g. lora_dropout=0.1.")
+  out["lora_dropout"] = float(drop)
+  out["target_modules"] = _targets("target_modules", cfg.target_modules)
+  out["exclude_modules"] = _targets("exclude_modules", cfg.exclude_modules)
+  out["modules_to_save"] = _targets("modules_to_save", cfg.modules_to_save)
+  if isinstance(out["modules_to_save"], str):
+    out["modules_to_save"] = (out["modules_to_save"],)
+  if cfg.bias not in BIAS_MODES:
+    raise ValueError(f"`bias` must be one of {BIAS_MODES}, got {cfg.bias!r}.")
+  init = cfg.init_lora_weights
+  if isinstance(init, str):
+    init = {"true": True, "false": False, "kaiming": True}.get(init.lower(), init.lower())
+  if not any(init is m or (isinstance(m, str) and init == m) for m in INIT_METHODS):
+    raise ValueError(
+        f"`init_lora_weights` must be one of True, False, 'gaussian', 'pissa', got {cfg.init_lora_weights!r}."
+    )
+  out["init_lora_weights"] = init
+
+  layers = cfg.layers_to_transform
+  if layers is not None:
+    layers = (layers,) if isinstance(layers, int) and not isinstance(layers, bool) else layers
+    if not isinstance(layers, Sequence) or not all(
+        isinstance(i, int) and not isinstance(i, bool) and i >= 0 for i in layers
+    ):
+      raise ValueError(f"`layers_to_transform` must be a layer index or a list of them (ints >= 0), got {cfg.layers_to_transform!r}.")
+    layers = tuple(layers)
+    if isinstance(out["target_modules"], str) and out["target_modules"] != ALL_LINEAR:
+      raise ValueError(
+          "`layers_to_transform` cannot be combined with a regex `target_modules` (as in PEFT); "
+          "write the layer indices into the regex or give `target_modules` as a list."
+      )
+  out["layers_to_transform"] = layers
+  pattern = cfg.layers_pattern
+  if pattern is not None:
+    pattern = (pattern,) if isinstance(pattern, str) else pattern
+    if not isinstance(pattern, Sequence) or not all(isinstance(p, str) and p for p in pattern):
+      raise TypeError(f"`layers_pattern` must be a name or a list of names, got {cfg.layers_pattern!r}.")
+    if layers is None:
+      raise ValueError("`layers_pattern` was given without `layers_to_transform`; give both or neither.")
+    pattern = tuple(pattern)
+  out["layers_pattern"] = pattern
+  out["rank_pattern"] = _pattern("rank_pattern", cfg.rank_pattern, int)
+  out["alpha_pattern"] = _pattern("alpha_pattern", cfg.alpha_pattern, float)
+  task = cfg.task_type
+  if task is not None and not isinstance(task, TaskType):
+    try:
+      task = TaskType(task)
+    except ValueError:
+      raise ValueError(
+          f"`task_type` {task!r} is unknown; use one of {[t.value for t in TaskType]} "
+          "(or SEQUENCE_CLASSIFICATION / TOKEN_CLASSIFICATION)."
+      ) from None
+  out["task_type"] = task
+  for flag in ("use_rslora", "fan_in_fan_out", "inference_mode"):
+    if not isinstance(getattr(cfg, flag), bool):
+      raise TypeError(f"`{flag}` must be True or False, got {getattr(cfg, flag)!r}.")
+  return out

@@ -11,6 +11,7 @@ Safetensors are read with `safetensors.numpy` (no torch, no pickle).
 
 from __future__ import annotations
 
+import functools
 import json
 import os
 import re
@@ -22,9 +23,11 @@ import jax.numpy as jnp
 import numpy as np
 import safetensors.numpy
 
+from jlora._names import NameMap
 from jlora._tree import flatten, unflatten
 
-__all__ = ["HFSpec", "from_hf_tensors", "hashable", "read_config", "read_safetensors", "to_hf_tensors"]
+__all__ = ["HFSpec", "from_hf_tensors", "hashable", "module_name", "name_map", "read_config", "read_safetensors",
+           "to_hf_tensors"]
 
 _LEAF_NAMES = {"kernel": "weight", "embedding": "weight", "scale": "weight", "bias": "bias"}
 
@@ -126,23 +129,33 @@ def _few(names: list[str], n: int = 8) -> str:
   return ", ".join(names[:n]) + more
 
 
-def _hf_name(path: tuple[str, ...], spec: HFSpec) -> tuple[str, bool, bool]:
-  """(name, transpose, stacked) for a Flax leaf path; name has `{i}` when stacked."""
-  parts, stacked = [], False
-  for p in path[:-1]:
+def module_name(module: tuple[str, ...], spec: HFSpec) -> str:
+  """The Hugging Face name of a Flax module path: `h_0` -> `h.0`; a scanned stack gets `{i}` for its layer."""
+  parts: list[str] = []
+  for p in module:
     m = re.fullmatch(r"(.+)_(\d+)", p)
     if m and m.group(1) in spec.list_names:
       parts += [m.group(1), m.group(2)]
     elif p == spec.scan_name:
       parts += [p, "{i}"]
-      stacked = True
     else:
       parts.append(p)
+  return ".".join(parts)
+
+
+def name_map(spec: HFSpec) -> NameMap:
+  """The model's PEFT name map (`jlora._names`): module names as in `transformers`, Conv1D layers noted."""
+  return NameMap(functools.partial(module_name, spec=spec), frozenset(spec.no_transpose))
+
+
+def _hf_name(path: tuple[str, ...], spec: HFSpec) -> tuple[str, bool, bool]:
+  """(name, transpose, stacked) for a Flax leaf path; name has `{i}` when stacked."""
   leaf = path[-1]
   if leaf not in _LEAF_NAMES:
     raise ValueError(f"Cannot map parameter `{'/'.join(path)}` to a Hugging Face name.")
+  module = module_name(path[:-1], spec)
   transpose = leaf == "kernel" and path[-2] not in spec.no_transpose
-  return ".".join([*parts, _LEAF_NAMES[leaf]]), transpose, stacked
+  return ".".join([module, _LEAF_NAMES[leaf]]) if module else _LEAF_NAMES[leaf], transpose, "{i}" in module
 
 
 def _strip(name: str, prefix: str) -> str:

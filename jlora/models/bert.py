@@ -19,7 +19,7 @@ from typing import Any
 import flax.linen as nn
 import jax.numpy as jnp
 
-from jlora.models._checkpoint import HFSpec, hashable
+from jlora.models._checkpoint import HFSpec, hashable, name_map
 from jlora.models._layers import activation, attention
 
 __all__ = [
@@ -223,6 +223,10 @@ class BertForSequenceClassification(nn.Module):
     _, pooled = BertModel(self.config, self.dtype, name="bert")(input_ids, attention_mask, token_type_ids)
     return nn.Dense(self.config.num_labels, name="classifier", **_kw(self.dtype))(pooled)
 
+  def peft_name_map(self):
+    """PEFT/`transformers` module names of this model (see `jlora._names`)."""
+    return name_map(hf_spec(self))
+
 
 class BertForTokenClassification(nn.Module):
   """`bert` (no pooler) + `classifier`; returns logits (B, T, num_labels)."""
@@ -234,6 +238,10 @@ class BertForTokenClassification(nn.Module):
   def __call__(self, input_ids, attention_mask=None, token_type_ids=None):
     h, _ = BertModel(self.config, self.dtype, False, name="bert")(input_ids, attention_mask, token_type_ids)
     return nn.Dense(self.config.num_labels, name="classifier", **_kw(self.dtype))(h)
+
+  def peft_name_map(self):
+    """PEFT/`transformers` module names of this model (see `jlora._names`)."""
+    return name_map(hf_spec(self))
 
 
 class BertForSentenceEmbedding(nn.Module):
@@ -255,6 +263,10 @@ class BertForSentenceEmbedding(nn.Module):
     if self.normalize:
       emb = emb / jnp.maximum(jnp.linalg.norm(emb, axis=-1, keepdims=True), 1e-12)
     return emb
+
+  def peft_name_map(self):
+    """PEFT/`transformers` module names of this model (see `jlora._names`)."""
+    return name_map(hf_spec(self))
 
 
 def build(

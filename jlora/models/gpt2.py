@@ -15,7 +15,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from jlora.models._checkpoint import HFSpec, hashable
+from jlora.models._checkpoint import HFSpec, hashable, name_map
 from jlora.models._layers import KVCache, activation, attention, update_layer_cache
 from jlora.models._layers import attention_mask as make_mask
 
@@ -174,6 +174,10 @@ class GPT2LMHeadModel(nn.Module):
       head_dim=c.n_embd // c.n_head,
       dtype=self.dtype,
     )
+
+  def peft_name_map(self):
+    """PEFT/`transformers` module names of this model (see `jlora._names`)."""
+    return name_map(hf_spec(self))
 
 
 def build(config: GPT2Config, *, dtype: Any = jnp.float32) -> GPT2LMHeadModel:

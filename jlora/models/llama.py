@@ -17,7 +17,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from jlora.models._checkpoint import HFSpec, hashable
+from jlora.models._checkpoint import HFSpec, hashable, name_map
 from jlora.models._layers import KVCache, activation, attention, update_layer_cache
 from jlora.models._layers import attention_mask as make_mask
 
@@ -299,6 +299,10 @@ class LlamaForCausalLM(nn.Module):
       head_dim=c.dim_head,
       dtype=self.dtype,
     )
+
+  def peft_name_map(self):
+    """PEFT/`transformers` module names of this model (see `jlora._names`)."""
+    return name_map(hf_spec(self))
 
 
 def build(

@@ -19,7 +19,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from jlora.models._checkpoint import HFSpec, hashable
+from jlora.models._checkpoint import HFSpec, hashable, name_map
 from jlora.models._layers import activation, attention
 
 __all__ = ["T5Config", "T5ForConditionalGeneration", "shift_right"]
@@ -269,6 +269,10 @@ class T5ForConditionalGeneration(nn.Module):
     if c.tie_word_embeddings:
       return shared.attend(h * c.d_model**-0.5)
     return nn.Dense(c.vocab_size, name="lm_head", **_kw(self.dtype))(h)
+
+  def peft_name_map(self):
+    """PEFT/`transformers` module names of this model (see `jlora._names`)."""
+    return name_map(hf_spec(self))
 
 
 def shift_right(labels: jax.Array, config: T5Config) -> jax.Array:

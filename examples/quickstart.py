@@ -90,8 +90,9 @@ def main(steps: int = 150) -> dict:
   tx = optax.adamw(1e-2)
   opt_state = tx.init(trainable)
 
+  # `frozen` is an argument of every jitted function: closed over, it would be compiled in as constants.
   @jax.jit
-  def lora_step(t, s, k):
+  def lora_step(t, frozen, s, k):
     x, y = batch(k, 3)
     def loss_fn(t):
       logits = jlora.apply(model, jlora.combine(t, frozen), config, x, rngs={"lora_dropout": jax.random.fold_in(k, 1)})
@@ -101,22 +102,22 @@ def main(steps: int = 150) -> dict:
     return optax.apply_updates(t, u), s, loss
 
   held_out = batch(jax.random.key(123), 3, size=256)
-  evaluate = jax.jit(lambda t: metrics(jlora.apply(model, jlora.combine(t, frozen), config, held_out[0]),
-                                       held_out[1]))
-  loss0, acc0 = evaluate(trainable)
+  apply_fn = jlora.lora_apply(model, config)  # model.apply's signature: {"params": ...} in, logits out
+  evaluate = jax.jit(lambda t, frozen, x, y: metrics(apply_fn({"params": jlora.combine(t, frozen)}, x), y))
+  loss0, acc0 = evaluate(trainable, frozen, *held_out)
   t0 = time.perf_counter()
   for i in range(steps):
-    trainable, opt_state, _ = lora_step(trainable, opt_state, jax.random.fold_in(key, 10_000 + i))
+    trainable, opt_state, _ = lora_step(trainable, frozen, opt_state, jax.random.fold_in(key, 10_000 + i))
   jax.block_until_ready(trainable)
   seconds = time.perf_counter() - t0
-  loss1, acc1 = evaluate(trainable)
+  loss1, acc1 = evaluate(trainable, frozen, *held_out)
 
   # 3. What changed, and what did not.
   params = jlora.combine(trainable, frozen)
   base_same = all(np.array_equal(a, b) for a, b in zip(jax.tree.leaves(base), jax.tree.leaves(frozen)))
   merged = jlora.merge(params, config)
-  y_factored = jax.jit(lambda p: jlora.apply(model, p, config, held_out[0]))(params)
-  y_merged = jax.jit(lambda p: model.apply({"params": p}, held_out[0]))(merged)
+  y_factored = jax.jit(apply_fn)({"params": params}, held_out[0])
+  y_merged = jax.jit(model.apply)({"params": merged}, held_out[0])
   diff = float(jnp.max(jnp.abs(y_factored - y_merged)))
   print(f"held-out (stride-3 task)  loss {float(loss0):.3f} -> {float(loss1):.3f}   "
         f"next-token accuracy {float(acc0):.1%} -> {float(acc1):.1%}   ({steps} LoRA steps, {seconds:.1f}s)")

@@ -131,5 +131,54 @@ def test_yaml(tmp_path):
 
 
 def test_public_surface():
-  for name in jlora.__all__:
-    assert getattr(jlora, name) is not None
+  """`__all__` lists exactly the public names, each defined in jlora itself; no submodule leaks through."""
+  import types
+
+  public = {n for n in dir(jlora) if not n.startswith("_") and not isinstance(getattr(jlora, n), types.ModuleType)}
+  assert set(jlora.__all__) == public
+  assert all(getattr(jlora, n).__module__.startswith("jlora.") for n in jlora.__all__)
+  assert "freeze" not in public, "optax.freeze means something else"
+
+
+def test_overlapping_pattern_keys_first_match_wins_as_in_peft():
+  """PEFT's `get_pattern_key`: the first key in the mapping's order whose `(.*\\.)?key$` matches, not the longest."""
+  wide_first = LoraConfig(r=8, rank_pattern={"q": 2, "layers_1.attn.q": 4})
+  narrow_first = LoraConfig(r=8, rank_pattern={"layers_1.attn.q": 4, "q": 2})
+  assert wide_first.rank_for("layers_1/attn/q") == 2 and narrow_first.rank_for("layers_1/attn/q") == 4
+  assert wide_first.rank_for("layers_0/attn/q") == 2 == narrow_first.rank_for("layers_0/attn/q")
+  # Order is part of the value: equal items in another order are another config (and another jit cache entry).
+  assert wide_first != narrow_first and hash(wide_first) != hash(narrow_first)
+  # ...and it survives the JSON round trip (PEFT keeps the order too).
+  assert LoraConfig.from_json(narrow_first.to_json()).rank_for("layers_1/attn/q") == 4
+  alphas = LoraConfig(alpha_pattern={r"layers_\d\.attn\.q": 3.0, "q": 5.0})
+  assert alphas.alpha_for("layers_7/attn/q") == 3.0 and alphas.alpha_for("enc/q") == 5.0
+
+
+@pytest.mark.parametrize("kwargs,match", [
+    ({"lora_alpha": float("inf")}, "`lora_alpha` must be a positive, finite number, got inf"),
+    ({"lora_alpha": float("nan")}, "`lora_alpha` must be a positive, finite number, got nan"),
+    ({"rank_pattern": {"q": float("inf")}}, r"`rank_pattern\['q'\]` must be a positive, finite number, got inf"),
+    ({"alpha_pattern": {"v": float("nan")}}, r"`alpha_pattern\['v'\]` must be a positive, finite number, got nan"),
+    ({"target_modules": "layers.(q"}, r"`target_modules`: 'layers.\(q' is not a valid regular expression"),
+    ({"exclude_modules": "*"}, r"`exclude_modules`: '\*' is not a valid regular expression"),
+    ({"rank_pattern": {"q[": 2}}, r"`rank_pattern\['q\['\]`: 'q\[' is not a valid regular expression"),
+])
+def test_non_finite_numbers_and_bad_regexes_are_refused_at_construction(kwargs, match):
+  with pytest.raises(ValueError, match=match):
+    LoraConfig(**kwargs)
+
+
+def test_from_json_names_the_file_and_never_parses_a_path(tmp_path):
+  path = tmp_path / "adapter_config.json"
+  path.write_text('{"r": 4,\n "lora_alpha": }\n')
+  with pytest.raises(ValueError, match=r"adapter_config\.json' is not valid JSON: Expecting value at line 2, column 16"):
+    LoraConfig.from_json(path)
+  path.write_text('{"r": 0}')
+  with pytest.raises(ValueError, match=r"adapter_config\.json': `r` must be a positive integer"):
+    LoraConfig.from_json(path)
+  path.write_text("[1, 2]")
+  with pytest.raises(ValueError, match=r"must hold a mapping of LoraConfig fields, got list"):
+    LoraConfig.from_json(path)
+  with pytest.raises(FileNotFoundError, match=r"no file at 'runs/a:b/adapter_config\.json'"):
+    LoraConfig.from_json("runs/a:b/adapter_config.json")  # a missing path with a colon is still a path
+  assert LoraConfig.from_json(' {"r": 3}').r == 3  # JSON text starts with "{"

@@ -1,5 +1,8 @@
 """jlora.init / jlora.apply on every layer kind: identity at init, factored == merged, gradients."""
 
+import functools
+import warnings
+
 import chex
 import flax.linen as nn
 import jax
@@ -234,3 +237,82 @@ def test_init_tree_generic_model():
   np.testing.assert_allclose(jlora.apply_merged(fn, lp, cfg, x), expected, rtol=1e-5)
   grads = jax.grad(lambda p: jlora.apply_merged(fn, p, cfg, x).sum())(lp)
   assert float(jnp.abs(grads["linear_0"]["lora_a"]).max()) > 0
+
+
+def test_closed_over_base_warns_and_argument_does_not(monkeypatch):
+  """A base closed over by a jitted function is compiled in as constants: `apply` says so, with the fix."""
+  model, x = zoo.MLP(features=(256, 256, 8)), jnp.ones((2, 128))  # 100k base params (0.4 MiB)
+  cfg = jlora.LoraConfig(r=2, target_modules=["fc_1"])
+  params = jax.jit(lambda k: jlora.init(k, model, model.init(jax.random.key(0), x)["params"], cfg, x))(
+      jax.random.key(1))
+  trainable, frozen = jlora.split(params, cfg)
+  closed = lambda: jax.jit(lambda t, x: jlora.apply(model, jlora.combine(t, frozen), cfg, x))  # noqa: E731
+  passed = jax.jit(lambda t, f, x: jlora.apply(model, jlora.combine(t, f), cfg, x))
+  with warnings.catch_warnings():
+    warnings.simplefilter("error")
+    closed().lower(trainable, x)  # below the threshold (16 MiB): quiet
+  monkeypatch.setattr(jlora._linen, "CLOSED_OVER_WARN_BYTES", 2**18)
+  with pytest.warns(UserWarning, match=r"traced with 6 parameter leaves \(0\.4 MiB\).*closed over.*Pass the frozen"):
+    hlo_closed = closed().lower(trainable, x).as_text()  # a new function: traced again
+  with warnings.catch_warnings():
+    warnings.simplefilter("error")
+    hlo_passed = passed.lower(trainable, frozen, x).as_text()  # the frozen tree as an argument: no warning
+    jax.grad(lambda t: jlora.apply(model, jlora.combine(t, frozen), cfg, x).sum())(trainable)  # eager: no warning
+  assert len(hlo_closed) > 20 * len(hlo_passed), "the closed-over base is in the program, the argument is not"
+
+
+@pytest.mark.parametrize("jit", [False, True])
+def test_lora_apply_is_an_apply_fn(jit):
+  """`lora_apply` fills `model.apply`'s slot: flax TrainState, a static jit argument without recompiles."""
+  from flax.training import train_state
+
+  case = CASES["mlp"]
+  cfg = _cfg(case, init_lora_weights=False)
+  params = jlora.init(jax.random.key(1), case.model, zoo.build(case), cfg, case.inputs)
+  fn = jlora.lora_apply(case.model, cfg)
+  assert fn == jlora.lora_apply(case.model, cfg) and hash(fn) == hash(jlora.lora_apply(case.model, cfg))
+  assert fn != jlora.lora_apply(case.model, _cfg(case, r=2))
+  y = _maybe_jit(lambda p: fn({"params": p}, case.inputs), jit)(params)
+  np.testing.assert_allclose(y, jlora.apply(case.model, params, cfg, case.inputs), rtol=1e-6, atol=1e-6)
+
+  trainable, frozen = jlora.split(params, cfg)
+  state = train_state.TrainState.create(apply_fn=fn, params=trainable, tx=jlora.optimizer(optax_adam(), cfg))
+
+  @jax.jit
+  def step(state, frozen):
+    loss = lambda t: jnp.mean(state.apply_fn({"params": jlora.combine(t, frozen)}, case.inputs) ** 2)  # noqa: E731
+    return state.apply_gradients(grads=jax.grad(loss)(state.params))
+
+  new = step(state, frozen)
+  assert not np.array_equal(new.params["fc_0"]["lora_b"], trainable["fc_0"]["lora_b"])
+
+  calls = []
+
+  @functools.partial(jax.jit, static_argnums=0)
+  def run(apply_fn, p, x):
+    calls.append(1)  # runs once per trace
+    return apply_fn({"params": p}, x)
+
+  run(fn, params, case.inputs)
+  run(jlora.lora_apply(case.model, cfg), params, case.inputs)  # an equal object: the cached compile is reused
+  assert len(calls) == 1
+
+
+def test_lora_apply_and_apply_check_their_arguments():
+  case = CASES["mlp"]
+  cfg = _cfg(case)
+  params = jlora.init(jax.random.key(1), case.model, zoo.build(case), cfg, case.inputs)
+  with pytest.raises(TypeError, match=r"`variables` must be a variables dict such as \{'params': params\}"):
+    jlora.lora_apply(case.model, cfg)(params, case.inputs)
+  with pytest.raises(TypeError, match=r"`config` must be a jlora\.LoraConfig, got dict"):
+    jlora.apply(case.model, params, {"r": 4}, case.inputs)
+  with pytest.raises(TypeError, match=r"`config` must be a jlora\.LoraConfig"):
+    jlora.lora_apply(case.model, None)
+  with pytest.raises(TypeError, match=r"`model` must be a flax\.linen Module, got function"):
+    jlora.apply(lambda p, x: x, params, cfg, case.inputs)
+
+
+def optax_adam():
+  import optax
+
+  return optax.adam(1e-2)

@@ -146,3 +146,13 @@ def test_pissa_refuses_shared_axis_einsum():
   cfg = jlora.LoraConfig(r=2, target_modules=["per_head"], init_lora_weights="pissa")
   with pytest.raises(ValueError, match="'pissa' is not supported for the einsum at 'per_head'"):
     jlora.init(jax.random.key(1), case.model, zoo.build(case), cfg, case.inputs)
+
+
+def test_unmerge_refuses_a_tree_that_still_holds_adapters():
+  """Subtracting s·A·B from W0 (not W0 + s·A·B) would silently corrupt the kernels."""
+  _, cfg, _, params = _adapted()
+  with pytest.raises(ValueError, match=r"unmerge: `merged` still holds LoRA adapters \(at \['query', 'value', 'out'\]\)"):
+    jlora.unmerge(params, params, cfg)
+  merged = jlora.merge(params, cfg)
+  with pytest.raises(ValueError, match=r"unmerge: `adapters` holds no lora_a/lora_b leaves"):
+    jlora.unmerge(merged, merged, cfg)

@@ -134,3 +134,20 @@ def test_already_adapted_and_bad_arguments():
     jlora.init(jax.random.key(0), LOOP.model, {"params": BASE}, cfg, LOOP.inputs)
   with pytest.raises(TypeError, match="`params` must be a nested dict"):
     jlora.init(jax.random.key(0), LOOP.model, [1], cfg, LOOP.inputs)
+
+
+def test_layers_to_transform_with_a_missing_layer_is_refused():
+  with pytest.raises(ValueError, match=r"asks for layer\(s\) \[99\], which no targeted module has \(layer indices found: "
+                                       r"\[0, 1, 2\]\)"):
+    adapted(target_modules=["query"], layers_to_transform=[1, 99])
+
+
+def test_apply_checks_the_whole_selection_rule():
+  """`apply` uses the rule `init` used: a config whose layers_to_transform excludes an adapter is a stale config."""
+  cfg = jlora.LoraConfig(r=2, target_modules=["query"], layers_to_transform=[0, 1])
+  params = jlora.init(jax.random.key(0), LOOP.model, BASE, cfg, LOOP.inputs)
+  jlora.apply(LOOP.model, params, cfg, LOOP.inputs)
+  narrower = jlora.LoraConfig(r=2, target_modules=["query"], layers_to_transform=[0])
+  with pytest.raises(ValueError, match=r"holds an adapter at 'layers_1/attn/query', which the config .*"
+                                       r"layers_to_transform=\(0,\)\) does not select"):
+    jlora.apply(LOOP.model, params, narrower, LOOP.inputs)

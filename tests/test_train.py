@@ -142,3 +142,19 @@ def test_modules_to_save_trains_fully():
   assert set(trainable["lm_head"]) == {"kernel", "bias"} and "lm_head" not in frozen
   grads = jax.grad(lambda t: _loss(jlora.combine(t, frozen), cfg))(trainable)
   assert float(jnp.abs(grads["lm_head"]["kernel"]).max()) > 0
+
+
+def test_optimizer_labels_follow_the_tree_it_is_given():
+  """`optimizer(tx, config)` has no params argument: the same transformation serves the whole tree and the split half."""
+  cfg, _, params = _setup(bias="lora_only")
+  tx = jlora.optimizer(optax.sgd(1.0), cfg)
+  trainable, _ = jlora.split(params, cfg)
+  for tree in (params, trainable):
+    grads = jax.tree.map(jnp.ones_like, tree)
+    updates, _ = tx.update(grads, tx.init(tree), tree)
+    for key, u in _flat(updates).items():
+      trains = key.endswith(("['lora_a']", "['lora_b']", "['query']['bias']", "['value']['bias']"))
+      assert np.all(np.asarray(u) == (-1.0 if trains else 0.0)), key
+  with pytest.raises(TypeError, match=r"takes a jlora\.LoraConfig second, got dict and more positional arguments.*"
+                                      r"`jlora\.optimizer\(tx, config\)`"):
+    jlora.optimizer(optax.sgd(1.0), params, cfg)

@@ -1,11 +1,11 @@
 """jlora: LoRA fine-tuning for JAX/Flax as transforms of parameter pytrees."""
 
+from jlora._apply_fn import lora_apply as lora_apply
 from jlora._config import LoraConfig as LoraConfig
-from jlora._config import TaskType as TaskType
+from jlora._fields import TaskType as TaskType
 from jlora._init import init_tree as init_tree
 from jlora._linen import apply as apply
 from jlora._linen import init as init
-from jlora._linen import lora_apply as lora_apply
 from jlora._merge import apply_merged as apply_merged
 from jlora._merge import merge as merge
 from jlora._merge import unmerge as unmerge

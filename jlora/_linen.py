@@ -17,7 +17,6 @@ cached trace would keep or lose LoRA behind the user's back).
 from __future__ import annotations
 
 import contextvars
-import dataclasses
 import warnings
 from collections.abc import Mapping
 from typing import Any
@@ -33,7 +32,7 @@ from jlora._init import add_adapters
 from jlora._targets import HEAD_NAMES, Site, path_str, selects
 from jlora._tree import Params, _check_tree, has_adapters
 
-__all__ = ["init", "apply", "lora_apply", "LoraApply"]
+__all__ = ["init", "apply"]
 
 # `apply` warns when a traced call carries more than this many bytes of concrete (closed-over) base leaves.
 CLOSED_OVER_WARN_BYTES = 16 * 2**20
@@ -307,54 +306,3 @@ def _warn_if_closed_over(params: Params) -> None:
         UserWarning,
         stacklevel=3,
     )
-
-
-@dataclasses.dataclass(frozen=True)
-class LoraApply:
-  """`fn(variables, *args, **kwargs)`: the factored LoRA forward of `model` in the `apply_fn` slot.
-
-  Takes a variables dict (`{'params': params_with_adapters, **other_collections}`),
-  as `model.apply` does, so it fits flax's `TrainState.apply_fn`,
-  `jlora.models.generate(apply_fn=...)` and loops written for `model.apply`.
-  Instances are immutable and compare equal when their model and config do, so
-  it is a static `jax.jit` argument that does not recompile per call.
-
-  Attributes:
-    model: the linen module.
-    config: the config the adapters were created with.
-  """
-
-  model: nn.Module
-  config: LoraConfig
-
-  def __call__(self, variables: Mapping[str, Any], *args, rngs: Mapping[str, jax.Array] | None = None,
-               **kwargs) -> Any:
-    if not isinstance(variables, Mapping) or "params" not in variables:
-      got = f"a mapping with keys {sorted(variables)}" if isinstance(variables, Mapping) else type(variables).__name__
-      raise TypeError(
-          f"`variables` must be a variables dict such as {{'params': params}} (as for model.apply), got {got}; "
-          "for a bare params tree call jlora.apply(model, params, config, ...)."
-      )
-    others = {k: v for k, v in variables.items() if k != "params"}
-    return apply(self.model, variables["params"], self.config, *args, rngs=rngs, variables=others, **kwargs)
-
-
-def lora_apply(model: nn.Module, config: LoraConfig) -> LoraApply:
-  """The LoRA forward as one hashable `apply_fn(variables, *args, **kwargs)`.
-
-  Example:
-    >>> import flax.linen as nn, jax, jax.numpy as jnp, jlora
-    >>> model, x = nn.Dense(4), jnp.ones((1, 8))
-    >>> config = jlora.LoraConfig(r=2, target_modules=".*")
-    >>> params = jlora.init(jax.random.key(1), model, model.init(jax.random.key(0), x)["params"], config, x)
-    >>> apply_fn = jlora.lora_apply(model, config)
-    >>> apply_fn({"params": params}, x).shape
-    (1, 4)
-    >>> apply_fn == jlora.lora_apply(model, config)  # a static jit argument: no recompiles
-    True
-
-  Raises:
-    TypeError: `model` is not a linen Module or `config` not a `LoraConfig`.
-  """
-  _check_args(model, config)
-  return LoraApply(model, config)

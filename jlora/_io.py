@@ -151,8 +151,14 @@ def _jlora_siblings(target: str, tag: str) -> list[str]:
   if not os.path.isdir(parent):
     return []
   prefix = f".{name}.jlora-{tag}-"
-  found = [os.path.join(parent, e) for e in os.listdir(parent) if e.startswith(prefix)]
-  return sorted(found, key=lambda p: os.stat(p, follow_symlinks=False).st_mtime_ns)  # oldest first
+  found = []
+  for entry in os.listdir(parent):
+    if entry.startswith(prefix):
+      try:  # another process may remove it meanwhile
+        found.append((os.stat(os.path.join(parent, entry), follow_symlinks=False).st_mtime_ns, entry))
+      except FileNotFoundError:
+        continue
+  return [os.path.join(parent, e) for _, e in sorted(found)]  # oldest first
 
 
 def _pid_alive(pid: int) -> bool:

@@ -1,54 +1,63 @@
-"""Adapter checkpoints with orbax: only the trainable leaves, written atomically.
+"""Adapter checkpoints: the trainable leaves, in versions that orbax commits atomically.
 
-A checkpoint is a directory:
+A checkpoint is a directory of versions, each an orbax `CheckpointManager` step::
 
-* `state/` — an orbax PyTree checkpoint of `jlora.split(params, config)[0]`: the
-  adapters (`lora_a: in_shape + (r,)`, `lora_b: (r,) + out_shape`, stacked
-  `(L, ...)` under `nn.scan`), the biases that `bias` trains and the
-  `modules_to_save` leaves. Never the frozen base.
-* `adapter_config.json` — `config.to_json()` (PEFT's config format).
-* `jlora_checkpoint.json` — format version, the path/shape/dtype of every
-  saved leaf, and a fingerprint of the base: the path, shape and dtype of every
-  leaf that is not an adapter.
+    path/
+      jlora_adapter.json        # marks the directory as a jlora adapter checkpoint
+      7/                        # the newest complete version (orbax step 7)
+        state/                  # jlora.split(params, config)[0], orbax StandardSave
+        meta/metadata           # JSON: config, leaf shapes/dtypes/SHA-256, base fingerprint
+        _CHECKPOINT_METADATA, commit_success.txt                      (orbax's own)
+      8.orbax-checkpoint-tmp-…  # a save in progress, or killed: never read
 
-`save_adapter` writes everything into a temporary directory beside the target
-and only then renames it into place (an atomic exchange with the previous
-checkpoint where the OS supports it), so a save that is interrupted at any point
-leaves the previous checkpoint intact and loadable. Single-process only: under
-multi-host `jax.distributed` orbax needs every process to take part, which this
-rename protocol does not coordinate.
+`state` holds the adapters (`lora_a: in_shape + (r,)`, `lora_b: (r,) + out_shape`,
+stacked `(L, ...)` under `nn.scan`), the biases that `bias` trains and the
+`modules_to_save` leaves; never the frozen base, only its fingerprint (path,
+shape and dtype of each base leaf, and with `base_checksums=True` a SHA-256 of
+its contents). `meta` carries its own SHA-256.
+
+**Interruption.** Orbax writes a version into a temporary directory and commits
+it in one step (a rename; a `commit_success.txt` on object stores); the previous
+version is deleted only after that, so a save killed at any point leaves the
+previous version or the new one. Readers take the newest committed version.
+**Concurrency.** One writer at a time; any number of readers: a reader whose
+version is replaced while it reads retries on the newer one.
+**Corruption.** Every leaf is checked against its SHA-256 at load; anything
+unreadable is a `ValueError` naming the checkpoint, never different numbers.
+Orbax is imported only when a checkpoint is saved or loaded.
 """
 
 from __future__ import annotations
 
 import contextlib
-import ctypes
-import errno
 import hashlib
 import json
 import os
-import shutil
 import sys
-import uuid
-from collections.abc import Mapping
+import time
+from collections.abc import Iterator, Mapping
 from typing import Any
 
 import jax
 import numpy as np
-import orbax.checkpoint as ocp
-from jax.sharding import NamedSharding, PartitionSpec, SingleDeviceSharding
 
-from jlora import _ops
+from jlora import _integrity, _io
 from jlora._config import LoraConfig
-from jlora._tree import LORA_KEYS, Params, _check_tree, adapted_modules, flatten, kernel_key, split, unflatten
+from jlora._placement import Shardings, abstract_tree
+from jlora._tree import LORA_KEYS, Params, _check_tree, adapters, flatten, split, unflatten
 
 __all__ = ["save_adapter", "load_adapter"]
 
-FORMAT = "jlora.adapter"
-VERSION = 1
-_STATE, _CONFIG, _META = "state", "adapter_config.json", "jlora_checkpoint.json"
+FORMAT, VERSION = "jlora.adapter", 2
+MARKER = "jlora_adapter.json"
+_V1 = "jlora_checkpoint.json"  # the metadata file of format 1 (one orbax checkpoint, renamed into place)
+_ITEMS = ("state", "meta")
+_ATTEMPTS = 20  # reads retried while a concurrent save keeps replacing the newest version
 Path = tuple[str, ...]
-Shardings = jax.sharding.Sharding | Mapping[str, Any] | None
+
+
+class _Unreadable(ValueError):
+  """The files of a version are not what was committed (or vanished while being read)."""
 
 
 # ------------------------------------------------------------------ tree helpers
@@ -57,254 +66,244 @@ def strip_adapters(params: Params) -> dict[Path, Any]:
   return {p: v for p, v in flatten(params).items() if p[-1] not in LORA_KEYS}
 
 
-def _spec(leaf: Any) -> list:
-  return [list(np.shape(leaf)), np.dtype(leaf.dtype).name]
-
-
 def fingerprint(base: Mapping[Path, Any]) -> dict[str, list]:
   """`{'a/b/kernel': [shape, dtype]}` of the base leaves, sorted by path."""
-  return {"/".join(p): _spec(v) for p, v in sorted(base.items())}
+  return {"/".join(p): [list(np.shape(v)), np.dtype(v.dtype).name] for p, v in sorted(base.items())}
 
 
-def _digest(fp: Mapping[str, list]) -> str:
-  return hashlib.sha256(json.dumps(fp, sort_keys=True).encode()).hexdigest()
+def _checkable(flat: Mapping[Path, Any]) -> dict[Path, Any]:
+  """The leaves this process can hash (all of them except arrays spread over several processes)."""
+  return {p: v for p, v in flat.items() if getattr(v, "is_fully_addressable", True)}
 
 
-def _first_mismatch(saved: Mapping[str, list], given: Mapping[str, list]) -> str:
-  diffs = []
-  for path in sorted(set(saved) | set(given)):
-    if path not in given:
-      diffs.append(f"{path!r}: in the checkpoint's base {tuple(saved[path][0])} {saved[path][1]}, absent from `params`")
-    elif path not in saved:
-      diffs.append(f"{path!r}: in `params` {tuple(given[path][0])} {given[path][1]}, absent from the checkpoint's base")
-    elif saved[path][0] != given[path][0]:
-      diffs.append(f"{path!r}: shape {tuple(saved[path][0])} in the checkpoint's base, {tuple(given[path][0])} given")
-    elif saved[path][1] != given[path][1]:
-      diffs.append(f"{path!r}: dtype {saved[path][1]} in the checkpoint's base, {given[path][1]} given")
-  more = f" (and {len(diffs) - 1} more mismatches)" if len(diffs) > 1 else ""
-  return diffs[0] + more
+def _seal(body: dict) -> str:
+  return hashlib.sha256(json.dumps(body, sort_keys=True, separators=(",", ":")).encode()).hexdigest()
 
 
-# --------------------------------------------------------------- atomic writes
-def _tmp_name(target: str, tag: str) -> str:
-  parent, name = os.path.split(os.path.abspath(target))
-  return os.path.join(parent, f".{name}.jlora-{tag}-{os.getpid()}-{uuid.uuid4().hex[:8]}")
+# ------------------------------------------------------------------- container
+def _container(path: str | os.PathLike) -> str:
+  return os.path.abspath(os.fspath(path))
 
 
-def _pid_alive(pid: int) -> bool:
-  try:
-    os.kill(pid, 0)
-  except ProcessLookupError:
-    return False
-  except PermissionError:
-    return True
-  return True
+def _check_target(root: str) -> None:
+  """Raises unless `root` is absent, an empty directory, or a checkpoint jlora wrote (it holds `MARKER`)."""
+  if not os.path.lexists(root):
+    return
+  if not os.path.isdir(root) or os.path.islink(root):
+    raise ValueError(f"`path`: {root!r} exists and is not a directory; jlora writes adapter checkpoints into a "
+                     "directory of its own. Choose a new path.")
+  if os.path.isfile(os.path.join(root, MARKER)):
+    return
+  _io.recover(os.path.join(root, MARKER))  # removes the temporary marker file of a first save that was killed
+  entries = sorted(os.listdir(root))
+  if not entries:
+    return
+  if _V1 in entries:
+    raise ValueError(f"`path`: {root!r} is an adapter checkpoint of an older jlora (format 1, {_V1}), which this "
+                     "version neither reads nor replaces. Save to a new path.")
+  shown = ", ".join(entries[:8]) + (f" … and {len(entries) - 8} more" if len(entries) > 8 else "")
+  raise ValueError(
+      f"`path`: {root!r} holds files that are not a jlora adapter checkpoint ({shown}; no {MARKER}); jlora only "
+      "replaces checkpoints it wrote, so nothing of yours is overwritten or deleted. Choose a new or empty directory."
+  )
 
 
-def _clean_stale(target: str) -> None:
-  """Removes temporary directories left beside `target` by writers that died (e.g. SIGKILL)."""
-  parent, name = os.path.split(os.path.abspath(target))
-  prefix = f".{name}.jlora-"
-  for entry in os.listdir(parent):
-    if entry.startswith(prefix):
-      try:
-        pid = int(entry[len(prefix):].split("-")[1])
-      except (IndexError, ValueError):
-        continue
-      if pid != os.getpid() and not _pid_alive(pid):
-        shutil.rmtree(os.path.join(parent, entry), ignore_errors=True)
+def _versions(root: str) -> list[int]:
+  """The committed versions in `root`, oldest first (orbax's rule: temporary directories are not committed)."""
+  from orbax.checkpoint.path import step as step_lib
 
-
-_RENAME_EXCHANGE = 2
-
-
-def _exchange(a: str, b: str) -> bool:
-  """Atomically swaps two paths with Linux `renameat2(RENAME_EXCHANGE)`; False where unsupported."""
-  if not sys.platform.startswith("linux"):
-    return False
-  try:
-    libc = ctypes.CDLL(None, use_errno=True)
-    fn = libc.renameat2
-  except (OSError, AttributeError):
-    return False
-  at_fdcwd = -100
-  if fn(at_fdcwd, a.encode(), at_fdcwd, b.encode(), _RENAME_EXCHANGE) == 0:
-    return True
-  err = ctypes.get_errno()
-  if err in (errno.EINVAL, errno.ENOSYS, errno.ENOTSUP, errno.EOPNOTSUPP, errno.EXDEV):
-    return False
-  raise OSError(err, os.strerror(err), b)
-
-
-def _fsync_dir(path: str) -> None:
-  with contextlib.suppress(OSError):
-    fd = os.open(path, os.O_RDONLY)
-    try:
-      os.fsync(fd)
-    finally:
-      os.close(fd)
-
-
-def _finalize(tmp: str, target: str) -> None:
-  """Moves the fully written `tmp` directory to `target`, replacing a previous checkpoint.
-
-  With `renameat2(RENAME_EXCHANGE)` the swap is one atomic step. Elsewhere the old
-  checkpoint is first renamed to a `.jlora-previous-*` sibling, which
-  `load_adapter` falls back on if the process dies between the two renames.
-  """
-  if not os.path.lexists(target):
-    os.rename(tmp, target)
-  elif _exchange(tmp, target):
-    shutil.rmtree(tmp, ignore_errors=True)  # tmp now holds the previous checkpoint
-  else:
-    backup = _tmp_name(target, "previous")
-    os.rename(target, backup)
-    os.rename(tmp, target)
-    shutil.rmtree(backup, ignore_errors=True)
-  _fsync_dir(os.path.dirname(os.path.abspath(target)))
-
-
-def _recover(target: str) -> str:
-  """`target`, or the previous checkpoint that an interrupted non-atomic swap left beside it."""
-  if os.path.isdir(target):
-    return target
-  parent, name = os.path.split(os.path.abspath(target))
-  if os.path.isdir(parent):
-    backups = sorted(e for e in os.listdir(parent) if e.startswith(f".{name}.jlora-previous-"))
-    for entry in backups:
-      if os.path.isfile(os.path.join(parent, entry, _META)):
-        return os.path.join(parent, entry)
-  raise ValueError(f"`path`: no adapter checkpoint at {os.fspath(target)!r} (no such directory).")
+  return sorted(m.step for m in step_lib.standard_name_format().find_all(root))
 
 
 # ------------------------------------------------------------------------ save
-def save_adapter(path: str | os.PathLike, params: Params, config: LoraConfig) -> None:
-  """Saves the trainable part of `params` and `config` as an orbax checkpoint directory.
+def save_adapter(path: str | os.PathLike, params: Params, config: LoraConfig, *, base_checksums: bool = False) -> None:
+  """Saves the trainable part of `params` and `config` as a new version of the checkpoint at `path`.
 
   Only `jlora.split(params, config)[0]` is written: the adapters
   (`lora_a: in_shape + (r,)`, `lora_b: (r,) + out_shape`, with leading scan axes
   when stacked), the biases that `config.bias` trains and the `modules_to_save`
-  leaves, in their own dtypes (orbax's zstd-compressed chunks: the files are at
-  most the raw adapter bytes plus a few kB of metadata); the frozen base is never
-  written, only its fingerprint (path, shape and dtype of each base leaf). The
-  write is atomic: everything goes to a temporary directory beside `path`, which
-  then replaces `path` in one rename, so an interrupted save leaves the previous
-  checkpoint intact.
+  leaves, in their own dtypes, each with a SHA-256; the frozen base is never
+  written, only its fingerprint. The version is committed by orbax in one step
+  and the previous version is deleted after it, so a save interrupted at any
+  point leaves the previous checkpoint loadable (see the module docstring).
 
   Args:
-    path: the checkpoint directory (created or replaced).
+    path: the checkpoint directory: absent, empty, or a checkpoint jlora wrote.
     params: the params with adapters, e.g. `jlora.combine(trainable, frozen)`.
     config: the config the adapters were created with.
+    base_checksums: also store a SHA-256 of every frozen base leaf, so that
+      `load_adapter` refuses a base of the same shapes with other weights. Costs
+      one pass over the base (fetched to the host), at save and at load.
 
   Raises:
     TypeError: `params` is not a nested dict or `config` not a `LoraConfig`.
-    ValueError: `params` holds nothing trainable, or an adapter does not fit its
-      kernel or the config's rank.
+    ValueError: `path` is a file or a directory jlora did not write (nothing
+      is changed), `params` holds nothing trainable, or an adapter does not fit
+      its kernel or the config's rank.
 
   Example:
-    >>> jlora.save_adapter("ckpt/step_100", params, config)            # doctest: +SKIP
-    >>> params, config = jlora.load_adapter("ckpt/step_100", base)     # doctest: +SKIP
+    >>> jlora.save_adapter("ckpt/adapter", params, config)            # doctest: +SKIP
+    >>> params, config = jlora.load_adapter("ckpt/adapter", base)     # doctest: +SKIP
   """
   _check_tree(params)
   if not isinstance(config, LoraConfig):
     raise TypeError(f"`config` must be a jlora.LoraConfig, got {type(config).__name__}.")
-  for mpath, node in adapted_modules(params):
-    kernel = node[kernel_key(mpath, node)]
-    where = "/".join(mpath)
-    _ops.check_adapter(where, kernel.shape, node["lora_a"].shape, node["lora_b"].shape, config.rank_for(where))
-  trainable, _ = split(params, config)
+  if not isinstance(base_checksums, bool):
+    raise TypeError(f"`base_checksums` must be True or False, got {base_checksums!r}.")
+  for _ in adapters(params, config):  # each adapter checked against its kernel and rank
+    pass
+  trainable, frozen = split(params, config)
   if not trainable:
     raise ValueError(
         "save_adapter: `params` holds no trainable leaf (no lora_a/lora_b, no trained bias or modules_to_save); "
         "pass the params with adapters, e.g. jlora.combine(trainable, frozen)."
     )
-  base_fp = fingerprint(strip_adapters(params))
-  meta = {
-      "format": FORMAT,
-      "version": VERSION,
-      "trainable": {"/".join(p): _spec(v) for p, v in sorted(flatten(trainable).items())},
-      "base_sha256": _digest(base_fp),
-      "base": base_fp,
+  root = _container(path)
+  _check_target(root)
+  base = strip_adapters(params)
+  flat = flatten(trainable)
+  frozen = flatten(frozen)
+  if base_checksums and len(_checkable(frozen)) < len(frozen):
+    raise ValueError("save_adapter: `base_checksums=True` needs every base leaf on this process; some are spread "
+                     "over several processes. Save without it.")
+  body = {
+      "format": FORMAT, "version": VERSION, "config": config.to_dict(),
+      "trainable": fingerprint(flat), "trainable_sha256": _integrity.digests(_checkable(flat)),
+      "base": fingerprint(base), "base_sha256": _integrity.digests(frozen) if base_checksums else None,
   }
-  target = os.path.abspath(os.fspath(path))
-  os.makedirs(os.path.dirname(target), exist_ok=True)
-  _clean_stale(target)
-  tmp = _tmp_name(target, "tmp")
-  try:
-    os.makedirs(tmp)
-    ocp.PyTreeCheckpointer().save(os.path.join(tmp, _STATE), trainable)
-    config.to_json(os.path.join(tmp, _CONFIG))
-    with open(os.path.join(tmp, _META), "w", encoding="utf-8") as f:
-      json.dump(meta, f)
-      f.flush()
-      os.fsync(f.fileno())
-    _fsync_dir(tmp)
-    _finalize(tmp, target)
-  except BaseException:
-    shutil.rmtree(tmp, ignore_errors=True)
-    raise
+  meta = {**body, "sha256": _seal(body)}
+  if not os.path.isfile(os.path.join(root, MARKER)):
+    if jax.process_index() == 0:  # written atomically, into the directory itself (never replaced: it may be the cwd)
+      os.makedirs(root, exist_ok=True)
+      _io.write_json(os.path.join(root, MARKER), {"format": FORMAT, "version": VERSION,
+                                                  "layout": "orbax CheckpointManager steps: state/ and meta/"})
+    if jax.process_count() > 1:  # the others wait for the container before orbax writes into it
+      from jax.experimental import multihost_utils
+
+      multihost_utils.sync_global_devices("jlora.save_adapter: container")
+  import orbax.checkpoint as ocp
+
+  options = ocp.CheckpointManagerOptions(max_to_keep=1, enable_async_checkpointing=False, cleanup_tmp_directories=True,
+                                         save_root_metadata=False)
+  with ocp.CheckpointManager(root, item_names=_ITEMS, options=options) as manager:
+    manager.save((manager.latest_step() or 0) + 1, force=True,
+                 args=ocp.args.Composite(state=ocp.args.StandardSave(trainable), meta=ocp.args.JsonSave(meta)))
 
 
 # ------------------------------------------------------------------------ load
-def _as_sharding(value: Any, where: str) -> jax.sharding.Sharding:
-  if not isinstance(value, jax.sharding.Sharding):
-    raise TypeError(f"`shardings` at {where!r} must be a jax.sharding.Sharding, got {type(value).__name__}.")
-  return value
+def _base_mismatch(meta: Mapping[str, Any], base: Mapping[Path, Any]) -> str | None:
+  """Which check of the base fails (paths, shapes, dtypes, contents) and at which first leaf; None if none."""
+  saved, given = meta["base"], fingerprint(base)
+  only_saved, only_given = sorted(set(saved) - set(given)), sorted(set(given) - set(saved))
+  if only_saved or only_given:
+    n = len(only_saved) + len(only_given)
+    first = (f"{only_saved[0]!r} is in the checkpoint's base but not in `params`" if only_saved else
+             f"{only_given[0]!r} is in `params` but not in the checkpoint's base")
+    return f"paths: {first}{f' ({n - 1} more differ)' if n > 1 else ''}"
+  for i, check in enumerate(("shapes", "dtypes")):
+    bad = [p for p in saved if saved[p][i] != given[p][i]]
+    if bad:
+      show = (lambda v: str(tuple(v))) if i == 0 else str
+      more = f" ({len(bad) - 1} more differ)" if len(bad) > 1 else ""
+      return f"{check}: {bad[0]!r} is {show(saved[bad[0]][i])} in the checkpoint's base, {show(given[bad[0]][i])} " \
+             f"in `params`{more}"
+  if meta.get("base_sha256"):  # the frozen leaves only: trained biases and saved modules differ from the base's
+    for p, expected in sorted(meta["base_sha256"].items()):
+      if _integrity.digest(base[tuple(p.split("/"))]) != expected:
+        return f"contents: {p!r} holds other values than the base the adapter was saved with (SHA-256 differs)"
+  return None
 
 
-def _device_sharding(leaf: Any) -> jax.sharding.Sharding:
-  sharding = getattr(leaf, "sharding", None)
-  if isinstance(sharding, jax.sharding.Sharding):
-    devices = sorted(sharding.device_set, key=lambda d: d.id)
-    if len(devices) == 1:
-      return SingleDeviceSharding(devices[0])
-    return NamedSharding(jax.sharding.Mesh(np.array(devices), ("d",)), PartitionSpec())
-  return SingleDeviceSharding(jax.devices()[0])
+@contextlib.contextmanager
+def _quiet_closed_loop() -> Iterator[None]:
+  """Silences the "Event loop is closed" reports that follow a failed orbax read (and nothing else).
 
-
-def default_sharding(path: Path, shapes: Mapping[Path, tuple], base: Mapping[Path, Any]) -> jax.sharding.Sharding:
-  """Where a restored leaf goes when no sharding is given.
-
-  Adapters inherit the partitioning of their kernel (a `NamedSharding`): `A` keeps
-  the kernel's input-axis (and stack-axis) specs and replicates `r`; `B`
-  replicates `r` and keeps the output-axis specs. A bias or `modules_to_save`
-  leaf takes the sharding of the base leaf it replaces. Anything else goes to
-  the kernel's device, or the default device.
+  When one read of a damaged checkpoint fails, orbax closes its event loop while
+  tensorstore still completes the other reads; their callbacks then hit the
+  closed loop on tensorstore's threads and Python prints each as an unraisable
+  exception. While a restore runs (and briefly after a failed one), this hook
+  drops exactly those and passes everything else to the previous hook.
   """
-  if path[-1] not in LORA_KEYS:
-    return _device_sharding(base.get(path))
-  module = path[:-1]
-  name = next((k for k in ("kernel", "embedding", "w", "weight") if (*module, k) in base), None)
-  kernel = base.get((*module, name)) if name else None
-  sharding = getattr(kernel, "sharding", None)
-  if not isinstance(sharding, NamedSharding):
-    return _device_sharding(kernel)
-  k_shape = tuple(kernel.shape)
-  spec = tuple(sharding.spec) + (None,) * (len(k_shape) - len(sharding.spec))
-  a_shape, b_shape = shapes[(*module, "lora_a")], shapes[(*module, "lora_b")]
-  layout, s = _ops.layout(a_shape, b_shape, k_shape)
-  own = a_shape if path[-1] == "lora_a" else b_shape
-  if layout == "broadcast":
-    out = tuple(p if own[i] == k_shape[i] else None for i, p in enumerate(spec)) + (None,)
-  else:
-    n_in = len(a_shape) - 1 - s
-    out = spec[: s + n_in] + (None,) if path[-1] == "lora_a" else spec[:s] + (None,) + spec[s + n_in:]
-  return NamedSharding(sharding.mesh, PartitionSpec(*out))
+  previous = sys.unraisablehook
+
+  def hook(report: Any) -> None:
+    if not (isinstance(report.exc_value, RuntimeError) and str(report.exc_value) == "Event loop is closed"):
+      previous(report)
+
+  sys.unraisablehook = hook
+  try:
+    yield
+  except BaseException:
+    time.sleep(0.05)  # the reads still in flight report within milliseconds
+    raise
+  finally:
+    if sys.unraisablehook is hook:
+      sys.unraisablehook = previous
 
 
-def load_adapter(path: str | os.PathLike, params: Params, *,
-                 shardings: Shardings = None) -> tuple[dict, LoraConfig]:
-  """Loads an adapter saved by `save_adapter` onto a base, checking that the base matches.
+def _restore(root: str, version: int, item: str, args: Any) -> Any:
+  """One item of a version, read by orbax; any failure to read it is an `_Unreadable`."""
+  import orbax.checkpoint as ocp
+
+  try:
+    with _quiet_closed_loop(), ocp.Checkpointer(ocp.CompositeCheckpointHandler()) as ckptr:
+      return ckptr.restore(os.path.join(root, str(version)), args=ocp.args.Composite(**{item: args}))[item]
+  except Exception as e:  # orbax / tensorstore / JSON errors of damaged or vanishing files
+    first = str(e).strip().splitlines()[0][:300] if str(e).strip() else ""
+    raise _Unreadable(f"its {item!r} item could not be read ({type(e).__name__}: {first})") from None
+
+
+def _read_meta(root: str, version: int) -> dict:
+  import orbax.checkpoint as ocp
+
+  meta = _restore(root, version, "meta", ocp.args.JsonRestore())
+  body = {k: v for k, v in meta.items() if k != "sha256"} if isinstance(meta, dict) else None
+  if body is None or meta.get("sha256") != _seal(body):
+    raise _Unreadable("its metadata does not match its SHA-256")
+  if body.get("format") != FORMAT or not isinstance(body.get("version"), int) or body["version"] > VERSION:
+    raise ValueError(f"`path`: {root!r} has format {body.get('format')!r} version {body.get('version')!r}; this "
+                     f"jlora reads {FORMAT!r} up to version {VERSION}. Upgrade jlora.")
+  return body
+
+
+def _load_version(root: str, version: int, params: Params, shardings: Shardings) -> tuple[dict, LoraConfig]:
+  import orbax.checkpoint as ocp
+
+  meta = _read_meta(root, version)
+  base = strip_adapters(params)
+  problem = _base_mismatch(meta, base)
+  if problem is not None:
+    raise ValueError(
+        f"load_adapter: `params` is not the base this adapter was saved with (check failed: {problem}). "
+        "Load the base model the adapter was trained on."
+    )
+  config = LoraConfig.from_dict(meta["config"])
+  specs = {tuple(k.split("/")): v for k, v in meta["trainable"].items()}
+  shapes = {p: tuple(v[0]) for p, v in specs.items()}
+  abstract = abstract_tree(specs, params, shardings)
+  restored = flatten(_restore(root, version, "state", ocp.args.StandardRestore(abstract)))
+  if set(restored) != set(shapes) or any(tuple(np.shape(v)) != shapes[p] for p, v in restored.items()):
+    raise _Unreadable("its state does not hold the leaves its metadata lists")
+  expected = meta["trainable_sha256"]
+  got = _integrity.digests({p: v for p, v in _checkable(restored).items() if "/".join(p) in expected})
+  bad = sorted(p for p, digest in got.items() if digest != expected[p])
+  if bad:
+    raise _Unreadable(f"leaf {bad[0]!r} does not match its checksum{f' ({len(bad) - 1} more)' if len(bad) > 1 else ''}")
+  return unflatten({**base, **restored}), config
+
+
+def load_adapter(path: str | os.PathLike, params: Params, *, shardings: Shardings = None) -> tuple[dict, LoraConfig]:
+  """Loads the newest version of an adapter checkpoint onto a base, checking that the base matches.
 
   Args:
-    path: the checkpoint directory.
+    path: the checkpoint directory written by `save_adapter`.
     params: the base params (without adapters), or a tree that already holds
       adapters: those, and the trained biases / `modules_to_save` leaves, are
       replaced by the checkpoint's.
     shardings: where to restore the leaves: one `jax.sharding.Sharding` for all,
       or a nested dict shaped like the saved trainable tree (missing entries use
       the default). By default each adapter inherits its kernel's
-      `NamedSharding` (see `default_sharding`), so arrays are restored directly
+      `NamedSharding` (see `jlora._placement`), so arrays are restored directly
       into their shards.
 
   Returns:
@@ -312,45 +311,41 @@ def load_adapter(path: str | os.PathLike, params: Params, *,
     checkpoint's trainable leaves, and the `LoraConfig` saved with them.
 
   Raises:
-    ValueError: no checkpoint at `path`, an unknown format, or a base whose
-      leaves differ from the one the adapter was saved with (the message names
-      the first mismatching path and whether shape, dtype or presence differs).
+    ValueError: no checkpoint at `path`; a base that differs from the one the
+      adapter was saved with (the message names the check that failed: paths,
+      shapes, dtypes or, when saved with `base_checksums=True`, contents; and
+      the first leaf); files that are damaged (a leaf's SHA-256 differs, or
+      orbax cannot read them; the message names the checkpoint and version).
   """
   _check_tree(params)
-  where = _recover(os.path.abspath(os.fspath(path)))
-  meta_file = os.path.join(where, _META)
-  if not os.path.isfile(meta_file):
-    raise ValueError(f"`path`: {os.fspath(path)!r} is not a jlora adapter checkpoint (no {_META}).")
-  with open(meta_file, encoding="utf-8") as f:
-    meta = json.load(f)
-  if meta.get("format") != FORMAT or meta.get("version", 0) > VERSION:
-    raise ValueError(
-        f"`path`: {os.fspath(path)!r} has format {meta.get('format')!r} version {meta.get('version')!r}; "
-        f"this jlora reads {FORMAT!r} up to version {VERSION}."
-    )
-  config = LoraConfig.from_json(os.path.join(where, _CONFIG))
-  base = strip_adapters(params)
-  given = fingerprint(base)
-  if _digest(given) != meta["base_sha256"]:
-    raise ValueError(
-        f"load_adapter: `params` is not the base this adapter was saved with: {_first_mismatch(meta['base'], given)}. "
-        "Load the base model the adapter was trained on."
-    )
-  shapes = {tuple(k.split("/")): tuple(v[0]) for k, v in meta["trainable"].items()}
-  abstract = {}
-  for p, shape in shapes.items():
-    joined = "/".join(p)
-    if isinstance(shardings, jax.sharding.Sharding):
-      sharding = shardings
-    else:
-      node: Any = shardings
-      for key in p:
-        node = node.get(key) if isinstance(node, Mapping) else None
-      sharding = _as_sharding(node, joined) if node is not None else default_sharding(p, shapes, base)
-    abstract[p] = jax.ShapeDtypeStruct(shape, np.dtype(meta["trainable"][joined][1]), sharding=sharding)
-  item = unflatten(abstract)
-  restored = ocp.PyTreeCheckpointer().restore(
-      os.path.join(where, _STATE),
-      args=ocp.args.PyTreeRestore(item=item, restore_args=ocp.checkpoint_utils.construct_restore_args(item)),
-  )
-  return unflatten({**base, **flatten(restored)}), config
+  root = _container(path)
+  if not os.path.isdir(root):
+    raise ValueError(f"`path`: no adapter checkpoint at {os.fspath(path)!r} (no such directory).")
+  if not os.path.isfile(os.path.join(root, MARKER)):
+    old = f" It is one of an older jlora (format 1, {_V1}), which this version does not read." if os.path.isfile(
+        os.path.join(root, _V1)) else ""
+    raise ValueError(f"`path`: {os.fspath(path)!r} is not a jlora adapter checkpoint (no {MARKER}).{old} Write one "
+                     "with jlora.save_adapter.")
+  seen, empty = None, 0
+  for _ in range(_ATTEMPTS):
+    versions = _versions(root)
+    if not versions:
+      empty += 1  # a listing that races a commit (new version not yet seen, old one deleted) can come back empty
+      if empty < 5:
+        time.sleep(0.02)
+        continue
+      raise ValueError(f"`path`: the adapter checkpoint {root!r} holds no complete version (its first save did not "
+                       "finish); save it again.")
+    try:
+      return _load_version(root, versions[-1], params, shardings)
+    except _Unreadable as e:
+      if _versions(root)[-1:] == versions[-1:]:  # nothing replaced it while we read: the files are damaged
+        raise ValueError(
+            f"load_adapter: version {versions[-1]} of the adapter checkpoint {root!r} is damaged: {e}. The files "
+            "changed after they were written (disk or copy error) or cannot be read; restore the checkpoint from a "
+            "good copy."
+        ) from None
+      seen = e
+      time.sleep(0.01)
+  raise ValueError(f"load_adapter: {root!r} was replaced by new saves {_ATTEMPTS} times while being read (last: "
+                   f"{seen}); load it when the writer pauses.")

@@ -1,21 +1,23 @@
-"""Orbax adapter checkpoints: round trips, atomic saves under failure and SIGKILL, size, base checks, shardings."""
+"""Adapter checkpoints: round trips, layout, failed saves, refusals, checksums and bit flips, base checks, shardings.
 
+Saves killed at random points and loads racing a saver are in `test_faults.py`.
+"""
+
+import json
 import os
-import signal
+import random
 import subprocess
 import sys
 import textwrap
-import time
 
 import jax
 import jax.numpy as jnp
 import numpy as np
-import optax
 import pytest
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
 import jlora
-from jlora import checkpoint
+from jlora import _integrity, checkpoint
 from jlora.checkpoint import load_adapter, save_adapter
 from tests import zoo
 
@@ -48,20 +50,13 @@ def _same_trees(a, b):
     np.testing.assert_array_equal(np.asarray(x), np.asarray(y))
 
 
-def _train(case, params, cfg, steps=3):
+def _as_trained(params, cfg):
+  """Every trainable leaf (adapters, trained biases, saved modules) moved by noise, as training would move it."""
   trainable, frozen = jlora.split(params, cfg)
-  tx = optax.adam(1e-2)
-  state = tx.init(trainable)
-
-  @jax.jit
-  def step(t, s):
-    grads = jax.grad(lambda t: jnp.mean(jlora.apply(case.model, jlora.combine(t, frozen), cfg, case.inputs) ** 2))(t)
-    updates, s = tx.update(grads, s, t)
-    return optax.apply_updates(t, updates), s
-
-  for _ in range(steps):
-    trainable, state = step(trainable, state)
-  return jlora.combine(trainable, frozen)
+  leaves, treedef = jax.tree.flatten(trainable)
+  keys = jax.random.split(jax.random.key(3), len(leaves))
+  moved = [x + 0.1 * jax.random.normal(k, x.shape, x.dtype) for x, k in zip(leaves, keys)]
+  return jlora.combine(jax.tree.unflatten(treedef, moved), frozen)
 
 
 @pytest.mark.parametrize("name", ["mlp", "attention", "einsum", "conv", "embed"])  # scan: below
@@ -74,14 +69,14 @@ def test_round_trip_every_layer_kind(tmp_path, name):
 
 
 @pytest.mark.parametrize("name", ["mlp", "scan"])
-def test_round_trip_after_training(tmp_path, name):
+def test_round_trip_of_trained_leaves(tmp_path, name):
   extra = {"bias": "all", "modules_to_save": ["head"], "target_modules": ["fc_0", "fc_1"]} if name == "mlp" \
       else {"bias": "lora_only"}
   case, base, cfg, params = _setup(name, **extra)
-  trained = _train(case, params, cfg)
+  trained = _as_trained(params, cfg)
   moved = ["fc_0/lora_b", "fc_0/bias", "head/kernel"] if name == "mlp" else ["layers/up/lora_a", "layers/up/bias"]
   for path in moved:
-    a, b = (jlora.checkpoint.flatten(t)[tuple(path.split("/"))] for t in (trained, params))
+    a, b = (jlora._tree.flatten(t)[tuple(path.split("/"))] for t in (trained, params))
     assert not np.allclose(a, b), path
   save_adapter(tmp_path / "ckpt", trained, cfg)
   loaded, cfg2 = load_adapter(tmp_path / "ckpt", base)
@@ -114,81 +109,207 @@ def test_only_trainable_leaves_are_written_and_size_is_raw_bytes(tmp_path):
   assert on_disk < base_bytes / 4
 
 
-def test_failure_during_save_keeps_previous_checkpoint(tmp_path, monkeypatch):
-  _, base, cfg, first = _setup("mlp", key=1)
-  _, _, _, second = _setup("mlp", key=2)
-  save_adapter(tmp_path / "ckpt", first, cfg)
+def _numpy_params(version, width=64, r=8):
+  """A model-free params tree (numpy) whose adapters and bias differ with `version`."""
+  base, rng = np.random.default_rng(0), np.random.default_rng(version)
+  return {"fc": {"kernel": base.standard_normal((width, width), np.float32), "bias": rng.standard_normal(width, np.float32),
+                 "lora_a": rng.standard_normal((width, r), np.float32), "lora_b": rng.standard_normal((r, width), np.float32)}}
 
-  def fail(tmp, target):
-    assert os.path.isfile(os.path.join(tmp, "jlora_checkpoint.json"))  # the new checkpoint was fully written
+
+def _numpy_base(width=64):
+  """The base `_numpy_params` were made on: the same kernel, its own (untrained) bias."""
+  return {"fc": {"kernel": _numpy_params(0, width)["fc"]["kernel"], "bias": np.zeros(width, np.float32)}}
+
+
+NUMPY_CFG = jlora.LoraConfig(r=8, target_modules=["fc"], bias="all")
+
+
+def _files(path):
+  return {os.path.relpath(os.path.join(d, f), path) for d, _, fs in os.walk(path) for f in fs}
+
+
+def test_on_disk_layout_versions_and_metadata(tmp_path):
+  target = tmp_path / "ckpt"
+  for version in (1, 2, 3):
+    save_adapter(target, _numpy_params(version), NUMPY_CFG)
+  # A marker, and only the newest orbax step: each save commits a new step, then deletes the older ones.
+  assert sorted(os.listdir(target)) == ["3", "jlora_adapter.json"]
+  assert json.loads((target / "jlora_adapter.json").read_text())["format"] == "jlora.adapter"
+  files = _files(target / "3")
+  assert {"meta/metadata", "state/_METADATA", "commit_success.txt"} <= files
+  meta = json.loads((target / "3" / "meta" / "metadata").read_text())
+  assert meta["config"] == NUMPY_CFG.to_dict() and meta["version"] == 2
+  trainable = jlora.split(_numpy_params(3), NUMPY_CFG)[0]
+  assert meta["trainable_sha256"] == _integrity.digests(jlora._tree.flatten(trainable))
+  assert meta["base"] == {"fc/bias": [[64], "float32"], "fc/kernel": [[64, 64], "float32"]}
+  assert meta["base_sha256"] is None
+  loaded, cfg = load_adapter(target, _numpy_base())
+  _same_trees(jax.tree.map(np.asarray, loaded), _numpy_params(3))
+  assert cfg == NUMPY_CFG
+
+
+def test_failure_during_save_keeps_previous_checkpoint(tmp_path, monkeypatch):
+  from orbax.checkpoint._src.path import atomicity
+
+  target = tmp_path / "ckpt"
+
+  async def fail(self):
     raise OSError("disk on fire")
 
-  monkeypatch.setattr(checkpoint, "_finalize", fail)
+  monkeypatch.setattr(atomicity.AtomicRenameTemporaryPath, "finalize", fail)
   with pytest.raises(OSError, match="disk on fire"):
-    save_adapter(tmp_path / "ckpt", second, cfg)
-  assert os.listdir(tmp_path) == ["ckpt"]  # the temporary directory is gone
-  _same_trees(load_adapter(tmp_path / "ckpt", base)[0], first)
+    save_adapter(target, _numpy_params(1), NUMPY_CFG)  # the first save: nothing to keep, nothing loadable
+  with pytest.raises(ValueError, match="holds no complete version"):
+    load_adapter(target, _numpy_base())
   monkeypatch.undo()
-  save_adapter(tmp_path / "ckpt", second, cfg)  # a later save replaces it
-  _same_trees(load_adapter(tmp_path / "ckpt", base)[0], second)
+  save_adapter(target, _numpy_params(1), NUMPY_CFG)
+  monkeypatch.setattr(atomicity.AtomicRenameTemporaryPath, "finalize", fail)
+  with pytest.raises(OSError, match="disk on fire"):
+    save_adapter(target, _numpy_params(2), NUMPY_CFG)
+  assert any("orbax-checkpoint-tmp" in e for e in os.listdir(target))  # the uncommitted version is never read
+  _same_trees(jax.tree.map(np.asarray, load_adapter(target, _numpy_base())[0]), _numpy_params(1))
+  monkeypatch.undo()
+  save_adapter(target, _numpy_params(3), NUMPY_CFG)  # a later save commits and removes the leftovers
+  _same_trees(jax.tree.map(np.asarray, load_adapter(target, _numpy_base())[0]), _numpy_params(3))
+  assert sorted(os.listdir(target)) == ["2", "jlora_adapter.json"]  # step 2, committed now
 
 
-_WRITER = """
-import os, sys, time
-import jax, jlora
-from jlora import checkpoint
-from tests import zoo
-case = zoo.cases()[0]
-base = zoo.build(case)
-cfg = jlora.LoraConfig(r=4, lora_alpha=8, target_modules=case.targets, init_lora_weights=False)
-params = jlora.init(jax.random.key(2), case.model, base, cfg, case.inputs)
-def stall(tmp, target):  # the new checkpoint is complete in tmp; die before it is renamed into place
-  open(sys.argv[2], "w").close()
-  time.sleep(600)
-checkpoint._finalize = stall
-checkpoint.save_adapter(sys.argv[1], params, cfg)
-"""
+def test_refuses_to_replace_what_jlora_did_not_write(tmp_path, monkeypatch):
+  mine = tmp_path / "mine"
+  mine.mkdir()
+  (mine / "notes.txt").write_text("keep me")
+  monkeypatch.chdir(mine)
+  with pytest.raises(ValueError, match=r"holds files that are not a jlora adapter checkpoint \(notes\.txt; no "
+                                       r"jlora_adapter\.json\).*nothing of yours is overwritten"):
+    save_adapter(".", _numpy_params(1), NUMPY_CFG)
+  assert sorted(os.listdir(mine)) == ["notes.txt"] and (mine / "notes.txt").read_text() == "keep me"
+  (tmp_path / "file").write_text("x")
+  with pytest.raises(ValueError, match="exists and is not a directory"):
+    save_adapter(tmp_path / "file", _numpy_params(1), NUMPY_CFG)
+  assert (tmp_path / "file").read_text() == "x"
+  jlora.save_peft(tmp_path / "peft", None, _numpy_params(1), NUMPY_CFG, name_map="flax")  # jlora's, but not this kind
+  before = {f: (tmp_path / "peft" / f).read_bytes() for f in _files(tmp_path / "peft")}
+  with pytest.raises(ValueError, match=r"\(\.jlora-manifest\.json, adapter_config\.json, adapter_model\.safetensors"):
+    save_adapter(tmp_path / "peft", _numpy_params(1), NUMPY_CFG)
+  assert {f: (tmp_path / "peft" / f).read_bytes() for f in _files(tmp_path / "peft")} == before
+  old = tmp_path / "v1"  # the format of the previous jlora
+  (old / "state").mkdir(parents=True)
+  (old / "jlora_checkpoint.json").write_text("{}")
+  with pytest.raises(ValueError, match=r"older jlora \(format 1"):
+    save_adapter(old, _numpy_params(1), NUMPY_CFG)
+  with pytest.raises(ValueError, match=r"not a jlora adapter checkpoint.*older jlora \(format 1"):
+    load_adapter(old, _numpy_base())
+  (tmp_path / "empty").mkdir()  # an empty directory holds nothing to lose, even the working directory
+  monkeypatch.chdir(tmp_path / "empty")
+  save_adapter(".", _numpy_params(1), NUMPY_CFG)
+  assert os.getcwd() == str(tmp_path / "empty") and sorted(os.listdir(".")) == ["1", "jlora_adapter.json"]
+  _same_trees(jax.tree.map(np.asarray, load_adapter(".", _numpy_base())[0]), _numpy_params(1))
 
 
-def test_sigkill_during_save_keeps_previous_checkpoint(tmp_path):
-  _, base, cfg, first = _setup("mlp", key=1)
-  target, marker = tmp_path / "ckpt", tmp_path / "marker"
-  save_adapter(target, first, cfg)
-  env = {**os.environ, "PYTHONPATH": ROOT, "JAX_PLATFORMS": "cpu"}
-  proc = subprocess.Popen([sys.executable, "-c", textwrap.dedent(_WRITER), str(target), str(marker)], env=env,
-                          stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
-  deadline = time.time() + 120
-  while not marker.exists():
-    if proc.poll() is not None or time.time() > deadline:
-      proc.kill()
-      pytest.fail(f"writer did not reach the rename: {proc.communicate()[0].decode()[-2000:]}")
-    time.sleep(0.1)
-  os.kill(proc.pid, signal.SIGKILL)
-  proc.wait()
-  leftovers = [e for e in os.listdir(tmp_path) if e.startswith(".ckpt.jlora-tmp-")]
-  assert len(leftovers) == 1
-  _same_trees(load_adapter(target, base)[0], first)
-  save_adapter(target, first, cfg)  # the next save removes what the dead writer left
-  assert sorted(os.listdir(tmp_path)) == ["ckpt", "marker"]
+def test_random_bit_flips_raise_or_change_nothing(tmp_path):
+  """Flip one bit of the largest data file, 30 times: each load raises a ValueError or returns the saved bits."""
+  target = tmp_path / "ckpt"
+  saved = _numpy_params(1, width=256)
+  save_adapter(target, saved, NUMPY_CFG)
+  (version,) = [e for e in os.listdir(target) if e.isdigit()]
+  data_file = max((target / version / f for f in _files(target / version)), key=os.path.getsize)
+  assert data_file.parent.name == "d" and os.path.getsize(data_file) > 4096  # tensorstore data: adapter bytes
+  original = data_file.read_bytes()
+  base = _numpy_base(256)
+  rng = random.Random(0)
+  outcomes = []
+  for _ in range(30):
+    damaged = bytearray(original)
+    bit = rng.randrange(len(damaged) * 8)
+    damaged[bit // 8] ^= 1 << (bit % 8)
+    data_file.write_bytes(bytes(damaged))
+    try:
+      loaded, _ = load_adapter(target, base)
+    except ValueError as e:
+      assert str(target) in str(e) and "is damaged" in str(e), e
+      outcomes.append("error")
+      continue
+    _same_trees(jax.tree.map(np.asarray, loaded), saved)
+    outcomes.append("same")
+  data_file.write_bytes(original)
+  assert outcomes.count("error") >= 20, outcomes  # nearly every flip hits the tensors' bytes and is caught
+  _same_trees(jax.tree.map(np.asarray, load_adapter(target, base)[0]), saved)
+
+
+def test_checksum_mismatch_names_the_leaf_and_edited_metadata_is_refused(tmp_path, monkeypatch):
+  target = tmp_path / "ckpt"
+  save_adapter(target, _numpy_params(1), NUMPY_CFG)
+  meta_file = target / "1" / "meta" / "metadata"
+  meta = json.loads(meta_file.read_text())
+  meta["config"]["lora_alpha"] = 16.0  # valid JSON, valid config: only the seal notices
+  meta_file.write_text(json.dumps(meta))
+  with pytest.raises(ValueError, match=r"version 1 of the adapter checkpoint .*ckpt' is damaged: its metadata does "
+                                       r"not match its SHA-256"):
+    load_adapter(target, _numpy_base())
+  save_adapter(target, _numpy_params(2), NUMPY_CFG)
+  real = checkpoint._restore
+
+  def tampered(root, version, item, args):  # what a flipped bit inside one array's bytes reads as
+    out = real(root, version, item, args)
+    if item == "state":
+      out["fc"]["lora_b"] = out["fc"]["lora_b"].at[0, 0].add(1.0)
+    return out
+
+  monkeypatch.setattr(checkpoint, "_restore", tampered)
+  with pytest.raises(ValueError, match=r"version 2 .* is damaged: leaf 'fc/lora_b' does not match its checksum"):
+    load_adapter(target, _numpy_base())
+
+
+def test_orbax_is_imported_only_when_used():
+  code = "import sys, jlora; print(sorted(m for m in sys.modules if m.split('.')[0] == 'orbax'))"
+  out = subprocess.run([sys.executable, "-c", code], env={**os.environ, "PYTHONPATH": ROOT}, capture_output=True,
+                       text=True, timeout=120)
+  assert out.stdout.strip() == "[]", out.stdout + out.stderr[-2000:]
 
 
 @pytest.mark.parametrize("change, match", [
-    ("shape", r"'fc_1/bias': shape \(32,\) in the checkpoint's base, \(16,\) given \(and 2 more mismatches\)"),
-    ("dtype", r"'fc_0/bias': dtype float32 in the checkpoint's base, bfloat16 given"),
-    ("missing", r"'head/bias': in the checkpoint's base \(8,\) float32, absent from `params`"),
+    ("shape", r"check failed: shapes: 'fc_1/bias' is \(32,\) in the checkpoint's base, \(16,\) in `params` \(2 more "
+              r"differ\)"),
+    ("dtype", r"check failed: dtypes: 'fc_0/bias' is float32 in the checkpoint's base, bfloat16 in `params` \(5 more"),
+    ("missing", r"check failed: paths: 'head/bias' is in the checkpoint's base but not in `params`\)"),
+    ("extra", r"check failed: paths: 'head/scale' is in `params` but not in the checkpoint's base\)"),
+    ("contents", r"check failed: contents: 'fc_1/kernel' holds other values than the base the adapter was saved with"),
 ])
-def test_mismatching_base(tmp_path, change, match):
+def test_mismatching_base_names_the_check_and_the_leaf(tmp_path, change, match):
   case, base, cfg, params = _setup("mlp")
-  save_adapter(tmp_path / "ckpt", params, cfg)
+  save_adapter(tmp_path / "ckpt", params, cfg, base_checksums=True)
+  other = {k: dict(v) for k, v in base.items()}
   if change == "shape":
     other = zoo.MLP(features=(32, 16, 8)).init(jax.random.key(0), case.inputs)["params"]
   elif change == "dtype":
     other = jax.tree.map(lambda x: x.astype(jnp.bfloat16), base)
-  else:
-    other = {k: dict(v) for k, v in base.items()}
+  elif change == "missing":
     del other["head"]["bias"]
+  elif change == "extra":
+    other["head"]["scale"] = jnp.ones(8)
+  else:
+    other["fc_1"]["kernel"] = other["fc_1"]["kernel"].at[3, 1].add(1e-3)
   with pytest.raises(ValueError, match=match):
     load_adapter(tmp_path / "ckpt", other)
+
+
+def test_base_contents_are_checked_only_when_saved_with_checksums(tmp_path):
+  _, base, cfg, params = _setup("mlp")
+  other = {**base, "fc_0": {**base["fc_0"], "kernel": base["fc_0"]["kernel"] + 1.0}}  # same paths, shapes, dtypes
+  save_adapter(tmp_path / "plain", params, cfg)
+  loaded, _ = load_adapter(tmp_path / "plain", other)  # off by default: the fingerprint cannot tell
+  assert loaded["fc_0"]["kernel"] is other["fc_0"]["kernel"]
+  save_adapter(tmp_path / "hashed", params, cfg, base_checksums=True)
+  meta = json.loads((tmp_path / "hashed" / "1" / "meta" / "metadata").read_text())
+  assert meta["base_sha256"] == _integrity.digests(jlora._tree.flatten(jlora.split(params, cfg)[1]))
+  _same_trees(load_adapter(tmp_path / "hashed", base)[0], params)
+  with pytest.raises(ValueError, match=r"check failed: contents: 'fc_0/kernel'"):
+    load_adapter(tmp_path / "hashed", other)
+  # Trained leaves (here the biases) are not part of the contents check: the base's own bias differs from them.
+  save_adapter(tmp_path / "bias", _numpy_params(1), NUMPY_CFG, base_checksums=True)
+  _same_trees(jax.tree.map(np.asarray, load_adapter(tmp_path / "bias", _numpy_base())[0]), _numpy_params(1))
+  with pytest.raises(TypeError, match="`base_checksums` must be True or False"):
+    save_adapter(tmp_path / "x", params, cfg, base_checksums="yes")
 
 
 def test_bad_paths_and_nothing_to_save(tmp_path):
@@ -196,12 +317,14 @@ def test_bad_paths_and_nothing_to_save(tmp_path):
   with pytest.raises(ValueError, match="no adapter checkpoint"):
     load_adapter(tmp_path / "nope", base)
   (tmp_path / "empty").mkdir()
-  with pytest.raises(ValueError, match="not a jlora adapter checkpoint"):
+  with pytest.raises(ValueError, match=r"not a jlora adapter checkpoint \(no jlora_adapter\.json\)\. Write one"):
     load_adapter(tmp_path / "empty", base)
   with pytest.raises(ValueError, match="holds no trainable leaf"):
     save_adapter(tmp_path / "x", base, cfg)
   with pytest.raises(ValueError, match="has rank 4 but the config gives r=2"):
     save_adapter(tmp_path / "x", params, jlora.LoraConfig(r=2, target_modules=case.targets))
+  with pytest.raises(TypeError, match=r"`config` must be a jlora\.LoraConfig"):
+    save_adapter(tmp_path / "x", params, cfg.to_dict())
   assert sorted(os.listdir(tmp_path)) == ["empty"]
 
 
@@ -230,16 +353,16 @@ def test_restore_into_shardings(tmp_path):
 
 _SHARDED = """
 import sys
-import jax, jax.numpy as jnp, numpy as np
+import jax, numpy as np
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 import jlora
-from tests import zoo
-case = [c for c in zoo.cases() if c.name == "scan"][0]
-base = zoo.build(case)
-cfg = jlora.LoraConfig(r=4, target_modules="all-linear", init_lora_weights=False)
-params = jlora.init(jax.random.key(1), case.model, base, cfg, case.inputs)
-from jlora.checkpoint import save_adapter, load_adapter
-save_adapter(sys.argv[1], params, cfg)
+from jlora.checkpoint import load_adapter, save_adapter
+rng = np.random.default_rng(0)
+up = {"kernel": rng.standard_normal((3, 16, 32), np.float32), "bias": np.zeros((3, 32), np.float32)}  # nn.scan: 3 layers
+base = {"layers": {"up": up}, "head": {"kernel": rng.standard_normal((16, 8), np.float32)}}
+adapters = {"lora_a": rng.standard_normal((3, 16, 4), np.float32), "lora_b": rng.standard_normal((3, 4, 32), np.float32)}
+params = {"layers": {"up": {**up, **adapters}}, "head": base["head"]}
+save_adapter(sys.argv[1], params, jlora.LoraConfig(r=4, target_modules=["up"]))
 mesh = Mesh(np.array(jax.devices()).reshape(2, 2), ("data", "model"))
 def place(path, x):
   if path[-1].key == "kernel" and x.ndim == 3:  # stacked (L, in, out): shard in on data, out on model
@@ -247,13 +370,19 @@ def place(path, x):
   return jax.device_put(x, NamedSharding(mesh, P()))
 sharded = jax.tree_util.tree_map_with_path(place, base)
 loaded, _ = load_adapter(sys.argv[1], sharded)
-up = loaded["layers"]["up"]
-assert up["lora_a"].sharding.spec == P(None, "data", None), up["lora_a"].sharding
-assert up["lora_b"].sharding.spec == P(None, None, "model"), up["lora_b"].sharding
-assert len(up["lora_b"].addressable_shards) == 4
-np.testing.assert_array_equal(up["lora_b"], params["layers"]["up"]["lora_b"])
-forward = jax.jit(lambda p: jlora.apply(case.model, p, cfg, case.inputs))
-np.testing.assert_allclose(forward(loaded), forward(params), atol=1e-5)
+got = loaded["layers"]["up"]
+assert got["lora_a"].sharding.spec == P(None, "data", None), got["lora_a"].sharding
+assert got["lora_b"].sharding.spec == P(None, None, "model"), got["lora_b"].sharding
+assert len(got["lora_b"].addressable_shards) == 4 and got["lora_b"].addressable_shards[0].data.shape == (3, 4, 16)
+for name in adapters:
+  np.testing.assert_array_equal(got[name], adapters[name])
+assert got["kernel"] is sharded["layers"]["up"]["kernel"]
+odd = {"layers": {"up": {"lora_b": NamedSharding(mesh, P("data"))}}}  # 3 layers do not split over 2 devices
+try:
+  load_adapter(sys.argv[1], sharded, shardings=odd)
+  raise SystemExit("an indivisible sharding was accepted")
+except ValueError as e:
+  assert "`shardings`: the sharding for 'layers/up/lora_b' does not fit its shape (3, 4, 32)" in str(e), e
 print("OK")
 """
 

@@ -2,6 +2,7 @@
 
 import json
 import os
+import re
 
 import jax
 import jax.numpy as jnp
@@ -11,7 +12,8 @@ import pytest
 import safetensors.numpy
 
 import jlora
-from jlora import models
+from jlora import _integrity, models
+from jlora._names import NameMap
 from jlora._peft import load_peft, save_peft
 from tests import zoo
 from tests.models.helpers import CONFIGS, forward, lora_forward, tokens, write_checkpoint
@@ -41,10 +43,6 @@ def _tiny(name, targets, *, key=2, **options):
   return model, base, cfg, jlora.init(jax.random.key(key), model, base, cfg, *_inputs(name))
 
 
-
-
-
-
 def _weights(directory):
   return safetensors.numpy.load_file(os.path.join(directory, "adapter_model.safetensors"))
 
@@ -59,7 +57,7 @@ def _same_trees(a, b):
 # ------------------------------------------------------------------ layouts and names (no torch)
 def test_gpt2_keys_layouts_and_round_trip(tmp_path):
   model, base, cfg, params = _tiny("gpt2", ["c_attn", "c_fc"], bias="lora_only", rank_pattern={"c_fc": 2})
-  save_peft(tmp_path, params, cfg, model=model)
+  save_peft(tmp_path, model, params, cfg)
   w = _weights(tmp_path)
   node = params["transformer"]["h_1"]["attn"]["c_attn"]
   a, b = w["base_model.model.transformer.h.1.attn.c_attn.lora_A.weight"], w[
@@ -85,7 +83,7 @@ def test_gpt2_keys_layouts_and_round_trip(tmp_path):
 def test_scanned_stack_exports_per_layer(tmp_path):
   model, base, cfg, params = _tiny("llama", ["q_proj", "v_proj"], scan_layers=True)
   assert params["model"]["layers"]["self_attn"]["q_proj"]["lora_a"].shape == (2, 32, 4)
-  save_peft(tmp_path, params, cfg, model=model)
+  save_peft(tmp_path, model, params, cfg)
   w = _weights(tmp_path)
   stacked = np.asarray(params["model"]["layers"]["self_attn"]["v_proj"]["lora_b"])
   for i in range(2):
@@ -108,7 +106,7 @@ def test_embedding_and_dense_general_layouts_with_name_map(tmp_path):
   cfg = jlora.LoraConfig(r=3, target_modules=["query", "out"], init_lora_weights=False)
   params = jlora.init(jax.random.key(1), case.model, base, cfg, case.inputs)
   name_map = lambda path: "attn." + ".".join(path)  # noqa: E731
-  save_peft(tmp_path, params, cfg, name_map=name_map)
+  save_peft(tmp_path, None, params, cfg, name_map=name_map)
   w = _weights(tmp_path)
   assert w["base_model.model.attn.query.lora_A.weight"].shape == (3, 16)
   assert w["base_model.model.attn.query.lora_B.weight"].shape == (16, 3)  # (heads * head_dim, r)
@@ -124,25 +122,25 @@ def test_embedding_and_dense_general_layouts_with_name_map(tmp_path):
   base = zoo.build(emb)
   cfg = jlora.LoraConfig(r=2, target_modules=["embed"], init_lora_weights=False)
   params = jlora.init(jax.random.key(1), emb.model, base, cfg, emb.inputs)
-  save_peft(tmp_path / "emb", params, cfg)  # default names: the path joined with "."
+  save_peft(tmp_path / "emb", emb.model, params, cfg, name_map="flax")  # the Flax path joined with "."
   w = _weights(tmp_path / "emb")
   np.testing.assert_array_equal(w["base_model.model.embed.lora_embedding_A"], np.asarray(params["embed"]["lora_a"]).T)
   assert w["base_model.model.embed.lora_embedding_A"].shape == (2, 40)  # (r, vocab)
   assert w["base_model.model.embed.lora_embedding_B"].shape == (16, 2)  # (dim, r)
-  loaded, _ = load_peft(tmp_path / "emb", emb.model, base)
+  loaded, _ = load_peft(tmp_path / "emb", emb.model, base, name_map="flax")
   _same_trees(loaded, params)
 
 
 def test_modules_to_save_and_bias_all_round_trip(tmp_path):
   model, base, cfg, params = _tiny("bert_seq_cls", ["query", "value"], bias="all", modules_to_save=["classifier"])
-  save_peft(tmp_path, params, cfg, model=model)
+  save_peft(tmp_path, model, params, cfg)
   w = _weights(tmp_path)
   kernel = np.asarray(params["classifier"]["kernel"])
   np.testing.assert_array_equal(w["base_model.model.classifier.weight"], kernel.T)  # torch (out, in)
   assert "base_model.model.bert.encoder.layer.0.attention.self.query.base_layer.bias" in w
   assert "base_model.model.bert.encoder.layer.0.attention.output.LayerNorm.bias" in w
   trained = jax.tree.map(lambda x: x + 0.5, params)
-  save_peft(tmp_path, trained, cfg, model=model)
+  save_peft(tmp_path, model, trained, cfg)
   loaded, cfg2 = load_peft(tmp_path, model, base)
   trainable, frozen = jlora.split(loaded, cfg2)
   _same_trees(trainable, jlora.split(trained, cfg)[0])
@@ -154,13 +152,101 @@ def test_einsum_and_pissa_refused(tmp_path):
   cfg = jlora.LoraConfig(r=2, target_modules=["qkv"])
   params = jlora.init(jax.random.key(1), case.model, zoo.build(case), cfg, case.inputs)
   with pytest.raises(ValueError, match=r"'qkv' is an nn.Einsum adapter"):
-    save_peft(tmp_path, params, cfg)
-  case = next(c for c in zoo.cases() if c.name == "mlp")
-  cfg = jlora.LoraConfig(r=2, target_modules=["fc_0"], init_lora_weights="pissa")
-  params = jlora.init(jax.random.key(1), case.model, zoo.build(case), cfg, case.inputs)
+    save_peft(tmp_path, case.model, params, cfg, name_map="flax")
+  pissa = jlora.LoraConfig(r=2, target_modules=["qkv"], init_lora_weights="pissa")  # refused before any tensor
   with pytest.raises(ValueError, match="PiSSA"):
-    save_peft(tmp_path, params, cfg)
+    save_peft(tmp_path, case.model, params, pissa, name_map="flax")
   assert not os.listdir(tmp_path)
+
+
+# ------------------------------------------------------------------ names, arguments, files (no torch)
+def _mlp_adapter():
+  case = next(c for c in zoo.cases() if c.name == "mlp")
+  cfg = jlora.LoraConfig(r=2, target_modules=["fc_0"], init_lora_weights=False)
+  base = zoo.build(case)
+  return case.model, base, cfg, jlora.init(jax.random.key(1), case.model, base, cfg, case.inputs)
+
+
+def test_no_names_is_refused_both_ways(tmp_path):
+  model, base, cfg, params = _mlp_adapter()  # a linen model without peft_name_map
+  fix = r"only warns about missing keys.*Pass `name_map=`.*`name_map='flax'`"
+  with pytest.raises(ValueError, match=r"save_peft: no PEFT module names: the model \(MLP\) has no `peft_name_map\(\)`"
+                                       r" and no `name_map=` was given.*" + fix):
+    save_peft(tmp_path / "a", model, params, cfg)
+  with pytest.raises(ValueError, match=r"save_peft: no PEFT module names: no `model`.*" + fix):
+    save_peft(tmp_path / "a", None, params, cfg)
+  assert not os.listdir(tmp_path)
+  save_peft(tmp_path / "a", None, params, cfg, name_map="flax")
+  assert sorted(_weights(tmp_path / "a")) == ["base_model.model.fc_0.lora_A.weight", "base_model.model.fc_0.lora_B.weight"]
+  with pytest.raises(ValueError, match=r"load_peft: no PEFT module names: the model \(MLP\)"):
+    load_peft(tmp_path / "a", model, base)
+  loaded, _ = load_peft(tmp_path / "a", None, base, name_map="flax")
+  _same_trees(loaded, params)
+  named = NameMap(lambda path: "net." + ".".join(path))  # a NameMap works as name_map= too
+  save_peft(tmp_path / "b", model, params, cfg, name_map=named)
+  assert "base_model.model.net.fc_0.lora_A.weight" in _weights(tmp_path / "b")
+  _same_trees(load_peft(tmp_path / "b", model, base, name_map=named)[0], params)
+  with pytest.raises(ValueError, match=r"`name_map`='hf' is not a name scheme jlora knows; the only string accepted "
+                                       r"is 'flax'"):
+    save_peft(tmp_path / "c", model, params, cfg, name_map="hf")
+  with pytest.raises(TypeError, match=r"`name_map` must be a function from a module path tuple .* got int"):
+    load_peft(tmp_path / "a", model, base, name_map=3)
+
+
+def test_old_argument_order_is_a_type_error_that_shows_the_call(tmp_path):
+  model, _, cfg, params = _mlp_adapter()
+  call = re.escape("Call it as save_peft(directory, model, params, config, *, name_map=None)")
+  with pytest.raises(TypeError, match=r"save_peft: multiple values for argument 'model'.*" + call):
+    save_peft(tmp_path, params, cfg, model=model)  # the order before: (directory, params, config, *, model=)
+  with pytest.raises(TypeError, match=r"save_peft: missing a required argument: 'config'.*" + call):
+    save_peft(tmp_path, params, cfg, name_map="flax")
+  with pytest.raises(TypeError, match=r"`model` is a dict and `params` a LoraConfig: the arguments are out of "
+                                      r"order.*" + call):
+    save_peft(tmp_path, params, cfg, model)
+  with pytest.raises(TypeError, match=r"`config` must be a jlora\.LoraConfig, got dict"):
+    save_peft(tmp_path, model, params, cfg.to_dict(), name_map="flax")
+  assert not os.listdir(tmp_path)
+
+
+def test_directory_is_replaced_as_one_unit_and_foreign_files_are_kept(tmp_path):
+  _, _, cfg, params = _mlp_adapter()
+  out = tmp_path / "out"
+  save_peft(out, None, params, cfg, name_map="flax")
+  assert sorted(os.listdir(out)) == [".jlora-manifest.json", "adapter_config.json", "adapter_model.safetensors"]
+  cfg2 = jlora.LoraConfig(r=2, lora_alpha=32, target_modules=["fc_0"], bias="all", init_lora_weights=False)
+  save_peft(out, None, params, cfg2, name_map="flax")  # both files replaced together
+  assert json.loads((out / "adapter_config.json").read_text())["lora_alpha"] == 32
+  assert "base_model.model.fc_1.bias" in _weights(out)
+  assert sorted(os.listdir(tmp_path)) == ["out"], "no temporary or backup directory is left"
+  theirs = tmp_path / "theirs"  # e.g. written by PyTorch PEFT, with its README
+  theirs.mkdir()
+  (theirs / "README.md").write_text("model card")
+  with pytest.raises(ValueError, match=r"holds files jlora did not write \(README\.md\)"):
+    save_peft(theirs, None, params, cfg, name_map="flax")
+  assert os.listdir(theirs) == ["README.md"] and (theirs / "README.md").read_text() == "model card"
+  (tmp_path / "file").write_text("x")
+  with pytest.raises(ValueError, match="exists and is not a directory"):
+    save_peft(tmp_path / "file", None, params, cfg, name_map="flax")
+  assert (tmp_path / "file").read_text() == "x"
+
+
+def test_tensor_checksums_are_written_and_verified(tmp_path):
+  _, base, cfg, params = _mlp_adapter()
+  save_peft(tmp_path, None, params, cfg, name_map="flax")
+  file = tmp_path / "adapter_model.safetensors"
+  with safetensors.safe_open(str(file), framework="numpy") as f:
+    digests = json.loads(f.metadata()["jlora_sha256"])
+    assert f.metadata()["format"] == "pt"
+  assert digests == {k: _integrity.digest(v) for k, v in _weights(tmp_path).items()}
+  data = bytearray(file.read_bytes())
+  data[-3] ^= 0x10  # a bit inside the last tensor's bytes (the header stays valid)
+  file.write_bytes(bytes(data))
+  with pytest.raises(ValueError, match=r"The PEFT adapter file '.*adapter_model\.safetensors' is corrupt: leaf "
+                                       r"'base_model\.model\.fc_0\.lora_[AB]\.weight' does not match its checksum"):
+    load_peft(tmp_path, None, base, name_map="flax")
+  # A file without jlora's checksums (PyTorch PEFT's) loads as before.
+  safetensors.numpy.save_file(_weights(tmp_path), str(file), metadata={"format": "pt"})
+  load_peft(tmp_path, None, base, name_map="flax")
 
 
 # ------------------------------------------------------------------------------- bad input
@@ -174,7 +260,7 @@ def _gpt2_adapter():
 def saved(tmp_path, _gpt2_adapter):
   model, base, cfg, params = _gpt2_adapter
   path = tmp_path / "adapter"
-  save_peft(path, params, cfg, model=model)
+  save_peft(path, model, params, cfg)
   return path, model, base
 
 
@@ -312,7 +398,7 @@ def test_jlora_to_peft(hf, tmp_path, arch):
     trainable, frozen = jlora.split(params, cfg)
     noise = jax.tree.map(lambda x: 0.1 * jax.random.normal(jax.random.key(3), x.shape, x.dtype), trainable)
     params = jlora.combine(jax.tree.map(jnp.add, trainable, noise), frozen)
-  save_peft(tmp_path / "adapter", params, cfg, model=model)
+  save_peft(tmp_path / "adapter", model, params, cfg)
   peft_model = peft.PeftModel.from_pretrained(_hf_model(hf, cls, tmp_path / "base"), tmp_path / "adapter").eval()
   ours = np.asarray(lora_forward(model, params, cfg, *inputs))
   kw = _torch_inputs(torch, name, inputs)
@@ -343,4 +429,5 @@ def test_peft_to_jlora(hf, tmp_path, arch):
   params, cfg = load_peft(tmp_path / "adapter", model, base)
   np.testing.assert_allclose(np.asarray(lora_forward(model, params, cfg, *inputs)), theirs, atol=ATOL, rtol=0)
   merged = np.asarray(forward(model, jlora.merge(params, cfg), *inputs))
+  assert np.abs(merged - np.asarray(forward(model, base, *inputs))).max() > 1e-2  # the adapter is not a no-op
   np.testing.assert_allclose(merged, _logits(torch, peft_model.merge_and_unload(), kw), atol=ATOL, rtol=0)

@@ -26,8 +26,7 @@ import safetensors.numpy
 from jlora._names import NameMap
 from jlora._tree import flatten, unflatten
 
-__all__ = ["HFSpec", "from_hf_tensors", "hashable", "module_name", "name_map", "read_config", "read_safetensors",
-           "to_hf_tensors"]
+__all__ = ["HFSpec", "from_hf_tensors", "module_name", "name_map", "read_config", "read_safetensors", "to_hf_tensors"]
 
 _LEAF_NAMES = {"kernel": "weight", "embedding": "weight", "scale": "weight", "bias": "bias"}
 
@@ -45,6 +44,7 @@ class HFSpec(NamedTuple):
       heads of other tasks) and are skipped.
     new_head: regexes of Flax paths (`/`-joined) that may be missing from the checkpoint
       and are then freshly initialized if a `key` is given (a new task head).
+    head_hint: added to the error for missing `new_head` params without a `key` (another way out).
   """
 
   base_prefix: str = ""
@@ -53,6 +53,7 @@ class HFSpec(NamedTuple):
   no_transpose: tuple[str, ...] = ()
   ignore: tuple[str, ...] = ()
   new_head: tuple[str, ...] = ()
+  head_hint: str = ""
 
 
 def read_config(path: str | os.PathLike) -> dict[str, Any]:
@@ -115,13 +116,6 @@ def read_safetensors(path: str | os.PathLike) -> dict[str, np.ndarray]:
       f"shards: {_few(absent)}; the shards and the index do not match."
     )
   return tensors
-
-
-def hashable(value: Any) -> Any:
-  """Config values as hashable types (JSON lists -> tuples), so that modules stay hashable."""
-  if isinstance(value, list):
-    return tuple(hashable(v) for v in value)
-  return value
 
 
 def _few(names: list[str], n: int = 8) -> str:
@@ -259,7 +253,7 @@ def from_hf_tensors(
   if new_heads:
     problems.append(
       f"missing head parameters: {_few(new_heads)} (the checkpoint has no weights "
-      "for this task head; pass `key=jax.random.key(0)` to initialize it)"
+      f"for this task head; pass `key=jax.random.key(0)` to initialize it{spec.head_hint})"
     )
   if misshaped:
     problems.append(f"tensors with the wrong shape: {_few(misshaped)}")

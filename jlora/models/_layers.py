@@ -1,4 +1,4 @@
-"""Pieces shared by the reference models: masks, attention, KV cache, activations.
+"""Pieces shared by the reference models: masks, attention, KV cache, layer loop, activations.
 
 Shape letters used throughout: `B` batch, `T` query length, `S` key length
 (the cache length when decoding), `H` query heads, `K` key/value heads,
@@ -7,12 +7,20 @@ Shape letters used throughout: `B` batch, `T` query length, `S` key length
 
 from __future__ import annotations
 
-from typing import NamedTuple
+from collections.abc import Callable, Sequence
+from typing import Any, NamedTuple
 
 import jax
 import jax.numpy as jnp
 
-__all__ = ["KVCache", "activation", "attention", "attention_mask", "update_layer_cache"]
+__all__ = ["KVCache", "activation", "attention", "attention_mask", "dtypes", "run_layers", "update_layer_cache"]
+
+LayerKV = tuple[jax.Array, jax.Array]
+
+
+def dtypes(dtype: Any, **extra: Any) -> dict[str, Any]:
+  """Keyword arguments of a linen layer computing and storing parameters in `dtype` (plus `extra`)."""
+  return {"dtype": dtype, "param_dtype": dtype, **extra}
 
 
 class KVCache(NamedTuple):
@@ -49,6 +57,10 @@ class KVCache(NamedTuple):
       index=jnp.zeros((), jnp.int32),
       valid=jnp.zeros((batch, length), bool),
     )
+
+  def advance(self, kv: LayerKV, length: int) -> KVCache:
+    """The cache holding the updated `(keys, values)` (each (L, B, S, K, D)), `length` slots further on."""
+    return self._replace(keys=kv[0], values=kv[1], index=self.index + length)
 
 
 def attention_mask(
@@ -100,6 +112,32 @@ def update_layer_cache(
   ck = jax.lax.dynamic_update_slice(ck, k.astype(ck.dtype), (0, index, 0, 0))
   cv = jax.lax.dynamic_update_slice(cv, v.astype(cv.dtype), (0, index, 0, 0))
   return ck, cv
+
+
+def run_layers(
+  blocks: Sequence[Callable[[jax.Array, LayerKV | None, Any], tuple[jax.Array, LayerKV | None]]],
+  h: jax.Array,
+  kv: LayerKV | None,
+  ctx: Any,
+) -> tuple[jax.Array, LayerKV | None]:
+  """Runs decoder blocks one after another, each on its layer of a stacked KV cache.
+
+  Args:
+    blocks: L callables `block(h, layer_kv, ctx) -> (h, layer_kv)`, layer_kv (B, S, K, D) keys and values or None.
+    h: (B, T, d) hidden states.
+    kv: `(keys, values)`, each (L, B, S, K, D), or None without a cache.
+    ctx: passed to every block unchanged (masks, positions, cache index).
+
+  Returns:
+    `(h, kv)`: the last block's hidden states and the updated, restacked cache (None without one).
+  """
+  new = []
+  for i, block in enumerate(blocks):
+    h, layer_kv = block(h, None if kv is None else (kv[0][i], kv[1][i]), ctx)
+    new.append(layer_kv)
+  if kv is None:
+    return h, None
+  return h, (jnp.stack([k for k, _ in new]), jnp.stack([v for _, v in new]))
 
 
 def attention(

@@ -3,10 +3,17 @@
 Parameter paths mirror `transformers`: `embeddings/{word,position,token_type}_embeddings`,
 `embeddings/LayerNorm`, `encoder/layer_0/attention/self/{query,key,value}`,
 `encoder/layer_0/attention/output/{dense,LayerNorm}`, `encoder/layer_0/intermediate/dense`,
-`encoder/layer_0/output/{dense,LayerNorm}`, `pooler/dense`. Task models wrap the encoder
-as `bert` and add a `classifier` (as `BertFor{Sequence,Token}Classification`); the
-sentence-embedding model is a bare `BertModel` with attention-mask-weighted mean pooling
-(as sentence-transformers), optionally L2-normalized.
+`encoder/layer_0/output/{dense,LayerNorm}`, `pooler/dense`. Tasks (`build(task=...)`):
+
+* `HIDDEN_STATES`: :class:`BertModel`, the encoder output per token as `transformers.BertModel`
+  returns it (a :class:`BertOutput`);
+* `FEATURE_EXTRACTION`: a bare encoder with attention-mask-weighted mean pooling (as
+  sentence-transformers), optionally L2-normalized: sentence embeddings (B, d);
+* `SEQ_CLS` / `TOKEN_CLS`: the encoder as `bert` plus a `classifier`, as
+  `BertFor{Sequence,Token}Classification`.
+
+Inputs are checked against the embedding tables (token ids, token type ids, sequence length
+against `max_position_embeddings`); see `jlora.models._checks` for what is checked under `jit`.
 """
 
 from __future__ import annotations
@@ -14,24 +21,31 @@ from __future__ import annotations
 import dataclasses
 import json
 import os
-from typing import Any
+from typing import Any, NamedTuple
 
 import flax.linen as nn
+import jax
 import jax.numpy as jnp
 
-from jlora.models._checkpoint import HFSpec, hashable, name_map
-from jlora.models._layers import activation, attention
+from jlora.models._arch import Architecture, HFModel, config_fields
+from jlora.models._arch import hf_spec as hf_spec  # looked up here by jlora._peft
+from jlora.models._bert_layers import BertDense, encode
+from jlora.models._checkpoint import HFSpec
+from jlora.models._checks import Limit
+from jlora.models._layers import activation, dtypes
 
 __all__ = [
+  "ARCHITECTURE",
   "TASKS",
   "BertConfig",
   "BertForSentenceEmbedding",
   "BertForSequenceClassification",
   "BertForTokenClassification",
   "BertModel",
+  "BertOutput",
 ]
 
-TASKS = ("SEQ_CLS", "TOKEN_CLS", "FEATURE_EXTRACTION")
+TASKS = ("SEQ_CLS", "TOKEN_CLS", "FEATURE_EXTRACTION", "HIDDEN_STATES")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -62,8 +76,7 @@ class BertConfig:
     if pos != "absolute":
       raise ValueError(f"BERT `position_embedding_type={pos!r}` is not supported; only 'absolute'.")
     activation(config.get("hidden_act", "gelu"))
-    names = {f.name for f in dataclasses.fields(cls)}
-    kw = {k: hashable(v) for k, v in config.items() if k in names}
+    kw = config_fields(cls, config)
     if "id2label" in config and "num_labels" not in config:
       kw["num_labels"] = len(config["id2label"])
     kw["architectures"] = tuple(config.get("architectures") or ("BertModel",))
@@ -83,190 +96,113 @@ class BertConfig:
     }
 
 
-def _kw(dtype):
-  return {"dtype": dtype, "param_dtype": dtype}
+class BertOutput(NamedTuple):
+  """What :class:`BertModel` returns, the fields of `transformers.BertModel`'s output.
+
+  Attributes:
+    last_hidden_state: (B, T, d) the last encoder layer's output per token.
+    pooler_output: (B, d) `tanh(pooler.dense(last_hidden_state[:, 0]))`, the [CLS] token
+      through the pooling layer; None when the model has no pooling layer.
+  """
+
+  last_hidden_state: jax.Array
+  pooler_output: jax.Array | None
 
 
-class BertEmbeddings(nn.Module):
-  """Word + position + token-type embeddings, then LayerNorm (`embeddings`)."""
-
-  config: BertConfig
-  dtype: Any
-
-  @nn.compact
-  def __call__(self, input_ids, token_type_ids):
-    c, init = self.config, nn.initializers.normal(0.02)
-    embed = lambda n, name: nn.Embed(n, c.hidden_size, embedding_init=init, name=name, **_kw(self.dtype))  # noqa: E731
-    positions = jnp.arange(input_ids.shape[1])[None]
-    h = (
-      embed(c.vocab_size, "word_embeddings")(input_ids)
-      + embed(c.max_position_embeddings, "position_embeddings")(positions)
-      + embed(c.type_vocab_size, "token_type_embeddings")(token_type_ids)
-    )
-    return nn.LayerNorm(epsilon=c.layer_norm_eps, name="LayerNorm", **_kw(self.dtype))(h)
-
-
-class _DenseLayerNorm(nn.Module):
-  """`LayerNorm(dense(x) + residual)`: BERT's `attention/output` and `output`."""
+class _Bert(HFModel):
+  """Base of the BERT models: their input tables and Hugging Face layout (`bert.` prefix optional)."""
 
   config: BertConfig
-  dtype: Any
+  _new_head = ("classifier/.*", "bert/pooler/.*")  # class attributes, not fields
+  _head_hint = ""
 
-  @nn.compact
-  def __call__(self, x, residual):
-    x = nn.Dense(self.config.hidden_size, name="dense", **_kw(self.dtype))(x)
-    return nn.LayerNorm(epsilon=self.config.layer_norm_eps, name="LayerNorm", **_kw(self.dtype))(x + residual)
-
-
-class _SelfAttention(nn.Module):
-  config: BertConfig
-  dtype: Any
-
-  @nn.compact
-  def __call__(self, h, mask):
+  def input_limits(self) -> dict[str, Limit]:
+    """Token ids below `vocab_size`, token type ids below `type_vocab_size`, at most `max_position_embeddings` tokens."""
     c = self.config
-    b, t, d = h.shape
-    heads = c.num_attention_heads
-    q, k, v = (
-      nn.Dense(d, name=n, **_kw(self.dtype))(h).reshape(b, t, heads, d // heads) for n in ("query", "key", "value")
+    return {
+      "input_ids": Limit(c.vocab_size, "vocab_size"),
+      "token_type_ids": Limit(c.type_vocab_size, "type_vocab_size"),
+      "positions": Limit(c.max_position_embeddings, "max_position_embeddings"),
+    }
+
+  def hf_spec(self) -> HFSpec:
+    """The Hugging Face layout; tensors of heads this model lacks are skipped when loading."""
+    return HFSpec(
+      base_prefix="bert.",
+      list_names=("layer",),
+      ignore=(r".*position_ids", r"cls\..*", r"pooler\..*", r"classifier\..*"),
+      new_head=self._new_head,
+      head_hint=self._head_hint,
     )
-    return attention(q, k, v, mask, scale=(d // heads) ** -0.5).reshape(b, t, d)
 
 
-class BertLayer(nn.Module):
-  """One post-LayerNorm encoder layer (`encoder/layer_i`)."""
+class BertModel(_Bert):
+  """The BERT encoder (`task="HIDDEN_STATES"`), as `transformers.BertModel`.
 
-  config: BertConfig
-  dtype: Any
+  Attributes:
+    config: the architecture.
+    dtype: dtype of parameters and computation.
+    add_pooling_layer: whether there is a `pooler` (then `pooler_output` is computed).
 
-  @nn.compact
-  def __call__(self, h, mask):
-    c = self.config
-    a = _AttentionBlock(c, self.dtype, name="attention")(h, mask)
-    inter = _Intermediate(c, self.dtype, name="intermediate")(a)
-    return _DenseLayerNorm(c, self.dtype, name="output")(inter, a)
+  Call:
+    `model.apply({'params': params}, input_ids, attention_mask=None, token_type_ids=None)`:
+    input_ids (B, T) int, attention_mask (B, T) 0/1, token_type_ids (B, T) int (default 0).
+    Returns a :class:`BertOutput`: last_hidden_state (B, T, d), pooler_output (B, d) or None.
 
+  Raises:
+    ValueError: for more than `max_position_embeddings` tokens; outside `jit` also for ids
+      outside `0..vocab_size-1` or token type ids outside `0..type_vocab_size-1`.
+  """
 
-class _AttentionBlock(nn.Module):
-  config: BertConfig
-  dtype: Any
-
-  @nn.compact
-  def __call__(self, h, mask):
-    y = _SelfAttention(self.config, self.dtype, name="self")(h, mask)
-    return _DenseLayerNorm(self.config, self.dtype, name="output")(y, h)
-
-
-class _Intermediate(nn.Module):
-  config: BertConfig
-  dtype: Any
-
-  @nn.compact
-  def __call__(self, x):
-    x = nn.Dense(self.config.intermediate_size, name="dense", **_kw(self.dtype))(x)
-    return activation(self.config.hidden_act)(x)
-
-
-class BertModel(nn.Module):
-  """The BERT encoder; returns hidden states (B, T, d) and the pooled [CLS] (B, d) or None."""
-
-  config: BertConfig
-  dtype: Any = jnp.float32
   add_pooling_layer: bool = True
+  _new_head = ("pooler/.*",)
+  _head_hint = ", or build it with `add_pooling_layer=False` (then `pooler_output` is None)"
 
   @nn.compact
-  def __call__(self, input_ids, attention_mask=None, token_type_ids=None):
-    h = _encode(self.config, self.dtype, input_ids, attention_mask, token_type_ids)
+  def __call__(self, input_ids, attention_mask=None, token_type_ids=None) -> BertOutput:
+    h = encode(self, input_ids, attention_mask, token_type_ids)
     pooled = None
     if self.add_pooling_layer:
-      pooled = jnp.tanh(_Pooler(self.config, self.dtype, name="pooler")(h[:, 0]))
-    return h, pooled
+      pooled = jnp.tanh(BertDense(self.config, self.dtype, self.config.hidden_size, name="pooler")(h[:, 0]))
+    return BertOutput(h, pooled)
 
 
-def _encode(c: BertConfig, dtype, input_ids, attention_mask, token_type_ids):
-  """Embeddings + encoder, created in the scope of the calling compact module."""
-  if token_type_ids is None:
-    token_type_ids = jnp.zeros_like(input_ids)
-  h = BertEmbeddings(c, dtype, name="embeddings")(input_ids, token_type_ids)
-  mask = None if attention_mask is None else attention_mask.astype(bool)[:, None, None, :]
-  return _Encoder(c, dtype, name="encoder")(h, mask)
-
-
-class _Encoder(nn.Module):
-  config: BertConfig
-  dtype: Any
-
-  @nn.compact
-  def __call__(self, h, mask):
-    for i in range(self.config.num_hidden_layers):
-      h = BertLayer(self.config, self.dtype, name=f"layer_{i}")(h, mask)
-    return h
-
-
-class _Pooler(nn.Module):
-  config: BertConfig
-  dtype: Any
-
-  @nn.compact
-  def __call__(self, x):
-    return nn.Dense(self.config.hidden_size, name="dense", **_kw(self.dtype))(x)
-
-
-class BertForSequenceClassification(nn.Module):
+class BertForSequenceClassification(_Bert):
   """`bert` + pooler + `classifier`; returns logits (B, num_labels)."""
 
-  config: BertConfig
-  dtype: Any = jnp.float32
-
   @nn.compact
   def __call__(self, input_ids, attention_mask=None, token_type_ids=None):
-    _, pooled = BertModel(self.config, self.dtype, name="bert")(input_ids, attention_mask, token_type_ids)
-    return nn.Dense(self.config.num_labels, name="classifier", **_kw(self.dtype))(pooled)
-
-  def peft_name_map(self):
-    """PEFT/`transformers` module names of this model (see `jlora._names`)."""
-    return name_map(hf_spec(self))
+    out = BertModel(self.config, self.dtype, name="bert")(input_ids, attention_mask, token_type_ids)
+    return nn.Dense(self.config.num_labels, name="classifier", **dtypes(self.dtype))(out.pooler_output)
 
 
-class BertForTokenClassification(nn.Module):
+class BertForTokenClassification(_Bert):
   """`bert` (no pooler) + `classifier`; returns logits (B, T, num_labels)."""
 
-  config: BertConfig
-  dtype: Any = jnp.float32
-
   @nn.compact
   def __call__(self, input_ids, attention_mask=None, token_type_ids=None):
-    h, _ = BertModel(self.config, self.dtype, False, name="bert")(input_ids, attention_mask, token_type_ids)
-    return nn.Dense(self.config.num_labels, name="classifier", **_kw(self.dtype))(h)
-
-  def peft_name_map(self):
-    """PEFT/`transformers` module names of this model (see `jlora._names`)."""
-    return name_map(hf_spec(self))
+    out = BertModel(self.config, self.dtype, False, name="bert")(input_ids, attention_mask, token_type_ids)
+    return nn.Dense(self.config.num_labels, name="classifier", **dtypes(self.dtype))(out.last_hidden_state)
 
 
-class BertForSentenceEmbedding(nn.Module):
-  """A bare `BertModel` (no pooler) with attention-mask-weighted mean pooling.
+class BertForSentenceEmbedding(_Bert):
+  """A bare BERT encoder (no pooler) with attention-mask-weighted mean pooling (`FEATURE_EXTRACTION`).
 
   Returns sentence embeddings (B, d), L2-normalized when `normalize` is set (as
   sentence-transformers' `Normalize` module).
   """
 
-  config: BertConfig
-  dtype: Any = jnp.float32
   normalize: bool = False
+  _new_head = ()
 
   @nn.compact
   def __call__(self, input_ids, attention_mask=None, token_type_ids=None):
-    h = _encode(self.config, self.dtype, input_ids, attention_mask, token_type_ids)
+    h = encode(self, input_ids, attention_mask, token_type_ids)
     m = jnp.ones(input_ids.shape, h.dtype) if attention_mask is None else attention_mask.astype(h.dtype)
     emb = (h * m[..., None]).sum(1) / jnp.maximum(m.sum(1, keepdims=True), 1e-9)
     if self.normalize:
       emb = emb / jnp.maximum(jnp.linalg.norm(emb, axis=-1, keepdims=True), 1e-12)
     return emb
-
-  def peft_name_map(self):
-    """PEFT/`transformers` module names of this model (see `jlora._names`)."""
-    return name_map(hf_spec(self))
 
 
 def build(
@@ -276,19 +212,23 @@ def build(
   task: str | None = None,
   normalize: bool = False,
   num_labels: int | None = None,
-) -> nn.Module:
+  add_pooling_layer: bool | None = None,
+) -> _Bert:
   """Builds the BERT model for `task`.
 
   Args:
     config: the architecture.
     dtype: parameter and compute dtype.
-    task: `SEQ_CLS`, `TOKEN_CLS` or `FEATURE_EXTRACTION`; default from the config's
-      `architectures` (`BertModel` -> `FEATURE_EXTRACTION`).
-    normalize: L2-normalize sentence embeddings (`FEATURE_EXTRACTION` only).
+    task: `SEQ_CLS`, `TOKEN_CLS`, `FEATURE_EXTRACTION` (mean-pooled sentence embeddings) or
+      `HIDDEN_STATES` (:class:`BertModel`: per-token outputs and the pooled [CLS]); default
+      from the config's `architectures` (`BertModel` -> `FEATURE_EXTRACTION`).
+    normalize: L2-normalize sentence embeddings (`FEATURE_EXTRACTION` only; ignored otherwise).
     num_labels: override the config's label count (a new classifier head).
+    add_pooling_layer: `HIDDEN_STATES` only: whether the model has a pooler (default True,
+      as `transformers.BertModel`).
 
   Raises:
-    ValueError: for an unknown task.
+    ValueError: for an unknown task, or `add_pooling_layer` with another task.
   """
   if num_labels is not None:
     config = dataclasses.replace(config, num_labels=num_labels)
@@ -297,34 +237,20 @@ def build(
     task = {"BertForSequenceClassification": "SEQ_CLS", "BertForTokenClassification": "TOKEN_CLS"}.get(
       arch, "FEATURE_EXTRACTION"
     )
+  if task not in TASKS:
+    raise ValueError(f"Unsupported BERT `task={task!r}`; supported: {list(TASKS)}.")
+  if add_pooling_layer is not None and task != "HIDDEN_STATES":
+    raise ValueError(
+      f"`add_pooling_layer={add_pooling_layer}` applies to `task='HIDDEN_STATES'` only, got `task={task!r}`; "
+      "drop it (SEQ_CLS always has a pooler, the other tasks none)."
+    )
   if task == "SEQ_CLS":
     return BertForSequenceClassification(config, dtype)
   if task == "TOKEN_CLS":
     return BertForTokenClassification(config, dtype)
-  if task == "FEATURE_EXTRACTION":
-    return BertForSentenceEmbedding(config, dtype, normalize)
-  raise ValueError(f"Unsupported BERT `task={task!r}`; supported: {list(TASKS)}.")
-
-
-def example_inputs(model: nn.Module) -> tuple:
-  """Inputs for `model.init`."""
-  return (jnp.zeros((1, 2), jnp.int32),)
-
-
-def hf_spec(model: nn.Module) -> HFSpec:
-  """The Hugging Face layout of the task model (`bert.` prefix optional when loading)."""
-  if isinstance(model, BertForSentenceEmbedding):
-    return HFSpec(
-      base_prefix="bert.",
-      list_names=("layer",),
-      ignore=(r".*position_ids", r"pooler\..*", r"classifier\..*", r"cls\..*"),
-    )
-  return HFSpec(
-    base_prefix="bert.",
-    list_names=("layer",),
-    ignore=(r".*position_ids", r"cls\..*", r"pooler\..*"),
-    new_head=(r"classifier/.*", r"bert/pooler/.*"),
-  )
+  if task == "HIDDEN_STATES":
+    return BertModel(config, dtype, True if add_pooling_layer is None else add_pooling_layer)
+  return BertForSentenceEmbedding(config, dtype, normalize)
 
 
 def default_options(config: dict[str, Any], path: str) -> dict[str, Any]:
@@ -337,4 +263,9 @@ def default_options(config: dict[str, Any], path: str) -> dict[str, Any]:
   return {}
 
 
-Config = BertConfig
+ARCHITECTURE = Architecture(
+  config=BertConfig,
+  build=build,
+  options=("task", "normalize", "num_labels", "add_pooling_layer"),
+  default_options=default_options,
+)

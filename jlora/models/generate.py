@@ -1,8 +1,9 @@
 """Jitted autoregressive generation with a KV cache for the decoder models (GPT-2, Llama).
 
 The model only needs `init_cache(batch, length)` and a `__call__` that accepts
-`attention_mask`, `positions` and `cache` and then returns `(logits, cache)`, as
-:class:`~jlora.models.gpt2.GPT2LMHeadModel` and :class:`~jlora.models.llama.LlamaForCausalLM` do.
+`attention_mask`, `positions` and `cache` and then returns `(logits, cache)`, as the
+:class:`~jlora.models._arch.CausalLM` models (:class:`~jlora.models.gpt2.GPT2LMHeadModel`,
+:class:`~jlora.models.llama.LlamaForCausalLM`) do.
 """
 
 from __future__ import annotations
@@ -14,6 +15,9 @@ from typing import Any
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
+import numpy as np
+
+from jlora.models._checks import is_concrete
 
 __all__ = ["generate"]
 
@@ -51,17 +55,19 @@ def generate(
     top_k: sample only among the `top_k` most likely tokens.
     eos_token_id: when given, a sequence that produced it continues with `pad_token_id`.
     pad_token_id: token emitted after `eos_token_id`.
-    apply_fn: `apply_fn(params, input_ids, attention_mask=..., positions=..., cache=...)`
-      returning `(logits, cache)`; default `model.apply({'params': params}, ...)`. Use it
-      to run a LoRA-adapted forward. It is a static argument of the jitted loop: pass
-      the same function object across calls to avoid recompiling.
+    apply_fn: the forward in `model.apply`'s slot: `apply_fn({'params': params}, input_ids,
+      attention_mask=..., positions=..., cache=...)` returning `(logits, cache)`; default
+      `model.apply`. For a LoRA forward pass `jlora.lora_apply(model, config)`. It is a
+      static argument of the jitted loop, so equal functions (two `lora_apply` objects of
+      the same model and config compare equal) share one compiled loop.
 
   Returns:
     (B, N) int32 generated tokens (the prompt is not included).
 
   Raises:
-    ValueError: if `model` is not a decoder, sampling without a `key`, or
-      `max_new_tokens < 1`.
+    ValueError: if `model` is not a decoder, sampling without a `key`, `max_new_tokens < 1`,
+      a prompt token outside the vocabulary, or (GPT-2) a prompt plus `max_new_tokens` that
+      needs more positions than the model has (checked when the inputs are concrete).
   """
   if not hasattr(model, "init_cache"):
     raise ValueError(
@@ -73,6 +79,7 @@ def generate(
     raise ValueError("Sampling (`temperature > 0`) needs an explicit `key=jax.random.key(...)`.")
   input_ids = jnp.asarray(input_ids, jnp.int32)
   mask = jnp.ones_like(input_ids) if attention_mask is None else jnp.asarray(attention_mask, jnp.int32)
+  _check_prompt(model, input_ids, mask, max_new_tokens)
   key = jax.random.key(0) if key is None else key
   cache = model.init_cache(input_ids.shape[0], input_ids.shape[1] + max_new_tokens)
   return _generate(
@@ -83,7 +90,7 @@ def generate(
     top_k,
     eos_token_id,
     pad_token_id,
-    params,
+    {"params": params},
     input_ids,
     mask,
     cache,
@@ -92,14 +99,30 @@ def generate(
   )
 
 
+def _check_prompt(model: nn.Module, input_ids: jax.Array, mask: jax.Array, max_new_tokens: int) -> None:
+  """Checks the prompt's token ids, and that the positions generation reaches fit a learned position table."""
+  if hasattr(model, "check_inputs"):
+    model.check_inputs(input_ids=input_ids)
+  limits = model.input_limits() if hasattr(model, "input_limits") else {}
+  table = limits.get("positions")
+  if table is None or not is_concrete(mask):
+    return
+  prompt = int(np.asarray(mask).sum(1).max())
+  last = prompt + max_new_tokens - 2  # the last generated token is returned, never fed back
+  if last >= table.size:
+    raise ValueError(
+      f"`max_new_tokens={max_new_tokens}` after a prompt of {prompt} tokens needs positions up to {last}, but "
+      f"{type(model).__name__} has learned positions 0..{table.size - 1} only (`{table.field}={table.size}`). "
+      f"Lower `max_new_tokens` to at most {table.size - prompt + 1}, or shorten the prompt."
+    )
+
+
 @functools.partial(jax.jit, static_argnums=(0, 1, 2, 3, 4, 5, 6))
 def _generate(
-  model, apply_fn, max_new_tokens, sample, top_k, eos, pad, params, input_ids, mask, cache, key, temperature
+  model, apply_fn, max_new_tokens, sample, top_k, eos, pad, variables, input_ids, mask, cache, key, temperature
 ):
-  if apply_fn is None:
-
-    def apply_fn(p, *args, **kwargs):
-      return model.apply({"params": p}, *args, **kwargs)
+  # `model` rather than its bound `model.apply` is the static argument: equal models share a compiled loop.
+  apply_fn = model.apply if apply_fn is None else apply_fn
 
   def select(logits, k):
     logits = logits.astype(jnp.float32)
@@ -113,14 +136,14 @@ def _generate(
 
   positions = jnp.maximum(jnp.cumsum(mask, axis=1) - 1, 0)
   keys = jax.random.split(key, max_new_tokens)
-  logits, cache = apply_fn(params, input_ids, attention_mask=mask, positions=positions, cache=cache)
+  logits, cache = apply_fn(variables, input_ids, attention_mask=mask, positions=positions, cache=cache)
   first = select(logits[:, -1], keys[0])
   done = jnp.zeros_like(first, bool) if eos is None else first == eos
 
   def step(carry, k):
     tok, pos, cache, done = carry
     logits, cache = apply_fn(
-      params, tok[:, None], attention_mask=jnp.ones_like(tok)[:, None], positions=pos[:, None], cache=cache
+      variables, tok[:, None], attention_mask=jnp.ones_like(tok)[:, None], positions=pos[:, None], cache=cache
     )
     new = select(logits[:, -1], k)
     if eos is not None:

@@ -15,11 +15,14 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from jlora.models._checkpoint import HFSpec, hashable, name_map
-from jlora.models._layers import KVCache, activation, attention, update_layer_cache
+from jlora.models._arch import Architecture, CausalLM, config_fields
+from jlora.models._arch import hf_spec as hf_spec  # looked up here by jlora._peft
+from jlora.models._checkpoint import HFSpec
+from jlora.models._checks import Limit, is_concrete
+from jlora.models._layers import KVCache, activation, attention, dtypes, run_layers, update_layer_cache
 from jlora.models._layers import attention_mask as make_mask
 
-__all__ = ["GPT2Config", "GPT2LMHeadModel"]
+__all__ = ["ARCHITECTURE", "GPT2Config", "GPT2LMHeadModel"]
 
 
 @dataclasses.dataclass(frozen=True)
@@ -49,8 +52,7 @@ class GPT2Config:
         raise ValueError(f"GPT-2 config option `{flag}=True` is not supported; set it to false.")
     if config.get("scale_attn_weights", True) is False:
       raise ValueError("GPT-2 config option `scale_attn_weights=False` is not supported.")
-    names = {f.name for f in dataclasses.fields(cls)}
-    return cls(**{k: hashable(v) for k, v in config.items() if k in names})
+    return cls(**config_fields(cls, config))
 
   def to_hf(self) -> dict[str, Any]:
     """A Hugging Face `config.json` dict for this config."""
@@ -58,14 +60,15 @@ class GPT2Config:
 
 
 class GPT2Block(nn.Module):
-  """One pre-LayerNorm transformer block (`h_i`)."""
+  """One pre-LayerNorm transformer block (`h_i`): `(h, layer_cache, (mask, index)) -> (h, layer_cache)`."""
 
   config: GPT2Config
   dtype: Any = jnp.float32
 
   @nn.compact
-  def __call__(self, h, mask, layer_cache, index):
-    c, kw = self.config, {"dtype": self.dtype, "param_dtype": self.dtype}
+  def __call__(self, h, layer_cache, ctx):
+    mask, index = ctx
+    c, kw = self.config, dtypes(self.dtype)
     x = nn.LayerNorm(epsilon=c.layer_norm_epsilon, name="ln_1", **kw)(h)
     y, layer_cache = _Attention(c, self.dtype, name="attn")(x, mask, layer_cache, index)
     h = h + y
@@ -79,7 +82,7 @@ class _Attention(nn.Module):
 
   @nn.compact
   def __call__(self, x, mask, layer_cache, index):
-    c, kw = self.config, {"dtype": self.dtype, "param_dtype": self.dtype}
+    c, kw = self.config, dtypes(self.dtype)
     b, t, d = x.shape
     q, k, v = jnp.split(nn.Dense(3 * d, name="c_attn", **kw)(x), 3, axis=-1)
     q, k, v = (a.reshape(b, t, c.n_head, d // c.n_head) for a in (q, k, v))
@@ -95,7 +98,7 @@ class _MLP(nn.Module):
 
   @nn.compact
   def __call__(self, x):
-    c, kw = self.config, {"dtype": self.dtype, "param_dtype": self.dtype}
+    c, kw = self.config, dtypes(self.dtype)
     inner = c.n_inner or 4 * c.n_embd
     x = activation(c.activation_function)(nn.Dense(inner, name="c_fc", **kw)(x))
     return nn.Dense(c.n_embd, name="c_proj", **kw)(x)
@@ -108,7 +111,7 @@ class GPT2Model(nn.Module):
   dtype: Any = jnp.float32
 
   def setup(self):
-    c, kw = self.config, {"dtype": self.dtype, "param_dtype": self.dtype}
+    c, kw = self.config, dtypes(self.dtype)
     init = nn.initializers.normal(0.02)
     self.wte = nn.Embed(c.vocab_size, c.n_embd, embedding_init=init, **kw)
     self.wpe = nn.Embed(c.n_positions, c.n_embd, embedding_init=init, **kw)
@@ -121,19 +124,12 @@ class GPT2Model(nn.Module):
     if positions is None:
       positions = jnp.broadcast_to(slots, (b, t))
     h = self.wte(input_ids) + self.wpe(positions)
-    keys, values = [], []
-    for i, block in enumerate(self.h):
-      layer_cache = None if cache is None else (cache.keys[i], cache.values[i])
-      h, layer_cache = block(h, mask, layer_cache, None if cache is None else cache.index)
-      if cache is not None:
-        keys.append(layer_cache[0])
-        values.append(layer_cache[1])
-    if cache is not None:
-      cache = cache._replace(keys=jnp.stack(keys), values=jnp.stack(values), index=cache.index + t)
-    return self.ln_f(h), cache
+    kv = None if cache is None else (cache.keys, cache.values)
+    h, kv = run_layers(self.h, h, kv, (mask, None if cache is None else cache.index))
+    return self.ln_f(h), None if cache is None else cache.advance(kv, t)
 
 
-class GPT2LMHeadModel(nn.Module):
+class GPT2LMHeadModel(CausalLM):
   """GPT-2 with its tied language-model head.
 
   Attributes:
@@ -145,10 +141,13 @@ class GPT2LMHeadModel(nn.Module):
     cache=None)` with input_ids (B, T) int, attention_mask (B, T) 0/1, positions (B, T)
     (default: slot index). Returns logits (B, T, V), or `(logits, cache)` when a
     :class:`KVCache` is passed.
+
+  Raises:
+    ValueError: outside `jit`, for token ids outside `0..vocab_size-1` or positions outside
+      `0..n_positions-1`; a sequence longer than `n_positions` also inside `jit`.
   """
 
   config: GPT2Config
-  dtype: Any = jnp.float32
 
   @nn.compact
   def __call__(
@@ -158,26 +157,33 @@ class GPT2LMHeadModel(nn.Module):
     positions: jax.Array | None = None,
     cache: KVCache | None = None,
   ):
+    self.check_inputs(input_ids=input_ids, positions=positions)
+    if positions is None and cache is None:
+      self.check_length("input_ids", input_ids.shape[1])
+    elif positions is None and is_concrete(cache.index):
+      self.check_length("input_ids", int(cache.index) + input_ids.shape[1])
     trunk = GPT2Model(self.config, self.dtype, name="transformer")
     h, new_cache = trunk(input_ids, attention_mask, positions, cache)
     logits = trunk.wte.attend(h)
     return logits if cache is None else (logits, new_cache)
 
-  def init_cache(self, batch: int, length: int) -> KVCache:
-    """An empty :class:`KVCache` of `length` slots for `batch` sequences."""
+  def cache_dims(self) -> tuple[int, int, int]:
+    """`(n_layer, n_head, n_embd // n_head)`."""
     c = self.config
-    return KVCache.create(
-      num_layers=c.n_layer,
-      batch=batch,
-      length=length,
-      num_kv_heads=c.n_head,
-      head_dim=c.n_embd // c.n_head,
-      dtype=self.dtype,
-    )
+    return c.n_layer, c.n_head, c.n_embd // c.n_head
 
-  def peft_name_map(self):
-    """PEFT/`transformers` module names of this model (see `jlora._names`)."""
-    return name_map(hf_spec(self))
+  def input_limits(self) -> dict[str, Limit]:
+    """`input_ids` below `vocab_size`, `positions` below `n_positions` (learned position table)."""
+    return {**super().input_limits(), "positions": Limit(self.config.n_positions, "n_positions")}
+
+  def hf_spec(self) -> HFSpec:
+    """The Hugging Face layout of `GPT2LMHeadModel`."""
+    return HFSpec(
+      base_prefix="transformer.",
+      list_names=("h",),
+      no_transpose=("c_attn", "c_proj", "c_fc"),
+      ignore=(r"h\.\d+\.attn\.(masked_)?bias", r"lm_head\.weight"),
+    )
 
 
 def build(config: GPT2Config, *, dtype: Any = jnp.float32) -> GPT2LMHeadModel:
@@ -185,24 +191,4 @@ def build(config: GPT2Config, *, dtype: Any = jnp.float32) -> GPT2LMHeadModel:
   return GPT2LMHeadModel(config, dtype)
 
 
-def example_inputs(model: GPT2LMHeadModel) -> tuple:
-  """Inputs for `model.init`."""
-  return (jnp.zeros((1, 2), jnp.int32),)
-
-
-def hf_spec(model: GPT2LMHeadModel) -> HFSpec:
-  """The Hugging Face layout of `GPT2LMHeadModel`."""
-  return HFSpec(
-    base_prefix="transformer.",
-    list_names=("h",),
-    no_transpose=("c_attn", "c_proj", "c_fc"),
-    ignore=(r"h\.\d+\.attn\.(masked_)?bias", r"lm_head\.weight"),
-  )
-
-
-def default_options(config: dict[str, Any], path: str) -> dict[str, Any]:
-  """Options implied by a checkpoint directory (none for GPT-2)."""
-  return {}
-
-
-Config = GPT2Config
+ARCHITECTURE = Architecture(config=GPT2Config, build=build)

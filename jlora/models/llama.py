@@ -17,11 +17,13 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from jlora.models._checkpoint import HFSpec, hashable, name_map
-from jlora.models._layers import KVCache, activation, attention, update_layer_cache
+from jlora.models._arch import Architecture, CausalLM, config_fields
+from jlora.models._arch import hf_spec as hf_spec  # looked up here by jlora._peft
+from jlora.models._checkpoint import HFSpec
+from jlora.models._layers import KVCache, activation, attention, dtypes, run_layers, update_layer_cache
 from jlora.models._layers import attention_mask as make_mask
 
-__all__ = ["LlamaConfig", "LlamaForCausalLM"]
+__all__ = ["ARCHITECTURE", "LlamaConfig", "LlamaForCausalLM"]
 
 _ROPE_TYPES = ("default", "linear", "llama3")
 
@@ -83,12 +85,10 @@ class LlamaConfig:
     if mt == "qwen2" and config.get("use_sliding_window"):
       raise ValueError("qwen2 `use_sliding_window=True` is not supported; set it to false.")
     activation(config.get("hidden_act", "silu"))
-    names = {f.name for f in dataclasses.fields(cls)}
-    kw = {k: hashable(v) for k, v in config.items() if k in names and not k.startswith("rope")}
+    kw = config_fields(cls, config)
     if mt == "qwen2":
       kw["qkv_bias"], kw["sliding_window"] = True, None
-    return cls(
-      **kw,
+    kw.update(  # RoPE settings come from `rope_parameters` / `rope_scaling`, never from same-named keys
       rope_theta=float(theta),
       rope_type=rope_type,
       rope_factor=float(rope.get("factor", 1.0)),
@@ -96,6 +96,7 @@ class LlamaConfig:
       rope_high_freq_factor=float(rope.get("high_freq_factor", 4.0)),
       rope_original_max_position=int(rope.get("original_max_position_embeddings", 8192)),
     )
+    return cls(**kw)
 
   def to_hf(self) -> dict[str, Any]:
     """A Hugging Face `config.json` dict for this config (transformers 5 style rope)."""
@@ -158,7 +159,7 @@ class LlamaAttention(nn.Module):
 
   @nn.compact
   def __call__(self, x, mask, positions, layer_cache, index):
-    c, kw = self.config, {"dtype": self.dtype, "param_dtype": self.dtype}
+    c, kw = self.config, dtypes(self.dtype)
     b, t, _ = x.shape
     qkv_bias = c.attention_bias or c.qkv_bias
     q = nn.Dense(c.num_attention_heads * c.dim_head, use_bias=qkv_bias, name="q_proj", **kw)(x)
@@ -183,7 +184,7 @@ class LlamaMLP(nn.Module):
 
   @nn.compact
   def __call__(self, x):
-    c, kw = self.config, {"dtype": self.dtype, "param_dtype": self.dtype, "use_bias": self.config.mlp_bias}
+    c, kw = self.config, dtypes(self.dtype, use_bias=self.config.mlp_bias)
     gate = nn.Dense(c.intermediate_size, name="gate_proj", **kw)(x)
     up = nn.Dense(c.intermediate_size, name="up_proj", **kw)(x)
     return nn.Dense(c.hidden_size, name="down_proj", **kw)(activation(c.hidden_act)(gate) * up)
@@ -198,7 +199,7 @@ class LlamaBlock(nn.Module):
   @nn.compact
   def __call__(self, h, layer_cache, ctx):
     mask, positions, index = ctx
-    c, kw = self.config, {"dtype": self.dtype, "param_dtype": self.dtype}
+    c, kw = self.config, dtypes(self.dtype)
     x = nn.RMSNorm(epsilon=c.rms_norm_eps, name="input_layernorm", **kw)(h)
     y, layer_cache = LlamaAttention(c, self.dtype, name="self_attn")(x, mask, positions, layer_cache, index)
     h = h + y
@@ -216,7 +217,7 @@ class LlamaModel(nn.Module):
 
   @nn.compact
   def __call__(self, input_ids, attention_mask, positions, cache):
-    c, kw = self.config, {"dtype": self.dtype, "param_dtype": self.dtype}
+    c, kw = self.config, dtypes(self.dtype)
     b, t = input_ids.shape
     mask, slots, cache = make_mask(attention_mask, b, t, cache=cache, sliding_window=c.sliding_window)
     if positions is None:
@@ -238,19 +239,12 @@ class LlamaModel(nn.Module):
       )
       h, kv = stack(c, self.dtype, name="layers")(h, kv, ctx)
     else:
-      new = []
-      for i in range(c.num_hidden_layers):
-        layer_kv = None if kv is None else (kv[0][i], kv[1][i])
-        h, layer_kv = block(c, self.dtype, name=f"layers_{i}")(h, layer_kv, ctx)
-        new.append(layer_kv)
-      if kv is not None:
-        kv = (jnp.stack([k for k, _ in new]), jnp.stack([v for _, v in new]))
-    if cache is not None:
-      cache = cache._replace(keys=kv[0], values=kv[1], index=cache.index + t)
+      h, kv = run_layers([block(c, self.dtype, name=f"layers_{i}") for i in range(c.num_hidden_layers)], h, kv, ctx)
+    cache = None if cache is None else cache.advance(kv, t)
     return nn.RMSNorm(epsilon=c.rms_norm_eps, name="norm", **kw)(h), cache, embed
 
 
-class LlamaForCausalLM(nn.Module):
+class LlamaForCausalLM(CausalLM):
   """Llama / Mistral / Qwen2 causal LM.
 
   Attributes:
@@ -263,10 +257,12 @@ class LlamaForCausalLM(nn.Module):
     `model.apply({'params': params}, input_ids, attention_mask=None, positions=None,
     cache=None)`: input_ids (B, T) int, attention_mask (B, T) 0/1, positions (B, T)
     (default: slot index). Returns logits (B, T, V), or `(logits, cache)` with a cache.
+
+  Raises:
+    ValueError: outside `jit`, for token ids outside `0..vocab_size-1` (RoPE has no position limit).
   """
 
   config: LlamaConfig
-  dtype: Any = jnp.float32
   scan_layers: bool = False
   remat: bool = False
 
@@ -278,31 +274,26 @@ class LlamaForCausalLM(nn.Module):
     positions: jax.Array | None = None,
     cache: KVCache | None = None,
   ):
+    self.check_inputs(input_ids=input_ids)
     trunk = LlamaModel(self.config, self.dtype, self.scan_layers, self.remat, name="model")
     h, new_cache, embed = trunk(input_ids, attention_mask, positions, cache)
     if self.config.tie_word_embeddings:
       logits = embed.attend(h)
     else:
-      logits = nn.Dense(
-        self.config.vocab_size, use_bias=False, name="lm_head", dtype=self.dtype, param_dtype=self.dtype
-      )(h)
+      logits = nn.Dense(self.config.vocab_size, use_bias=False, name="lm_head", **dtypes(self.dtype))(h)
     return logits if cache is None else (logits, new_cache)
 
-  def init_cache(self, batch: int, length: int) -> KVCache:
-    """An empty :class:`KVCache` of `length` slots for `batch` sequences."""
+  def cache_dims(self) -> tuple[int, int, int]:
+    """`(num_hidden_layers, num_key_value_heads, head_dim)`."""
     c = self.config
-    return KVCache.create(
-      num_layers=c.num_hidden_layers,
-      batch=batch,
-      length=length,
-      num_kv_heads=c.kv_heads,
-      head_dim=c.dim_head,
-      dtype=self.dtype,
-    )
+    return c.num_hidden_layers, c.kv_heads, c.dim_head
 
-  def peft_name_map(self):
-    """PEFT/`transformers` module names of this model (see `jlora._names`)."""
-    return name_map(hf_spec(self))
+  def hf_spec(self) -> HFSpec:
+    """The Hugging Face layout of `*ForCausalLM` (`model.` prefix optional when loading)."""
+    ignore = (r".*rotary_emb\.inv_freq",) + ((r"lm_head\.weight",) if self.config.tie_word_embeddings else ())
+    return HFSpec(
+      base_prefix="model.", list_names=("layers",), scan_name="layers" if self.scan_layers else None, ignore=ignore
+    )
 
 
 def build(
@@ -312,22 +303,4 @@ def build(
   return LlamaForCausalLM(config, dtype, scan_layers, remat)
 
 
-def example_inputs(model: LlamaForCausalLM) -> tuple:
-  """Inputs for `model.init`."""
-  return (jnp.zeros((1, 2), jnp.int32),)
-
-
-def hf_spec(model: LlamaForCausalLM) -> HFSpec:
-  """The Hugging Face layout of `*ForCausalLM` (`model.` prefix optional when loading)."""
-  ignore = (r".*rotary_emb\.inv_freq",) + ((r"lm_head\.weight",) if model.config.tie_word_embeddings else ())
-  return HFSpec(
-    base_prefix="model.", list_names=("layers",), scan_name="layers" if model.scan_layers else None, ignore=ignore
-  )
-
-
-def default_options(config: dict[str, Any], path: str) -> dict[str, Any]:
-  """Options implied by a checkpoint directory (none)."""
-  return {}
-
-
-Config = LlamaConfig
+ARCHITECTURE = Architecture(config=LlamaConfig, build=build, options=("scan_layers", "remat"))

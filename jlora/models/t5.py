@@ -19,10 +19,13 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from jlora.models._checkpoint import HFSpec, hashable, name_map
-from jlora.models._layers import activation, attention
+from jlora.models._arch import Architecture, HFModel, config_fields
+from jlora.models._arch import hf_spec as hf_spec  # looked up here by jlora._peft
+from jlora.models._checkpoint import HFSpec
+from jlora.models._checks import Limit
+from jlora.models._layers import activation, attention, dtypes
 
-__all__ = ["T5Config", "T5ForConditionalGeneration", "shift_right"]
+__all__ = ["ARCHITECTURE", "T5Config", "T5ForConditionalGeneration", "shift_right"]
 
 
 @dataclasses.dataclass(frozen=True)
@@ -65,8 +68,7 @@ class T5Config:
     Raises:
       ValueError: for an unsupported `feed_forward_proj`.
     """
-    names = {f.name for f in dataclasses.fields(cls)}
-    out = cls(**{k: hashable(v) for k, v in config.items() if k in names})
+    out = cls(**config_fields(cls, config))
     activation(out.act)
     return out
 
@@ -102,10 +104,6 @@ def relative_position_bucket(
   return buckets + jnp.where(is_small, relative_position, large)
 
 
-def _kw(dtype):
-  return {"dtype": dtype, "param_dtype": dtype, "use_bias": False}
-
-
 class T5Attention(nn.Module):
   """Attention with projections `q`, `k`, `v`, `o` and optional relative bias.
 
@@ -120,7 +118,7 @@ class T5Attention(nn.Module):
 
   @nn.compact
   def __call__(self, x, kv, mask, bias):
-    c, kw = self.config, _kw(self.dtype)
+    c, kw = self.config, dtypes(self.dtype, use_bias=False)
     b, t, _ = x.shape
     s = kv.shape[1]
     inner = c.num_heads * c.d_kv
@@ -137,11 +135,7 @@ class T5Attention(nn.Module):
           max_distance=c.relative_attention_max_distance,
         )
         table = nn.Embed(
-          c.relative_attention_num_buckets,
-          c.num_heads,
-          name="relative_attention_bias",
-          dtype=self.dtype,
-          param_dtype=self.dtype,
+          c.relative_attention_num_buckets, c.num_heads, name="relative_attention_bias", **dtypes(self.dtype)
         )
         bias = table(buckets).transpose(2, 0, 1)[None]
       else:
@@ -158,7 +152,7 @@ class T5FeedForward(nn.Module):
 
   @nn.compact
   def __call__(self, x):
-    c, kw = self.config, _kw(self.dtype)
+    c, kw = self.config, dtypes(self.dtype, use_bias=False)
     act = activation(c.act)
     if c.is_gated:
       h = act(nn.Dense(c.d_ff, name="wi_0", **kw)(x)) * nn.Dense(c.d_ff, name="wi_1", **kw)(x)
@@ -179,7 +173,7 @@ class _Sublayer(nn.Module):
   @nn.compact
   def __call__(self, h, memory=None, mask=None, bias=None):
     c = self.config
-    x = nn.RMSNorm(epsilon=c.layer_norm_epsilon, name="layer_norm", dtype=self.dtype, param_dtype=self.dtype)(h)
+    x = nn.RMSNorm(epsilon=c.layer_norm_epsilon, name="layer_norm", **dtypes(self.dtype))(h)
     if self.kind == "DenseReluDense":
       return h + T5FeedForward(c, self.dtype, name=self.kind)(x), bias
     kv = x if memory is None else memory
@@ -202,9 +196,7 @@ class T5Stack(nn.Module):
     for i in range(n):
       block = _Block(c, self.dtype, self.decoder, i == 0, name=f"block_{i}")
       h, bias, cross_bias = block(h, mask, bias, memory, memory_mask, cross_bias)
-    return nn.RMSNorm(epsilon=c.layer_norm_epsilon, name="final_layer_norm", dtype=self.dtype, param_dtype=self.dtype)(
-      h
-    )
+    return nn.RMSNorm(epsilon=c.layer_norm_epsilon, name="final_layer_norm", **dtypes(self.dtype))(h)
 
 
 class _Block(nn.Module):
@@ -223,17 +215,21 @@ class _Block(nn.Module):
     return h, bias, cross_bias
 
 
-class T5ForConditionalGeneration(nn.Module):
+class T5ForConditionalGeneration(HFModel):
   """T5 encoder-decoder LM.
 
   Call:
     `model.apply({'params': params}, input_ids, attention_mask=None, decoder_input_ids=...,
     decoder_attention_mask=None)`: input_ids (B, S), decoder_input_ids (B, T) (build them
     from labels with :func:`shift_right`). Returns logits (B, T, V).
+
+  Raises:
+    ValueError: without `decoder_input_ids`; outside `jit`, for ids outside
+      `0..vocab_size-1` (e.g. -100 labels passed as decoder inputs). Relative position
+      buckets have no length limit.
   """
 
   config: T5Config
-  dtype: Any = jnp.float32
 
   @nn.compact
   def __call__(
@@ -249,13 +245,9 @@ class T5ForConditionalGeneration(nn.Module):
         "T5 needs `decoder_input_ids` (B, T); build them from labels with "
         "`jlora.models.t5.shift_right(labels, config)`."
       )
+    self.check_inputs(input_ids=input_ids, decoder_input_ids=decoder_input_ids)
     shared = nn.Embed(
-      c.vocab_size,
-      c.d_model,
-      name="shared",
-      dtype=self.dtype,
-      param_dtype=self.dtype,
-      embedding_init=nn.initializers.normal(1.0),
+      c.vocab_size, c.d_model, name="shared", embedding_init=nn.initializers.normal(1.0), **dtypes(self.dtype)
     )
     enc_valid = (jnp.ones(input_ids.shape, bool) if attention_mask is None else attention_mask.astype(bool))[
       :, None, None, :
@@ -268,11 +260,27 @@ class T5ForConditionalGeneration(nn.Module):
     h = T5Stack(c, self.dtype, decoder=True, name="decoder")(shared(decoder_input_ids), dec_mask, memory, enc_valid)
     if c.tie_word_embeddings:
       return shared.attend(h * c.d_model**-0.5)
-    return nn.Dense(c.vocab_size, name="lm_head", **_kw(self.dtype))(h)
+    return nn.Dense(c.vocab_size, name="lm_head", **dtypes(self.dtype, use_bias=False))(h)
 
-  def peft_name_map(self):
-    """PEFT/`transformers` module names of this model (see `jlora._names`)."""
-    return name_map(hf_spec(self))
+  def example_inputs(self) -> tuple:
+    """Inputs for `model.init`: (input_ids, attention_mask, decoder_input_ids), ids (1, 2) int32."""
+    ids = jnp.zeros((1, 2), jnp.int32)
+    return (ids, None, ids)
+
+  def input_limits(self) -> dict[str, Limit]:
+    """`input_ids` and `decoder_input_ids` below `vocab_size`."""
+    vocab = Limit(self.config.vocab_size, "vocab_size")
+    return {"input_ids": vocab, "decoder_input_ids": vocab}
+
+  def hf_spec(self) -> HFSpec:
+    """The Hugging Face layout of `T5ForConditionalGeneration`."""
+    ignore = [
+      r"(encoder|decoder)\.embed_tokens\.weight",
+      r"decoder\.block\.0\.layer\.1\.EncDecAttention\.relative_attention_bias\.weight",
+    ]
+    if self.config.tie_word_embeddings:
+      ignore.append(r"lm_head\.weight")
+    return HFSpec(list_names=("block", "layer"), ignore=tuple(ignore))
 
 
 def shift_right(labels: jax.Array, config: T5Config) -> jax.Array:
@@ -287,26 +295,4 @@ def build(config: T5Config, *, dtype: Any = jnp.float32) -> T5ForConditionalGene
   return T5ForConditionalGeneration(config, dtype)
 
 
-def example_inputs(model: T5ForConditionalGeneration) -> tuple:
-  """Inputs for `model.init`: (input_ids, attention_mask, decoder_input_ids)."""
-  ids = jnp.zeros((1, 2), jnp.int32)
-  return (ids, None, ids)
-
-
-def hf_spec(model: T5ForConditionalGeneration) -> HFSpec:
-  """The Hugging Face layout of `T5ForConditionalGeneration`."""
-  ignore = [
-    r"(encoder|decoder)\.embed_tokens\.weight",
-    r"decoder\.block\.0\.layer\.1\.EncDecAttention\.relative_attention_bias\.weight",
-  ]
-  if model.config.tie_word_embeddings:
-    ignore.append(r"lm_head\.weight")
-  return HFSpec(list_names=("block", "layer"), ignore=tuple(ignore))
-
-
-def default_options(config: dict[str, Any], path: str) -> dict[str, Any]:
-  """Options implied by a checkpoint directory (none)."""
-  return {}
-
-
-Config = T5Config
+ARCHITECTURE = Architecture(config=T5Config, build=build)

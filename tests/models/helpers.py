@@ -5,11 +5,14 @@ from __future__ import annotations
 import functools
 import json
 
+import flax.linen as nn
 import jax
+import jax.numpy as jnp
 import numpy as np
 
 import jlora
 from jlora import models
+from jlora.models import _load
 
 GPT2 = {
   "model_type": "gpt2",
@@ -154,6 +157,13 @@ def random_model(config, *, seed=0, **options):
     _MODELS[cache_key] = model, randomize(params, jax.random.key(seed + 1))
   model, params = _MODELS[cache_key]
   return model, jax.tree.map(lambda x: x, params)
+
+
+def zero_model(config, **options):
+  """`(model, params)` with every leaf zero: the model's tree from `jax.eval_shape`, no init compiled (fast)."""
+  model = _load._architecture(config).model(config, dtype=None, options=options)
+  shapes = nn.meta.unbox(jax.eval_shape(model.init, jax.random.key(0), *model.example_inputs())["params"])
+  return model, jax.tree.map(lambda s: jnp.zeros(s.shape, s.dtype), shapes)
 
 
 def write_checkpoint(path, config, *, seed=0):

@@ -72,23 +72,41 @@ def test_eos_pads_the_rest():
   assert (stopped[0, first + 1 :] == -1).all()
 
 
-def test_apply_fn_hook_and_extra_leaves():
-  """Extra `lora_*` leaves are ignored by the plain model; `apply_fn` replaces the forward."""
+def test_apply_fn_takes_model_apply_slot_and_extra_leaves_are_ignored():
+  """Extra `lora_*` leaves are ignored by the plain model; `apply_fn(variables, ...)` replaces the forward."""
   model, params = _model("gpt2")
   ids = tokens((1, 4))
   extra = jax.tree_util.tree_map(lambda x: x, params)
   extra["transformer"]["h_0"]["attn"]["c_attn"]["lora_a"] = jnp.ones((16, 2))
   base = models.generate(model, params, ids, max_new_tokens=3)
   np.testing.assert_array_equal(np.asarray(models.generate(model, extra, ids, max_new_tokens=3)), np.asarray(base))
-  calls = []
+  np.testing.assert_array_equal(
+    np.asarray(models.generate(model, params, ids, max_new_tokens=3, apply_fn=model.apply)), np.asarray(base)
+  )
+  seen = []
 
-  def apply_fn(p, *args, **kwargs):
-    calls.append(1)
-    return model.apply({"params": p}, *args, **kwargs)
+  def favour_token_5(variables, *args, **kwargs):
+    seen.append(sorted(variables))
+    logits, cache = model.apply(variables, *args, **kwargs)
+    return logits.at[..., 5].add(1e3), cache
 
-  hooked = models.generate(model, params, ids, max_new_tokens=3, apply_fn=apply_fn)
-  np.testing.assert_array_equal(np.asarray(hooked), np.asarray(base))
-  assert calls
+  hooked = models.generate(model, params, ids, max_new_tokens=3, apply_fn=favour_token_5)
+  np.testing.assert_array_equal(np.asarray(hooked), [[5, 5, 5]])
+  assert seen and all(keys == ["params"] for keys in seen)  # a variables dict, as model.apply takes
+
+
+def test_generate_checks_prompt_ids_and_gpt2_positions():
+  model, params = _model("gpt2")  # vocab_size 37, n_positions 32
+  with pytest.raises(ValueError, match=r"`input_ids` holds 37 at index \[0, 1\].*`vocab_size=37`.*tokenizer"):
+    models.generate(model, params, np.array([[3, 37]], np.int32), max_new_tokens=2)
+  prompt = tokens((1, 20))
+  with pytest.raises(ValueError, match=r"`max_new_tokens=14` after a prompt of 20 tokens needs positions up to 32.*"
+                     r"`n_positions=32`.*at most 13"):
+    models.generate(model, params, prompt, max_new_tokens=14)
+  assert models.generate(model, params, prompt, max_new_tokens=13).shape == (1, 13)  # the last position, 31, fits
+  left_padded = np.concatenate([np.zeros((1, 5), np.int32), prompt[:, :15]], 1)
+  mask = np.array([[0] * 5 + [1] * 15], np.int32)  # padding takes no position
+  assert models.generate(model, params, left_padded, mask, max_new_tokens=18).shape == (1, 18)
 
 
 def test_generate_errors():
@@ -102,8 +120,13 @@ def test_generate_errors():
 def test_list_valued_config_fields_stay_hashable():
   """Llama 3 configs list several `eos_token_id`s; the model must stay a valid static jit argument."""
   model, params = models.from_config({**CONFIGS["llama"], "eos_token_id": [2, 3]}, key=jax.random.key(0))
-  assert model.config.eos_token_id == (2, 3)
-  assert models.generate(model, params, tokens((1, 3)), max_new_tokens=2).shape == (1, 2)
+  assert model.config.eos_token_id == (2, 3) and hash(model) == hash(model.clone())
+  single, _ = models.from_config(CONFIGS["llama"], key=jax.random.key(0))
+  ids = tokens((1, 3))
+  np.testing.assert_array_equal(  # the field only describes the checkpoint: the same weights generate the same
+    np.asarray(models.generate(model, params, ids, max_new_tokens=2)),
+    np.asarray(models.generate(single, params, ids, max_new_tokens=2)),
+  )
 
 
 def test_generate_needs_a_decoder():

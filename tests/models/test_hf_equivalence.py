@@ -68,6 +68,27 @@ def test_bert_heads(checkpoint, name, cls):
   _close(ours, theirs)
 
 
+@pytest.mark.parametrize("pooler", [True, False])
+def test_bert_hidden_states(checkpoint, pooler):
+  """`task="HIDDEN_STATES"` returns what `transformers.BertModel` does (a classifier checkpoint has the pooler)."""
+  path = checkpoint("bert_seq_cls")
+  model, params = models.from_pretrained(path, task="HIDDEN_STATES", add_pooling_layer=pooler)
+  ids, mask = tokens((2, 7)), _mask(2, 7)
+  types = np.zeros_like(ids)
+  types[:, 4:] = 1
+  ours = forward(model, params, ids, mask, types)
+  hf = transformers.BertModel.from_pretrained(path, attn_implementation="eager", dtype=torch.float32,
+                                              add_pooling_layer=pooler).eval()
+  with torch.no_grad():
+    theirs = hf(input_ids=torch.tensor(ids, dtype=torch.long), attention_mask=torch.tensor(mask),
+                token_type_ids=torch.tensor(types, dtype=torch.long))
+  np.testing.assert_allclose(np.asarray(ours.last_hidden_state), theirs.last_hidden_state.numpy(), atol=1e-5, rtol=0)
+  if pooler:
+    np.testing.assert_allclose(np.asarray(ours.pooler_output), theirs.pooler_output.numpy(), atol=1e-5, rtol=0)
+  else:
+    assert ours.pooler_output is None and theirs.pooler_output is None
+
+
 @pytest.mark.parametrize("normalize", [False, True])
 def test_bert_sentence_embedding(checkpoint, normalize):
   path = checkpoint("bert")

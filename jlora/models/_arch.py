@@ -28,7 +28,7 @@ from jlora.models._checkpoint import HFSpec, name_map
 from jlora.models._checks import Limit, check_length, check_values
 from jlora.models._layers import KVCache
 
-__all__ = ["Architecture", "CausalLM", "HFConfig", "HFModel", "checked_model", "config_fields", "hashable", "hf_spec"]
+__all__ = ["Architecture", "CausalLM", "HFConfig", "HFModel", "checked_model", "config_fields", "hashable"]
 
 
 class HFConfig(Protocol):
@@ -156,11 +156,6 @@ class Architecture:
         f"{list(self.options)}. Drop them or pick a model type that takes them."
       )
     return self.build(self.config.from_hf(dict(config)), dtype=jnp.float32 if dtype is None else dtype, **options)
-
-
-def hf_spec(model: HFModel) -> HFSpec:
-  """`model.hf_spec()`; each architecture module re-exports it for `jlora._peft`, which looks it up there."""
-  return model.hf_spec()
 
 
 def checked_model(model: Any) -> HFModel:

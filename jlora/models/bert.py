@@ -28,7 +28,6 @@ import jax
 import jax.numpy as jnp
 
 from jlora.models._arch import Architecture, HFModel, config_fields
-from jlora.models._arch import hf_spec as hf_spec  # looked up here by jlora._peft
 from jlora.models._bert_layers import BertDense, encode
 from jlora.models._checkpoint import HFSpec
 from jlora.models._checks import Limit

@@ -18,7 +18,6 @@ import jax
 import jax.numpy as jnp
 
 from jlora.models._arch import Architecture, CausalLM, config_fields
-from jlora.models._arch import hf_spec as hf_spec  # looked up here by jlora._peft
 from jlora.models._checkpoint import HFSpec
 from jlora.models._layers import KVCache, activation, attention, dtypes, run_layers, update_layer_cache
 from jlora.models._layers import attention_mask as make_mask

@@ -11,10 +11,12 @@ LoRA-tune all-MiniLM-L6-v2 for code search over the Python standard library).
 from __future__ import annotations
 
 import argparse
+import contextlib
 import os
 import pathlib
 import sys
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
+from typing import Any
 
 __all__ = ["main"]
 
@@ -23,8 +25,11 @@ DEFAULT_CONFIG = ROOT / "configs" / "default.yaml"
 _TRAIN_HELP = """\
 Trains a LoRA adapter as a YAML config says (read with yaml.safe_load) and writes into
 outputs.dir: adapter/ (orbax), peft/ (PEFT safetensors), merged/ (optional, HF format),
-metrics.jsonl, curves.png, summary.json and checkpoints/ (the training state). A stopped
-run (Ctrl-C, or killed) resumes from its last checkpoint when started again.
+metrics.jsonl, curves.png, summary.json, config.yaml and checkpoints/ (the training state).
+A stopped run (Ctrl-C, or killed) resumes from its last checkpoint when started again.
+outputs.dir must be new, empty, or a jlora run's (marked by .jlora-run.json); one run at a
+time writes into it. Exit status: 0 done, 1 training diverged (non-finite), 2 a mistake
+in the config, data or directory, 130 interrupted.
 
 Override any key with section.key=value (values are YAML): train.steps=50 lora.r=16
 lora.target_modules=[query,value] optimizer.learning_rate=3e-4 outputs.dir=runs/x
@@ -49,7 +54,7 @@ def _train(args: argparse.Namespace) -> int:
     overrides.append("train.quiet=true")
   try:
     config = train.load(config_path, overrides, text=text)
-  except (ValueError, TypeError, FileNotFoundError) as e:
+  except FileNotFoundError as e:
     print(f"jlora train: {e}", file=sys.stderr)
     return 2
   try:
@@ -57,45 +62,57 @@ def _train(args: argparse.Namespace) -> int:
   except train.Interrupted as e:
     print(f"jlora train: {e}", file=sys.stderr)
     return 130
+  except train.Diverged as e:
+    print(f"jlora train: {e}", file=sys.stderr)
+    return 1
   except KeyboardInterrupt:
     print("jlora train: interrupted outside the training steps; checkpoints saved so far are kept.", file=sys.stderr)
     return 130
   return 0
 
 
-def _run_dir(path: str) -> tuple[object, str]:
+def _run_config(path: str) -> Any:
   from jlora import train
 
   cfg_file = os.path.join(path, "config.yaml")
   if not os.path.isfile(cfg_file):
-    raise ValueError(f"`{path}` is not a `jlora train` output directory (no config.yaml).")
-  return train.load(cfg_file), os.path.join(path, "adapter")
+    raise ValueError(f"`{path}` is not a finished `jlora train` output directory (no config.yaml; a run writes it "
+                     "with the adapter, at the end).")
+  return train.load(cfg_file)
 
 
-def _load_run(path: str, adapter: str | None):
-  """The model, the params with the trained adapter, the LoRA config and the base checkpoint dir of a run."""
-  import jax
-
+def _load_run(path: str, adapter: str | None) -> tuple[Any, dict, Any]:
+  """The base model (`jlora.train._model.Model`), the params with the trained adapter, and the LoRA config of a run."""
   import jlora.checkpoint
-  from jlora.train import _data, _tasks
+  from jlora.train import _setup, _tasks
 
-  config, default_adapter = _run_dir(path)
-  task = config.lora.task_type.value
-  train_rows, eval_rows = _data.examples(config.data, task)
-  num_labels = _data.num_labels(task, train_rows, eval_rows)
-  model_key = jax.random.split(jax.random.key(config.train.seed), 3)[0]  # as `jlora train` (random init, heads)
-  base = _tasks.build_model(config.model, task, num_labels=num_labels, key=model_key)
-  params, lora = jlora.checkpoint.load_adapter(adapter or default_adapter, base.params)
-  return base.model, params, lora, base.checkpoint
+  config = _run_config(path)
+  base = _setup.base_model(config, _tasks.get(config.lora.task_type))  # the run's keys: same random init and heads
+  params, lora = jlora.checkpoint.load_adapter(adapter or os.path.join(path, "adapter"), base.params)
+  return base, params, lora
+
+
+@contextlib.contextmanager
+def _run_lock(run_dir: str, out: str) -> Iterator[None]:
+  """Holds the run directory's lock while writing inside it (not while a `jlora train` writes there)."""
+  from jlora.train._rundir import MARKER, RunDir
+
+  inside = os.path.dirname(os.path.abspath(out)) == os.path.abspath(run_dir)
+  if not inside or not os.path.isfile(os.path.join(run_dir, MARKER)):  # elsewhere, or a run of an older jlora
+    yield
+    return
+  with RunDir.open(run_dir):
+    yield
 
 
 def _merge(args: argparse.Namespace) -> int:
   import jlora
-  from jlora.train._loop import save_merged
+  from jlora import models
 
-  model, params, lora, checkpoint = _load_run(args.run_dir, args.adapter)
+  base, params, lora = _load_run(args.run_dir, args.adapter)
   out = args.out or os.path.join(args.run_dir, "merged")
-  save_merged(out, model, jlora.merge(params, lora), checkpoint)
+  with _run_lock(args.run_dir, out):
+    models.save_pretrained(out, base.model, jlora.merge(params, lora), copy_from=base.checkpoint)
   print(f"merged model (Hugging Face format) written to {out}")
   return 0
 
@@ -103,16 +120,17 @@ def _merge(args: argparse.Namespace) -> int:
 def _export_peft(args: argparse.Namespace) -> int:
   import jlora
 
-  model, params, lora, _ = _load_run(args.run_dir, args.adapter)
+  base, params, lora = _load_run(args.run_dir, args.adapter)
   out = args.out or os.path.join(args.run_dir, "peft")
-  jlora.save_peft(out, params, lora, model=model)
+  with _run_lock(args.run_dir, out):
+    jlora.save_peft(out, base.model, params, lora)
   print(f"PEFT adapter (adapter_config.json + adapter_model.safetensors) written to {out}")
   return 0
 
 
 def parser() -> argparse.ArgumentParser:
   """The argument parser of `jlora` (its help explains every config section and key)."""
-  from jlora.train._schema import describe
+  from jlora.train._load import describe
 
   top = argparse.ArgumentParser(prog="jlora", description="LoRA fine-tuning for JAX/Flax.",
                                 formatter_class=argparse.RawDescriptionHelpFormatter,
@@ -148,7 +166,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     return 2
   try:
     return args.func(args)
-  except ValueError as e:
+  except (ValueError, TypeError) as e:  # a config, data or directory mistake: one line, no traceback
     print(f"jlora {args.command}: {e}", file=sys.stderr)
     return 2
 

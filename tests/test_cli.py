@@ -1,5 +1,6 @@
 """The `jlora` command: help, argument errors, the default job's config, `merge` and `export-peft`."""
 
+import json
 import os
 import pathlib
 import subprocess
@@ -13,6 +14,9 @@ from jlora import cli, train
 
 ROOT = pathlib.Path(__file__).resolve().parent.parent
 TINY = os.fspath(ROOT / "configs" / "causal_lm_tiny.yaml")
+CLS = os.fspath(ROOT / "configs" / "classification.yaml")
+TINY_BERT = ("model.config={model_type: bert, hidden_size: 32, num_hidden_layers: 2, num_attention_heads: 2, "
+             "intermediate_size: 64, vocab_size: 259, max_position_embeddings: 64}")
 
 
 def test_help_explains_commands_and_config(capsys):
@@ -37,7 +41,7 @@ def test_no_command_prints_help(capsys):
   ("args", "message"),
   [
     (["train", TINY, "train.stepz=1"], "unknown key(s) ['train.stepz']; allowed `train` keys"),
-    (["train", TINY, "optimizer.learning_rate=fast"], "`optimizer.learning_rate` must be a number"),
+    (["train", TINY, "optimizer.learning_rate=fast"], "`optimizer.learning_rate` must be a finite number"),
     (["train", "missing.yaml"], "No such file"),
   ],
 )
@@ -80,4 +84,122 @@ def test_merge_and_export_peft_from_a_run(tmp_path, capsys):
     assert ours.keys() == theirs.keys() and all(np.array_equal(ours[k], theirs[k]) for k in ours)
   assert (tmp_path / "merged" / "config.json").exists() and (tmp_path / "peft" / "adapter_config.json").exists()
   assert cli.main(["merge", os.fspath(tmp_path)]) == 2
-  assert "not a `jlora train` output directory" in capsys.readouterr().err
+  assert "is not a finished `jlora train` output directory (no config.yaml" in capsys.readouterr().err
+
+
+def _jsonl(path, rows):
+  path.write_text("".join((r if isinstance(r, str) else json.dumps(r)) + "\n" for r in rows))
+  return os.fspath(path)
+
+
+def _text(d, *bad_lines, name="train"):
+  """A CAUSAL_LM jsonl file: two good lines, then `bad_lines` (raw text), then good lines."""
+  good = [json.dumps({"text": f"line {i} " + "abc" * i}) for i in range(64)]
+  return _jsonl(d / f"{name}.jsonl", [*good[:2], *bad_lines, *good[2:]])
+
+
+def _labels(d, *labels, name="labels"):
+  """A SEQ_CLS file: `labels` first, then 30 rows labelled 0/1."""
+  rows = [{"text": f"doc {i}", "label": v} for i, v in enumerate(labels)]
+  return _jsonl(d / f"{name}.jsonl", [*rows, *({"text": f"more {i}", "label": i % 2} for i in range(30))])
+
+
+def _tiny(d, *extra):
+  data = ["data.source=jsonl", f"data.train_file={_text(d)}", f"data.eval_file={_text(d, name='eval')}"]
+  return ["train", TINY, "-q", *data, f"outputs.dir={d / 'run'}", *extra]
+
+
+def _cls(d, *labels):
+  data = ["data.source=jsonl", f"data.train_file={_labels(d, *labels)}", f"data.eval_file={_labels(d, 0, name='e')}"]
+  return ["train", CLS, "-q", "model.source=random", TINY_BERT, "model.tokenizer=bytes", "train.batch_size=8", *data,
+          f"outputs.dir={d / 'run'}"]
+
+
+def _data_line(d, line, name="train"):
+  args = _tiny(d)
+  args[args.index(f"data.{name}_file={d / (name + '.jsonl')}")] = f"data.{name}_file={_text(d, line, name=name)}"
+  return args
+
+
+def _yaml_file(d, text):
+  (d / "bad.yaml").write_text(text)
+  return ["train", os.fspath(d / "bad.yaml")]
+
+
+# (id, args of the tmp dir, what stderr's one line must contain)
+MISTAKES = [
+  ("batch_size=-1", lambda d: _tiny(d, "train.batch_size=-1"), "`train.batch_size` must be an integer >= 1, got -1."),
+  ("batch_size=0", lambda d: _tiny(d, "train.batch_size=0"), "`train.batch_size` must be an integer >= 1, got 0."),
+  ("batch_size>data", lambda d: _tiny(d, "train.batch_size=100"), "`train.batch_size` is 100 but the training set "
+   "has only 64 examples"),
+  ("log_every=0", lambda d: _tiny(d, "train.log_every=0"), "`train.log_every` must be an integer >= 1"),
+  ("seq_len=0", lambda d: _tiny(d, "train.seq_len=0"), "`train.seq_len` must be an integer >= 1"),
+  ("eval_batch_size=0", lambda d: _tiny(d, "train.eval_batch_size=0"), "`train.eval_batch_size` must be an integer"),
+  ("max_train=0", lambda d: _tiny(d, "data.max_train=0"), "`data.max_train` must be an integer >= 1, got 0."),
+  ("max_eval=0", lambda d: _tiny(d, "data.max_eval=0"), "`data.max_eval` must be an integer >= 1, got 0."),
+  ("steps=-1", lambda d: _tiny(d, "train.steps=-1"), "`train.steps` must be an integer >= 0, got -1."),
+  ("every=-1", lambda d: _tiny(d, "checkpointing.every=-1"), "`checkpointing.every` must be an integer >= 0"),
+  ("warmup=-1", lambda d: _tiny(d, "optimizer.warmup_steps=-1"), "`optimizer.warmup_steps` must be an integer >= 0"),
+  ("keep=-1", lambda d: _tiny(d, "checkpointing.keep=-1"), "`checkpointing.keep` must be an integer >= 1, got -1."),
+  ("b2=1", lambda d: _tiny(d, "optimizer.b2=1"), "`optimizer.b2` must be a number in [0, 1), got 1.0."),
+  ("b1=1", lambda d: _tiny(d, "optimizer.b1=1"), "`optimizer.b1` must be a number in [0, 1), got 1.0."),
+  ("clip_norm=0", lambda d: _tiny(d, "optimizer.clip_norm=0"), "`optimizer.clip_norm` must be a number > 0"),
+  ("lr<0", lambda d: _tiny(d, "optimizer.learning_rate=-0.1"), "`optimizer.learning_rate` must be a number >= 0"),
+  ("lr=nan", lambda d: _tiny(d, "optimizer.learning_rate=.nan"), "`optimizer.learning_rate` must be a finite number"),
+  ("lr=inf", lambda d: _tiny(d, "optimizer.learning_rate=.inf"), "`optimizer.learning_rate` must be a finite number"),
+  ("eps=0", lambda d: _tiny(d, "optimizer.eps=0"), "`optimizer.eps` must be a number > 0, got 0.0."),
+  ("config-is-dir", lambda d: ["train", os.fspath(d)], "is a directory; give a YAML file"),
+  ("yaml-scanner", lambda d: _yaml_file(d, "train:\n  steps: [3\n"), "bad.yaml:3:1: not valid YAML"),
+  ("yaml-constructor", lambda d: _yaml_file(d, "train: !!python/name:os.system\n"), "bad.yaml:1:8: not valid YAML"),
+  ("yaml-override", lambda d: _tiny(d, "lora.target_modules=[c_attn"), "override 'lora.target_modules=[c_attn'"),
+  ("no-train-file", lambda d: ["train", TINY, "-q", "data.source=jsonl", f"outputs.dir={d / 'run'}"],
+   "`data.source: jsonl` needs `data.train_file`"),
+  ("no-eval-file", lambda d: [*_tiny(d), f"data.eval_file={d / 'nope.jsonl'}"], "`data.eval_file`: no such file"),
+  ("data-file-is-dir", lambda d: [*_tiny(d), f"data.eval_file={d}"], "`data.eval_file`: "),
+  ("jsonl-string", lambda d: _data_line(d, '"just a string"'), "train.jsonl:3: each line must be a JSON object "
+   "with fields ['text'], got a string"),
+  ("jsonl-number", lambda d: _data_line(d, "42"), "train.jsonl:3: each line must be a JSON object"),
+  ("jsonl-null", lambda d: _data_line(d, "null", name="eval"), "eval.jsonl:3: each line must be a JSON object with "
+   "fields ['text'], got null."),
+  ("jsonl-invalid", lambda d: _data_line(d, '{"text": "a" "b"}'), "train.jsonl:3: not valid JSON (Expecting ',' "
+   "delimiter at column 14)"),
+  ("jsonl-missing-field", lambda d: _data_line(d, '{"txt": "a"}'), "train.jsonl:3: missing field(s) ['text']"),
+  ("jsonl-text-not-string", lambda d: _data_line(d, '{"text": 5}'), "train.jsonl:3: field `text` must be a string"),
+  ("label=-1", lambda d: _cls(d, 1, -1), "labels.jsonl:2: `label` must be a class index >= 0, got -1."),
+  ("label='2'", lambda d: _cls(d, 1, "2"), "labels.jsonl:2: `label` \"2\" is a string, but "),
+  ("label=1.7", lambda d: _cls(d, 1.7), "labels.jsonl:1: `label` must be an integer class index or a class name "
+   "(string), got a number (1.7)."),
+  ("label=true", lambda d: _cls(d, True), "labels.jsonl:1: `label` must be an integer class index"),
+  ("label=1e6", lambda d: _cls(d, 0, 10**6), "labels.jsonl:2: `label` 1000000 is outside [0, 1000) (at most 1,000 "
+   "inferred); set `data.num_labels` if 1,000,001 classes are meant."),
+  ("label>=num_labels", lambda d: [*_cls(d, 0, 3), "data.num_labels=3"], "labels.jsonl:2: `label` 3 is outside "
+   "[0, 3) (`data.num_labels: 3`)"),
+  ("num_labels-not-cls", lambda d: _tiny(d, "data.num_labels=3"), "`data.num_labels` is for SEQ_CLS"),
+  ("task-type", lambda d: _tiny(d, "lora.task_type=TOKEN_CLS"), "`lora.task_type: TOKEN_CLS` is not trained"),
+  ("task-vs-model", lambda d: [*_cls(d, 1), "model.config={model_type: gpt2, n_layer: 1, n_embd: 8, n_head: 2}"],
+   "`lora.task_type: SEQ_CLS` does not fit `gpt2` models; use one of ['bert']"),
+  ("n_embd=abc", lambda d: _tiny(d, "model.config.n_embd=abc"), "`model.config.n_embd` must be an integer for a "
+   "gpt2 model, got 'abc' (str)."),
+  ("n_embd=33", lambda d: _tiny(d, "model.config.n_embd=33"), "cannot build a gpt2 model from `model.config` and "
+   "`model.options` (cannot reshape"),
+  ("model-option", lambda d: _tiny(d, "model.options={flash: true}"), "cannot build a gpt2 model from `model.config` and "
+   "`model.options` (Unknown option(s) ['flash']"),
+  ("pretrained-no-path", lambda d: _tiny(d, "model.source=pretrained"), "`model.source: pretrained` needs "
+   "`model.path`"),
+  ("tokenizer", lambda d: _tiny(d, f"model.tokenizer={d / 'no-tokenizer'}"), "`model.tokenizer`: cannot load"),
+  ("outputs-is-file", lambda d: [*_tiny(d), f"outputs.dir={_text(d, name='x')}"], "`outputs.dir`: "),
+  ("outputs-under-file", lambda d: [*_tiny(d), f"outputs.dir={_text(d, name='x')}/run"], "cannot be created: "),
+  ("outputs-unwritable", lambda d: [*_tiny(d), "outputs.dir=/proc/jlora-run"], "`outputs.dir`: '/proc/jlora-run' "),
+]
+
+
+@pytest.mark.parametrize(("make_args", "message"), [m[1:] for m in MISTAKES], ids=[m[0] for m in MISTAKES])
+def test_mistakes_are_one_line_with_exit_status_2(tmp_path, capsys, make_args, message):
+  args = make_args(tmp_path)
+  if "outputs.dir=/proc/jlora-run" in args and not os.path.isdir("/proc/self"):
+    pytest.skip("needs Linux /proc")
+  assert cli.main(args) == 2
+  err = capsys.readouterr().err
+  assert "Traceback" not in err and err.startswith("jlora train: ") and err.count("\n") == 1, err
+  assert message in err, err
+  assert not (tmp_path / "run").exists()  # nothing was written

@@ -49,11 +49,50 @@ def test_overrides_parse_yaml_values():
     (["train.steps"], ValueError, r"must look like `section.key=value`"),
     (["lora.rank=4"], ValueError, r"unknown key\(s\) \['lora.rank'\]; allowed `lora` keys .*'r', 'lora_alpha'"),
     (["lora.r=0"], ValueError, r"section `lora`: `r` must be a positive integer"),
+    # Ranges (issue 15.7): each names the key, the value and what is allowed.
+    (["train.batch_size=-1"], ValueError, r"`train.batch_size` must be an integer >= 1, got -1\."),
+    (["train.batch_size=0"], ValueError, r"`train.batch_size` must be an integer >= 1, got 0"),
+    (["train.log_every=0"], ValueError, r"`train.log_every` must be an integer >= 1, got 0"),
+    (["train.seq_len=0"], ValueError, r"`train.seq_len` must be an integer >= 1, got 0"),
+    (["train.target_len=0"], ValueError, r"`train.target_len` must be an integer >= 1"),
+    (["train.eval_batch_size=0"], ValueError, r"`train.eval_batch_size` must be an integer >= 1, got 0"),
+    (["data.max_train=0"], ValueError, r"`data.max_train` must be an integer >= 1, got 0"),
+    (["data.max_eval=0"], ValueError, r"`data.max_eval` must be an integer >= 1, got 0"),
+    (["data.num_labels=1"], ValueError, r"`data.num_labels` must be an integer >= 2, got 1"),
+    (["train.steps=-1"], ValueError, r"`train.steps` must be an integer >= 0, got -1"),
+    (["train.eval_every=-5"], ValueError, r"`train.eval_every` must be an integer >= 0, got -5"),
+    (["train.seed=-1"], ValueError, r"`train.seed` must be an integer in \[0, 4294967296\), got -1"),
+    (["train.temperature=0"], ValueError, r"`train.temperature` must be a number > 0, got 0"),
+    (["checkpointing.every=-1"], ValueError, r"`checkpointing.every` must be an integer >= 0, got -1"),
+    (["checkpointing.keep=0"], ValueError, r"`checkpointing.keep` must be an integer >= 1, got 0"),
+    (["optimizer.warmup_steps=-1"], ValueError, r"`optimizer.warmup_steps` must be an integer >= 0, got -1"),
+    (["optimizer.b2=1"], ValueError, r"`optimizer.b2` must be a number in \[0, 1\), got 1"),
+    (["optimizer.b2=1.5"], ValueError, r"`optimizer.b2` must be a number in \[0, 1\), got 1.5"),
+    (["optimizer.b1=-0.1"], ValueError, r"`optimizer.b1` must be a number in \[0, 1\), got -0.1"),
+    (["optimizer.clip_norm=0"], ValueError, r"`optimizer.clip_norm` must be a number > 0, got 0"),
+    (["optimizer.clip_norm=-1"], ValueError, r"`optimizer.clip_norm` must be a number > 0"),
+    (["optimizer.eps=0"], ValueError, r"`optimizer.eps` must be a number > 0, got 0"),
+    (["optimizer.weight_decay=-0.1"], ValueError, r"`optimizer.weight_decay` must be a number >= 0"),
+    (["optimizer.lora_plus_ratio=0"], ValueError, r"`optimizer.lora_plus_ratio` must be a number > 0"),
+    (["optimizer.learning_rate=-1e-3"], ValueError, r"`optimizer.learning_rate` must be a number >= 0, got -0.001"),
+    (["optimizer.learning_rate=.nan"], TypeError, r"`optimizer.learning_rate` must be a finite number, got nan"),
+    (["optimizer.learning_rate=.inf"], TypeError, r"`optimizer.learning_rate` must be a finite number, got inf"),
+    (["optimizer.learning_rate=nan"], TypeError, r"`optimizer.learning_rate` must be a finite number, got 'nan'"),
+    (["outputs.dir="], TypeError, r"`outputs.dir` must be a string, got None"),
+    (["outputs.dir=' '"], ValueError, r"`outputs.dir` must be a directory path"),
+    (["train.steps=[1"], ValueError, r"override 'train.steps=\[1':1:3: not valid YAML"),
   ],
 )
 def test_bad_values_name_the_key(overrides, error, match):
   with pytest.raises(error, match=match):
     train.load(ROOT / "configs" / "default.yaml", overrides)
+
+
+def test_boundary_values_are_accepted():
+  config = train.load(ROOT / "configs" / "default.yaml", [
+    "train.steps=0", "optimizer.learning_rate=0", "optimizer.b1=0", "optimizer.b2=0.999999", "train.batch_size=1",
+    "checkpointing.every=0", "checkpointing.keep=1", "optimizer.warmup_steps=0", "optimizer.learning_rate=1e12"])
+  assert config.train.steps == 0 and config.optimizer.learning_rate == 1e12 and config.checkpointing.keep == 1
 
 
 def test_bad_file(tmp_path):
@@ -69,9 +108,39 @@ def test_bad_file(tmp_path):
     train.load(bad)
 
 
+@pytest.mark.parametrize(
+  ("text", "match"),
+  [
+    ("model:\n  source: [minilm\ntrain: {steps: 3}\n", r"bad.yaml:3:\d+: not valid YAML \(.*expected ',' or ']'"),
+    ("train:\n  steps: 3\n\tseed: 1\n", r"bad.yaml:3:1: not valid YAML \(.*found character '\\t'"),
+    ("train: !!python/object/apply:os.system [echo hi]\n", r"bad.yaml:1:8: not valid YAML \(.*could not determine "
+     r"a constructor for the tag 'tag:yaml.org,2002:python/object/apply:os.system'"),
+  ],
+  ids=["scanner", "tab", "constructor"],
+)
+def test_yaml_errors_name_the_file_and_line(tmp_path, text, match):
+  bad = tmp_path / "bad.yaml"
+  bad.write_text(text)
+  with pytest.raises(ValueError, match=match) as e:
+    train.load(bad)
+  assert "\n" not in str(e.value)
+
+
+def test_config_path_that_is_a_directory_or_missing(tmp_path):
+  with pytest.raises(ValueError, match=r"config '.*' is a directory; give a YAML file"):
+    train.load(tmp_path)
+  with pytest.raises(FileNotFoundError, match=r"config '.*nope.yaml': No such file"):
+    train.load(tmp_path / "nope.yaml")
+  (tmp_path / "latin1.yaml").write_bytes(b"train: {steps: 3}  # caf\xe9\n")
+  with pytest.raises(ValueError, match=r"latin1.yaml' is not UTF-8 text"):
+    train.load(tmp_path / "latin1.yaml")
+
+
 def test_describe_lists_every_section_and_key():
   text = train.describe()
   for section in ("model:", "lora:", "data:", "optimizer:", "train:", "checkpointing:", "outputs:"):
     assert section in text
-  for key in ("lora_plus_ratio", "warmup_steps", "eval_every", "keep", "max_eval", "tokenizer"):
+  for key in ("lora_plus_ratio", "warmup_steps", "eval_every", "keep", "max_eval", "tokenizer", "num_labels"):
     assert key in text
+  assert "batch_size      an integer, default 16: examples per step (pairs for contrastive training) [>= 1]" in text
+  assert "b2              a number, default 0.999: Adam beta2 [in [0, 1)]" in text

@@ -7,12 +7,13 @@ Examples:
   >>> result["after"]["recall@1"]  # doctest: +SKIP
 """
 
+from jlora.train._load import apply_overrides as apply_overrides
+from jlora.train._load import describe as describe
+from jlora.train._load import load as load
+from jlora.train._loop import Diverged as Diverged
 from jlora.train._loop import Interrupted as Interrupted
-from jlora.train._loop import replace as replace
-from jlora.train._loop import run as run
+from jlora.train._run import run as run
 from jlora.train._schema import Config as Config
-from jlora.train._schema import apply_overrides as apply_overrides
-from jlora.train._schema import describe as describe
-from jlora.train._schema import load as load
+from jlora.train._schema import replace as replace
 
-__all__ = ["Config", "Interrupted", "apply_overrides", "describe", "load", "replace", "run"]
+__all__ = ["Config", "Diverged", "Interrupted", "apply_overrides", "describe", "load", "replace", "run"]

@@ -1,13 +1,17 @@
-"""Datasets as lists of example dicts, tokenized once into fixed-shape arrays, and a deterministic batch order.
+"""Datasets as lists of example dicts, checked line by line, and a deterministic batch order.
 
-Examples per task (the fields a `jsonl` file must have):
+Examples per task (the fields a `jsonl` line must have; each line one JSON object):
 
-| task (`lora.task_type`) | fields              | arrays                                              |
-|-------------------------|---------------------|-----------------------------------------------------|
-| FEATURE_EXTRACTION      | `query`, `document` | `query_ids/mask`, `doc_ids/mask` (N, seq_len)       |
-| CAUSAL_LM               | `text`              | `ids`, `mask` (N, seq_len)                          |
-| SEQ_2_SEQ_LM            | `input`, `target`   | `ids`, `mask` (N, seq_len), `labels` (N, target_len) |
-| SEQ_CLS                 | `text`, `label`     | `ids`, `mask` (N, seq_len), `label` (N,)            |
+| task (`lora.task_type`) | fields              |
+|-------------------------|---------------------|
+| FEATURE_EXTRACTION      | `query`, `document` |
+| CAUSAL_LM               | `text`              |
+| SEQ_2_SEQ_LM            | `input`, `target`   |
+| SEQ_CLS                 | `text`, `label`     |
+
+Text fields are strings. `label`s are integer class indices in `[0, num_labels)` or
+class names (strings, mapped to indices in sorted order), the same kind throughout
+both files. Every problem names the file and its line.
 
 The batch of step `s` is a pure function of `(seed, s)`: epoch `e = s // steps_per_epoch`
 uses the permutation drawn from `numpy.random.default_rng([seed, e])`. A resumed run
@@ -20,21 +24,16 @@ import json
 import os
 import zlib
 from collections.abc import Sequence
-from typing import Any
+from typing import Any, NamedTuple
 
 import numpy as np
 
 from jlora.train import _stdlib
 
-__all__ = ["ByteTokenizer", "Dataset", "batch_indices", "encode", "examples", "num_labels", "position"]
+__all__ = ["ByteTokenizer", "Dataset", "Examples", "batch_indices", "examples", "position", "tokenize"]
 
 Dataset = dict[str, np.ndarray]
-FIELDS = {
-  "FEATURE_EXTRACTION": ("query", "document"),
-  "CAUSAL_LM": ("text",),
-  "SEQ_2_SEQ_LM": ("input", "target"),
-  "SEQ_CLS": ("text", "label"),
-}
+MAX_INFERRED_LABELS = 1000  # more classes than this need an explicit `data.num_labels`
 # Module families for the classification task: a module's family is the first entry whose prefixes it matches.
 FAMILIES: dict[str, tuple[str, ...]] = {
   "text": ("string", "textwrap", "difflib", "re", "unicodedata", "stringprep", "codecs", "locale", "gettext",
@@ -47,6 +46,15 @@ FAMILIES: dict[str, tuple[str, ...]] = {
   "runtime": ("sys", "gc", "inspect", "ast", "dis", "traceback", "types", "typing", "abc", "importlib", "pdb",
               "tracemalloc", "threading", "multiprocessing", "subprocess", "signal", "asyncio", "concurrent"),
 }
+
+
+class Examples(NamedTuple):
+  """The rows of a run: `train` and `eval` example dicts; for SEQ_CLS the classes (`label_names` for string labels)."""
+
+  train: list[dict]
+  eval: list[dict]
+  num_labels: int | None = None
+  label_names: tuple[str, ...] | None = None
 
 
 class ByteTokenizer:
@@ -67,17 +75,14 @@ class ByteTokenizer:
     return ids, mask
 
 
-def _pad(ids: np.ndarray, mask: np.ndarray, length: int, pad_id: int) -> tuple[np.ndarray, np.ndarray]:
-  out = np.full((ids.shape[0], length), pad_id, np.int32)
+def tokenize(tokenizer: Any, texts: Sequence[str], length: int) -> tuple[np.ndarray, np.ndarray]:
+  """`(ids, mask)` int32 (N, length): `texts` encoded, truncated and padded to `length`."""
+  ids, mask = tokenizer.encode(list(texts), max_length=length)
+  out = np.full((ids.shape[0], length), getattr(tokenizer, "pad_token_id", 0), np.int32)
   m = np.zeros((ids.shape[0], length), np.int32)
   n = min(length, ids.shape[1])
   out[:, :n], m[:, :n] = ids[:, :n], mask[:, :n]
   return out, m
-
-
-def _tokens(tokenizer: Any, texts: Sequence[str], length: int) -> tuple[np.ndarray, np.ndarray]:
-  ids, mask = tokenizer.encode(list(texts), max_length=length)
-  return _pad(ids, mask, length, getattr(tokenizer, "pad_token_id", 0))
 
 
 def _family(module: str) -> str | None:
@@ -91,70 +96,134 @@ def _stable_split(key: str) -> bool:
 
 
 def _stdlib_examples(source: str) -> tuple[list[dict], list[dict]]:
+  train, held = _stdlib.code_search_split()
   if source == "stdlib_code_search":
-    train, held = _stdlib.code_search_split()
     as_ex = lambda rs: [{"query": r.doc, "document": r.code} for r in rs]  # noqa: E731
-    return as_ex(train), as_ex(held)
-  if source == "stdlib_docstrings":
-    train, held = _stdlib.code_search_split()
+  elif source == "stdlib_docstrings":
     as_ex = lambda rs: [{"text": f"{r.code}: {r.doc}"} for r in rs]  # noqa: E731
-    return as_ex(train), as_ex(held)
-  if source == "stdlib_name_from_doc":
-    train, held = _stdlib.code_search_split()
+  elif source == "stdlib_name_from_doc":
     as_ex = lambda rs: [{"input": r.doc, "target": f"{r.module}.{r.qualname}"} for r in rs]  # noqa: E731
-    return as_ex(train), as_ex(held)
-  if source == "stdlib_module_family":
-    train, held = _stdlib.code_search_split()
-    recs = [r for r in train + held if _family(r.module)]
+  elif source == "stdlib_module_family":
     names = list(FAMILIES)
-    ex = [({"text": r.doc, "label": names.index(_family(r.module))}, _stable_split(r.doc)) for r in recs]
+    ex = [({"text": r.doc, "label": names.index(_family(r.module))}, _stable_split(r.doc))
+          for r in train + held if _family(r.module)]
     return [e for e, h in ex if not h], [e for e, h in ex if h]
-  raise ValueError(f"Unknown `data.source` {source!r}.")
+  else:
+    raise ValueError(f"Unknown `data.source` {source!r}.")
+  return as_ex(train), as_ex(held)
 
 
-def _read_jsonl(path: str | None, what: str, fields: Sequence[str]) -> list[dict]:
+def _kind(value: Any) -> str:
+  return {dict: "an object", list: "a list", str: "a string", bool: "a boolean", type(None): "null"}.get(
+    type(value), "a number")
+
+
+def _row(line: str, where: str, fields: Sequence[str]) -> dict:
+  try:
+    row = json.loads(line)
+  except json.JSONDecodeError as e:
+    raise ValueError(f"{where}: not valid JSON ({e.msg} at column {e.colno}); each line must be one JSON object "
+                     f"with fields {list(fields)}.") from None
+  if not isinstance(row, dict):
+    shown = "" if row is None else f" ({line.strip()[:60]})"
+    raise ValueError(f"{where}: each line must be a JSON object with fields {list(fields)}, got {_kind(row)}{shown}.")
+  missing = [k for k in fields if k not in row]
+  if missing:
+    raise ValueError(f"{where}: missing field(s) {missing}; each line needs {list(fields)}.")
+  for k in fields:
+    if k != "label" and not isinstance(row[k], str):
+      raise ValueError(f"{where}: field `{k}` must be a string, got {_kind(row[k])} ({json.dumps(row[k])[:60]}).")
+  return {k: row[k] for k in fields}
+
+
+def _read_jsonl(path: str | None, key: str, fields: Sequence[str]) -> list[tuple[dict, str]]:
+  """`(row, "file:line")` for each non-blank line of the JSON-lines file in `data.<key>`."""
   if not path:
-    raise ValueError(f"`data.source: jsonl` needs `data.{what}` (a JSON-lines file with fields {list(fields)}).")
+    raise ValueError(f"`data.source: jsonl` needs `data.{key}`, a JSON-lines file with fields {list(fields)}; "
+                     f"e.g. data.{key}=data/{key.split('_')[0]}.jsonl.")
+  if os.path.isdir(path):
+    raise ValueError(f"`data.{key}`: {path!r} is a directory; give a JSON-lines file.")
   if not os.path.isfile(path):
-    raise FileNotFoundError(f"`data.{what}`: no such file {path!r}.")
-  out = []
-  with open(path, encoding="utf-8") as f:
-    for n, line in enumerate(f, 1):
-      if line.strip():
-        row = json.loads(line)
-        missing = [k for k in fields if k not in row]
-        if missing:
-          raise ValueError(f"{path}:{n}: missing field(s) {missing}; each line needs {list(fields)}.")
-        out.append({k: row[k] for k in fields})
+    raise ValueError(f"`data.{key}`: no such file {path!r}.")
+  out, n = [], 0
+  try:
+    with open(path, encoding="utf-8") as f:
+      for n, line in enumerate(f, 1):  # `n` also names the line of a decoding error
+        if line.strip():
+          out.append((_row(line, f"{path}:{n}", fields), f"{path}:{n}"))
+  except UnicodeDecodeError:
+    raise ValueError(f"{path}:{n + 1}: not UTF-8 text; `data.{key}` must be a UTF-8 JSON-lines file.") from None
+  except OSError as e:
+    raise ValueError(f"`data.{key}`: {path!r} cannot be read ({e.strerror}).") from None
   if not out:
-    raise ValueError(f"`data.{what}`: {path!r} holds no examples.")
+    raise ValueError(f"`data.{key}`: {path!r} holds no examples.")
   return out
 
 
-def examples(data: Any, task: str) -> tuple[list[dict], list[dict]]:
-  """`(train, eval)` example dicts for `task` from a `DataConfig`.
+def _labels(rows: list[tuple[dict, str]], num_labels: int | None) -> tuple[int, tuple[str, ...] | None]:
+  """`(number of classes, class names or None for integer labels)`, or a ValueError naming the line."""
+  first = None
+  for row, where in rows:
+    v = row["label"]
+    kind = "an integer" if isinstance(v, int) and not isinstance(v, bool) else "a string" if isinstance(v, str) else None
+    if kind is None:
+      raise ValueError(f"{where}: `label` must be an integer class index or a class name (string), got {_kind(v)} "
+                       f"({json.dumps(v)}).")
+    if first is None:
+      first = (kind, where)
+    elif kind != first[0]:
+      raise ValueError(f"{where}: `label` {json.dumps(v)} is {kind}, but {first[1]} has {first[0]} label; use "
+                       "integer class indices or class names (strings) throughout.")
+    if kind == "an integer" and v < 0:
+      raise ValueError(f"{where}: `label` must be a class index >= 0, got {v}.")
+  allowed = f"`data.num_labels: {num_labels}`" if num_labels else f"at most {MAX_INFERRED_LABELS:,} inferred"
+  if first[0] == "an integer":
+    top, where = max(((row["label"], w) for row, w in rows), key=lambda t: t[0])
+    n, names = num_labels or top + 1, None
+    if top >= n or n > (num_labels or MAX_INFERRED_LABELS):
+      raise ValueError(f"{where}: `label` {top} is outside [0, {min(n, num_labels or MAX_INFERRED_LABELS)}) "
+                       f"({allowed}); set `data.num_labels` if {top + 1:,} classes are meant.")
+  else:
+    names = tuple(sorted({row["label"] for row, _ in rows}))
+    n, top, where = num_labels or len(names), len(names), rows[0][1]
+    if top > (num_labels or MAX_INFERRED_LABELS):
+      raise ValueError(f"{where}: `label` has {top:,} distinct class names ({allowed}); set `data.num_labels` if "
+                       f"{top:,} classes are meant, or check that `label` holds the class.")
+  if n < 2:
+    raise ValueError(f"{rows[0][1]}: every `label` is {json.dumps(rows[0][0]['label'])}; a classifier needs at "
+                     "least 2 classes.")
+  return n, names
+
+
+def examples(data: Any, task: Any) -> Examples:
+  """The checked `(train, eval)` example dicts of a `DataConfig` for a task (`jlora.train._tasks.Task`).
 
   Raises:
-    ValueError: the source does not produce the task's fields, or a file is malformed.
+    ValueError: the source does not produce the task's fields, a file is missing or
+      malformed (naming the file and line), or a label is not a valid class.
   """
-  fields = FIELDS[task]
+  fields = task.fields
+  if data.num_labels is not None and "label" not in fields:
+    raise ValueError(f"`data.num_labels` is for SEQ_CLS; `lora.task_type: {task.name}` has no labels (remove it).")
   if data.source == "jsonl":
     train = _read_jsonl(data.train_file, "train_file", fields)
     held = _read_jsonl(data.eval_file, "eval_file", fields)
   else:
-    train, held = _stdlib_examples(data.source)
-    if set(train[0]) != set(fields):
-      sources = {"FEATURE_EXTRACTION": "stdlib_code_search", "CAUSAL_LM": "stdlib_docstrings",
-                 "SEQ_2_SEQ_LM": "stdlib_name_from_doc", "SEQ_CLS": "stdlib_module_family"}
-      raise ValueError(f"`data.source: {data.source}` gives {sorted(train[0])}, but `lora.task_type: {task}` needs "
-                       f"{list(fields)}: use `data.source: {sources[task]}` or `jsonl`.")
-  if task == "SEQ_CLS":
-    labels = sorted({e["label"] for e in train + held}, key=str)
-    if not all(isinstance(e["label"], int) for e in train + held):  # string labels -> indices
-      index = {v: i for i, v in enumerate(labels)}
-      train = [{**e, "label": index[e["label"]]} for e in train]
-      held = [{**e, "label": index[e["label"]]} for e in held]
-  return _subset(train, data.max_train), _subset(held, data.max_eval)
+    train_rows, held_rows = _stdlib_examples(data.source)
+    if set(train_rows[0]) != set(fields):
+      raise ValueError(f"`data.source: {data.source}` gives {sorted(train_rows[0])}, but `lora.task_type: {task.name}` "
+                       f"needs {list(fields)}: use `data.source: {task.stdlib_source}` or `jsonl`.")
+    where = f"`data.source: {data.source}`"
+    train, held = [(r, where) for r in train_rows], [(r, where) for r in held_rows]
+  num_labels = names = None
+  if "label" in fields:
+    num_labels, names = _labels(train + held, data.num_labels)
+    if names is not None:  # class names -> indices, in sorted order
+      index = {name: i for i, name in enumerate(names)}
+      train = [({**r, "label": index[r["label"]]}, w) for r, w in train]
+      held = [({**r, "label": index[r["label"]]}, w) for r, w in held]
+  strip = lambda rows: [r for r, _ in rows]  # noqa: E731
+  return Examples(_subset(strip(train), data.max_train), _subset(strip(held), data.max_eval), num_labels, names)
 
 
 def _subset(rows: list[dict], n: int | None) -> list[dict]:
@@ -163,33 +232,6 @@ def _subset(rows: list[dict], n: int | None) -> list[dict]:
     return rows
   keep = np.sort(np.random.default_rng(0).permutation(len(rows))[:n])
   return [rows[i] for i in keep]
-
-
-def num_labels(task: str, *splits: Sequence[dict]) -> int | None:
-  """Classes of a SEQ_CLS dataset (`max(label) + 1`); None for other tasks."""
-  if task != "SEQ_CLS":
-    return None
-  return 1 + max(int(r["label"]) for rows in splits for r in rows)
-
-
-def encode(rows: Sequence[dict], task: str, tokenizer: Any, *, seq_len: int, target_len: int) -> Dataset:
-  """Tokenizes example dicts into fixed-shape int32 arrays (see the module docstring)."""
-  col = lambda k: [str(r[k]) for r in rows]  # noqa: E731
-  if task == "FEATURE_EXTRACTION":
-    q, qm = _tokens(tokenizer, col("query"), seq_len)
-    d, dm = _tokens(tokenizer, col("document"), seq_len)
-    return {"query_ids": q, "query_mask": qm, "doc_ids": d, "doc_mask": dm}
-  if task == "CAUSAL_LM":
-    ids, mask = _tokens(tokenizer, col("text"), seq_len)
-    return {"ids": ids, "mask": mask}
-  if task == "SEQ_2_SEQ_LM":
-    ids, mask = _tokens(tokenizer, col("input"), seq_len)
-    tgt, tmask = _tokens(tokenizer, col("target"), target_len)
-    return {"ids": ids, "mask": mask, "labels": np.where(tmask > 0, tgt, -100).astype(np.int32)}
-  if task == "SEQ_CLS":
-    ids, mask = _tokens(tokenizer, col("text"), seq_len)
-    return {"ids": ids, "mask": mask, "label": np.asarray([int(r["label"]) for r in rows], np.int32)}
-  raise ValueError(f"Unsupported task {task!r}; supported: {list(FIELDS)}.")
 
 
 def position(step: int, n: int, batch_size: int) -> tuple[int, int]:
@@ -202,10 +244,10 @@ def batch_indices(step: int, n: int, batch_size: int, seed: int) -> np.ndarray:
   """Example indices of the batch of `step`: (batch_size,), without replacement within an epoch.
 
   Raises:
-    ValueError: fewer examples than `batch_size`.
+    ValueError: `batch_size` is not in [1, n].
   """
-  if n < batch_size:
-    raise ValueError(f"`train.batch_size` is {batch_size} but the training set has only {n} examples.")
+  if not 1 <= batch_size <= n:
+    raise ValueError(f"`train.batch_size` is {batch_size} but must be in [1, {n}] (the training examples).")
   epoch, offset = position(step, n, batch_size)
   perm = np.random.default_rng([seed, epoch]).permutation(n)
   return perm[offset: offset + batch_size]

@@ -2,16 +2,23 @@
 
 from __future__ import annotations
 
+import importlib.util
 import json
 import os
 from collections.abc import Mapping
 from typing import Any
 
-__all__ = ["Metrics", "dir_bytes", "human_bytes", "plot", "summary_text"]
+from jlora import _io
+
+__all__ = ["Metrics", "can_plot", "dir_bytes", "human_bytes", "plot", "summary_text"]
 
 
 class Metrics:
   """Appends JSON lines to `path`; on resume, drops the lines of steps after the restored one.
+
+  The drop rewrites the file atomically (`jlora._io`), so a run killed at any point
+  leaves either the old lines or the kept ones. A last line cut short by a kill is
+  ignored when reading.
 
   Args:
     path: the `metrics.jsonl` file.
@@ -24,13 +31,18 @@ class Metrics:
     keep = []
     if resume_step is not None and os.path.isfile(path):
       keep = [row for row in self.read() if row.get("step", 0) <= resume_step]
-    with open(path, "w", encoding="utf-8") as f:
-      f.writelines(json.dumps(row) + "\n" for row in keep)
+    _io.write_text(path, "".join(json.dumps(row) + "\n" for row in keep))
 
   def read(self) -> list[dict[str, Any]]:
-    """All rows written so far."""
+    """All complete rows written so far."""
+    rows = []
     with open(self.path, encoding="utf-8") as f:
-      return [json.loads(line) for line in f if line.strip()]
+      for line in f:
+        try:
+          rows.append(json.loads(line))
+        except ValueError:  # a line cut short by a killed run
+          continue
+    return rows
 
   def write(self, row: Mapping[str, Any]) -> None:
     """Appends one row (flushed, so a killed run keeps it)."""
@@ -38,8 +50,13 @@ class Metrics:
       f.write(json.dumps(dict(row)) + "\n")
 
 
+def can_plot() -> bool:
+  """Whether matplotlib (the optional `train` extra) is installed."""
+  return importlib.util.find_spec("matplotlib") is not None
+
+
 def plot(rows: list[dict[str, Any]], path: str, *, headline: str) -> bool:
-  """Writes the training loss and the eval headline metric against step to `path` (PNG).
+  """Writes the training loss and the eval headline metric against step to `path` (a PNG file, not atomic).
 
   Returns:
     False (and writes nothing) when matplotlib is not installed.
@@ -59,7 +76,7 @@ def plot(rows: list[dict[str, Any]], path: str, *, headline: str) -> bool:
   axes[1].plot([r["step"] for r in evals], [r[headline] for r in evals], marker="o")
   axes[1].set(xlabel="step", ylabel=headline, title=f"held-out {headline}")
   fig.tight_layout()
-  fig.savefig(path, dpi=100)
+  fig.savefig(path, dpi=100, format="png")
   plt.close(fig)
   return True
 

@@ -1,24 +1,33 @@
-"""The `jlora train` config: a typed schema of frozen dataclasses, YAML loading and `key=value` overrides.
+"""The `jlora train` config: a typed schema of frozen dataclasses, validated key by key.
 
-A config file has the sections `model`, `lora`, `data`, `optimizer`, `train`,
+A config has the sections `model`, `lora`, `data`, `optimizer`, `train`,
 `checkpointing` and `outputs`. Every section but `lora` is a dataclass below, whose
-fields (with their help text) are the allowed keys; `lora` holds PEFT's field
-names and becomes a `jlora.LoraConfig`. Unknown keys and values of the wrong type
-are errors that name the key and list what is allowed.
+fields (with their help text, choices and allowed range) are the allowed keys;
+`lora` holds PEFT's field names and becomes a `jlora.LoraConfig`. Unknown keys, values
+of the wrong type and values out of range are errors that name the key, the value and
+what is allowed. Reading YAML and `key=value` overrides is `jlora.train._load`.
+
+Examples:
+  >>> config = Config.from_dict({"train": {"steps": 5}, "lora": {"r": 4}})
+  >>> config.train.steps, config.lora.r, config.train.batch_size
+  (5, 4, 16)
+  >>> replace(config, train={"steps": 7}).train.steps
+  7
+  >>> Config.from_dict({"train": {"batch_size": -1}})
+  Traceback (most recent call last):
+  ...
+  ValueError: config: `train.batch_size` must be an integer >= 1, got -1.
 """
 
 from __future__ import annotations
 
-import contextlib
 import dataclasses
 import enum
-import os
+import math
 import types
 import typing
 from collections.abc import Mapping, Sequence
 from typing import Any
-
-import yaml
 
 from jlora._config import LoraConfig
 
@@ -29,19 +38,50 @@ __all__ = [
   "ModelConfig",
   "OptimizerConfig",
   "OutputsConfig",
+  "SECTIONS",
   "TrainConfig",
-  "apply_overrides",
-  "describe",
-  "load",
+  "replace",
+  "type_name",
 ]
 
 
-def _meta(help: str, choices: Sequence[Any] | None = None) -> dict[str, Any]:
-  return {"help": help, "choices": tuple(choices) if choices else None}
+@dataclasses.dataclass(frozen=True)
+class Range:
+  """Allowed numeric values: `low <= v` (`low < v` if `low_open`), `v <= high` (`v < high` if `high_open`)."""
+
+  low: float | None = None
+  high: float | None = None
+  low_open: bool = False
+  high_open: bool = False
+
+  def __contains__(self, v: float) -> bool:
+    ok_low = self.low is None or (v > self.low if self.low_open else v >= self.low)
+    ok_high = self.high is None or (v < self.high if self.high_open else v <= self.high)
+    return ok_low and ok_high
+
+  def __str__(self) -> str:
+    if self.low is not None and self.high is not None:
+      return f"in {'(' if self.low_open else '['}{_num(self.low)}, {_num(self.high)}{')' if self.high_open else ']'}"
+    if self.low is not None:
+      return f"{'>' if self.low_open else '>='} {_num(self.low)}"
+    return f"{'<' if self.high_open else '<='} {_num(self.high)}"
 
 
-def _field(default: Any, help: str, choices: Sequence[Any] | None = None) -> Any:
-  return dataclasses.field(default=default, metadata=_meta(help, choices))
+def _num(x: float) -> str:
+  return str(int(x)) if float(x).is_integer() else f"{x:g}"
+
+
+AT_LEAST_0, AT_LEAST_1, POSITIVE = Range(0), Range(1), Range(0, low_open=True)
+UNIT = Range(0, 1, high_open=True)  # Adam's betas
+SEED = Range(0, 2**32, high_open=True)
+
+
+def _meta(help: str, choices: Sequence[Any] | None = None, range: Range | None = None) -> dict[str, Any]:
+  return {"help": help, "choices": tuple(choices) if choices else None, "range": range}
+
+
+def _field(default: Any, help: str, choices: Sequence[Any] | None = None, *, range: Range | None = None) -> Any:
+  return dataclasses.field(default=default, metadata=_meta(help, choices, range))
 
 
 @dataclasses.dataclass(frozen=True)
@@ -56,11 +96,9 @@ class ModelConfig:
   )
   path: str | None = _field(None, "checkpoint directory (config.json + model.safetensors) for source=pretrained")
   config: dict = dataclasses.field(
-    default_factory=dict, metadata=_meta("Hugging Face config dict for source=random (must have `model_type`)")
-  )
+    default_factory=dict, metadata=_meta("Hugging Face config dict for source=random (must have `model_type`)"))
   options: dict = dataclasses.field(
-    default_factory=dict, metadata=_meta("extra jlora.models options, e.g. {scan_layers: true}")
-  )
+    default_factory=dict, metadata=_meta("extra jlora.models options, e.g. {scan_layers: true}"))
   tokenizer: str | None = _field(
     None, "directory with tokenizer.json, or `bytes` (UTF-8 bytes + 3 specials); default: the model's own, "
     "`bytes` for source=random"
@@ -82,38 +120,42 @@ class DataConfig:
   )
   train_file: str | None = _field(None, "JSON-lines training file for source=jsonl")
   eval_file: str | None = _field(None, "JSON-lines evaluation file for source=jsonl")
-  max_train: int | None = _field(None, "use at most this many training examples (null: all)")
-  max_eval: int | None = _field(None, "evaluate on at most this many held-out examples (null: all)")
+  max_train: int | None = _field(None, "use at most this many training examples (null: all)", range=AT_LEAST_1)
+  max_eval: int | None = _field(None, "evaluate on at most this many held-out examples (null: all)", range=AT_LEAST_1)
+  num_labels: int | None = _field(
+    None, "SEQ_CLS classes; labels are integers in [0, num_labels) or strings (null: the largest integer label + 1 "
+    "or the number of distinct strings, at most 1000)", range=Range(2)
+  )
 
 
 @dataclasses.dataclass(frozen=True)
 class OptimizerConfig:
   """optax AdamW with a schedule, warmup and clipping."""
 
-  learning_rate: float = _field(1e-3, "peak learning rate")
+  learning_rate: float = _field(1e-3, "peak learning rate", range=AT_LEAST_0)
   schedule: str = _field("cosine", "learning-rate schedule after warmup", ("constant", "cosine", "linear"))
-  warmup_steps: int = _field(0, "linear warmup from 0 to learning_rate")
-  weight_decay: float = _field(0.0, "AdamW weight decay")
-  b1: float = _field(0.9, "Adam beta1")
-  b2: float = _field(0.999, "Adam beta2")
-  eps: float = _field(1e-8, "Adam epsilon")
-  clip_norm: float | None = _field(1.0, "clip gradients to this global norm (null: no clipping)")
-  lora_plus_ratio: float | None = _field(None, "LoRA+: lora_b learns this many times faster (e.g. 16)")
+  warmup_steps: int = _field(0, "linear warmup from 0 to learning_rate", range=AT_LEAST_0)
+  weight_decay: float = _field(0.0, "AdamW weight decay", range=AT_LEAST_0)
+  b1: float = _field(0.9, "Adam beta1", range=UNIT)
+  b2: float = _field(0.999, "Adam beta2", range=UNIT)
+  eps: float = _field(1e-8, "Adam epsilon", range=POSITIVE)
+  clip_norm: float | None = _field(1.0, "clip gradients to this global norm (null: no clipping)", range=POSITIVE)
+  lora_plus_ratio: float | None = _field(None, "LoRA+: lora_b learns this many times faster (e.g. 16)", range=POSITIVE)
 
 
 @dataclasses.dataclass(frozen=True)
 class TrainConfig:
   """The loop."""
 
-  steps: int = _field(100, "optimizer steps")
-  batch_size: int = _field(16, "examples per step (pairs for contrastive training)")
-  seq_len: int = _field(64, "tokens per sequence (inputs are truncated and padded to this)")
-  target_len: int = _field(16, "tokens per target sequence (SEQ_2_SEQ_LM)")
-  temperature: float = _field(0.05, "InfoNCE temperature (FEATURE_EXTRACTION)")
-  eval_every: int = _field(0, "evaluate every N steps (0: only before and after training)")
-  eval_batch_size: int = _field(64, "sequences per evaluation forward pass")
-  log_every: int = _field(10, "write a metrics.jsonl line every N steps")
-  seed: int = _field(0, "seed of the adapter init, data order and dropout")
+  steps: int = _field(100, "optimizer steps", range=AT_LEAST_0)
+  batch_size: int = _field(16, "examples per step (pairs for contrastive training)", range=AT_LEAST_1)
+  seq_len: int = _field(64, "tokens per sequence (inputs are truncated and padded to this)", range=AT_LEAST_1)
+  target_len: int = _field(16, "tokens per target sequence (SEQ_2_SEQ_LM)", range=AT_LEAST_1)
+  temperature: float = _field(0.05, "InfoNCE temperature (FEATURE_EXTRACTION)", range=POSITIVE)
+  eval_every: int = _field(0, "evaluate every N steps (0: only before and after training)", range=AT_LEAST_0)
+  eval_batch_size: int = _field(64, "sequences per evaluation forward pass", range=AT_LEAST_1)
+  log_every: int = _field(10, "write a metrics.jsonl line every N steps", range=AT_LEAST_1)
+  seed: int = _field(0, "seed of the adapter init, data order and dropout", range=SEED)
   quiet: bool = _field(False, "no progress bar, only the final summary")
 
 
@@ -121,8 +163,9 @@ class TrainConfig:
 class CheckpointConfig:
   """Orbax checkpoints of the training state, to resume a stopped run."""
 
-  every: int = _field(100, "save the training state every N steps (0: only on Ctrl-C)")
-  keep: int = _field(2, "keep the K most recent checkpoints")
+  every: int = _field(100, "save the training state every N steps (0: only on Ctrl-C and at the end)",
+                      range=AT_LEAST_0)
+  keep: int = _field(2, "keep the K most recent checkpoints", range=AT_LEAST_1)
   resume: bool = _field(True, "resume from the latest checkpoint in outputs.dir/checkpoints")
 
 
@@ -130,13 +173,13 @@ class CheckpointConfig:
 class OutputsConfig:
   """What a run writes into `dir`."""
 
-  dir: str = _field("runs/default", "output directory")
+  dir: str = _field("runs/default", "output directory (new, empty, or an earlier run's)")
   peft: bool = _field(True, "also write the adapter in PEFT format (adapter_model.safetensors)")
   merged: bool = _field(False, "also write the merged model (Hugging Face format)")
   plot: bool = _field(True, "write curves.png (loss and eval metric)")
 
 
-_SECTIONS: dict[str, type] = {
+SECTION_TYPES: dict[str, type] = {
   "model": ModelConfig,
   "data": DataConfig,
   "optimizer": OptimizerConfig,
@@ -161,7 +204,7 @@ class Config:
 
   def to_dict(self) -> dict[str, Any]:
     """Plain YAML-ready dict; `lora` in PEFT's field names."""
-    out = {name: dataclasses.asdict(getattr(self, name)) for name in _SECTIONS}
+    out = {name: dataclasses.asdict(getattr(self, name)) for name in SECTION_TYPES}
     lora = {f.name: getattr(self.lora, f.name) for f in dataclasses.fields(LoraConfig)}
     out["lora"] = _plain(lora)
     return {name: out[name] for name in SECTIONS}
@@ -170,20 +213,29 @@ class Config:
   def from_dict(cls, data: Mapping[str, Any], *, source: str = "config") -> Config:
     """Validates a nested dict (as read from YAML).
 
+    Args:
+      data: `{section: {key: value}}`.
+      source: where it came from (a file name), the prefix of every message.
+
     Raises:
-      ValueError: unknown sections or keys, or a value outside its choices.
+      ValueError: unknown sections or keys, or a value outside its choices or range.
       TypeError: a value of the wrong type.
     """
     if not isinstance(data, Mapping):
       raise TypeError(f"{source}: the config must be a mapping of sections {list(SECTIONS)}, got {type(data).__name__}.")
-    unknown = sorted(set(data) - set(SECTIONS))
+    unknown = sorted(set(data) - set(SECTIONS), key=str)
     if unknown:
       raise ValueError(f"{source}: unknown section(s) {unknown}; allowed sections: {list(SECTIONS)}.")
     for name, section in data.items():
       if section is not None and not isinstance(section, Mapping):
         raise TypeError(f"{source}: section `{name}` must be a mapping of keys, got {section!r}.")
-    parts = {name: _section(kind, data.get(name) or {}, name, source) for name, kind in _SECTIONS.items()}
+    parts = {name: _section(kind, data.get(name) or {}, name, source) for name, kind in SECTION_TYPES.items()}
     return cls(lora=_lora(data.get("lora") or {}, source), **parts)
+
+
+def replace(config: Config, **sections: dict[str, Any]) -> Config:
+  """`config` with some keys of some sections replaced, e.g. `replace(cfg, train={"steps": 3})` (not re-validated)."""
+  return dataclasses.replace(config, **{k: dataclasses.replace(getattr(config, k), **v) for k, v in sections.items()})
 
 
 def _plain(value: Any) -> Any:
@@ -198,9 +250,9 @@ def _plain(value: Any) -> Any:
 
 def _lora(data: Mapping[str, Any], source: str) -> LoraConfig:
   allowed = [f.name for f in dataclasses.fields(LoraConfig)]
-  unknown = sorted(set(data) - set(allowed) - {"peft_type"})
+  unknown = sorted(set(data) - set(allowed) - {"peft_type"}, key=str)
   if unknown:
-    raise ValueError(f"{source}: unknown key(s) {['lora.' + k for k in unknown]}; allowed `lora` keys (PEFT's "
+    raise ValueError(f"{source}: unknown key(s) {['lora.' + str(k) for k in unknown]}; allowed `lora` keys (PEFT's "
                      f"LoraConfig fields): {allowed}.")
   try:
     return LoraConfig.from_dict(dict(data))
@@ -208,7 +260,8 @@ def _lora(data: Mapping[str, Any], source: str) -> LoraConfig:
     raise type(e)(f"{source}: section `lora`: {e}") from None
 
 
-def _type_name(kind: Any) -> str:
+def type_name(kind: Any) -> str:
+  """`an integer`, `a number or null`, ...: the type of a schema field in words."""
   args = [a for a in typing.get_args(kind) if a is not type(None)]
   base = args[0] if args else kind
   name = {int: "an integer", float: "a number", bool: "true/false", str: "a string", dict: "a mapping",
@@ -231,11 +284,16 @@ def _check(kind: Any, value: Any) -> Any:
     if isinstance(value, int) and not isinstance(value, bool):
       return value
   elif base is float:
+    number = None
     if isinstance(value, int | float) and not isinstance(value, bool):
-      return float(value)
-    if isinstance(value, str):  # YAML 1.1 reads `1e-3` (no dot) as a string
-      with contextlib.suppress(ValueError):
-        return float(value)
+      number = float(value)
+    elif isinstance(value, str):  # YAML 1.1 reads `1e-3` (no dot) as a string
+      try:
+        number = float(value)
+      except ValueError:
+        pass
+    if number is not None and math.isfinite(number):
+      return number
   elif base is str:
     if isinstance(value, str):
       return value
@@ -247,94 +305,26 @@ def _check(kind: Any, value: Any) -> Any:
 
 def _section(kind: type, data: Mapping[str, Any], name: str, source: str) -> Any:
   fields = {f.name: f for f in dataclasses.fields(kind)}
-  unknown = sorted(set(data) - set(fields))
+  unknown = sorted(set(data) - set(fields), key=str)
   if unknown:
     raise ValueError(f"{source}: unknown key(s) {[f'{name}.{k}' for k in unknown]}; allowed `{name}` keys: "
                      f"{list(fields)}.")
   hints = typing.get_type_hints(kind)
   values = {}
   for key, value in data.items():
+    what = type_name(hints[key])
+    if what.startswith("a number"):
+      what = "a finite number" + what[len("a number"):]
     try:
       values[key] = _check(hints[key], value)
     except TypeError:
-      raise TypeError(f"{source}: `{name}.{key}` must be {_type_name(hints[key])}, got {value!r} "
-                      f"({type(value).__name__}).") from None
-    choices = fields[key].metadata["choices"]
-    if choices and values[key] not in choices:
-      raise ValueError(f"{source}: `{name}.{key}` must be one of {list(choices)}, got {value!r}.")
+      raise TypeError(f"{source}: `{name}.{key}` must be {what}, got {value!r} ({type(value).__name__}).") from None
+    meta = fields[key].metadata
+    if meta["choices"] and values[key] not in meta["choices"]:
+      raise ValueError(f"{source}: `{name}.{key}` must be one of {list(meta['choices'])}, got {value!r}.")
+    if meta["range"] is not None and values[key] is not None and values[key] not in meta["range"]:
+      kind_word = "an integer" if hints[key] in (int, int | None) else "a number"
+      raise ValueError(f"{source}: `{name}.{key}` must be {kind_word} {meta['range']}, got {values[key]!r}.")
+  if name == "outputs" and "dir" in values and not values["dir"].strip():
+    raise ValueError(f"{source}: `outputs.dir` must be a directory path, got {values['dir']!r}.")
   return kind(**values)
-
-
-def apply_overrides(data: Mapping[str, Any], overrides: Sequence[str]) -> dict[str, Any]:
-  """Applies `section.key=value` overrides (values parsed as YAML) to a nested config dict.
-
-  Examples:
-    >>> apply_overrides({"train": {"steps": 5}}, ["train.steps=50", "lora.target_modules=[q, v]"])
-    {'train': {'steps': 50}, 'lora': {'target_modules': ['q', 'v']}}
-
-  Raises:
-    ValueError: an override without `=`, without a section, or with an unknown section.
-  """
-  out = {k: dict(v or {}) if isinstance(v, Mapping) or v is None else v for k, v in data.items()}
-  for item in overrides:
-    key, sep, text = item.partition("=")
-    parts = key.strip().split(".")
-    if not sep or len(parts) < 2 or not all(parts):
-      raise ValueError(f"Override {item!r} must look like `section.key=value`, e.g. `train.steps=50`; "
-                       f"sections: {list(SECTIONS)}.")
-    if parts[0] not in SECTIONS:
-      raise ValueError(f"Override {item!r}: unknown section `{parts[0]}`; allowed sections: {list(SECTIONS)}.")
-    node = out.setdefault(parts[0], {})
-    if not isinstance(node, dict):
-      raise ValueError(f"Override {item!r}: section `{parts[0]}` is not a mapping.")
-    for part in parts[1:-1]:
-      node = node.setdefault(part, {})
-      if not isinstance(node, dict):
-        raise ValueError(f"Override {item!r}: `{part}` is not a mapping.")
-    node[parts[-1]] = yaml.safe_load(text) if text.strip() else None
-  return out
-
-
-def load(path: str | os.PathLike | None, overrides: Sequence[str] = (), *, text: str | None = None) -> Config:
-  """Reads a YAML config (`yaml.safe_load`), applies overrides and validates it.
-
-  Args:
-    path: the YAML file; None for an empty config (all defaults) or for `text`.
-    overrides: `section.key=value` strings, applied in order.
-    text: YAML text to read instead of a file (e.g. the embedded default job).
-
-  Raises:
-    ValueError / TypeError: as `Config.from_dict`, naming the file.
-    FileNotFoundError: no such file.
-  """
-  data: Any = {}
-  source = "overrides"
-  if text is not None:
-    source, data = "the default config", yaml.safe_load(text) or {}
-  elif path is not None:
-    source = os.fspath(path)
-    with open(path, encoding="utf-8") as f:
-      data = yaml.safe_load(f) or {}
-    if not isinstance(data, Mapping):
-      raise TypeError(f"{source}: the config must be a mapping of sections {list(SECTIONS)}, got {type(data).__name__}.")
-  return Config.from_dict(apply_overrides(data, overrides), source=source)
-
-
-def describe() -> str:
-  """Help text: every section and key, with type, default and meaning."""
-  lines = []
-  for name in SECTIONS:
-    if name == "lora":
-      lines.append("lora:  PEFT LoraConfig field names -> jlora.LoraConfig.from_dict, e.g. r, lora_alpha, "
-                   "lora_dropout,\n       target_modules ([query, value] or all-linear), task_type (FEATURE_EXTRACTION, "
-                   "CAUSAL_LM,\n       SEQ_2_SEQ_LM, SEQ_CLS: also picks the loss), bias, modules_to_save, use_rslora")
-      continue
-    kind = _SECTIONS[name]
-    lines.append(f"{name}:  {kind.__doc__.strip()}")
-    hints = typing.get_type_hints(kind)
-    for f in dataclasses.fields(kind):
-      default = f.default if f.default is not dataclasses.MISSING else f.default_factory()
-      choices = f.metadata["choices"]
-      one_of = f" [one of: {', '.join(map(str, choices))}]" if choices else ""
-      lines.append(f"  {f.name:<16}{_type_name(hints[f.name])}, default {default!r}: {f.metadata['help']}{one_of}")
-  return "\n".join(lines)

@@ -1,22 +1,35 @@
 """Orbax checkpoints of the training state: trainable tree, optimizer state, step, data position and rng.
 
 One `orbax.checkpoint.CheckpointManager` per run directory (`<outputs.dir>/checkpoints`),
-keeping the `keep` most recent steps. Saves are synchronous and orbax commits each
-step directory atomically (written under a temporary name, renamed when complete),
-so a process killed mid-save (even by SIGKILL) leaves the earlier checkpoints intact
-and `restore` picks the latest complete one.
+one step directory per save. Saves are synchronous and orbax commits each step
+directory atomically (written under a temporary name, renamed when complete), so a
+process killed mid-save (even by SIGKILL) leaves the earlier checkpoints intact.
+
+Each step's `meta` item (JSON) holds `format: jlora.train_state`, the step, the rng, the
+data position, the run's fingerprint and a SHA-256 digest of every state leaf
+(`jlora._integrity`). `restore` recomputes the digests and checks that every value is
+finite, so a truncated or corrupted checkpoint is a `Damaged` error (the caller falls
+back to an older one) rather than wrong numbers. Which steps may be deleted is decided
+by the caller (`jlora.train._resume`); this module deletes only what it is told to.
 """
 
 from __future__ import annotations
 
+import json
 import os
+import warnings
 from typing import Any, NamedTuple
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 import orbax.checkpoint as ocp
 
-__all__ = ["State", "Checkpoints"]
+from jlora import _integrity
+
+__all__ = ["FORMAT", "Checkpoints", "Damaged", "State", "list_steps", "read_meta"]
+
+FORMAT = "jlora.train_state"
 
 
 class State(NamedTuple):
@@ -28,68 +41,105 @@ class State(NamedTuple):
   rng: np.ndarray
 
 
+class Damaged(ValueError):
+  """A checkpoint step that cannot be read, or whose contents fail their checksums."""
+
+
+def _flat(state: State) -> dict[tuple[str, ...], Any]:
+  tree = {"trainable": state.trainable, "opt_state": state.opt_state}
+  leaves = jax.tree_util.tree_flatten_with_path(tree)[0]
+  return {tuple(jax.tree_util.keystr((k,)) for k in path): leaf for path, leaf in leaves}
+
+
+def list_steps(directory: str) -> list[int]:
+  """The step directories (decimal names) under `directory`, oldest first; nothing is created."""
+  if not os.path.isdir(directory):
+    return []
+  return sorted(int(e) for e in os.listdir(directory) if e.isdigit() and os.path.isdir(os.path.join(directory, e)))
+
+
+def read_meta(directory: str, step: int) -> dict:
+  """The `meta` item of step `step` (read directly, no orbax manager).
+
+  Raises:
+    Damaged: missing, not JSON, or not written by `jlora train`.
+  """
+  path = os.path.join(directory, str(step), "meta", "metadata")
+  try:
+    with open(path, encoding="utf-8") as f:
+      meta = json.load(f)
+  except (OSError, ValueError) as e:
+    raise Damaged(f"checkpoint step {step} has no readable metadata ({type(e).__name__}: {e})") from None
+  if not isinstance(meta, dict) or meta.get("format") != FORMAT or meta.get("step") != step:
+    raise Damaged(f"checkpoint step {step}: its metadata is not a `jlora train` state's")
+  return meta
+
+
 class Checkpoints:
-  """Save / restore `State`s under `directory`, keeping the `keep` newest.
+  """Save / restore / delete `State`s under `directory` with orbax; a context manager that closes the manager.
 
   Args:
     directory: where step directories go (created if needed).
-    keep: how many checkpoints to keep.
   """
 
-  def __init__(self, directory: str | os.PathLike, *, keep: int):
-    if keep < 1:
-      raise ValueError(f"`checkpointing.keep` must be at least 1, got {keep}.")
+  def __init__(self, directory: str | os.PathLike):
     self.directory = os.path.abspath(os.fspath(directory))
-    options = ocp.CheckpointManagerOptions(max_to_keep=keep, create=True, enable_async_checkpointing=False)
+    # Retention is the caller's (it deletes only steps jlora wrote), so orbax keeps everything.
+    options = ocp.CheckpointManagerOptions(max_to_keep=None, create=True, enable_async_checkpointing=False,
+                                           cleanup_tmp_directories=True)  # what a killed save left
     self._manager = ocp.CheckpointManager(self.directory, options=options, item_names=("state", "meta"))
 
-  def latest(self) -> int | None:
-    """The newest complete checkpoint's step, or None."""
-    return self._manager.latest_step()
+  def __enter__(self) -> Checkpoints:
+    return self
 
-  def save(self, state: State, *, data_position: tuple[int, int], fingerprint: dict) -> None:
-    """Writes `state` (blocking) as step `state.step`; a no-op if that step is already saved."""
+  def __exit__(self, *exc: object) -> None:
+    self.close()
+
+  def save(self, state: State, *, data_position: tuple[int, int], fingerprint: dict) -> bool:
+    """Writes `state` (blocking) as step `state.step`, with its digests; False if that step is already saved."""
+    self._manager.reload()
     if state.step in self._manager.all_steps():
-      return
-    meta = {"step": state.step, "rng": np.asarray(state.rng).tolist(),
-            "data_position": {"epoch": data_position[0], "offset": data_position[1]}, "fingerprint": fingerprint}
-    self._manager.save(
-      state.step,
-      args=ocp.args.Composite(
-        state=ocp.args.StandardSave({"trainable": state.trainable, "opt_state": state.opt_state}),
-        meta=ocp.args.JsonSave(meta),
-      ),
-    )
+      return False
+    tree = {"trainable": state.trainable, "opt_state": state.opt_state}
+    host = jax.device_get(tree)
+    meta = {"format": FORMAT, "step": state.step, "rng": np.asarray(state.rng).tolist(),
+            "data_position": {"epoch": data_position[0], "offset": data_position[1]}, "fingerprint": fingerprint,
+            "digests": _integrity.digests(_flat(State(host["trainable"], host["opt_state"], state.step, state.rng)))}
+    self._manager.save(state.step, args=ocp.args.Composite(state=ocp.args.StandardSave(tree),
+                                                           meta=ocp.args.JsonSave(meta)))
     self._manager.wait_until_finished()
-
-  def check(self, fingerprint: dict) -> int | None:
-    """The newest checkpoint's step, or None; cheap (reads its metadata only).
-
-    Raises:
-      ValueError: the checkpoint was written by a run with a different config fingerprint
-        (model, LoRA settings, data or batch size), which would not resume exactly.
-    """
-    step = self.latest()
-    if step is None:
-      return None
-    saved = self._meta(step).get("fingerprint", {})
-    if saved != fingerprint:
-      changed = sorted(k for k in set(fingerprint) | set(saved) if fingerprint.get(k) != saved.get(k))
-      raise ValueError(f"{self.directory} holds a checkpoint of a different run (changed: {changed}); "
-                       "use another `outputs.dir`, delete the checkpoints, or set `checkpointing.resume=false`.")
-    return step
+    return True
 
   def restore(self, template: State, step: int) -> State:
-    """Checkpoint `step` (one that `check` accepted), shaped like `template`."""
-    meta = self._meta(step)
+    """Step `step`, shaped like `template`, checked against its digests.
+
+    Raises:
+      Damaged: unreadable metadata or arrays, a checksum mismatch, or non-finite values.
+    """
+    meta = read_meta(self.directory, step)
     abstract = jax.tree.map(ocp.utils.to_shape_dtype_struct,
                             {"trainable": template.trainable, "opt_state": template.opt_state})
-    out = self._manager.restore(step, args=ocp.args.Composite(state=ocp.args.StandardRestore(abstract)))
-    return State(out["state"]["trainable"], out["state"]["opt_state"], int(meta["step"]),
-                 np.asarray(meta["rng"], np.uint32))
+    try:
+      with warnings.catch_warnings():  # "Sharding info not provided when restoring": single-device arrays
+        warnings.simplefilter("ignore", UserWarning)
+        out = self._manager.restore(step, args=ocp.args.Composite(state=ocp.args.StandardRestore(abstract)))
+      state = State(out["state"]["trainable"], out["state"]["opt_state"], int(meta["step"]),
+                    np.asarray(meta["rng"], np.uint32))
+      _integrity.verify(_flat(state), meta["digests"], what=f"training checkpoint {self.directory}/{step}")
+    except Exception as e:  # tensorstore / orbax errors on damaged files, checksum mismatches
+      detail = " ".join(str(e).split())
+      raise Damaged(f"checkpoint step {step} cannot be restored ({type(e).__name__}: "
+                    f"{detail[:240] + ' …' if len(detail) > 240 else detail})") from None
+    if not all(bool(jnp.isfinite(x).all()) for x in jax.tree.leaves(_flat(state))
+               if jnp.issubdtype(jnp.result_type(x), jnp.inexact)):
+      raise Damaged(f"checkpoint step {step} holds non-finite values")
+    return state
 
-  def _meta(self, step: int) -> dict:
-    return self._manager.restore(step, args=ocp.args.Composite(meta=ocp.args.JsonRestore()))["meta"]
+  def delete(self, step: int) -> None:
+    """Removes step `step` (the caller checked that jlora wrote it)."""
+    self._manager.reload()
+    if step in self._manager.all_steps():
+      self._manager.delete(step)
 
   def close(self) -> None:
     """Releases the manager."""

@@ -1,9 +1,11 @@
-"""Per-task model building, losses and evaluation metrics; the task is `lora.task_type`.
+"""What `jlora train` does per `lora.task_type`: one `Task` entry per task in `TASKS`.
 
-`loss(forward, batch, temperature)` and `metrics(forward, batch)` take `forward`,
-the model's forward pass with the params already bound (`jlora.apply` for the
-factored LoRA model, `model.apply` for the merged one), so the same code trains,
-evaluates before and after, and checks the merged model.
+A task says which example fields it reads, how they become arrays, the model's inputs,
+the training loss, the per-batch evaluation outputs and their reduction to metrics (the
+first one is the headline), and which model types can do it. Adding a task is adding
+one entry here. Losses and evaluation take `forward`, the model's forward pass with the
+params bound (the factored `jlora.lora_apply` while training, `model.apply` of the
+merged params for the final check), so the same code serves both.
 
 | task               | loss                                          | metrics (first = the headline)   |
 |--------------------|-----------------------------------------------|----------------------------------|
@@ -11,14 +13,17 @@ evaluates before and after, and checks the merged model.
 | CAUSAL_LM          | next-token cross-entropy on real tokens       | loss, perplexity                 |
 | SEQ_2_SEQ_LM       | teacher-forced cross-entropy on target tokens | loss, token accuracy             |
 | SEQ_CLS            | cross-entropy                                 | accuracy, loss                   |
+
+Batch arrays are int32: `query_ids/query_mask/doc_ids/doc_mask` (B, seq_len) for
+FEATURE_EXTRACTION, `ids/mask` (B, seq_len) otherwise, plus `labels` (B, target_len)
+(-100 on padding) for SEQ_2_SEQ_LM and `label` (B,) for SEQ_CLS. Evaluation batches
+also carry `weight` (B,): 1 on real rows, 0 on the padding rows of the last batch.
 """
 
 from __future__ import annotations
 
 import dataclasses
-import json
-import os
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from typing import Any
 
 import flax.linen as nn
@@ -28,85 +33,45 @@ import numpy as np
 import optax
 
 from jlora import models
-from jlora.train import _data
+from jlora.train._data import Dataset, tokenize
 
-__all__ = ["HEADLINE", "Model", "build_model", "eval_outputs", "loss", "metrics", "tokens"]
+__all__ = ["TASKS", "Forward", "Task", "get"]
 
 Forward = Callable[..., jax.Array]
-# The headline metric of each task and whether higher is better.
-HEADLINE = {
-  "FEATURE_EXTRACTION": ("recall@1", True),
-  "CAUSAL_LM": ("loss", False),
-  "SEQ_2_SEQ_LM": ("loss", False),
-  "SEQ_CLS": ("accuracy", True),
-}
-_MODEL_TASKS = {"FEATURE_EXTRACTION", "SEQ_CLS"}  # BERT `task=` options
+Batch = dict[str, Any]
 
 
 @dataclasses.dataclass(frozen=True)
-class Model:
-  """A base model to adapt: `model`, its `params`, a `tokenizer`, and `checkpoint` (its directory, if any)."""
+class Task:
+  """Everything that differs between tasks.
 
-  model: nn.Module
-  params: dict
-  tokenizer: Any
-  checkpoint: str | None
-  model_type: str
-
-
-def _dtype(name: str) -> Any:
-  return {"float32": jnp.float32, "bfloat16": jnp.bfloat16}[name]
-
-
-def build_model(cfg: Any, task: str, *, num_labels: int | None, key: jax.Array) -> Model:
-  """Loads or initializes the base model of a `ModelConfig` for `task`.
-
-  Raises:
-    ValueError: a missing `model.path` / `model.config`, or a model type that cannot do `task`.
+  Attributes:
+    name: the `lora.task_type` value.
+    fields: the example fields (and `jsonl` keys) it reads.
+    stdlib_source: the offline `data.source` that gives those fields.
+    model_types: the `model_type`s that can do it.
+    headline: the metric the summary and `curves.png` lead with.
+    encode: `(rows, tokenizer, seq_len, target_len) -> arrays`.
+    inputs: `(batch, model) -> (args, kwargs)` of the model call (init, merged check).
+    loss: `(forward, batch, model, temperature) -> scalar` float32 training loss.
+    eval_outputs: `(forward, batch, model) -> {name: array}` of one eval batch.
+    metrics: `(outputs of all eval batches, n real rows) -> {metric: float}`.
+    tokens: `(batch) -> int` real tokens, for throughput.
+    model_options: `(num_labels) -> extra jlora.models options`.
   """
-  options = dict(cfg.options)
-  if cfg.source == "random":
-    if "model_type" not in cfg.config:
-      raise ValueError("`model.source: random` needs `model.config` with a `model_type`, e.g. "
-                       "{model_type: gpt2, n_layer: 2, n_embd: 64, n_head: 4, vocab_size: 259}.")
-    model_type, path = cfg.config["model_type"], None
-  else:
-    path = models.minilm_path() if cfg.source == "minilm" else cfg.path
-    if not path:
-      raise ValueError("`model.source: pretrained` needs `model.path`, a local Hugging Face checkpoint directory.")
-    if not os.path.isfile(os.path.join(path, "config.json")):
-      raise ValueError(f"`model.path`: {path!r} is not a Hugging Face checkpoint directory (no config.json).")
-    with open(os.path.join(path, "config.json"), encoding="utf-8") as f:
-      model_type = json.load(f).get("model_type")
-  kinds = {"bert": ("FEATURE_EXTRACTION", "SEQ_CLS"), "t5": ("SEQ_2_SEQ_LM",)}
-  allowed = kinds.get(model_type, ("CAUSAL_LM",))
-  if task not in allowed:
-    raise ValueError(f"`lora.task_type: {task}` does not fit `{model_type}` models; they do {list(allowed)}.")
-  if task in _MODEL_TASKS:
-    options.setdefault("task", task)
-    if task == "SEQ_CLS":
-      options.setdefault("num_labels", num_labels)
-  if cfg.source == "random":
-    model, params = models.from_config(cfg.config, key=key, dtype=_dtype(cfg.dtype), **options)
-  else:
-    model, params = models.from_pretrained(path, key=key, dtype=_dtype(cfg.dtype), **options)
-  tok_path = cfg.tokenizer or ("bytes" if cfg.source == "random" else path)
-  tokenizer = _data.ByteTokenizer() if tok_path == "bytes" else models.Tokenizer.from_pretrained(tok_path)
-  return Model(model, params, tokenizer, path, model_type)
 
-
-def _forward_args(task: str, batch: dict, t5_config: Any = None) -> tuple[tuple, dict]:
-  if task == "SEQ_2_SEQ_LM":
-    dec = models.t5.shift_right(batch["labels"], t5_config)
-    return (batch["ids"], batch["mask"]), {"decoder_input_ids": dec, "decoder_attention_mask": jnp.ones_like(dec)}
-  return (batch["ids"], batch["mask"]), {}
-
-
-def example_inputs(task: str, batch: dict, model: nn.Module) -> tuple[tuple, dict]:
-  """Positional and keyword model inputs for a batch (for `jlora.init` and the merged check)."""
-  if task == "FEATURE_EXTRACTION":
-    return (batch["query_ids"], batch["query_mask"]), {}
-  return _forward_args(task, batch, getattr(model, "config", None))
+  name: str
+  fields: tuple[str, ...]
+  stdlib_source: str
+  model_types: tuple[str, ...]
+  headline: str
+  encode: Callable[[Sequence[dict], Any, int, int], Dataset]
+  inputs: Callable[[Batch, nn.Module], tuple[tuple, dict]]
+  loss: Callable[[Forward, Batch, nn.Module, float], jax.Array]
+  eval_outputs: Callable[[Forward, Batch, nn.Module], dict[str, jax.Array]]
+  metrics: Callable[[list[dict[str, np.ndarray]], int], dict[str, float]]
+  tokens: Callable[[Batch], int]
+  model_options: Callable[[int | None], dict] = lambda num_labels: {}
 
 
 def _ce(logits: jax.Array, labels: jax.Array, weights: jax.Array) -> tuple[jax.Array, jax.Array]:
@@ -115,21 +80,33 @@ def _ce(logits: jax.Array, labels: jax.Array, weights: jax.Array) -> tuple[jax.A
   return (ce * weights).sum(), weights.sum()
 
 
-def _lm_terms(forward: Forward, task: str, batch: dict, model: nn.Module) -> tuple[jax.Array, ...]:
-  args, kwargs = _forward_args(task, batch, getattr(model, "config", None))
-  logits = forward(*args, **kwargs)
-  if task == "CAUSAL_LM":
-    labels, weights = batch["ids"][:, 1:], batch["mask"][:, 1:].astype(jnp.float32)
-    logits = logits[:, :-1]
-  else:
-    labels = batch["labels"]
-    weights = (labels != -100).astype(jnp.float32)
-  total, count = _ce(logits, labels, weights)
-  correct = ((logits.argmax(-1) == labels) * weights).sum()
-  return total, count, correct
+def _text_only(rows: Sequence[dict], tok: Any, seq_len: int, target_len: int) -> Dataset:
+  ids, mask = tokenize(tok, [r["text"] for r in rows], seq_len)
+  return {"ids": ids, "mask": mask}
 
 
-def _embed_pair(forward: Forward, batch: dict) -> tuple[jax.Array, jax.Array]:
+def _ids_mask(batch: Batch, model: nn.Module) -> tuple[tuple, dict]:
+  return (batch["ids"], batch["mask"]), {}
+
+
+def _mask_tokens(batch: Batch) -> int:
+  return int(batch["mask"].sum())
+
+
+def _sum_outputs(outputs: list[dict[str, np.ndarray]]) -> tuple[float, float]:
+  """`(mean loss, accuracy)` from summed `loss`, `correct` and `n` of all batches."""
+  total = {k: float(sum(np.asarray(o[k]) for o in outputs)) for k in ("loss", "correct", "n")}
+  return total["loss"] / max(total["n"], 1.0), total["correct"] / max(total["n"], 1.0)
+
+
+# ---------------------------------------------------------------- FEATURE_EXTRACTION
+def _pairs_encode(rows: Sequence[dict], tok: Any, seq_len: int, target_len: int) -> Dataset:
+  q, qm = tokenize(tok, [r["query"] for r in rows], seq_len)
+  d, dm = tokenize(tok, [r["document"] for r in rows], seq_len)
+  return {"query_ids": q, "query_mask": qm, "doc_ids": d, "doc_mask": dm}
+
+
+def _embed_pair(forward: Forward, batch: Batch) -> tuple[jax.Array, jax.Array]:
   ids = jnp.concatenate([batch["query_ids"], batch["doc_ids"]])
   mask = jnp.concatenate([batch["query_mask"], batch["doc_mask"]])
   emb = forward(ids, mask).astype(jnp.float32)
@@ -137,64 +114,146 @@ def _embed_pair(forward: Forward, batch: dict) -> tuple[jax.Array, jax.Array]:
   return jnp.split(emb, 2)
 
 
-def loss(forward: Forward, task: str, batch: dict, model: nn.Module, *, temperature: float = 0.05) -> jax.Array:
-  """The training loss of one batch (a float32 scalar)."""
-  if task == "FEATURE_EXTRACTION":
-    q, d = _embed_pair(forward, batch)
-    logits = q @ d.T / temperature
-    labels = jnp.arange(q.shape[0])
-    ce = optax.softmax_cross_entropy_with_integer_labels
-    return 0.5 * (ce(logits, labels).mean() + ce(logits.T, labels).mean())
-  if task == "SEQ_CLS":
-    logits = forward(batch["ids"], batch["mask"])
-    return optax.softmax_cross_entropy_with_integer_labels(logits.astype(jnp.float32), batch["label"]).mean()
-  total, count, _ = _lm_terms(forward, task, batch, model)
+def _infonce(forward: Forward, batch: Batch, model: nn.Module, temperature: float) -> jax.Array:
+  q, d = _embed_pair(forward, batch)
+  logits = q @ d.T / temperature
+  labels = jnp.arange(q.shape[0])
+  ce = optax.softmax_cross_entropy_with_integer_labels
+  return 0.5 * (ce(logits, labels).mean() + ce(logits.T, labels).mean())
+
+
+def _retrieval_metrics(outputs: list[dict[str, np.ndarray]], n: int) -> dict[str, float]:
+  q = np.concatenate([o["query"] for o in outputs])[:n]
+  d = np.concatenate([o["doc"] for o in outputs])[:n]
+  sim = q @ d.T
+  rank = (sim > np.diag(sim)[:, None]).sum(1)  # documents scored above the right one
+  return {"recall@1": float((rank == 0).mean()), "mrr": float((1.0 / (rank + 1)).mean())}
+
+
+FEATURE_EXTRACTION = Task(
+  name="FEATURE_EXTRACTION", fields=("query", "document"), stdlib_source="stdlib_code_search",
+  model_types=("bert",), headline="recall@1", encode=_pairs_encode,
+  inputs=lambda batch, model: ((batch["query_ids"], batch["query_mask"]), {}),
+  loss=_infonce,
+  eval_outputs=lambda forward, batch, model: dict(zip(("query", "doc"), _embed_pair(forward, batch))),
+  metrics=_retrieval_metrics,
+  tokens=lambda batch: int(batch["query_mask"].sum() + batch["doc_mask"].sum()),
+  model_options=lambda num_labels: {"task": "FEATURE_EXTRACTION"},
+)
+
+
+# ---------------------------------------------------------------- CAUSAL_LM
+def _next_token_terms(forward: Forward, batch: Batch) -> tuple[jax.Array, jax.Array, jax.Array]:
+  logits = forward(batch["ids"], batch["mask"])[:, :-1]
+  labels, weights = batch["ids"][:, 1:], batch["mask"][:, 1:].astype(jnp.float32)
+  total, count = _ce(logits, labels, weights)
+  return total, count, ((logits.argmax(-1) == labels) * weights).sum()
+
+
+def _causal_loss(forward: Forward, batch: Batch, model: nn.Module, temperature: float) -> jax.Array:
+  total, count, _ = _next_token_terms(forward, batch)
   return total / jnp.maximum(count, 1.0)
 
 
-def eval_outputs(forward: Forward, task: str, batch: dict, model: nn.Module) -> dict[str, jax.Array]:
-  """Per-batch evaluation outputs, reduced over batches by `metrics`.
-
-  `batch["weight"]` (B,) is 1 on real rows and 0 on padding rows of the last batch.
-  """
-  w = batch["weight"].astype(jnp.float32)
-  if task == "FEATURE_EXTRACTION":
-    q, d = _embed_pair(forward, batch)
-    return {"query": q, "doc": d}
-  if task == "SEQ_CLS":
-    logits = forward(batch["ids"], batch["mask"]).astype(jnp.float32)
-    ce = optax.softmax_cross_entropy_with_integer_labels(logits, batch["label"])
-    return {"loss": (ce * w).sum(), "correct": ((logits.argmax(-1) == batch["label"]) * w).sum(), "n": w.sum()}
-  sub = {**batch}
-  if task == "CAUSAL_LM":
-    sub["mask"] = batch["mask"] * batch["weight"][:, None]
-  else:
-    sub["labels"] = jnp.where(batch["weight"][:, None] > 0, batch["labels"], -100)
-  total, count, correct = _lm_terms(forward, task, sub, model)
+def _causal_eval(forward: Forward, batch: Batch, model: nn.Module) -> dict[str, jax.Array]:
+  total, count, correct = _next_token_terms(forward, {**batch, "mask": batch["mask"] * batch["weight"][:, None]})
   return {"loss": total, "correct": correct, "n": count}
 
 
-def metrics(task: str, outputs: list[dict[str, np.ndarray]], n: int) -> dict[str, float]:
-  """Reduces `eval_outputs` of all eval batches (the first `n` rows are real) to metrics."""
-  if task == "FEATURE_EXTRACTION":
-    q = np.concatenate([o["query"] for o in outputs])[:n]
-    d = np.concatenate([o["doc"] for o in outputs])[:n]
-    sim = q @ d.T
-    rank = (sim > np.diag(sim)[:, None]).sum(1)  # documents scored above the right one
-    return {"recall@1": float((rank == 0).mean()), "mrr": float((1.0 / (rank + 1)).mean())}
-  total = {k: float(sum(np.asarray(o[k]) for o in outputs)) for k in ("loss", "correct", "n")}
-  loss_ = total["loss"] / max(total["n"], 1.0)
-  acc = total["correct"] / max(total["n"], 1.0)
-  if task == "SEQ_CLS":
-    return {"accuracy": acc, "loss": loss_}
-  if task == "CAUSAL_LM":
-    return {"loss": loss_, "perplexity": float(np.exp(min(loss_, 50.0)))}
-  return {"loss": loss_, "token_accuracy": acc}
+def _causal_metrics(outputs: list[dict[str, np.ndarray]], n: int) -> dict[str, float]:
+  loss, _ = _sum_outputs(outputs)
+  return {"loss": loss, "perplexity": float(np.exp(min(loss, 50.0)))}
 
 
-def tokens(task: str, batch: dict[str, np.ndarray]) -> int:
-  """Real (non-padding) tokens in a batch, for throughput."""
-  if task == "FEATURE_EXTRACTION":
-    return int(batch["query_mask"].sum() + batch["doc_mask"].sum())
-  extra = int((batch["labels"] != -100).sum()) if "labels" in batch else 0
-  return int(batch["mask"].sum()) + extra
+CAUSAL_LM = Task(
+  name="CAUSAL_LM", fields=("text",), stdlib_source="stdlib_docstrings",
+  model_types=tuple(t for t in models.SUPPORTED_MODEL_TYPES if t not in ("bert", "t5")), headline="loss",
+  encode=_text_only, inputs=_ids_mask, loss=_causal_loss, eval_outputs=_causal_eval, metrics=_causal_metrics,
+  tokens=_mask_tokens,
+)
+
+
+# ---------------------------------------------------------------- SEQ_2_SEQ_LM
+def _s2s_encode(rows: Sequence[dict], tok: Any, seq_len: int, target_len: int) -> Dataset:
+  ids, mask = tokenize(tok, [r["input"] for r in rows], seq_len)
+  tgt, tmask = tokenize(tok, [r["target"] for r in rows], target_len)
+  return {"ids": ids, "mask": mask, "labels": np.where(tmask > 0, tgt, -100).astype(np.int32)}
+
+
+def _s2s_inputs(batch: Batch, model: nn.Module) -> tuple[tuple, dict]:
+  dec = models.t5.shift_right(batch["labels"], model.config)
+  return (batch["ids"], batch["mask"]), {"decoder_input_ids": dec, "decoder_attention_mask": jnp.ones_like(dec)}
+
+
+def _s2s_terms(forward: Forward, batch: Batch, model: nn.Module) -> tuple[jax.Array, jax.Array, jax.Array]:
+  args, kwargs = _s2s_inputs(batch, model)
+  logits, labels = forward(*args, **kwargs), batch["labels"]
+  weights = (labels != -100).astype(jnp.float32)
+  total, count = _ce(logits, labels, weights)
+  return total, count, ((logits.argmax(-1) == labels) * weights).sum()
+
+
+def _s2s_loss(forward: Forward, batch: Batch, model: nn.Module, temperature: float) -> jax.Array:
+  total, count, _ = _s2s_terms(forward, batch, model)
+  return total / jnp.maximum(count, 1.0)
+
+
+def _s2s_eval(forward: Forward, batch: Batch, model: nn.Module) -> dict[str, jax.Array]:
+  labels = jnp.where(batch["weight"][:, None] > 0, batch["labels"], -100)
+  total, count, correct = _s2s_terms(forward, {**batch, "labels": labels}, model)
+  return {"loss": total, "correct": correct, "n": count}
+
+
+def _s2s_metrics(outputs: list[dict[str, np.ndarray]], n: int) -> dict[str, float]:
+  loss, accuracy = _sum_outputs(outputs)
+  return {"loss": loss, "token_accuracy": accuracy}
+
+
+SEQ_2_SEQ_LM = Task(
+  name="SEQ_2_SEQ_LM", fields=("input", "target"), stdlib_source="stdlib_name_from_doc", model_types=("t5",),
+  headline="loss", encode=_s2s_encode, inputs=_s2s_inputs, loss=_s2s_loss, eval_outputs=_s2s_eval,
+  metrics=_s2s_metrics, tokens=lambda batch: _mask_tokens(batch) + int((batch["labels"] != -100).sum()),
+)
+
+
+# ---------------------------------------------------------------- SEQ_CLS
+def _cls_encode(rows: Sequence[dict], tok: Any, seq_len: int, target_len: int) -> Dataset:
+  return {**_text_only(rows, tok, seq_len, target_len), "label": np.asarray([r["label"] for r in rows], np.int32)}
+
+
+def _cls_eval(forward: Forward, batch: Batch, model: nn.Module) -> dict[str, jax.Array]:
+  w = batch["weight"].astype(jnp.float32)
+  logits = forward(batch["ids"], batch["mask"]).astype(jnp.float32)
+  ce = optax.softmax_cross_entropy_with_integer_labels(logits, batch["label"])
+  return {"loss": (ce * w).sum(), "correct": ((logits.argmax(-1) == batch["label"]) * w).sum(), "n": w.sum()}
+
+
+def _cls_metrics(outputs: list[dict[str, np.ndarray]], n: int) -> dict[str, float]:
+  loss, accuracy = _sum_outputs(outputs)
+  return {"accuracy": accuracy, "loss": loss}
+
+
+SEQ_CLS = Task(
+  name="SEQ_CLS", fields=("text", "label"), stdlib_source="stdlib_module_family", model_types=("bert",),
+  headline="accuracy", encode=_cls_encode, inputs=_ids_mask,
+  loss=lambda forward, batch, model, temperature: optax.softmax_cross_entropy_with_integer_labels(
+    forward(batch["ids"], batch["mask"]).astype(jnp.float32), batch["label"]).mean(),
+  eval_outputs=_cls_eval, metrics=_cls_metrics, tokens=_mask_tokens,
+  model_options=lambda num_labels: {"task": "SEQ_CLS", "num_labels": num_labels},
+)
+
+TASKS: dict[str, Task] = {t.name: t for t in (FEATURE_EXTRACTION, CAUSAL_LM, SEQ_2_SEQ_LM, SEQ_CLS)}
+
+
+def get(task_type: Any) -> Task:
+  """The `Task` of a `lora.task_type` (a `jlora.TaskType` or its name).
+
+  Raises:
+    ValueError: no task type, or one `jlora train` does not train.
+  """
+  if task_type is None:
+    raise ValueError(f"`lora.task_type` is required by `jlora train`; one of {list(TASKS)}.")
+  name = getattr(task_type, "value", task_type)
+  if name not in TASKS:
+    raise ValueError(f"`lora.task_type: {name}` is not trained by `jlora train`; use one of {list(TASKS)}.")
+  return TASKS[name]

@@ -1,0 +1,147 @@
+"""The base model of a run: `model.source` loaded or initialized for a task, with its tokenizer.
+
+Every mistake in `model.*` (a missing path, a model type that cannot do the task, a
+`model.config` value of the wrong type, options the model does not take) is a one-line
+`ValueError` naming the key, before anything is written.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+import os
+import types
+import typing
+from typing import Any
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+
+from jlora import models
+from jlora.train._data import ByteTokenizer
+from jlora.train._tasks import Task
+
+__all__ = ["Model", "build", "model_type"]
+
+
+@dataclasses.dataclass(frozen=True)
+class Model:
+  """A base model to adapt: `model`, its `params`, a `tokenizer`, and `checkpoint` (its directory, if any)."""
+
+  model: nn.Module
+  params: dict
+  tokenizer: Any
+  checkpoint: str | None
+  model_type: str
+
+
+def _dtype(name: str) -> Any:
+  return {"float32": jnp.float32, "bfloat16": jnp.bfloat16}[name]
+
+
+def _path(cfg: Any) -> str | None:
+  """The checkpoint directory of `model.source` (None for random init)."""
+  if cfg.source == "random":
+    return None
+  if cfg.source == "minilm":
+    try:
+      return models.minilm_path()
+    except ImportError as e:
+      raise ValueError(f"`model.source: minilm`: {e}") from None
+  if not cfg.path:
+    raise ValueError("`model.source: pretrained` needs `model.path`, a local Hugging Face checkpoint directory.")
+  if not os.path.isfile(os.path.join(cfg.path, "config.json")):
+    raise ValueError(f"`model.path`: {cfg.path!r} is not a Hugging Face checkpoint directory (no config.json).")
+  return cfg.path
+
+
+def model_type(cfg: Any) -> str:
+  """The `model_type` of a `ModelConfig`, read from `model.config` or the checkpoint's config.json.
+
+  Raises:
+    ValueError: no `model_type`, an unreadable config.json, or an unsupported model type.
+  """
+  path = _path(cfg)
+  if path is None:
+    found, where = cfg.config.get("model_type"), "`model.config`"
+    if found is None:
+      raise ValueError("`model.source: random` needs `model.config` with a `model_type`, e.g. "
+                       "{model_type: gpt2, n_layer: 2, n_embd: 64, n_head: 4, vocab_size: 259}.")
+  else:
+    where = f"`model.path` {os.path.join(path, 'config.json')!r}"
+    try:
+      with open(os.path.join(path, "config.json"), encoding="utf-8") as f:
+        found = json.load(f).get("model_type")
+    except (OSError, ValueError, AttributeError) as e:
+      raise ValueError(f"{where} cannot be read as a JSON object ({e}).") from None
+  if found not in models.SUPPORTED_MODEL_TYPES:
+    raise ValueError(f"{where}: `model_type` {found!r} is not supported; use one of "
+                     f"{list(models.SUPPORTED_MODEL_TYPES)}.")
+  return found
+
+
+def _check_config_types(config: dict, kind: str) -> None:
+  """Raises a ValueError naming `model.config.<key>` whose value does not have the type the model reads."""
+  module = getattr(models, {"mistral": "llama", "qwen2": "llama"}.get(kind, kind), None)
+  arch = getattr(module, "ARCHITECTURE", None)  # the config class of `jlora.models`' architecture protocol
+  hints = typing.get_type_hints(arch.config) if arch is not None else {}
+  names = {int: "an integer", float: "a number", bool: "true/false", str: "a string"}
+  for key, value in config.items():
+    kinds = typing.get_args(hints[key]) if isinstance(hints.get(key), types.UnionType) else (hints.get(key),)
+    simple = [k for k in kinds if k in names]
+    if not simple or (value is None and type(None) in kinds):
+      continue
+    ok = any(isinstance(value, k) and (k is bool or not isinstance(value, bool)) for k in simple)
+    if float in simple and isinstance(value, int) and not isinstance(value, bool):
+      ok = True
+    if isinstance(value, float) and not math.isfinite(value):
+      ok = False
+    if not ok:
+      raise ValueError(f"`model.config.{key}` must be {' or '.join(names[k] for k in simple)} for a {kind} model, "
+                       f"got {value!r} ({type(value).__name__}).")
+
+
+def build(cfg: Any, task: Task, *, num_labels: int | None, key: jax.Array) -> Model:
+  """Loads or initializes the base model of a `ModelConfig` for `task`.
+
+  Args:
+    cfg: the `model` section.
+    task: the task (its `model_types` and `model_options`).
+    num_labels: SEQ_CLS classes (None for other tasks).
+    key: initializes a random model, or the new head of a checkpoint (e.g. `classifier`).
+
+  Raises:
+    ValueError: a missing `model.path` / `model.config`, a model type that cannot do
+      `task`, or a `model.config` / `model.options` value the model cannot be built from.
+  """
+  kind = model_type(cfg)
+  if kind not in task.model_types:
+    raise ValueError(f"`lora.task_type: {task.name}` does not fit `{kind}` models; use one of {list(task.model_types)} "
+                     f"(`model.config.model_type` / `model.path`).")
+  options = {**task.model_options(num_labels), **cfg.options}
+  path = _path(cfg)
+  tokenizer = _tokenizer(cfg.tokenizer or ("bytes" if path is None else path))  # the cheap checks first
+  if path is None:
+    _check_config_types(cfg.config, kind)
+  try:
+    if path is None:
+      model, params = models.from_config(cfg.config, key=key, dtype=_dtype(cfg.dtype), **options)
+    else:
+      model, params = models.from_pretrained(path, key=key, dtype=_dtype(cfg.dtype), **options)
+  except (ValueError, TypeError) as e:
+    what = "`model.config`" if path is None else f"`model.path` ({path!r})"
+    raise ValueError(f"cannot build a {kind} model from {what} and `model.options` ({' '.join(str(e).split())}).") \
+      from None
+  return Model(model, params, tokenizer, path, kind)
+
+
+def _tokenizer(path: str) -> Any:
+  if path == "bytes":
+    return ByteTokenizer()
+  try:
+    return models.Tokenizer.from_pretrained(path)
+  except (OSError, ValueError, TypeError) as e:
+    raise ValueError(f"`model.tokenizer`: cannot load a tokenizer from {path!r} ({e}); give a directory with "
+                     "tokenizer.json, or `bytes`.") from None

@@ -1,0 +1,131 @@
+"""The outputs of a finished run, written so that the run directory always describes the adapter in it.
+
+Order: the merged-vs-factored check first (a non-finite result raises `Diverged` and
+nothing is written); then, if the directory holds the outputs of another run (another
+fingerprint) or of another step, the files that describe them (`config.yaml`,
+`summary.json`) and derived directories this run does not rewrite (`peft/`, `merged/`)
+are removed; then `adapter/`, `peft/`, `merged/`, `curves.png`, `config.yaml` and
+`summary.json` are written, each atomically, and the marker records whose outputs they are.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import shutil
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import yaml
+
+import jlora
+import jlora.checkpoint
+from jlora import _io, models
+from jlora.train import _report
+from jlora.train._loop import Diverged, eval_batches
+from jlora.train._resume import warn
+from jlora.train._rundir import RunDir
+from jlora.train._schema import Config
+from jlora.train._setup import Setup
+from jlora.train._state import State
+
+__all__ = ["merge_gap", "write"]
+
+
+def merge_gap(setup: Setup, params: Any, merged: Any, batch_size: int) -> float:
+  """Max |factored - merged| of the model outputs on the first eval rows (one jitted call); NaN if any is not finite."""
+  model, task = setup.base.model, setup.task
+  args, kwargs = task.inputs(next(eval_batches(setup.eval_arrays, min(batch_size, 8))), model)
+
+  @jax.jit  # one compile for both forwards: run op by op, they took seconds even for a tiny T5
+  def gap(params, merged, args, kwargs):
+    factored = setup.apply_fn({"params": params}, *args, **kwargs).astype(jnp.float32)
+    diff = jnp.abs(factored - model.apply({"params": merged}, *args, **kwargs).astype(jnp.float32))
+    return jnp.where(jnp.isfinite(diff).all(), diff.max(), jnp.nan)  # max() alone skips NaN (it gave -inf)
+
+  return float(gap(params, merged, args, kwargs))
+
+
+def _drop_stale(run_dir: RunDir, name: str) -> None:
+  """Removes the derived directory `name` of an earlier adapter, if jlora wrote it (else warns and keeps it)."""
+  path = run_dir.join(name)
+  if not os.path.exists(path):
+    return
+  try:
+    _io.check_replaceable(path, f"`{name}/`")
+  except ValueError:
+    warn(f"{path} is from an earlier adapter but holds files jlora did not write; it is kept. Remove it yourself.")
+    return
+  shutil.rmtree(path)
+
+
+def write(run_dir: RunDir, config: Config, setup: Setup, state: State, *, fingerprint: dict,
+          metrics: _report.Metrics, before: dict[str, float], after: dict[str, float],
+          eval_examples: int) -> dict[str, Any]:
+  """Writes the adapter and every other output of the run; returns the partial summary (sizes, merge_diff).
+
+  Args:
+    run_dir: the locked run directory.
+    config: the run's config.
+    setup: its model and data.
+    state: the final (finite) training state.
+    fingerprint: the run's fingerprint, recorded as the outputs' in the marker.
+    metrics: the run's `metrics.jsonl` (for `curves.png`).
+    before: held-out metrics before training.
+    after: held-out metrics after training.
+    eval_examples: the number of held-out examples.
+
+  Raises:
+    Diverged: the merged-vs-factored difference is not finite (nothing is written).
+    ValueError: an output directory holds files jlora did not write.
+  """
+  lora, base = config.lora, setup.base
+  params = jlora.combine(state.trainable, setup.frozen)
+  merged = jlora.merge(params, lora)
+  diff = merge_gap(setup, params, merged, config.train.eval_batch_size)
+  if not math.isfinite(diff):
+    raise Diverged(state.step, f"The merged-vs-factored check is not finite ({diff}) after step {state.step}: the "
+                   "merged kernels or the outputs overflow (e.g. in bfloat16). Nothing was exported; try "
+                   "`model.dtype: float32` or a lower `optimizer.learning_rate`.")
+  this = {"fingerprint": fingerprint, "step": state.step}
+  plot = config.outputs.plot and _report.can_plot()
+  if run_dir.marker.get("outputs") not in (None, this):  # the directory's outputs describe another adapter
+    if run_dir.marker["outputs"].get("fingerprint") != fingerprint:
+      run_dir.remove("config.yaml")  # first: without it, `jlora merge` refuses the directory until the end
+    run_dir.remove("summary.json")
+    if not plot:
+      run_dir.remove("curves.png")
+    for name, rewritten in (("peft", config.outputs.peft), ("merged", config.outputs.merged)):
+      if not rewritten:
+        _drop_stale(run_dir, name)
+    run_dir.update(outputs=None)
+  adapter_dir = run_dir.join("adapter")
+  # With base checksums (of the frozen leaves), `jlora merge` refuses a base with other weights than this run's.
+  jlora.checkpoint.save_adapter(adapter_dir, params, lora, base_checksums=True)
+  if config.outputs.peft:
+    jlora.save_peft(run_dir.join("peft"), base.model, params, lora)
+  if config.outputs.merged:
+    models.save_pretrained(run_dir.join("merged"), base.model, merged, copy_from=base.checkpoint)
+  if plot:
+    run_dir.write("curves.png", lambda tmp: _report.plot(metrics.read(), tmp, headline=setup.task.headline))
+  run_dir.write_text("config.yaml", yaml.safe_dump(config.to_dict(), sort_keys=False))
+  run_dir.update(outputs=this)
+  if base.checkpoint:
+    full = sum(_report.dir_bytes(os.path.join(base.checkpoint, f)) for f in os.listdir(base.checkpoint)
+               if f.endswith(".safetensors"))
+    full_what = "base checkpoint (model.safetensors)"
+  else:
+    full = sum(leaf.nbytes for leaf in jax.tree.leaves(base.params))
+    full_what = "base parameters (random init, in memory)"
+  stats = jlora.summary(params, lora)
+  return {"trainable": stats.trainable, "total": stats.total, "percent": stats.percent,
+          "adapter_bytes": _report.dir_bytes(adapter_dir), "adapter_dir": adapter_dir, "full_bytes": full,
+          "full_what": full_what, "eval_examples": eval_examples, "before": before, "after": after,
+          "headline": setup.task.headline, "merge_diff": diff}
+
+
+def write_summary(run_dir: RunDir, result: dict[str, Any]) -> None:
+  """`summary.json` (atomically), last: it describes the outputs written before it."""
+  run_dir.write_text("summary.json", json.dumps(result, indent=2) + "\n")

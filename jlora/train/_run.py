@@ -1,0 +1,107 @@
+"""`run(config)`: check everything, then train a LoRA adapter and write the outputs.
+
+1. **Check** (writes nothing): the task, the data (every line), the run directory
+   (`jlora.train._rundir.inspect`: not someone else's files), the checkpoints
+   (`jlora.train._resume.plan`: not another run's, no foreign step directories), then
+   the model, adapters and optimizer (`jlora.train._setup.prepare`).
+2. **Train**, holding the run directory's lock: restore the newest usable checkpoint
+   (falling back past damaged ones), record the run in the marker, train
+   (`jlora.train._loop.train`), save the final state. The orbax manager is closed on
+   every path.
+3. **Outputs** (`jlora.train._outputs`), then `summary.json` and the printed summary.
+"""
+
+from __future__ import annotations
+
+import os
+import time
+from collections.abc import Callable
+from typing import Any
+
+import jax
+import numpy as np
+
+from jlora.train import _data, _loop, _outputs, _report, _resume, _rundir, _setup, _state, _tasks
+from jlora.train._schema import Config
+
+__all__ = ["run"]
+
+
+def run(config: Config, *, on_step: Callable[[int, float], None] | None = None,
+        log: Callable[[str], None] = print) -> dict[str, Any]:
+  """Trains a LoRA adapter as `config` says and writes everything into `config.outputs.dir`.
+
+  Writes `config.yaml` (the resolved config), `checkpoints/` (the training state),
+  `adapter/` (`jlora.save_adapter`), `peft/` (PEFT format, if `outputs.peft`),
+  `merged/` (Hugging Face format, if `outputs.merged`), `metrics.jsonl`, `curves.png`,
+  `summary.json` and the marker `.jlora-run.json`. Nothing is written before the
+  config, the data, the directory and the checkpoints are checked.
+
+  Args:
+    config: the validated config (`jlora.train.load`).
+    on_step: called as `on_step(step, loss)` after each finished step (and its checkpoint).
+    log: where the summary and messages go.
+
+  Returns:
+    The summary as a dict: `before` / `after` metrics, `trainable`, `percent`,
+    `adapter_bytes`, `merge_diff`, `wall_s`, `tokens_per_s`, ...
+
+  Raises:
+    Interrupted: after Ctrl-C, once the state of the finished steps is saved.
+    Diverged: a non-finite loss, state or merged check (nothing non-finite is saved).
+    ValueError: a config that does not fit the model, data or run directory, or
+      another run writing into the same directory.
+  """
+  t_start = time.perf_counter()
+  task = _tasks.get(config.lora.task_type)
+  examples = _data.examples(config.data, task)
+  _setup.check_data(config, examples)
+  fingerprint = _setup.fingerprint(config, examples)
+  out_dir = os.path.abspath(config.outputs.dir)
+  resume = config.checkpointing.resume
+  _resume.plan(out_dir, _rundir.inspect(out_dir), fingerprint, resume=resume)  # refusals before the model loads
+  setup = _setup.prepare(config, task, examples)
+  with _rundir.RunDir.open(out_dir) as run_dir:
+    plan = _resume.plan(out_dir, run_dir.marker, fingerprint, resume=resume)  # again, under the lock
+    ckpt_dir = run_dir.join("checkpoints")
+    with _state.Checkpoints(ckpt_dir) as checkpoints:
+      rng = np.asarray(jax.random.key_data(setup.keys.data))
+      template = _state.State(setup.trainable, setup.tx.init(setup.trainable), 0, rng)
+      restored, damaged = _resume.restore(checkpoints, template, plan.candidates)
+      for step in plan.stale + damaged:  # jlora's own steps (checked by `plan`)
+        checkpoints.delete(step)
+      resumed_from = restored.step if restored is not None else None
+      if resumed_from is not None:
+        log(f"Resuming from step {resumed_from} ({ckpt_dir}).")
+      state = restored if restored is not None else template
+      run_dir.update(fingerprint=fingerprint, checkpoints=_state.list_steps(ckpt_dir),
+                     files={**run_dir.marker["files"], "metrics.jsonl": None})
+      metrics = _report.Metrics(run_dir.join("metrics.jsonl"), resume_step=resumed_from)
+      evaluate = _loop.make_evaluate(setup, batch_size=config.train.eval_batch_size, n=len(examples.eval))
+      prior = [r for r in metrics.read() if r.get("kind") == "eval" and r["step"] == 0]
+      before = {k: v for k, v in prior[0].items() if k not in ("kind", "step")} if prior else evaluate(state.trainable)
+      if not prior:
+        metrics.write({"kind": "eval", "step": 0, **before})
+
+      def save(state: _state.State) -> None:
+        position = _data.position(state.step, len(examples.train), config.train.batch_size)
+        _resume.save(checkpoints, run_dir, state, keep=config.checkpointing.keep, fingerprint=fingerprint,
+                     data_position=position)
+
+      state, speed = _loop.train(setup, state, config, save=save, metrics=metrics, evaluate=evaluate,
+                                 checkpoint_dir=ckpt_dir, on_step=on_step)
+      save(state)  # the finished state: running the same command again only rewrites the outputs
+    after = evaluate(state.trainable)
+    if not any(r.get("kind") == "eval" and r["step"] == state.step for r in metrics.read()):
+      metrics.write({"kind": "eval", "step": state.step, **after})
+    written = _outputs.write(run_dir, config, setup, state, fingerprint=fingerprint, metrics=metrics, before=before,
+                             after=after, eval_examples=len(examples.eval))
+    model_name = config.model.path or config.model.config.get("model_type") or config.model.source
+    result = {"task": task.name, "model": model_name, "steps": state.step, "resumed_from": resumed_from, **written,
+              "wall_s": time.perf_counter() - t_start, "train_s": speed.train_s,
+              "tokens_per_s": speed.tokens_per_s, "dir": out_dir}
+    if examples.label_names is not None:
+      result["labels"] = list(examples.label_names)
+    _outputs.write_summary(run_dir, result)
+  log(_report.summary_text(result))
+  return result

@@ -1,0 +1,117 @@
+"""Everything a run needs before its first step: keys, data, model, adapters and optimizer.
+
+`run_keys` is the one place the run's random keys come from, so that `jlora train`
+and `jlora merge` / `export-peft` (which rebuild the base model, including randomly
+initialized weights and new heads) derive the same ones.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+from typing import Any, NamedTuple
+
+import jax
+import numpy as np
+import optax
+
+import jlora
+from jlora.train import _data, _model, _tasks
+from jlora.train._schema import Config
+
+__all__ = ["RunKeys", "Setup", "base_model", "check_data", "fingerprint", "make_optimizer", "prepare", "rows",
+           "run_keys"]
+
+
+class RunKeys(NamedTuple):
+  """The keys of a run, all from `train.seed`."""
+
+  model: jax.Array  # random base weights and new heads (e.g. `classifier`)
+  adapter: jax.Array  # `jlora.init` of the adapters
+  data: jax.Array  # the base of the per-step dropout keys (`fold_in(data, step)`)
+
+
+def run_keys(seed: int) -> RunKeys:
+  """`RunKeys` of `train.seed`: `jax.random.split(jax.random.key(seed), 3)`, in that order."""
+  return RunKeys(*jax.random.split(jax.random.key(seed), 3))
+
+
+def fingerprint(config: Config, examples: _data.Examples) -> dict:
+  """What must not change between a run and its resumption (`train.steps` may grow), with a digest of the data."""
+  d = config.to_dict()
+  train = {k: d["train"][k] for k in ("batch_size", "seq_len", "target_len", "temperature", "seed")}
+  rows = json.dumps([examples.train, examples.eval], sort_keys=True, default=str).encode()
+  return json.loads(json.dumps({"model": d["model"], "lora": d["lora"], "data": d["data"], "optimizer": d["optimizer"],
+                                "train": train, "examples_sha256": hashlib.sha256(rows).hexdigest()}, default=str))
+
+
+def make_optimizer(cfg: Any, steps: int, lora: jlora.LoraConfig) -> tuple[optax.GradientTransformation, optax.Schedule]:
+  """`(tx, schedule)`: AdamW with warmup + schedule and optional clipping / LoRA+, via `jlora.optimizer`."""
+  peak, warm = cfg.learning_rate, min(cfg.warmup_steps, steps)
+  after = max(1, steps - warm)
+  decay = {"constant": optax.constant_schedule(peak), "cosine": optax.cosine_decay_schedule(peak, after),
+           "linear": optax.linear_schedule(peak, 0.0, after)}[cfg.schedule]
+  schedule = optax.join_schedules([optax.linear_schedule(0.0, peak, warm), decay], [warm]) if warm else decay
+  tx = optax.adamw(schedule, b1=cfg.b1, b2=cfg.b2, eps=cfg.eps, weight_decay=cfg.weight_decay)
+  if cfg.clip_norm is not None:
+    tx = optax.chain(optax.clip_by_global_norm(cfg.clip_norm), tx)
+  return jlora.optimizer(tx, lora, lora_plus_ratio=cfg.lora_plus_ratio), schedule
+
+
+def rows(arrays: _data.Dataset, idx: np.ndarray) -> dict[str, np.ndarray]:
+  """The rows `idx` of every array."""
+  return {k: v[idx] for k, v in arrays.items()}
+
+
+def check_data(config: Config, examples: _data.Examples) -> None:
+  """Raises a ValueError when the examples do not fit the `train` settings (before anything is written)."""
+  if len(examples.train) < config.train.batch_size:
+    raise ValueError(f"`train.batch_size` is {config.train.batch_size} but the training set has only "
+                     f"{len(examples.train)} examples; lower it or add data.")
+
+
+def base_model(config: Config, task: _tasks.Task, examples: _data.Examples | None = None) -> _model.Model:
+  """The run's base model (loaded, or initialized with `run_keys(train.seed).model`).
+
+  Args:
+    config: the run's config.
+    task: its task.
+    examples: the run's examples (for SEQ_CLS classes); read from `config.data` when
+      None and the task has labels.
+  """
+  if examples is None and "label" in task.fields:
+    examples = _data.examples(config.data, task)
+  num_labels = examples.num_labels if examples is not None else None
+  return _model.build(config.model, task, num_labels=num_labels, key=run_keys(config.train.seed).model)
+
+
+@dataclasses.dataclass(frozen=True)
+class Setup:
+  """A run ready to train: model, the trainable / frozen halves, optimizer, encoded data."""
+
+  task: _tasks.Task
+  base: _model.Model
+  apply_fn: Any = dataclasses.field(repr=False)  # jlora.lora_apply(model, lora)
+  trainable: Any = dataclasses.field(repr=False)
+  frozen: Any = dataclasses.field(repr=False)
+  tx: optax.GradientTransformation = dataclasses.field(repr=False)
+  schedule: optax.Schedule = dataclasses.field(repr=False)
+  train_arrays: _data.Dataset = dataclasses.field(repr=False)
+  eval_arrays: _data.Dataset = dataclasses.field(repr=False)
+  keys: RunKeys = dataclasses.field(repr=False)
+
+
+def prepare(config: Config, task: _tasks.Task, examples: _data.Examples) -> Setup:
+  """Builds the model, encodes the data, adds adapters and makes the optimizer (writes nothing)."""
+  tc, lora = config.train, config.lora
+  keys = run_keys(tc.seed)
+  base = base_model(config, task, examples)
+  encode = lambda r: task.encode(r, base.tokenizer, tc.seq_len, tc.target_len)  # noqa: E731
+  train_arrays, eval_arrays = encode(examples.train), encode(examples.eval)
+  args, kwargs = task.inputs(rows(train_arrays, np.arange(1)), base.model)
+  params = jlora.init(keys.adapter, base.model, base.params, lora, *args, **kwargs)
+  trainable, frozen = jlora.split(params, lora)
+  tx, schedule = make_optimizer(config.optimizer, tc.steps, lora)
+  return Setup(task, base, jlora.lora_apply(base.model, lora), trainable, frozen, tx, schedule, train_arrays,
+               eval_arrays, keys)

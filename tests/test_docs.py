@@ -2,8 +2,9 @@
 
 import pathlib
 import re
-import subprocess
 import sys
+
+import pytest
 
 ROOT = pathlib.Path(__file__).resolve().parent.parent
 
@@ -29,12 +30,12 @@ def test_quickstart_example_learns_and_keeps_base():
   assert out["merge_diff"] < 1e-4
 
 
-def test_docstring_examples_run():
+@pytest.mark.parametrize("name", ["jlora._linen", "jlora._apply_fn", "jlora._optim", "jlora.models", "jlora.train._schema"])
+def test_docstring_examples_run(name):
   import doctest
+  import importlib
 
-  import jlora._linen
-
-  result = doctest.testmod(jlora._linen, optionflags=doctest.ELLIPSIS)
+  result = doctest.testmod(importlib.import_module(name), optionflags=doctest.ELLIPSIS)
   assert result.attempted > 0 and result.failed == 0
 
 
@@ -42,17 +43,32 @@ def test_readme_commands_are_the_ci_commands():
   readme = (ROOT / "README.md").read_text()
   ci = (ROOT / ".ci" / "run").read_text().strip().splitlines()[-1]
   assert f"```bash\n{ci}\n```" in readme
-  assert subprocess.run([sys.executable, "-c", "import jlora"], check=True).returncode == 0
 
 
-def test_notebook_executes():
+def _outputs(nb) -> str:
+  """The text and image kinds of a notebook's outputs, joined."""
+  parts = []
+  for cell in nb.cells:
+    for out in cell.get("outputs", []):
+      parts.append(out.get("text", "") + str(out.get("data", {}).get("text/plain", "")))
+      parts += [f"<{kind}>" for kind in out.get("data", {}) if kind.startswith("image/")]
+  return "\n".join(parts)
+
+
+def test_notebook_is_committed_executed_and_still_runs():
   import nbclient
   import nbformat
 
   nb = nbformat.read(ROOT / "notebooks" / "quickstart.ipynb", as_version=4)
-  assert all(not cell.get("outputs") for cell in nb.cells if cell.cell_type == "code"), "outputs stripped in git"
+  committed = _outputs(nb)
+  # A reader of the committed notebook sees the summary table, the plots and the equivalence check.
+  for text in ("trainable params:", "<image/png>", "max |merged - factored| =", "reloaded adapter gives identical"):
+    assert text in committed, text
   nbclient.NotebookClient(nb, timeout=300, kernel_name="python3", resources={"metadata": {"path": str(ROOT)}}).execute()
-  assert any("max |merged - factored|" in str(cell.get("outputs")) for cell in nb.cells)
+  fresh = _outputs(nb)
+  (diff,) = re.findall(r"max \|merged - factored\| = (\S+)", fresh)
+  assert float(diff) < 1e-4
+  assert "reloaded adapter gives identical outputs: True" in fresh
 
 
 def test_readme_checkpoint_block_runs(tmp_path, monkeypatch):

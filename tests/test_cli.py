@@ -178,8 +178,8 @@ MISTAKES = [
   ("task-type", lambda d: _tiny(d, "lora.task_type=TOKEN_CLS"), "`lora.task_type: TOKEN_CLS` is not trained"),
   ("task-vs-model", lambda d: [*_cls(d, 1), "model.config={model_type: gpt2, n_layer: 1, n_embd: 8, n_head: 2}"],
    "`lora.task_type: SEQ_CLS` does not fit `gpt2` models; use one of ['bert']"),
-  ("n_embd=abc", lambda d: _tiny(d, "model.config.n_embd=abc"), "`model.config.n_embd` must be an integer for a "
-   "gpt2 model, got 'abc' (str)."),
+  ("n_embd=abc", lambda d: _tiny(d, "model.config.n_embd=abc"), "cannot build a gpt2 model from `model.config` and "
+   "`model.options` (config `n_embd` must be an integer, got 'abc' (str);"),
   ("n_embd=33", lambda d: _tiny(d, "model.config.n_embd=33"), "cannot build a gpt2 model from `model.config` and "
    "`model.options` (cannot reshape"),
   ("model-option", lambda d: _tiny(d, "model.options={flash: true}"), "cannot build a gpt2 model from `model.config` and "

@@ -17,6 +17,9 @@ An architecture module (`gpt2`, `llama`, `bert`, `t5`) provides three things:
 from __future__ import annotations
 
 import dataclasses
+import math
+import types
+import typing
 from collections.abc import Callable, Mapping
 from typing import Any, Protocol
 
@@ -51,10 +54,41 @@ def hashable(value: Any) -> Any:
   return value
 
 
+_TYPE_NAMES = {int: "an integer", float: "a number", bool: "true/false", str: "a string"}
+
+
+def _check_type(key: str, value: Any, hint: Any) -> None:
+  """Raises unless `value` has a type the field's annotation `hint` allows (a finite number for `float`)."""
+  kinds = typing.get_args(hint) if isinstance(hint, types.UnionType) else (hint,)
+  if value is None and type(None) in kinds:
+    return
+  simple = [k for k in kinds if k in _TYPE_NAMES]
+  others = [typing.get_origin(k) or k for k in kinds if k not in _TYPE_NAMES and k is not type(None)]
+  if not simple or any(isinstance(value, k) for k in others if isinstance(k, type)):
+    return
+  number = isinstance(value, (int, float)) and not isinstance(value, bool)
+  ok = any(isinstance(value, k) and (k is bool or not isinstance(value, bool)) for k in simple)
+  ok = ok or (float in simple and number)
+  if ok and isinstance(value, float) and not math.isfinite(value):
+    ok = False
+  if not ok:
+    raise ValueError(f"config `{key}` must be {' or '.join(_TYPE_NAMES[k] for k in simple)}, got {value!r} "
+                     f"({type(value).__name__}); correct it in config.json (or the config dict given).")
+
+
 def config_fields(cls: type, config: Mapping[str, Any]) -> dict[str, Any]:
-  """The entries of a `config.json` dict that are fields of the dataclass `cls`, with hashable values."""
-  names = {f.name for f in dataclasses.fields(cls)}
-  return {k: hashable(v) for k, v in config.items() if k in names}
+  """The entries of a `config.json` dict that are fields of the dataclass `cls`, with hashable values.
+
+  Raises:
+    ValueError: a value whose type the field does not take (e.g. `n_embd: "abc"`), naming the key.
+  """
+  hints = typing.get_type_hints(cls)
+  out = {}
+  for f in dataclasses.fields(cls):
+    if f.name in config:
+      out[f.name] = hashable(config[f.name])
+      _check_type(f.name, out[f.name], hints[f.name])
+  return out
 
 
 class HFModel(nn.Module):

@@ -9,10 +9,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
-import math
 import os
-import types
-import typing
 from typing import Any
 
 import flax.linen as nn
@@ -82,27 +79,6 @@ def model_type(cfg: Any) -> str:
   return found
 
 
-def _check_config_types(config: dict, kind: str) -> None:
-  """Raises a ValueError naming `model.config.<key>` whose value does not have the type the model reads."""
-  module = getattr(models, {"mistral": "llama", "qwen2": "llama"}.get(kind, kind), None)
-  arch = getattr(module, "ARCHITECTURE", None)  # the config class of `jlora.models`' architecture protocol
-  hints = typing.get_type_hints(arch.config) if arch is not None else {}
-  names = {int: "an integer", float: "a number", bool: "true/false", str: "a string"}
-  for key, value in config.items():
-    kinds = typing.get_args(hints[key]) if isinstance(hints.get(key), types.UnionType) else (hints.get(key),)
-    simple = [k for k in kinds if k in names]
-    if not simple or (value is None and type(None) in kinds):
-      continue
-    ok = any(isinstance(value, k) and (k is bool or not isinstance(value, bool)) for k in simple)
-    if float in simple and isinstance(value, int) and not isinstance(value, bool):
-      ok = True
-    if isinstance(value, float) and not math.isfinite(value):
-      ok = False
-    if not ok:
-      raise ValueError(f"`model.config.{key}` must be {' or '.join(names[k] for k in simple)} for a {kind} model, "
-                       f"got {value!r} ({type(value).__name__}).")
-
-
 def build(cfg: Any, task: Task, *, num_labels: int | None, key: jax.Array) -> Model:
   """Loads or initializes the base model of a `ModelConfig` for `task`.
 
@@ -123,8 +99,6 @@ def build(cfg: Any, task: Task, *, num_labels: int | None, key: jax.Array) -> Mo
   options = {**task.model_options(num_labels), **cfg.options}
   path = _path(cfg)
   tokenizer = _tokenizer(cfg.tokenizer or ("bytes" if path is None else path))  # the cheap checks first
-  if path is None:
-    _check_config_types(cfg.config, kind)
   try:
     if path is None:
       model, params = models.from_config(cfg.config, key=key, dtype=_dtype(cfg.dtype), **options)

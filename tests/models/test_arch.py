@@ -47,3 +47,22 @@ def test_kv_cache_has_the_models_dims():
     cache = model.init_cache(3, 5)
     assert cache.keys.shape == (dims[0], 3, 5, dims[1], dims[2]) == cache.values.shape
     assert cache.valid.shape == (3, 5) and int(cache.index) == 0
+
+
+@pytest.mark.parametrize("module, key, value, expected", [
+  (gpt2, "n_embd", "abc", "an integer"),
+  (gpt2, "n_layer", 2.0, "an integer"),
+  (gpt2, "layer_norm_epsilon", float("nan"), "a number"),
+  (llama, "tie_word_embeddings", "yes", "true/false"),
+  (bert, "layer_norm_eps", "small", "a number"),
+  (t5, "num_heads", True, "an integer"),
+])
+def test_config_values_of_the_wrong_type_name_the_key(module, key, value, expected):
+  """A config value the model cannot use is a clear error before any array is built (not a JAX traceback)."""
+  with pytest.raises(ValueError, match=rf"config `{key}` must be {expected}, got {value!r}"):
+    module.ARCHITECTURE.config.from_hf({key: value})
+
+
+def test_config_values_of_union_types_are_accepted():
+  config = llama.ARCHITECTURE.config.from_hf({"eos_token_id": [2, 3], "head_dim": None, "rope_theta": 10000})
+  assert config.eos_token_id == (2, 3) and config.head_dim is None and config.rope_theta == 10000.0

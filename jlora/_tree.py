@@ -229,6 +229,8 @@ def split(params: Params, config: LoraConfig) -> tuple[dict, dict]:
   `trainable` is the small tree that a task's adapter is (A, B, trained biases,
   saved modules); differentiate and optimize only it, and keep `frozen` (the
   base) out of the optimizer. `combine(trainable, frozen)` restores the tree.
+  Pass `frozen` to a jitted step as an argument, `step(trainable, frozen, batch)`:
+  a jitted function that closes over it compiles the whole base in as constants.
   """
   _check_tree(params)
   return _partition(params, trainable_mask(params, config))

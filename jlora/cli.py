@@ -166,7 +166,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     return 2
   try:
     return args.func(args)
-  except (ValueError, TypeError) as e:  # a config, data or directory mistake: one line, no traceback
+  except (ValueError, TypeError, ImportError) as e:  # a mistake in the config, data, directory or install: one line
     print(f"jlora {args.command}: {e}", file=sys.stderr)
     return 2
 

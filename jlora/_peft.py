@@ -27,7 +27,7 @@ from jlora._peft_config import from_peft, to_jlora, to_peft
 from jlora._peft_files import read, write
 from jlora._peft_names import NameLike, module_name, name_table, per_layer, resolve
 from jlora._targets import is_saved
-from jlora._tree import Params, _check_tree, adapters, flatten, get_path, kernel_key, labels, unflatten
+from jlora._tree import Params, _check_tree, adapters, check_adapters, flatten, get_path, kernel_key, labels, unflatten
 from jlora.checkpoint import strip_adapters
 
 __all__ = ["save_peft", "load_peft"]
@@ -266,8 +266,7 @@ def load_peft(directory: str | os.PathLike, model: Any, params: Params, *, name_
     out[path] = layout.full_from_peft(path, layers, base[path], transpose=flip)
   config = to_jlora(config, ranks, alphas, full)
   params_out = unflatten(out)
-  for _ in adapters(params_out, config):  # every adapter fits its kernel with the config's rank
-    pass
+  check_adapters(params_out, config)
   return params_out, config
 
 

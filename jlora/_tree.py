@@ -14,7 +14,7 @@ from jlora._config import LoraConfig
 from jlora._targets import is_saved
 
 __all__ = [
-    "LORA_KEYS", "KERNEL_KEYS", "Adapter", "adapters", "module_dicts", "adapted_modules", "labels",
+    "LORA_KEYS", "KERNEL_KEYS", "Adapter", "adapters", "check_adapters", "module_dicts", "adapted_modules", "labels",
     "trainable_mask", "split", "combine", "get_path", "has_adapters", "flatten", "unflatten",
 ]
 
@@ -132,6 +132,12 @@ def adapters(params: Params, config: LoraConfig, *, kernels: Params | None = Non
     _ops.check_adapter(where, kernel.shape, a.shape, b.shape, rank)
     layout, stack = _ops.layout(a.shape, b.shape, kernel.shape)
     yield Adapter(path, name, kernel, a, b, rank, config.scale_for(where), layout, stack)
+
+
+def check_adapters(params: Params, config: LoraConfig) -> None:
+  """Raises (as `adapters` does) unless every adapter in `params` fits its kernel with the config's rank."""
+  for _ in adapters(params, config):
+    pass
 
 
 def flatten(tree: Params, prefix: tuple[str, ...] = ()) -> dict[tuple[str, ...], Any]:

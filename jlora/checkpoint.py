@@ -44,7 +44,7 @@ import numpy as np
 from jlora import _integrity, _io
 from jlora._config import LoraConfig
 from jlora._placement import Shardings, abstract_tree
-from jlora._tree import LORA_KEYS, Params, _check_tree, adapters, flatten, split, unflatten
+from jlora._tree import LORA_KEYS, Params, _check_tree, check_adapters, flatten, split, unflatten
 
 __all__ = ["save_adapter", "load_adapter"]
 
@@ -150,8 +150,7 @@ def save_adapter(path: str | os.PathLike, params: Params, config: LoraConfig, *,
     raise TypeError(f"`config` must be a jlora.LoraConfig, got {type(config).__name__}.")
   if not isinstance(base_checksums, bool):
     raise TypeError(f"`base_checksums` must be True or False, got {base_checksums!r}.")
-  for _ in adapters(params, config):  # each adapter checked against its kernel and rank
-    pass
+  check_adapters(params, config)
   trainable, frozen = split(params, config)
   if not trainable:
     raise ValueError(

@@ -16,6 +16,7 @@ An architecture module (`gpt2`, `llama`, `bert`, `t5`) provides three things:
 
 from __future__ import annotations
 
+import abc
 import dataclasses
 import math
 import types
@@ -91,7 +92,7 @@ def config_fields(cls: type, config: Mapping[str, Any]) -> dict[str, Any]:
   return out
 
 
-class HFModel(nn.Module):
+class HFModel(nn.Module, abc.ABC):
   """Base of the top-level jlora models.
 
   Attributes:
@@ -102,9 +103,9 @@ class HFModel(nn.Module):
   config: Any
   dtype: Any = jnp.float32
 
+  @abc.abstractmethod
   def hf_spec(self) -> HFSpec:
     """How this model's params map to Hugging Face tensor names (see `_checkpoint.HFSpec`)."""
-    raise NotImplementedError(f"{type(self).__name__} must define hf_spec().")
 
   def example_inputs(self) -> tuple:
     """Positional inputs for `model.init`: input_ids (1, 2) int32."""
@@ -143,9 +144,9 @@ class CausalLM(HFModel):
   :class:`KVCache` is passed; it defines `cache_dims`.
   """
 
+  @abc.abstractmethod
   def cache_dims(self) -> tuple[int, int, int]:
     """`(num_layers, num_kv_heads, head_dim)` of the KV cache."""
-    raise NotImplementedError(f"{type(self).__name__} must define cache_dims().")
 
   def init_cache(self, batch: int, length: int) -> KVCache:
     """An empty :class:`KVCache` of `length` slots for `batch` sequences."""

@@ -29,7 +29,7 @@ import optax
 import jlora
 from jlora.train import _data, _report
 from jlora.train._setup import Setup, rows
-from jlora.train._state import State
+from jlora.train._state import State, all_finite
 
 __all__ = ["Diverged", "Interrupted", "Throughput", "eval_batches", "make_evaluate", "make_train_step", "train"]
 
@@ -79,11 +79,6 @@ def _bind(apply_fn: Any, params: Any, rng: jax.Array | None) -> Callable[..., ja
   return functools.partial(apply_fn, {"params": params}, rngs=None if rng is None else {"lora_dropout": rng})
 
 
-def _all_finite(tree: Any) -> jax.Array:
-  checks = [jnp.isfinite(x).all() for x in jax.tree.leaves(tree) if jnp.issubdtype(x.dtype, jnp.inexact)]
-  return jnp.stack(checks).all() if checks else jnp.asarray(True)
-
-
 def make_train_step(setup: Setup, *, temperature: float, dropout: bool) -> Callable:
   """The jitted `step(trainable, opt_state, frozen, batch, rng) -> (trainable, opt_state, loss, finite)`."""
   task, model, apply_fn, tx = setup.task, setup.base.model, setup.apply_fn, setup.tx
@@ -95,7 +90,7 @@ def make_train_step(setup: Setup, *, temperature: float, dropout: bool) -> Calla
     loss, grads = jax.value_and_grad(loss_fn)(trainable)
     updates, opt_state = tx.update(grads, opt_state, trainable)
     trainable = optax.apply_updates(trainable, updates)
-    return trainable, opt_state, loss, jnp.isfinite(loss) & _all_finite((trainable, opt_state))
+    return trainable, opt_state, loss, jnp.isfinite(loss) & all_finite((trainable, opt_state))
 
   return jax.jit(step, donate_argnums=(0, 1))
 

@@ -27,7 +27,7 @@ import orbax.checkpoint as ocp
 
 from jlora import _integrity
 
-__all__ = ["FORMAT", "Checkpoints", "Damaged", "State", "list_steps", "read_meta"]
+__all__ = ["FORMAT", "Checkpoints", "Damaged", "State", "all_finite", "list_steps", "read_meta"]
 
 FORMAT = "jlora.train_state"
 
@@ -43,6 +43,12 @@ class State(NamedTuple):
 
 class Damaged(ValueError):
   """A checkpoint step that cannot be read, or whose contents fail their checksums."""
+
+
+def all_finite(tree: Any) -> jax.Array:
+  """Whether every floating-point value of `tree` is finite: a bool scalar (traceable, so it serves inside jit)."""
+  checks = [jnp.isfinite(x).all() for x in jax.tree.leaves(tree) if jnp.issubdtype(jnp.result_type(x), jnp.inexact)]
+  return jnp.stack(checks).all() if checks else jnp.asarray(True)
 
 
 def _flat(state: State) -> dict[tuple[str, ...], Any]:
@@ -101,10 +107,9 @@ class Checkpoints:
     if state.step in self._manager.all_steps():
       return False
     tree = {"trainable": state.trainable, "opt_state": state.opt_state}
-    host = jax.device_get(tree)
     meta = {"format": FORMAT, "step": state.step, "rng": np.asarray(state.rng).tolist(),
             "data_position": {"epoch": data_position[0], "offset": data_position[1]}, "fingerprint": fingerprint,
-            "digests": _integrity.digests(_flat(State(host["trainable"], host["opt_state"], state.step, state.rng)))}
+            "digests": _integrity.digests(_flat(state))}
     self._manager.save(state.step, args=ocp.args.Composite(state=ocp.args.StandardSave(tree),
                                                            meta=ocp.args.JsonSave(meta)))
     self._manager.wait_until_finished()
@@ -130,8 +135,7 @@ class Checkpoints:
       detail = " ".join(str(e).split())
       raise Damaged(f"checkpoint step {step} cannot be restored ({type(e).__name__}: "
                     f"{detail[:240] + ' …' if len(detail) > 240 else detail})") from None
-    if not all(bool(jnp.isfinite(x).all()) for x in jax.tree.leaves(_flat(state))
-               if jnp.issubdtype(jnp.result_type(x), jnp.inexact)):
+    if not bool(all_finite((state.trainable, state.opt_state))):
       raise Damaged(f"checkpoint step {step} holds non-finite values")
     return state
 

@@ -1,8 +1,8 @@
 """Adding adapter leaves to a param tree, given the sites a model exposes.
 
 `jlora.init` (linen, `jlora._linen`) finds the sites by tracing the model;
-`jlora.init_tree` reads them off a plain tree of 2-D kernels (Haiku, hand-written
-jnp models, any dict of `kernel` / `w` matrices). Both end here.
+`jlora.init_tree` reads them off a plain tree (Haiku, Equinox or NNX as dicts,
+hand-written jnp; layouts by leaf name or declared, see `jlora._plain`). Both end here.
 """
 
 from __future__ import annotations
@@ -15,8 +15,10 @@ import jax.numpy as jnp
 
 from jlora import _ops
 from jlora._config import LoraConfig
+from jlora._keys import restore, stringify
+from jlora._plain import KERNEL_NAMES, LayoutLike, tree_sites
 from jlora._targets import Site, path_str, select_sites
-from jlora._tree import Params, _check_tree, get_path, has_adapters, module_dicts
+from jlora._tree import Params, _check_tree, get_path, has_adapters
 
 __all__ = ["add_adapters", "init_tree"]
 
@@ -72,32 +74,59 @@ def add_adapters(key: jax.Array, params: Params, config: LoraConfig, sites: Sequ
   return out
 
 
-def init_tree(key: jax.Array, params: Params, config: LoraConfig, *, kernel_names: Sequence[str] = ("kernel", "w"),
-              dtype=jnp.float32) -> dict:
+def init_tree(key: jax.Array, params: Params, config: LoraConfig, *, kernel_names: Sequence[str] = KERNEL_NAMES,
+              layout: LayoutLike = None, dtype=jnp.float32) -> dict:
   """Adds adapters to a plain param tree, for models that are not linen modules.
 
-  Every dict holding a 2-D leaf named in `kernel_names` is a dense layer
-  `y = x·W` with `W: (d_in, d_out)` (Haiku's `w`, Flax's `kernel`); the module
-  path is the dict's path. Run such a model with `jlora.apply_merged`, which
-  materializes `W0 + s·A·B` (correct and differentiable, slower to train than
-  the factored linen path).
+  Haiku (`hk.transform(...).init`), Equinox and NNX models as dicts
+  (`jlora.equinox.to_params`, `nnx.to_pure_dict(nnx.state(model))`), hand-written
+  jnp. A weight is a leaf named in `kernel_names` or matched by `layout`; its
+  module path (what `target_modules` matches) is the path of the dict holding
+  it (plus the leaf's name when that is not `kernel`, `w`, `weight` or
+  `embedding`). Layouts (`jlora._plain`): a 2-D `kernel` / `w` is `(in, out)`,
+  a 2-D `weight` is `(out, in)` (Equinox, PyTorch); other weights need
+  `layout=`. Keys may be integers (kept as they are) or hold `/` (Haiku's
+  `"mlp/~/linear_0"`, matched by its components). `"all-linear"` skips output
+  heads (a module named `lm_head`, `classifier`, `score`, `qa_outputs` or `head`).
+  Run the model with `jlora.apply_merged`, which materializes `W0 + s·A·B`
+  (exact and differentiable; slower to train than a factored path).
 
   Args:
     key: PRNG key for the adapter init.
     params: nested dict of arrays.
     config: the LoRA config.
-    kernel_names: leaf names that are dense kernels.
+    kernel_names: leaf names that are weights.
+    layout: the `(input_axes, output_axes)` of weights whose layout is not the
+      default: a dict `{leaf name, module name or path suffix: axes}`
+      (`"weight"`, `"attn/query/w"`, `"attn.out"`; the first matching entry
+      wins), or a function `(leaf path, leaf) -> axes or None`. Axes in neither
+      set: leading ones are stacked layers, others shared (per-head) axes.
     dtype: adapter dtype (float32 by default, whatever the base dtype).
 
   Returns:
-    `params` with `lora_a: (d_in, r)`, `lora_b: (r, d_out)` beside each target.
+    `params` with adapters beside each target: for `W: (d_in, d_out)`,
+    `lora_a: (d_in, r)` and `lora_b: (r, d_out)`; for `W: (d_out, d_in)`,
+    `lora_a: (1, d_in, r)` and `lora_b: (d_out, 1, r)` (the broadcast layout:
+    `A` on the input side, `B` on the output side, `B = 0` at init).
+
+  Raises:
+    TypeError: `params` is not a nested dict, `config` not a `LoraConfig`, or
+      `layout` is malformed.
+    ValueError: as `jlora.init` (nothing matched: the message lists the
+      weights found; rank too large; ...), a targeted weight of more than two
+      axes without a declared layout, or a declared layout that does not fit.
+
+  Example:
+    >>> import jax, jax.numpy as jnp, jlora
+    >>> params = {"attn/query": {"w": jnp.ones((8, 8))}, "proj": {"weight": jnp.ones((4, 8))}}
+    >>> config = jlora.LoraConfig(r=2, target_modules=["query", "proj"])
+    >>> p = jlora.init_tree(jax.random.key(0), params, config)
+    >>> p["attn/query"]["lora_a"].shape, p["proj"]["lora_a"].shape, p["proj"]["lora_b"].shape
+    ((8, 2), (1, 8, 2), (4, 1, 2))
   """
   _check_tree(params)
-  sites = []
-  for path, node in module_dicts(params):
-    for name in kernel_names:
-      leaf = node.get(name)
-      if leaf is not None and not isinstance(leaf, dict) and getattr(leaf, "ndim", 0) == 2:
-        sites.append(Site(path, "dense", name, tuple(leaf.shape), (0,), (1,)))
-        break
-  return add_adapters(key, params, config, sites, dtype=dtype)
+  if not isinstance(config, LoraConfig):
+    raise TypeError(f"`config` must be a jlora.LoraConfig, got {type(config).__name__}.")
+  tree = stringify(params)
+  out = add_adapters(key, tree, config, tree_sites(tree, kernel_names, layout), dtype=dtype)
+  return restore(out, params)

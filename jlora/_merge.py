@@ -11,6 +11,7 @@ import numpy as np
 
 from jlora import _ops, _tree
 from jlora._config import LoraConfig
+from jlora._keys import restore, stringify
 from jlora._tree import LORA_KEYS, Adapter, Params, _check_tree, adapted_modules
 
 __all__ = ["merge", "unmerge", "apply_merged"]
@@ -115,13 +116,68 @@ def unmerge(merged: Params, adapters: Params, config: LoraConfig) -> dict:
   return _rebuild(merged, replace, drop_lora=False)
 
 
+def _package(obj: Any) -> str:
+  """The top-level package of `obj`'s class or of one of its bases (`"equinox"`, `"haiku"`, `"flax"`, ...)."""
+  return next((c.__module__.split(".")[0] for c in type(obj).__mro__
+               if c.__module__.split(".")[0] in ("equinox", "haiku", "flax")), "")
+
+
+def _check_fn(fn: Any) -> None:
+  """TypeErrors that say what to pass instead of a model object or a misplaced params tree."""
+  if isinstance(fn, Mapping):
+    raise TypeError("apply_merged: `fn` is a dict: the arguments are out of order. Call it as "
+                    "apply_merged(fn, params, config, *args), e.g. apply_merged(f.apply, params, config, None, x).")
+  package = _package(fn)
+  if package == "equinox":
+    raise TypeError(f"apply_merged: `fn` is an Equinox module ({type(fn).__name__}), not a function of a param tree; "
+                    "use jlora.equinox (init, then call the model: the LoRA term is factored).")
+  if package == "flax":
+    raise TypeError(f"apply_merged: `fn` is a Flax module ({type(fn).__name__}), not a function of a param tree; use "
+                    "jlora.apply(model, params, config, *args) for linen and jlora.nnx for NNX (both factored), or "
+                    "pass a function such as `lambda p, *a: model.apply({'params': p}, *a)`.")
+  if not callable(fn):
+    hint = (" A Haiku `hk.transform` result is a pair of functions: pass its `apply`, as "
+            "apply_merged(f.apply, params, config, rng_or_None, *inputs).") if hasattr(fn, "apply") else ""
+    raise TypeError(f"apply_merged: `fn` must be a function of the param tree, got {type(fn).__name__}.{hint}")
+
+
 def apply_merged(fn: Callable[..., Any], params: Params, config: LoraConfig, *args, **kwargs) -> Any:
   """Runs any pure function of a param tree with LoRA, by materializing `W0 + s·A·B`.
 
-  The generic path for models that are not linen modules (Haiku, Equinox trees
-  converted to dicts, hand-written jnp): `fn(merge(params, config), *args, **kwargs)`.
+  The generic path for models that are not linen modules (Haiku, Equinox or
+  NNX models as dicts, hand-written jnp): `fn(merge(params, config), *args, **kwargs)`,
+  for trees from `jlora.init_tree` (any adapter layout, integer keys, keys with `/`).
   It is exact and differentiable wrt the adapters, but a training step pays for
-  the full `d_in × d_out` weight gradient (`dA = s·dW·Bᵀ`), so it is slower than
-  the factored `jlora.apply` of linen models.
+  the full weight gradient (`dA = s·dW·Bᵀ`) and the merged copy of every adapted
+  weight, so it is slower than a factored path (`jlora.apply` for linen,
+  `jlora.equinox` for Equinox).
+
+  Args:
+    fn: `fn(params, *args, **kwargs)`, e.g. a Haiku `transformed.apply`.
+    params: the params with adapters.
+    config: the config the adapters were created with.
+    *args: passed to `fn` after the merged params (for Haiku: the rng, or None, then the inputs).
+    **kwargs: passed to `fn`.
+
+  Returns:
+    What `fn` returns.
+
+  Raises:
+    TypeError: `fn` is not a function of a param tree (a Haiku `Transformed`
+      pair, an Equinox or Flax module: the message says what to use) or the
+      arguments are out of order.
+    ValueError: as `jlora.merge`.
+
+  Example:
+    >>> import jax, jax.numpy as jnp, jlora
+    >>> params = {"proj": {"w": jnp.ones((3, 2))}}
+    >>> config = jlora.LoraConfig(r=1, target_modules=["proj"], init_lora_weights=False)
+    >>> p = jlora.init_tree(jax.random.key(0), params, config)
+    >>> y = jlora.apply_merged(lambda q, x: x @ q["proj"]["w"], p, config, jnp.ones((1, 3)))
+    >>> bool(jnp.allclose(y, jnp.ones((1, 3)) @ (1.0 + 8.0 * p["proj"]["lora_a"] @ p["proj"]["lora_b"])))
+    True
   """
-  return fn(merge(params, config), *args, **kwargs)
+  _check_fn(fn)
+  _check_tree(params)
+  tree = stringify(params)
+  return fn(restore(merge(tree, config), params), *args, **kwargs)

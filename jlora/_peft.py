@@ -16,16 +16,19 @@ import os
 from collections.abc import Callable, Mapping
 from typing import Any
 
+import jax
 import jax.numpy as jnp
 import numpy as np
 
-from jlora import _peft_layout as layout
+from jlora import _peft_layout as peft_layout
 from jlora._config import LoraConfig
 from jlora._fields import pattern_lookup
+from jlora._keys import restore, stringify
 from jlora._names import NameMap
 from jlora._peft_config import from_peft, to_jlora, to_peft
 from jlora._peft_files import read, write
 from jlora._peft_names import NameLike, module_name, name_table, per_layer, resolve
+from jlora._plain import LayoutLike, weight_site
 from jlora._targets import is_saved
 from jlora._tree import Params, _check_tree, adapters, check_adapters, flatten, get_path, kernel_key, labels, unflatten
 from jlora.checkpoint import strip_adapters
@@ -82,8 +85,9 @@ def save_peft(directory: str | os.PathLike, model: Any, params: Params, config: 
   `PeftModel.from_pretrained(hf_model, directory)` then computes what
   `jlora.apply(model, params, config, ...)` computes. Each adapter becomes
   `lora_A.weight: (r, fan_in)` and `lora_B.weight: (fan_out, r)` (multi-axis
-  `DenseGeneral` kernels flattened), embeddings `lora_embedding_A: (r, vocab)`
-  and `lora_embedding_B: (dim, r)`; stacked (`nn.scan`) adapters one entry per
+  `DenseGeneral` kernels flattened; the broadcast-layout adapters of an
+  `(out, in)` weight, `(1, in, r)` and `(out, 1, r)`, squeezed), embeddings
+  `lora_embedding_A: (r, vocab)` and `lora_embedding_B: (dim, r)`; stacked (`nn.scan`) adapters one entry per
   layer. Trained biases and `modules_to_save` leaves are written as PEFT does
   (see `jlora._peft_layout`). The config makes PEFT wrap exactly the saved
   modules with the saved ranks (see `jlora._peft_config`).
@@ -105,7 +109,8 @@ def save_peft(directory: str | os.PathLike, model: Any, params: Params, config: 
     ValueError: no names (neither `name_map` nor a model with `peft_name_map`:
       PyTorch PEFT would load nothing); `directory` holds files jlora did not
       write; an adapter does not fit its kernel or rank; a layer kind PEFT has
-      no equivalent for (`nn.Einsum`, nested scans, a `modules_to_save` kernel
+      no equivalent for (an `nn.Einsum` or declared layout other than one input
+      and one output axis per layer, nested scans, a `modules_to_save` kernel
       with more than two axes); `init_lora_weights="pissa"` (the jlora base holds
       the PiSSA residual, which a PEFT base does not).
   """
@@ -116,7 +121,7 @@ def save_peft(directory: str | os.PathLike, model: Any, params: Params, config: 
         "jlora wrote into the kernels; merge it (jlora.merge) and export the merged model instead."
     )
   names = resolve(model, name_map, caller="save_peft")
-  tensors, data = _export(params, config, names)
+  tensors, data = _export(stringify(params), config, names)
   write(directory, tensors, data)
 
 
@@ -127,22 +132,20 @@ def _export(params: Params, config: LoraConfig, names: NameMap) -> tuple[dict[st
   alphas: dict[str, float] = {}
   adapted: dict[Path, list[str]] = {}
   for ad in adapters(params, config):
-    if ad.layout == "broadcast":
-      raise ValueError(
-          f"save_peft: {ad.where!r} is an nn.Einsum adapter (broadcast layout), which has no PEFT equivalent. "
-          "Exclude it, or export a merged model (jlora.merge + jlora.models.save_pretrained)."
-      )
+    a, b, stack = ad.a, ad.b, ad.stack
+    if ad.layout == "broadcast":  # an (out, in) weight: a plain transpose of PEFT's factors
+      a, b, stack = peft_layout.from_broadcast(jax.device_get(a), jax.device_get(b), ad.kernel.shape, ad.where)
     name = module_name(names, ad.path)
-    if ad.stack > 1 or (ad.stack == 1) != ("{i}" in name):
+    if stack > 1 or (stack == 1) != ("{i}" in name):
       raise ValueError(
-          f"save_peft: {ad.where!r} has {ad.stack} leading layer axes but its PEFT name {name!r} "
+          f"save_peft: {ad.where!r} has {stack} leading layer axes but its PEFT name {name!r} "
           f"{'has' if '{i}' in name else 'has no'} '{{i}}'; a scanned module's name must contain '{{i}}' "
           "(one level of nn.scan is supported)."
       )
     adapted[ad.path] = []
-    for (n, a), (_, b) in zip(per_layer(name, ad.a, ad.where), per_layer(name, ad.b, ad.where)):
+    for (n, a1), (_, b1) in zip(per_layer(name, a, ad.where), per_layer(name, b, ad.where)):
       adapted[ad.path].append(n)
-      tensors.update(layout.lora_to_peft(n, a, b, ad.rank, embed=ad.kernel_name == "embedding"))
+      tensors.update(peft_layout.lora_to_peft(n, a1, b1, ad.rank, embed=ad.kernel_name == "embedding"))
       if ad.rank != config.r:
         ranks[n] = ad.rank
       if config.alpha_for(ad.where) != config.lora_alpha:
@@ -156,9 +159,9 @@ def _export(params: Params, config: LoraConfig, names: NameMap) -> tuple[dict[st
       top = next(module[:i] for i in range(1, len(path)) if is_saved(config, module[:i]))
       saved_modules.append(module_name(names, top))
     for n, arr in per_layer(module_name(names, module), get_path(params, path), "/".join(path)):
-      flip = layout.transposed(leaf, arr.ndim, module, names, config.fan_in_fan_out)
-      key, value = layout.full_to_peft(n, leaf, arr, wraps_adapter=module in adapted, transpose=flip,
-                                       where="/".join(path))
+      flip = peft_layout.transposed(leaf, arr.ndim, module, names, config.fan_in_fan_out)
+      key, value = peft_layout.full_to_peft(n, leaf, arr, wraps_adapter=module in adapted, transpose=flip,
+                                            where="/".join(path))
       tensors[key] = value
   if not tensors:
     raise ValueError("save_peft: `params` holds no adapter, trained bias or modules_to_save leaf to export.")
@@ -168,21 +171,24 @@ def _export(params: Params, config: LoraConfig, names: NameMap) -> tuple[dict[st
 
 
 # ------------------------------------------------------------------------ load
-_LOAD = "load_peft(directory, model, params, *, name_map=None, dtype=jnp.float32) (model=None with name_map=...)"
+_LOAD = ("load_peft(directory, model, params, *, name_map=None, layout=None, dtype=jnp.float32) "
+         "(model=None with name_map=...)")
 
 
 @_explained(_LOAD)
 def load_peft(directory: str | os.PathLike, model: Any, params: Params, *, name_map: NameLike = None,
-              dtype: Any = jnp.float32) -> tuple[dict, LoraConfig]:
+              layout: LayoutLike = None, dtype: Any = jnp.float32) -> tuple[dict, LoraConfig]:
   """Imports a PEFT LoRA adapter (`adapter_config.json` + `adapter_model.safetensors`).
 
   Every tensor is placed and checked before anything is returned; on any error
   nothing is loaded (the input tree is never modified). Layouts are converted
   as in `jlora._peft_layout`: `lora_A.weight (r, fan_in)` becomes
   `lora_a: in_shape + (r,)` and `lora_B.weight (fan_out, r)` becomes
-  `lora_b: (r,) + out_shape`; per-layer tensors of a scanned module are stacked
-  to `(L, ...)`. The returned config is PEFT's, translated to Flax paths where
-  PEFT's names would not select the same modules.
+  `lora_b: (r,) + out_shape`, or the broadcast layout `(1, in, r)`,
+  `(out, 1, r)` for an `(out, in)` weight (a 2-D `weight`, or as `layout`
+  declares); per-layer tensors of a scanned module are stacked to `(L, ...)`.
+  The returned config is PEFT's, translated to Flax paths where PEFT's names
+  would not select the same modules.
 
   Args:
     directory: the PEFT adapter directory (only safetensors is read; never pickle).
@@ -190,6 +196,8 @@ def load_peft(directory: str | os.PathLike, model: Any, params: Params, *, name_
       when `name_map` is given.
     params: its base params (existing adapters are replaced).
     name_map: as in `save_peft`: a function, a `NameMap`, or `"flax"`.
+    layout: the weights' layouts as given to `jlora.init_tree` (needed for
+      `(out, in)` weights not named `weight`).
     dtype: dtype of the adapters (float32 by default, whatever the file holds);
       biases and `modules_to_save` leaves take the dtype of the leaf they replace.
 
@@ -206,6 +214,7 @@ def load_peft(directory: str | os.PathLike, model: Any, params: Params, *, name_
       the config.
   """
   _check_order("load_peft", model, params, None, _LOAD)
+  given, params = params, stringify(params)
   names = resolve(model, name_map, caller="load_peft")
   data, tensors = read(directory)
   config = from_peft(data)
@@ -217,7 +226,7 @@ def load_peft(directory: str | os.PathLike, model: Any, params: Params, *, name_
   full: dict[Path, dict[int | None, tuple[str, Any]]] = {}
   unknown: list[str] = []
   for key, value in tensors.items():
-    kind, mname, leaf, embed = layout.parse_key(key)
+    kind, mname, leaf, embed = peft_layout.parse_key(key)
     if kind == "skip":
       continue
     if mname not in table:
@@ -229,7 +238,7 @@ def load_peft(directory: str | os.PathLike, model: Any, params: Params, *, name_
         embeds.add(module)
       lora.setdefault((module, leaf), {})[layer] = (mname, value)
       continue
-    flax = layout.flax_leaf(leaf, module, base)
+    flax = peft_layout.flax_leaf(leaf, module, base)
     if flax is None:
       unknown.append(key)
       continue
@@ -256,23 +265,23 @@ def load_peft(directory: str | os.PathLike, model: Any, params: Params, *, name_
   alphas: dict[Path, float] = {}
   for (module, leaf), layers in sorted(lora.items()):
     out[(*module, leaf)] = _adapter_leaf(module, leaf, layers, tree, config, embed=module in embeds, dtype=dtype,
-                                         ranks=ranks, alphas=alphas)
+                                         ranks=ranks, alphas=alphas, layout=layout)
   for module in {m for m, _ in lora}:
     if (*module, "lora_a") not in out or (*module, "lora_b") not in out:
       raise ValueError(f"load_peft: {'/'.join(module)!r} has only one of lora_A / lora_B in the adapter.")
   for path, layers in sorted(full.items()):
-    flip = layout.transposed(path[-1], np.ndim(base[path]) - (next(iter(layers)) is not None), path[:-1], names,
-                             config.fan_in_fan_out)
-    out[path] = layout.full_from_peft(path, layers, base[path], transpose=flip)
+    flip = peft_layout.transposed(path[-1], np.ndim(base[path]) - (next(iter(layers)) is not None), path[:-1],
+                                  names, config.fan_in_fan_out)
+    out[path] = peft_layout.full_from_peft(path, layers, base[path], transpose=flip)
   config = to_jlora(config, ranks, alphas, full)
   params_out = unflatten(out)
   check_adapters(params_out, config)
-  return params_out, config
+  return restore(params_out, given), config
 
 
 def _adapter_leaf(module: Path, leaf: str, layers: Mapping[int | None, tuple[str, Any]], tree: Params,
                   config: LoraConfig, *, embed: bool, dtype: Any, ranks: dict[Path, int],
-                  alphas: dict[Path, float]) -> Any:
+                  alphas: dict[Path, float], layout: LayoutLike = None) -> Any:
   """One `lora_a` / `lora_b` leaf from its per-layer PEFT tensors; records the module's rank and alpha."""
   where = "/".join(module)
   try:
@@ -283,6 +292,12 @@ def _adapter_leaf(module: Path, leaf: str, layers: Mapping[int | None, tuple[str
   kernel = node[kname]
   stacked = next(iter(layers)) is not None
   k_shape = tuple(kernel.shape[1:] if stacked else kernel.shape)
+  site = weight_site(module, kname, kernel, layout, stack=int(stacked))
+  if site is not None and site.broadcast:  # an (out, in) weight: PEFT's factors, transposed
+    if len(site.kernel_shape) != 2 or site.batch_axes:
+      raise ValueError(f"load_peft: {where!r} has the layout {site.in_axes} -> {site.out_axes} over {k_shape}; "
+                       "PEFT's LoRA tensors fit 2-D weights (one input and one output axis) only.")
+    k_shape = (site.kernel_shape[site.in_axes[0]], site.kernel_shape[site.out_axes[0]])
   if stacked:
     missing = sorted(set(range(kernel.shape[0])) - set(layers))
     if missing:
@@ -291,8 +306,9 @@ def _adapter_leaf(module: Path, leaf: str, layers: Mapping[int | None, tuple[str
   arrays = []
   for layer in sorted(layers, key=lambda x: -1 if x is None else x):
     mname, value = layers[layer]
-    arr, r = layout.lora_from_peft(leaf, np.asarray(value, np.float32), k_shape, embed=embed, kernel_name=kname,
-                                   key=mname)
+    arr, r = peft_layout.lora_from_peft(leaf, np.asarray(value, np.float32), k_shape, embed=embed,
+                                        kernel_name=kname, key=mname)
+    arr = peft_layout.to_broadcast(leaf, arr, site) if site is not None and site.broadcast else arr
     peft_r = pattern_lookup(config.rank_pattern, mname, config.r)
     if r != peft_r:
       raise ValueError(

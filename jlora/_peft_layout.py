@@ -12,6 +12,8 @@ Per layer (jlora Flax kernels are `(in, out)`; PyTorch weights `(out, in)`):
 | other trained `bias`                | `.bias`                                      |
 | `modules_to_save` kernel `(in, out)`| `.weight: (out, in)` (as is for `fan_in_fan_out` modules and embeddings) |
 | `modules_to_save` `scale`, `bias`   | `.weight`, `.bias`                           |
+| `(out, in)` `weight` (Equinox): `lora_a: (1, in, r)`, `lora_b: (out, 1, r)` | `.lora_A.weight: (r, in)`, `.lora_B.weight: (out, r)` |
+| `modules_to_save` `weight` `(out, in)` | `.weight` as is                           |
 
 GPT-2's `Conv1D` layers store their LoRA tensors like `nn.Linear` ones
 (`fan_in_fan_out=True` only changes how PEFT merges); their full weights are
@@ -27,11 +29,14 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from jlora import _ops
 from jlora._names import NameMap
+from jlora._plain import TORCH_STYLE
+from jlora._targets import Site
 from jlora._tree import KERNEL_KEYS
 
-__all__ = ["PREFIX", "TORCH_WEIGHTS", "lora_to_peft", "lora_from_peft", "transposed", "full_to_peft", "parse_key",
-           "full_from_peft"]
+__all__ = ["PREFIX", "TORCH_WEIGHTS", "lora_to_peft", "lora_from_peft", "from_broadcast", "to_broadcast", "transposed",
+           "full_to_peft", "parse_key", "full_from_peft"]
 
 PREFIX = "base_model.model."
 # Flax leaves that PyTorch calls `weight`: the kernels, and a norm's `scale`.
@@ -93,11 +98,42 @@ def lora_from_peft(leaf: str, value: np.ndarray, kernel_shape: tuple[int, ...], 
   return mat.reshape((r,) + kernel_shape[fits[-1]:]), r
 
 
+def from_broadcast(a: np.ndarray, b: np.ndarray, kernel_shape: tuple[int, ...],
+                   where: str) -> tuple[np.ndarray, np.ndarray, int]:
+  """Broadcast-layout adapters of an `(out, in)` weight per layer (a PyTorch-style `weight`) -> the concat layout
+  `S + (in, r)`, `S + (r, out)`, and the number of stack axes `len(S)`.
+
+  Raises:
+    ValueError: the weight has several input or output axes, shared axes other
+      than leading (stacked-layer) ones, or is an `nn.Einsum` kernel `(in, out)`
+      (whose adapters would not load back into the einsum's layout).
+  """
+  a, b, k = np.asarray(a), np.asarray(b), tuple(kernel_shape)
+  ins = [i for i, d in enumerate(k) if d > 1 and a.shape[i] == d and b.shape[i] == 1]
+  outs = [i for i, d in enumerate(k) if d > 1 and b.shape[i] == d and a.shape[i] == 1]
+  stack = len(k) - len(ins) - len(outs)
+  if len(ins) != 1 or len(outs) != 1 or [outs[0], ins[0]] != list(range(stack, len(k))):
+    raise ValueError(
+        f"save_peft: {where!r} is an nn.Einsum adapter, or a broadcast-layout adapter whose kernel {k} is not an "
+        "(out, in) weight per layer, which has no PEFT equivalent. Exclude it, or export a merged model "
+        "(jlora.merge + jlora.models.save_pretrained)."
+    )
+  return np.squeeze(a, axis=outs[0]), np.swapaxes(np.squeeze(b, axis=ins[0]), -1, -2), stack
+
+
+def to_broadcast(leaf: str, arr: np.ndarray, site: Site) -> np.ndarray:
+  """The inverse of `from_broadcast` for one layer: `(in, r)` / `(r, out)` -> the site's broadcast shapes."""
+  r = arr.shape[-1] if leaf == "lora_a" else arr.shape[0]
+  a_shape, b_shape = _ops.adapter_shapes(site, r)
+  return arr.reshape(a_shape) if leaf == "lora_a" else arr.T.reshape(b_shape)
+
+
 # ------------------------------------------------------------------ full leaves
 def transposed(leaf: str, ndim: int, module: Path, names: NameMap, fan_in_fan_out: bool) -> bool:
-  """Whether a full leaf is stored transposed in PEFT: 2-D kernels, unless `(in, out)` there too (both ways)."""
-  return (ndim == 2 and leaf in KERNEL_KEYS and leaf != "embedding" and module[-1] not in names.fan_in_fan_out
-          and not fan_in_fan_out)
+  """Whether a full leaf is stored transposed in PEFT: 2-D kernels, unless `(in, out)` there too, or already
+  `(out, in)` (a `weight`) (both ways)."""
+  return (ndim == 2 and leaf in KERNEL_KEYS and leaf != "embedding" and leaf not in TORCH_STYLE
+          and module[-1] not in names.fan_in_fan_out and not fan_in_fan_out)
 
 
 def full_to_peft(name: str, leaf: str, arr: np.ndarray, *, wraps_adapter: bool, transpose: bool,

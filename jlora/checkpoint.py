@@ -24,6 +24,8 @@ previous version or the new one. Readers take the newest committed version.
 version is replaced while it reads retries on the newer one.
 **Corruption.** Every leaf is checked against its SHA-256 at load; anything
 unreadable is a `ValueError` naming the checkpoint, never different numbers.
+**Keys** holding `/` (Haiku) or `%` are written escaped (`%2F`, `%25`), integers (NNX) as strings;
+`load_adapter` hands back the keys of the `params` it is given (`jlora._keys`).
 Orbax is imported only when a checkpoint is saved or loaded.
 """
 
@@ -43,6 +45,7 @@ import numpy as np
 
 from jlora import _integrity, _io
 from jlora._config import LoraConfig
+from jlora._keys import escape, map_keys, restore, stringify, unescape
 from jlora._placement import Shardings, abstract_tree
 from jlora._tree import LORA_KEYS, Params, _check_tree, check_adapters, flatten, split, unflatten
 
@@ -150,8 +153,10 @@ def save_adapter(path: str | os.PathLike, params: Params, config: LoraConfig, *,
     raise TypeError(f"`config` must be a jlora.LoraConfig, got {type(config).__name__}.")
   if not isinstance(base_checksums, bool):
     raise TypeError(f"`base_checksums` must be True or False, got {base_checksums!r}.")
+  params = stringify(params)
   check_adapters(params, config)
   trainable, frozen = split(params, config)
+  params, trainable, frozen = (map_keys(t, escape) for t in (params, trainable, frozen))  # paths join with "/"
   if not trainable:
     raise ValueError(
         "save_adapter: `params` holds no trainable leaf (no lora_a/lora_b, no trained bias or modules_to_save); "
@@ -325,6 +330,8 @@ def load_adapter(path: str | os.PathLike, params: Params, *, shardings: Sharding
         os.path.join(root, _V1)) else ""
     raise ValueError(f"`path`: {os.fspath(path)!r} is not a jlora adapter checkpoint (no {MARKER}).{old} Write one "
                      "with jlora.save_adapter.")
+  tree = map_keys(stringify(params), escape)  # the names on disk (see "Keys" in the module docstring)
+  places = map_keys(shardings, escape) if isinstance(shardings, Mapping) else shardings
   seen, empty = None, 0
   for _ in range(_ATTEMPTS):
     versions = _versions(root)
@@ -336,7 +343,8 @@ def load_adapter(path: str | os.PathLike, params: Params, *, shardings: Sharding
       raise ValueError(f"`path`: the adapter checkpoint {root!r} holds no complete version (its first save did not "
                        "finish); save it again.")
     try:
-      return _load_version(root, versions[-1], params, shardings)
+      loaded, config = _load_version(root, versions[-1], tree, places)
+      return restore(map_keys(loaded, unescape), params), config
     except _Unreadable as e:
       if _versions(root)[-1:] == versions[-1:]:  # nothing replaced it while we read: the files are damaged
         raise ValueError(

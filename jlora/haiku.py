@@ -1,0 +1,94 @@
+"""Haiku: the factored LoRA forward of `hk.Linear` layers (`import jlora.haiku`; `import jlora` does not import Haiku).
+
+Adapters are made by `jlora.init_tree` on the Haiku params (module keys such as
+`"attn/query"`, `"mlp/~/linear_0"`; `w: (in, out)`). `apply` runs a transformed
+function's `apply` while `hk.intercept_methods` makes every adapted `hk.Linear`
+(also those inside `hk.MultiHeadAttention` and `hk.nets.MLP`) return
+`x·W + b + s·(x·A)·B`, factored through `jlora._ops` (`A·B` is never formed).
+The interceptor is entered inside `apply` and lives for that call only: call
+`jlora.haiku.apply` inside your jitted function, never around it.
+
+Only `hk.Linear` is intercepted. An adapter elsewhere (a conv, an `hk.get_parameter`
+used by hand, layers under `hk.layer_stack`) is an error naming it: use
+`jlora.apply_merged` for those, which materializes `W0 + s·A·B`.
+
+Example:
+  >>> import haiku as hk, jax, jax.numpy as jnp, jlora, jlora.haiku
+  >>> f = hk.transform(lambda x: hk.nets.MLP([16, 4], name="mlp")(x))
+  >>> x = jnp.ones((2, 8))
+  >>> config = jlora.LoraConfig(r=2, target_modules=["linear_0"])
+  >>> params = jlora.init_tree(jax.random.key(1), f.init(jax.random.key(0), x), config)
+  >>> jlora.haiku.apply(f.apply, params, config, None, x).shape
+  (2, 4)
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Any
+
+import haiku as hk
+import jax.numpy as jnp
+
+from jlora import _ops
+from jlora._config import LoraConfig
+from jlora._keys import stringify
+from jlora._tree import Adapter, Params, _check_tree, adapters
+
+__all__ = ["apply"]
+
+
+def apply(fn: Callable[..., Any], params: Params, config: LoraConfig, *args, **kwargs) -> Any:
+  """Runs `fn(params, *args, **kwargs)` (a Haiku `apply`) with the LoRA term of every adapted `hk.Linear`, factored.
+
+  Args:
+    fn: `transformed.apply` (or `transform_with_state(...).apply`).
+    params: the Haiku params with adapters (`jlora.init_tree`): `lora_a: (in, r)`, `lora_b: (r, out)` beside `w`.
+    config: the config the adapters were created with.
+    *args: passed to `fn` after the params: the rng (or None), then the inputs.
+    **kwargs: passed to `fn`.
+
+  Returns:
+    What `fn` returns.
+
+  Raises:
+    TypeError: `fn` is not callable (pass `transformed.apply`) or `config` is not a `LoraConfig`.
+    ValueError: an adapter is not the `(in, r)`, `(r, out)` one of a 2-D `w`
+      (stacked or another layout), or an adapter was not used by any `hk.Linear`
+      call (the message names it: run such models with `jlora.apply_merged`).
+  """
+  if not callable(fn):
+    raise TypeError(f"jlora.haiku.apply: `fn` must be a Haiku apply function, e.g. transformed.apply; got "
+                    f"{type(fn).__name__}.")
+  if not isinstance(config, LoraConfig):
+    raise TypeError(f"`config` must be a jlora.LoraConfig, got {type(config).__name__}.")
+  _check_tree(params)
+  found: dict[str, Adapter] = {}
+  for ad in adapters(stringify(params), config):
+    if ad.kernel_name != "w" or ad.layout != "concat" or ad.stack or ad.kernel.ndim != 2:
+      raise ValueError(f"jlora.haiku.apply: the adapter at {ad.where!r} is not one of an hk.Linear `w` (in, out) "
+                       f"(weight {ad.kernel_name!r} {tuple(ad.kernel.shape)}); use jlora.apply_merged for this model.")
+    found["/".join(ad.module)] = ad
+  used: set[str] = set()
+
+  def interceptor(next_fun: Callable, a: tuple, kw: dict, context: Any) -> Any:
+    y = next_fun(*a, **kw)
+    if context.method_name != "__call__" or not isinstance(context.module, hk.Linear):
+      return y
+    ad = found.get(context.module.module_name)
+    if ad is None:
+      return y
+    used.add(context.module.module_name)
+    x = a[0] if a else kw["inputs"]
+    dt = jnp.result_type(x.dtype, ad.a.dtype)
+    delta = _ops.lora_delta("dense", x.astype(dt), ad.a.astype(dt), ad.b.astype(dt), scale=ad.scale,
+                            precision=kw.get("precision"))
+    return y + delta.astype(y.dtype)
+
+  with hk.intercept_methods(interceptor):
+    out = fn(params, *args, **kwargs)
+  unused = sorted(set(found) - used)
+  if unused:
+    raise ValueError(f"jlora.haiku.apply: the adapters at {unused} were not used: no hk.Linear call has those names "
+                     "(another layer kind, or hk.layer_stack). Run this model with jlora.apply_merged.")
+  return out

@@ -4,6 +4,8 @@ from jlora._apply_fn import lora_apply as lora_apply
 from jlora._config import LoraConfig as LoraConfig
 from jlora._fields import TaskType as TaskType
 from jlora._init import init_tree as init_tree
+from jlora._layers import Layer as Layer
+from jlora._layers import register_layer as register_layer
 from jlora._linen import apply as apply
 from jlora._linen import init as init
 from jlora._merge import apply_merged as apply_merged
@@ -24,6 +26,7 @@ from jlora.checkpoint import save_adapter as save_adapter
 __version__ = "0.1.0"
 
 __all__ = [
+    "Layer",
     "LoraConfig",
     "Summary",
     "TaskType",
@@ -38,6 +41,7 @@ __all__ = [
     "lora_apply",
     "merge",
     "optimizer",
+    "register_layer",
     "save_adapter",
     "save_peft",
     "split",

@@ -28,10 +28,12 @@ class LoraApply:
   Attributes:
     model: the linen module.
     config: the config the adapters were created with.
+    allow_unused: as for `jlora.apply`.
   """
 
   model: nn.Module
   config: LoraConfig
+  allow_unused: bool = False
 
   def __call__(self, variables: Mapping[str, Any], *args, rngs: Mapping[str, jax.Array] | None = None,
                **kwargs) -> Any:
@@ -42,10 +44,11 @@ class LoraApply:
           "for a bare params tree call jlora.apply(model, params, config, ...)."
       )
     others = {k: v for k, v in variables.items() if k != "params"}
-    return apply(self.model, variables["params"], self.config, *args, rngs=rngs, variables=others, **kwargs)
+    return apply(self.model, variables["params"], self.config, *args, rngs=rngs, variables=others,
+                 allow_unused=self.allow_unused, **kwargs)
 
 
-def lora_apply(model: nn.Module, config: LoraConfig) -> LoraApply:
+def lora_apply(model: nn.Module, config: LoraConfig, *, allow_unused: bool = False) -> LoraApply:
   """The LoRA forward as one hashable `apply_fn(variables, *args, **kwargs)`.
 
   Example:
@@ -63,4 +66,4 @@ def lora_apply(model: nn.Module, config: LoraConfig) -> LoraApply:
     TypeError: `model` is not a linen Module or `config` not a `LoraConfig`.
   """
   _check_args(model, config)
-  return LoraApply(model, config)
+  return LoraApply(model, config, bool(allow_unused))

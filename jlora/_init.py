@@ -17,7 +17,7 @@ from jlora import _ops
 from jlora._config import LoraConfig
 from jlora._keys import restore, stringify
 from jlora._plain import KERNEL_NAMES, LayoutLike, tree_sites
-from jlora._targets import Site, path_str, select_sites
+from jlora._targets import Site, lora_keys, path_str, select_sites
 from jlora._tree import Params, _check_tree, get_path, has_adapters
 
 __all__ = ["add_adapters", "init_tree"]
@@ -48,7 +48,7 @@ def add_adapters(key: jax.Array, params: Params, config: LoraConfig, sites: Sequ
     )
   stacked = {}
   for site in sites:
-    kernel = get_path(params, site.path + (site.kernel_name,))
+    kernel = get_path(params, site.module + (site.kernel_name,))
     extra = kernel.ndim - len(site.kernel_shape)
     if extra < 0 or tuple(kernel.shape[extra:]) != site.kernel_shape:
       raise ValueError(
@@ -58,7 +58,7 @@ def add_adapters(key: jax.Array, params: Params, config: LoraConfig, sites: Sequ
     stacked[site.path] = extra
   out = _copy_dicts(params)
   for site in select_sites(config, sites, stacked):
-    node = get_path(out, site.path)
+    node = get_path(out, site.module)
     kernel = node[site.kernel_name]
     where = path_str(site.path)
     r = config.rank_for(where)
@@ -70,7 +70,8 @@ def add_adapters(key: jax.Array, params: Params, config: LoraConfig, sites: Sequ
       node[site.kernel_name] = residual
     else:
       a, b = _ops.init_adapter(_site_key(key, site.path), site, r, stack, config.init_lora_weights, dtype)
-    node["lora_a"], node["lora_b"] = a, b
+    a_key, b_key = lora_keys(site.kernel_name)
+    node[a_key], node[b_key] = a, b
   return out
 
 

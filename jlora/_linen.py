@@ -1,8 +1,9 @@
 """Flax linen integration: `jlora.init` and `jlora.apply` by method interception.
 
-This is the one module that intercepts linen methods. It touches `__call__` of
-`nn.Dense`, `nn.DenseGeneral`, `nn.Einsum`, `nn.Conv` and `nn.Embed`, and
-`nn.Embed.attend` (tied output heads), and only inside `jlora.init` / `jlora.apply`:
+This is the one module that intercepts linen methods. It touches the methods
+that `jlora._layers` describes — `__call__` of `nn.Dense`, `nn.DenseGeneral`,
+`nn.Einsum`, `nn.Conv` and `nn.Embed`, `nn.Embed.attend` (tied output heads),
+and the classes users register (`jlora.register_layer`) — and only inside `jlora.init` / `jlora.apply`:
 the `nn.intercept_methods` context is entered within those calls, so it lives
 exactly as long as the trace that needs it (entered outside a jitted function, a
 cached trace would keep or lose LoRA behind the user's back).
@@ -11,31 +12,30 @@ cached trace would keep or lose LoRA behind the user's back).
   base) to find every adaptable module, its path and kernel layout, then adds
   adapter leaves to the param tree (`jlora._init`).
 * `apply` runs the model, and each adapted layer returns
-  `base(x) + s·(dropout(x)·A)·B`, factored: `A·B` is never formed.
+  `base(x) + s·(dropout(x)·A)·B`, factored: `A·B` is never formed. It records
+  which adapters the layers read and raises, naming the rest, if any adapter
+  in `params` was not read (it would be silently ignored).
 """
 
 from __future__ import annotations
 
 import contextvars
-import warnings
 from collections.abc import Mapping
 from typing import Any
 
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
-import numpy as np
 
 from jlora import _ops
 from jlora._config import LoraConfig
 from jlora._init import add_adapters
-from jlora._targets import HEAD_NAMES, Site, path_str, selects
-from jlora._tree import Params, _check_tree, has_adapters
+from jlora._layers import Call, describe, kinds_listing
+from jlora._linen_run import run_fresh, warn_if_closed_over
+from jlora._targets import HEAD_NAMES, Site, adapter_path, lora_keys, path_str, selects
+from jlora._tree import Params, _check_tree, has_adapters, slots
 
 __all__ = ["init", "apply"]
-
-# `apply` warns when a traced call carries more than this many bytes of concrete (closed-over) base leaves.
-CLOSED_OVER_WARN_BYTES = 16 * 2**20
 
 # Set while jlora runs a helper module of its own (the LoRA half of a Conv), so
 # that the interceptor lets that inner call through untouched.
@@ -47,63 +47,41 @@ def _check_args(model: Any, config: Any) -> None:
     raise TypeError(f"`config` must be a jlora.LoraConfig, got {type(config).__name__}.")
   if not isinstance(model, nn.Module):
     raise TypeError(
-        f"`model` must be a flax.linen Module, got {type(model).__name__}; for other models use jlora.init_tree "
-        "and jlora.apply_merged."
+        f"`model` must be a flax.linen Module, got {type(model).__name__}. For Flax NNX models use jlora.nnx, for "
+        "Equinox modules jlora.equinox, for Haiku jlora.haiku.apply, and for any other model (plain functions of a "
+        "param tree) jlora.init_tree and jlora.apply_merged."
     )
 
 
-def _kind(module: nn.Module, method: str) -> str | None:
-  if method == "__call__":
-    # DenseGeneral and Einsum are not subclasses of Dense; order does not matter.
-    for cls, kind in ((nn.Dense, "dense"), (nn.DenseGeneral, "dense_general"), (nn.Einsum, "einsum"),
-                      (nn.Conv, "conv"), (nn.Embed, "embed")):
-      if isinstance(module, cls):
-        return kind
-  elif method == "attend" and isinstance(module, nn.Embed):
-    return "attend"
-  return None
-
-
-def _input(args: tuple, kwargs: Mapping[str, Any]) -> Any:
-  if args:
-    return args[0]
-  for name in ("inputs", "query", "x"):
-    if name in kwargs:
-      return kwargs[name]
-  raise TypeError("jlora: could not find the input of an intercepted layer call.")
-
-
-def _einsum_str(module: nn.Einsum, args: tuple, kwargs: Mapping[str, Any]) -> str:
-  eq = args[1] if len(args) > 1 else kwargs.get("einsum_str")
-  return (eq or module.einsum_str).replace(" ", "")
-
-
-def _site(module: nn.Module, kind: str, args: tuple, kwargs: Mapping[str, Any]) -> Site:
-  path = tuple(module.path)
-  kernel_name = "embedding" if kind == "embed" else "kernel"
-  shape = tuple(module.get_variable("params", kernel_name).shape)
+def _site(call: Call) -> Site:
+  """The `Site` of one call of a described layer: its adapter path, weight, and the weight's layout."""
+  module, layer = call.module, call.layer
+  module_path = tuple(module.path)
+  kernel_name = layer.weight_name(module)
+  kernel = module.get_variable("params", kernel_name)
+  if kernel is None or not hasattr(kernel, "shape"):
+    held = sorted(module.variables.get("params", {})) if module.variables else []
+    raise ValueError(
+        f"jlora.Layer for {type(module).__name__} names the weight {kernel_name!r}, but the module at "
+        f"{path_str(module_path)!r} holds params {held}; fix `weight=` in jlora.register_layer."
+    )
+  shape = tuple(kernel.shape)
   n = len(shape)
-  batch, why = (), ""
+  batch, why, kind = (), layer.why_not(module), layer.kind
   if kind == "einsum":
     try:
-      ins, outs, batch = _ops.einsum_axes(_einsum_str(module, args, kwargs))
+      ins, outs, batch = _ops.einsum_axes(call.equation)
     except ValueError as e:
       ins, outs, why = tuple(range(n - 1)), (n - 1,), str(e)
-  elif kind == "dense_general":
-    n_in = len(module.axis) if isinstance(module.axis, (tuple, list)) else 1
+  elif kind in ("dense", "dense_general"):
+    n_in = len(layer.axes(module))
     ins, outs = tuple(range(n_in)), tuple(range(n_in, n))
-    if module.batch_dims:
-      why = "nn.DenseGeneral with batch_dims is not supported"
   elif kind == "conv":
     ins, outs = tuple(range(n - 1)), (n - 1,)
-    if module.feature_group_count != 1:
-      why = "grouped convolutions (feature_group_count > 1) are not supported"
-    elif module.mask is not None:
-      why = "masked convolutions are not supported"
-  else:  # dense, embed
+  else:  # embed
     ins, outs = (0,), (1,)
-  is_head = path[-1] in HEAD_NAMES if path else False
-  return Site(path, kind, kernel_name, shape, ins, outs, batch, is_head, why)
+  is_head = bool(module_path) and module_path[-1] in HEAD_NAMES
+  return Site(adapter_path(module_path, kernel_name), kind, kernel_name, shape, ins, outs, batch, is_head, why)
 
 
 def _discover(model: nn.Module, params: Params, args, kwargs, variables) -> list[Site]:
@@ -112,11 +90,11 @@ def _discover(model: nn.Module, params: Params, args, kwargs, variables) -> list
   outputs: dict[tuple[str, ...], Any] = {}
 
   def record(next_fun, args, kwargs, context):
-    kind = _kind(context.module, context.method_name)
+    layer = describe(context.module, context.method_name)
     y = next_fun(*args, **kwargs)
-    if kind in (None, "attend"):
+    if layer is None or layer.kind == "attend" or _BYPASS.get():
       return y
-    site = _site(context.module, kind, args, kwargs)
+    site = _site(Call(context.module, layer, args, kwargs))
     known = found.setdefault(site.path, site)
     if known.kernel_shape != site.kernel_shape:
       raise ValueError(f"Module {path_str(site.path)!r} is called with two kernel shapes.")
@@ -125,7 +103,7 @@ def _discover(model: nn.Module, params: Params, args, kwargs, variables) -> list
 
   def trace(p):
     with nn.intercept_methods(record):
-      out = model.apply({"params": p, **(variables or {})}, *args, **kwargs)
+      out = run_fresh(model, {"params": p, **(variables or {})}, args, kwargs)
     leaves = jax.tree.leaves(out)
     heads = [path for path, y in outputs.items() if any(y is leaf for leaf in leaves)]
     for path in heads:
@@ -143,8 +121,11 @@ def init(key: jax.Array, model: nn.Module, params: Params, config: LoraConfig, *
   The model is traced abstractly on the example inputs `*args, **kwargs` (as for
   `model.apply`; `method=`, `rngs=` and flags such as `train=False` pass
   through) to find every `nn.Dense`, `nn.DenseGeneral`, `nn.Einsum`, `nn.Conv` and
-  `nn.Embed` it calls; those that `config` targets get `lora_a` and `lora_b`
-  leaves beside their kernel. Works through `nn.scan` / `nn.vmap` (stacked
+  `nn.Embed` it calls, and every layer of a class described with
+  `jlora.register_layer` (gemma's `Einsum` and MaxText's `DenseGeneral` ship
+  described); those that `config` targets get `lora_a` and `lora_b` leaves
+  beside their weight (`<weight>_lora_a` / `_lora_b` for a weight that is not
+  its module's main one, e.g. gemma's `mlp/gating_einsum`, targeted by that path). Works through `nn.scan` / `nn.vmap` (stacked
   adapters, e.g. `lora_a: (L, d_in, r)`, a different draw per layer),
   `nn.remat`, nested and shared modules.
 
@@ -186,23 +167,31 @@ def init(key: jax.Array, model: nn.Module, params: Params, config: LoraConfig, *
 
 
 class _Forward:
-  """The interceptor of `apply`: adds `s·(dropout(x)·A)·B` to each adapted layer."""
+  """The interceptor of `apply`: adds `s·(dropout(x)·A)·B` to each adapted layer, and records which it adapted."""
 
   def __init__(self, config: LoraConfig):
     self.config = config
+    self.consumed: set[tuple[tuple[str, ...], str]] = set()  # (module path, A leaf name)
 
   def __call__(self, next_fun, args, kwargs, context):
     module = context.module
-    kind = _kind(module, context.method_name)
-    if kind is None or _BYPASS.get() or not module.has_variable("params", "lora_a"):
+    layer = describe(module, context.method_name)
+    if layer is None or _BYPASS.get():
+      return next_fun(*args, **kwargs)
+    kernel_name = layer.weight_name(module)
+    a_key, b_key = lora_keys(kernel_name)
+    if not module.has_variable("params", a_key):
       return next_fun(*args, **kwargs)
     y = next_fun(*args, **kwargs)
-    a = module.get_variable("params", "lora_a")
-    b = module.get_variable("params", "lora_b")
-    path = tuple(module.path)
+    call = Call(module, layer, args, kwargs)
+    kind = layer.kind
+    a = module.get_variable("params", a_key)
+    b = module.get_variable("params", b_key)
+    path = adapter_path(tuple(module.path), kernel_name)
     where = path_str(path)
-    self._validate(path, kind, module, a, b)
-    x = _input(args, kwargs)
+    self._validate(path, kind, module, kernel_name, a, b)
+    self.consumed.add((tuple(module.path), a_key))
+    x = call.input
     if kind in ("embed", "attend"):
       dt = a.dtype if kind == "embed" else jnp.result_type(x.dtype, a.dtype)
     else:
@@ -220,9 +209,10 @@ class _Forward:
       finally:
         _BYPASS.reset(token)
       delta = _ops.contract_last(u * scale, b, precision)
+    elif kind in ("dense", "dense_general"):
+      delta = _ops.lora_delta("dense_general", x, a, b, scale=scale, axis=layer.axes(module), precision=precision)
     else:
-      delta = _ops.lora_delta(kind, x, a, b, scale=scale, axis=getattr(module, "axis", (-1,)),
-                              einsum_str=_einsum_str(module, args, kwargs) if kind == "einsum" else None,
+      delta = _ops.lora_delta(kind, x, a, b, scale=scale, einsum_str=call.equation if kind == "einsum" else None,
                               precision=precision)
     return y + delta.astype(y.dtype)
 
@@ -233,22 +223,38 @@ class _Forward:
     keep = jax.random.bernoulli(module.make_rng("lora_dropout"), 1.0 - rate, x.shape)
     return jnp.where(keep, x / (1.0 - rate), jnp.zeros_like(x))
 
-  def _validate(self, path, kind, module, a, b) -> None:
+  def _validate(self, path, kind, module, kernel_name, a, b) -> None:
     where = path_str(path)
     cfg = self.config
     kind = "embed" if kind == "attend" else kind
-    if not selects(cfg, path, kind, is_head=bool(path) and path[-1] in HEAD_NAMES):
+    if not selects(cfg, path, kind, is_head=bool(module.path) and module.path[-1] in HEAD_NAMES):
       raise ValueError(
           f"`params` holds an adapter at {where!r}, which the config (target_modules={cfg.target_modules!r}, "
           f"exclude_modules={cfg.exclude_modules!r}, layers_to_transform={cfg.layers_to_transform!r}) does not "
           "select. Pass the LoraConfig that created it."
       )
-    kernel = module.get_variable("params", "embedding" if kind in ("embed", "attend") else "kernel")
+    kernel = module.get_variable("params", kernel_name)
     _ops.check_adapter(where, kernel.shape, a.shape, b.shape, cfg.rank_for(where))
+
+  def check_consumed(self, params: Params) -> None:
+    """Raises naming every adapter in `params` that no intercepted call read: the forward would ignore it."""
+    unused = [s for s in slots(params) if (s.module, s.a_key) not in self.consumed]
+    if not unused:
+      return
+    names = [path_str(s.module if s.weight is None else (*s.module, s.weight)) for s in unused]
+    listed = ", ".join(repr(n) for n in names[:8]) + (f" and {len(names) - 8} more" if len(names) > 8 else "")
+    raise ValueError(
+        f"jlora.apply: {len(names)} adapter(s) in `params` were not used by this forward: {listed}. No layer "
+        "that jlora intercepts read them, so the output there would be the base model's. Causes: the module's "
+        f"class is not one jlora adapts (it adapts {kinds_listing()}; teach it yours with jlora.register_layer); "
+        "adapters made by jlora.init_tree for a linen model (use jlora.init); a `method=` or inputs that do not run "
+        "those modules; or modules renamed since the adapters were made. If this forward is meant to skip them "
+        "(e.g. method=encode of an encoder-decoder), pass allow_unused=True."
+    )
 
 
 def apply(model: nn.Module, params: Params, config: LoraConfig, *args, rngs: Mapping[str, jax.Array] | None = None,
-          variables: Mapping[str, Any] | None = None, **kwargs) -> Any:
+          variables: Mapping[str, Any] | None = None, allow_unused: bool = False, **kwargs) -> Any:
   """The LoRA forward of a linen model: pure, jittable, differentiable.
 
   Each adapted layer computes `y = base(x) + s·(dropout(x)·A)·B` factored (the
@@ -268,14 +274,20 @@ def apply(model: nn.Module, params: Params, config: LoraConfig, *args, rngs: Map
     *args: model inputs.
     rngs: rng streams, e.g. `{'dropout': k1, 'lora_dropout': k2}`.
     variables: other collections (e.g. `{'batch_stats': ...}`).
+    allow_unused: let adapters that this forward does not reach pass (e.g.
+      `method=encode` of an encoder-decoder); by default they raise.
     **kwargs: passed to `model.apply` (`method=`, `mutable=`, model flags).
 
   Returns:
     What `model.apply` returns.
 
   Raises:
-    ValueError: `params` holds no adapter, or an adapter does not match the
-      config (rank, shape, or a module the config does not target).
+    ValueError: `params` holds no adapter; an adapter does not match the config
+      (rank, shape, or a module the config does not target); an adapter was not
+      read by any intercepted layer call (it would be silently ignored: a layer
+      class jlora does not know, a wrong `method=`, a renamed module), unless
+      `allow_unused`. The check runs when the forward is traced, so it costs
+      nothing per step under `jit`.
   """
   _check_args(model, config)
   _check_tree(params)
@@ -284,25 +296,10 @@ def apply(model: nn.Module, params: Params, config: LoraConfig, *args, rngs: Map
         "`params` holds no LoRA adapter (no lora_a/lora_b leaves), so jlora.apply would run the bare base model. "
         "Create adapters with jlora.init, or pass jlora.combine(trainable, frozen)."
     )
-  _warn_if_closed_over(params)
-  with nn.intercept_methods(_Forward(config)):
-    return model.apply({"params": params, **(variables or {})}, *args, rngs=rngs, **kwargs)
-
-
-def _warn_if_closed_over(params: Params) -> None:
-  """Warns when a traced (jitted) call sees large concrete leaves: a base closed over, baked into the program."""
-  if not isinstance(jnp.zeros(()), jax.core.Tracer):  # not being staged out (eager, or eager grad / vmap)
-    return
-  concrete = [x for x in jax.tree.leaves(params)
-              if isinstance(x, (jax.Array, np.ndarray)) and not isinstance(x, jax.core.Tracer)]
-  nbytes = sum(x.nbytes for x in concrete)
-  if nbytes > CLOSED_OVER_WARN_BYTES:
-    warnings.warn(
-        f"jlora.apply is being traced with {len(concrete)} parameter leaves ({nbytes / 2**20:,.1f} MiB) that are "
-        "concrete arrays, not arguments of the traced function: they were closed over, so jax compiles them into "
-        "the program as constants (slow compiles and a huge program; a 7B base will not compile at all). Pass the "
-        "frozen tree as an argument: `step = jax.jit(lambda trainable, frozen, x: ...)` and call "
-        "`step(trainable, frozen, x)`.",
-        UserWarning,
-        stacklevel=3,
-    )
+  warn_if_closed_over(params)
+  forward = _Forward(config)
+  with nn.intercept_methods(forward):
+    out = run_fresh(model, {"params": params, **(variables or {})}, args, {**kwargs, "rngs": rngs})
+  if not allow_unused:
+    forward.check_consumed(params)
+  return out

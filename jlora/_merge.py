@@ -12,7 +12,8 @@ import numpy as np
 from jlora import _ops, _tree
 from jlora._config import LoraConfig
 from jlora._keys import restore, stringify
-from jlora._tree import LORA_KEYS, Adapter, Params, _check_tree, adapted_modules
+from jlora._targets import is_lora_key
+from jlora._tree import Adapter, Params, _check_tree, adapted_modules
 
 __all__ = ["merge", "unmerge", "apply_merged"]
 
@@ -28,7 +29,7 @@ def _rebuild(tree: Params, replace: dict[tuple[str, ...], dict], drop_lora: bool
     path = prefix + (str(key),)
     if isinstance(value, Mapping):
       out[key] = _rebuild(value, replace, drop_lora, path)
-    elif not (drop_lora and key in LORA_KEYS):
+    elif not (drop_lora and is_lora_key(key)):
       out[key] = value
   out.update(replace.get(prefix, {}))
   return out
@@ -71,7 +72,7 @@ def merge(params: Params, config: LoraConfig, *, safe: bool = False) -> dict:
     merged = (w0.astype(jnp.float32) + _scaled_delta(ad)).astype(w0.dtype)
     if safe:
       _check_finite(f"{ad.where}/{ad.kernel_name}", merged)
-    replace[ad.path] = {ad.kernel_name: merged}
+    replace.setdefault(ad.module, {})[ad.kernel_name] = merged
   if not replace:
     raise ValueError(
         "merge: `params` holds no LoRA adapter (lora_a/lora_b leaves); there is nothing to merge. "
@@ -110,7 +111,7 @@ def unmerge(merged: Params, adapters: Params, config: LoraConfig) -> dict:
   for ad in _tree.adapters(adapters, config, kernels=merged):
     w = ad.kernel
     w0 = (w.astype(jnp.float32) - _scaled_delta(ad)).astype(w.dtype)
-    replace[ad.path] = {ad.kernel_name: w0, "lora_a": ad.a, "lora_b": ad.b}
+    replace.setdefault(ad.module, {}).update({ad.kernel_name: w0, ad.a_key: ad.a, ad.b_key: ad.b})
   if not replace:
     raise ValueError("unmerge: `adapters` holds no lora_a/lora_b leaves.")
   return _rebuild(merged, replace, drop_lora=False)

@@ -34,7 +34,7 @@ __all__ = ["adapter_shapes", "layout", "init_adapter", "pissa", "delta_kernel", 
 def adapter_shapes(site: Site, r: int) -> tuple[tuple[int, ...], tuple[int, ...]]:
   """Per-layer shapes of `A` and `B` for a site (see the module docstring)."""
   k = site.kernel_shape
-  if site.kind == "einsum":
+  if site.broadcast:
     a = tuple(1 if i in site.out_axes else d for i, d in enumerate(k)) + (r,)
     b = tuple(1 if i in site.in_axes else d for i, d in enumerate(k)) + (r,)
     return a, b
@@ -144,7 +144,7 @@ def pissa(kernel: jax.Array, site: Site, r: int, scale: float, dtype):
   residual = (w - principal).reshape(stack + tuple(k[i] for i in site.in_axes + site.out_axes))
   residual = jnp.transpose(residual, np.argsort(perm)).astype(kernel.dtype)
   a_shape, b_shape = adapter_shapes(site, r)
-  if site.kind == "einsum":
+  if site.broadcast:
     b = jnp.swapaxes(b, -1, -2)
   return a.reshape(stack + a_shape).astype(dtype), b.reshape(stack + b_shape).astype(dtype), residual
 
@@ -214,8 +214,14 @@ def einsum_axes(einsum_str: str) -> tuple[tuple[int, ...], tuple[int, ...], tupl
 
 def _parse(einsum_str: str) -> tuple[str, str, str]:
   eq = einsum_str.replace(" ", "")
-  lhs, rest = eq.split(",")
-  kernel, out = rest.split("->")
+  try:
+    lhs, rest = eq.split(",")
+    kernel, out = rest.split("->")
+  except ValueError:
+    raise ValueError(
+        f"einsum equation {einsum_str!r}: jlora needs the form 'input_labels,kernel_labels->output_labels', "
+        "e.g. '...D,DF->...F'."
+    ) from None
   if "." in kernel or len(set(kernel)) != len(kernel):
     raise ValueError(f"nn.Einsum equation {einsum_str!r}: jlora needs a kernel with distinct, explicit labels.")
   return lhs, kernel, out

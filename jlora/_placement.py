@@ -17,7 +17,8 @@ import numpy as np
 from jax.sharding import NamedSharding, PartitionSpec, SingleDeviceSharding
 
 from jlora import _ops
-from jlora._tree import LORA_KEYS, Params, get_path, kernel_key, unflatten
+from jlora._targets import LORA_KEYS, is_lora_key
+from jlora._tree import Params, get_path, kernel_key, unflatten
 
 __all__ = ["Shardings", "default_sharding", "abstract_tree"]
 
@@ -59,11 +60,14 @@ def default_sharding(path: Path, shapes: Mapping[Path, tuple], base: Params) -> 
     node = get_path(base, path[:-1])
   except (KeyError, TypeError):
     node = {}
-  if path[-1] not in LORA_KEYS:
-    return _device_sharding(node.get(path[-1]) if isinstance(node, Mapping) else None)
+  leaf = path[-1]
+  if not is_lora_key(leaf):
+    return _device_sharding(node.get(leaf) if isinstance(node, Mapping) else None)
+  is_a = leaf.endswith("lora_a")
+  a_key, b_key = LORA_KEYS if leaf in LORA_KEYS else (leaf[:-1] + "a", leaf[:-1] + "b")
   try:
-    kernel = node[kernel_key(path[:-1], node)]
-  except (ValueError, TypeError):
+    kernel = node[kernel_key(path[:-1], node) if leaf in LORA_KEYS else leaf[:-7]]
+  except (ValueError, TypeError, KeyError):
     return _device_sharding(None)
   sharding = getattr(kernel, "sharding", None)
   if not isinstance(sharding, NamedSharding):
@@ -71,14 +75,14 @@ def default_sharding(path: Path, shapes: Mapping[Path, tuple], base: Params) -> 
   k_shape = tuple(kernel.shape)
   spec = tuple(sharding.spec) + (None,) * (len(k_shape) - len(sharding.spec))
   module = path[:-1]
-  a_shape, b_shape = shapes[(*module, "lora_a")], shapes[(*module, "lora_b")]
+  a_shape, b_shape = shapes[(*module, a_key)], shapes[(*module, b_key)]
   layout, s = _ops.layout(a_shape, b_shape, k_shape)
-  own = a_shape if path[-1] == "lora_a" else b_shape
+  own = a_shape if is_a else b_shape
   if layout == "broadcast":
     out = tuple(p if own[i] == k_shape[i] else None for i, p in enumerate(spec)) + (None,)
   else:
     n_in = len(a_shape) - 1 - s
-    out = spec[: s + n_in] + (None,) if path[-1] == "lora_a" else spec[:s] + (None,) + spec[s + n_in:]
+    out = spec[: s + n_in] + (None,) if is_a else spec[:s] + (None,) + spec[s + n_in:]
   return NamedSharding(sharding.mesh, PartitionSpec(*out))
 
 

@@ -17,21 +17,49 @@ from typing import NamedTuple
 from jlora._config import LoraConfig
 from jlora._fields import ALL_LINEAR
 
-__all__ = ["Site", "LINEAR_KINDS", "HEAD_NAMES", "select_sites", "selects", "is_saved", "matches", "layer_index", "path_str"]
+__all__ = ["Site", "LINEAR_KINDS", "HEAD_NAMES", "KERNEL_KEYS", "LORA_KEYS", "lora_keys", "adapter_path", "is_lora_key", "select_sites",
+           "selects", "is_saved", "matches", "layer_index", "path_str"]
 
 # Layer kinds: the linen classes jlora adapts.
 LINEAR_KINDS = ("dense", "dense_general", "einsum")
 # Names that mark the output head, which `"all-linear"` leaves alone (as PEFT does).
 HEAD_NAMES = ("lm_head", "classifier", "score", "qa_outputs", "head")
+# Names of a module's main weight (Flax, Haiku, Equinox/PyTorch-style trees), in order of preference.
+KERNEL_KEYS = ("kernel", "embedding", "w", "weight")
+LORA_KEYS = ("lora_a", "lora_b")
+
+
+def lora_keys(kernel_name: str) -> tuple[str, str]:
+  """The names of the adapter leaves for a weight, stored beside it in its module's dict.
+
+  `lora_a` / `lora_b` for a module's main weight (a `KERNEL_KEYS` name);
+  `<name>_lora_a` / `<name>_lora_b` for any other weight, so that a module
+  holding several weights (gemma's FFN dict: `gating_einsum`, `linear`) gets one
+  adapter per weight.
+  """
+  return LORA_KEYS if kernel_name in KERNEL_KEYS else (f"{kernel_name}_lora_a", f"{kernel_name}_lora_b")
+
+
+def adapter_path(module: tuple[str, ...], kernel_name: str) -> tuple[str, ...]:
+  """The path an adapter is named by (see `Site.path`): the module's, plus the weight's name if not a main weight."""
+  return tuple(module) if kernel_name in KERNEL_KEYS else (*module, kernel_name)
+
+
+def is_lora_key(key: str) -> bool:
+  """Whether a leaf name is an adapter leaf (`lora_a`, `lora_b`, `<weight>_lora_a`, `<weight>_lora_b`)."""
+  return key in LORA_KEYS or str(key).endswith(("_lora_a", "_lora_b"))
 
 
 class Site(NamedTuple):
   """One adaptable module, as seen inside the model (per layer, without scan axes).
 
   Attributes:
-    path: module path, e.g. `('encoder', 'layers_0', 'query')`.
+    path: the adapter's path, the name that `target_modules` matches: the
+      module path, e.g. `('encoder', 'layers_0', 'query')`, followed by the
+      weight's name when it is not the module's main weight (`KERNEL_KEYS`),
+      e.g. `('layer_0', 'mlp', 'gating_einsum')`.
     kind: one of `dense`, `dense_general`, `einsum`, `conv`, `embed`.
-    kernel_name: `'kernel'`, or `'embedding'` for `nn.Embed`.
+    kernel_name: the weight's param name: `'kernel'`, `'embedding'` for `nn.Embed`, ...
     kernel_shape: the kernel's shape as the module sees it.
     in_axes: kernel axes contracted with the input (`A` keeps them).
     out_axes: kernel axes that reach the output (`B` keeps them).
@@ -49,6 +77,17 @@ class Site(NamedTuple):
   batch_axes: tuple[int, ...] = ()
   is_head: bool = False
   unsupported: str = ""
+
+  @property
+  def module(self) -> tuple[str, ...]:
+    """The path of the module dict that holds the weight (and gets the adapter leaves)."""
+    return self.path if self.kernel_name in KERNEL_KEYS else self.path[:-1]
+
+  @property
+  def broadcast(self) -> bool:
+    """Whether the adapters take the broadcast layout (`jlora._ops`): an einsum, or a kernel whose input axes do
+    not all come before its output axes (e.g. a PyTorch-style `(out, in)` weight)."""
+    return self.kind == "einsum" or self.in_axes + self.out_axes != tuple(range(len(self.kernel_shape)))
 
   @property
   def fan_in(self) -> int:
@@ -78,6 +117,7 @@ def matches(spec: str | tuple[str, ...] | None, path: tuple[str, ...]) -> bool:
   """
   if spec is None:
     return False
+  path = _split("/".join(str(p) for p in path))  # Haiku keys hold "/" ("block/mlp/linear"); integer keys
   if isinstance(spec, str):
     return any(re.fullmatch(spec, sep.join(path)) for sep in (".", "/"))
   for entry in spec:
@@ -163,8 +203,9 @@ def select_sites(config: LoraConfig, sites: Sequence[Site], stacked: dict[tuple[
   """
   if not sites:
     raise ValueError(
-        "The model has no adaptable layer (nn.Dense, nn.DenseGeneral, nn.Einsum, nn.Conv, nn.Embed) "
-        "on the inputs given to `jlora.init`."
+        "The model has no adaptable layer (nn.Dense, nn.DenseGeneral, nn.Einsum, nn.Conv, nn.Embed, or a class "
+        "described with jlora.register_layer) on the inputs given to `jlora.init`. If its layers are classes of "
+        "your own, describe them: jlora.register_layer(MyDense, jlora.Layer(weight='kernel', input='x'))."
     )
   if config.target_modules is None:
     raise ValueError(

@@ -11,16 +11,13 @@ from typing import Any, NamedTuple
 
 from jlora import _ops
 from jlora._config import LoraConfig
-from jlora._targets import is_saved
+from jlora._targets import KERNEL_KEYS, LORA_KEYS, adapter_path, is_lora_key, is_saved
 
 __all__ = [
-    "LORA_KEYS", "KERNEL_KEYS", "Adapter", "adapters", "check_adapters", "module_dicts", "adapted_modules", "labels",
-    "trainable_mask", "split", "combine", "get_path", "has_adapters", "flatten", "unflatten",
+    "LORA_KEYS", "KERNEL_KEYS", "Adapter", "Slot", "adapters", "check_adapters", "module_dicts", "slots",
+    "adapted_modules", "labels", "trainable_mask", "split", "combine", "get_path", "has_adapters", "flatten",
+    "unflatten",
 ]
-
-LORA_KEYS = ("lora_a", "lora_b")
-# Names of the weight an adapter folds into, in order of preference (Flax, Haiku, Equinox/PyTorch-style trees).
-KERNEL_KEYS = ("kernel", "embedding", "w", "weight")
 
 Params = Mapping[str, Any]
 
@@ -46,25 +43,54 @@ def module_dicts(params: Params, prefix: tuple[str, ...] = ()) -> Iterator[tuple
       yield from module_dicts(value, prefix + (str(key),))
 
 
-def adapted_modules(params: Params) -> Iterator[tuple[tuple[str, ...], Mapping]]:
-  """Yields `(path, module dict)` for every module holding `lora_a` and `lora_b`."""
+class Slot(NamedTuple):
+  """Where one adapter's leaves sit: module `module`, leaves `a_key` / `b_key`, folding into weight `weight`.
+
+  `weight` is None for `lora_a` / `lora_b`, which fold into the module's main
+  weight (found by `kernel_key`), else the weight named by the leaves' prefix.
+  """
+
+  module: tuple[str, ...]
+  weight: str | None
+  a_key: str
+  b_key: str
+
+
+def _node_slots(path: tuple[str, ...], node: Mapping) -> Iterator[Slot]:
+  weights = [None] if "lora_a" in node or "lora_b" in node else []
+  weights += sorted({str(k)[:-7] for k in node if is_lora_key(k) and k not in LORA_KEYS})
+  for weight in weights:
+    a_key, b_key = LORA_KEYS if weight is None else (f"{weight}_lora_a", f"{weight}_lora_b")
+    if not (a_key in node and b_key in node):
+      raise ValueError(
+          f"Module {'/'.join(path)!r} has only one of {a_key} / {b_key}; the adapter is incomplete."
+      )
+    yield Slot(path, weight, a_key, b_key)
+
+
+def slots(params: Params) -> Iterator[Slot]:
+  """Every adapter's `Slot` in a tree (complete or not: an incomplete one raises `ValueError`)."""
   for path, node in module_dicts(params):
-    if "lora_a" in node or "lora_b" in node:
-      if not ("lora_a" in node and "lora_b" in node):
-        raise ValueError(f"Module {'/'.join(path)!r} has only one of lora_a / lora_b; the adapter is incomplete.")
+    yield from _node_slots(path, node)
+
+
+def adapted_modules(params: Params) -> Iterator[tuple[tuple[str, ...], Mapping]]:
+  """Yields `(path, module dict)` for every module holding adapter leaves."""
+  for path, node in module_dicts(params):
+    if any(True for _ in _node_slots(path, node)):
       yield path, node
 
 
 def has_adapters(params: Params) -> bool:
-  return any(True for _ in adapted_modules(params))
+  return any(True for _ in slots(params))
 
 
 def kernel_key(path: tuple[str, ...], node: Mapping) -> str:
-  """The name of the weight an adapter folds into: a `KERNEL_KEYS` name, else the module's only matrix."""
+  """The name of the weight that `lora_a`/`lora_b` fold into: a `KERNEL_KEYS` name, else the module's only matrix."""
   for key in KERNEL_KEYS:
     if key in node:
       return key
-  matrices = [k for k, v in node.items() if k not in LORA_KEYS and getattr(v, "ndim", 0) >= 2]
+  matrices = [k for k, v in node.items() if not is_lora_key(k) and getattr(v, "ndim", 0) >= 2]
   if len(matrices) == 1:
     return matrices[0]
   raise ValueError(
@@ -77,8 +103,13 @@ class Adapter(NamedTuple):
   """One adapter of a params tree, checked against its kernel and the config.
 
   Attributes:
-    path: the module path, e.g. `('layers_0', 'attn', 'query')`.
+    path: the adapter's path, e.g. `('layers_0', 'attn', 'query')` (the module
+      path, plus the weight's name for a weight other than the module's main
+      one: `('mlp', 'gating_einsum')`); `config.rank_for` and PEFT names use it.
+    module: the path of the module dict holding the weight and the adapter leaves.
     kernel_name: the weight it folds into (`kernel`, `embedding`, ...).
+    a_key: the name of the `A` leaf (`lora_a`, or `<weight>_lora_a`).
+    b_key: the name of the `B` leaf.
     kernel: that weight, `S + kernel_shape` with `S` leading scan axes.
     a: `lora_a`, `S + in_shape + (r,)` (or the einsum broadcast layout, see `jlora._ops`).
     b: `lora_b`, `S + (r,) + out_shape`.
@@ -89,7 +120,10 @@ class Adapter(NamedTuple):
   """
 
   path: tuple[str, ...]
+  module: tuple[str, ...]
   kernel_name: str
+  a_key: str
+  b_key: str
   kernel: Any
   a: Any
   b: Any
@@ -118,20 +152,28 @@ def adapters(params: Params, config: LoraConfig, *, kernels: Params | None = Non
     ValueError: an adapter is incomplete, has no kernel to fold into, or does not
       fit its kernel or the config's rank (the message names the module).
   """
-  for path, node in adapted_modules(params):
+  for slot in slots(params):
+    node = get_path(params, slot.module)
     holder = node
     if kernels is not None:
       try:
-        holder = get_path(kernels, path)
+        holder = get_path(kernels, slot.module)
       except (KeyError, TypeError):
-        raise ValueError(f"There is no module {'/'.join(path)!r} for the adapter found there.") from None
-    name = kernel_key(path, holder)
-    kernel, a, b = holder[name], node["lora_a"], node["lora_b"]
+        raise ValueError(f"There is no module {'/'.join(slot.module)!r} for the adapter found there.") from None
+    name = kernel_key(slot.module, holder) if slot.weight is None else slot.weight
+    if name not in holder:
+      raise ValueError(
+          f"Module {'/'.join(slot.module)!r} holds {slot.a_key} / {slot.b_key} but no weight {name!r} to adapt; "
+          "pass the whole params tree (base and adapters), e.g. jlora.combine(trainable, frozen)."
+      )
+    kernel, a, b = holder[name], node[slot.a_key], node[slot.b_key]
+    path = adapter_path(slot.module, name)
     where = "/".join(path)
     rank = config.rank_for(where)
     _ops.check_adapter(where, kernel.shape, a.shape, b.shape, rank)
     layout, stack = _ops.layout(a.shape, b.shape, kernel.shape)
-    yield Adapter(path, name, kernel, a, b, rank, config.scale_for(where), layout, stack)
+    yield Adapter(path, slot.module, name, slot.a_key, slot.b_key, kernel, a, b, rank, config.scale_for(where), layout,
+                  stack)
 
 
 def check_adapters(params: Params, config: LoraConfig) -> None:
@@ -164,8 +206,11 @@ def unflatten(flat: Mapping[tuple[str, ...], Any]) -> dict:
 
 
 def get_path(tree: Params, path: tuple[str, ...]) -> Any:
+  """The node at `path`; a path component also finds a key whose `str()` it is (NNX's integer keys)."""
   node: Any = tree
   for key in path:
+    if key not in node and isinstance(node, Mapping):
+      key = next((k for k in node if str(k) == key), key)
     node = node[key]
   return node
 
@@ -180,11 +225,11 @@ def _map_with_path(fn: Callable[[tuple[str, ...], Any, Mapping], Any], tree: Par
 
 def _label(config: LoraConfig, path: tuple[str, ...], siblings: Mapping) -> str:
   name = path[-1]
-  if name in LORA_KEYS:
-    return name
+  if is_lora_key(name):
+    return name[-6:]  # lora_a / lora_b
   if is_saved(config, path[:-1]):
     return "saved"
-  if name == "bias" and (config.bias == "all" or (config.bias == "lora_only" and "lora_a" in siblings)):
+  if name == "bias" and (config.bias == "all" or (config.bias == "lora_only" and any(map(is_lora_key, siblings)))):
     return "bias"
   return "frozen"
 

@@ -47,7 +47,8 @@ from jlora import _integrity, _io
 from jlora._config import LoraConfig
 from jlora._keys import escape, map_keys, restore, stringify, unescape
 from jlora._placement import Shardings, abstract_tree
-from jlora._tree import LORA_KEYS, Params, _check_tree, check_adapters, flatten, split, unflatten
+from jlora._targets import is_lora_key
+from jlora._tree import Params, _check_tree, check_adapters, flatten, split, unflatten
 
 __all__ = ["save_adapter", "load_adapter"]
 
@@ -65,8 +66,8 @@ class _Unreadable(ValueError):
 
 # ------------------------------------------------------------------ tree helpers
 def strip_adapters(params: Params) -> dict[Path, Any]:
-  """`{path: leaf}` of every leaf except `lora_a` / `lora_b`: the base model's leaves."""
-  return {p: v for p, v in flatten(params).items() if p[-1] not in LORA_KEYS}
+  """`{path: leaf}` of every leaf except the adapter leaves: the base model's leaves."""
+  return {p: v for p, v in flatten(params).items() if not is_lora_key(p[-1])}
 
 
 def fingerprint(base: Mapping[Path, Any]) -> dict[str, list]:

@@ -50,7 +50,7 @@ def test_import_jlora_is_light():
   loaded = set(subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True,
                               cwd=ROOT).stdout.split())
   heavy = {"orbax", "orbax.checkpoint", "matplotlib", "tqdm", "tokenizers", "torch", "jlora.models", "jlora.train",
-           "jlora.cli"}
+           "jlora.cli", "equinox", "haiku", "jlora.equinox", "jlora.haiku", "jlora.nnx"}
   assert "jlora" in loaded and not loaded & heavy, sorted(loaded & heavy)
 
 

@@ -31,8 +31,30 @@ class Net(nn.Module):
     return nn.Dense(D_IN, name="down")(nn.gelu(h))
 
 
-def _step(materialize: bool):
-  model, x = Net(), jnp.ones((4, 7, D_IN))
+class OwnDense(nn.Module):
+  """A layer class of a user's own (weight `w`), described to jlora: the same factored path as nn.Dense."""
+
+  features: int
+
+  @nn.compact
+  def __call__(self, x):
+    return x @ self.param("w", nn.initializers.lecun_normal(), (x.shape[-1], self.features))
+
+
+jlora.register_layer(OwnDense, jlora.Layer(weight="w", input="x"))
+
+
+class OwnNet(nn.Module):
+  @nn.compact
+  def __call__(self, x):
+    return OwnDense(D_IN, name="down")(nn.gelu(OwnDense(D_OUT, name="up")(x)))
+
+
+NETS = {"linen": Net, "described": OwnNet}
+
+
+def _step(materialize: bool, net: str = "linen"):
+  model, x = NETS[net](), jnp.ones((4, 7, D_IN))
   cfg = jlora.LoraConfig(r=R, target_modules=["up", "down"], init_lora_weights=False)
   params = jlora.init(jax.random.key(0), model, model.init(jax.random.key(1), x)["params"], cfg, x)
   trainable, frozen = jlora.split(params, cfg)
@@ -54,8 +76,8 @@ def _step(materialize: bool):
   return step, (trainable, tx.init(trainable))
 
 
-def _step_hlo(materialize: bool) -> str:
-  step, args = _step(materialize)
+def _step_hlo(materialize: bool, net: str = "linen") -> str:
+  step, args = _step(materialize, net)
   return jax.jit(step).lower(*args).compile().as_text()
 
 
@@ -65,9 +87,10 @@ def _kernel_sized_dots(hlo: str) -> list[str]:
           if re.search(rf"= f32\[{sizes}\]\S* (dot|convolution|custom-call)\(", line)]
 
 
-@pytest.mark.parametrize("materialize,expect_dots", [(False, False), (True, True)])
-def test_no_weight_sized_gradient_in_factored_step(materialize, expect_dots):
-  dots = _kernel_sized_dots(_step_hlo(materialize))
+@pytest.mark.parametrize("materialize,expect_dots,net", [(False, False, "linen"), (True, True, "linen"),
+                                                        (False, False, "described")])
+def test_no_weight_sized_gradient_in_factored_step(materialize, expect_dots, net):
+  dots = _kernel_sized_dots(_step_hlo(materialize, net))
   assert bool(dots) == expect_dots, "\n".join(dots)
 
 
@@ -79,8 +102,9 @@ def _dots(jaxpr):
       yield from _dots(sub)
 
 
-def test_rank_r_matmuls_are_2d():
-  step, args = _step(materialize=False)
+@pytest.mark.parametrize("net", list(NETS))
+def test_rank_r_matmuls_are_2d(net):
+  step, args = _step(materialize=False, net=net)
   lora = [e for e in _dots(jax.make_jaxpr(step)(*args).jaxpr) if any(R in v.aval.shape for v in e.invars)]
   # per adapted layer: x·A and u·B forward; gB, gu, gA and dx backward (no dx for the first layer: x is data)
   assert len(lora) == 11, "\n".join(map(str, lora))

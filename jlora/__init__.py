@@ -20,6 +20,7 @@ from jlora._tree import combine as combine
 from jlora._tree import labels as labels
 from jlora._tree import split as split
 from jlora._tree import trainable_mask as trainable_mask
+from jlora._weighted import add_weighted_adapter as add_weighted_adapter
 from jlora.checkpoint import load_adapter as load_adapter
 from jlora.checkpoint import save_adapter as save_adapter
 
@@ -30,6 +31,7 @@ __all__ = [
     "LoraConfig",
     "Summary",
     "TaskType",
+    "add_weighted_adapter",
     "apply",
     "apply_merged",
     "combine",

@@ -350,7 +350,7 @@ def _output_config(configs: list[LoraConfig], ranks: dict[tuple[str, ...], int])
   if any(config.rank_for(path_str(p)) != v for p, v in ranks.items()):  # a key also matched a longer path
     pattern = {re.escape(path_str(p)): v for p, v in sorted(ranks.items(), key=lambda item: -len(item[0]))}
     config = dataclasses.replace(config, rank_pattern=pattern, alpha_pattern=pattern)
-  if config.target_modules is None or not all(selects(config, p, "dense", is_head=p[-1] in HEAD_NAMES)
+  if config.target_modules is None or not all(selects(config, p, "dense", is_head=bool(p) and p[-1] in HEAD_NAMES)
                                               for p in ranks):
     config = dataclasses.replace(config, target_modules=tuple(path_str(p) for p in ranks), exclude_modules=None,
                                  layers_to_transform=None, layers_pattern=None)

@@ -9,7 +9,6 @@ import sys
 import chex
 import flax.linen as nn
 import jax
-import jax.extend as jex
 import jax.numpy as jnp
 import numpy as np
 import optax
@@ -18,6 +17,7 @@ from flax import nnx
 
 import jlora
 from jlora import nnx as lnnx
+from tests.test_structure import D_IN, D_OUT, R, _dots, _kernel_sized_dots
 
 ROOT = pathlib.Path(__file__).resolve().parent.parent
 KEY = jax.random.key(1)
@@ -544,7 +544,6 @@ def test_import_jlora_does_not_import_nnx():
 
 
 # ------------------------------------------------------- structure of the training step
-D_IN, D_OUT, R = 48, 80, 5  # distinctive sizes, as in tests/test_structure.py
 
 
 class UpDown(nnx.Module):
@@ -570,20 +569,9 @@ def _functional_step():
   return step, (trainable, tx.init(trainable), rest)
 
 
-def _dots(jaxpr):
-  for eqn in jaxpr.eqns:
-    if eqn.primitive.name == "dot_general":
-      yield eqn
-    for sub in jex.core.jaxprs_in_params(eqn.params):
-      yield from _dots(sub)
-
-
 def test_step_structure_no_weight_sized_gradient_and_2d_rank_r_matmuls():
   step, args = _functional_step()
-  hlo = jax.jit(step).lower(*args).compile().as_text()
-  sizes = rf"(?:{D_IN},{D_OUT}|{D_OUT},{D_IN})"
-  kernel_sized = [line for line in hlo.splitlines()
-                  if re.search(rf"= f32\[{sizes}\]\S* (dot|convolution|custom-call)\(", line)]
+  kernel_sized = _kernel_sized_dots(jax.jit(step).lower(*args).compile().as_text())
   assert not kernel_sized, "\n".join(kernel_sized)
   lora = [e for e in _dots(jax.make_jaxpr(step)(*args).jaxpr) if any(R in v.aval.shape for v in e.invars)]
   assert len(lora) == 11, "\n".join(map(str, lora))  # as linen: x·A, u·B forward; gB, gu, gA, dx backward

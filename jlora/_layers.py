@@ -41,9 +41,11 @@ class Layer:
       that returns it (gemma's `Einsum`: `lambda m: m.weight_name`).
     input: the call argument holding the input `x`: a parameter name of
       `method` (`"inputs"`, `"x"`) or a position (0 is the first after `self`).
-    axis: dense layout (the default): the axes of `x` contracted with the
-      weight's leading axes; the weight is `(x.shape[axis]..., outputs...)`. An
-      int, a tuple, or a function of the module (`lambda m: m.axis`).
+    axis: dense layout (the default): the axes of `x` contracted, in this order,
+      with the weight's leading axes; the weight is `(x.shape[axis]..., outputs...)`.
+      An int, a tuple, or a function of the module (`lambda m: m.axis`). A weight
+      stored `(out, in)` is not a dense layout: describe it with
+      `equation="...i,oi->...o"`.
     equation: einsum layout: the equation `"x_labels,w_labels->y_labels"`, or a
       function of the module returning it (`lambda m: m.einsum_str`).
     equation_arg: einsum layout: the call argument holding the equation (a name
@@ -52,6 +54,8 @@ class Layer:
     unsupported: optional function of the module returning why this instance
       cannot be adapted exactly (`""` when it can), e.g. a weight scaled after
       it is read, which a merge would not reproduce.
+    kind: derived (`"dense"` or `"einsum"`); jlora's own entries for `nn.Conv`,
+      `nn.Embed` and flax's `DenseGeneral` use other kinds.
 
   Example (a layer that keeps a `(d_in, d_out)` weight named `w`)::
 
@@ -72,7 +76,8 @@ class Layer:
   def __post_init__(self):
     kind = self.kind or ("einsum" if self.equation is not None or self.equation_arg is not None else "dense")
     if kind not in _KINDS + _STOCK_KINDS:
-      raise ValueError(f"Layer: `kind` must be one of {_KINDS}, got {self.kind!r}.")
+      raise ValueError(f"Layer: `kind` must be one of {_KINDS + _STOCK_KINDS}, got {self.kind!r}; leave it unset "
+                       "(dense, or einsum when an equation is given).")
     object.__setattr__(self, "kind", kind)
     if not (callable(self.weight) or isinstance(self.weight, str)):
       raise TypeError(f"Layer: `weight` must be a param name or a function of the module, got {self.weight!r}.")
@@ -104,11 +109,13 @@ class Call:
 
   def argument(self, which: str | int) -> Any:
     """A call argument by parameter name or position (None when the call leaves it out)."""
+    names = _params(type(self.module), self.layer.method)
     if isinstance(which, int):
-      return self.args[which] if which < len(self.args) else None
+      if which < len(self.args):
+        return self.args[which]
+      which = names[which] if which < len(names) else ""  # passed by keyword
     if which in self.kwargs:
       return self.kwargs[which]
-    names = _params(type(self.module), self.layer.method)
     i = names.index(which) if which in names else None
     return self.args[i] if i is not None and i < len(self.args) else None
 
@@ -161,20 +168,20 @@ def _scaled_weight_check(m: nn.Module) -> str:
 
 
 _REGISTRY: dict[tuple[type | str, str], Layer] = {
-    (nn.Dense, "__call__"): Layer(input="inputs"),
-    (nn.DenseGeneral, "__call__"): Layer(input="inputs", axis=lambda m: m.axis, kind="dense_general",
-                                         unsupported=_dense_general_check),
-    (nn.Einsum, "__call__"): Layer(input="inputs", equation=lambda m: m.einsum_str, equation_arg="einsum_str"),
-    (nn.Conv, "__call__"): Layer(input="inputs", kind="conv", unsupported=_conv_check),
-    (nn.Embed, "__call__"): Layer(weight="embedding", input="inputs", kind="embed"),
-    (nn.Embed, "attend"): Layer(weight="embedding", input="query", method="attend", kind="attend"),
+    # Inputs by position: subclasses may rename the parameter.
+    (nn.Dense, "__call__"): Layer(),
+    (nn.DenseGeneral, "__call__"): Layer(axis=lambda m: m.axis, kind="dense_general", unsupported=_dense_general_check),
+    (nn.Einsum, "__call__"): Layer(equation=lambda m: m.einsum_str, equation_arg="einsum_str"),
+    (nn.Conv, "__call__"): Layer(kind="conv", unsupported=_conv_check),
+    (nn.Embed, "__call__"): Layer(weight="embedding", kind="embed"),
+    (nn.Embed, "attend"): Layer(weight="embedding", method="attend", kind="attend"),
 }
 # Layer classes of other packages, by qualified name (no import of those packages).
 for _name in ("gemma.gm.nn._layers.Einsum", "gemma.gm.nn.gemma4._layers.Einsum"):
   _REGISTRY[(_name, "__call__")] = Layer(weight=lambda m: m.weight_name, input="x", equation_arg="eqn",
                                          unsupported=_scaled_weight_check)
-for _name in ("MaxText.layers.linears.DenseGeneral", "maxtext.layers.linears.DenseGeneral"):
-  _REGISTRY[(_name, "__call__")] = Layer(input="inputs", axis=lambda m: m.axis, kind="dense_general")
+for _name in ("MaxText.layers.linears.DenseGeneral", "maxtext.layers.linears.DenseGeneral"):  # axes in given order
+  _REGISTRY[(_name, "__call__")] = Layer(input="inputs", axis=lambda m: m.axis)
 
 
 def register_layer(cls: type | str, layer: Layer) -> None:
@@ -213,7 +220,11 @@ def registered_layers() -> dict[tuple[type | str, str], Layer]:
 
 
 def describe(module: nn.Module, method: str) -> Layer | None:
-  """The description of `module.method`, from its class or the nearest described base class."""
+  """The description of `module.method`, from its class or the nearest described base class.
+
+  Subclasses inherit their base's entry (flax's `nn.remat(nn.Dense)` is one); a subclass whose method
+  computes something else than the base's must be registered itself.
+  """
   for cls in type(module).__mro__:
     layer = _REGISTRY.get((cls, method)) or _REGISTRY.get((f"{cls.__module__}.{cls.__qualname__}", method))
     if layer is not None:

@@ -32,7 +32,7 @@ from jlora._config import LoraConfig
 from jlora._init import add_adapters
 from jlora._layers import Call, describe, kinds_listing
 from jlora._linen_run import run_fresh, warn_if_closed_over
-from jlora._targets import HEAD_NAMES, Site, adapter_path, lora_keys, path_str, selects
+from jlora._targets import Site, adapter_path, is_head, lora_keys, path_str, selects
 from jlora._tree import Params, _check_tree, has_adapters, slots
 
 __all__ = ["init", "apply"]
@@ -40,6 +40,9 @@ __all__ = ["init", "apply"]
 # Set while jlora runs a helper module of its own (the LoRA half of a Conv), so
 # that the interceptor lets that inner call through untouched.
 _BYPASS: contextvars.ContextVar[bool] = contextvars.ContextVar("jlora_bypass", default=False)
+# The adapters whose layer call is running: a nested call of the same layer (a subclass calling
+# `super().__call__`, the inner call of `nn.remat(nn.Dense)`) must not add the LoRA term twice.
+_ACTIVE: contextvars.ContextVar[frozenset] = contextvars.ContextVar("jlora_active", default=frozenset())
 
 
 def _check_args(model: Any, config: Any) -> None:
@@ -80,8 +83,31 @@ def _site(call: Call) -> Site:
     ins, outs = tuple(range(n - 1)), (n - 1,)
   else:  # embed
     ins, outs = (0,), (1,)
-  is_head = bool(module_path) and module_path[-1] in HEAD_NAMES
-  return Site(adapter_path(module_path, kernel_name), kind, kernel_name, shape, ins, outs, batch, is_head, why)
+  return Site(adapter_path(module_path, kernel_name), kind, kernel_name, shape, ins, outs, batch, is_head(module_path),
+              why)
+
+
+def _check_call(call: Call, site: Site, y: Any) -> None:
+  """At init: the described input is there, and a dense weight's axes fit the call as `(inputs..., outputs...)`."""
+  x = call.input
+  if site.kind not in ("dense", "dense_general") or site.unsupported:
+    return
+  n_in = len(site.in_axes)
+  want_in, want_out = site.kernel_shape[:n_in], site.kernel_shape[n_in:]
+  try:
+    axes = [a % x.ndim for a in call.layer.axes(call.module)]
+    got_in = tuple(x.shape[a] for a in (sorted(axes) if site.kind == "dense_general" else axes))
+  except (IndexError, ZeroDivisionError):
+    got_in = ()
+  got_out = tuple(y.shape[len(y.shape) - len(want_out):]) if hasattr(y, "shape") else want_out
+  if got_in != want_in or got_out != want_out:
+    raise ValueError(
+        f"{type(call.module).__name__} at {path_str(site.path)!r}: its input {tuple(x.shape)} and output "
+        f"{tuple(getattr(y, 'shape', ()))} do not fit the weight {site.kernel_name!r} {site.kernel_shape} as "
+        f"(inputs..., outputs...) contracted over axis {call.layer.axes(call.module)}, the dense layout of its "
+        "jlora.Layer. A weight stored (out, in) needs an einsum description, e.g. "
+        "jlora.Layer(weight='weight', input='x', equation='...i,oi->...o'); otherwise fix `axis=`."
+    )
 
 
 def _discover(model: nn.Module, params: Params, args, kwargs, variables) -> list[Site]:
@@ -94,7 +120,9 @@ def _discover(model: nn.Module, params: Params, args, kwargs, variables) -> list
     y = next_fun(*args, **kwargs)
     if layer is None or layer.kind == "attend" or _BYPASS.get():
       return y
-    site = _site(Call(context.module, layer, args, kwargs))
+    call = Call(context.module, layer, args, kwargs)
+    site = _site(call)
+    _check_call(call, site, y)
     known = found.setdefault(site.path, site)
     if known.kernel_shape != site.kernel_shape:
       raise ValueError(f"Module {path_str(site.path)!r} is called with two kernel shapes.")
@@ -180,9 +208,14 @@ class _Forward:
       return next_fun(*args, **kwargs)
     kernel_name = layer.weight_name(module)
     a_key, b_key = lora_keys(kernel_name)
-    if not module.has_variable("params", a_key):
+    active = (tuple(module.path), a_key)
+    if not module.has_variable("params", a_key) or active in _ACTIVE.get():
       return next_fun(*args, **kwargs)
-    y = next_fun(*args, **kwargs)
+    token = _ACTIVE.set(_ACTIVE.get() | {active})
+    try:
+      y = next_fun(*args, **kwargs)
+    finally:
+      _ACTIVE.reset(token)
     call = Call(module, layer, args, kwargs)
     kind = layer.kind
     a = module.get_variable("params", a_key)
@@ -190,6 +223,8 @@ class _Forward:
     path = adapter_path(tuple(module.path), kernel_name)
     where = path_str(path)
     self._validate(path, kind, module, kernel_name, a, b)
+    if kind == "einsum":
+      _ops.check_equation(where, call.equation, module.get_variable("params", kernel_name).shape, a.shape)
     self.consumed.add((tuple(module.path), a_key))
     x = call.input
     if kind in ("embed", "attend"):
@@ -210,7 +245,7 @@ class _Forward:
         _BYPASS.reset(token)
       delta = _ops.contract_last(u * scale, b, precision)
     elif kind in ("dense", "dense_general"):
-      delta = _ops.lora_delta("dense_general", x, a, b, scale=scale, axis=layer.axes(module), precision=precision)
+      delta = _ops.lora_delta(kind, x, a, b, scale=scale, axis=layer.axes(module), precision=precision)
     else:
       delta = _ops.lora_delta(kind, x, a, b, scale=scale, einsum_str=call.equation if kind == "einsum" else None,
                               precision=precision)
@@ -218,16 +253,14 @@ class _Forward:
 
   def _dropout(self, module: nn.Module, x: jax.Array) -> jax.Array:
     rate = self.config.lora_dropout
-    if rate == 0.0 or not module.has_rng("lora_dropout"):
-      return x
-    keep = jax.random.bernoulli(module.make_rng("lora_dropout"), 1.0 - rate, x.shape)
-    return jnp.where(keep, x / (1.0 - rate), jnp.zeros_like(x))
+    key = module.make_rng("lora_dropout") if rate and module.has_rng("lora_dropout") else None
+    return _ops.dropout(key, x, rate)
 
   def _validate(self, path, kind, module, kernel_name, a, b) -> None:
     where = path_str(path)
     cfg = self.config
     kind = "embed" if kind == "attend" else kind
-    if not selects(cfg, path, kind, is_head=bool(module.path) and module.path[-1] in HEAD_NAMES):
+    if not selects(cfg, path, kind, is_head=is_head(module.path)):
       raise ValueError(
           f"`params` holds an adapter at {where!r}, which the config (target_modules={cfg.target_modules!r}, "
           f"exclude_modules={cfg.exclude_modules!r}, layers_to_transform={cfg.layers_to_transform!r}) does not "

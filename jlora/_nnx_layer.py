@@ -24,9 +24,9 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from jlora import _ops
+from jlora import _ops, _targets
 from jlora._nnx_vars import Trainable
-from jlora._targets import HEAD_NAMES, Site
+from jlora._targets import Site
 
 __all__ = ["kind_of", "site_of", "einsum_of", "adapted_class", "is_adapted", "install", "uninstall", "ATTRS"]
 
@@ -88,7 +88,7 @@ def site_of(path: tuple[str, ...], module: Any, kind: str, einsum_str: str | Non
     shape = (module.num_embeddings, module.features)
     ins, outs = (0,), (1,)
   name = "embedding" if kind == "embed" else "kernel"
-  return Site(path, kind, name, shape, ins, outs, batch, is_head or (bool(path) and path[-1] in HEAD_NAMES), why)
+  return Site(path, kind, name, shape, ins, outs, batch, is_head or _targets.is_head(path), why)
 
 
 # ------------------------------------------------------------------ the adapted classes

@@ -26,8 +26,8 @@ from jax import lax
 
 from jlora._targets import Site
 
-__all__ = ["adapter_shapes", "layout", "init_adapter", "pissa", "delta_kernel", "check_adapter", "lora_delta",
-           "contract_last"]
+__all__ = ["adapter_shapes", "layout", "init_adapter", "pissa", "delta_kernel", "check_adapter", "check_equation",
+           "dropout", "lora_delta", "contract_last"]
 
 
 # ----------------------------------------------------------------- shapes
@@ -75,6 +75,19 @@ def check_adapter(path: str, kernel_shape, a_shape, b_shape, r: int) -> None:
     raise ValueError(
         f"Adapter at {path!r} has rank {rank[0]} but the config gives r={r} for it; "
         "pass the LoraConfig the adapters were created with (check `r` and `rank_pattern`)."
+    )
+
+
+def check_equation(path: str, einsum_str: str, kernel_shape, a_shape) -> None:
+  """Raises unless an einsum adapter's `A` (broadcast layout) was made for this equation's input/output axes."""
+  ins, outs, _ = einsum_axes(einsum_str)
+  kernel_shape = tuple(kernel_shape)
+  want = tuple(1 if i in outs else d for i, d in enumerate(kernel_shape))
+  if tuple(a_shape)[-len(kernel_shape) - 1:-1] != want:
+    raise ValueError(
+        f"The einsum at {path!r} is called with {einsum_str!r}, whose input axes {ins} and output axes {outs} of the "
+        f"kernel {kernel_shape} are not the ones its adapter was made for (lora_a {tuple(a_shape)}). Call it with the "
+        "equation it had when the adapter was created."
     )
 
 
@@ -159,6 +172,17 @@ def pissa(kernel: jax.Array, site: Site, r: int, scale: float, dtype):
 
 
 # ------------------------------------------------------------ forward
+def dropout(key: jax.Array | None, x: jax.Array, rate: float) -> jax.Array:
+  """Inverted dropout of the LoRA input: each entry kept with probability `1 - rate`, scaled by `1/(1 - rate)`.
+
+  The identity when `rate` is 0 or `key` is None (no dropout stream given).
+  """
+  if rate == 0.0 or key is None:
+    return x
+  keep = jax.random.bernoulli(key, 1.0 - rate, x.shape)
+  return jnp.where(keep, x / (1.0 - rate), jnp.zeros_like(x))
+
+
 def contract_last(u: jax.Array, b: jax.Array, precision) -> jax.Array:
   """`u (..., r) · B (r, out...) -> (..., out...)`."""
   return lax.dot_general(u, b, (((u.ndim - 1,), (0,)), ((), ())), precision=precision)
@@ -188,7 +212,9 @@ def lora_delta(kind: str, x: jax.Array, a: jax.Array, b: jax.Array, *, scale: fl
     a: per-layer A, e.g. `(d_in, r)`.
     b: per-layer B, e.g. `(r, d_out)`.
     scale: `s`, e.g. `lora_alpha / r`.
-    axis: `nn.DenseGeneral`'s input axes.
+    axis: the input axes of `x` contracted with the kernel's leading axes, in
+      that order (`dense`, default the last); for `dense_general` (flax's
+      `DenseGeneral` / `LinearGeneral`) in ascending order, as flax sorts them.
     einsum_str: `nn.Einsum`'s equation.
     precision: the layer's matmul precision.
 
@@ -196,7 +222,9 @@ def lora_delta(kind: str, x: jax.Array, a: jax.Array, b: jax.Array, *, scale: fl
     The term in the layer's output shape, e.g. `(..., d_out)`.
   """
   if kind in ("dense", "dense_general"):
-    axes = (-1,) if kind == "dense" else ((axis,) if isinstance(axis, int) else tuple(axis))
+    axes = (axis,) if isinstance(axis, int) else tuple(axis)
+    if kind == "dense_general":  # flax's DenseGeneral / LinearGeneral contract their input axes sorted
+      axes = tuple(sorted(ax % x.ndim for ax in axes))
     n_in = len(axes)
     x = jnp.moveaxis(x, [ax % x.ndim for ax in axes], list(range(x.ndim - n_in, x.ndim)))
     lead = x.shape[: x.ndim - n_in]

@@ -132,6 +132,12 @@ def _export(params: Params, config: LoraConfig, names: NameMap) -> tuple[dict[st
   alphas: dict[str, float] = {}
   adapted: dict[Path, list[str]] = {}
   for ad in adapters(params, config):
+    if ad.module != ad.path:
+      raise ValueError(
+          f"save_peft: {ad.where!r} adapts {ad.kernel_name!r}, one of several weights in the module "
+          f"{'/'.join(ad.module)!r}; PEFT's format has one adapted weight per module name, so it cannot hold "
+          "this adapter. Save it with jlora.save_adapter."
+      )
     a, b, stack = ad.a, ad.b, ad.stack
     if ad.layout == "broadcast":  # an (out, in) weight: a plain transpose of PEFT's factors
       a, b, stack = peft_layout.from_broadcast(jax.device_get(a), jax.device_get(b), ad.kernel.shape, ad.where)

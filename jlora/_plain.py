@@ -25,11 +25,10 @@ the input axes do not all come first, the adapters take the broadcast layout of
 
 from __future__ import annotations
 
-import re
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from typing import Any
 
-from jlora._targets import HEAD_NAMES, KERNEL_KEYS, Site, adapter_path, is_lora_key, matches
+from jlora._targets import KERNEL_KEYS, Site, adapter_path, is_head, is_lora_key, matches
 
 __all__ = ["Axes", "LayoutLike", "KERNEL_NAMES", "TORCH_STYLE", "axes_for", "is_head", "site", "weight_site",
            "tree_sites"]
@@ -93,12 +92,6 @@ def _axes(path: Path, leaf: Any, declared: Any) -> Axes | None:
   if ndim == 2:
     return ((1,), (0,)) if path[-1] in TORCH_STYLE else ((0,), (1,))
   return None
-
-
-def is_head(module: Path) -> bool:
-  """Whether a module path names an output head (`HEAD_NAMES`), read from its last name (Haiku `a/b/head` too)."""
-  parts = [p for p in re.split(r"[./]", module[-1]) if p] if module else []
-  return bool(parts) and parts[-1] in HEAD_NAMES
 
 
 def site(module: Path, name: str, shape: Sequence[int], axes: Axes | None, *, kind: str = "") -> Site:

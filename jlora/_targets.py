@@ -17,7 +17,7 @@ from typing import NamedTuple
 from jlora._config import LoraConfig
 from jlora._fields import ALL_LINEAR
 
-__all__ = ["Site", "LINEAR_KINDS", "HEAD_NAMES", "KERNEL_KEYS", "LORA_KEYS", "lora_keys", "adapter_path", "is_lora_key", "select_sites",
+__all__ = ["Site", "LINEAR_KINDS", "HEAD_NAMES", "KERNEL_KEYS", "LORA_KEYS", "lora_keys", "adapter_path", "is_head", "is_lora_key", "select_sites",
            "selects", "is_saved", "matches", "layer_index", "path_str"]
 
 # Layer kinds: the linen classes jlora adapts.
@@ -38,6 +38,12 @@ def lora_keys(kernel_name: str) -> tuple[str, str]:
   adapter per weight.
   """
   return LORA_KEYS if kernel_name in KERNEL_KEYS else (f"{kernel_name}_lora_a", f"{kernel_name}_lora_b")
+
+
+def is_head(module: Sequence[str]) -> bool:
+  """Whether a module path names an output head (`HEAD_NAMES`), read from its last name (Haiku's `a/b/head` too)."""
+  parts = _split(str(module[-1])) if module else ()
+  return bool(parts) and parts[-1] in HEAD_NAMES
 
 
 def adapter_path(module: tuple[str, ...], kernel_name: str) -> tuple[str, ...]:
@@ -134,7 +140,7 @@ def layer_index(path: Sequence[str], patterns: Sequence[str] | None = None) -> i
   or `layers` followed by a component `3` gives 3. Without it, the first
   component, other than the module's own name, that is a number or ends in `_N`.
   """
-  comps = list(path)
+  comps = list(_split("/".join(str(p) for p in path)))  # Haiku keys hold "/"
   if patterns:
     alt = "|".join(re.escape(p) for p in patterns)
     for i, comp in enumerate(comps):

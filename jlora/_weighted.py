@@ -25,7 +25,8 @@ from jax import lax
 from jlora import _ops
 from jlora._config import LoraConfig
 from jlora._fields import ALL_LINEAR
-from jlora._targets import HEAD_NAMES, adapter_path, is_lora_key, path_str, selects
+from jlora._keys import restore
+from jlora._targets import adapter_path, is_head, is_lora_key, path_str, selects
 from jlora._tree import Params, _check_tree, flatten, get_path, kernel_key, slots, unflatten
 
 __all__ = ["add_weighted_adapter"]
@@ -195,7 +196,7 @@ def add_weighted_adapter(
     dtype = jnp.result_type(*(x for e in entries for x in (e.a, e.b)))
     out[(*module, a_key)], out[(*module, b_key)] = a.astype(dtype), b.astype(dtype)
     ranks[group["path"]] = a.shape[-1]
-  return unflatten(out), _output_config([c for _, c in pairs], ranks)
+  return restore(unflatten(out), pairs[0][0]), _output_config([c for _, c in pairs], ranks)
 
 
 # ------------------------------------------------------------------ checks
@@ -350,7 +351,7 @@ def _output_config(configs: list[LoraConfig], ranks: dict[tuple[str, ...], int])
   if any(config.rank_for(path_str(p)) != v for p, v in ranks.items()):  # a key also matched a longer path
     pattern = {re.escape(path_str(p)): v for p, v in sorted(ranks.items(), key=lambda item: -len(item[0]))}
     config = dataclasses.replace(config, rank_pattern=pattern, alpha_pattern=pattern)
-  if config.target_modules is None or not all(selects(config, p, "dense", is_head=bool(p) and p[-1] in HEAD_NAMES)
+  if config.target_modules is None or not all(selects(config, p, "dense", is_head=is_head(p))
                                               for p in ranks):
     config = dataclasses.replace(config, target_modules=tuple(path_str(p) for p in ranks), exclude_modules=None,
                                  layers_to_transform=None, layers_pattern=None)

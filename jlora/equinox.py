@@ -79,7 +79,7 @@ class LoraLinear(eqx.Module):
     y = self.base(x, key=key)
     r = self.lora_a.shape[-1]
     dt = jnp.result_type(x.dtype, self.lora_a.dtype)
-    x2 = _dropout(jnp.reshape(x, (1, -1)).astype(dt), self.dropout, key, self.inference)
+    x2 = _ops.dropout(None if self.inference else key, jnp.reshape(x, (1, -1)).astype(dt), self.dropout)
     a = self.lora_a.reshape(-1, r).astype(dt)  # (in, r)
     b = self.lora_b.reshape(-1, r).T.astype(dt)  # (r, out)
     delta = _ops.lora_delta("dense", x2, a, b, scale=self.scale)
@@ -105,13 +105,6 @@ class LoraEmbedding(eqx.Module):
     """`x`: an integer index -> `(dim,)`, like the base layer."""
     y = self.base(x, key=key)
     return y + _ops.lora_delta("embed", x, self.lora_a, self.lora_b, scale=self.scale).astype(y.dtype)
-
-
-def _dropout(x: jax.Array, rate: float, key: jax.Array | None, inference: bool) -> jax.Array:
-  if rate == 0.0 or key is None or inference:
-    return x
-  keep = jax.random.bernoulli(key, 1.0 - rate, x.shape)
-  return jnp.where(keep, x / (1.0 - rate), 0.0).astype(x.dtype)
 
 
 _WRAPPERS = (LoraLinear, LoraEmbedding)
@@ -251,8 +244,10 @@ def init(key: jax.Array, model: Any, config: LoraConfig, *, dtype: Any = jnp.flo
   Targets are matched on the module paths of `to_params` (`"query_proj"`,
   `"layers.0"`, regexes, `"all-linear"`: every Linear but an output head, i.e.
   a layer named `lm_head`, `classifier`, `score`, `qa_outputs` or `head`).
-  Adapters are initialised as by `jlora.init_tree` on `to_params(model)` (same
-  key, same values); base arrays are the same objects (PiSSA writes the residual).
+  Adapters are drawn as `jlora.init_tree` draws them for the same weights (for
+  a 2-D `Linear`, `init_tree` on `to_params(model)` gives the same values);
+  base arrays are the same objects (PiSSA writes the residual). LoRA dropout
+  acts when a `LoraLinear` call gets a `key`.
 
   Args:
     key: PRNG key for the adapter init.

@@ -33,6 +33,7 @@ import jax.numpy as jnp
 from jlora import _ops
 from jlora._config import LoraConfig
 from jlora._keys import stringify
+from jlora._targets import is_head, selects
 from jlora._tree import Adapter, Params, _check_tree, adapters
 
 __all__ = ["apply"]
@@ -68,6 +69,11 @@ def apply(fn: Callable[..., Any], params: Params, config: LoraConfig, *args, **k
     if ad.kernel_name != "w" or ad.layout != "concat" or ad.stack or ad.kernel.ndim != 2:
       raise ValueError(f"jlora.haiku.apply: the adapter at {ad.where!r} is not one of an hk.Linear `w` (in, out) "
                        f"(weight {ad.kernel_name!r} {tuple(ad.kernel.shape)}); use jlora.apply_merged for this model.")
+    if not selects(config, ad.path, "dense", is_head=is_head(ad.module)):
+      raise ValueError(
+          f"`params` holds an adapter at {ad.where!r}, which the config (target_modules={config.target_modules!r}, "
+          f"exclude_modules={config.exclude_modules!r}) does not select. Pass the LoraConfig that created it."
+      )
     found["/".join(ad.module)] = ad
   used: set[str] = set()
 
@@ -81,7 +87,10 @@ def apply(fn: Callable[..., Any], params: Params, config: LoraConfig, *args, **k
     used.add(context.module.module_name)
     x = a[0] if a else kw["inputs"]
     dt = jnp.result_type(x.dtype, ad.a.dtype)
-    delta = _ops.lora_delta("dense", x.astype(dt), ad.a.astype(dt), ad.b.astype(dt), scale=ad.scale,
+    # LoRA dropout draws from the transform's rng (`fn(params, rng, ...)`); with rng None it is off.
+    key = hk.maybe_next_rng_key() if config.lora_dropout else None
+    x = _ops.dropout(key, x.astype(dt), config.lora_dropout)
+    delta = _ops.lora_delta("dense", x, ad.a.astype(dt), ad.b.astype(dt), scale=ad.scale,
                             precision=kw.get("precision"))
     return y + delta.astype(y.dtype)
 

@@ -319,3 +319,21 @@ def test_docstring_examples_run(name):
 
   result = doctest.testmod(importlib.import_module(name), optionflags=doctest.ELLIPSIS)
   assert result.attempted > 0 and result.failed == 0
+
+
+def test_haiku_lora_dropout_uses_the_rng_and_layers_are_picked_through_slash_keys(haiku_model):
+  import jlora.haiku
+
+  f, params, x = haiku_model
+  cfg = jlora.LoraConfig(r=2, target_modules=["linear_0", "linear_1"], layers_to_transform=[1],
+                         layers_pattern="linear")
+  assert _adapted(jlora.init_tree(jax.random.key(2), params, cfg)) == ["mlp/~/linear_1"]
+  drop = jlora.LoraConfig(r=2, target_modules=["linear_0"], lora_dropout=0.5)
+  lp = _trained(jlora.init_tree(jax.random.key(2), params, drop))
+  plain = jlora.haiku.apply(f.apply, lp, drop, None, x)  # no rng: no dropout
+  np.testing.assert_allclose(plain, jlora.apply_merged(f.apply, lp, drop, None, x), atol=2e-5)
+  dropped = jlora.haiku.apply(f.apply, lp, drop, jax.random.key(5), x)
+  assert float(jnp.max(jnp.abs(dropped - plain))) > 1e-3
+  np.testing.assert_allclose(jlora.haiku.apply(f.apply, lp, drop, jax.random.key(5), x), dropped)  # same key
+  with pytest.raises(ValueError, match="does not select"):
+    jlora.haiku.apply(f.apply, lp, jlora.LoraConfig(r=2, target_modules=["linear_1"]), None, x)

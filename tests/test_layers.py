@@ -299,6 +299,112 @@ def test_wrong_input_name_is_a_clear_error():
   jlora.register_layer(MyDense, jlora.Layer(weight="w", input="inputs"))
   model, x, base = _mlp_with_custom_inner()
   config = jlora.LoraConfig(r=2, target_modules=["inner"])
-  params = jlora.init(jax.random.key(1), model, base, config, x)
-  with pytest.raises(TypeError, match="no argument 'inputs'"):
-    jlora.apply(model, params, config, x)
+  with pytest.raises(TypeError, match="no argument 'inputs'"):  # caught while init traces the model
+    jlora.init(jax.random.key(1), model, base, config, x)
+
+
+# ---------------------------------------------------------------- review fixes
+@pytest.mark.parametrize("axis", [(-1, -2), (-2, -1)])
+def test_dense_general_axes_in_any_order_match_the_merge(axis):
+  model, x = nn.DenseGeneral(4, axis=axis), jax.random.normal(jax.random.key(3), (2, 3, 5))
+  base = model.init(jax.random.key(0), x)["params"]
+  _check_factored_equals_merged(model, base, jlora.LoraConfig(r=2, target_modules=".*", init_lora_weights=False), x,
+                                jit=False)
+
+
+def test_nnx_linear_general_axes_in_reverse_order_match_the_merge():
+  from flax import nnx
+
+  from jlora import nnx as lnnx
+
+  model = nnx.LinearGeneral(in_features=(3, 5), out_features=4, axis=(-1, -2), rngs=nnx.Rngs(0))
+  x = jax.random.normal(jax.random.key(3), (2, 3, 5))  # flax sorts the axes: in_features (3, 5) are axes (-2, -1)
+  lora = lnnx.init(jax.random.key(1), model, jlora.LoraConfig(r=2, target_modules=".*", init_lora_weights=False), x)
+  assert _rel_err(lora(x), model(x)) > 1e-3
+  np.testing.assert_allclose(lora(x), lnnx.merge(lora)(x), atol=1e-5)
+
+
+class TorchStyleDense(nn.Module):
+  """A weight stored `(out, in)`, as PyTorch does."""
+
+  features: int
+
+  @nn.compact
+  def __call__(self, x):
+    return x @ self.param("weight", nn.initializers.lecun_normal(), (self.features, x.shape[-1])).T
+
+
+def test_out_in_weight_with_the_dense_layout_is_refused_and_an_equation_fixes_it():
+  model, x = TorchStyleDense(4), jnp.ones((2, 6))
+  base = model.init(jax.random.key(0), x)["params"]
+  config = jlora.LoraConfig(r=2, target_modules=".*", init_lora_weights=False)
+  jlora.register_layer(TorchStyleDense, jlora.Layer(weight="weight", input="x"))
+  with pytest.raises(ValueError, match=r"equation='\.\.\.i,oi->\.\.\.o'"):
+    jlora.init(jax.random.key(1), model, base, config, x)
+  jlora.register_layer(TorchStyleDense, jlora.Layer(weight="weight", input="x", equation="...i,oi->...o"))
+  _check_factored_equals_merged(model, base, config, jax.random.normal(jax.random.key(2), (2, 6)), jit=False)
+
+
+def test_positional_input_found_when_the_layer_is_called_by_keyword():
+  class ByKeyword(nn.Module):
+    @nn.compact
+    def __call__(self, x):
+      return MyDense(4, name="inner")(scale=1.0, x=x)
+
+  jlora.register_layer(MyDense, jlora.Layer(weight="w", input=1))
+  model, x = ByKeyword(), jax.random.normal(jax.random.key(2), (2, 6))
+  base = model.init(jax.random.key(0), x)["params"]
+  _check_factored_equals_merged(model, base, jlora.LoraConfig(r=2, target_modules=".*", init_lora_weights=False), x,
+                                jit=False)
+
+
+def test_einsum_called_with_another_equation_than_at_init_is_a_clear_error():
+  class E(nn.Module):
+    eq: str
+
+    @nn.compact
+    def __call__(self, x):
+      return nn.Einsum((4, 4), self.eq, name="e")(x)
+
+  x = jnp.ones((2, 4))
+  base = E("bi,io->bo").init(jax.random.key(0), x)["params"]
+  config = jlora.LoraConfig(r=2, target_modules=".*")
+  params = jlora.init(jax.random.key(1), E("bi,io->bo"), base, config, x)
+  with pytest.raises(ValueError, match="equation it had"):
+    jlora.apply(E("bo,io->bi"), params, config, x)
+
+
+def test_nested_call_of_the_same_layer_adds_the_term_once():
+  class Logged(nn.Dense):
+    def __call__(self, x):
+      return super().__call__(x)
+
+  class M(nn.Module):
+    @nn.compact
+    def __call__(self, x):
+      y = Logged(8, name="logged")(x)
+      return nn.remat(nn.Dense)(4, name="rematted")(y)
+
+  model, x = M(), jax.random.normal(jax.random.key(2), (2, 6))
+  base = model.init(jax.random.key(0), x)["params"]
+  _check_factored_equals_merged(model, base, jlora.LoraConfig(r=2, target_modules=["logged", "rematted"],
+                                                               init_lora_weights=False), x, jit=True)
+
+
+def test_weighted_keeps_integer_keys_and_save_peft_refuses_a_second_weight(tmp_path):
+  from jlora._weighted import add_weighted_adapter
+
+  base = {"layers": {0: {"w": jnp.ones((6, 4))}, 1: {"w": jnp.ones((4, 4))}}}
+  config = jlora.LoraConfig(r=2, target_modules=".*", init_lora_weights=False)
+  trainable, frozen = jlora.split(jlora.init_tree(jax.random.key(1), base, config), config)
+  tree, out = add_weighted_adapter([(trainable, config)], [0.5], "cat")
+  assert set(tree["layers"]) == {0, 1}
+  combined = jlora.combine(tree, frozen)
+  np.testing.assert_allclose(jlora.merge(combined, out)["layers"][0]["w"],
+                             1 + 0.5 * (jlora.merge(jlora.combine(trainable, frozen), config)["layers"][0]["w"] - 1),
+                             atol=1e-6)
+  model, x = gemma_layout.Transformer(), jnp.arange(12).reshape(2, 6) % 32
+  p = jlora.init(jax.random.key(1), model, model.init(jax.random.key(0), x)["params"],
+                 jlora.LoraConfig(r=2, target_modules=["linear"]), x)
+  with pytest.raises(ValueError, match="one of several weights"):
+    jlora.save_peft(tmp_path / "peft", model, p, jlora.LoraConfig(r=2, target_modules=["linear"]), name_map="flax")

@@ -17,7 +17,7 @@ import numpy as np
 from jax.sharding import NamedSharding, PartitionSpec, SingleDeviceSharding
 
 from jlora import _ops
-from jlora._targets import LORA_KEYS, is_lora_key
+from jlora._targets import is_lora_key, lora_pair
 from jlora._tree import Params, get_path, kernel_key, unflatten
 
 __all__ = ["Shardings", "default_sharding", "abstract_tree"]
@@ -63,10 +63,10 @@ def default_sharding(path: Path, shapes: Mapping[Path, tuple], base: Params) -> 
   leaf = path[-1]
   if not is_lora_key(leaf):
     return _device_sharding(node.get(leaf) if isinstance(node, Mapping) else None)
-  is_a = leaf.endswith("lora_a")
-  a_key, b_key = LORA_KEYS if leaf in LORA_KEYS else (leaf[:-1] + "a", leaf[:-1] + "b")
+  weight, a_key, b_key = lora_pair(leaf)
+  is_a = leaf == a_key
   try:
-    kernel = node[kernel_key(path[:-1], node) if leaf in LORA_KEYS else leaf[:-7]]
+    kernel = node[kernel_key(path[:-1], node) if weight is None else weight]
   except (ValueError, TypeError, KeyError):
     return _device_sharding(None)
   sharding = getattr(kernel, "sharding", None)

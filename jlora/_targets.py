@@ -17,7 +17,7 @@ from typing import NamedTuple
 from jlora._config import LoraConfig
 from jlora._fields import ALL_LINEAR
 
-__all__ = ["Site", "LINEAR_KINDS", "HEAD_NAMES", "KERNEL_KEYS", "LORA_KEYS", "lora_keys", "adapter_path", "is_head", "is_lora_key", "select_sites",
+__all__ = ["Site", "LINEAR_KINDS", "HEAD_NAMES", "KERNEL_KEYS", "LORA_KEYS", "lora_keys", "lora_pair", "adapter_path", "is_head", "is_lora_key", "select_sites",
            "selects", "is_saved", "matches", "layer_index", "path_str"]
 
 # Layer kinds: the linen classes jlora adapts.
@@ -49,6 +49,15 @@ def is_head(module: Sequence[str]) -> bool:
 def adapter_path(module: tuple[str, ...], kernel_name: str) -> tuple[str, ...]:
   """The path an adapter is named by (see `Site.path`): the module's, plus the weight's name if not a main weight."""
   return tuple(module) if kernel_name in KERNEL_KEYS else (*module, kernel_name)
+
+
+def lora_pair(key: str) -> tuple[str | None, str, str]:
+  """`(weight, a_key, b_key)` of an adapter leaf name: weight None for `lora_a`/`lora_b` (the module's main
+  weight), else the name its `<weight>_lora_a` / `_lora_b` prefix gives."""
+  if key in LORA_KEYS:
+    return None, *LORA_KEYS
+  weight = str(key)[:-len("_lora_a")]
+  return weight, f"{weight}_lora_a", f"{weight}_lora_b"
 
 
 def is_lora_key(key: str) -> bool:

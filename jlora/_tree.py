@@ -11,7 +11,7 @@ from typing import Any, NamedTuple
 
 from jlora import _ops
 from jlora._config import LoraConfig
-from jlora._targets import KERNEL_KEYS, LORA_KEYS, adapter_path, is_lora_key, is_saved
+from jlora._targets import KERNEL_KEYS, LORA_KEYS, adapter_path, is_lora_key, is_saved, lora_pair
 
 __all__ = [
     "LORA_KEYS", "KERNEL_KEYS", "Adapter", "Slot", "adapters", "check_adapters", "module_dicts", "slots",
@@ -57,10 +57,8 @@ class Slot(NamedTuple):
 
 
 def _node_slots(path: tuple[str, ...], node: Mapping) -> Iterator[Slot]:
-  weights = [None] if "lora_a" in node or "lora_b" in node else []
-  weights += sorted({str(k)[:-7] for k in node if is_lora_key(k) and k not in LORA_KEYS})
-  for weight in weights:
-    a_key, b_key = LORA_KEYS if weight is None else (f"{weight}_lora_a", f"{weight}_lora_b")
+  pairs = {lora_pair(k) for k in node if is_lora_key(k)}
+  for weight, a_key, b_key in sorted(pairs, key=lambda p: (p[0] is not None, p[0] or "")):
     if not (a_key in node and b_key in node):
       raise ValueError(
           f"Module {'/'.join(path)!r} has only one of {a_key} / {b_key}; the adapter is incomplete."

@@ -8,6 +8,7 @@ import pytest
 
 import jlora
 from jlora._targets import is_lora_key
+from tests.test_structure import _dot_shapes
 
 eqx = pytest.importorskip("equinox", reason="equinox (the dev extra) is needed for jlora.equinox")
 import jlora.equinox as jeqx  # noqa: E402  (after the importorskip)
@@ -108,18 +109,6 @@ def test_delta_is_in_the_weight_layout_and_factored_equals_merged(net):
   via_dict = jlora.merge(jeqx.to_params(model), CONFIG)
   for p, v in jlora._tree.flatten(jeqx.to_params(merged)).items():
     np.testing.assert_allclose(v, jlora._tree.get_path(via_dict, p), atol=1e-6)
-
-
-def _dot_shapes(jaxpr):
-  """Output shapes of every dot_general in a jaxpr and the jaxprs nested in its equations."""
-  for eqn in jaxpr.eqns:
-    if eqn.primitive.name == "dot_general":
-      yield tuple(eqn.outvars[0].aval.shape)
-    for param in eqn.params.values():
-      for inner in param if isinstance(param, (tuple, list)) else (param,):
-        inner = getattr(inner, "jaxpr", inner)
-        if hasattr(inner, "eqns"):
-          yield from _dot_shapes(inner)
 
 
 def test_gradients_reach_only_the_adapters_and_training_moves_them(net):

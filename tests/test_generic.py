@@ -13,6 +13,7 @@ import safetensors.numpy
 
 import jlora
 from jlora import _keys
+from tests.test_structure import _dot_shapes
 
 hk = pytest.importorskip("haiku", reason="dm-haiku (the dev extra) is needed for the Haiku tests")
 
@@ -111,17 +112,6 @@ def test_haiku_apply_merged_is_the_lora_math_and_trains_only_adapters(haiku_mode
   assert jax.tree.structure(grads) == jax.tree.structure(trainable)
   assert sorted(grads) == ["attn/query", "attn/value", "mlp/~/linear_0"]
   assert all(float(jnp.abs(g).max()) > 0 for g in jax.tree.leaves(grads))
-
-
-def _dot_shapes(jaxpr):
-  for eqn in jaxpr.eqns:
-    if eqn.primitive.name == "dot_general":
-      yield tuple(eqn.outvars[0].aval.shape)
-    for param in eqn.params.values():
-      for inner in param if isinstance(param, (tuple, list)) else (param,):
-        inner = getattr(inner, "jaxpr", inner)
-        if hasattr(inner, "eqns"):
-          yield from _dot_shapes(inner)
 
 
 def test_haiku_factored_apply_equals_the_merge_and_forms_no_weight_gradient(haiku_model):

@@ -103,6 +103,12 @@ def _dots(jaxpr):
 
 
 @pytest.mark.parametrize("net", list(NETS))
+def _dot_shapes(jaxpr):
+  """Output shapes of every dot_general in a jaxpr and the jaxprs nested in its equations."""
+  return [tuple(e.outvars[0].aval.shape) for e in _dots(jaxpr)]
+
+
+@pytest.mark.parametrize("net", list(NETS))
 def test_rank_r_matmuls_are_2d(net):
   step, args = _step(materialize=False, net=net)
   lora = [e for e in _dots(jax.make_jaxpr(step)(*args).jaxpr) if any(R in v.aval.shape for v in e.invars)]

@@ -11,7 +11,6 @@ import numpy as np
 
 from jlora import _ops, _tree
 from jlora._config import LoraConfig
-from jlora._keys import restore, stringify
 from jlora._targets import is_lora_key
 from jlora._tree import Adapter, Params, _check_tree, adapted_modules
 
@@ -179,6 +178,4 @@ def apply_merged(fn: Callable[..., Any], params: Params, config: LoraConfig, *ar
     True
   """
   _check_fn(fn)
-  _check_tree(params)
-  tree = stringify(params)
-  return fn(restore(merge(tree, config), params), *args, **kwargs)
+  return fn(merge(params, config), *args, **kwargs)  # merge keeps the tree's own keys (integers too)

@@ -6,20 +6,14 @@ from collections.abc import Callable, Mapping
 from typing import Any
 
 import jax
-import jax.numpy as jnp
 import numpy as np
 
 from jlora import _ops, _tree
 from jlora._config import LoraConfig
 from jlora._targets import is_lora_key
-from jlora._tree import Adapter, Params, _check_tree, adapted_modules
+from jlora._tree import Params, _check_tree, adapted_modules
 
 __all__ = ["merge", "unmerge", "apply_merged"]
-
-
-def _scaled_delta(ad: Adapter) -> jax.Array:
-  """`s·A·B` in the kernel's layout, in float32."""
-  return ad.scale * _ops.delta_kernel(ad.a, ad.b, ad.kernel.shape)
 
 
 def _rebuild(tree: Params, replace: dict[tuple[str, ...], dict], drop_lora: bool, prefix=()) -> dict:
@@ -68,7 +62,7 @@ def merge(params: Params, config: LoraConfig, *, safe: bool = False) -> dict:
   replace: dict[tuple[str, ...], dict] = {}
   for ad in _tree.adapters(params, config):
     w0 = ad.kernel
-    merged = (w0.astype(jnp.float32) + _scaled_delta(ad)).astype(w0.dtype)
+    merged = _ops.fold(w0, ad.a, ad.b, ad.scale)
     if safe:
       _check_finite(f"{ad.where}/{ad.kernel_name}", merged)
     replace.setdefault(ad.module, {})[ad.kernel_name] = merged
@@ -109,7 +103,7 @@ def unmerge(merged: Params, adapters: Params, config: LoraConfig) -> dict:
   replace: dict[tuple[str, ...], dict] = {}
   for ad in _tree.adapters(adapters, config, kernels=merged):
     w = ad.kernel
-    w0 = (w.astype(jnp.float32) - _scaled_delta(ad)).astype(w.dtype)
+    w0 = _ops.fold(w, ad.a, ad.b, ad.scale, sign=-1)
     replace.setdefault(ad.module, {}).update({ad.kernel_name: w0, ad.a_key: ad.a, ad.b_key: ad.b})
   if not replace:
     raise ValueError("unmerge: `adapters` holds no lora_a/lora_b leaves.")

@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import jax
-import jax.numpy as jnp
 from flax import nnx
 
 from jlora import _ops
@@ -18,11 +16,6 @@ __all__ = ["merge", "unmerge"]
 
 def _kernel(module: nnx.Module) -> nnx.Variable:
   return module.embedding if module.lora_kind == "embed" else module.kernel
-
-
-def _scaled_delta(module: nnx.Module, kernel: jax.Array) -> jax.Array:
-  """`s·A·B` in the kernel's layout (stacked layers per layer), in float32, through `jlora._ops.delta_kernel`."""
-  return module.lora_scale * _ops.delta_kernel(module.lora_a.get_value(), module.lora_b.get_value(), kernel.shape)
 
 
 def merge(model: nnx.Module) -> nnx.Module:
@@ -49,7 +42,7 @@ def merge(model: nnx.Module) -> nnx.Module:
   for module in adapted(out).values():
     var = _kernel(module)
     w0 = var.get_value()
-    var.set_value((w0.astype(jnp.float32) + _scaled_delta(module, w0)).astype(w0.dtype))
+    var.set_value(_ops.fold(w0, module.lora_a.get_value(), module.lora_b.get_value(), module.lora_scale))
   strip(out)
   return out
 
@@ -97,5 +90,5 @@ def unmerge(merged: nnx.Module, model: nnx.Module) -> nnx.Module:
   for module in adapted(out).values():
     var = _kernel(module)
     w = var.get_value()
-    var.set_value((w.astype(jnp.float32) - _scaled_delta(module, w)).astype(w.dtype))
+    var.set_value(_ops.fold(w, module.lora_a.get_value(), module.lora_b.get_value(), module.lora_scale, sign=-1))
   return out

@@ -26,7 +26,7 @@ from jax import lax
 
 from jlora._targets import Site
 
-__all__ = ["adapter_shapes", "layout", "init_adapter", "pissa", "delta_kernel", "check_adapter", "check_equation",
+__all__ = ["adapter_shapes", "layout", "init_adapter", "pissa", "delta_kernel", "fold", "check_adapter", "check_equation",
            "dropout", "lora_delta", "contract_last"]
 
 
@@ -101,6 +101,12 @@ def delta_kernel(a: jax.Array, b: jax.Array, kernel_shape) -> jax.Array:
   a2 = a.reshape(a.shape[:s] + (-1, r))
   b2 = b.reshape(b.shape[:s] + (r, -1))
   return jnp.matmul(a2, b2, precision=lax.Precision.HIGHEST).reshape(kernel_shape)
+
+
+def fold(kernel: jax.Array, a: jax.Array, b: jax.Array, scale: float, sign: int = 1) -> jax.Array:
+  """`W0 + sign·s·A·B` in the kernel's layout and dtype, summed in float32 (merge: +1, unmerge: -1)."""
+  delta = scale * delta_kernel(a, b, kernel.shape)
+  return (kernel.astype(jnp.float32) + sign * delta).astype(kernel.dtype)
 
 
 # --------------------------------------------------------------- init

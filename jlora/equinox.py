@@ -286,9 +286,7 @@ def merge(model: Any) -> Any:
   def fold(node: Any) -> Any:
     if not isinstance(node, _WRAPPERS):
       return node
-    w = node.base.weight
-    delta = node.scale * _ops.delta_kernel(node.lora_a, node.lora_b, w.shape)
-    return eqx.tree_at(lambda m: m.weight, node.base, (w.astype(jnp.float32) + delta).astype(w.dtype))
+    return eqx.tree_at(lambda m: m.weight, node.base, _ops.fold(node.base.weight, node.lora_a, node.lora_b, node.scale))
 
   return jax.tree.map(fold, model, is_leaf=lambda x: isinstance(x, _WRAPPERS))
 

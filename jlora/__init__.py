@@ -1,6 +1,12 @@
 """jlora: LoRA fine-tuning for JAX/Flax as transforms of parameter pytrees."""
 
+from jlora._adapter_set import AdapterSet as AdapterSet
+from jlora._adapter_set import load_adapter_set as load_adapter_set
 from jlora._apply_fn import lora_apply as lora_apply
+from jlora._bank import AdapterBank as AdapterBank
+from jlora._bank import apply_bank as apply_bank
+from jlora._bank import bank_apply as bank_apply
+from jlora._bank import stack_adapters as stack_adapters
 from jlora._config import LoraConfig as LoraConfig
 from jlora._fields import TaskType as TaskType
 from jlora._init import init_tree as init_tree
@@ -9,6 +15,7 @@ from jlora._layers import register_layer as register_layer
 from jlora._linen import apply as apply
 from jlora._linen import init as init
 from jlora._merge import apply_merged as apply_merged
+from jlora._merge import dora_norms as dora_norms
 from jlora._merge import merge as merge
 from jlora._merge import unmerge as unmerge
 from jlora._optim import optimizer as optimizer
@@ -27,18 +34,24 @@ from jlora.checkpoint import save_adapter as save_adapter
 __version__ = "0.1.0"
 
 __all__ = [
+    "AdapterBank",
+    "AdapterSet",
     "Layer",
     "LoraConfig",
     "Summary",
     "TaskType",
     "add_weighted_adapter",
     "apply",
+    "apply_bank",
     "apply_merged",
+    "bank_apply",
     "combine",
+    "dora_norms",
     "init",
     "init_tree",
     "labels",
     "load_adapter",
+    "load_adapter_set",
     "load_peft",
     "lora_apply",
     "merge",
@@ -47,6 +60,7 @@ __all__ = [
     "save_adapter",
     "save_peft",
     "split",
+    "stack_adapters",
     "summary",
     "trainable_mask",
     "unmerge",

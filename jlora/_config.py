@@ -17,7 +17,7 @@ from typing import Any
 from jlora import _io
 from jlora._fields import FrozenMapping, TargetSpec, TaskType, normalize, pattern_lookup
 
-__all__ = ["LoraConfig"]
+__all__ = ["LoraConfig", "refuse_dora"]
 
 
 @dataclasses.dataclass(frozen=True)
@@ -50,6 +50,10 @@ class LoraConfig:
     bias: `"none"`, `"all"` (every bias of the model trains and is saved) or
       `"lora_only"` (only the biases of adapted layers).
     use_rslora: scale by `lora_alpha / sqrt(r)` (rank-stabilized LoRA).
+    use_dora: DoRA (weight-decomposed LoRA): a trainable magnitude per output
+      feature, `y = m ⊙ (W0 + s·A·B)x / ‖W0 + s·A·B‖` with the norm taken over
+      each output's inputs and treated as a constant in the backward pass, as
+      in PEFT (linen models: `jlora.init` / `jlora.apply`).
     init_lora_weights: `True` (A kaiming-uniform, B zero), `"gaussian"`
       (A ~ N(0, (1/r)²), B zero), `False` (B non-zero too; for tests only) or
       `"pissa"` (A, B from the top-r SVD of W0; the residual replaces W0).
@@ -74,6 +78,7 @@ class LoraConfig:
   alpha_pattern: FrozenMapping = dataclasses.field(default_factory=FrozenMapping)
   bias: str = "none"
   use_rslora: bool = False
+  use_dora: bool = False
   init_lora_weights: bool | str = True
   modules_to_save: tuple[str, ...] | None = None
   task_type: TaskType | None = None
@@ -132,7 +137,7 @@ class LoraConfig:
     """Builds a config from a PEFT-style dict.
 
     Unknown keys are ignored with a warning; PEFT features that jlora does not
-    implement (DoRA, LoRA bias, ...) raise when they are switched on.
+    implement (LoRA bias, QA-LoRA, ...) raise when they are switched on.
 
     Raises:
       TypeError: `data` is not a mapping.
@@ -202,6 +207,16 @@ class LoraConfig:
       raise type(e)(f"{source}: {e}") from None
 
 
+def refuse_dora(config: LoraConfig, caller: str, why: str) -> None:
+  """Raises a ValueError naming `caller` when `config.use_dora`: a path that cannot compute DoRA must not run."""
+  if config.use_dora:
+    raise ValueError(
+        f"{caller}: the config has use_dora=True, which this path does not compute ({why}). DoRA runs with "
+        "jlora.init / jlora.apply (linen, factored) and jlora.init_tree / jlora.apply_merged (any model); or set "
+        "use_dora=False."
+    )
+
+
 def _read_text(path_or_text: str | os.PathLike, inline: Callable[[str], bool]) -> tuple[str, str]:
   """`(text, source)`: a file's text, or the argument itself where `inline(it)` says it is text, not a path."""
   if isinstance(path_or_text, str) and inline(path_or_text):
@@ -217,7 +232,6 @@ def _read_text(path_or_text: str | os.PathLike, inline: Callable[[str], bool]) -
 
 # PEFT keys that name features jlora does not implement: (default, description).
 _UNSUPPORTED = {
-    "use_dora": (False, "DoRA (weight-decomposed LoRA)"),
     "lora_bias": (False, "a trainable bias on lora_B"),
     "layer_replication": (None, "layer replication"),
     "use_qalora": (False, "QA-LoRA"),

@@ -212,7 +212,7 @@ def normalize(cfg: Any) -> dict[str, Any]:
           "(or SEQUENCE_CLASSIFICATION / TOKEN_CLASSIFICATION)."
       ) from None
   out["task_type"] = task
-  for flag in ("use_rslora", "fan_in_fan_out", "inference_mode"):
+  for flag in ("use_rslora", "use_dora", "fan_in_fan_out", "inference_mode"):
     if not isinstance(getattr(cfg, flag), bool):
       raise TypeError(f"`{flag}` must be True or False, got {getattr(cfg, flag)!r}.")
   return out

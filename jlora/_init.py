@@ -17,7 +17,7 @@ from jlora import _ops
 from jlora._config import LoraConfig
 from jlora._keys import restore, stringify
 from jlora._plain import KERNEL_NAMES, LayoutLike, tree_sites
-from jlora._targets import Site, lora_keys, path_str, select_sites
+from jlora._targets import Site, lora_keys, magnitude_key, path_str, select_sites
 from jlora._tree import Params, _check_tree, get_path, has_adapters
 
 __all__ = ["add_adapters", "init_tree"]
@@ -72,6 +72,9 @@ def add_adapters(key: jax.Array, params: Params, config: LoraConfig, sites: Sequ
       a, b = _ops.init_adapter(_site_key(key, site.path), site, r, stack, config.init_lora_weights, dtype)
     a_key, b_key = lora_keys(site.kernel_name)
     node[a_key], node[b_key] = a, b
+    if config.use_dora:  # the magnitude starts at ‖W0 + s·A·B‖, so the model is unchanged at init
+      node[magnitude_key(site.kernel_name)] = _ops.column_norm(node[site.kernel_name], a, b,
+                                                               config.scale_for(where)).astype(dtype)
   return out
 
 

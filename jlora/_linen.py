@@ -19,7 +19,6 @@ cached trace would keep or lose LoRA behind the user's back).
 
 from __future__ import annotations
 
-import contextvars
 from collections.abc import Mapping
 from typing import Any
 
@@ -29,25 +28,23 @@ import jax.numpy as jnp
 
 from jlora import _ops
 from jlora._config import LoraConfig
+from jlora._forward import BYPASS, Forward
 from jlora._init import add_adapters
-from jlora._layers import Call, describe, kinds_listing
+from jlora._layers import Call, describe
 from jlora._linen_run import run_fresh, warn_if_closed_over
-from jlora._targets import Site, adapter_path, is_head, lora_keys, path_str, selects
-from jlora._tree import Params, _check_tree, has_adapters, slots
+from jlora._targets import Site, adapter_path, is_head, path_str
+from jlora._tree import Params, _check_tree, has_adapters
 
 __all__ = ["init", "apply"]
-
-# Set while jlora runs a helper module of its own (the LoRA half of a Conv), so
-# that the interceptor lets that inner call through untouched.
-_BYPASS: contextvars.ContextVar[bool] = contextvars.ContextVar("jlora_bypass", default=False)
-# The adapters whose layer call is running: a nested call of the same layer (a subclass calling
-# `super().__call__`, the inner call of `nn.remat(nn.Dense)`) must not add the LoRA term twice.
-_ACTIVE: contextvars.ContextVar[frozenset] = contextvars.ContextVar("jlora_active", default=frozenset())
-
 
 def _check_args(model: Any, config: Any) -> None:
   if not isinstance(config, LoraConfig):
     raise TypeError(f"`config` must be a jlora.LoraConfig, got {type(config).__name__}.")
+  check_model(model)
+
+
+def check_model(model: Any) -> None:
+  """Raises a TypeError naming the right front-end unless `model` is a linen Module."""
   if not isinstance(model, nn.Module):
     raise TypeError(
         f"`model` must be a flax.linen Module, got {type(model).__name__}. For Flax NNX models use jlora.nnx, for "
@@ -118,7 +115,7 @@ def _discover(model: nn.Module, params: Params, args, kwargs, variables) -> list
   def record(next_fun, args, kwargs, context):
     layer = describe(context.module, context.method_name)
     y = next_fun(*args, **kwargs)
-    if layer is None or layer.kind == "attend" or _BYPASS.get():
+    if layer is None or layer.kind == "attend" or BYPASS.get():
       return y
     call = Call(context.module, layer, args, kwargs)
     site = _site(call)
@@ -194,98 +191,6 @@ def init(key: jax.Array, model: nn.Module, params: Params, config: LoraConfig, *
   return add_adapters(key, params, config, sites, dtype=dtype)
 
 
-class _Forward:
-  """The interceptor of `apply`: adds `s·(dropout(x)·A)·B` to each adapted layer, and records which it adapted."""
-
-  def __init__(self, config: LoraConfig):
-    self.config = config
-    self.consumed: set[tuple[tuple[str, ...], str]] = set()  # (module path, A leaf name)
-
-  def __call__(self, next_fun, args, kwargs, context):
-    module = context.module
-    layer = describe(module, context.method_name)
-    if layer is None or _BYPASS.get():
-      return next_fun(*args, **kwargs)
-    kernel_name = layer.weight_name(module)
-    a_key, b_key = lora_keys(kernel_name)
-    active = (tuple(module.path), a_key)
-    if not module.has_variable("params", a_key) or active in _ACTIVE.get():
-      return next_fun(*args, **kwargs)
-    token = _ACTIVE.set(_ACTIVE.get() | {active})
-    try:
-      y = next_fun(*args, **kwargs)
-    finally:
-      _ACTIVE.reset(token)
-    call = Call(module, layer, args, kwargs)
-    kind = layer.kind
-    a = module.get_variable("params", a_key)
-    b = module.get_variable("params", b_key)
-    path = adapter_path(tuple(module.path), kernel_name)
-    where = path_str(path)
-    self._validate(path, kind, module, kernel_name, a, b)
-    if kind == "einsum":
-      _ops.check_equation(where, call.equation, module.get_variable("params", kernel_name).shape, a.shape)
-    self.consumed.add((tuple(module.path), a_key))
-    x = call.input
-    if kind in ("embed", "attend"):
-      dt = a.dtype if kind == "embed" else jnp.result_type(x.dtype, a.dtype)
-    else:
-      dt = jnp.result_type(x.dtype, a.dtype)
-      x = self._dropout(module, x)
-    a, b = a.astype(dt), b.astype(dt)
-    x = x if kind == "embed" else x.astype(dt)
-    precision = getattr(module, "precision", None)
-    scale = self.config.scale_for(where)
-    if kind == "conv":
-      lora_in = module.clone(parent=None, features=a.shape[-1], use_bias=False, mask=None, dtype=dt, param_dtype=dt)
-      token = _BYPASS.set(True)
-      try:
-        u = lora_in.apply({"params": {"kernel": a}}, x)
-      finally:
-        _BYPASS.reset(token)
-      delta = _ops.contract_last(u * scale, b, precision)
-    elif kind in ("dense", "dense_general"):
-      delta = _ops.lora_delta(kind, x, a, b, scale=scale, axis=layer.axes(module), precision=precision)
-    else:
-      delta = _ops.lora_delta(kind, x, a, b, scale=scale, einsum_str=call.equation if kind == "einsum" else None,
-                              precision=precision)
-    return y + delta.astype(y.dtype)
-
-  def _dropout(self, module: nn.Module, x: jax.Array) -> jax.Array:
-    rate = self.config.lora_dropout
-    key = module.make_rng("lora_dropout") if rate and module.has_rng("lora_dropout") else None
-    return _ops.dropout(key, x, rate)
-
-  def _validate(self, path, kind, module, kernel_name, a, b) -> None:
-    where = path_str(path)
-    cfg = self.config
-    kind = "embed" if kind == "attend" else kind
-    if not selects(cfg, path, kind, is_head=is_head(module.path)):
-      raise ValueError(
-          f"`params` holds an adapter at {where!r}, which the config (target_modules={cfg.target_modules!r}, "
-          f"exclude_modules={cfg.exclude_modules!r}, layers_to_transform={cfg.layers_to_transform!r}) does not "
-          "select. Pass the LoraConfig that created it."
-      )
-    kernel = module.get_variable("params", kernel_name)
-    _ops.check_adapter(where, kernel.shape, a.shape, b.shape, cfg.rank_for(where))
-
-  def check_consumed(self, params: Params) -> None:
-    """Raises naming every adapter in `params` that no intercepted call read: the forward would ignore it."""
-    unused = [s for s in slots(params) if (s.module, s.a_key) not in self.consumed]
-    if not unused:
-      return
-    names = [path_str(s.module if s.weight is None else (*s.module, s.weight)) for s in unused]
-    listed = ", ".join(repr(n) for n in names[:8]) + (f" and {len(names) - 8} more" if len(names) > 8 else "")
-    raise ValueError(
-        f"jlora.apply: {len(names)} adapter(s) in `params` were not used by this forward: {listed}. No layer "
-        "that jlora intercepts read them, so the output there would be the base model's. Causes: the module's "
-        f"class is not one jlora adapts (it adapts {kinds_listing()}; teach it yours with jlora.register_layer); "
-        "adapters made by jlora.init_tree for a linen model (use jlora.init); a `method=` or inputs that do not run "
-        "those modules; or modules renamed since the adapters were made. If this forward is meant to skip them "
-        "(e.g. method=encode of an encoder-decoder), pass allow_unused=True."
-    )
-
-
 def apply(model: nn.Module, params: Params, config: LoraConfig, *args, rngs: Mapping[str, jax.Array] | None = None,
           variables: Mapping[str, Any] | None = None, allow_unused: bool = False, **kwargs) -> Any:
   """The LoRA forward of a linen model: pure, jittable, differentiable.
@@ -329,10 +234,16 @@ def apply(model: nn.Module, params: Params, config: LoraConfig, *args, rngs: Map
         "`params` holds no LoRA adapter (no lora_a/lora_b leaves), so jlora.apply would run the bare base model. "
         "Create adapters with jlora.init, or pass jlora.combine(trainable, frozen)."
     )
+  return run_forward(Forward(config), model, params, args, kwargs, rngs, variables, allow_unused)
+
+
+def run_forward(forward: Forward, model: nn.Module, params: Params, args: tuple, kwargs: dict,
+                rngs: Mapping[str, jax.Array] | None, variables: Mapping[str, Any] | None, allow_unused: bool,
+                fn: str = "jlora.apply") -> Any:
+  """Runs `model` with `forward` intercepting its layers, then checks that every adapter was read."""
   warn_if_closed_over(params)
-  forward = _Forward(config)
   with nn.intercept_methods(forward):
     out = run_fresh(model, {"params": params, **(variables or {})}, args, {**kwargs, "rngs": rngs})
   if not allow_unused:
-    forward.check_consumed(params)
+    forward.check_consumed(params, fn)
   return out

@@ -13,7 +13,7 @@ from jlora._config import LoraConfig
 from jlora._targets import is_lora_key
 from jlora._tree import Params, _check_tree, adapted_modules
 
-__all__ = ["merge", "unmerge", "apply_merged"]
+__all__ = ["merge", "unmerge", "apply_merged", "dora_norms"]
 
 
 def _rebuild(tree: Params, replace: dict[tuple[str, ...], dict], drop_lora: bool, prefix=()) -> dict:
@@ -41,6 +41,9 @@ def _check_finite(where: str, value: jax.Array) -> None:
 def merge(params: Params, config: LoraConfig, *, safe: bool = False) -> dict:
   """Folds every adapter into its kernel: `W ← W0 + s·A·B`, and drops the adapter leaves.
 
+  A DoRA adapter folds as `W ← m·(W0 + s·A·B)/‖W0 + s·A·B‖` (`jlora.unmerge`
+  then needs `jlora.dora_norms` taken before the merge).
+
   The result has the base's tree structure, shapes and dtypes, so plain
   `model.apply` runs it with no added latency. The sum is computed in float32
   and cast back to the kernel's dtype. Stacked (scanned) layers merge per layer.
@@ -62,7 +65,10 @@ def merge(params: Params, config: LoraConfig, *, safe: bool = False) -> dict:
   replace: dict[tuple[str, ...], dict] = {}
   for ad in _tree.adapters(params, config):
     w0 = ad.kernel
-    merged = _ops.fold(w0, ad.a, ad.b, ad.scale)
+    if ad.magnitude is None:
+      merged = _ops.fold(w0, ad.a, ad.b, ad.scale)
+    else:
+      merged = _ops.dora_fold(w0, ad.a, ad.b, ad.scale, ad.magnitude)
     if safe:
       _check_finite(f"{ad.where}/{ad.kernel_name}", merged)
     replace.setdefault(ad.module, {})[ad.kernel_name] = merged
@@ -74,7 +80,27 @@ def merge(params: Params, config: LoraConfig, *, safe: bool = False) -> dict:
   return _rebuild(params, replace, drop_lora=True)
 
 
-def unmerge(merged: Params, adapters: Params, config: LoraConfig) -> dict:
+def dora_norms(params: Params, config: LoraConfig) -> dict:
+  """DoRA's column norms `‖W0 + s·A·B‖` of every DoRA adapter, for `unmerge` after `merge`.
+
+  A DoRA merge `W = m·(W0 + s·A·B)/‖W0 + s·A·B‖` keeps only the direction: the
+  norm cannot be read back from `W`, so take it before merging.
+
+  Returns:
+    A tree `{module path: {magnitude leaf name: norm}}`, each norm shaped like its magnitude.
+  """
+  _check_tree(params)
+  out: dict = {}
+  for ad in _tree.adapters(params, config):
+    if ad.magnitude is not None:
+      node = out
+      for key in ad.module:
+        node = node.setdefault(key, {})
+      node[ad.m_key] = _ops.column_norm(ad.kernel, ad.a, ad.b, ad.scale)
+  return out
+
+
+def unmerge(merged: Params, adapters: Params, config: LoraConfig, *, norms: Params | None = None) -> dict:
   """Undoes `merge`: `W0 ← W − s·A·B`, with the adapters put back beside the kernels.
 
   Args:
@@ -82,6 +108,8 @@ def unmerge(merged: Params, adapters: Params, config: LoraConfig) -> dict:
     adapters: a tree holding the adapters that were merged: the unmerged
       params, or just the trainable half of `jlora.split`.
     config: the config of those adapters.
+    norms: for DoRA adapters, `jlora.dora_norms(params, config)` taken before
+      the merge (`W0 = W·‖W0 + s·A·B‖/m − s·A·B`).
 
   Returns:
     The params with adapters; `W0` is restored up to the rounding of the float32
@@ -89,8 +117,8 @@ def unmerge(merged: Params, adapters: Params, config: LoraConfig) -> dict:
 
   Raises:
     ValueError: `merged` still holds adapters (it is not a merged tree: subtracting
-      would corrupt the kernels), `adapters` holds none, or an adapter does
-      not fit the merged kernel.
+      would corrupt the kernels), `adapters` holds none, an adapter does
+      not fit the merged kernel, or a DoRA adapter without its `norms`.
   """
   _check_tree(merged, "merged")
   _check_tree(adapters, "adapters")
@@ -103,11 +131,30 @@ def unmerge(merged: Params, adapters: Params, config: LoraConfig) -> dict:
   replace: dict[tuple[str, ...], dict] = {}
   for ad in _tree.adapters(adapters, config, kernels=merged):
     w = ad.kernel
-    w0 = _ops.fold(w, ad.a, ad.b, ad.scale, sign=-1)
-    replace.setdefault(ad.module, {}).update({ad.kernel_name: w0, ad.a_key: ad.a, ad.b_key: ad.b})
+    leaves = {ad.a_key: ad.a, ad.b_key: ad.b}
+    if ad.magnitude is None:
+      w0 = _ops.fold(w, ad.a, ad.b, ad.scale, sign=-1)
+    else:
+      w0 = _ops.dora_unfold(w, ad.a, ad.b, ad.scale, ad.magnitude, _norm(norms, ad))
+      leaves[ad.m_key] = ad.magnitude
+    replace.setdefault(ad.module, {}).update({ad.kernel_name: w0, **leaves})
   if not replace:
     raise ValueError("unmerge: `adapters` holds no lora_a/lora_b leaves.")
   return _rebuild(merged, replace, drop_lora=False)
+
+
+def _norm(norms: Params | None, ad: _tree.Adapter) -> Any:
+  try:
+    norm = _tree.get_path(norms, (*ad.module, ad.m_key)) if norms is not None else None
+  except (KeyError, TypeError):
+    norm = None
+  if norm is None or tuple(norm.shape) != tuple(ad.magnitude.shape):
+    raise ValueError(
+        f"unmerge: {ad.where!r} is a DoRA adapter, whose merge keeps only the direction of W0 + s·A·B: its norm "
+        f"must be given. Take norms = jlora.dora_norms(params, config) before jlora.merge and pass "
+        f"unmerge(..., norms=norms){'' if norms is None else ' (the given `norms` has no fitting entry there)'}."
+    )
+  return norm
 
 
 def _package(obj: Any) -> str:

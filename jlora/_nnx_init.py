@@ -16,7 +16,7 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from jlora._config import LoraConfig
+from jlora._config import LoraConfig, refuse_dora
 from jlora._init import add_adapters
 from jlora._nnx_graph import Path, adapted, check_config, check_model, sites, to_params, walk
 from jlora._nnx_layer import install, uninstall
@@ -99,6 +99,7 @@ def init(key: jax.Array, model: nnx.Module, config: LoraConfig, *args, rngs: nnx
   """
   check_model(model)
   check_config(config)
+  refuse_dora(config, "jlora.nnx.init", "its Lora layers add the plain LoRA term")
   _check_base(model, "init")
   found, eqs = sites(model, args, kwargs)
   if not found:

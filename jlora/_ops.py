@@ -27,7 +27,7 @@ from jax import lax
 from jlora._targets import Site
 
 __all__ = ["adapter_shapes", "layout", "init_adapter", "pissa", "delta_kernel", "fold", "check_adapter", "check_equation",
-           "dropout", "lora_delta", "contract_last"]
+           "dropout", "lora_delta", "contract_last", "magnitude_shape", "column_norm", "dora_fold", "dora_unfold", "contract", "parse_einsum"]
 
 
 # ----------------------------------------------------------------- shapes
@@ -109,6 +109,41 @@ def fold(kernel: jax.Array, a: jax.Array, b: jax.Array, scale: float, sign: int 
   return (kernel.astype(jnp.float32) + sign * delta).astype(kernel.dtype)
 
 
+# --------------------------------------------------------------- DoRA
+def magnitude_shape(a_shape, b_shape, kernel_shape) -> tuple[int, ...]:
+  """The shape of a DoRA magnitude: the kernel's (with its stack axes), input axes of size 1 (it broadcasts)."""
+  form, s = layout(a_shape, b_shape, kernel_shape)
+  if form == "broadcast":
+    return tuple(b_shape[:-1])
+  n_in = len(a_shape) - 1 - s
+  return tuple(kernel_shape[:s]) + (1,) * n_in + tuple(kernel_shape[s + n_in:])
+
+
+def column_norm(kernel: jax.Array, a: jax.Array, b: jax.Array, scale) -> jax.Array:
+  """`‖W0 + s·A·B‖` over each output element's input axes, float32, in `magnitude_shape` (keepdims).
+
+  DoRA's weight norm: `W0 + s·A·B` is formed per layer (d_in × d_out, as PEFT does).
+  """
+  shape = magnitude_shape(a.shape, b.shape, kernel.shape)
+  axes = tuple(i for i, (m, k) in enumerate(zip(shape, kernel.shape)) if m == 1 and k != 1)
+  v = jnp.asarray(kernel).astype(jnp.float32) + scale * delta_kernel(a, b, kernel.shape)
+  return jnp.sqrt(jnp.sum(jnp.square(v), axis=axes, keepdims=True))
+
+
+def dora_fold(kernel: jax.Array, a: jax.Array, b: jax.Array, scale: float, magnitude: jax.Array) -> jax.Array:
+  """DoRA's merge `m · (W0 + s·A·B) / ‖W0 + s·A·B‖`, in float32, cast back to the kernel's dtype."""
+  v = jnp.asarray(kernel).astype(jnp.float32) + scale * delta_kernel(a, b, kernel.shape)
+  norm = lax.stop_gradient(column_norm(kernel, a, b, scale))  # a constant for gradients, as in the forward
+  return (magnitude.astype(jnp.float32) / norm * v).astype(kernel.dtype)
+
+
+def dora_unfold(merged: jax.Array, a: jax.Array, b: jax.Array, scale: float, magnitude: jax.Array,
+                norm: jax.Array) -> jax.Array:
+  """The inverse of `dora_fold`, given the norm `‖W0 + s·A·B‖` from before the merge (the merge loses it)."""
+  w = merged.astype(jnp.float32) * (norm.astype(jnp.float32) / magnitude.astype(jnp.float32))
+  return (w - scale * delta_kernel(a, b, merged.shape)).astype(merged.dtype)
+
+
 # --------------------------------------------------------------- init
 # Draws are made flat and reshaped: the same values as a draw of the full shape, but XLA on CPU compiles a
 # multi-axis draw (einsum, conv and stacked adapters) 4-7x slower.
@@ -178,12 +213,14 @@ def pissa(kernel: jax.Array, site: Site, r: int, scale: float, dtype):
 
 
 # ------------------------------------------------------------ forward
-def dropout(key: jax.Array | None, x: jax.Array, rate: float) -> jax.Array:
+def dropout(key: jax.Array | None, x: jax.Array, rate) -> jax.Array:
   """Inverted dropout of the LoRA input: each entry kept with probability `1 - rate`, scaled by `1/(1 - rate)`.
 
-  The identity when `rate` is 0 or `key` is None (no dropout stream given).
+  `rate` is a float, or an array broadcastable to `x` (a rate per example in a
+  mixed-adapter batch). The identity when `rate` is 0 or `key` is None (no
+  dropout stream given).
   """
-  if rate == 0.0 or key is None:
+  if key is None or (isinstance(rate, (int, float)) and rate == 0.0):
     return x
   keep = jax.random.bernoulli(key, 1.0 - rate, x.shape)
   return jnp.where(keep, x / (1.0 - rate), jnp.zeros_like(x))
@@ -192,6 +229,24 @@ def dropout(key: jax.Array | None, x: jax.Array, rate: float) -> jax.Array:
 def contract_last(u: jax.Array, b: jax.Array, precision) -> jax.Array:
   """`u (..., r) · B (r, out...) -> (..., out...)`."""
   return lax.dot_general(u, b, (((u.ndim - 1,), (0,)), ((), ())), precision=precision)
+
+
+def _as_matrix(kind: str, x: jax.Array, axis) -> tuple[jax.Array, tuple[int, ...]]:
+  """A dense layer's input as `(N, d_in)` (its contracted axes last, flattened), and the leading shape."""
+  axes = (axis,) if isinstance(axis, int) else tuple(axis)
+  if kind == "dense_general":  # flax's DenseGeneral / LinearGeneral contract their input axes sorted
+    axes = tuple(sorted(ax % x.ndim for ax in axes))
+  n_in = len(axes)
+  x = jnp.moveaxis(x, [ax % x.ndim for ax in axes], list(range(x.ndim - n_in, x.ndim)))
+  lead = x.shape[: x.ndim - n_in]
+  return x.reshape(-1, math.prod(x.shape[x.ndim - n_in:])), lead
+
+
+def contract(kind: str, x: jax.Array, w: jax.Array, axis, precision=None) -> jax.Array:
+  """A dense layer's `x·W` (no bias) for a kernel `w: in_shape + out_shape`, as the layer contracts `axis`."""
+  x2, lead = _as_matrix(kind, x, axis)
+  n_in = 1 if isinstance(axis, int) else len(axis)
+  return jnp.matmul(x2, w.reshape(x2.shape[1], -1), precision=precision).reshape(lead + w.shape[n_in:])
 
 
 def _low_rank_2d(x2: jax.Array, a: jax.Array, b: jax.Array, scale: float, precision) -> jax.Array:
@@ -228,14 +283,8 @@ def lora_delta(kind: str, x: jax.Array, a: jax.Array, b: jax.Array, *, scale: fl
     The term in the layer's output shape, e.g. `(..., d_out)`.
   """
   if kind in ("dense", "dense_general"):
-    axes = (axis,) if isinstance(axis, int) else tuple(axis)
-    if kind == "dense_general":  # flax's DenseGeneral / LinearGeneral contract their input axes sorted
-      axes = tuple(sorted(ax % x.ndim for ax in axes))
-    n_in = len(axes)
-    x = jnp.moveaxis(x, [ax % x.ndim for ax in axes], list(range(x.ndim - n_in, x.ndim)))
-    lead = x.shape[: x.ndim - n_in]
-    y = _low_rank_2d(x.reshape(-1, math.prod(x.shape[x.ndim - n_in:])), a, b, scale, precision)
-    return y.reshape(lead + b.shape[1:])
+    x2, lead = _as_matrix(kind, x, axis)
+    return _low_rank_2d(x2, a, b, scale, precision).reshape(lead + b.shape[1:])
   if kind == "embed":
     return contract_last(jnp.take(a, x, axis=0) * scale, b, precision)
   if kind == "attend":
@@ -248,14 +297,14 @@ def lora_delta(kind: str, x: jax.Array, a: jax.Array, b: jax.Array, *, scale: fl
 
 def einsum_axes(einsum_str: str) -> tuple[tuple[int, ...], tuple[int, ...], tuple[int, ...]]:
   """`(in_axes, out_axes, batch_axes)` of an `nn.Einsum` kernel, from `"lhs,kernel->out"`."""
-  lhs, kernel, out = _parse(einsum_str)
+  lhs, kernel, out = parse_einsum(einsum_str)
   in_axes = tuple(i for i, c in enumerate(kernel) if c in lhs and c not in out)
   batch = tuple(i for i, c in enumerate(kernel) if c in lhs and c in out)
   out_axes = tuple(i for i, c in enumerate(kernel) if c not in lhs)
   return in_axes, out_axes, batch
 
 
-def _parse(einsum_str: str) -> tuple[str, str, str]:
+def parse_einsum(einsum_str: str) -> tuple[str, str, str]:
   eq = einsum_str.replace(" ", "")
   try:
     lhs, rest = eq.split(",")
@@ -271,7 +320,7 @@ def _parse(einsum_str: str) -> tuple[str, str, str]:
 
 
 def _einsum_delta(einsum_str, x, a, b, scale, precision):
-  lhs, kernel, out = _parse(einsum_str)
+  lhs, kernel, out = parse_einsum(einsum_str)
   in_axes, out_axes, _ = einsum_axes(einsum_str)
   rank = next(c for c in string.ascii_letters if c not in einsum_str)
   ins = {kernel[i] for i in in_axes}

@@ -29,7 +29,7 @@ from jlora._peft_config import from_peft, to_jlora, to_peft
 from jlora._peft_files import read, write
 from jlora._peft_names import NameLike, module_name, name_table, per_layer, resolve
 from jlora._plain import LayoutLike, weight_site
-from jlora._targets import is_saved
+from jlora._targets import MAGNITUDE_KEY, is_saved
 from jlora._tree import Params, _check_tree, adapters, check_adapters, flatten, get_path, kernel_key, labels, unflatten
 from jlora.checkpoint import strip_adapters
 
@@ -156,6 +156,9 @@ def _export(params: Params, config: LoraConfig, names: NameMap) -> tuple[dict[st
         ranks[n] = ad.rank
       if config.alpha_for(ad.where) != config.lora_alpha:
         alphas[n] = config.alpha_for(ad.where)
+    if ad.magnitude is not None:  # DoRA: PEFT keeps one magnitude per output feature
+      for n, m1 in per_layer(name, np.asarray(jax.device_get(ad.magnitude)), ad.where):
+        tensors[f"{peft_layout.PREFIX}{n}.lora_magnitude_vector"] = m1.reshape(-1)
   saved_modules: list[str] = []
   for path, label in flatten(labels(params, config)).items():
     if label not in ("bias", "saved"):
@@ -231,6 +234,7 @@ def load_peft(directory: str | os.PathLike, model: Any, params: Params, *, name_
   embeds: set[Path] = set()
   full: dict[Path, dict[int | None, tuple[str, Any]]] = {}
   unknown: list[str] = []
+  magnitudes: dict[Path, dict[int | None, tuple[str, Any]]] = {}
   for key, value in tensors.items():
     kind, mname, leaf, embed = peft_layout.parse_key(key)
     if kind == "skip":
@@ -239,6 +243,9 @@ def load_peft(directory: str | os.PathLike, model: Any, params: Params, *, name_
       unknown.append(key)
       continue
     module, layer = table[mname]
+    if kind == "lora" and leaf == "lora_magnitude":
+      magnitudes.setdefault(module, {})[layer] = (mname, value)
+      continue
     if kind == "lora":
       if embed:
         embeds.add(module)
@@ -275,6 +282,8 @@ def load_peft(directory: str | os.PathLike, model: Any, params: Params, *, name_
   for module in {m for m, _ in lora}:
     if (*module, "lora_a") not in out or (*module, "lora_b") not in out:
       raise ValueError(f"load_peft: {'/'.join(module)!r} has only one of lora_A / lora_B in the adapter.")
+  for module, layers in sorted(magnitudes.items()):
+    out[(*module, MAGNITUDE_KEY)] = peft_layout.magnitude_from_peft(module, layers, out, dtype)
   for path, layers in sorted(full.items()):
     flip = peft_layout.transposed(path[-1], np.ndim(base[path]) - (next(iter(layers)) is not None), path[:-1],
                                   names, config.fan_in_fan_out)

@@ -8,6 +8,7 @@ Per layer (jlora Flax kernels are `(in, out)`; PyTorch weights `(out, in)`):
 | `lora_b: (r,) + out_shape`          | `.lora_B.weight: (prod(out_shape), r)`       |
 | `nn.Embed` `lora_a: (vocab, r)`     | `.lora_embedding_A: (r, vocab)`              |
 | `nn.Embed` `lora_b: (r, dim)`       | `.lora_embedding_B: (dim, r)`                |
+| DoRA `lora_magnitude` (kernel-shaped, input axes 1) | `.lora_magnitude_vector: (prod(out_shape),)` |
 | trained `bias` of an adapted layer  | `.base_layer.bias`                           |
 | other trained `bias`                | `.bias`                                      |
 | `modules_to_save` kernel `(in, out)`| `.weight: (out, in)` (as is for `fan_in_fan_out` modules and embeddings) |
@@ -33,9 +34,9 @@ from jlora import _ops
 from jlora._names import NameMap
 from jlora._plain import TORCH_STYLE
 from jlora._targets import Site
-from jlora._tree import KERNEL_KEYS
+from jlora._tree import KERNEL_KEYS, kernel_key
 
-__all__ = ["PREFIX", "TORCH_WEIGHTS", "lora_to_peft", "lora_from_peft", "from_broadcast", "to_broadcast", "transposed",
+__all__ = ["PREFIX", "TORCH_WEIGHTS", "lora_to_peft", "lora_from_peft", "magnitude_from_peft", "from_broadcast", "to_broadcast", "transposed",
            "full_to_peft", "parse_key", "full_from_peft"]
 
 PREFIX = "base_model.model."
@@ -44,6 +45,7 @@ TORCH_WEIGHTS = (*KERNEL_KEYS, "scale")
 _LORA = {  # PEFT key suffix -> (jlora leaf, is an embedding)
     ".lora_A.weight": ("lora_a", False), ".lora_B.weight": ("lora_b", False),
     ".lora_embedding_A": ("lora_a", True), ".lora_embedding_B": ("lora_b", True),
+    ".lora_magnitude_vector": ("lora_magnitude", False),
 }
 Path = tuple[str, ...]
 
@@ -126,6 +128,31 @@ def to_broadcast(leaf: str, arr: np.ndarray, site: Site) -> np.ndarray:
   r = arr.shape[-1] if leaf == "lora_a" else arr.shape[0]
   a_shape, b_shape = _ops.adapter_shapes(site, r)
   return arr.reshape(a_shape) if leaf == "lora_a" else arr.T.reshape(b_shape)
+
+
+def magnitude_from_peft(module: Path, layers: Mapping[int | None, tuple[str, Any]], out: Mapping[Path, Any],
+                    dtype: Any) -> Any:
+  """A DoRA `lora_magnitude` leaf from PEFT's per-layer `lora_magnitude_vector` tensors (one value per output)."""
+  where = "/".join(module)
+  if (*module, "lora_a") not in out:
+    raise ValueError(f"load_peft: {where!r} has a lora_magnitude_vector but no lora_A / lora_B in the adapter.")
+  kernel = out[(*module, kernel_key(module, {k[-1]: v for k, v in out.items() if k[:-1] == module}))]
+  a, b = out[(*module, "lora_a")], out[(*module, "lora_b")]
+  stacked = next(iter(layers)) is not None
+  shape = _ops.magnitude_shape(a.shape, b.shape, kernel.shape)
+  per_layer_shape = shape[1:] if stacked else shape
+  arrays = []
+  for layer in sorted(layers, key=lambda x: -1 if x is None else x):
+    mname, value = layers[layer]
+    value = np.asarray(value, np.float32)
+    if value.size != int(np.prod(per_layer_shape)):
+      raise ValueError(f"load_peft: the lora_magnitude_vector of {mname!r} has {value.size} values; the model's "
+                       f"{where!r} has {int(np.prod(per_layer_shape))} outputs.")
+    arrays.append(value.reshape(per_layer_shape))
+  if stacked and len(arrays) != kernel.shape[0]:
+    raise ValueError(f"load_peft: the adapter holds the DoRA magnitude of {len(arrays)} of the {kernel.shape[0]} "
+                     f"layers of {where!r}.")
+  return jnp.asarray(np.stack(arrays) if stacked else arrays[0], dtype)
 
 
 # ------------------------------------------------------------------ full leaves

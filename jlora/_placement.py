@@ -17,7 +17,7 @@ import numpy as np
 from jax.sharding import NamedSharding, PartitionSpec, SingleDeviceSharding
 
 from jlora import _ops
-from jlora._targets import is_lora_key, lora_pair
+from jlora._targets import is_pair_key, lora_pair
 from jlora._tree import Params, get_path, kernel_key, unflatten
 
 __all__ = ["Shardings", "default_sharding", "abstract_tree"]
@@ -61,7 +61,7 @@ def default_sharding(path: Path, shapes: Mapping[Path, tuple], base: Params) -> 
   except (KeyError, TypeError):
     node = {}
   leaf = path[-1]
-  if not is_lora_key(leaf):
+  if not is_pair_key(leaf):  # a DoRA magnitude is small: placed like any other leaf
     return _device_sharding(node.get(leaf) if isinstance(node, Mapping) else None)
   weight, a_key, b_key = lora_pair(leaf)
   is_a = leaf == a_key

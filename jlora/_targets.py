@@ -17,7 +17,7 @@ from typing import NamedTuple
 from jlora._config import LoraConfig
 from jlora._fields import ALL_LINEAR
 
-__all__ = ["Site", "LINEAR_KINDS", "HEAD_NAMES", "KERNEL_KEYS", "LORA_KEYS", "lora_keys", "lora_pair", "adapter_path", "is_head", "is_lora_key", "select_sites",
+__all__ = ["Site", "LINEAR_KINDS", "HEAD_NAMES", "KERNEL_KEYS", "LORA_KEYS", "MAGNITUDE_KEY", "lora_keys", "magnitude_key", "lora_pair", "lora_role", "is_pair_key", "adapter_path", "is_head", "is_lora_key", "select_sites",
            "selects", "is_saved", "matches", "layer_index", "path_str"]
 
 # Layer kinds: the linen classes jlora adapts.
@@ -27,6 +27,7 @@ HEAD_NAMES = ("lm_head", "classifier", "score", "qa_outputs", "head")
 # Names of a module's main weight (Flax, Haiku, Equinox/PyTorch-style trees), in order of preference.
 KERNEL_KEYS = ("kernel", "embedding", "w", "weight")
 LORA_KEYS = ("lora_a", "lora_b")
+MAGNITUDE_KEY = "lora_magnitude"  # DoRA's trainable magnitude, beside A and B
 
 
 def lora_keys(kernel_name: str) -> tuple[str, str]:
@@ -51,8 +52,13 @@ def adapter_path(module: tuple[str, ...], kernel_name: str) -> tuple[str, ...]:
   return tuple(module) if kernel_name in KERNEL_KEYS else (*module, kernel_name)
 
 
+def magnitude_key(kernel_name: str) -> str:
+  """The name of a DoRA magnitude leaf for a weight: `lora_magnitude`, or `<name>_lora_magnitude` (as `lora_keys`)."""
+  return MAGNITUDE_KEY if kernel_name in KERNEL_KEYS else f"{kernel_name}_{MAGNITUDE_KEY}"
+
+
 def lora_pair(key: str) -> tuple[str | None, str, str]:
-  """`(weight, a_key, b_key)` of an adapter leaf name: weight None for `lora_a`/`lora_b` (the module's main
+  """`(weight, a_key, b_key)` of an `A`/`B` leaf name: weight None for `lora_a`/`lora_b` (the module's main
   weight), else the name its `<weight>_lora_a` / `_lora_b` prefix gives."""
   if key in LORA_KEYS:
     return None, *LORA_KEYS
@@ -60,9 +66,19 @@ def lora_pair(key: str) -> tuple[str | None, str, str]:
   return weight, f"{weight}_lora_a", f"{weight}_lora_b"
 
 
-def is_lora_key(key: str) -> bool:
-  """Whether a leaf name is an adapter leaf (`lora_a`, `lora_b`, `<weight>_lora_a`, `<weight>_lora_b`)."""
+def is_pair_key(key: str) -> bool:
+  """Whether a leaf name is an `A` or `B` leaf (`lora_a`, `lora_b`, `<weight>_lora_a`, `<weight>_lora_b`)."""
   return key in LORA_KEYS or str(key).endswith(("_lora_a", "_lora_b"))
+
+
+def is_lora_key(key: str) -> bool:
+  """Whether a leaf name is an adapter leaf: `A`, `B`, or a DoRA magnitude (`lora_magnitude`, `<w>_lora_magnitude`)."""
+  return is_pair_key(key) or str(key) == MAGNITUDE_KEY or str(key).endswith("_" + MAGNITUDE_KEY)
+
+
+def lora_role(key: str) -> str:
+  """`'lora_a'`, `'lora_b'` or `'lora_magnitude'`: what an adapter leaf is (its `jlora.labels` label)."""
+  return MAGNITUDE_KEY if not is_pair_key(key) else str(key)[-6:]
 
 
 class Site(NamedTuple):

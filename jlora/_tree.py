@@ -11,11 +11,21 @@ from typing import Any, NamedTuple
 
 from jlora import _ops
 from jlora._config import LoraConfig
-from jlora._targets import KERNEL_KEYS, LORA_KEYS, adapter_path, is_lora_key, is_saved, lora_pair
+from jlora._targets import (
+  KERNEL_KEYS,
+  LORA_KEYS,
+  adapter_path,
+  is_lora_key,
+  is_pair_key,
+  is_saved,
+  lora_pair,
+  lora_role,
+  magnitude_key,
+)
 
 __all__ = [
     "LORA_KEYS", "KERNEL_KEYS", "Adapter", "Slot", "adapters", "check_adapters", "module_dicts", "slots",
-    "adapted_modules", "labels", "trainable_mask", "split", "combine", "get_path", "has_adapters", "flatten",
+    "adapted_modules", "check_magnitude", "labels", "trainable_mask", "split", "combine", "get_path", "has_adapters", "flatten",
     "unflatten",
 ]
 
@@ -57,7 +67,7 @@ class Slot(NamedTuple):
 
 
 def _node_slots(path: tuple[str, ...], node: Mapping) -> Iterator[Slot]:
-  pairs = {lora_pair(k) for k in node if is_lora_key(k)}
+  pairs = {lora_pair(k) for k in node if is_pair_key(k)}
   for weight, a_key, b_key in sorted(pairs, key=lambda p: (p[0] is not None, p[0] or "")):
     if not (a_key in node and b_key in node):
       raise ValueError(
@@ -115,6 +125,8 @@ class Adapter(NamedTuple):
     scale: `s` for this module (`alpha / r`, or `alpha / sqrt(r)` with rsLoRA).
     layout: `"concat"` or `"broadcast"` (`nn.Einsum`); see `jlora._ops`.
     stack: the number of leading scan axes `len(S)`.
+    m_key: the name of the DoRA magnitude leaf (`lora_magnitude`, or `<weight>_lora_magnitude`).
+    magnitude: that leaf (`_ops.magnitude_shape`), or None for a plain LoRA adapter.
   """
 
   path: tuple[str, ...]
@@ -129,6 +141,8 @@ class Adapter(NamedTuple):
   scale: float
   layout: str
   stack: int
+  m_key: str = ""
+  magnitude: Any = None
 
   @property
   def where(self) -> str:
@@ -170,8 +184,23 @@ def adapters(params: Params, config: LoraConfig, *, kernels: Params | None = Non
     rank = config.rank_for(where)
     _ops.check_adapter(where, kernel.shape, a.shape, b.shape, rank)
     layout, stack = _ops.layout(a.shape, b.shape, kernel.shape)
+    m_key = magnitude_key(name)
+    magnitude = node.get(m_key)
+    check_magnitude(where, config, magnitude, _ops.magnitude_shape(a.shape, b.shape, kernel.shape))
     yield Adapter(path, slot.module, name, slot.a_key, slot.b_key, kernel, a, b, rank, config.scale_for(where), layout,
-                  stack)
+                  stack, m_key, magnitude)
+
+
+def check_magnitude(where: str, config: LoraConfig, magnitude: Any, shape: tuple[int, ...]) -> None:
+  """Raises unless a DoRA magnitude is there exactly when `config.use_dora`, with the shape its kernel gives."""
+  if config.use_dora and magnitude is None:
+    raise ValueError(f"The config has use_dora=True but the adapter at {where!r} has no DoRA magnitude "
+                     "(lora_magnitude leaf); pass the config the adapter was made with, or the whole adapter.")
+  if not config.use_dora and magnitude is not None:
+    raise ValueError(f"The adapter at {where!r} is a DoRA adapter (it has a lora_magnitude leaf) but the config has "
+                     "use_dora=False; pass the config it was made with.")
+  if magnitude is not None and tuple(magnitude.shape) != shape:
+    raise ValueError(f"The DoRA magnitude at {where!r} has shape {tuple(magnitude.shape)}; its kernel needs {shape}.")
 
 
 def check_adapters(params: Params, config: LoraConfig) -> None:
@@ -224,7 +253,7 @@ def _map_with_path(fn: Callable[[tuple[str, ...], Any, Mapping], Any], tree: Par
 def _label(config: LoraConfig, path: tuple[str, ...], siblings: Mapping) -> str:
   name = path[-1]
   if is_lora_key(name):
-    return name[-6:]  # lora_a / lora_b
+    return lora_role(name)
   if is_saved(config, path[:-1]):
     return "saved"
   if name == "bias" and (config.bias == "all" or (config.bias == "lora_only" and any(map(is_lora_key, siblings)))):
@@ -233,7 +262,7 @@ def _label(config: LoraConfig, path: tuple[str, ...], siblings: Mapping) -> str:
 
 
 def labels(params: Params, config: LoraConfig) -> dict:
-  """Per-leaf labels for `optax.partition`: `lora_a`, `lora_b`, `bias`, `saved` or `frozen`.
+  """Per-leaf labels for `optax.partition`: `lora_a`, `lora_b`, `lora_magnitude` (DoRA), `bias`, `saved` or `frozen`.
 
   `bias` marks biases that train under `config.bias`; `saved` marks every leaf of
   a `modules_to_save` module. Works on a whole tree or on any part of it (such as

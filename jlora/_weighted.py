@@ -23,7 +23,7 @@ import numpy as np
 from jax import lax
 
 from jlora import _ops
-from jlora._config import LoraConfig
+from jlora._config import LoraConfig, refuse_dora
 from jlora._fields import ALL_LINEAR
 from jlora._keys import restore
 from jlora._targets import adapter_path, is_head, is_lora_key, path_str, selects
@@ -214,6 +214,7 @@ def _check_pairs(adapters: Any) -> list[tuple[Params, LoraConfig]]:
                       f"call {usage}.")
     tree, config = pair
     _check_tree(tree, f"adapters[{i}][0]")
+    refuse_dora(config, f"add_weighted_adapter: adapters[{i}]", "a DoRA magnitude does not combine linearly")
     others = sorted(path_str(p) for p in flatten(tree) if not is_lora_key(p[-1]))
     if others:
       raise ValueError(

@@ -42,7 +42,7 @@ import jax
 import jax.numpy as jnp
 
 from jlora import _ops
-from jlora._config import LoraConfig
+from jlora._config import LoraConfig, refuse_dora
 from jlora._init import add_adapters
 from jlora._keys import stringify
 from jlora._plain import site
@@ -262,6 +262,7 @@ def init(key: jax.Array, model: Any, config: LoraConfig, *, dtype: Any = jnp.flo
   """
   if not isinstance(config, LoraConfig):
     raise TypeError(f"`config` must be a jlora.LoraConfig, got {type(config).__name__}.")
+  refuse_dora(config, "jlora.equinox.init", "its LoRA layers add the plain LoRA term")
   nodes = [(path, leaf) for path, leaf in _nodes(model)[0] if _is_node(leaf)]
   if any(isinstance(leaf, _WRAPPERS) for _, leaf in nodes):
     raise ValueError("jlora.equinox.init: `model` already holds LoRA adapters; pass the base model, or "

@@ -31,7 +31,7 @@ import haiku as hk
 import jax.numpy as jnp
 
 from jlora import _ops
-from jlora._config import LoraConfig
+from jlora._config import LoraConfig, refuse_dora
 from jlora._keys import stringify
 from jlora._targets import is_head, selects
 from jlora._tree import Adapter, Params, _check_tree, adapters
@@ -63,6 +63,7 @@ def apply(fn: Callable[..., Any], params: Params, config: LoraConfig, *args, **k
                     f"{type(fn).__name__}.")
   if not isinstance(config, LoraConfig):
     raise TypeError(f"`config` must be a jlora.LoraConfig, got {type(config).__name__}.")
+  refuse_dora(config, "jlora.haiku.apply", "it adds the plain LoRA term to hk.Linear")
   _check_tree(params)
   found: dict[str, Adapter] = {}
   for ad in adapters(stringify(params), config):

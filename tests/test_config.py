@@ -111,7 +111,7 @@ def test_minimal_peft_config_loads():
 
 @pytest.mark.parametrize("data,match", [
     ({"peft_type": "IA3", "target_modules": ["q"]}, "`peft_type` is 'IA3'"),
-    ({"use_dora": True}, "DoRA"),
+    ({"lora_bias": True}, "trainable bias on lora_B"),
     ({"layer_replication": [[0, 2]]}, "layer replication"),
 ])
 def test_unsupported_peft_features_raise(data, match):

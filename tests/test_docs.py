@@ -10,11 +10,14 @@ ROOT = pathlib.Path(__file__).resolve().parent.parent
 
 
 def test_readme_python_blocks_run():
+  """Every ```python block runs; the blocks of one `##` section share a scope, as a reader follows them."""
   text = (ROOT / "README.md").read_text()
-  blocks = re.findall(r"```python\n(.*?)```", text, flags=re.S)
-  assert blocks, "the README has a quickstart"
-  for block in blocks:
-    exec(compile(block, "README.md", "exec"), {"__name__": "readme"})
+  sections = re.split(r"\n## ", text)
+  assert re.findall(r"```python\n(.*?)```", text, flags=re.S), "the README has a quickstart"
+  for section in sections:
+    scope = {"__name__": "readme"}
+    for block in re.findall(r"```python\n(.*?)```", section, flags=re.S):
+      exec(compile(block, "README.md", "exec"), scope)
 
 
 def test_quickstart_example_learns_and_keeps_base():
@@ -30,7 +33,7 @@ def test_quickstart_example_learns_and_keeps_base():
   assert out["merge_diff"] < 1e-4
 
 
-@pytest.mark.parametrize("name", ["jlora._linen", "jlora._apply_fn", "jlora._optim", "jlora.models", "jlora.train._schema"])
+@pytest.mark.parametrize("name", ["jlora._linen", "jlora._apply_fn", "jlora._adapter_set", "jlora._optim", "jlora.models", "jlora.train._schema"])
 def test_docstring_examples_run(name):
   import doctest
   import importlib

@@ -297,7 +297,7 @@ def test_corrupt_safetensors(saved, damage):
 
 @pytest.mark.parametrize("changes, match", [
     ({"peft_type": "IA3"}, "loads LoRA adapters only"),
-    ({"use_dora": True}, "DoRA"),
+    ({"use_dora": True}, "use_dora=True but the adapter at .* has no DoRA magnitude"),
     ({"r": 8}, r"has rank 4, but adapter_config.json gives r=8"),
     ({"rank_pattern": {"h.1.attn.c_attn": 2}}, r"'transformer.h.1.attn.c_attn' has rank 4.*r=2"),
 ])
@@ -335,6 +335,12 @@ ARCHS = {
               "modules_to_save": ["classifier"], "task_type": "SEQ_CLS"}, {}),
     "t5": ("t5", "T5ForConditionalGeneration", {"target_modules": ["q", "v", "wo"],
                                                  "task_type": "SEQ_2_SEQ_LM"}, {}),
+    # DoRA: GPT-2's Conv1D (fan_in_fan_out), a scanned Llama with two ranks, BERT's word embeddings
+    "gpt2_dora": ("gpt2", "GPT2LMHeadModel", {"target_modules": ["c_attn", "c_proj", "c_fc"], "use_dora": True}, {}),
+    "llama_dora_scan": ("llama", "LlamaForCausalLM", {"target_modules": ["q_proj", "down_proj"], "use_dora": True,
+                                                      "rank_pattern": {"down_proj": 2}}, {"scan_layers": True}),
+    "bert_dora": ("bert_seq_cls", "BertForSequenceClassification",
+                  {"target_modules": ["query", "value", "word_embeddings"], "use_dora": True}, {}),
 }
 
 
@@ -394,7 +400,7 @@ def test_jlora_to_peft(hf, tmp_path, arch):
   params = jlora.init(jax.random.key(1), model, base, cfg, *inputs)
   if arch == "gpt2":
     params = _train(model, params, cfg, inputs)
-  elif arch == "bert":  # as if trained: the classifier and the biases differ from the base too
+  elif arch == "bert" or "dora" in arch:  # as if trained: classifier, biases and DoRA magnitudes move too
     trainable, frozen = jlora.split(params, cfg)
     noise = jax.tree.map(lambda x: 0.1 * jax.random.normal(jax.random.key(3), x.shape, x.dtype), trainable)
     params = jlora.combine(jax.tree.map(jnp.add, trainable, noise), frozen)

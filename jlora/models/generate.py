@@ -37,6 +37,8 @@ def generate(
   eos_token_id: int | None = None,
   pad_token_id: int = 0,
   apply_fn: ApplyFn | None = None,
+  adapters: Any = None,
+  adapter_ids: Any = None,
 ) -> jax.Array:
   """Generates tokens greedily (`temperature=0`) or by temperature / top-k sampling.
 
@@ -60,6 +62,11 @@ def generate(
       `model.apply`. For a LoRA forward pass `jlora.lora_apply(model, config)`. It is a
       static argument of the jitted loop, so equal functions (two `lora_apply` objects of
       the same model and config compare equal) share one compiled loop.
+    adapters: a `jlora.AdapterBank` (`jlora.stack_adapters`): each row generates
+      with its own adapter, chosen by `adapter_ids`, all in one batch; `params`
+      is then the base. Replaces `apply_fn`.
+    adapter_ids: with `adapters`: (B,) int ids or names (`'__base__'` / -1 for
+      the base model), or one id or name for every row.
 
   Returns:
     (B, N) int32 generated tokens (the prompt is not included).
@@ -81,6 +88,9 @@ def generate(
   mask = jnp.ones_like(input_ids) if attention_mask is None else jnp.asarray(attention_mask, jnp.int32)
   _check_prompt(model, input_ids, mask, max_new_tokens)
   key = jax.random.key(0) if key is None else key
+  variables = {"params": params}
+  if adapters is not None or adapter_ids is not None:
+    apply_fn, variables = _bank_variables(model, params, apply_fn, adapters, adapter_ids, input_ids.shape[0])
   cache = model.init_cache(input_ids.shape[0], input_ids.shape[1] + max_new_tokens)
   return _generate(
     model,
@@ -90,13 +100,30 @@ def generate(
     top_k,
     eos_token_id,
     pad_token_id,
-    {"params": params},
+    variables,
     input_ids,
     mask,
     cache,
     key,
     jnp.float32(temperature or 1.0),
   )
+
+
+def _bank_variables(model: nn.Module, params: Any, apply_fn: Any, bank: Any, ids: Any,
+                    batch: int) -> tuple[Any, dict]:
+  """`jlora.bank_apply(model)` and its variables, for per-row adapters from a bank."""
+  import jlora
+
+  if not isinstance(bank, jlora.AdapterBank):
+    raise TypeError(f"`adapters` must be a jlora.AdapterBank (jlora.stack_adapters), got {type(bank).__name__}.")
+  if ids is None or apply_fn is not None:
+    raise ValueError("`adapters=` needs `adapter_ids=` (a name or id per row) and no `apply_fn` (it supplies one).")
+  ids = bank.ids(ids)
+  if ids.ndim == 0:
+    ids = jnp.full((batch,), ids)
+  if ids.shape != (batch,):
+    raise ValueError(f"`adapter_ids` has shape {ids.shape}; it needs one id per prompt row ({batch},).")
+  return jlora.bank_apply(model), {"params": params, "lora_bank": bank, "lora_ids": ids}
 
 
 def _check_prompt(model: nn.Module, input_ids: jax.Array, mask: jax.Array, max_new_tokens: int) -> None:

@@ -1,0 +1,101 @@
+"""DoRA's term for one layer call (Liu et al. 2024, "DoRA: Weight-Decomposed Low-Rank Adaptation"), as PEFT computes it.
+
+DoRA writes the adapted weight as a magnitude times a direction,
+`W = m · (W0 + s·A·B) / ‖W0 + s·A·B‖`, the norm taken per output element over
+its input axes (`jlora._ops.column_norm`) and treated as a constant in the
+backward pass (paper §4.3). With `g = m / ‖W0 + s·A·B‖` the layer computes
+
+    y = base(x) + (g − 1) · (x_d·W0) + g · s·(x_d·A)·B
+
+where `x_d` is the LoRA input (`x` after LoRA dropout): without dropout
+`x_d·W0` is the base output less its bias, as in PEFT; with dropout it is
+computed again from `x_d`, as in PEFT. The norm needs `W0 + s·A·B` formed
+per layer (PEFT does the same); the LoRA product itself stays factored.
+
+For `nn.Embed.attend` (a tied output head) the embedding's columns are the
+inputs: `y = (x ⊙ g)·(W0 + s·A·B)ᵀ`.
+"""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+from jax import lax
+
+from jlora import _ops
+from jlora._ops import parse_einsum
+
+__all__ = ["dora_delta"]
+
+
+def _to_output(kind: str, equation: str | None, g: jax.Array, n_in: int) -> tuple[jax.Array, str | None]:
+  """`g` (kernel-shaped, input axes of size 1) arranged to multiply the layer output: `(g, einsum spec or None)`."""
+  if kind != "einsum":
+    return g.reshape(g.shape[n_in:]), None
+  lhs, kernel, out = parse_einsum(equation)
+  ins = {c for c in kernel if c in lhs and c not in out}
+  labels = "".join(c for c in kernel if c not in ins)
+  squeezed = g.reshape(tuple(d for c, d in zip(kernel, g.shape) if c not in ins))
+  return squeezed, f"{out},{labels}->{out}"
+
+
+def _times(t: jax.Array, g: jax.Array, spec: str | None) -> jax.Array:
+  return t * g if spec is None else jnp.einsum(spec, t, g)
+
+
+def _base_product(module, call, kind: str, x: jax.Array, kernel: jax.Array) -> jax.Array:
+  """`x·W0` without bias, computed from `x` (the layer's own contraction)."""
+  from jlora._forward import BYPASS  # the conv helper must pass the interceptor untouched
+
+  precision = getattr(module, "precision", None)
+  if kind == "einsum":
+    return jnp.einsum(call.equation, x, kernel, precision=precision)
+  if kind == "conv":
+    plain = module.clone(parent=None, use_bias=False, mask=None, dtype=x.dtype, param_dtype=kernel.dtype)
+    token = BYPASS.set(True)
+    try:
+      return plain.apply({"params": {"kernel": kernel}}, x)
+    finally:
+      BYPASS.reset(token)
+  return _ops.contract(kind, x, kernel, call.layer.axes(module), precision)
+
+
+def dora_delta(module, call, kind: str, y: jax.Array, x: jax.Array, dropped: bool, lora: jax.Array,
+               kernel: jax.Array, a: jax.Array, b: jax.Array, scale, magnitude: jax.Array) -> jax.Array:
+  """What DoRA adds to the base output `y` of one call (see the module docstring).
+
+  Args:
+    module: the layer.
+    call: its `jlora._layers.Call`.
+    kind: the layer kind.
+    y: the base layer's output (with its bias).
+    x: the LoRA input (after dropout; cast to the term's dtype).
+    dropped: whether dropout changed `x` (then `x·W0` is computed again).
+    lora: `s·(x·A)·B`, in the output's shape (unused for `attend`, recomputed).
+    kernel: the layer's `W0` (per layer).
+    a: per-layer `A`.
+    b: per-layer `B`.
+    scale: `s`.
+    magnitude: `m`, the kernel's shape with input axes of size 1.
+
+  Returns:
+    The term, in `lora`'s dtype and the output's shape.
+  """
+  dt = lora.dtype
+  kernel = jnp.asarray(kernel)
+  norm = lax.stop_gradient(_ops.column_norm(kernel, a, b, scale))
+  g = (magnitude.astype(jnp.float32) / norm).astype(dt)
+  if kind == "attend":  # the embedding's features are this product's inputs
+    xg = x * g.reshape(-1)
+    base = lax.dot_general(xg, kernel.astype(dt), (((xg.ndim - 1,), (1,)), ((), ())))
+    return base - y.astype(dt) + _ops.lora_delta("attend", xg, a, b, scale=scale)
+  n_in = a.ndim - 1
+  g, spec = _to_output(kind, call.equation if kind == "einsum" else None, g, n_in)
+  has_bias = module.has_variable("params", "bias")
+  if dropped or (kind == "einsum" and has_bias):
+    base = _base_product(module, call, kind, x, kernel).astype(dt)
+  else:
+    base = y.astype(dt)
+    if has_bias:  # dense kinds and convolutions add their bias over the trailing output axes
+      base = base - jnp.asarray(module.get_variable("params", "bias")).astype(dt)
+  return _times(base, g - 1, spec) + _times(lora, g, spec)

@@ -30,7 +30,7 @@ class Summary(NamedTuple):
   Attributes:
     trainable: parameters that train (adapters, biases per `bias`, `modules_to_save`).
     total: every parameter in the tree, adapters included (PEFT's "all params").
-    adapter_params: `lora_a` + `lora_b` parameters.
+    adapter_params: `lora_a` + `lora_b` (+ the DoRA magnitude) parameters.
     trainable_bytes: bytes of the trainable leaves (what an adapter file holds).
     rows: one `ModuleRow` per adapted module.
   """
@@ -78,7 +78,8 @@ def summary(params: Params, config: LoraConfig) -> Summary:
   rows = []
   for ad in adapters(params, config):
     rows.append(ModuleRow(ad.where, tuple(ad.kernel.shape), ad.rank, ad.scale, math.prod(ad.kernel.shape),
-                          math.prod(ad.a.shape) + math.prod(ad.b.shape)))
+                          math.prod(ad.a.shape) + math.prod(ad.b.shape)
+                          + (0 if ad.magnitude is None else math.prod(ad.magnitude.shape))))
   trainable, frozen = split(params, config)
   n_train, train_bytes = _count(trainable)
   n_frozen, _ = _count(frozen)

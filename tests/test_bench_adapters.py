@@ -1,4 +1,4 @@
-"""The many-adapters benchmark (`benchmarks/adapters.py`) runs in its quick mode (no timing is asserted)."""
+"""The many-adapters and DoRA benchmarks (`benchmarks/adapters.py`, `benchmarks/dora.py`) run in quick mode (no timing is asserted)."""
 
 import json
 import math
@@ -31,3 +31,16 @@ def test_adapters_benchmark_quick_mode_writes_every_measure(tmp_path):
   assert tiny["switch/apply_distinct_alpha_new_compiles"] == 7
   table = report["markdown"]
   assert table.count("\n") == 12 and "tiny (d=64, L=2, 16×8)" in table and table in proc.stdout
+
+
+def test_dora_benchmark_quick_mode_writes_every_ratio(tmp_path):
+  out = tmp_path / "dora.json"
+  proc = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "dora.py"), "--quick", "--out", str(out)],
+                        cwd=ROOT, capture_output=True, text=True, timeout=300)
+  assert proc.returncode == 0, proc.stderr[-4000:]
+  tiny = json.loads(out.read_text())["sizes"]["tiny"]
+  ratios = {k: v for k, v in tiny.items() if k.startswith("ratio/")}
+  assert set(ratios) == {"ratio/dora_to_lora_train", "ratio/dora_to_lora_fwd", "ratio/dora_unmerged_to_merged_fwd",
+                         "ratio/lora_unmerged_to_merged_fwd"}
+  assert all(0 < v < math.inf for v in ratios.values()), ratios
+  assert tiny["merge_diff/dora"] < 1e-4 and tiny["merge_diff/lora"] < 1e-4  # the timed forwards are the right ones

@@ -23,7 +23,8 @@ from typing import Any
 import jax
 
 from jlora._config import LoraConfig
-from jlora._tree import Params, _check_tree, combine, has_adapters, split
+from jlora._targets import magnitude_key, path_str
+from jlora._tree import Params, _check_tree, combine, get_path, has_adapters, slots, split
 
 __all__ = ["BASE", "AdapterSet", "load_adapter_set"]
 
@@ -100,7 +101,8 @@ class AdapterSet(Mapping):
   __hash__ = object.__hash__
 
   def __repr__(self) -> str:
-    inner = ", ".join(f"{n!r}: r={c.r}" for n, c in self._configs.items())
+    inner = ", ".join(f"{n!r}: r={c.r}{' (+rank_pattern)' if c.rank_pattern else ''}{', DoRA' if c.use_dora else ''}"
+                      for n, c in self._configs.items())
     return f"AdapterSet({{{inner}}})"
 
   @property
@@ -112,6 +114,10 @@ class AdapterSet(Mapping):
     """The `LoraConfig` of adapter `name`."""
     self[name]
     return self._configs[name]
+
+  def pairs(self, names: list[str] | None = None) -> list[tuple[dict, LoraConfig]]:
+    """`[(trainable tree, config), ...]` of `names` (default: all), e.g. for `jlora.add_weighted_adapter`."""
+    return [(self[n], self._configs[n]) for n in (self.names if names is None else names)]
 
   def params(self, name: str | None, frozen: Params) -> dict:
     """The params to run adapter `name` with: `combine(trainable, frozen)`; the base (`frozen`) for None/`'__base__'`."""
@@ -156,6 +162,16 @@ def _trainable(name: str, params: Params, config: LoraConfig) -> dict:
   if not has_adapters(params):
     raise ValueError(f"Adapter {name!r}: `params` holds no lora_a/lora_b leaves; pass the tree jlora.init or "
                      "jlora.load_adapter returned (or its trainable half from jlora.split).")
+  for slot in slots(params):  # what can be checked without the base: each rank, and DoRA's magnitude
+    node = get_path(params, slot.module)
+    where = path_str(slot.module if slot.weight is None else (*slot.module, slot.weight))
+    r, want = node[slot.a_key].shape[-1], config.rank_for(where)
+    has_m = magnitude_key(slot.weight or "kernel") in node
+    if r != want or has_m != config.use_dora:
+      got = f"rank {r}" if r != want else f"{'a' if has_m else 'no'} DoRA magnitude"
+      raise ValueError(f"Adapter {name!r}: the adapter at {where!r} has {got}, but its config gives "
+                       f"{f'r={want}' if r != want else f'use_dora={config.use_dora}'} there; pass the config it "
+                       "was made with.")
   return split(params, config)[0]
 
 

@@ -130,9 +130,13 @@ class AdapterBank:
 
     Args:
       values: `(batch,)` per-example losses.
-      ids: `(batch,)` the examples' adapter ids.
+      ids: `(batch,)` the examples' adapter ids (or names).
     """
-    onehot = (jnp.asarray(ids)[:, None] == jnp.arange(len(self.names))).astype(values.dtype)
+    ids = self.ids(ids)
+    if ids.ndim != 1 or jnp.shape(values) != ids.shape:
+      raise ValueError(f"task_mean: `values` {jnp.shape(values)} and `ids` {ids.shape} must both be (batch,): one "
+                       "loss and one adapter id (or name) per example.")
+    onehot = (ids[:, None] == jnp.arange(len(self.names))).astype(values.dtype)
     counts = onehot.sum(0)
     return jnp.sum((onehot * values[:, None]).sum(0) / jnp.maximum(counts, 1))
 

@@ -241,7 +241,7 @@ def run_forward(forward: Forward, model: nn.Module, params: Params, args: tuple,
                 rngs: Mapping[str, jax.Array] | None, variables: Mapping[str, Any] | None, allow_unused: bool,
                 fn: str = "jlora.apply") -> Any:
   """Runs `model` with `forward` intercepting its layers, then checks that every adapter was read."""
-  warn_if_closed_over(params)
+  warn_if_closed_over(params, fn)
   with nn.intercept_methods(forward):
     out = run_fresh(model, {"params": params, **(variables or {})}, args, {**kwargs, "rngs": rngs})
   if not allow_unused:

@@ -50,7 +50,7 @@ def run_fresh(model: nn.Module, variables: Mapping[str, Any], args: tuple, kwarg
   return model.apply(variables, *args, method=fresh, **kwargs)
 
 
-def warn_if_closed_over(params: Mapping[str, Any]) -> None:
+def warn_if_closed_over(params: Mapping[str, Any], fn: str = "jlora.apply") -> None:
   """Warns when a traced (jitted) call sees large concrete leaves: a base closed over, baked into the program."""
   if not isinstance(jnp.zeros(()), jax.core.Tracer):  # not being staged out (eager, or eager grad / vmap)
     return
@@ -59,7 +59,7 @@ def warn_if_closed_over(params: Mapping[str, Any]) -> None:
   nbytes = sum(x.nbytes for x in concrete)
   if nbytes > CLOSED_OVER_WARN_BYTES:
     warnings.warn(
-        f"jlora.apply is being traced with {len(concrete)} parameter leaves ({nbytes / 2**20:,.1f} MiB) that are "
+        f"{fn} is being traced with {len(concrete)} parameter leaves ({nbytes / 2**20:,.1f} MiB) that are "
         "concrete arrays, not arguments of the traced function: they were closed over, so jax compiles them into "
         "the program as constants (slow compiles and a huge program; a 7B base will not compile at all). Pass the "
         "frozen tree as an argument: `step = jax.jit(lambda trainable, frozen, x: ...)` and call "

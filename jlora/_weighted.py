@@ -1,11 +1,10 @@
 """`add_weighted_adapter`: one adapter from a weighted combination of several, with PEFT's name and meaning.
 
-Every combination works per module on batched matrices `A: (*batch, fan_in, r)`,
-`B: (*batch, r, fan_out)` whose product is that module's unscaled delta in float32:
-`batch` are the leading scan axes of a stacked adapter (the concat layout of
-`jlora._ops`) or the axes an `nn.Einsum` / `(out, in)` kernel shares between input
-and output (the broadcast layout, whose input and output axes are moved together
-first). So a stack is combined layer by layer, and an einsum head by head, exactly.
+Every combination works per module on batched matrices `A: (*batch, fan_in, r)`, `B: (*batch, r, fan_out)`
+whose product is that module's unscaled delta in float32: `batch` are the leading scan axes of a stacked adapter
+(the concat layout of `jlora._ops`) or the axes an `nn.Einsum` / `(out, in)` kernel shares between input and
+output (the broadcast layout, whose input and output axes are moved together first). So a stack is combined
+layer by layer, and an einsum head by head, exactly.
 """
 
 from __future__ import annotations
@@ -204,8 +203,10 @@ def _check_pairs(adapters: Any) -> list[tuple[Params, LoraConfig]]:
   usage = "add_weighted_adapter([(tree_1, config_1), (tree_2, config_2)], weights=[w_1, w_2])"
   single = isinstance(adapters, Sequence) and len(adapters) == 2 and isinstance(adapters[1], LoraConfig)
   if not isinstance(adapters, Sequence) or isinstance(adapters, str) or single:
+    hint = " (a single pair: wrap it in a list)" if single else " (an AdapterSet: pass its .pairs())" * hasattr(
+        adapters, "pairs")
     raise TypeError(f"`adapters` must be a list of (adapter_tree, LoraConfig) pairs, got {type(adapters).__name__}"
-                    f"{' (a single pair: wrap it in a list)' if single else ''}; call {usage}.")
+                    f"{hint}; call {usage}.")
   if not adapters:
     raise ValueError(f"`adapters` is empty; give at least one (adapter_tree, LoraConfig) pair: {usage}.")
   for i, pair in enumerate(adapters):

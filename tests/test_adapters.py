@@ -75,6 +75,11 @@ def test_adapter_set_is_an_immutable_pytree_mapping(net):
     adapters.remove("z")
   with pytest.raises(ValueError, match=r"already holds adapters"):
     adapters.params("a", adapters.params("b", base))
+  with pytest.raises(ValueError, match=r"Adapter 'x': the adapter at '(embed|heads|mix)' has rank 2, but its config gives r=4"):
+    adapters.add("x", adapters["a"], CONFIGS_NET["b"])
+  assert [c for _, c in adapters.pairs(["c", "a"])] == [CONFIGS_NET["c"], CONFIGS_NET["a"]]
+  with pytest.raises(TypeError, match=r"an AdapterSet: pass its .pairs\(\)"):
+    jlora.add_weighted_adapter(adapters, [1.0, 1.0, 1.0], "cat")
 
 
 def test_stack_pads_ranks_unions_targets_and_unstacks_exactly(net):
@@ -194,6 +199,9 @@ def test_multi_task_training_equals_training_each_adapter_alone(net):
     updates, state = tx.update(grads, state, bank)
     return optax.apply_updates(bank, updates), state
 
+  assert float(bank.task_mean(jnp.arange(6.0), ["a", "b", "c", "a", "b", "c"])) == 1.5 + 2.5 + 3.5
+  with pytest.raises(ValueError, match=r"`values` \(5,\) and `ids` \(6,\) must both be \(batch,\)"):
+    bank.task_mean(jnp.zeros(5), which)
   state = tx.init(bank)
   for _ in range(3):
     bank, state = mixed_step(bank, state)

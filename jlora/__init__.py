@@ -21,6 +21,8 @@ from jlora._merge import unmerge as unmerge
 from jlora._optim import optimizer as optimizer
 from jlora._peft import load_peft as load_peft
 from jlora._peft import save_peft as save_peft
+from jlora._quant_tree import dequantize as dequantize
+from jlora._quant_tree import quantize as quantize
 from jlora._summary import Summary as Summary
 from jlora._summary import summary as summary
 from jlora._tree import combine as combine
@@ -46,6 +48,7 @@ __all__ = [
     "apply_merged",
     "bank_apply",
     "combine",
+    "dequantize",
     "dora_norms",
     "init",
     "init_tree",
@@ -56,6 +59,7 @@ __all__ = [
     "lora_apply",
     "merge",
     "optimizer",
+    "quantize",
     "register_layer",
     "save_adapter",
     "save_peft",

@@ -106,7 +106,7 @@ def delta_kernel(a: jax.Array, b: jax.Array, kernel_shape) -> jax.Array:
 def fold(kernel: jax.Array, a: jax.Array, b: jax.Array, scale: float, sign: int = 1) -> jax.Array:
   """`W0 + sign·s·A·B` in the kernel's layout and dtype, summed in float32 (merge: +1, unmerge: -1)."""
   delta = scale * delta_kernel(a, b, kernel.shape)
-  return (kernel.astype(jnp.float32) + sign * delta).astype(kernel.dtype)
+  return (jnp.asarray(kernel).astype(jnp.float32) + sign * delta).astype(kernel.dtype)
 
 
 # --------------------------------------------------------------- DoRA

@@ -1,0 +1,90 @@
+"""`jlora.quantize` / `jlora.dequantize`: a frozen base with NF4 or int8 kernels, for QLoRA.
+
+`quantize(params)` replaces each selected kernel of a param tree by a
+`QuantizedArray` (`jlora._quant`: packed codes and block scales, ~4.15 bits per
+parameter for NF4 with double quantization); everything else is kept as is. The
+quantized tree is the frozen half of LoRA training: a linen layer unboxes its
+kernel where it reads it, so each kernel is dequantized inside the jitted step,
+one layer at a time, and no full-precision copy is stored. Adapters, their
+gradients and optimizer state stay float32.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+from jax.tree_util import DictKey, SequenceKey
+
+from jlora import _quant
+from jlora._quant import QuantizedArray
+
+__all__ = ["quantize", "dequantize", "is_kernel"]
+
+
+def _path_names(path) -> tuple[str, ...]:
+  return tuple(str(k.key if isinstance(k, DictKey) else k.idx if isinstance(k, SequenceKey) else getattr(k, "name", k))
+               for k in path)
+
+
+def is_kernel(path: tuple[str, ...], leaf: Any) -> bool:
+  """The default selection: a floating leaf named `kernel` with at least 2 dimensions.
+
+  That excludes embeddings (`embedding`), biases, norm scales and adapter leaves (`lora_*`).
+  """
+  return (bool(path) and path[-1] == "kernel" and hasattr(leaf, "ndim") and leaf.ndim >= 2
+          and jnp.issubdtype(leaf.dtype, jnp.floating))
+
+
+def quantize(params: Any, method: str = "nf4", *, block_size: int = 64, double_quant: bool = True,
+             stack: int | Callable[[tuple[str, ...], Any], int] = 0,
+             select: Callable[[tuple[str, ...], Any], bool] = is_kernel) -> Any:
+  """Quantizes the kernels of a frozen base for QLoRA: NF4 (QLoRA's 16 NormalFloat levels) or int8.
+
+  Args:
+    params: the base params (or any pytree); `QuantizedArray`s in it are kept.
+    method: `"nf4"` (4-bit codes, two per byte, one absmax per `block_size`
+      values along the last axis) or `"int8"` (symmetric, one scale per output
+      channel).
+    block_size: NF4 block size (even; 64 as in the paper).
+    double_quant: NF4: quantize the block absmax values too (8 bits, groups of
+      256 blocks): ~4.15 instead of 4.5 bits per parameter.
+    stack: int8 only: leading scan axes that keep their own scales (1 for the
+      kernels of an `nn.scan` stack), or `stack(path, leaf) -> int`.
+    select: `select(path, leaf) -> bool`, True = quantize; `path` is a tuple of
+      key names, e.g. `('layers_0', 'attn', 'query', 'kernel')`. The default
+      (`is_kernel`) takes floating leaves named `kernel` of 2+ dimensions, so
+      embeddings, biases, norms and adapters stay as they are.
+
+  Returns:
+    The tree with a `QuantizedArray` in place of each selected leaf; other leaves
+    are the same objects. Run it as the frozen half: `jlora.apply(model,
+    jlora.combine(trainable, quantized), config, x)` (each kernel is dequantized
+    where its layer reads it), `model.apply` for the base, and `jlora.merge` for
+    full-precision merged kernels.
+
+  Raises:
+    ValueError: a bad `method`, `block_size` or `stack`; NaN or inf in a kernel
+      (the message names its path).
+  """
+  _quant._check_args(method, block_size, double_quant)
+
+  def one(path, leaf):
+    names = _path_names(path)
+    if isinstance(leaf, QuantizedArray) or not select(names, leaf):
+      return leaf
+    s = stack(names, leaf) if callable(stack) else stack
+    try:
+      return _quant.quantize(leaf, method, block_size=block_size, double_quant=double_quant, stack=s)
+    except (ValueError, TypeError) as e:
+      raise type(e)(f"At {'/'.join(names)!r}: {e}") from None
+
+  return jax.tree_util.tree_map_with_path(one, params, is_leaf=lambda x: isinstance(x, QuantizedArray))
+
+
+def dequantize(params: Any, dtype: jax.typing.DTypeLike | None = None) -> Any:
+  """`params` with every `QuantizedArray` dequantized (to `dtype`; None: each kernel's original dtype)."""
+  return jax.tree.map(lambda x: _quant.dequantize(x, dtype) if isinstance(x, QuantizedArray) else x, params,
+                      is_leaf=lambda x: isinstance(x, QuantizedArray))

@@ -1,0 +1,74 @@
+"""QLoRA: LoRA over a quantized frozen base (`jlora.quantize`), dequantized where each layer reads its kernel."""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+import pytest
+
+import jlora
+from jlora._quant import QuantizedArray
+from tests.models.helpers import CONFIGS, random_model, tokens
+
+
+@pytest.fixture(scope="module", params=[False, True], ids=["layers", "scan"])
+def llama(request):
+  model, base = random_model(CONFIGS["llama"], scan_layers=request.param)
+  return model, base, jnp.asarray(tokens((2, 6)))
+
+
+@pytest.mark.parametrize("method", ["nf4", "int8"])
+def test_lora_over_a_quantized_base_equals_lora_over_its_dequantized_copy(llama, method):
+  model, base, x = llama
+  scan = "self_attn" in base["model"].get("layers", {})
+  q = jlora.quantize(base, method, block_size=16, stack=lambda path, leaf: int(scan and "layers" in path))
+  kernel = q["lm_head"]["kernel"]
+  assert isinstance(kernel, QuantizedArray) and kernel.shape == base["lm_head"]["kernel"].shape
+  assert not isinstance(q["model"]["embed_tokens"]["embedding"], QuantizedArray)  # embeddings stay
+  cfg = jlora.LoraConfig(r=2, target_modules="all-linear", init_lora_weights=False)
+  trainable, _ = jlora.split(jlora.init(jax.random.key(1), model, q, cfg, x), cfg)
+  deq = jlora.dequantize(q)
+  step = jax.jit(lambda t, f: jlora.apply(model, jlora.combine(t, f), cfg, x))
+  out = step(trainable, q)
+  np.testing.assert_allclose(out, jlora.apply(model, jlora.combine(trainable, deq), cfg, x), atol=1e-5)
+  err = float(jnp.linalg.norm(jnp.asarray(kernel) - base["lm_head"]["kernel"]) / jnp.linalg.norm(base["lm_head"]["kernel"]))
+  assert err < (0.12 if method == "nf4" else 0.02)
+  merged = jlora.merge(jlora.combine(trainable, q), cfg)  # adapted kernels: dequantized + s·A·B, full precision
+  boxes = [v for v in jax.tree.leaves(merged, is_leaf=lambda v: isinstance(v, QuantizedArray))
+           if isinstance(v, QuantizedArray)]
+  assert boxes == [merged["lm_head"]["kernel"]]  # the output head is not adapted by all-linear: still quantized
+  np.testing.assert_allclose(model.apply({"params": merged}, x), out, atol=1e-4)
+
+
+def test_training_moves_only_adapters_and_the_codes_stay(llama):
+  model, base, x = llama
+  q = jlora.quantize(base, "nf4", block_size=16)
+  cfg = jlora.LoraConfig(r=2, target_modules=["q_proj", "v_proj"], use_dora=True)
+  trainable, frozen = jlora.split(jlora.init(jax.random.key(1), model, q, cfg, x), cfg)
+  tx = optax.adam(1e-2)
+  state = tx.init(trainable)
+
+  @jax.jit
+  def step(t, s, f):
+    loss = lambda t: jnp.mean(jlora.apply(model, jlora.combine(t, f), cfg, x) ** 2)  # noqa: E731
+    value, grads = jax.value_and_grad(loss)(t)
+    updates, s = tx.update(grads, s, t)
+    return optax.apply_updates(t, updates), s, value
+
+  losses = []
+  for _ in range(4):
+    trainable, state, loss = step(trainable, state, frozen)
+    losses.append(float(loss))
+  assert losses[-1] < losses[0]
+  assert jax.tree.structure(trainable) == jax.tree.structure(jlora.split(jlora.init(
+      jax.random.key(1), model, q, cfg, x), cfg)[0])  # only A, B and magnitudes: no code array trains
+
+
+def test_quantize_errors_and_selection():
+  params = {"dense": {"kernel": jnp.ones((4, 8)), "bias": jnp.zeros(8)}, "gate": {"w": jnp.ones((8, 8))}}
+  q = jlora.quantize(params, "int8", select=lambda path, leaf: path[-1] in ("kernel", "w"))
+  assert isinstance(q["gate"]["w"], QuantizedArray) and q["dense"]["bias"] is params["dense"]["bias"]
+  with pytest.raises(ValueError, match=r"`method`"):
+    jlora.quantize(params, "nf3")
+  with pytest.raises(ValueError, match=r"At 'dense/kernel'.*NaN or inf"):
+    jlora.quantize({"dense": {"kernel": jnp.ones((4, 8)).at[0, 0].set(jnp.nan)}})

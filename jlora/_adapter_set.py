@@ -26,12 +26,12 @@ from jlora._config import LoraConfig
 from jlora._targets import magnitude_key, path_str
 from jlora._tree import Params, _check_tree, combine, get_path, has_adapters, slots, split
 
-__all__ = ["BASE", "AdapterSet", "load_adapter_set"]
+__all__ = ["BASE", "AdapterSet", "check_name", "load_adapter_set"]
 
 BASE = "__base__"  # the name that selects no adapter (the base model's output)
 
 
-def _check_name(name: Any) -> str:
+def check_name(name: Any) -> str:
   if not isinstance(name, str) or not name or name == BASE or "/" in name or name.startswith("."):
     raise ValueError(
         f"Adapter name {name!r}: names are non-empty strings without '/', not starting with '.', and not "
@@ -64,7 +64,7 @@ class AdapterSet(Mapping):
       if not (isinstance(entry, tuple) and len(entry) == 2):
         raise TypeError(f"AdapterSet({{{name!r}: ...}}): each value must be a (params, LoraConfig) pair, got "
                         f"{type(entry).__name__}.")
-      trees[_check_name(name)], configs[name] = _trainable(name, *entry), entry[1]
+      trees[check_name(name)], configs[name] = _trainable(name, *entry), entry[1]
     self._trees, self._configs = trees, configs
 
   @classmethod
@@ -142,7 +142,7 @@ class AdapterSet(Mapping):
       ValueError: a bad or taken name, or `params` without adapters.
       TypeError: `config` is not a `LoraConfig`.
     """
-    _check_name(name)
+    check_name(name)
     if name in self._trees and not replace:
       raise ValueError(f"AdapterSet.add: an adapter named {name!r} is already in the set; pass replace=True to "
                        "replace it, or remove it first.")

@@ -1,8 +1,10 @@
-"""The `jlora` command: `train`, `merge` and `export-peft`.
+"""The `jlora` command: `train`, `merge`, `export-peft` and `generate`.
 
   jlora train [CONFIG] [section.key=value ...] [--quiet]
   jlora merge RUN_DIR [--out DIR]
   jlora export-peft RUN_DIR [--out DIR]
+  jlora generate SOURCE... --prompt TEXT [--prompt TEXT ...] [--prompts-file FILE] [--base] [--base-run RUN_DIR]
+                 [--max-new-tokens N] [--temperature T] [--top-k K] [--seed S] [--json]
 
 Without CONFIG, `jlora train` runs the packaged default job (`configs/default.yaml`:
 LoRA-tune all-MiniLM-L6-v2 for code search over the Python standard library).
@@ -89,7 +91,8 @@ def _load_run(path: str, adapter: str | None) -> tuple[Any, dict, Any]:
   config = _run_config(path)
   base = _setup.base_model(config, _tasks.get(config.lora.task_type))  # the run's keys: same random init and heads
   params, lora = jlora.checkpoint.load_adapter(adapter or os.path.join(path, "adapter"), base.params)
-  return base, params, lora
+  trainable, frozen = jlora.split(params, lora)  # a QLoRA run's adapter was trained over the quantized base
+  return base, jlora.combine(trainable, _setup.quantized(config, frozen)), lora
 
 
 @contextlib.contextmanager
@@ -112,7 +115,7 @@ def _merge(args: argparse.Namespace) -> int:
   base, params, lora = _load_run(args.run_dir, args.adapter)
   out = args.out or os.path.join(args.run_dir, "merged")
   with _run_lock(args.run_dir, out):
-    models.save_pretrained(out, base.model, jlora.merge(params, lora), copy_from=base.checkpoint)
+    models.save_pretrained(out, base.model, jlora.dequantize(jlora.merge(params, lora)), copy_from=base.checkpoint)
   print(f"merged model (Hugging Face format) written to {out}")
   return 0
 
@@ -128,6 +131,63 @@ def _export_peft(args: argparse.Namespace) -> int:
   return 0
 
 
+_GENERATE_HELP = """\
+Runs every prompt through every chosen adapter (and the base model with --base) in ONE
+batched, jitted generation: the adapters are stacked (jlora.stack_adapters) and each row
+picks its own, so with greedy decoding each row is exactly what its adapter generates alone.
+
+A SOURCE is PATH or NAME=PATH, where PATH is
+  a `jlora train` run directory (config.yaml + adapter/): its adapter, named after the directory;
+  an adapter checkpoint (jlora.save_adapter's directory, e.g. ADAPTER_SET/NAME): named after it;
+  an adapter-set directory (one checkpoint per subdirectory, as outputs.adapter_set writes): all of them.
+The base model and tokenizer are rebuilt from the config.yaml of --base-run (default: the first
+SOURCE that is a run, or a run's adapter/); every run among the SOURCEs must have the same base
+(model section; train.seed for a random init) and every adapter is checked against it. Only
+CAUSAL_LM runs generate. Prompts are left-padded; generation stops at the tokenizer's EOS.
+
+Example:
+  jlora train configs/causal_lm_tiny.yaml outputs.dir=runs/a outputs.adapter_set=adapters
+  jlora train configs/causal_lm_tiny.yaml outputs.dir=runs/b outputs.adapter_set=adapters \\
+      lora.init_from=adapters/a
+  jlora generate adapters --base-run runs/a --base --prompt "def parse(" --prompt "class Queue"
+"""
+
+
+def _generate(args: argparse.Namespace) -> int:
+  import json
+
+  from jlora.train import _generate as gen
+
+  prompts = gen.read_prompts(args.prompt, args.prompts_file)
+  rows = gen.generate(args.sources, prompts, base_run=args.base_run, with_base=args.base,
+                      max_new_tokens=args.max_new_tokens, temperature=args.temperature, top_k=args.top_k,
+                      seed=args.seed)
+  if args.json:
+    for row in rows:
+      print(json.dumps(row._asdict(), ensure_ascii=False))
+  else:
+    print(gen.table(rows))
+  return 0
+
+
+def _add_generate(sub: Any) -> None:
+  g = sub.add_parser("generate", help="run prompts through adapters of runs / adapter sets, mixed in one batch",
+                     description=_GENERATE_HELP, formatter_class=argparse.RawDescriptionHelpFormatter)
+  g.add_argument("sources", nargs="*", metavar="SOURCE",
+                 help="a run directory, an adapter checkpoint or an adapter-set directory (PATH or NAME=PATH)")
+  g.add_argument("-p", "--prompt", action="append", default=[], help="a prompt (repeatable)")
+  g.add_argument("--prompts-file", metavar="FILE", help="a UTF-8 text file: one prompt per line (blank lines skipped)")
+  g.add_argument("--base", action="store_true", help="also generate with the base model (no adapter), as __base__")
+  g.add_argument("--base-run", metavar="RUN_DIR", help="the run whose config.yaml gives the base model and tokenizer "
+                 "(default: the first SOURCE that is a run)")
+  g.add_argument("-n", "--max-new-tokens", type=int, default=32, metavar="N", help="tokens to generate (default 32)")
+  g.add_argument("--temperature", type=float, default=0.0, metavar="T", help="0: greedy (default); > 0: sampling")
+  g.add_argument("--top-k", type=int, metavar="K", help="sample among the K most likely tokens")
+  g.add_argument("--seed", type=int, default=0, metavar="S", help="seed of the sampling key (default 0)")
+  g.add_argument("--json", action="store_true", help="print JSON lines {adapter, prompt, completion, tokens}")
+  g.set_defaults(func=_generate)
+
+
 def parser() -> argparse.ArgumentParser:
   """The argument parser of `jlora` (its help explains every config section and key)."""
   from jlora.train._load import describe
@@ -135,7 +195,7 @@ def parser() -> argparse.ArgumentParser:
   top = argparse.ArgumentParser(prog="jlora", description="LoRA fine-tuning for JAX/Flax.",
                                 formatter_class=argparse.RawDescriptionHelpFormatter,
                                 epilog="Run `jlora train --help` for the config sections and keys.")
-  sub = top.add_subparsers(dest="command", metavar="{train,merge,export-peft}")
+  sub = top.add_subparsers(dest="command", metavar="{train,merge,export-peft,generate}")
   tr = sub.add_parser("train", help="train a LoRA adapter from a YAML config (default: the MiniLM code-search job)",
                       description=_TRAIN_HELP + describe(), formatter_class=argparse.RawDescriptionHelpFormatter)
   tr.add_argument("config", nargs="?", help="YAML config (default: configs/default.yaml)")
@@ -150,6 +210,7 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--adapter", help="adapter checkpoint directory (default: RUN_DIR/adapter)")
     p.add_argument("--out", help=f"output directory (default: RUN_DIR/{'merged' if name == 'merge' else 'peft'})")
     p.set_defaults(func=func)
+  _add_generate(sub)
   return top
 
 

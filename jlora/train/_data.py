@@ -60,7 +60,7 @@ class Examples(NamedTuple):
 class ByteTokenizer:
   """UTF-8 bytes as token ids `3 + byte`, with pad 0, bos 1, eos 2 (for random-init models).
 
-  `encode` matches `jlora.models.Tokenizer.encode`: `(ids, mask)` int32 (B, T).
+  `encode` matches `jlora.models.Tokenizer.encode`: `(ids, mask)` int32 (B, T), and `decode` its `decode`.
   """
 
   vocab_size = 259
@@ -73,6 +73,10 @@ class ByteTokenizer:
     for i, s in enumerate(seqs):
       ids[i, : len(s)], mask[i, : len(s)] = s, 1
     return ids, mask
+
+  def decode(self, ids: Any, *, skip_special_tokens: bool = True) -> list[str]:
+    """(B, T) token ids -> B strings (the bytes of ids >= 3, UTF-8 with replacement; specials dropped)."""
+    return [bytes(int(i) - 3 for i in row if int(i) >= 3).decode("utf-8", errors="replace") for row in np.asarray(ids)]
 
 
 def tokenize(tokenizer: Any, texts: Sequence[str], length: int) -> tuple[np.ndarray, np.ndarray]:

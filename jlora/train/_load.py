@@ -116,6 +116,10 @@ def describe() -> str:
       lines.append("lora:  PEFT LoraConfig field names -> jlora.LoraConfig.from_dict, e.g. r, lora_alpha, "
                    "lora_dropout,\n       target_modules ([query, value] or all-linear), task_type (FEATURE_EXTRACTION, "
                    "CAUSAL_LM,\n       SEQ_2_SEQ_LM, SEQ_CLS: also picks the loss), bias, modules_to_save, use_rslora")
+      lines.append(f"  {'init_from':<16}a string or null, default None: (jlora's key) start from this saved adapter, a "
+                   "jlora adapter checkpoint such as RUN_DIR/adapter or ADAPTER_SET/NAME, instead of a fresh init; "
+                   "the other lora keys must match its saved config (lora_dropout, init_lora_weights and task_type "
+                   "may differ); a resumed run continues from its own checkpoint")
       continue
     kind = SECTION_TYPES[name]
     lines.append(f"{name}:  {kind.__doc__.strip()}")

@@ -83,7 +83,7 @@ def write(run_dir: RunDir, config: Config, setup: Setup, state: State, *, finger
   """
   lora, base = config.lora, setup.base
   params = jlora.combine(state.trainable, setup.frozen)
-  merged = jlora.merge(params, lora)
+  merged = jlora.dequantize(jlora.merge(params, lora))  # QLoRA: the trained model is over the dequantized base
   diff = merge_gap(setup, params, merged, config.train.eval_batch_size)
   if not math.isfinite(diff):
     raise Diverged(state.step, f"The merged-vs-factored check is not finite ({diff}) after step {state.step}: the "
@@ -103,7 +103,8 @@ def write(run_dir: RunDir, config: Config, setup: Setup, state: State, *, finger
     run_dir.update(outputs=None)
   adapter_dir = run_dir.join("adapter")
   # With base checksums (of the frozen leaves), `jlora merge` refuses a base with other weights than this run's.
-  jlora.checkpoint.save_adapter(adapter_dir, params, lora, base_checksums=True)
+  jlora.checkpoint.save_adapter(adapter_dir, jlora.combine(state.trainable, setup.exported_base), lora,
+                                base_checksums=True)
   if config.outputs.peft:
     jlora.save_peft(run_dir.join("peft"), base.model, params, lora)
   if config.outputs.merged:

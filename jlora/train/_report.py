@@ -112,5 +112,6 @@ def summary_text(r: Mapping[str, Any]) -> str:
     f"  merged vs factored max |diff|: {r['merge_diff']:.2e}",
     f"  wall time {r['wall_s']:.1f}s (training steps {r['train_s']:.1f}s), {r['tokens_per_s']:,.0f} tokens/s",
     f"  outputs in {r['dir']}",
+    *([f"  adapter also saved as {r['adapter_set_entry']}"] if r.get("adapter_set_entry") else []),
   ]
   return "\n".join(lines)

@@ -2,13 +2,16 @@
 
 1. **Check** (writes nothing): the task, the data (every line), the run directory
    (`jlora.train._rundir.inspect`: not someone else's files), the checkpoints
-   (`jlora.train._resume.plan`: not another run's, no foreign step directories), then
-   the model, adapters and optimizer (`jlora.train._setup.prepare`).
+   (`jlora.train._resume.plan`: not another run's, no foreign step directories), the
+   `outputs.adapter_set` entry (`jlora.train._adapters.check_entry`), then the model,
+   adapters (`lora.init_from`, for a run that does not resume) and optimizer
+   (`jlora.train._setup.prepare`).
 2. **Train**, holding the run directory's lock: restore the newest usable checkpoint
    (falling back past damaged ones), record the run in the marker, train
    (`jlora.train._loop.train`), save the final state. The orbax manager is closed on
    every path.
-3. **Outputs** (`jlora.train._outputs`), then `summary.json` and the printed summary.
+3. **Outputs** (`jlora.train._outputs`), the copy in `outputs.adapter_set`, then
+   `summary.json` and the printed summary.
 """
 
 from __future__ import annotations
@@ -21,7 +24,8 @@ from typing import Any
 import jax
 import numpy as np
 
-from jlora.train import _data, _loop, _outputs, _report, _resume, _rundir, _setup, _state, _tasks
+import jlora
+from jlora.train import _adapters, _data, _loop, _outputs, _report, _resume, _rundir, _setup, _state, _tasks
 from jlora.train._schema import Config
 
 __all__ = ["run"]
@@ -34,8 +38,9 @@ def run(config: Config, *, on_step: Callable[[int, float], None] | None = None,
   Writes `config.yaml` (the resolved config), `checkpoints/` (the training state),
   `adapter/` (`jlora.save_adapter`), `peft/` (PEFT format, if `outputs.peft`),
   `merged/` (Hugging Face format, if `outputs.merged`), `metrics.jsonl`, `curves.png`,
-  `summary.json` and the marker `.jlora-run.json`. Nothing is written before the
-  config, the data, the directory and the checkpoints are checked.
+  `summary.json` and the marker `.jlora-run.json`; with `outputs.adapter_set`, also the
+  adapter as `ADAPTER_SET/NAME` (`jlora.train._adapters`). Nothing is written before the
+  config, the data, the directory, the checkpoints and the adapter-set entry are checked.
 
   Args:
     config: the validated config (`jlora.train.load`).
@@ -59,10 +64,16 @@ def run(config: Config, *, on_step: Callable[[int, float], None] | None = None,
   fingerprint = _setup.fingerprint(config, examples)
   out_dir = os.path.abspath(config.outputs.dir)
   resume = config.checkpointing.resume
-  _resume.plan(out_dir, _rundir.inspect(out_dir), fingerprint, resume=resume)  # refusals before the model loads
-  setup = _setup.prepare(config, task, examples)
+  first = _resume.plan(out_dir, _rundir.inspect(out_dir), fingerprint, resume=resume)  # refusals before the model loads
+  _adapters.check_entry(config)
+  # `lora.init_from` starts a new run only: a resumed one continues from its own checkpoint (`restore` either
+  # restores one of the candidates or refuses).
+  setup = _setup.prepare(config, task, examples, init_from=not first.candidates)
   with _rundir.RunDir.open(out_dir) as run_dir:
     plan = _resume.plan(out_dir, run_dir.marker, fingerprint, resume=resume)  # again, under the lock
+    if config.init_from is not None and not plan.candidates and setup.init_from is None:
+      raise ValueError(f"`outputs.dir`: the checkpoints in {out_dir!r} were removed while this run started (by "
+                       "another `jlora train`?); nothing was written. Run again to start from `lora.init_from`.")
     ckpt_dir = run_dir.join("checkpoints")
     with _state.Checkpoints(ckpt_dir) as checkpoints:
       rng = np.asarray(jax.random.key_data(setup.keys.data))
@@ -96,6 +107,7 @@ def run(config: Config, *, on_step: Callable[[int, float], None] | None = None,
       metrics.write({"kind": "eval", "step": state.step, **after})
     written = _outputs.write(run_dir, config, setup, state, fingerprint=fingerprint, metrics=metrics, before=before,
                              after=after, eval_examples=len(examples.eval))
+    written["adapter_set_entry"] = _adapters.save_to_set(config, jlora.combine(state.trainable, setup.exported_base))
     model_name = config.model.path or config.model.config.get("model_type") or config.model.source
     result = {"task": task.name, "model": model_name, "steps": state.step, "resumed_from": resumed_from, **written,
               "wall_s": time.perf_counter() - t_start, "train_s": speed.train_s,

@@ -3,7 +3,8 @@
 A config has the sections `model`, `lora`, `data`, `optimizer`, `train`,
 `checkpointing` and `outputs`. Every section but `lora` is a dataclass below, whose
 fields (with their help text, choices and allowed range) are the allowed keys;
-`lora` holds PEFT's field names and becomes a `jlora.LoraConfig`. Unknown keys, values
+`lora` holds PEFT's field names and becomes a `jlora.LoraConfig` (its one other key,
+`init_from`, becomes `Config.init_from`). Unknown keys, values
 of the wrong type and values out of range are errors that name the key, the value and
 what is allowed. Reading YAML and `key=value` overrides is `jlora.train._load`.
 
@@ -29,6 +30,7 @@ import typing
 from collections.abc import Mapping, Sequence
 from typing import Any
 
+from jlora._adapter_set import check_name
 from jlora._config import LoraConfig
 
 __all__ = [
@@ -104,6 +106,9 @@ class ModelConfig:
     "`bytes` for source=random"
   )
   dtype: str = _field("float32", "parameter dtype of the base", ("float32", "bfloat16"))
+  quantize: str | None = _field(
+    None, "QLoRA: quantize the frozen base's kernels (`nf4`: 4-bit NormalFloat, block 64, double-quantized scales; "
+    "`int8`: per output channel); each is dequantized to `model.dtype` where its layer reads it", (None, "nf4", "int8"))
 
 
 @dataclasses.dataclass(frozen=True)
@@ -177,6 +182,12 @@ class OutputsConfig:
   peft: bool = _field(True, "also write the adapter in PEFT format (adapter_model.safetensors)")
   merged: bool = _field(False, "also write the merged model (Hugging Face format)")
   plot: bool = _field(True, "write curves.png (loss and eval metric)")
+  adapter_set: str | None = _field(
+    None, "also save the final adapter into this adapter-set directory as ADAPTER_SET/ADAPTER_NAME (what "
+    "jlora.load_adapter_set and `jlora generate` read); never over files jlora did not write")
+  adapter_name: str | None = _field(None, "its name in outputs.adapter_set (default: the basename of outputs.dir)")
+  replace_adapter: bool = _field(False, "replace an adapter of that name already in outputs.adapter_set (saved as "
+                                 "a new version: the old one stays readable until the new one is complete)")
 
 
 SECTION_TYPES: dict[str, type] = {
@@ -201,12 +212,13 @@ class Config:
   train: TrainConfig
   checkpointing: CheckpointConfig
   outputs: OutputsConfig
+  init_from: str | None = None  # `lora.init_from` (jlora's key, not PEFT's): the adapter checkpoint to start from
 
   def to_dict(self) -> dict[str, Any]:
-    """Plain YAML-ready dict; `lora` in PEFT's field names."""
+    """Plain YAML-ready dict; `lora` in PEFT's field names (and `init_from` when set)."""
     out = {name: dataclasses.asdict(getattr(self, name)) for name in SECTION_TYPES}
     lora = {f.name: getattr(self.lora, f.name) for f in dataclasses.fields(LoraConfig)}
-    out["lora"] = _plain(lora)
+    out["lora"] = _plain(lora) | ({} if self.init_from is None else {"init_from": self.init_from})
     return {name: out[name] for name in SECTIONS}
 
   @classmethod
@@ -230,7 +242,13 @@ class Config:
       if section is not None and not isinstance(section, Mapping):
         raise TypeError(f"{source}: section `{name}` must be a mapping of keys, got {section!r}.")
     parts = {name: _section(kind, data.get(name) or {}, name, source) for name, kind in SECTION_TYPES.items()}
-    return cls(lora=_lora(data.get("lora") or {}, source), **parts)
+    lora = dict(data.get("lora") or {})
+    init_from = lora.pop("init_from", None)
+    if init_from is not None and (not isinstance(init_from, str) or not init_from.strip()):
+      raise (ValueError if isinstance(init_from, str) else TypeError)(
+        f"{source}: `lora.init_from` must be the path of a jlora adapter checkpoint (e.g. runs/sql/adapter or "
+        f"adapters/sql) or null, got {init_from!r}.")
+    return cls(lora=_lora(lora, source), init_from=init_from, **parts)
 
 
 def replace(config: Config, **sections: dict[str, Any]) -> Config:
@@ -253,7 +271,7 @@ def _lora(data: Mapping[str, Any], source: str) -> LoraConfig:
   unknown = sorted(set(data) - set(allowed) - {"peft_type"}, key=str)
   if unknown:
     raise ValueError(f"{source}: unknown key(s) {['lora.' + str(k) for k in unknown]}; allowed `lora` keys (PEFT's "
-                     f"LoraConfig fields): {allowed}.")
+                     f"LoraConfig fields): {allowed}, and jlora's `init_from`.")
   try:
     return LoraConfig.from_dict(dict(data))
   except (TypeError, ValueError) as e:
@@ -325,6 +343,12 @@ def _section(kind: type, data: Mapping[str, Any], name: str, source: str) -> Any
     if meta["range"] is not None and values[key] is not None and values[key] not in meta["range"]:
       kind_word = "an integer" if hints[key] in (int, int | None) else "a number"
       raise ValueError(f"{source}: `{name}.{key}` must be {kind_word} {meta['range']}, got {values[key]!r}.")
-  if name == "outputs" and "dir" in values and not values["dir"].strip():
-    raise ValueError(f"{source}: `outputs.dir` must be a directory path, got {values['dir']!r}.")
+  for key in ("dir", "adapter_set") if name == "outputs" else ():
+    if values.get(key) is not None and not values[key].strip():
+      raise ValueError(f"{source}: `outputs.{key}` must be a directory path, got {values[key]!r}.")
+  if name == "outputs" and values.get("adapter_name") is not None:
+    try:
+      check_name(values["adapter_name"])
+    except ValueError as e:
+      raise ValueError(f"{source}: `outputs.adapter_name`: {e}") from None
   return kind(**values)

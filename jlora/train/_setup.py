@@ -17,7 +17,7 @@ import numpy as np
 import optax
 
 import jlora
-from jlora.train import _data, _model, _tasks
+from jlora.train import _adapters, _data, _model, _tasks
 from jlora.train._schema import Config
 
 __all__ = ["RunKeys", "Setup", "base_model", "check_data", "fingerprint", "make_optimizer", "prepare", "rows",
@@ -100,10 +100,21 @@ class Setup:
   train_arrays: _data.Dataset = dataclasses.field(repr=False)
   eval_arrays: _data.Dataset = dataclasses.field(repr=False)
   keys: RunKeys = dataclasses.field(repr=False)
+  init_from: str | None = None  # the adapter checkpoint `trainable` was loaded from (`lora.init_from`)
+  original: Any = dataclasses.field(default=None, repr=False)  # with model.quantize: the unquantized frozen half
+
+  @property
+  def exported_base(self) -> Any:
+    """The frozen half adapters are saved against (fingerprints, checksums): the base as loaded, never quantized."""
+    return self.frozen if self.original is None else self.original
 
 
-def prepare(config: Config, task: _tasks.Task, examples: _data.Examples) -> Setup:
-  """Builds the model, encodes the data, adds adapters and makes the optimizer (writes nothing)."""
+def prepare(config: Config, task: _tasks.Task, examples: _data.Examples, *, init_from: bool = True) -> Setup:
+  """Builds the model, encodes the data, adds adapters and makes the optimizer (writes nothing).
+
+  With `lora.init_from` (and `init_from=True`: not when the run resumes from its own
+  checkpoint), the trainable tree is the saved adapter's (`jlora.train._adapters.load_init`).
+  """
   tc, lora = config.train, config.lora
   keys = run_keys(tc.seed)
   base = base_model(config, task, examples)
@@ -112,6 +123,18 @@ def prepare(config: Config, task: _tasks.Task, examples: _data.Examples) -> Setu
   args, kwargs = task.inputs(rows(train_arrays, np.arange(1)), base.model)
   params = jlora.init(keys.adapter, base.model, base.params, lora, *args, **kwargs)
   trainable, frozen = jlora.split(params, lora)
+  original, frozen = frozen, quantized(config, frozen)
+  source = config.init_from if init_from else None
+  if source is not None:
+    trainable = _adapters.load_init(config, base.params, trainable)
   tx, schedule = make_optimizer(config.optimizer, tc.steps, lora)
   return Setup(task, base, jlora.lora_apply(base.model, lora), trainable, frozen, tx, schedule, train_arrays,
-               eval_arrays, keys)
+               eval_arrays, keys, source, None if original is frozen else original)
+
+
+def quantized(config: Config, frozen: Any) -> Any:
+  """QLoRA (`model.quantize`): the frozen half with its kernels packed, else `frozen` itself."""
+  if not config.model.quantize:
+    return frozen
+  scanned = bool(config.model.options.get("scan_layers"))  # int8 scales per layer of a scanned stack
+  return jlora.quantize(frozen, config.model.quantize, stack=lambda path, leaf: int(scanned and leaf.ndim > 2))

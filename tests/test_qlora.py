@@ -72,3 +72,20 @@ def test_quantize_errors_and_selection():
     jlora.quantize(params, "nf3")
   with pytest.raises(ValueError, match=r"At 'dense/kernel'.*NaN or inf"):
     jlora.quantize({"dense": {"kernel": jnp.ones((4, 8)).at[0, 0].set(jnp.nan)}})
+
+
+def test_jlora_train_quantizes_the_base_and_exports_what_it_trained(tmp_path):
+  """`model.quantize: nf4`: the run trains over the NF4 base; `merged/` and `jlora merge` agree with that model."""
+  import safetensors.numpy
+
+  from jlora import cli
+
+  out = tmp_path / "run"
+  assert cli.main(["train", "configs/causal_lm_tiny.yaml", "model.quantize=nf4", "train.steps=3",
+                   "checkpointing.every=3", f"outputs.dir={out}", "outputs.merged=true", "--quiet"]) == 0
+  summary = __import__("json").loads((out / "summary.json").read_text())
+  assert summary["merge_diff"] < 1e-5 and summary["after"]["loss"] < summary["before"]["loss"]
+  assert cli.main(["merge", str(out), "--out", str(tmp_path / "again")]) == 0
+  a = safetensors.numpy.load_file(out / "merged" / "model.safetensors")
+  b = safetensors.numpy.load_file(tmp_path / "again" / "model.safetensors")
+  assert all(np.array_equal(a[k], b[k]) for k in a)

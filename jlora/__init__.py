@@ -21,6 +21,8 @@ from jlora._merge import unmerge as unmerge
 from jlora._optim import optimizer as optimizer
 from jlora._peft import load_peft as load_peft
 from jlora._peft import save_peft as save_peft
+from jlora._quant_io import load_quantized as load_quantized
+from jlora._quant_io import save_quantized as save_quantized
 from jlora._quant_tree import dequantize as dequantize
 from jlora._quant_tree import quantize as quantize
 from jlora._summary import Summary as Summary
@@ -56,6 +58,7 @@ __all__ = [
     "load_adapter",
     "load_adapter_set",
     "load_peft",
+    "load_quantized",
     "lora_apply",
     "merge",
     "optimizer",
@@ -63,6 +66,7 @@ __all__ = [
     "register_layer",
     "save_adapter",
     "save_peft",
+    "save_quantized",
     "split",
     "stack_adapters",
     "summary",

@@ -222,8 +222,10 @@ def apply_bank(model: nn.Module, params: Params, bank: AdapterBank, ids: Any, *a
   Example `i` of the batch gets adapter `ids[i]`'s term `s_k·(dropout(x)·A_k)·B_k`
   at every adapted layer, computed factored from the bank (a per-example
   gather of A and B and batched matmuls); id -1 gets nothing added, so its
-  output is the base model's exactly. A scalar id applies one adapter to the
-  whole batch. `ids` are traced: changing them never recompiles.
+  output is the base model's (exactly when run eagerly; under jit up to XLA
+  fusion). A scalar id applies one adapter to the whole batch. `ids` are
+  traced: changing them never recompiles; a traced id outside -1..n-1 gives
+  NaN rows (concrete ones are refused).
 
   Args:
     model: the linen module.

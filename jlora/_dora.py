@@ -18,6 +18,7 @@ inputs: `y = (x ⊙ g)·(W0 + s·A·B)ᵀ`.
 
 from __future__ import annotations
 
+import flax.linen as nn
 import jax
 import jax.numpy as jnp
 from jax import lax
@@ -28,11 +29,18 @@ from jlora._ops import parse_einsum
 __all__ = ["dora_delta"]
 
 
-def _to_output(kind: str, equation: str | None, g: jax.Array, n_in: int) -> tuple[jax.Array, str | None]:
+def _to_output(kind: str, equation: str | None, g: jax.Array, n_in: int, where: str) -> tuple[jax.Array, str | None]:
   """`g` (kernel-shaped, input axes of size 1) arranged to multiply the layer output: `(g, einsum spec or None)`."""
   if kind != "einsum":
     return g.reshape(g.shape[n_in:]), None
   lhs, kernel, out = parse_einsum(equation)
+  summed = [c for c in kernel if c not in lhs and c not in out]
+  if summed:
+    raise ValueError(
+        f"DoRA at {where!r}: the einsum {equation!r} sums the kernel's own axis {summed} away, so its output has no "
+        "element per weight column for DoRA's magnitude to scale. Exclude this layer (exclude_modules) or use plain "
+        "LoRA for it."
+    )
   ins = {c for c in kernel if c in lhs and c not in out}
   labels = "".join(c for c in kernel if c not in ins)
   squeezed = g.reshape(tuple(d for c, d in zip(kernel, g.shape) if c not in ins))
@@ -50,6 +58,8 @@ def _base_product(module, call, kind: str, x: jax.Array, kernel: jax.Array) -> j
   precision = getattr(module, "precision", None)
   if kind == "einsum":
     return jnp.einsum(call.equation, x, kernel, precision=precision)
+  if kind == "embed":
+    return jnp.take(kernel, x, axis=0).astype(kernel.dtype)
   if kind == "conv":
     plain = module.clone(parent=None, use_bias=False, mask=None, dtype=x.dtype, param_dtype=kernel.dtype)
     token = BYPASS.set(True)
@@ -61,7 +71,7 @@ def _base_product(module, call, kind: str, x: jax.Array, kernel: jax.Array) -> j
 
 
 def dora_delta(module, call, kind: str, y: jax.Array, x: jax.Array, dropped: bool, lora: jax.Array,
-               kernel: jax.Array, a: jax.Array, b: jax.Array, scale, magnitude: jax.Array) -> jax.Array:
+               kernel: jax.Array, a: jax.Array, b: jax.Array, scale, magnitude: jax.Array, where: str) -> jax.Array:
   """What DoRA adds to the base output `y` of one call (see the module docstring).
 
   Args:
@@ -77,6 +87,7 @@ def dora_delta(module, call, kind: str, y: jax.Array, x: jax.Array, dropped: boo
     b: per-layer `B`.
     scale: `s`.
     magnitude: `m`, the kernel's shape with input axes of size 1.
+    where: the adapter's path, for messages.
 
   Returns:
     The term, in `lora`'s dtype and the output's shape.
@@ -90,9 +101,12 @@ def dora_delta(module, call, kind: str, y: jax.Array, x: jax.Array, dropped: boo
     base = lax.dot_general(xg, kernel.astype(dt), (((xg.ndim - 1,), (1,)), ((), ())))
     return base - y.astype(dt) + _ops.lora_delta("attend", xg, a, b, scale=scale)
   n_in = a.ndim - 1
-  g, spec = _to_output(kind, call.equation if kind == "einsum" else None, g, n_in)
+  g, spec = _to_output(kind, call.equation if kind == "einsum" else None, g, n_in, where)
   has_bias = module.has_variable("params", "bias")
-  if dropped or (kind == "einsum" and has_bias):
+  # x·W0 is read off the base output only for flax's own layers, whose output is exactly x·W0 (+ `bias`); a
+  # registered class may add other terms after its product, which DoRA must not scale
+  stock = type(module) in (nn.Dense, nn.DenseGeneral, nn.Conv, nn.Einsum, nn.Embed)
+  if dropped or not stock or (kind == "einsum" and has_bias):
     base = _base_product(module, call, kind, x, kernel).astype(dt)
   else:
     base = y.astype(dt)

@@ -9,7 +9,7 @@ holds adapter leaves it runs the base call, then adds the factored term
 With a `bank` (`jlora.AdapterBank`) the module's leaves are a stack of adapters,
 the adapter axis last, and `ids` choose one per example (or one for the whole
 batch): the term of example `i` is the one of adapter `ids[i]`, and `-1` adds
-nothing, so those examples get the base output exactly.
+nothing, so those examples get the base output; a traced id outside -1..n-1 gives NaN rows.
 """
 
 from __future__ import annotations
@@ -114,7 +114,7 @@ class Forward:
         dropped = bool(rate) and module.has_rng("lora_dropout") and kind not in ("embed", "attend")
         kernel = module.get_variable("params", kernel_name)
         delta = dora_delta(module, call, kind, y, xd, dropped, delta, kernel, a.astype(dt), b.astype(dt), scale,
-                           module.get_variable("params", m_key))
+                           module.get_variable("params", m_key), where)
     else:
       delta = self._mixed(module, call, kind, where, x, a.astype(dt), b.astype(dt), (tuple(module.path), a_key))
     return y + delta.astype(y.dtype)
@@ -130,9 +130,12 @@ class Forward:
   def _mixed(self, module, call, kind, where, x, a, b, slot) -> jax.Array:
     """The term of each example's adapter from the bank's stacked leaves `a: a_shape + (n,)`, `b: b_shape + (n,)`."""
     scales, rates = self.bank.lookup(slot, where)
-    ids = self.ids
-    safe = jnp.maximum(ids, 0)
-    scale = jnp.where(ids < 0, 0.0, jnp.asarray(scales, jnp.float32)[safe]).astype(a.dtype)
+    ids, n = self.ids, len(scales)
+    safe = jnp.clip(ids, 0, n - 1)
+    # -1: the base (nothing added); an id outside -1..n-1 (possible only when traced) makes its rows NaN, never a
+    # plausible wrong output
+    picked = jnp.where((ids >= 0) & (ids < n), jnp.asarray(scales, jnp.float32)[safe], jnp.nan)
+    scale = jnp.where(ids == -1, 0.0, picked).astype(a.dtype)
     rate = jnp.asarray(rates, jnp.float32)[safe] if any(rates) else 0.0
     a_sel, b_sel = jnp.take(a, safe, axis=-1), jnp.take(b, safe, axis=-1)
     if ids.ndim == 0:  # one adapter for the whole batch: the single-adapter path, with a traced scale

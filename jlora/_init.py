@@ -17,6 +17,7 @@ from jlora import _ops
 from jlora._config import LoraConfig
 from jlora._keys import restore, stringify
 from jlora._plain import KERNEL_NAMES, LayoutLike, tree_sites
+from jlora._quant import QuantizedArray
 from jlora._targets import Site, lora_keys, magnitude_key, path_str, select_sites
 from jlora._tree import Params, _check_tree, get_path, has_adapters
 
@@ -64,6 +65,9 @@ def add_adapters(key: jax.Array, params: Params, config: LoraConfig, sites: Sequ
     r = config.rank_for(where)
     stack = tuple(kernel.shape[: stacked[site.path]])
     if config.init_lora_weights == "pissa":
+      if isinstance(kernel, QuantizedArray):
+        raise ValueError(f"init_lora_weights='pissa' rewrites the kernel at {where!r}, which is quantized "
+                         "(jlora.quantize); initialize PiSSA on the full-precision base, then quantize the residual.")
       if not jnp.issubdtype(kernel.dtype, jnp.floating):
         raise ValueError(f"init_lora_weights='pissa' needs a floating-point kernel at {where!r}, got {kernel.dtype}.")
       a, b, residual = _ops.pissa(kernel, site, r, config.scale_for(where), dtype)

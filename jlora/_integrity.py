@@ -14,11 +14,20 @@ from typing import Any
 import jax
 import numpy as np
 
+from jlora._quant import QuantizedArray
+
 __all__ = ["digest", "digests", "verify"]
 
 
 def digest(leaf: Any) -> str:
-  """SHA-256 hex digest of one array's dtype, shape and contents (fetched to the host)."""
+  """SHA-256 hex digest of one array's dtype, shape and contents (fetched to the host).
+
+  A quantized kernel (`jlora.quantize`) is hashed by its metadata and packed
+  children: a quantized base is another base than the one it was made from.
+  """
+  if isinstance(leaf, QuantizedArray):
+    parts = [repr(leaf.meta)] + [digest(child) for child in jax.tree.leaves(leaf)]
+    return hashlib.sha256("".join(parts).encode()).hexdigest()
   arr = np.ascontiguousarray(np.asarray(jax.device_get(leaf)))
   h = hashlib.sha256(f"{arr.dtype.str}{arr.shape}".encode())
   h.update(arr.view(np.uint8).reshape(-1).data if arr.size else b"")

@@ -9,6 +9,7 @@ import jax.numpy as jnp
 import optax
 
 from jlora._config import LoraConfig
+from jlora._quant import QuantizedArray
 from jlora._tree import Params, labels
 
 __all__ = ["optimizer"]
@@ -26,7 +27,11 @@ def _keep_bits() -> optax.GradientTransformation:
   """
 
   def init_fn(params):
-    del params
+    if any(isinstance(x, QuantizedArray) for x in jax.tree.leaves(params, is_leaf=lambda x: isinstance(
+        x, QuantizedArray))):
+      raise ValueError("jlora.optimizer: the tree holds quantized kernels (jlora.quantize), which have no gradient; "
+                       "differentiate and optimize only the trainable half: trainable, frozen = jlora.split(params, "
+                       "config), then jlora.combine(trainable, frozen) in the loss.")
     return _KeepState()
 
   def update_fn(updates, state, params=None):

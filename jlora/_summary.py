@@ -8,6 +8,7 @@ from typing import NamedTuple
 import jax
 
 from jlora._config import LoraConfig
+from jlora._quant import QuantizedArray
 from jlora._tree import Params, _check_tree, adapters, split
 
 __all__ = ["summary", "Summary", "ModuleRow"]
@@ -63,8 +64,10 @@ class Summary(NamedTuple):
 
 
 def _count(tree) -> tuple[int, int]:
-  leaves = jax.tree.leaves(tree)
-  return sum(math.prod(x.shape) for x in leaves), sum(math.prod(x.shape) * x.dtype.itemsize for x in leaves)
+  """`(parameters, bytes)`; a quantized kernel (`jlora.quantize`) counts its logical size and its packed bytes."""
+  leaves = jax.tree.leaves(tree, is_leaf=lambda x: isinstance(x, QuantizedArray))
+  nbytes = [x.nbytes if isinstance(x, QuantizedArray) else math.prod(x.shape) * x.dtype.itemsize for x in leaves]
+  return sum(math.prod(x.shape) for x in leaves), sum(nbytes)
 
 
 def summary(params: Params, config: LoraConfig) -> Summary:

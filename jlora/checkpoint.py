@@ -31,37 +31,36 @@ Orbax is imported only when a checkpoint is saved or loaded.
 
 from __future__ import annotations
 
-import contextlib
-import hashlib
-import json
 import os
-import sys
-import time
-from collections.abc import Iterator, Mapping
+from collections.abc import Mapping
 from typing import Any
 
-import jax
 import numpy as np
 
-from jlora import _integrity, _io
+from jlora import _integrity
 from jlora._config import LoraConfig
 from jlora._keys import escape, map_keys, restore, stringify, unescape
 from jlora._placement import Shardings, abstract_tree
 from jlora._targets import is_lora_key
 from jlora._tree import Params, _check_tree, check_adapters, flatten, split, unflatten
+from jlora._versioned import (
+  Unreadable,
+  check_target,
+  checkable,
+  commit,
+  container,
+  read_meta,
+  read_newest,
+  restore_item,
+  seal,
+)
 
 __all__ = ["save_adapter", "load_adapter"]
 
 FORMAT, VERSION = "jlora.adapter", 2
 MARKER = "jlora_adapter.json"
 _V1 = "jlora_checkpoint.json"  # the metadata file of format 1 (one orbax checkpoint, renamed into place)
-_ITEMS = ("state", "meta")
-_ATTEMPTS = 20  # reads retried while a concurrent save keeps replacing the newest version
 Path = tuple[str, ...]
-
-
-class _Unreadable(ValueError):
-  """The files of a version are not what was committed (or vanished while being read)."""
 
 
 # ------------------------------------------------------------------ tree helpers
@@ -73,50 +72,6 @@ def strip_adapters(params: Params) -> dict[Path, Any]:
 def fingerprint(base: Mapping[Path, Any]) -> dict[str, list]:
   """`{'a/b/kernel': [shape, dtype]}` of the base leaves, sorted by path."""
   return {"/".join(p): [list(np.shape(v)), np.dtype(v.dtype).name] for p, v in sorted(base.items())}
-
-
-def _checkable(flat: Mapping[Path, Any]) -> dict[Path, Any]:
-  """The leaves this process can hash (all of them except arrays spread over several processes)."""
-  return {p: v for p, v in flat.items() if getattr(v, "is_fully_addressable", True)}
-
-
-def _seal(body: dict) -> str:
-  return hashlib.sha256(json.dumps(body, sort_keys=True, separators=(",", ":")).encode()).hexdigest()
-
-
-# ------------------------------------------------------------------- container
-def _container(path: str | os.PathLike) -> str:
-  return os.path.abspath(os.fspath(path))
-
-
-def _check_target(root: str) -> None:
-  """Raises unless `root` is absent, an empty directory, or a checkpoint jlora wrote (it holds `MARKER`)."""
-  if not os.path.lexists(root):
-    return
-  if not os.path.isdir(root) or os.path.islink(root):
-    raise ValueError(f"`path`: {root!r} exists and is not a directory; jlora writes adapter checkpoints into a "
-                     "directory of its own. Choose a new path.")
-  if os.path.isfile(os.path.join(root, MARKER)):
-    return
-  _io.recover(os.path.join(root, MARKER))  # removes the temporary marker file of a first save that was killed
-  entries = sorted(os.listdir(root))
-  if not entries:
-    return
-  if _V1 in entries:
-    raise ValueError(f"`path`: {root!r} is an adapter checkpoint of an older jlora (format 1, {_V1}), which this "
-                     "version neither reads nor replaces. Save to a new path.")
-  shown = ", ".join(entries[:8]) + (f" … and {len(entries) - 8} more" if len(entries) > 8 else "")
-  raise ValueError(
-      f"`path`: {root!r} holds files that are not a jlora adapter checkpoint ({shown}; no {MARKER}); jlora only "
-      "replaces checkpoints it wrote, so nothing of yours is overwritten or deleted. Choose a new or empty directory."
-  )
-
-
-def _versions(root: str) -> list[int]:
-  """The committed versions in `root`, oldest first (orbax's rule: temporary directories are not committed)."""
-  from orbax.checkpoint.path import step as step_lib
-
-  return sorted(m.step for m in step_lib.standard_name_format().find_all(root))
 
 
 # ------------------------------------------------------------------------ save
@@ -163,36 +118,22 @@ def save_adapter(path: str | os.PathLike, params: Params, config: LoraConfig, *,
         "save_adapter: `params` holds no trainable leaf (no lora_a/lora_b, no trained bias or modules_to_save); "
         "pass the params with adapters, e.g. jlora.combine(trainable, frozen)."
     )
-  root = _container(path)
-  _check_target(root)
+  root = container(path)
+  check_target(root, MARKER, "adapter checkpoint", older=_V1)
   base = strip_adapters(params)
   flat = flatten(trainable)
   frozen = flatten(frozen)
-  if base_checksums and len(_checkable(frozen)) < len(frozen):
+  if base_checksums and len(checkable(frozen)) < len(frozen):
     raise ValueError("save_adapter: `base_checksums=True` needs every base leaf on this process; some are spread "
                      "over several processes. Save without it.")
   body = {
       "format": FORMAT, "version": VERSION, "config": config.to_dict(),
-      "trainable": fingerprint(flat), "trainable_sha256": _integrity.digests(_checkable(flat)),
+      "trainable": fingerprint(flat), "trainable_sha256": _integrity.digests(checkable(flat)),
       "base": fingerprint(base), "base_sha256": _integrity.digests(frozen) if base_checksums else None,
   }
-  meta = {**body, "sha256": _seal(body)}
-  if not os.path.isfile(os.path.join(root, MARKER)):
-    if jax.process_index() == 0:  # written atomically, into the directory itself (never replaced: it may be the cwd)
-      os.makedirs(root, exist_ok=True)
-      _io.write_json(os.path.join(root, MARKER), {"format": FORMAT, "version": VERSION,
-                                                  "layout": "orbax CheckpointManager steps: state/ and meta/"})
-    if jax.process_count() > 1:  # the others wait for the container before orbax writes into it
-      from jax.experimental import multihost_utils
-
-      multihost_utils.sync_global_devices("jlora.save_adapter: container")
-  import orbax.checkpoint as ocp
-
-  options = ocp.CheckpointManagerOptions(max_to_keep=1, enable_async_checkpointing=False, cleanup_tmp_directories=True,
-                                         save_root_metadata=False)
-  with ocp.CheckpointManager(root, item_names=_ITEMS, options=options) as manager:
-    manager.save((manager.latest_step() or 0) + 1, force=True,
-                 args=ocp.args.Composite(state=ocp.args.StandardSave(trainable), meta=ocp.args.JsonSave(meta)))
+  meta = {**body, "sha256": seal(body)}
+  commit(root, MARKER, {"format": FORMAT, "version": VERSION, "layout": "orbax CheckpointManager steps: state/ and meta/"},
+         "jlora.save_adapter", state=trainable, meta=meta)
 
 
 # ------------------------------------------------------------------------ load
@@ -219,62 +160,10 @@ def _base_mismatch(meta: Mapping[str, Any], base: Mapping[Path, Any]) -> str | N
   return None
 
 
-@contextlib.contextmanager
-def _quiet_closed_loop() -> Iterator[None]:
-  """Silences the "Event loop is closed" reports that follow a failed orbax read (and nothing else).
-
-  When one read of a damaged checkpoint fails, orbax closes its event loop while
-  tensorstore still completes the other reads; their callbacks then hit the
-  closed loop on tensorstore's threads and Python prints each as an unraisable
-  exception. While a restore runs (and briefly after a failed one), this hook
-  drops exactly those and passes everything else to the previous hook.
-  """
-  previous = sys.unraisablehook
-
-  def hook(report: Any) -> None:
-    if not (isinstance(report.exc_value, RuntimeError) and str(report.exc_value) == "Event loop is closed"):
-      previous(report)
-
-  sys.unraisablehook = hook
-  try:
-    yield
-  except BaseException:
-    time.sleep(0.05)  # the reads still in flight report within milliseconds
-    raise
-  finally:
-    if sys.unraisablehook is hook:
-      sys.unraisablehook = previous
-
-
-def _restore(root: str, version: int, item: str, args: Any) -> Any:
-  """One item of a version, read by orbax; any failure to read it is an `_Unreadable`."""
-  import orbax.checkpoint as ocp
-
-  try:
-    with _quiet_closed_loop(), ocp.Checkpointer(ocp.CompositeCheckpointHandler()) as ckptr:
-      return ckptr.restore(os.path.join(root, str(version)), args=ocp.args.Composite(**{item: args}))[item]
-  except Exception as e:  # orbax / tensorstore / JSON errors of damaged or vanishing files
-    first = str(e).strip().splitlines()[0][:300] if str(e).strip() else ""
-    raise _Unreadable(f"its {item!r} item could not be read ({type(e).__name__}: {first})") from None
-
-
-def _read_meta(root: str, version: int) -> dict:
-  import orbax.checkpoint as ocp
-
-  meta = _restore(root, version, "meta", ocp.args.JsonRestore())
-  body = {k: v for k, v in meta.items() if k != "sha256"} if isinstance(meta, dict) else None
-  if body is None or meta.get("sha256") != _seal(body):
-    raise _Unreadable("its metadata does not match its SHA-256")
-  if body.get("format") != FORMAT or not isinstance(body.get("version"), int) or body["version"] > VERSION:
-    raise ValueError(f"`path`: {root!r} has format {body.get('format')!r} version {body.get('version')!r}; this "
-                     f"jlora reads {FORMAT!r} up to version {VERSION}. Upgrade jlora.")
-  return body
-
-
 def _load_version(root: str, version: int, params: Params, shardings: Shardings) -> tuple[dict, LoraConfig]:
   import orbax.checkpoint as ocp
 
-  meta = _read_meta(root, version)
+  meta = read_meta(root, version, FORMAT, VERSION)
   base = strip_adapters(params)
   problem = _base_mismatch(meta, base)
   if problem is not None:
@@ -286,14 +175,14 @@ def _load_version(root: str, version: int, params: Params, shardings: Shardings)
   specs = {tuple(k.split("/")): v for k, v in meta["trainable"].items()}
   shapes = {p: tuple(v[0]) for p, v in specs.items()}
   abstract = abstract_tree(specs, params, shardings)
-  restored = flatten(_restore(root, version, "state", ocp.args.StandardRestore(abstract)))
+  restored = flatten(restore_item(root, version, "state", ocp.args.StandardRestore(abstract)))
   if set(restored) != set(shapes) or any(tuple(np.shape(v)) != shapes[p] for p, v in restored.items()):
-    raise _Unreadable("its state does not hold the leaves its metadata lists")
+    raise Unreadable("its state does not hold the leaves its metadata lists")
   expected = meta["trainable_sha256"]
-  got = _integrity.digests({p: v for p, v in _checkable(restored).items() if "/".join(p) in expected})
+  got = _integrity.digests({p: v for p, v in checkable(restored).items() if "/".join(p) in expected})
   bad = sorted(p for p, digest in got.items() if digest != expected[p])
   if bad:
-    raise _Unreadable(f"leaf {bad[0]!r} does not match its checksum{f' ({len(bad) - 1} more)' if len(bad) > 1 else ''}")
+    raise Unreadable(f"leaf {bad[0]!r} does not match its checksum{f' ({len(bad) - 1} more)' if len(bad) > 1 else ''}")
   return unflatten({**base, **restored}), config
 
 
@@ -323,7 +212,7 @@ def load_adapter(path: str | os.PathLike, params: Params, *, shardings: Sharding
       orbax cannot read them; the message names the checkpoint and version).
   """
   _check_tree(params)
-  root = _container(path)
+  root = container(path)
   if not os.path.isdir(root):
     raise ValueError(f"`path`: no adapter checkpoint at {os.fspath(path)!r} (no such directory).")
   if not os.path.isfile(os.path.join(root, MARKER)):
@@ -333,27 +222,6 @@ def load_adapter(path: str | os.PathLike, params: Params, *, shardings: Sharding
                      "with jlora.save_adapter.")
   tree = map_keys(stringify(params), escape)  # the names on disk (see "Keys" in the module docstring)
   places = map_keys(shardings, escape) if isinstance(shardings, Mapping) else shardings
-  seen, empty = None, 0
-  for _ in range(_ATTEMPTS):
-    versions = _versions(root)
-    if not versions:
-      empty += 1  # a listing that races a commit (new version not yet seen, old one deleted) can come back empty
-      if empty < 5:
-        time.sleep(0.02)
-        continue
-      raise ValueError(f"`path`: the adapter checkpoint {root!r} holds no complete version (its first save did not "
-                       "finish); save it again.")
-    try:
-      loaded, config = _load_version(root, versions[-1], tree, places)
-      return restore(map_keys(loaded, unescape), params), config
-    except _Unreadable as e:
-      if _versions(root)[-1:] == versions[-1:]:  # nothing replaced it while we read: the files are damaged
-        raise ValueError(
-            f"load_adapter: version {versions[-1]} of the adapter checkpoint {root!r} is damaged: {e}. The files "
-            "changed after they were written (disk or copy error) or cannot be read; restore the checkpoint from a "
-            "good copy."
-        ) from None
-      seen = e
-      time.sleep(0.01)
-  raise ValueError(f"load_adapter: {root!r} was replaced by new saves {_ATTEMPTS} times while being read (last: "
-                   f"{seen}); load it when the writer pauses.")
+  loaded, config = read_newest(root, lambda version: _load_version(root, version, tree, places), "load_adapter",
+                               "adapter checkpoint")
+  return restore(map_keys(loaded, unescape), params), config

@@ -247,7 +247,7 @@ def test_checksum_mismatch_names_the_leaf_and_edited_metadata_is_refused(tmp_pat
                                        r"not match its SHA-256"):
     load_adapter(target, _numpy_base())
   save_adapter(target, _numpy_params(2), NUMPY_CFG)
-  real = checkpoint._restore
+  real = checkpoint.restore_item
 
   def tampered(root, version, item, args):  # what a flipped bit inside one array's bytes reads as
     out = real(root, version, item, args)
@@ -255,7 +255,7 @@ def test_checksum_mismatch_names_the_leaf_and_edited_metadata_is_refused(tmp_pat
       out["fc"]["lora_b"] = out["fc"]["lora_b"].at[0, 0].add(1.0)
     return out
 
-  monkeypatch.setattr(checkpoint, "_restore", tampered)
+  monkeypatch.setattr(checkpoint, "restore_item", tampered)
   with pytest.raises(ValueError, match=r"version 2 .* is damaged: leaf 'fc/lora_b' does not match its checksum"):
     load_adapter(target, _numpy_base())
 

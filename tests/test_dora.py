@@ -54,8 +54,7 @@ def test_magnitude_starts_at_the_column_norms_so_the_model_is_unchanged(net):
   assert jlora.labels(params, cfg)["down"]["lora_magnitude"] == "lora_magnitude"
 
 
-@pytest.mark.parametrize("jit", [False, True])
-@pytest.mark.parametrize("target", KINDS)
+@pytest.mark.parametrize("target, jit", [(k, True) for k in KINDS] + [("grouped", False), ("embed", False)])
 def test_factored_forward_equals_the_merged_weight(net, target, jit):
   model, ids, base = net
   cfg = jlora.LoraConfig(r=2, lora_alpha=3, target_modules=[target], use_dora=True, init_lora_weights=False)
@@ -201,3 +200,27 @@ def test_mismatches_and_paths_without_dora_raise(net):
   with pytest.raises(ValueError, match=r"jlora.nnx.init: .*use_dora=True"):
     lnnx.init(jax.random.key(0), nnx.Linear(4, 3, rngs=nnx.Rngs(0)), jlora.LoraConfig(r=2, target_modules=".*",
                                                                                         use_dora=True))
+
+
+def test_registered_layer_with_its_own_bias_and_kernel_summed_einsum():
+  """DoRA scales x·W0 only: a registered layer's own bias (not named `bias`) stays unscaled; an einsum that sums a
+  kernel-only axis has no per-column output and is refused."""
+
+  class MyDense(nn.Module):
+    @nn.compact
+    def __call__(self, x):
+      w = self.param("w", nn.initializers.normal(1.0), (x.shape[-1], 5))
+      return x @ w + self.param("b", nn.initializers.normal(1.0), (5,))
+
+  jlora.register_layer(MyDense, jlora.Layer(weight="w", input="x"))
+  x = jax.random.normal(jax.random.key(0), (3, 4))
+  model = MyDense()
+  base = model.init(jax.random.key(1), x)["params"]
+  cfg = jlora.LoraConfig(r=2, target_modules=".*", use_dora=True, init_lora_weights=False)
+  p = _moved(model, base, cfg, x)
+  np.testing.assert_allclose(jlora.apply(model, p, cfg, x), model.apply({"params": jlora.merge(p, cfg)}, x), atol=1e-5)
+  summed = nn.Einsum((4, 5, 2), "btd,dfk->btf")
+  xs = jnp.ones((2, 3, 4))
+  sp = jlora.init(jax.random.key(2), summed, summed.init(jax.random.key(3), xs)["params"], cfg, xs)
+  with pytest.raises(ValueError, match=r"sums the kernel's own axis \['k'\] away"):
+    jlora.apply(summed, sp, cfg, xs)

@@ -30,7 +30,7 @@ def test_adapters_benchmark_quick_mode_writes_every_measure(tmp_path):
   assert tiny["switch/apply_same_config_new_compiles"] == 0
   assert tiny["switch/apply_distinct_alpha_new_compiles"] == 7
   table = report["markdown"]
-  assert table.count("\n") == 12 and "tiny (d=64, L=2, 16×8)" in table and table in proc.stdout
+  assert table.count("\n") == 13 and "tiny (d=64, L=2, 16×8)" in table and table in proc.stdout
 
 
 def test_dora_benchmark_quick_mode_writes_every_ratio(tmp_path):

@@ -1,5 +1,7 @@
 """QLoRA: LoRA over a quantized frozen base (`jlora.quantize`), dequantized where each layer reads its kernel."""
 
+import functools
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -11,18 +13,15 @@ from jlora._quant import QuantizedArray
 from tests.models.helpers import CONFIGS, random_model, tokens
 
 
-@pytest.fixture(scope="module", params=[False, True], ids=["layers", "scan"])
-def llama(request):
-  model, base = random_model(CONFIGS["llama"], scan_layers=request.param)
+@functools.cache
+def _llama(scan: bool):
+  model, base = random_model(CONFIGS["llama"], scan_layers=scan)
   return model, base, jnp.asarray(tokens((2, 6)))
 
 
-@pytest.mark.parametrize("method", ["nf4", "int8"])
-def test_lora_over_a_quantized_base_equals_lora_over_its_dequantized_copy(llama, method):
-  if method == "int8" and "self_attn" not in llama[1]["model"].get("layers", {}):
-    pytest.skip("int8 runs on the scanned stack (per-layer scales); nf4 covers both")
-  model, base, x = llama
-  scan = "self_attn" in base["model"].get("layers", {})
+@pytest.mark.parametrize("method, scan", [("nf4", False), ("nf4", True), ("int8", True)])
+def test_lora_over_a_quantized_base_equals_lora_over_its_dequantized_copy(method, scan):
+  model, base, x = _llama(scan)
   q = jlora.quantize(base, method, block_size=16, stack=lambda path, leaf: int(scan and "layers" in path))
   kernel = q["lm_head"]["kernel"]
   assert isinstance(kernel, QuantizedArray) and kernel.shape == base["lm_head"]["kernel"].shape
@@ -42,10 +41,8 @@ def test_lora_over_a_quantized_base_equals_lora_over_its_dequantized_copy(llama,
   np.testing.assert_allclose(model.apply({"params": merged}, x), out, atol=1e-4)
 
 
-def test_training_moves_only_adapters_and_the_codes_stay(llama):
-  model, base, x = llama
-  if "self_attn" not in base["model"].get("layers", {}):
-    pytest.skip("trained on the scanned stack, where memory is saved")
+def test_training_moves_only_adapters_and_the_codes_stay():
+  model, base, x = _llama(True)
   q = jlora.quantize(base, "nf4", block_size=16)
   cfg = jlora.LoraConfig(r=2, target_modules=["q_proj", "v_proj"], use_dora=True)
   trainable, frozen = jlora.split(jlora.init(jax.random.key(1), model, q, cfg, x), cfg)

@@ -90,14 +90,8 @@ def dora_norms(params: Params, config: LoraConfig) -> dict:
     A tree `{module path: {magnitude leaf name: norm}}`, each norm shaped like its magnitude.
   """
   _check_tree(params)
-  out: dict = {}
-  for ad in _tree.adapters(params, config):
-    if ad.magnitude is not None:
-      node = out
-      for key in ad.module:
-        node = node.setdefault(key, {})
-      node[ad.m_key] = _ops.column_norm(ad.kernel, ad.a, ad.b, ad.scale)
-  return out
+  return _tree.unflatten({(*ad.module, ad.m_key): _ops.column_norm(ad.kernel, ad.a, ad.b, ad.scale)
+                          for ad in _tree.adapters(params, config) if ad.magnitude is not None})
 
 
 def unmerge(merged: Params, adapters: Params, config: LoraConfig, *, norms: Params | None = None) -> dict:

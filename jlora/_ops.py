@@ -103,10 +103,14 @@ def delta_kernel(a: jax.Array, b: jax.Array, kernel_shape) -> jax.Array:
   return jnp.matmul(a2, b2, precision=lax.Precision.HIGHEST).reshape(kernel_shape)
 
 
+def _plus(kernel: jax.Array, a: jax.Array, b: jax.Array, scale) -> jax.Array:
+  """`W0 + s·A·B` in the kernel's layout, in float32 (a quantized kernel is dequantized)."""
+  return jnp.asarray(kernel).astype(jnp.float32) + scale * delta_kernel(a, b, kernel.shape)
+
+
 def fold(kernel: jax.Array, a: jax.Array, b: jax.Array, scale: float, sign: int = 1) -> jax.Array:
   """`W0 + sign·s·A·B` in the kernel's layout and dtype, summed in float32 (merge: +1, unmerge: -1)."""
-  delta = scale * delta_kernel(a, b, kernel.shape)
-  return (jnp.asarray(kernel).astype(jnp.float32) + sign * delta).astype(kernel.dtype)
+  return _plus(kernel, a, b, sign * scale).astype(kernel.dtype)
 
 
 # --------------------------------------------------------------- DoRA
@@ -119,21 +123,24 @@ def magnitude_shape(a_shape, b_shape, kernel_shape) -> tuple[int, ...]:
   return tuple(kernel_shape[:s]) + (1,) * n_in + tuple(kernel_shape[s + n_in:])
 
 
+def _norm(v: jax.Array, shape: tuple[int, ...]) -> jax.Array:
+  """`‖v‖` over the axes that `shape` (a `magnitude_shape`) has of size 1 and `v` does not, keepdims."""
+  axes = tuple(i for i, (m, k) in enumerate(zip(shape, v.shape)) if m == 1 and k != 1)
+  return jnp.sqrt(jnp.sum(jnp.square(v), axis=axes, keepdims=True))
+
+
 def column_norm(kernel: jax.Array, a: jax.Array, b: jax.Array, scale) -> jax.Array:
   """`‖W0 + s·A·B‖` over each output element's input axes, float32, in `magnitude_shape` (keepdims).
 
   DoRA's weight norm: `W0 + s·A·B` is formed per layer (d_in × d_out, as PEFT does).
   """
-  shape = magnitude_shape(a.shape, b.shape, kernel.shape)
-  axes = tuple(i for i, (m, k) in enumerate(zip(shape, kernel.shape)) if m == 1 and k != 1)
-  v = jnp.asarray(kernel).astype(jnp.float32) + scale * delta_kernel(a, b, kernel.shape)
-  return jnp.sqrt(jnp.sum(jnp.square(v), axis=axes, keepdims=True))
+  return _norm(_plus(kernel, a, b, scale), magnitude_shape(a.shape, b.shape, kernel.shape))
 
 
 def dora_fold(kernel: jax.Array, a: jax.Array, b: jax.Array, scale: float, magnitude: jax.Array) -> jax.Array:
   """DoRA's merge `m · (W0 + s·A·B) / ‖W0 + s·A·B‖`, in float32, cast back to the kernel's dtype."""
-  v = jnp.asarray(kernel).astype(jnp.float32) + scale * delta_kernel(a, b, kernel.shape)
-  norm = lax.stop_gradient(column_norm(kernel, a, b, scale))  # a constant for gradients, as in the forward
+  v = _plus(kernel, a, b, scale)
+  norm = lax.stop_gradient(_norm(v, magnitude_shape(a.shape, b.shape, kernel.shape)))  # a constant, as in forward
   return (magnitude.astype(jnp.float32) / norm * v).astype(kernel.dtype)
 
 

@@ -283,7 +283,7 @@ def load_peft(directory: str | os.PathLike, model: Any, params: Params, *, name_
     if (*module, "lora_a") not in out or (*module, "lora_b") not in out:
       raise ValueError(f"load_peft: {'/'.join(module)!r} has only one of lora_A / lora_B in the adapter.")
   for module, layers in sorted(magnitudes.items()):
-    out[(*module, MAGNITUDE_KEY)] = peft_layout.magnitude_from_peft(module, layers, out, dtype)
+    out[(*module, MAGNITUDE_KEY)] = peft_layout.magnitude_from_peft(module, layers, out, get_path(tree, module), dtype)
   for path, layers in sorted(full.items()):
     flip = peft_layout.transposed(path[-1], np.ndim(base[path]) - (next(iter(layers)) is not None), path[:-1],
                                   names, config.fan_in_fan_out)

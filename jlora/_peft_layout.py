@@ -131,12 +131,15 @@ def to_broadcast(leaf: str, arr: np.ndarray, site: Site) -> np.ndarray:
 
 
 def magnitude_from_peft(module: Path, layers: Mapping[int | None, tuple[str, Any]], out: Mapping[Path, Any],
-                    dtype: Any) -> Any:
-  """A DoRA `lora_magnitude` leaf from PEFT's per-layer `lora_magnitude_vector` tensors (one value per output)."""
+                        node: Mapping[str, Any], dtype: Any) -> Any:
+  """A DoRA `lora_magnitude` leaf from PEFT's per-layer `lora_magnitude_vector` tensors (one value per output).
+
+  `out` holds the module's imported `lora_a` / `lora_b` (flat paths); `node` is the module's dict in the base.
+  """
   where = "/".join(module)
   if (*module, "lora_a") not in out:
     raise ValueError(f"load_peft: {where!r} has a lora_magnitude_vector but no lora_A / lora_B in the adapter.")
-  kernel = out[(*module, kernel_key(module, {k[-1]: v for k, v in out.items() if k[:-1] == module}))]
+  kernel = node[kernel_key(module, node)]
   a, b = out[(*module, "lora_a")], out[(*module, "lora_b")]
   stacked = next(iter(layers)) is not None
   shape = _ops.magnitude_shape(a.shape, b.shape, kernel.shape)

@@ -25,6 +25,7 @@ from jlora._quant_io import load_quantized as load_quantized
 from jlora._quant_io import save_quantized as save_quantized
 from jlora._quant_tree import dequantize as dequantize
 from jlora._quant_tree import quantize as quantize
+from jlora._sharding import adapter_shardings as adapter_shardings
 from jlora._summary import Summary as Summary
 from jlora._summary import summary as summary
 from jlora._tree import combine as combine
@@ -44,6 +45,7 @@ __all__ = [
     "LoraConfig",
     "Summary",
     "TaskType",
+    "adapter_shardings",
     "add_weighted_adapter",
     "apply",
     "apply_bank",

@@ -8,18 +8,22 @@ hand-written jnp; layouts by leaf name or declared, see `jlora._plain`). Both en
 from __future__ import annotations
 
 import zlib
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
+from typing import Any
 
 import jax
 import jax.numpy as jnp
+import numpy as np
+from jax.sharding import NamedSharding, PartitionSpec
 
 from jlora import _ops
 from jlora._config import LoraConfig
 from jlora._keys import restore, stringify
 from jlora._plain import KERNEL_NAMES, LayoutLike, tree_sites
 from jlora._quant import QuantizedArray
+from jlora._sharding import adapter_shardings, box, unbox
 from jlora._targets import Site, lora_keys, magnitude_key, path_str, select_sites
-from jlora._tree import Params, _check_tree, get_path, has_adapters
+from jlora._tree import Params, _check_tree, flatten, get_path, has_adapters, unflatten
 
 __all__ = ["add_adapters", "init_tree"]
 
@@ -58,28 +62,70 @@ def add_adapters(key: jax.Array, params: Params, config: LoraConfig, sites: Sequ
       )
     stacked[site.path] = extra
   out = _copy_dicts(params)
-  for site in select_sites(config, sites, stacked):
-    node = get_path(out, site.module)
-    kernel = node[site.kernel_name]
-    where = path_str(site.path)
-    r = config.rank_for(where)
-    stack = tuple(kernel.shape[: stacked[site.path]])
-    if config.init_lora_weights == "pissa":
-      if isinstance(kernel, QuantizedArray):
-        raise ValueError(f"init_lora_weights='pissa' rewrites the kernel at {where!r}, which is quantized "
-                         "(jlora.quantize); initialize PiSSA on the full-precision base, then quantize the residual.")
-      if not jnp.issubdtype(kernel.dtype, jnp.floating):
-        raise ValueError(f"init_lora_weights='pissa' needs a floating-point kernel at {where!r}, got {kernel.dtype}.")
-      a, b, residual = _ops.pissa(kernel, site, r, config.scale_for(where), dtype)
-      node[site.kernel_name] = residual
-    else:
-      a, b = _ops.init_adapter(_site_key(key, site.path), site, r, stack, config.init_lora_weights, dtype)
-    a_key, b_key = lora_keys(site.kernel_name)
-    node[a_key], node[b_key] = a, b
-    if config.use_dora:  # the magnitude starts at ‖W0 + s·A·B‖, so the model is unchanged at init
-      node[magnitude_key(site.kernel_name)] = _ops.column_norm(node[site.kernel_name], a, b,
-                                                               config.scale_for(where)).astype(dtype)
+  chosen = select_sites(config, sites, stacked)
+  for site in chosen if config.init_lora_weights == "pissa" else ():
+    kernel, where = get_path(out, site.module + (site.kernel_name,)), path_str(site.path)
+    if isinstance(kernel, QuantizedArray):
+      raise ValueError(f"init_lora_weights='pissa' rewrites the kernel at {where!r}, which is quantized "
+                       "(jlora.quantize); initialize PiSSA on the full-precision base, then quantize the residual.")
+    if not jnp.issubdtype(kernel.dtype, jnp.floating):
+      raise ValueError(f"init_lora_weights='pissa' needs a floating-point kernel at {where!r}, got {kernel.dtype}.")
+  reads = config.init_lora_weights == "pissa" or config.use_dora  # whether the new leaves depend on the kernels
+  kernels = {site.path: get_path(out, site.module + (site.kernel_name,)) for site in chosen} if reads else {}
+
+  def create(key: jax.Array, kernels: dict) -> dict:
+    """`{leaf path: value}` of every new leaf (and of each kernel PiSSA rewrites)."""
+    new = {}
+    for site in chosen:
+      where, node = path_str(site.path), site.module
+      r, scale = config.rank_for(where), config.scale_for(where)
+      kernel = kernels.get(site.path)
+      if config.init_lora_weights == "pissa":
+        a, b, kernel = _ops.pissa(kernel, site, r, scale, dtype)
+        new[(*node, site.kernel_name)] = kernel
+      else:
+        stack = tuple(get_path(out, node + (site.kernel_name,)).shape[: stacked[site.path]])
+        a, b = _ops.init_adapter(_site_key(key, site.path), site, r, stack, config.init_lora_weights, dtype)
+      a_key, b_key = lora_keys(site.kernel_name)
+      new[(*node, a_key)], new[(*node, b_key)] = a, b
+      if config.use_dora:  # the magnitude starts at ‖W0 + s·A·B‖, so the model is unchanged at init
+        new[(*node, magnitude_key(site.kernel_name))] = _ops.column_norm(kernel, a, b, scale).astype(dtype)
+    return new
+
+  placed = None if isinstance(key, jax.core.Tracer) else _placements(out, jax.eval_shape(create, key, kernels))
+  if placed is None:
+    new = create(key, kernels)
+  else:  # each leaf is created on its devices by the sharding rule: one program, no host round trip, no gather
+    rebuild = _host_key(key)
+    new = jax.jit(lambda kernels: create(rebuild(), kernels), out_shardings=placed)(kernels)
+  for path, value in new.items():
+    get_path(out, path[:-1])[path[-1]] = value
   return out
+
+
+def _host_key(key: jax.Array) -> Callable[[], jax.Array]:
+  """A function rebuilding `key` from host data (a constant of the program, on every process alike)."""
+  if jnp.issubdtype(key.dtype, jax.dtypes.prng_key):
+    data, impl = np.asarray(jax.random.key_data(key)), jax.random.key_impl(key)
+    return lambda: jax.random.wrap_key_data(data, impl=impl)
+  data = np.asarray(key)
+  return lambda: jnp.asarray(data)
+
+
+def _placements(tree: dict, new: Mapping[tuple[str, ...], Any]) -> dict | None:
+  """Where each new leaf goes when the base is on a mesh: `{path: NamedSharding}` by the rule, else None.
+
+  Base leaves that are not `NamedSharding` arrays count as replicated over the
+  mesh, so that every new leaf has a place on it.
+  """
+  flat = flatten(tree)
+  named = {p: v.sharding for p, v in flat.items() if isinstance(getattr(v, "sharding", None), NamedSharding)}
+  if not named:
+    return None
+  mesh = next(iter(named.values())).mesh
+  every = flatten(adapter_shardings(unflatten({**flat, **new}),
+                                    unflatten({p: named.get(p, NamedSharding(mesh, PartitionSpec())) for p in flat})))
+  return {p: every[p] for p in new}
 
 
 def init_tree(key: jax.Array, params: Params, config: LoraConfig, *, kernel_names: Sequence[str] = KERNEL_NAMES,
@@ -135,6 +181,7 @@ def init_tree(key: jax.Array, params: Params, config: LoraConfig, *, kernel_name
   _check_tree(params)
   if not isinstance(config, LoraConfig):
     raise TypeError(f"`config` must be a jlora.LoraConfig, got {type(config).__name__}.")
-  tree = stringify(params)
+  plain, boxes = unbox(params)
+  tree = stringify(plain)
   out = add_adapters(key, tree, config, tree_sites(tree, kernel_names, layout), dtype=dtype)
-  return restore(out, params)
+  return box(restore(out, plain), boxes)

@@ -32,6 +32,7 @@ from jlora._forward import BYPASS, Forward
 from jlora._init import add_adapters
 from jlora._layers import Call, describe
 from jlora._linen_run import run_fresh, warn_if_closed_over
+from jlora._sharding import box, unbox
 from jlora._targets import Site, adapter_path, is_head, path_str
 from jlora._tree import Params, _check_tree, has_adapters
 
@@ -164,6 +165,13 @@ def init(key: jax.Array, model: nn.Module, params: Params, config: LoraConfig, *
     variables: other collections the model needs (e.g. `{'batch_stats': ...}`).
     **kwargs: passed to `model.apply`.
 
+  On a mesh, each adapter is created on its devices, sharded like its kernel
+  (`jlora.adapter_shardings`): a base of `NamedSharding` arrays gives
+  `NamedSharding` adapters, and a base of flax partitioning boxes
+  (`nn.with_logical_partitioning`, `nn.Partitioned`) gives boxed adapters whose
+  names follow the rule, with a `'lora_rank'` axis (logical; replicated unless
+  your rules map it), so `nn.get_partition_spec` covers them.
+
   Returns:
     A new params tree: the base leaves (the same arrays) plus, per adapted
     module, `lora_a: in_shape + (r,)` and `lora_b: (r,) + out_shape` (layouts per
@@ -187,8 +195,9 @@ def init(key: jax.Array, model: nn.Module, params: Params, config: LoraConfig, *
   """
   _check_args(model, config)
   _check_tree(params)
+  params, boxes = unbox(params)
   sites = _discover(model, params, args, kwargs, variables)
-  return add_adapters(key, params, config, sites, dtype=dtype)
+  return box(add_adapters(key, params, config, sites, dtype=dtype), boxes)
 
 
 def apply(model: nn.Module, params: Params, config: LoraConfig, *args, rngs: Mapping[str, jax.Array] | None = None,
@@ -242,6 +251,7 @@ def run_forward(forward: Forward, model: nn.Module, params: Params, args: tuple,
                 fn: str = "jlora.apply") -> Any:
   """Runs `model` with `forward` intercepting its layers, then checks that every adapter was read."""
   warn_if_closed_over(params, fn)
+  params = unbox(params)[0]
   with nn.intercept_methods(forward):
     out = run_fresh(model, {"params": params, **(variables or {})}, args, {**kwargs, "rngs": rngs})
   if not allow_unused:

@@ -8,7 +8,7 @@ from typing import Any
 import jax
 import numpy as np
 
-from jlora import _ops, _tree
+from jlora import _ops, _sharding, _tree
 from jlora._config import LoraConfig
 from jlora._targets import is_lora_key
 from jlora._tree import Params, _check_tree, adapted_modules
@@ -44,6 +44,9 @@ def merge(params: Params, config: LoraConfig, *, safe: bool = False) -> dict:
   A DoRA adapter folds as `W ← m·(W0 + s·A·B)/‖W0 + s·A·B‖` (`jlora.unmerge`
   then needs `jlora.dora_norms` taken before the merge).
 
+  Kernels keep their sharding (the sum of sharded `A`, `B` never gathers a
+  kernel) and their flax partitioning boxes, if any.
+
   The result has the base's tree structure, shapes and dtypes, so plain
   `model.apply` runs it with no added latency. The sum is computed in float32
   and cast back to the kernel's dtype. Stacked (scanned) layers merge per layer.
@@ -62,6 +65,7 @@ def merge(params: Params, config: LoraConfig, *, safe: bool = False) -> dict:
       the config's rank; with `safe`, a merged kernel has NaN/inf.
   """
   _check_tree(params)
+  params, boxes = _sharding.unbox(params)
   replace: dict[tuple[str, ...], dict] = {}
   for ad in _tree.adapters(params, config):
     w0 = ad.kernel
@@ -77,7 +81,7 @@ def merge(params: Params, config: LoraConfig, *, safe: bool = False) -> dict:
         "merge: `params` holds no LoRA adapter (lora_a/lora_b leaves); there is nothing to merge. "
         "Was it merged already, or split into (trainable, frozen)? Pass jlora.combine(trainable, frozen)."
     )
-  return _rebuild(params, replace, drop_lora=True)
+  return _sharding.box(_rebuild(params, replace, drop_lora=True), boxes)
 
 
 def dora_norms(params: Params, config: LoraConfig) -> dict:
@@ -90,6 +94,7 @@ def dora_norms(params: Params, config: LoraConfig) -> dict:
     A tree `{module path: {magnitude leaf name: norm}}`, each norm shaped like its magnitude.
   """
   _check_tree(params)
+  params = _sharding.unbox(params)[0]
   return _tree.unflatten({(*ad.module, ad.m_key): _ops.column_norm(ad.kernel, ad.a, ad.b, ad.scale)
                           for ad in _tree.adapters(params, config) if ad.magnitude is not None})
 
@@ -116,6 +121,7 @@ def unmerge(merged: Params, adapters: Params, config: LoraConfig, *, norms: Para
   """
   _check_tree(merged, "merged")
   _check_tree(adapters, "adapters")
+  (merged, boxes), (adapters, adapter_boxes) = _sharding.unbox(merged), _sharding.unbox(adapters)
   left = [("/".join(path)) for path, _ in adapted_modules(merged)]
   if left:
     raise ValueError(
@@ -134,7 +140,7 @@ def unmerge(merged: Params, adapters: Params, config: LoraConfig, *, norms: Para
     replace.setdefault(ad.module, {}).update({ad.kernel_name: w0, **leaves})
   if not replace:
     raise ValueError("unmerge: `adapters` holds no lora_a/lora_b leaves.")
-  return _rebuild(merged, replace, drop_lora=False)
+  return _sharding.box(_rebuild(merged, replace, drop_lora=False), {**adapter_boxes, **boxes})
 
 
 def _norm(norms: Params | None, ad: _tree.Adapter) -> Any:

@@ -16,7 +16,7 @@ import jax
 import numpy as np
 from jax.sharding import NamedSharding, PartitionSpec, SingleDeviceSharding
 
-from jlora import _ops
+from jlora._sharding import adapter_axes
 from jlora._targets import is_pair_key, lora_pair
 from jlora._tree import Params, get_path, kernel_key, unflatten
 
@@ -72,17 +72,11 @@ def default_sharding(path: Path, shapes: Mapping[Path, tuple], base: Params) -> 
   sharding = getattr(kernel, "sharding", None)
   if not isinstance(sharding, NamedSharding):
     return _device_sharding(kernel)
-  k_shape = tuple(kernel.shape)
-  spec = tuple(sharding.spec) + (None,) * (len(k_shape) - len(sharding.spec))
   module = path[:-1]
-  a_shape, b_shape = shapes[(*module, a_key)], shapes[(*module, b_key)]
-  layout, s = _ops.layout(a_shape, b_shape, k_shape)
-  own = a_shape if is_a else b_shape
-  if layout == "broadcast":
-    out = tuple(p if own[i] == k_shape[i] else None for i, p in enumerate(spec)) + (None,)
-  else:
-    n_in = len(a_shape) - 1 - s
-    out = spec[: s + n_in] + (None,) if is_a else spec[:s] + (None,) + spec[s + n_in:]
+  own, other = shapes[(*module, a_key)], shapes[(*module, b_key)]
+  if not is_a:
+    own, other = other, own
+  out = adapter_axes(sharding.spec, kernel.shape, own, "a" if is_a else "b", other)
   return NamedSharding(sharding.mesh, PartitionSpec(*out))
 
 

@@ -112,6 +112,9 @@ class QuantizedArray(flax_meta.AxisMetadata):
   shape = property(lambda self: (*self.codes.shape[:-1], self.meta.last_dim), doc="The kernel's shape `lead + (d,)`.")
   ndim = property(lambda self: len(self.shape))
   size = property(lambda self: math.prod(self.shape))
+  sharding = property(lambda self: getattr(self.codes, "sharding", None),
+                      doc="The sharding of `codes`, which carry the kernel's spec (`partition_specs`): where the "
+                          "kernel lies, for the adapters' rule.")
   nbytes = property(lambda self: sum(int(getattr(self, n).nbytes) for n in self._names()), doc="Bytes of all children.")
   bits_per_param = property(lambda self: 8 * self.nbytes / self.size,
                             doc="`8 · nbytes / size`: 4.5 for NF4 without double quantization, ≈ 4.13-4.15 with it.")

@@ -25,6 +25,7 @@ from jlora._quant_io import load_quantized as load_quantized
 from jlora._quant_io import save_quantized as save_quantized
 from jlora._quant_tree import dequantize as dequantize
 from jlora._quant_tree import quantize as quantize
+from jlora._quant_tree import requantize as requantize
 from jlora._sharding import adapter_shardings as adapter_shardings
 from jlora._summary import Summary as Summary
 from jlora._summary import summary as summary
@@ -66,6 +67,7 @@ __all__ = [
     "optimizer",
     "quantize",
     "register_layer",
+    "requantize",
     "save_adapter",
     "save_peft",
     "save_quantized",

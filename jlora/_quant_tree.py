@@ -16,12 +16,13 @@ from typing import Any
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 from jax.tree_util import DictKey, SequenceKey
 
 from jlora import _quant
 from jlora._quant import QuantizedArray
 
-__all__ = ["quantize", "dequantize", "is_kernel"]
+__all__ = ["quantize", "dequantize", "is_kernel", "requantize"]
 
 
 def _path_names(path) -> tuple[str, ...]:
@@ -88,3 +89,62 @@ def dequantize(params: Any, dtype: jax.typing.DTypeLike | None = None) -> Any:
   """`params` with every `QuantizedArray` dequantized (to `dtype`; None: each kernel's original dtype)."""
   return jax.tree.map(lambda x: _quant.dequantize(x, dtype) if isinstance(x, QuantizedArray) else x, params,
                       is_leaf=lambda x: isinstance(x, QuantizedArray))
+
+
+def _stack(q: QuantizedArray) -> int:
+  """The `stack` an int8 array was quantized with: its leading axes that keep their own scales."""
+  if q.method != "int8":
+    return 0
+  same = [q.scale.shape[i] == q.shape[i] for i in range(q.ndim - 1)]
+  return min(same.index(False) if False in same else q.ndim - 1, q.ndim - 2)
+
+
+def requantize(merged: Any, like: Any) -> tuple[Any, dict[str, dict[str, float]]]:
+  """Packs merged kernels again as the quantized base they were merged from, and reports what that loses.
+
+  After QLoRA, `jlora.merge(jlora.combine(trainable, quantized), config)` gives
+  full-precision kernels `W = Ŵ0 + s·A·B` (`Ŵ0` the dequantized base). To serve
+  a quantized model, each is quantized again with its base kernel's method,
+  block size and double quantization; the rounding then drops part of the
+  learned update `s·A·B`, which this measures per kernel.
+
+  Args:
+    merged: the merged tree (full-precision kernels).
+    like: the quantized base (`jlora.quantize`) `merged` came from: the kernels
+      that are `QuantizedArray`s there are requantized; other leaves are kept.
+
+  Returns:
+    `(requantized tree, report)`; `report[path]` has `relative_error`
+    `‖deq(q(W)) − W‖ / ‖W‖` and `error_to_update` `‖deq(q(W)) − W‖ / ‖W − Ŵ0‖`
+    (the rounding error over the size of the adapter's update: much below 1
+    keeps the update, near or above 1 drowns it; inf where the update is 0).
+
+  Raises:
+    ValueError: a kernel of `like` has no same-shaped leaf in `merged`.
+  """
+  flat_like = {p: v for p, v in jax.tree_util.tree_leaves_with_path(like, is_leaf=lambda x: isinstance(x, QuantizedArray))
+               if isinstance(v, QuantizedArray)}
+  report: dict[str, dict[str, float]] = {}
+
+  def one(path, leaf):
+    base = flat_like.get(path)
+    if base is None:
+      return leaf
+    where = "/".join(_path_names(path))
+    if tuple(getattr(leaf, "shape", ())) != tuple(base.shape):
+      raise ValueError(f"requantize: `merged` at {where!r} has shape {getattr(leaf, 'shape', None)}, but the quantized "
+                       f"kernel of `like` there has {base.shape}; pass the quantized base `merged` was merged from.")
+    q = _quant.quantize(leaf, base.method, block_size=base.block_size or 64, double_quant=base.double_quant,
+                        stack=_stack(base))
+    w = jnp.asarray(leaf, jnp.float32)
+    err = float(jnp.linalg.norm(_quant.dequantize(q, jnp.float32) - w))
+    update = float(jnp.linalg.norm(w - _quant.dequantize(base, jnp.float32)))
+    report[where] = {"relative_error": err / max(float(jnp.linalg.norm(w)), np.finfo(np.float32).tiny),
+                     "error_to_update": err / update if update > 0 else float("inf")}
+    return q
+
+  missing = [p for p in flat_like if p not in dict(jax.tree_util.tree_leaves_with_path(merged))]
+  if missing:
+    raise ValueError(f"requantize: `merged` has no leaf at {'/'.join(_path_names(missing[0]))!r}, a quantized kernel of "
+                     "`like`; pass the merged tree of the same model.")
+  return jax.tree_util.tree_map_with_path(one, merged), report

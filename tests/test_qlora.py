@@ -90,3 +90,31 @@ def test_jlora_train_quantizes_the_base_and_exports_what_it_trained(tmp_path):
   a = safetensors.numpy.load_file(out / "merged" / "model.safetensors")
   b = safetensors.numpy.load_file(tmp_path / "again" / "model.safetensors")
   assert all(np.array_equal(a[k], b[k]) for k in a)
+
+
+@pytest.mark.parametrize("method,stack", [("nf4", 0), ("int8", 1)])
+def test_requantize_after_merge_reports_what_rounding_drops(method, stack):
+  rng = np.random.default_rng(0)
+  base = {"layers": {"up": {"kernel": jnp.asarray(rng.standard_normal((2, 64, 128)) * 0.05, jnp.float32),
+                            "bias": jnp.zeros((2, 128))}}}
+  q = jlora.quantize(base, method, stack=stack)
+  config = jlora.LoraConfig(r=4, lora_alpha=4, target_modules=["up"])
+  for size, drowned in ((1e-4, True), (0.3, False)):
+    adapters = {"layers": {"up": {"lora_a": jnp.asarray(rng.standard_normal((2, 64, 4)), jnp.float32) * 0.1,
+                                  "lora_b": jnp.asarray(rng.standard_normal((2, 4, 128)), jnp.float32) * size}}}
+    merged = jlora.merge(jlora.combine(adapters, q), config)
+    out, report = jlora.requantize(merged, q)
+    kernel = out["layers"]["up"]["kernel"]
+    assert isinstance(kernel, QuantizedArray) and kernel.method == method and kernel.meta == q["layers"]["up"]["kernel"].meta
+    assert out["layers"]["up"]["bias"] is merged["layers"]["up"]["bias"]
+    w = np.asarray(merged["layers"]["up"]["kernel"])
+    err = np.linalg.norm(np.asarray(jlora.dequantize(kernel)) - w)
+    update = np.linalg.norm(w - np.asarray(jlora.dequantize(q)["layers"]["up"]["kernel"]))
+    got = report["layers/up/kernel"]
+    np.testing.assert_allclose(got["relative_error"], err / np.linalg.norm(w), rtol=1e-4)
+    np.testing.assert_allclose(got["error_to_update"], err / update, rtol=1e-4)
+    assert (got["error_to_update"] > 1) == drowned, got
+  with pytest.raises(ValueError, match=r"`merged` at 'layers/up/kernel' has shape \(2, 64, 64\).*has \(2, 64, 128\)"):
+    jlora.requantize({"layers": {"up": {"kernel": jnp.zeros((2, 64, 64)), "bias": jnp.zeros((2, 128))}}}, q)
+  with pytest.raises(ValueError, match=r"`merged` has no leaf at 'layers/up/kernel'"):
+    jlora.requantize({"layers": {}}, q)

@@ -11,6 +11,12 @@ below `vocab_size`; GPT-2 positions below `n_positions`; BERT token types and se
 length): an out-of-range index raises a `ValueError` instead of giving NaN. Inside `jit`
 values are not checked (no `checkify`); see `jlora.models._checks`.
 
+On a device mesh, `from_config(..., mesh=mesh)` and `from_pretrained(..., mesh=mesh)` create
+the params straight into their shards: `logical_axes` names each parameter axis (`vocab`,
+`embed`, `heads`, `kv`, `mlp`, `layers`, ...) and `mesh_shardings` maps the names to mesh axes
+with `DEFAULT_RULES` (FSDP over `fsdp`, tensor parallelism over `tensor`); see
+`jlora.models._partitioning`.
+
 Examples:
   >>> import jax, jax.numpy as jnp
   >>> from jlora import models
@@ -27,12 +33,16 @@ from jlora.models._load import from_config as from_config
 from jlora.models._load import from_hf_state_dict as from_hf_state_dict
 from jlora.models._load import from_pretrained as from_pretrained
 from jlora.models._load import minilm_path as minilm_path
+from jlora.models._partitioning import DEFAULT_RULES as DEFAULT_RULES
+from jlora.models._partitioning import logical_axes as logical_axes
+from jlora.models._partitioning import mesh_shardings as mesh_shardings
 from jlora.models._save import save_pretrained as save_pretrained
 from jlora.models._save import to_hf_state_dict as to_hf_state_dict
 from jlora.models.generate import generate as generate
 from jlora.models.tokenizer import Tokenizer as Tokenizer
 
 __all__ = [
+  "DEFAULT_RULES",
   "SUPPORTED_MODEL_TYPES",
   "KVCache",
   "Tokenizer",
@@ -40,6 +50,8 @@ __all__ = [
   "from_hf_state_dict",
   "from_pretrained",
   "generate",
+  "logical_axes",
+  "mesh_shardings",
   "minilm_path",
   "save_pretrained",
   "to_hf_state_dict",

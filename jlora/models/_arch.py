@@ -22,7 +22,7 @@ import math
 import types
 import typing
 from collections.abc import Callable, Mapping
-from typing import Any, Protocol
+from typing import Any, ClassVar, Protocol
 
 import flax.linen as nn
 import jax.numpy as jnp
@@ -32,7 +32,10 @@ from jlora.models._checkpoint import HFSpec, name_map
 from jlora.models._checks import Limit, check_length, check_values
 from jlora.models._layers import KVCache
 
-__all__ = ["Architecture", "CausalLM", "HFConfig", "HFModel", "checked_model", "config_fields", "hashable"]
+__all__ = ["Architecture", "AxisTable", "CausalLM", "HFConfig", "HFModel", "checked_model", "config_fields", "hashable"]
+
+AxisTable = Mapping[str, tuple[str | None, ...]]
+"""Logical axis names of a model's parameters by module-path suffix (see `HFModel.param_axes`)."""
 
 
 class HFConfig(Protocol):
@@ -98,10 +101,15 @@ class HFModel(nn.Module, abc.ABC):
   Attributes:
     config: the architecture (an :class:`HFConfig`).
     dtype: dtype of parameters and computation.
+    param_axes: (class attribute) the logical axis names of every parameter, by module-path
+      suffix: `{'self_attn/q_proj/kernel': ('embed', 'heads'), ...}`; the longest suffix of a
+      parameter's path wins, and a scanned stack adds `'layers'` first (see
+      `jlora.models._partitioning`). A parameter that no entry covers is an error there.
   """
 
   config: Any
   dtype: Any = jnp.float32
+  param_axes: ClassVar[AxisTable] = {}
 
   @abc.abstractmethod
   def hf_spec(self) -> HFSpec:

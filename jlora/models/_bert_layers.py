@@ -13,7 +13,7 @@ import jax
 import jax.numpy as jnp
 
 from jlora.models._arch import HFModel
-from jlora.models._layers import activation, attention, dtypes
+from jlora.models._layers import RESIDUAL, activation, attention, constrain, dtypes
 
 if TYPE_CHECKING:
   from jlora.models.bert import BertConfig
@@ -93,9 +93,9 @@ class BertLayer(nn.Module):
   @nn.compact
   def __call__(self, h, mask):
     c = self.config
-    a = _AttentionBlock(c, self.dtype, name="attention")(h, mask)
+    a = constrain(_AttentionBlock(c, self.dtype, name="attention")(constrain(h, *RESIDUAL), mask), *RESIDUAL)
     inter = BertDense(c, self.dtype, c.intermediate_size, c.hidden_act, name="intermediate")(a)
-    return BertDense(c, self.dtype, c.hidden_size, name="output")(inter, a)
+    return constrain(BertDense(c, self.dtype, c.hidden_size, name="output")(inter, a), *RESIDUAL)
 
 
 class _Encoder(nn.Module):

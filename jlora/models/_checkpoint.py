@@ -191,6 +191,24 @@ def _canonical(tensors: Mapping[str, np.ndarray], spec: HFSpec) -> dict[str, str
   return out
 
 
+def _place(arrays: list[np.ndarray], stacked: bool, dtype: Any, sharding: jax.sharding.Sharding | None) -> jax.Array:
+  """One parameter on device: `arrays` (one per layer when `stacked`) stacked, cast to `dtype`, placed.
+
+  With a `sharding`, each device's slice is cut from the host arrays and cast there (stacked
+  layers are never stacked in full on the host).
+  """
+  if sharding is None:
+    return jnp.asarray(np.stack(arrays) if stacked else arrays[0], dtype)
+  shape = ((len(arrays),) if stacked else ()) + arrays[0].shape
+
+  def piece(index: tuple[slice, ...]) -> np.ndarray:
+    if stacked:
+      return np.stack([a[index[1:]] for a in arrays[index[0]]]).astype(np.dtype(dtype))
+    return np.asarray(arrays[0][index]).astype(np.dtype(dtype))
+
+  return jax.make_array_from_callback(shape, sharding, piece)
+
+
 def from_hf_tensors(
   tensors: Mapping[str, np.ndarray],
   shapes: Mapping,
@@ -198,6 +216,7 @@ def from_hf_tensors(
   *,
   dtype: Any,
   fresh: Mapping | None = None,
+  shardings: Mapping | None = None,
 ) -> dict:
   """Builds a Flax `'params'` tree from Hugging Face tensors, validating every one.
 
@@ -207,6 +226,9 @@ def from_hf_tensors(
     spec: the model's :class:`HFSpec`.
     dtype: dtype of the returned params.
     fresh: optional freshly initialized params, used for missing `spec.new_head` paths.
+    shardings: optional tree like `shapes` of `jax.sharding.Sharding`: each tensor is then
+      placed with `jax.make_array_from_callback`, every device reading only its own slice of
+      the host tensors (no device holds a full copy), instead of `jnp.asarray`.
 
   Returns:
     The `'params'` tree (nested dict of `jax.Array`).
@@ -216,6 +238,7 @@ def from_hf_tensors(
   """
   given = _canonical(tensors, spec)
   fresh_flat = flatten(fresh) if fresh is not None else {}
+  shardings_flat = flatten(shardings) if shardings is not None else {}
   used: set[str] = set()
   missing, misshaped, new_heads = [], [], []
   out = {}
@@ -244,8 +267,7 @@ def from_hf_tensors(
         continue
       arrays.append(a.T if transpose else a)
     if len(arrays) == len(names):
-      a = np.stack(arrays) if stacked else arrays[0]
-      out[path] = jnp.asarray(a, dtype)
+      out[path] = _place(arrays, stacked, dtype, shardings_flat.get(path))
   unexpected = sorted(given[n] for n in set(given) - used if not any(re.fullmatch(p, n) for p in spec.ignore))
   problems = []
   if missing:

@@ -10,12 +10,26 @@ from __future__ import annotations
 from collections.abc import Callable, Sequence
 from typing import Any, NamedTuple
 
+import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-__all__ = ["KVCache", "activation", "attention", "attention_mask", "dtypes", "run_layers", "update_layer_cache"]
+__all__ = ["KVCache", "activation", "attention", "attention_mask", "constrain", "dtypes", "run_layers",
+           "update_layer_cache"]
 
 LayerKV = tuple[jax.Array, jax.Array]
+RESIDUAL = ("batch", "length", "act_embed")  # the logical axes of the residual stream (B, T, d)
+
+
+def constrain(x: jax.Array, *names: str | None) -> jax.Array:
+  """`x` constrained to the logical axes `names` (one per axis), e.g. `('batch', 'length', 'act_embed')`.
+
+  A no-op unless the step is traced with logical axis rules and a mesh in
+  context (`with jax.set_mesh(mesh), nn.logical_axis_rules(models.DEFAULT_RULES):`):
+  then it pins activations, e.g. the residual stream to the batch split, so that
+  XLA gathers FSDP-sharded weights instead of reducing activations.
+  """
+  return nn.with_logical_constraint(x, names)
 
 
 def dtypes(dtype: Any, **extra: Any) -> dict[str, Any]:

@@ -14,6 +14,7 @@ import numpy as np
 from jlora.models import bert, gpt2, llama, t5
 from jlora.models._arch import Architecture, HFModel, checked_model
 from jlora.models._checkpoint import from_hf_tensors, read_config, read_safetensors
+from jlora.models._partitioning import LogicalRules, check_mesh, mesh_shardings
 
 __all__ = ["SUPPORTED_MODEL_TYPES", "from_config", "from_hf_state_dict", "from_pretrained", "minilm_path"]
 
@@ -42,8 +43,28 @@ def _param_shapes(model: HFModel) -> dict:
   return nn.meta.unbox(jax.eval_shape(model.init, jax.random.key(0), *model.example_inputs())["params"])
 
 
+def _init(model: HFModel, key: jax.Array, shardings: Any = None) -> dict:
+  """`model.init(key, *example_inputs)['params']`, jitted; with `shardings`, created directly in its shards."""
+  if shardings is None:
+    return jax.jit(model.init)(key, *model.example_inputs())["params"]
+  init = jax.jit(lambda k, *x: nn.meta.unbox(model.init(k, *x)["params"]), out_shardings=shardings)
+  return init(key, *model.example_inputs())
+
+
+def _shardings(model: HFModel, mesh: Any, rules: LogicalRules | None) -> Any:
+  """The params' `NamedSharding`s on `mesh`, or None without a mesh (after checking `mesh` and `rules`)."""
+  rules = check_mesh(mesh, rules)
+  return None if mesh is None else mesh_shardings(model, _param_shapes(model), mesh, rules=rules)
+
+
 def from_config(
-  config: str | Mapping[str, Any], *, key: jax.Array, dtype: Any = None, **options: Any
+  config: str | Mapping[str, Any],
+  *,
+  key: jax.Array,
+  dtype: Any = None,
+  mesh: jax.sharding.Mesh | None = None,
+  rules: LogicalRules | None = None,
+  **options: Any,
 ) -> tuple[HFModel, dict]:
   """Builds a randomly initialized model from a model type or a Hugging Face config dict.
 
@@ -52,6 +73,11 @@ def from_config(
       `config.json` dict with `model_type` (any size).
     key: PRNG key for the initialization.
     dtype: parameter and compute dtype (default float32).
+    mesh: optional device mesh: the params are then initialized inside one `jax.jit` straight
+      into their shards (`models.mesh_shardings`), so that no device holds the whole tree; the
+      values equal those of an unsharded init with the same `key`.
+    rules: logical -> mesh axis rules for `mesh` (default `models.DEFAULT_RULES`). The mesh
+      needs `AxisType.Auto` axes (the models carry no sharding annotations; XLA propagates them).
     **options: model options, e.g. `scan_layers=True`, `remat=True` (llama family),
       `task="SEQ_CLS"` or `task="HIDDEN_STATES"` (bert).
 
@@ -59,16 +85,25 @@ def from_config(
     `(model, params)`: a linen Module and its `'params'` collection (nested dict).
 
   Raises:
-    ValueError: for an unsupported `model_type` or unknown options.
+    ValueError: for an unsupported `model_type` or unknown options, `rules` without a `mesh`, or a
+      mesh with `Explicit` axes.
+    TypeError: for a `mesh` that is not a `jax.sharding.Mesh`, or malformed `rules`.
   """
+  check_mesh(mesh, rules, auto=True)
   config = {"model_type": config} if isinstance(config, str) else dict(config)
   model = _architecture(config).model(config, dtype=dtype, options=options)
-  params = jax.jit(model.init)(key, *model.example_inputs())["params"]
+  params = _init(model, key, _shardings(model, mesh, rules))
   return model, nn.meta.unbox(dict(params))
 
 
 def from_pretrained(
-  path: str | os.PathLike, *, dtype: Any = None, key: jax.Array | None = None, **options: Any
+  path: str | os.PathLike,
+  *,
+  dtype: Any = None,
+  key: jax.Array | None = None,
+  mesh: jax.sharding.Mesh | None = None,
+  rules: LogicalRules | None = None,
+  **options: Any,
 ) -> tuple[HFModel, dict]:
   """Loads a local Hugging Face checkpoint directory; never touches the network.
 
@@ -82,6 +117,11 @@ def from_pretrained(
     dtype: parameter and compute dtype (default float32).
     key: PRNG key to initialize task-head parameters that the checkpoint lacks (e.g. a
       `classifier` on a base BERT); without it missing heads are an error.
+    mesh: optional device mesh: each tensor is placed as it is converted with
+      `jax.make_array_from_callback` into its `models.mesh_shardings` sharding, each device
+      reading only its own slice of the host tensor (no full copy on any device).
+    rules: logical -> mesh axis rules for `mesh` (default `models.DEFAULT_RULES`); the mesh
+      needs `AxisType.Auto` axes, as for :func:`from_config`.
     **options: model options (see :func:`from_config`).
 
   Returns:
@@ -89,15 +129,21 @@ def from_pretrained(
 
   Raises:
     ValueError: for a missing directory or config, an unsupported `model_type`, missing /
-      unexpected / mis-shaped tensors, or missing shard files.
+      unexpected / mis-shaped tensors, missing shard files, `rules` without a `mesh`, or a
+      mesh with `Explicit` axes.
+    TypeError: for a `mesh` that is not a `jax.sharding.Mesh`, or malformed `rules`.
   """
+  check_mesh(mesh, rules, auto=True)
   config = read_config(path)
   arch = _architecture(config)
   options = {**arch.default_options(config, os.fspath(path)), **options}
   model = arch.model(config, dtype=dtype, options=options)
   spec = model.hf_spec()
-  fresh = jax.jit(model.init)(key, *model.example_inputs())["params"] if key is not None and spec.new_head else None
-  params = from_hf_tensors(read_safetensors(path), _param_shapes(model), spec, dtype=model.dtype, fresh=fresh)
+  shardings = _shardings(model, mesh, rules)
+  fresh = _init(model, key, shardings) if key is not None and spec.new_head else None
+  params = from_hf_tensors(
+    read_safetensors(path), _param_shapes(model), spec, dtype=model.dtype, fresh=fresh, shardings=shardings
+  )
   return model, params
 
 

@@ -21,13 +21,13 @@ from __future__ import annotations
 import dataclasses
 import json
 import os
-from typing import Any, NamedTuple
+from typing import Any, ClassVar, NamedTuple
 
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from jlora.models._arch import Architecture, HFModel, config_fields
+from jlora.models._arch import Architecture, AxisTable, HFModel, config_fields
 from jlora.models._bert_layers import BertDense, encode
 from jlora.models._checkpoint import HFSpec
 from jlora.models._checks import Limit
@@ -113,6 +113,29 @@ class _Bert(HFModel):
 
   config: BertConfig
   _new_head = ("classifier/.*", "bert/pooler/.*")  # class attributes, not fields
+  param_axes: ClassVar[AxisTable] = {  # logical axis names (models._partitioning), shared by every task
+    "word_embeddings/embedding": ("vocab", "embed"),
+    "position_embeddings/embedding": (None, "embed"),
+    "token_type_embeddings/embedding": (None, "embed"),
+    "LayerNorm/scale": ("norm",),
+    "LayerNorm/bias": ("norm",),
+    "self/query/kernel": ("embed", "heads"),
+    "self/query/bias": ("heads",),
+    "self/key/kernel": ("embed", "kv"),
+    "self/key/bias": ("kv",),
+    "self/value/kernel": ("embed", "kv"),
+    "self/value/bias": ("kv",),
+    "attention/output/dense/kernel": ("heads", "embed"),
+    "attention/output/dense/bias": ("embed",),
+    "intermediate/dense/kernel": ("embed", "mlp"),
+    "intermediate/dense/bias": ("mlp",),
+    "output/dense/kernel": ("mlp", "embed"),  # a layer's output block (the longer attention/output/... wins there)
+    "output/dense/bias": ("embed",),
+    "pooler/dense/kernel": ("embed", None),
+    "pooler/dense/bias": (None,),
+    "classifier/kernel": ("embed", None),
+    "classifier/bias": (None,),
+  }
   _head_hint = ""
 
   def input_limits(self) -> dict[str, Limit]:

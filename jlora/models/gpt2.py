@@ -9,16 +9,25 @@ Parameter paths mirror `GPT2LMHeadModel`: `transformer/wte`, `transformer/wpe`,
 from __future__ import annotations
 
 import dataclasses
-from typing import Any
+from typing import Any, ClassVar
 
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from jlora.models._arch import Architecture, CausalLM, config_fields
+from jlora.models._arch import Architecture, AxisTable, CausalLM, config_fields
 from jlora.models._checkpoint import HFSpec
 from jlora.models._checks import Limit, is_concrete
-from jlora.models._layers import KVCache, activation, attention, dtypes, run_layers, update_layer_cache
+from jlora.models._layers import (
+  RESIDUAL,
+  KVCache,
+  activation,
+  attention,
+  constrain,
+  dtypes,
+  run_layers,
+  update_layer_cache,
+)
 from jlora.models._layers import attention_mask as make_mask
 
 __all__ = ["ARCHITECTURE", "GPT2Config", "GPT2LMHeadModel"]
@@ -68,11 +77,12 @@ class GPT2Block(nn.Module):
   def __call__(self, h, layer_cache, ctx):
     mask, index = ctx
     c, kw = self.config, dtypes(self.dtype)
+    h = constrain(h, *RESIDUAL)
     x = nn.LayerNorm(epsilon=c.layer_norm_epsilon, name="ln_1", **kw)(h)
     y, layer_cache = _Attention(c, self.dtype, name="attn")(x, mask, layer_cache, index)
-    h = h + y
+    h = constrain(h + y, *RESIDUAL)
     x = nn.LayerNorm(epsilon=c.layer_norm_epsilon, name="ln_2", **kw)(h)
-    return h + _MLP(c, self.dtype, name="mlp")(x), layer_cache
+    return constrain(h + _MLP(c, self.dtype, name="mlp")(x), *RESIDUAL), layer_cache
 
 
 class _Attention(nn.Module):
@@ -147,6 +157,24 @@ class GPT2LMHeadModel(CausalLM):
   """
 
   config: GPT2Config
+  param_axes: ClassVar[AxisTable] = {  # logical axis names (models._partitioning); c_attn's fused q|k|v: heads
+    "wte/embedding": ("vocab", "embed"),
+    "wpe/embedding": (None, "embed"),
+    "attn/c_attn/kernel": ("embed", "heads"),
+    "attn/c_attn/bias": ("heads",),
+    "attn/c_proj/kernel": ("heads", "embed"),
+    "attn/c_proj/bias": ("embed",),
+    "mlp/c_fc/kernel": ("embed", "mlp"),
+    "mlp/c_fc/bias": ("mlp",),
+    "mlp/c_proj/kernel": ("mlp", "embed"),
+    "mlp/c_proj/bias": ("embed",),
+    "ln_1/scale": ("norm",),
+    "ln_1/bias": ("norm",),
+    "ln_2/scale": ("norm",),
+    "ln_2/bias": ("norm",),
+    "ln_f/scale": ("norm",),
+    "ln_f/bias": ("norm",),
+  }
 
   @nn.compact
   def __call__(

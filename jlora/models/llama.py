@@ -11,15 +11,24 @@ from __future__ import annotations
 
 import dataclasses
 import math
-from typing import Any
+from typing import Any, ClassVar
 
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from jlora.models._arch import Architecture, CausalLM, config_fields
+from jlora.models._arch import Architecture, AxisTable, CausalLM, config_fields
 from jlora.models._checkpoint import HFSpec
-from jlora.models._layers import KVCache, activation, attention, dtypes, run_layers, update_layer_cache
+from jlora.models._layers import (
+  RESIDUAL,
+  KVCache,
+  activation,
+  attention,
+  constrain,
+  dtypes,
+  run_layers,
+  update_layer_cache,
+)
 from jlora.models._layers import attention_mask as make_mask
 
 __all__ = ["ARCHITECTURE", "LlamaConfig", "LlamaForCausalLM"]
@@ -186,7 +195,8 @@ class LlamaMLP(nn.Module):
     c, kw = self.config, dtypes(self.dtype, use_bias=self.config.mlp_bias)
     gate = nn.Dense(c.intermediate_size, name="gate_proj", **kw)(x)
     up = nn.Dense(c.intermediate_size, name="up_proj", **kw)(x)
-    return nn.Dense(c.hidden_size, name="down_proj", **kw)(activation(c.hidden_act)(gate) * up)
+    hidden = constrain(activation(c.hidden_act)(gate) * up, "batch", "length", "act_mlp")
+    return nn.Dense(c.hidden_size, name="down_proj", **kw)(hidden)
 
 
 class LlamaBlock(nn.Module):
@@ -199,11 +209,12 @@ class LlamaBlock(nn.Module):
   def __call__(self, h, layer_cache, ctx):
     mask, positions, index = ctx
     c, kw = self.config, dtypes(self.dtype)
+    h = constrain(h, *RESIDUAL)
     x = nn.RMSNorm(epsilon=c.rms_norm_eps, name="input_layernorm", **kw)(h)
     y, layer_cache = LlamaAttention(c, self.dtype, name="self_attn")(x, mask, positions, layer_cache, index)
-    h = h + y
+    h = constrain(h + y, *RESIDUAL)
     x = nn.RMSNorm(epsilon=c.rms_norm_eps, name="post_attention_layernorm", **kw)(h)
-    return h + LlamaMLP(c, self.dtype, name="mlp")(x), layer_cache
+    return constrain(h + LlamaMLP(c, self.dtype, name="mlp")(x), *RESIDUAL), layer_cache
 
 
 class LlamaModel(nn.Module):
@@ -264,6 +275,27 @@ class LlamaForCausalLM(CausalLM):
   config: LlamaConfig
   scan_layers: bool = False
   remat: bool = False
+  param_axes: ClassVar[AxisTable] = {  # logical axis names (models._partitioning); scan_layers adds "layers" first
+    "embed_tokens/embedding": ("vocab", "embed"),
+    "lm_head/kernel": ("embed", "vocab"),
+    "self_attn/q_proj/kernel": ("embed", "heads"),
+    "self_attn/q_proj/bias": ("heads",),
+    "self_attn/k_proj/kernel": ("embed", "kv"),
+    "self_attn/k_proj/bias": ("kv",),
+    "self_attn/v_proj/kernel": ("embed", "kv"),
+    "self_attn/v_proj/bias": ("kv",),
+    "self_attn/o_proj/kernel": ("heads", "embed"),
+    "self_attn/o_proj/bias": ("embed",),
+    "mlp/gate_proj/kernel": ("embed", "mlp"),
+    "mlp/gate_proj/bias": ("mlp",),
+    "mlp/up_proj/kernel": ("embed", "mlp"),
+    "mlp/up_proj/bias": ("mlp",),
+    "mlp/down_proj/kernel": ("mlp", "embed"),
+    "mlp/down_proj/bias": ("embed",),
+    "input_layernorm/scale": ("norm",),
+    "post_attention_layernorm/scale": ("norm",),
+    "norm/scale": ("norm",),
+  }
 
   @nn.compact
   def __call__(

@@ -13,16 +13,16 @@ from __future__ import annotations
 
 import dataclasses
 import math
-from typing import Any
+from typing import Any, ClassVar
 
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from jlora.models._arch import Architecture, HFModel, config_fields
+from jlora.models._arch import Architecture, AxisTable, HFModel, config_fields
 from jlora.models._checkpoint import HFSpec
 from jlora.models._checks import Limit
-from jlora.models._layers import activation, attention, dtypes
+from jlora.models._layers import RESIDUAL, activation, attention, constrain, dtypes
 
 __all__ = ["ARCHITECTURE", "T5Config", "T5ForConditionalGeneration", "shift_right"]
 
@@ -172,12 +172,13 @@ class _Sublayer(nn.Module):
   @nn.compact
   def __call__(self, h, memory=None, mask=None, bias=None):
     c = self.config
+    h = constrain(h, *RESIDUAL)
     x = nn.RMSNorm(epsilon=c.layer_norm_epsilon, name="layer_norm", **dtypes(self.dtype))(h)
     if self.kind == "DenseReluDense":
-      return h + T5FeedForward(c, self.dtype, name=self.kind)(x), bias
+      return constrain(h + T5FeedForward(c, self.dtype, name=self.kind)(x), *RESIDUAL), bias
     kv = x if memory is None else memory
     y, bias = T5Attention(c, self.dtype, self.has_relative_bias, self.causal, name=self.kind)(x, kv, mask, bias)
-    return h + y, bias
+    return constrain(h + y, *RESIDUAL), bias
 
 
 class T5Stack(nn.Module):
@@ -229,6 +230,21 @@ class T5ForConditionalGeneration(HFModel):
   """
 
   config: T5Config
+  param_axes: ClassVar[AxisTable] = {  # logical axis names (models._partitioning); q/k/v/o of both attentions
+    "shared/embedding": ("vocab", "embed"),
+    "lm_head/kernel": ("embed", "vocab"),
+    "q/kernel": ("embed", "heads"),
+    "k/kernel": ("embed", "kv"),
+    "v/kernel": ("embed", "kv"),
+    "o/kernel": ("heads", "embed"),
+    "relative_attention_bias/embedding": (None, "heads"),
+    "DenseReluDense/wi/kernel": ("embed", "mlp"),
+    "DenseReluDense/wi_0/kernel": ("embed", "mlp"),
+    "DenseReluDense/wi_1/kernel": ("embed", "mlp"),
+    "DenseReluDense/wo/kernel": ("mlp", "embed"),
+    "layer_norm/scale": ("norm",),
+    "final_layer_norm/scale": ("norm",),
+  }
 
   @nn.compact
   def __call__(

@@ -93,12 +93,7 @@ def steps(model, config):
 
 def on(mesh):
   """The context to trace a step in: the mesh and the models' logical axis rules (activation constraints)."""
-  if mesh is None:
-    return contextlib.nullcontext()
-  stack = contextlib.ExitStack()
-  stack.enter_context(jax.set_mesh(mesh))
-  stack.enter_context(nn.logical_axis_rules(models.DEFAULT_RULES))
-  return stack
+  return contextlib.nullcontext() if mesh is None else models.on_mesh(mesh)
 
 
 def placed(model, base, x, y, shape):

@@ -15,7 +15,7 @@ import pytest
 from tests.multidevice import run_devices
 
 _CHECKS = r"""
-import contextlib, json, os, sys
+import json, os, sys
 os.environ["XLA_FLAGS"] += " --xla_backend_optimization_level=0 --xla_llvm_disable_expensive_passes=true"
 import flax.linen as nn, jax, jax.numpy as jnp, numpy as np, optax
 from jax.sharding import AxisType, NamedSharding, PartitionSpec as P
@@ -28,13 +28,6 @@ from _hlo import collectives
 TARGETS = {"llama": ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj", "embed_tokens"],
            "gpt2": ["c_attn", "c_proj", "c_fc"], "t5": ["q", "k", "v", "o", "wi", "wo"]}
 tx = optax.sgd(0.1, momentum=0.9)  # Adam's first step is lr·sign(g): it would amplify rounding in near-zero gradients
-
-def on(mesh):
-  stack = contextlib.ExitStack()
-  if mesh is not None:
-    stack.enter_context(jax.set_mesh(mesh))
-    stack.enter_context(nn.logical_axis_rules(models.DEFAULT_RULES))
-  return stack
 
 def reduced(hlo):
   return sum(n for op, n, _ in collectives(hlo) if op in ("all-reduce", "reduce-scatter"))
@@ -79,7 +72,7 @@ for name, options, meshes in (("llama", {"scan_layers": True}, [(8, 1, 1), (2, 4
     t, f = jlora.split(lora, config)
     rows = NamedSharding(mesh, P(("data", "fsdp")))
     x = tuple(None if a is None else jax.device_put(a, rows) for a in inputs)
-    with on(mesh):
+    with models.on_mesh(mesh):
       jitted = jax.jit(step)
       o = jax.jit(tx.init)(t)
       hlo = jitted.lower(t, o, f, x).compile().as_text()

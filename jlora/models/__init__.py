@@ -36,6 +36,7 @@ from jlora.models._load import minilm_path as minilm_path
 from jlora.models._partitioning import DEFAULT_RULES as DEFAULT_RULES
 from jlora.models._partitioning import logical_axes as logical_axes
 from jlora.models._partitioning import mesh_shardings as mesh_shardings
+from jlora.models._partitioning import on_mesh as on_mesh
 from jlora.models._save import save_pretrained as save_pretrained
 from jlora.models._save import to_hf_state_dict as to_hf_state_dict
 from jlora.models.generate import generate as generate
@@ -52,6 +53,7 @@ __all__ = [
   "generate",
   "logical_axes",
   "mesh_shardings",
+  "on_mesh",
   "minilm_path",
   "save_pretrained",
   "to_hf_state_dict",

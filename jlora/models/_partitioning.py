@@ -34,11 +34,13 @@ the forward raise on its first ambiguous matmul.
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import math
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterator, Mapping, Sequence
 from typing import Any
 
+import flax.linen as nn
 import jax
 from jax.sharding import AxisType, Mesh, NamedSharding, PartitionSpec
 
@@ -46,7 +48,7 @@ from jlora._sharding import LOGICAL_RANK, adapter_specs
 from jlora._tree import flatten
 from jlora.models._arch import HFModel, checked_model
 
-__all__ = ["DEFAULT_RULES", "LogicalRules", "check_mesh", "logical_axes", "mesh_shardings"]
+__all__ = ["DEFAULT_RULES", "LogicalRules", "check_mesh", "logical_axes", "mesh_shardings", "on_mesh"]
 
 LogicalRules = Sequence[tuple[str, str | tuple[str, ...] | None]]
 
@@ -228,3 +230,26 @@ def mesh_shardings(model: HFModel, params: Mapping, mesh: Mesh, *, rules: Logica
     params,
     is_leaf=lambda x: isinstance(x, PartitionSpec),
   )
+
+
+@contextlib.contextmanager
+def on_mesh(mesh: Mesh, rules: LogicalRules | None = None) -> Iterator[None]:
+  """The context to trace (jit) a step of a reference model on `mesh` in: the mesh and the logical axis rules.
+
+  Inside it the models pin their activations (`models._layers.constrain`): the
+  residual stream stays split by batch over `("data", "fsdp")`, so XLA gathers
+  each FSDP-sharded weight where a layer uses it and the gradient collectives
+  of a LoRA step move adapter-sized bytes (outside it XLA may reduce
+  activations instead). Outside any such context the constraints are no-ops.
+
+  Args:
+    mesh: the device mesh (Auto axes).
+    rules: logical -> mesh axis pairs (default :data:`DEFAULT_RULES`).
+
+  Example:
+    >>> with models.on_mesh(mesh):  # doctest: +SKIP
+    ...   state = step(state, batch)
+  """
+  rules = check_mesh(mesh, rules)
+  with jax.set_mesh(mesh), nn.logical_axis_rules(rules):
+    yield

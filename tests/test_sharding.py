@@ -5,6 +5,9 @@ the code under test). Multi-device checks run in one subprocess with 8 virtual
 CPU devices (`tests/multidevice.py`).
 """
 
+import pathlib
+import re
+
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
@@ -248,3 +251,13 @@ def test_on_eight_devices():
   out = run_devices(_MESH, 8)
   for line in ("init ok", "jit init ok", "merge ok", "step ok", "boxes ok", "qlora ok"):
     assert line in out, out
+
+
+def test_readme_mesh_example_runs_on_eight_devices():
+  text = (pathlib.Path(__file__).resolve().parent.parent / "README.md").read_text()
+  blocks = re.findall(r"```python mesh\n(.*?)```", text, flags=re.S)
+  assert len(blocks) == 1
+  out = run_devices(blocks[0], 8).splitlines()
+  assert out[:2] == ["P(None, 'fsdp', 'tensor')", "P(None, 'fsdp', None) P(None, None, 'tensor')"], out
+  loss, spec = out[2].split(" ", 1)
+  assert 0 < float(loss) < 10 and spec == "P(None, 'fsdp', 'tensor')", out

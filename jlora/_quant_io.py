@@ -24,6 +24,9 @@ under their index (`a0`, `a1`, …), so no key has to survive orbax's own naming
 version in one step and deletes the previous one after it; readers take the newest
 committed version and retry if a writer replaces it while they read; every array
 is checked against its SHA-256 at load, and the metadata against its own.
+**Several processes** as in `jlora.checkpoint`: every process calls save and load;
+an array spread over several processes is stored with one SHA-256 per shard
+(`blocks_sha256` of its entry) instead of `sha256`, each checked at load.
 """
 
 from __future__ import annotations
@@ -46,6 +49,8 @@ from jlora._versioned import (
   checkable,
   commit,
   container,
+  is_dir,
+  is_file,
   read_meta,
   read_newest,
   restore_item,
@@ -152,15 +157,17 @@ def save_quantized(path: str | os.PathLike, params: Any) -> None:
       arrays.append({"leaf": name, "child": child, "shape": list(np.shape(value)), "dtype": jnp.dtype(value.dtype).name})
   if not leaves:
     raise ValueError("save_quantized: `params` holds no leaf; pass the base params, e.g. jlora.quantize(base).")
-  hashable = checkable(flat)
+  hashable, blocks = checkable(flat), _integrity.block_digests({(k,): v for k, v in flat.items()})  # collective
   for key, entry in zip(flat, arrays):
     entry["sha256"] = _integrity.digest(flat[key]) if key in hashable else None
+    if key in blocks:  # spread over several processes: one digest per shard
+      entry["blocks_sha256"] = blocks[key]
   body = {"format": FORMAT, "version": VERSION, "leaves": leaves, "arrays": arrays}
   meta = {**body, "sha256": seal(body)}
   root = container(path)
   check_target(root, MARKER, "quantized checkpoint")
   commit(root, MARKER, {"format": FORMAT, "version": VERSION, "layout": "orbax CheckpointManager steps: arrays/ and "
-         "meta/"}, "jlora.save_quantized", arrays=flat, meta=meta)
+         "meta/"}, arrays=flat, meta=meta)
 
 
 # ------------------------------------------------------------------------- load
@@ -181,8 +188,10 @@ def _load_version(root: str, version: int, sharding: jax.sharding.Sharding) -> d
   if not isinstance(restored, Mapping) or set(restored) != set(abstract) or any(
       tuple(np.shape(restored[k])) != abstract[k].shape for k in abstract):
     raise Unreadable("its arrays are not those its metadata lists")
-  got = checkable(restored)
-  bad = [e for k, e in zip(abstract, arrays) if e["sha256"] and k in got and _integrity.digest(got[k]) != e["sha256"]]
+  bad_keys = set(_integrity.check({(k,): restored[k] for k in abstract},
+                                  {k: e["sha256"] for k, e in zip(abstract, arrays) if e["sha256"]},
+                                  {k: e["blocks_sha256"] for k, e in zip(abstract, arrays) if e.get("blocks_sha256")}))
+  bad = [e for k, e in zip(abstract, arrays) if k in bad_keys]
   if bad:
     child = f" (its {bad[0]['child']!r})" if bad[0]["child"] else ""
     more = f" ({len(bad) - 1} more)" if len(bad) > 1 else ""
@@ -237,9 +246,9 @@ def load_quantized(path: str | os.PathLike, *, shardings: jax.sharding.Sharding 
   elif not isinstance(shardings, jax.sharding.Sharding):
     raise TypeError(f"`shardings` must be a jax.sharding.Sharding or None, got {type(shardings).__name__}.")
   root = container(path)
-  if not os.path.isdir(root):
+  if not is_dir(root):
     raise ValueError(f"`path`: no quantized checkpoint at {os.fspath(path)!r} (no such directory).")
-  if not os.path.isfile(os.path.join(root, MARKER)):
+  if not is_file(os.path.join(root, MARKER)):
     raise ValueError(f"`path`: {os.fspath(path)!r} is not a jlora quantized checkpoint (no {MARKER}). Write one with "
                      "jlora.save_quantized.")
   return read_newest(root, lambda version: _load_version(root, version, shardings), "load_quantized",

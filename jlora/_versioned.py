@@ -8,6 +8,26 @@ previous version is deleted only after that, so a save killed at any point
 leaves the previous version or the new one. Readers take the newest committed
 version and retry when a concurrent save replaces it. Orbax is imported only
 when a checkpoint is saved or loaded.
+
+**Several processes** (a multi-process JAX run) call save and load together, on
+a directory they all see: every process writes and reads its own shards through
+orbax, whose save, commit and restore are collective. What is done once is done by
+process 0: the check of the target directory and the marker file (orbax writes
+`meta` from process 0 too); the others wait for it and raise its error. Readers
+read the version process 0 sees as the newest. A read error that only some
+processes meet (a damaged file of one shard) leaves the others waiting in orbax's
+restore barrier until its timeout.
+
+**Paths** are local paths or URLs that orbax and `etils.epath` open (`gs://bucket/dir`,
+with gcsfs or TensorFlow installed for epath). On a URL jlora's checks list and
+test through `etils.epath` and refuse foreign files as locally; the marker is
+written by one object write, which object stores show whole or not at all
+(there is no rename), and there are no temporary files of jlora's to clean up.
+What holds there is orbax's commit: on `gs://` a version is written at its final
+name and committed by a `commit_success.txt` (orbax's listing skips it until
+then); on other URLs (`s3://`) orbax renames the temporary directory, which an
+object store does not do in one step, so a reader racing such a save can see the
+new version incomplete and report it damaged (a later load reads it whole).
 """
 
 from __future__ import annotations
@@ -22,13 +42,15 @@ from collections.abc import Callable, Iterator, Mapping
 from typing import Any, TypeVar
 
 import jax
+import numpy as np
 
 from jlora import _io
 
-__all__ = ["Unreadable", "checkable", "seal", "container", "check_target", "versions", "restore_item", "read_meta", "commit",
-           "read_newest"]
+__all__ = ["Unreadable", "checkable", "seal", "container", "is_dir", "is_file", "on_primary", "check_target", "versions",
+           "restore_item", "read_meta", "commit", "read_newest"]
 
 ATTEMPTS = 20  # reads retried while a concurrent save keeps replacing the newest version
+_TEXT = 4096  # bytes of an error message that process 0 sends to the others
 T = TypeVar("T")
 
 
@@ -46,12 +68,72 @@ def seal(body: dict) -> str:
   return hashlib.sha256(json.dumps(body, sort_keys=True, separators=(",", ":")).encode()).hexdigest()
 
 
+def _remote(path: str) -> bool:
+  return "://" in path
+
+
 def container(path: str | os.PathLike) -> str:
-  return os.path.abspath(os.fspath(path))
+  """`path` made absolute, or as it is (less a trailing `/`) where it is a URL such as `gs://bucket/dir`."""
+  path = os.fspath(path)
+  return path.rstrip("/") if _remote(path) else os.path.abspath(path)
+
+
+def is_dir(path: str) -> bool:
+  """Whether `path` is a directory (through `etils.epath` on a URL)."""
+  if _remote(path):
+    from etils import epath
+
+    return epath.Path(path).is_dir()
+  return os.path.isdir(path)
+
+
+def is_file(path: str) -> bool:
+  """Whether `path` is a file (through `etils.epath` on a URL)."""
+  if _remote(path):
+    from etils import epath
+
+    return epath.Path(path).is_file()
+  return os.path.isfile(path)
+
+
+def _broadcast_text(text: str) -> str:
+  """Process 0's `text` (its first 4096 bytes), on every process (collective)."""
+  from jax.experimental import multihost_utils
+
+  data = np.zeros(_TEXT, np.uint8)
+  raw = text.encode()[:_TEXT]
+  data[: len(raw)] = np.frombuffer(raw, np.uint8)
+  got = np.asarray(multihost_utils.broadcast_one_to_all(data), np.uint8)
+  return got.tobytes().rstrip(b"\0").decode(errors="ignore")
+
+
+def on_primary(fn: Callable[[], None]) -> None:
+  """Calls `fn` on process 0 only; the other processes wait for it and raise its error as a ValueError.
+
+  In a single process this is `fn()`. In a multi-process run every process must
+  call it (it is collective); process 0 raises `fn`'s own exception.
+  """
+  if jax.process_count() == 1:
+    fn()
+    return
+  error: Exception | None = None
+  if jax.process_index() == 0:
+    try:
+      fn()
+    except Exception as e:  # sent to the others before it is raised here
+      error = e
+  text = _broadcast_text("" if error is None else str(error) or type(error).__name__)
+  if error is not None:
+    raise error
+  if text:
+    raise ValueError(text)
 
 
 def check_target(root: str, marker: str, what: str, *, older: str | None = None) -> None:
   """Raises unless `root` is absent, an empty directory, or a checkpoint jlora wrote (it holds `marker`).
+
+  Checked by process 0 only (see `on_primary`): another process must not clean
+  up the temporary marker file process 0 may be writing.
 
   Args:
     root: the checkpoint directory.
@@ -59,15 +141,30 @@ def check_target(root: str, marker: str, what: str, *, older: str | None = None)
     what: its name in messages, e.g. `"adapter checkpoint"`.
     older: the metadata file of an older format, which is neither read nor replaced.
   """
-  if not os.path.lexists(root):
+  on_primary(lambda: _check_target(root, marker, what, older))
+
+
+def _check_target(root: str, marker: str, what: str, older: str | None) -> None:
+  if _remote(root):
+    from etils import epath
+
+    if not epath.Path(root).exists():
+      return
+    if not is_dir(root):
+      raise ValueError(f"`path`: {root!r} exists and is not a directory; jlora writes {what}s into a directory of "
+                       "its own. Choose a new path.")
+  elif not os.path.lexists(root):
     return
-  if not os.path.isdir(root) or os.path.islink(root):
+  elif not os.path.isdir(root) or os.path.islink(root):
     raise ValueError(f"`path`: {root!r} exists and is not a directory; jlora writes {what}s into a directory of its "
                      "own. Choose a new path.")
-  if os.path.isfile(os.path.join(root, marker)):
+  if is_file(os.path.join(root, marker)):
     return
-  _io.recover(os.path.join(root, marker))  # removes the temporary marker file of a first save that was killed
-  entries = sorted(os.listdir(root))
+  if _remote(root):
+    entries = sorted(p.name for p in epath.Path(root).iterdir())
+  else:
+    _io.recover(os.path.join(root, marker))  # removes the temporary marker file of a first save that was killed
+    entries = sorted(os.listdir(root))
   if not entries:
     return
   if older is not None and older in entries:
@@ -140,20 +237,29 @@ def read_meta(root: str, version: int, fmt: str, newest: int) -> dict:
   return body
 
 
-def commit(root: str, marker: str, marker_body: dict, caller: str, *, meta: dict, **arrays: Any) -> None:
+def _write_marker(root: str, marker: str, body: dict) -> None:
+  """Writes the marker file once (never replaced: the directory may be the cwd)."""
+  path = os.path.join(root, marker)
+  if is_file(path):
+    return
+  if _remote(root):  # one object write: whole or absent (no rename on object stores)
+    from etils import epath
+
+    epath.Path(root).mkdir(parents=True, exist_ok=True)
+    epath.Path(path).write_text(json.dumps(body) + "\n")
+  else:  # written atomically (temporary file renamed), into the directory itself
+    os.makedirs(root, exist_ok=True)
+    _io.write_json(path, body)
+
+
+def commit(root: str, marker: str, marker_body: dict, *, meta: dict, **arrays: Any) -> None:
   """Writes the next version of `root`: each `arrays` item with orbax's StandardSave, and `meta` as JSON.
 
-  The marker is written first (atomically, by process 0; the others wait for it),
-  then orbax commits the version and deletes the previous one.
+  The marker is written first, by process 0 (the others wait for it); then orbax
+  commits the version, every process writing its own shards, and deletes the
+  previous one. Orbax writes `meta` from process 0.
   """
-  if not os.path.isfile(os.path.join(root, marker)):
-    if jax.process_index() == 0:  # written atomically, into the directory itself (never replaced: it may be the cwd)
-      os.makedirs(root, exist_ok=True)
-      _io.write_json(os.path.join(root, marker), marker_body)
-    if jax.process_count() > 1:  # the others wait for the container before orbax writes into it
-      from jax.experimental import multihost_utils
-
-      multihost_utils.sync_global_devices(f"{caller}: container")
+  on_primary(lambda: _write_marker(root, marker, marker_body))
   import orbax.checkpoint as ocp
 
   options = ocp.CheckpointManagerOptions(max_to_keep=1, enable_async_checkpointing=False, cleanup_tmp_directories=True,
@@ -162,6 +268,17 @@ def commit(root: str, marker: str, marker_body: dict, caller: str, *, meta: dict
   with ocp.CheckpointManager(root, item_names=(*arrays, "meta"), options=options) as manager:
     manager.save((manager.latest_step() or 0) + 1, force=True,
                  args=ocp.args.Composite(**items, meta=ocp.args.JsonSave(meta)))
+
+
+def _newest(root: str) -> int | None:
+  """The newest committed version of `root`, as process 0 sees it (collective in a multi-process run)."""
+  found = versions(root)
+  newest = found[-1] if found else -1
+  if jax.process_count() > 1:  # every process reads the same version
+    from jax.experimental import multihost_utils
+
+    newest = int(multihost_utils.broadcast_one_to_all(np.int32(newest)))
+  return None if newest < 0 else newest
 
 
 def read_newest(root: str, load_version: Callable[[int], T], caller: str, what: str) -> T:
@@ -173,8 +290,8 @@ def read_newest(root: str, load_version: Callable[[int], T], caller: str, what: 
   """
   seen, empty = None, 0
   for _ in range(ATTEMPTS):
-    found = versions(root)
-    if not found:
+    newest = _newest(root)
+    if newest is None:
       empty += 1  # a listing that races a commit (new version not yet seen, old one deleted) can come back empty
       if empty < 5:
         time.sleep(0.02)
@@ -182,11 +299,11 @@ def read_newest(root: str, load_version: Callable[[int], T], caller: str, what: 
       raise ValueError(f"`path`: the {what} {root!r} holds no complete version (its first save did not finish); "
                        "save it again.")
     try:
-      return load_version(found[-1])
+      return load_version(newest)
     except Unreadable as e:
-      if versions(root)[-1:] == found[-1:]:  # nothing replaced it while we read: the files are damaged
+      if _newest(root) == newest:  # nothing replaced it while we read: the files are damaged
         raise ValueError(
-            f"{caller}: version {found[-1]} of the {what} {root!r} is damaged: {e}. The files changed after they were "
+            f"{caller}: version {newest} of the {what} {root!r} is damaged: {e}. The files changed after they were "
             "written (disk or copy error) or cannot be read; restore the checkpoint from a good copy."
         ) from None
       seen = e

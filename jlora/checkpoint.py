@@ -24,6 +24,15 @@ previous version or the new one. Readers take the newest committed version.
 version is replaced while it reads retries on the newer one.
 **Corruption.** Every leaf is checked against its SHA-256 at load; anything
 unreadable is a `ValueError` naming the checkpoint, never different numbers.
+**Several processes.** In a multi-process JAX run every process calls `save_adapter`
+and `load_adapter` with its part of the same sharded tree, on a directory they all
+see (a shared file system or a bucket): each writes and reads only its own shards
+through orbax's collective commit, process 0 alone checks the directory and writes
+the marker and `meta` (the others wait), and all read the version process 0 sees.
+A leaf spread over several processes is checked block by block (`jlora._integrity`):
+every element is under a SHA-256, whatever mesh (or single device) it is loaded onto.
+**Paths** may be URLs that orbax opens (`gs://bucket/adapter`); see `jlora._versioned`
+for what differs there.
 **Keys** holding `/` (Haiku) or `%` are written escaped (`%2F`, `%25`), integers (NNX) as strings;
 `load_adapter` hands back the keys of the `params` it is given (`jlora._keys`).
 Orbax is imported only when a checkpoint is saved or loaded.
@@ -49,6 +58,8 @@ from jlora._versioned import (
   checkable,
   commit,
   container,
+  is_dir,
+  is_file,
   read_meta,
   read_newest,
   restore_item,
@@ -87,12 +98,16 @@ def save_adapter(path: str | os.PathLike, params: Params, config: LoraConfig, *,
   point leaves the previous checkpoint loadable (see the module docstring).
 
   Args:
-    path: the checkpoint directory: absent, empty, or a checkpoint jlora wrote.
+    path: the checkpoint directory: absent, empty, or a checkpoint jlora wrote;
+      a local path or a URL orbax opens (`gs://…`).
     params: the params with adapters, e.g. `jlora.combine(trainable, frozen)`.
+      In a multi-process run every process passes the same tree of global
+      arrays and each writes its own shards (see "Several processes" above).
     config: the config the adapters were created with.
     base_checksums: also store a SHA-256 of every frozen base leaf, so that
       `load_adapter` refuses a base of the same shapes with other weights. Costs
-      one pass over the base (fetched to the host), at save and at load.
+      one pass over the base (fetched to the host), at save and at load. Not
+      available while a base leaf is spread over several processes.
 
   Raises:
     TypeError: `params` is not a nested dict or `config` not a `LoraConfig`.
@@ -131,9 +146,12 @@ def save_adapter(path: str | os.PathLike, params: Params, config: LoraConfig, *,
       "trainable": fingerprint(flat), "trainable_sha256": _integrity.digests(checkable(flat)),
       "base": fingerprint(base), "base_sha256": _integrity.digests(frozen) if base_checksums else None,
   }
+  blocks = _integrity.block_digests(flat)  # leaves spread over several processes (collective)
+  if blocks:
+    body["trainable_blocks_sha256"] = blocks
   meta = {**body, "sha256": seal(body)}
   commit(root, MARKER, {"format": FORMAT, "version": VERSION, "layout": "orbax CheckpointManager steps: state/ and meta/"},
-         "jlora.save_adapter", state=trainable, meta=meta)
+         state=trainable, meta=meta)
 
 
 # ------------------------------------------------------------------------ load
@@ -178,9 +196,7 @@ def _load_version(root: str, version: int, params: Params, shardings: Shardings)
   restored = flatten(restore_item(root, version, "state", ocp.args.StandardRestore(abstract)))
   if set(restored) != set(shapes) or any(tuple(np.shape(v)) != shapes[p] for p, v in restored.items()):
     raise Unreadable("its state does not hold the leaves its metadata lists")
-  expected = meta["trainable_sha256"]
-  got = _integrity.digests({p: v for p, v in checkable(restored).items() if "/".join(p) in expected})
-  bad = sorted(p for p, digest in got.items() if digest != expected[p])
+  bad = _integrity.check(restored, meta["trainable_sha256"], meta.get("trainable_blocks_sha256"))
   if bad:
     raise Unreadable(f"leaf {bad[0]!r} does not match its checksum{f' ({len(bad) - 1} more)' if len(bad) > 1 else ''}")
   return unflatten({**base, **restored}), config
@@ -198,7 +214,8 @@ def load_adapter(path: str | os.PathLike, params: Params, *, shardings: Sharding
       or a nested dict shaped like the saved trainable tree (missing entries use
       the default). By default each adapter inherits its kernel's
       `NamedSharding` (see `jlora._placement`), so arrays are restored directly
-      into their shards.
+      into their shards: on any mesh, whatever mesh saved them, or one device.
+      In a multi-process run every process calls `load_adapter`.
 
   Returns:
     `(params, config)`: the base leaves of `params` (the same arrays) with the
@@ -213,10 +230,10 @@ def load_adapter(path: str | os.PathLike, params: Params, *, shardings: Sharding
   """
   _check_tree(params)
   root = container(path)
-  if not os.path.isdir(root):
+  if not is_dir(root):
     raise ValueError(f"`path`: no adapter checkpoint at {os.fspath(path)!r} (no such directory).")
-  if not os.path.isfile(os.path.join(root, MARKER)):
-    old = f" It is one of an older jlora (format 1, {_V1}), which this version does not read." if os.path.isfile(
+  if not is_file(os.path.join(root, MARKER)):
+    old = f" It is one of an older jlora (format 1, {_V1}), which this version does not read." if is_file(
         os.path.join(root, _V1)) else ""
     raise ValueError(f"`path`: {os.fspath(path)!r} is not a jlora adapter checkpoint (no {MARKER}).{old} Write one "
                      "with jlora.save_adapter.")

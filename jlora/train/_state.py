@@ -11,6 +11,19 @@ data position, the run's fingerprint and a SHA-256 digest of every state leaf
 finite, so a truncated or corrupted checkpoint is a `Damaged` error (the caller falls
 back to an older one) rather than wrong numbers. Which steps may be deleted is decided
 by the caller (`jlora.train._resume`); this module deletes only what it is told to.
+
+**Several processes.** In a multi-process JAX run every process calls `save` and
+`restore` (orbax's save, commit and restore are collective) on a directory they
+all see: each writes and reads its own shards, orbax commits the step atomically,
+and `meta` is written once, by process 0. A leaf spread over several processes gets
+block digests instead of one SHA-256 (`meta["block_digests"]`, see `jlora._integrity`),
+each block hashed by the process holding it; `restore` checks every block whatever
+the template's layout (another mesh, one device), and the checksum and finiteness
+verdicts are the same on every process, so they fall back to the same older step
+together. (A read error that only some processes meet leaves the others in orbax's
+restore barrier until its timeout.) `directory` may be a URL that orbax and
+`etils.epath` open (`gs://bucket/run/checkpoints`; see `jlora._versioned` for what
+orbax's commit guarantees there).
 """
 
 from __future__ import annotations
@@ -26,6 +39,7 @@ import numpy as np
 import orbax.checkpoint as ocp
 
 from jlora import _integrity
+from jlora._versioned import checkable, container, is_dir
 
 __all__ = ["FORMAT", "Checkpoints", "Damaged", "State", "all_finite", "list_steps", "read_meta"]
 
@@ -59,8 +73,12 @@ def _flat(state: State) -> dict[tuple[str, ...], Any]:
 
 def list_steps(directory: str) -> list[int]:
   """The step directories (decimal names) under `directory`, oldest first; nothing is created."""
-  if not os.path.isdir(directory):
+  if not is_dir(directory):
     return []
+  if "://" in directory:  # on gs:// a step is committed by a commit_success.txt, not a rename: orbax's rule
+    from orbax.checkpoint.path import step as step_lib
+
+    return sorted(m.step for m in step_lib.standard_name_format().find_all(directory))
   return sorted(int(e) for e in os.listdir(directory) if e.isdigit() and os.path.isdir(os.path.join(directory, e)))
 
 
@@ -72,8 +90,13 @@ def read_meta(directory: str, step: int) -> dict:
   """
   path = os.path.join(directory, str(step), "meta", "metadata")
   try:
-    with open(path, encoding="utf-8") as f:
-      meta = json.load(f)
+    if "://" in path:
+      from etils import epath
+
+      meta = json.loads(epath.Path(path).read_text())
+    else:
+      with open(path, encoding="utf-8") as f:
+        meta = json.load(f)
   except (OSError, ValueError) as e:
     raise Damaged(f"checkpoint step {step} has no readable metadata ({type(e).__name__}: {e})") from None
   if not isinstance(meta, dict) or meta.get("format") != FORMAT or meta.get("step") != step:
@@ -89,7 +112,7 @@ class Checkpoints:
   """
 
   def __init__(self, directory: str | os.PathLike):
-    self.directory = os.path.abspath(os.fspath(directory))
+    self.directory = container(directory)
     # Retention is the caller's (it deletes only steps jlora wrote), so orbax keeps everything.
     options = ocp.CheckpointManagerOptions(max_to_keep=None, create=True, enable_async_checkpointing=False,
                                            cleanup_tmp_directories=True)  # what a killed save left
@@ -102,21 +125,31 @@ class Checkpoints:
     self.close()
 
   def save(self, state: State, *, data_position: tuple[int, int], fingerprint: dict) -> bool:
-    """Writes `state` (blocking) as step `state.step`, with its digests; False if that step is already saved."""
+    """Writes `state` (blocking) as step `state.step`, with its digests; False if that step is already saved.
+
+    Collective in a multi-process run: every process calls it with its part of `state`.
+    """
     self._manager.reload()
     if state.step in self._manager.all_steps():
       return False
     tree = {"trainable": state.trainable, "opt_state": state.opt_state}
+    flat = _flat(state)
     meta = {"format": FORMAT, "step": state.step, "rng": np.asarray(state.rng).tolist(),
             "data_position": {"epoch": data_position[0], "offset": data_position[1]}, "fingerprint": fingerprint,
-            "digests": _integrity.digests(_flat(state))}
+            "digests": _integrity.digests(checkable(flat))}
+    blocks = _integrity.block_digests(flat)  # leaves spread over several processes (collective)
+    if blocks:
+      meta["block_digests"] = blocks
     self._manager.save(state.step, args=ocp.args.Composite(state=ocp.args.StandardSave(tree),
                                                            meta=ocp.args.JsonSave(meta)))
     self._manager.wait_until_finished()
     return True
 
   def restore(self, template: State, step: int) -> State:
-    """Step `step`, shaped like `template`, checked against its digests.
+    """Step `step`, shaped like `template` and restored into its shardings, checked against its digests.
+
+    Collective in a multi-process run: every process calls it with a template
+    on the same shardings (any mesh, or one device).
 
     Raises:
       Damaged: unreadable metadata or arrays, a checksum mismatch, or non-finite values.
@@ -130,7 +163,8 @@ class Checkpoints:
         out = self._manager.restore(step, args=ocp.args.Composite(state=ocp.args.StandardRestore(abstract)))
       state = State(out["state"]["trainable"], out["state"]["opt_state"], int(meta["step"]),
                     np.asarray(meta["rng"], np.uint32))
-      _integrity.verify(_flat(state), meta["digests"], what=f"training checkpoint {self.directory}/{step}")
+      _integrity.verify(_flat(state), meta["digests"], what=f"training checkpoint {self.directory}/{step}",
+                        blocks=meta.get("block_digests"))
     except Exception as e:  # tensorstore / orbax errors on damaged files, checksum mismatches
       detail = " ".join(str(e).split())
       raise Damaged(f"checkpoint step {step} cannot be restored ({type(e).__name__}: "

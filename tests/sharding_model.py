@@ -28,13 +28,13 @@ class Model(nn.Module):
 
 SPECS = {"embed": {"embedding": P("model", "data")},
          "qkv": {"kernel": P("data", "model", None), "bias": P("model", None)},
-         "o": {"kernel": P("model", None, "data"), "bias": P()},
+         "o": {"kernel": P("model", "data", None), "bias": P()},  # both contracting axes sharded
          "ein": {"kernel": P("model", "data", None), "bias": P()},
          "layers": {"up": {"kernel": P(None, "data", "model"), "bias": P(None, "model")}}}
 # The rule, by hand: A keeps the kernel's stack and input specs, B its stack and output specs, r replicated;
 # an einsum adapter keeps the specs of the axes it shares with the kernel; a DoRA magnitude those it shares.
 EXPECTED = {"embed": (P("model", None), P(None, "data"), P(None, "data")),
             "qkv": (P("data", None), P(None, "model", None), P(None, "model", None)),
-            "o": (P("model", None, None), P(None, "data"), P(None, None, "data")),
+            "o": (P("model", "data", None), P(None, None), P(None, None, None)),
             "ein": (P(None, "data", None, None), P("model", None, None, None), P("model", None, None)),
             "layers/up": (P(None, "data", None), P(None, None, "model"), P(None, None, "model"))}

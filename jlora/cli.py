@@ -36,6 +36,10 @@ in the config, data or directory, 130 interrupted.
 Override any key with section.key=value (values are YAML): train.steps=50 lora.r=16
 lora.target_modules=[query,value] optimizer.learning_rate=3e-4 outputs.dir=runs/x
 
+With a `mesh` section (e.g. mesh.data=-1: data parallel over every device) the run is
+sharded over a (data, fsdp, tensor) device mesh; on several hosts, start the same command
+on each (srun, a TPU pod, or JAX_COORDINATOR_ADDRESS/JAX_NUM_PROCESSES/JAX_PROCESS_ID).
+
 Sections and keys:
 """
 

@@ -7,6 +7,13 @@ are all finite, fetched with the loss (no extra host sync): a non-finite step is
 kept or saved, and the run stops with `Diverged`. The batch and the dropout key of step
 `s` are pure functions of `(train.seed, s)`, so a resumed run repeats exactly the steps
 an uninterrupted one takes.
+
+On a device mesh (`setup.layout`, `jlora.train._mesh`) the step is jitted with
+`out_shardings` that keep the trainable tree and the optimizer state where they are
+(adapters by `jlora.init`'s rule, moments like their parameters), the frozen base keeps
+its FSDP / tensor-parallel shards, and the batch of step `s` (the same rows as on one
+device) is split over `("data", "fsdp")`, each process loading only its own rows. In a
+run of several processes, Ctrl-C stops every process after the same step.
 """
 
 from __future__ import annotations
@@ -27,7 +34,7 @@ import numpy as np
 import optax
 
 import jlora
-from jlora.train import _data, _report
+from jlora.train import _data, _mesh, _report
 from jlora.train._setup import Setup, rows
 from jlora.train._state import State, all_finite
 
@@ -79,8 +86,12 @@ def _bind(apply_fn: Any, params: Any, rng: jax.Array | None) -> Callable[..., ja
   return functools.partial(apply_fn, {"params": params}, rngs=None if rng is None else {"lora_dropout": rng})
 
 
-def make_train_step(setup: Setup, *, temperature: float, dropout: bool) -> Callable:
-  """The jitted `step(trainable, opt_state, frozen, batch, rng) -> (trainable, opt_state, loss, finite)`."""
+def make_train_step(setup: Setup, *, temperature: float, dropout: bool, shardings: Any = None) -> Callable:
+  """The jitted `step(trainable, opt_state, frozen, batch, rng) -> (trainable, opt_state, loss, finite)`.
+
+  On a mesh (`setup.layout`), `shardings` are those of `(trainable, opt_state)`: the new
+  state keeps them; the loss and the finite flag are replicated.
+  """
   task, model, apply_fn, tx = setup.task, setup.base.model, setup.apply_fn, setup.tx
 
   def step(trainable, opt_state, frozen, batch, rng):
@@ -92,7 +103,10 @@ def make_train_step(setup: Setup, *, temperature: float, dropout: bool) -> Calla
     trainable = optax.apply_updates(trainable, updates)
     return trainable, opt_state, loss, jnp.isfinite(loss) & all_finite((trainable, opt_state))
 
-  return jax.jit(step, donate_argnums=(0, 1))
+  if setup.layout is None:
+    return jax.jit(step, donate_argnums=(0, 1))
+  replicated = setup.layout.replicated
+  return setup.layout.traced(jax.jit(step, donate_argnums=(0, 1), out_shardings=(*shardings, replicated, replicated)))
 
 
 def eval_batches(arrays: _data.Dataset, size: int) -> Iterator[dict[str, np.ndarray]]:
@@ -104,15 +118,28 @@ def eval_batches(arrays: _data.Dataset, size: int) -> Iterator[dict[str, np.ndar
 
 
 def make_evaluate(setup: Setup, *, batch_size: int, n: int) -> Callable[[Any], dict[str, float]]:
-  """`evaluate(trainable) -> metrics` over the eval set (the factored model, no dropout)."""
-  task, model, apply_fn = setup.task, setup.base.model, setup.apply_fn
+  """`evaluate(trainable) -> metrics` over the eval set (the factored model, no dropout).
 
-  @jax.jit
+  On a mesh, each batch is split like a training batch (`batch_size` rounded up to a
+  multiple of `data × fsdp` with padding rows of weight 0: the same metrics) and the
+  outputs are replicated, so every process gets them.
+  """
+  task, model, apply_fn, layout = setup.task, setup.base.model, setup.apply_fn, setup.layout
+
   def eval_step(trainable, frozen, batch):
     return task.eval_outputs(_bind(apply_fn, jlora.combine(trainable, frozen), None), batch, model)
 
+  if layout is None:
+    eval_step = jax.jit(eval_step)
+  else:
+    eval_step = layout.traced(jax.jit(eval_step, out_shardings=layout.replicated))
+    batch_size = layout.eval_size(batch_size)
+
   def evaluate(trainable: Any) -> dict[str, float]:
-    outs = [jax.device_get(eval_step(trainable, setup.frozen, b)) for b in eval_batches(setup.eval_arrays, batch_size)]
+    outs = []
+    for b in eval_batches(setup.eval_arrays, batch_size):
+      b = b if layout is None else layout.batch(b, np.arange(batch_size))
+      outs.append(jax.device_get(eval_step(trainable, setup.frozen, b)))
     return task.metrics(outs, n)
 
   return evaluate
@@ -182,21 +209,27 @@ def train(setup: Setup, state: State, config: Any, *, save: Callable[[State], No
     Interrupted: after Ctrl-C, once the state of the finished steps is saved.
     Diverged: a step's loss or new state is not finite (that state is not kept).
   """
-  tc, every = config.train, config.checkpointing.every
-  step_fn = make_train_step(setup, temperature=tc.temperature, dropout=config.lora.lora_dropout > 0)
+  tc, every, layout = config.train, config.checkpointing.every, setup.layout
+  placed = None if layout is None else _mesh.shardings((state.trainable, state.opt_state))
+  step_fn = make_train_step(setup, temperature=tc.temperature, dropout=config.lora.lora_dropout > 0, shardings=placed)
   rng_key = jax.random.wrap_key_data(jnp.asarray(state.rng, jnp.uint32))
   n_train, first = len(next(iter(setup.train_arrays.values()))), state.step
-  bar = _progress(tc.steps, state.step, tc.quiet)
+  bar = _progress(tc.steps, state.step, tc.quiet or (layout is not None and not layout.primary))
   window: list[float] = []
   speed = Throughput()
   with _sigint_flag() as interrupted, warnings.catch_warnings(), contextlib.closing(bar):
     warnings.filterwarnings("ignore", message="Some donated buffers were not usable")
     while state.step < tc.steps:
       step = state.step
-      batch = rows(setup.train_arrays, _data.batch_indices(step, n_train, tc.batch_size, tc.seed))
+      idx = _data.batch_indices(step, n_train, tc.batch_size, tc.seed)
+      if layout is None:
+        batch = rows(setup.train_arrays, idx)
+        rng, tokens = jax.random.fold_in(rng_key, step), setup.task.tokens(batch)
+      else:  # this process's rows only (throughput: its tokens times the number of processes)
+        batch, rng = layout.batch(setup.train_arrays, idx), jax.random.fold_in(rng_key, step)  # the key: replicated
+        tokens = setup.task.tokens(rows(setup.train_arrays, idx[layout.local_rows(len(idx))])) * jax.process_count()
       t0 = time.perf_counter()
-      new_t, new_o, loss, finite = step_fn(state.trainable, state.opt_state, setup.frozen, batch,
-                                           jax.random.fold_in(rng_key, step))
+      new_t, new_o, loss, finite = step_fn(state.trainable, state.opt_state, setup.frozen, batch, rng)
       loss, finite = jax.device_get((loss, finite))
       loss, dt = float(loss), time.perf_counter() - t0
       if not finite:
@@ -207,7 +240,7 @@ def train(setup: Setup, state: State, config: Any, *, save: Callable[[State], No
                        "`optimizer.warmup_steps`, then run again with `checkpointing.resume=false`.")
       speed = speed._replace(train_s=speed.train_s + dt)
       if step > first:
-        speed = speed._replace(tokens=speed.tokens + setup.task.tokens(batch), step_s=speed.step_s + dt)
+        speed = speed._replace(tokens=speed.tokens + tokens, step_s=speed.step_s + dt)
       state = state._replace(trainable=new_t, opt_state=new_o, step=step + 1)
       window.append(loss)
       bar.set_postfix(loss=f"{loss:.4f}", tok_s=f"{speed.tokens_per_s:,.0f}", refresh=False)
@@ -222,7 +255,7 @@ def train(setup: Setup, state: State, config: Any, *, save: Callable[[State], No
         metrics.write({"kind": "eval", "step": state.step, **evaluate(state.trainable)})
       if on_step is not None:
         on_step(state.step, loss)
-      if interrupted["set"]:
+      if interrupted["set"] if layout is None else layout.any(interrupted["set"]):
         save(state)
         raise Interrupted(state.step, checkpoint_dir)
   return state, speed

@@ -79,7 +79,7 @@ def model_type(cfg: Any) -> str:
   return found
 
 
-def build(cfg: Any, task: Task, *, num_labels: int | None, key: jax.Array) -> Model:
+def build(cfg: Any, task: Task, *, num_labels: int | None, key: jax.Array, layout: Any = None) -> Model:
   """Loads or initializes the base model of a `ModelConfig` for `task`.
 
   Args:
@@ -87,6 +87,8 @@ def build(cfg: Any, task: Task, *, num_labels: int | None, key: jax.Array) -> Mo
     task: the task (its `model_types` and `model_options`).
     num_labels: SEQ_CLS classes (None for other tasks).
     key: initializes a random model, or the new head of a checkpoint (e.g. `classifier`).
+    layout: a `jlora.train._mesh.Layout`: the params are created or loaded straight into
+      their shards on its mesh (`jlora.models.mesh_shardings` with its rules); None: one device.
 
   Raises:
     ValueError: a missing `model.path` / `model.config`, a model type that cannot do
@@ -99,11 +101,12 @@ def build(cfg: Any, task: Task, *, num_labels: int | None, key: jax.Array) -> Mo
   options = {**task.model_options(num_labels), **cfg.options}
   path = _path(cfg)
   tokenizer = _tokenizer(cfg.tokenizer or ("bytes" if path is None else path))  # the cheap checks first
+  placed = {} if layout is None else {"mesh": layout.mesh, "rules": layout.rules}
   try:
     if path is None:
-      model, params = models.from_config(cfg.config, key=key, dtype=_dtype(cfg.dtype), **options)
+      model, params = models.from_config(cfg.config, key=key, dtype=_dtype(cfg.dtype), **placed, **options)
     else:
-      model, params = models.from_pretrained(path, key=key, dtype=_dtype(cfg.dtype), **options)
+      model, params = models.from_pretrained(path, key=key, dtype=_dtype(cfg.dtype), **placed, **options)
   except (ValueError, TypeError) as e:
     what = "`model.config`" if path is None else f"`model.path` ({path!r})"
     raise ValueError(f"cannot build a {kind} model from {what} and `model.options` ({' '.join(str(e).split())}).") \

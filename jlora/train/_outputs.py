@@ -6,6 +6,13 @@ fingerprint) or of another step, the files that describe them (`config.yaml`,
 `summary.json`) and derived directories this run does not rewrite (`peft/`, `merged/`)
 are removed; then `adapter/`, `peft/`, `merged/`, `curves.png`, `config.yaml` and
 `summary.json` are written, each atomically, and the marker records whose outputs they are.
+
+In a run of several processes (`jlora.train._multihost`) every process calls `write`:
+the merged check and `adapter/` (`jlora.save_adapter`, collective) are done by all, the
+other files by process 0, from host copies of the leaves spread over processes. The
+base's checksums in `adapter/` need every base leaf on each process: a base split over
+processes (`mesh.fsdp` / `mesh.tensor` > 1) is saved without them (shapes and dtypes
+are still checked on load).
 """
 
 from __future__ import annotations
@@ -23,7 +30,7 @@ import yaml
 import jlora
 import jlora.checkpoint
 from jlora import _io, models
-from jlora.train import _report
+from jlora.train import _multihost, _report
 from jlora.train._loop import Diverged, eval_batches
 from jlora.train._resume import warn
 from jlora.train._rundir import RunDir
@@ -31,7 +38,7 @@ from jlora.train._schema import Config
 from jlora.train._setup import Setup
 from jlora.train._state import State
 
-__all__ = ["merge_gap", "write"]
+__all__ = ["check_placement", "merge_gap", "write", "write_summary"]
 
 
 def merge_gap(setup: Setup, params: Any, merged: Any, batch_size: int) -> float:
@@ -39,13 +46,24 @@ def merge_gap(setup: Setup, params: Any, merged: Any, batch_size: int) -> float:
   model, task = setup.base.model, setup.task
   args, kwargs = task.inputs(next(eval_batches(setup.eval_arrays, min(batch_size, 8))), model)
 
-  @jax.jit  # one compile for both forwards: run op by op, they took seconds even for a tiny T5
   def gap(params, merged, args, kwargs):
     factored = setup.apply_fn({"params": params}, *args, **kwargs).astype(jnp.float32)
     diff = jnp.abs(factored - model.apply({"params": merged}, *args, **kwargs).astype(jnp.float32))
     return jnp.where(jnp.isfinite(diff).all(), diff.max(), jnp.nan)  # max() alone skips NaN (it gave -inf)
 
+  # One compile for both forwards: run op by op, they took seconds even for a tiny T5. On a mesh, the result is
+  # replicated (every process reads it).
+  gap = jax.jit(gap) if setup.layout is None else jax.jit(gap, out_shardings=setup.layout.replicated)
   return float(gap(params, merged, args, kwargs))
+
+
+def check_placement(config: Config, setup: Setup) -> None:
+  """Raises a ValueError, before training, for outputs a run of several processes cannot write from this layout."""
+  if config.outputs.adapter_set is not None and _multihost.spread(setup.exported_base):
+    raise ValueError("`outputs.adapter_set` saves the adapter with its base's checksums, which need every base "
+                     "leaf on each process, but this run splits the base over several processes (`mesh.fsdp` / "
+                     "`mesh.tensor` > 1). Remove `outputs.adapter_set` and copy RUN_DIR/adapter into the set "
+                     "afterwards, or use `mesh.fsdp=1 mesh.tensor=1`.")
 
 
 def _drop_stale(run_dir: RunDir, name: str) -> None:
@@ -67,7 +85,7 @@ def write(run_dir: RunDir, config: Config, setup: Setup, state: State, *, finger
   """Writes the adapter and every other output of the run; returns the partial summary (sizes, merge_diff).
 
   Args:
-    run_dir: the locked run directory.
+    run_dir: the locked run directory (a `_multihost.FollowerDir` on processes other than 0).
     config: the run's config.
     setup: its model and data.
     state: the final (finite) training state.
@@ -103,12 +121,16 @@ def write(run_dir: RunDir, config: Config, setup: Setup, state: State, *, finger
     run_dir.update(outputs=None)
   adapter_dir = run_dir.join("adapter")
   # With base checksums (of the frozen leaves), `jlora merge` refuses a base with other weights than this run's.
-  jlora.checkpoint.save_adapter(adapter_dir, jlora.combine(state.trainable, setup.exported_base), lora,
-                                base_checksums=True)
-  if config.outputs.peft:
-    jlora.save_peft(run_dir.join("peft"), base.model, params, lora)
+  jlora.checkpoint.save_adapter(adapter_dir, jlora.combine(state.trainable, _multihost.local_copies(
+    setup.exported_base)), lora, base_checksums=not _multihost.spread(setup.exported_base))
+  if config.outputs.peft:  # the adapter's leaves gathered (small); the base's are not read
+    peft_params = jlora.combine(_multihost.host(state.trainable), setup.frozen)
+    if _multihost.primary():
+      jlora.save_peft(run_dir.join("peft"), base.model, peft_params, lora)
   if config.outputs.merged:
-    models.save_pretrained(run_dir.join("merged"), base.model, merged, copy_from=base.checkpoint)
+    merged = _multihost.host(merged)  # the whole model on each host, as writing one file takes
+    if _multihost.primary():
+      models.save_pretrained(run_dir.join("merged"), base.model, merged, copy_from=base.checkpoint)
   if plot:
     run_dir.write("curves.png", lambda tmp: _report.plot(metrics.read(), tmp, headline=setup.task.headline))
   run_dir.write_text("config.yaml", yaml.safe_dump(config.to_dict(), sort_keys=False))

@@ -12,6 +12,12 @@
    every path.
 3. **Outputs** (`jlora.train._outputs`), the copy in `outputs.adapter_set`, then
    `summary.json` and the printed summary.
+
+With a `mesh` section, `jlora.train._mesh.start` comes first (it may start JAX's
+distributed runtime, which must precede every other JAX call) and the run is placed on
+the mesh. In a run of several processes, process 0 checks, locks and writes the run
+directory, and every process trains and joins the checkpoint saves
+(`jlora.train._multihost`).
 """
 
 from __future__ import annotations
@@ -25,7 +31,20 @@ import jax
 import numpy as np
 
 import jlora
-from jlora.train import _adapters, _data, _loop, _outputs, _report, _resume, _rundir, _setup, _state, _tasks
+from jlora.train import (
+  _adapters,
+  _data,
+  _loop,
+  _mesh,
+  _multihost,
+  _outputs,
+  _report,
+  _resume,
+  _rundir,
+  _setup,
+  _state,
+  _tasks,
+)
 from jlora.train._schema import Config
 
 __all__ = ["run"]
@@ -42,62 +61,75 @@ def run(config: Config, *, on_step: Callable[[int, float], None] | None = None,
   adapter as `ADAPTER_SET/NAME` (`jlora.train._adapters`). Nothing is written before the
   config, the data, the directory, the checkpoints and the adapter-set entry are checked.
 
+  With a `mesh` section the run is spread over a device mesh (`jlora.train._mesh`); in a
+  run of several processes every process calls `run`, and process 0 writes the files.
+
   Args:
     config: the validated config (`jlora.train.load`).
     on_step: called as `on_step(step, loss)` after each finished step (and its checkpoint).
-    log: where the summary and messages go.
+    log: where the summary and messages go (process 0 only).
 
   Returns:
     The summary as a dict: `before` / `after` metrics, `trainable`, `percent`,
-    `adapter_bytes`, `merge_diff`, `wall_s`, `tokens_per_s`, ...
+    `adapter_bytes`, `merge_diff`, `wall_s`, `tokens_per_s`, ... (on every process).
 
   Raises:
     Interrupted: after Ctrl-C, once the state of the finished steps is saved.
     Diverged: a non-finite loss, state or merged check (nothing non-finite is saved).
-    ValueError: a config that does not fit the model, data or run directory, or
+    ValueError: a config that does not fit the model, data, devices or run directory, or
       another run writing into the same directory.
   """
   t_start = time.perf_counter()
+  layout = _mesh.start(config.mesh)  # first: jax.distributed.initialize() must precede any other JAX call
+  primary = _multihost.primary()
+  log = log if primary else lambda text: None
   task = _tasks.get(config.lora.task_type)
   examples = _data.examples(config.data, task)
   _setup.check_data(config, examples)
+  if layout is not None:
+    layout.check_batch(config.train.batch_size)
   fingerprint = _setup.fingerprint(config, examples)
   out_dir = os.path.abspath(config.outputs.dir)
   resume = config.checkpointing.resume
-  first = _resume.plan(out_dir, _rundir.inspect(out_dir), fingerprint, resume=resume)  # refusals before the model loads
-  _adapters.check_entry(config)
+  # Refusals before the model loads (decided by process 0 where there are several).
+  first = _resume.Plan(*_multihost.shared(
+    lambda: _resume.plan(out_dir, _rundir.inspect(out_dir), fingerprint, resume=resume)))
+  _multihost.shared(lambda: _adapters.check_entry(config))
   # `lora.init_from` starts a new run only: a resumed one continues from its own checkpoint (`restore` either
   # restores one of the candidates or refuses).
-  setup = _setup.prepare(config, task, examples, init_from=not first.candidates)
-  with _rundir.RunDir.open(out_dir) as run_dir:
-    plan = _resume.plan(out_dir, run_dir.marker, fingerprint, resume=resume)  # again, under the lock
+  setup = _setup.prepare(config, task, examples, init_from=not first.candidates, layout=layout)
+  _outputs.check_placement(config, setup)
+  with _multihost.stack_run_dir(lambda: _rundir.RunDir.open(out_dir), out_dir) as run_dir:
+    plan = _resume.Plan(*_multihost.shared(
+      lambda: _resume.plan(out_dir, run_dir.marker, fingerprint, resume=resume)))  # again, under the lock
     if config.init_from is not None and not plan.candidates and setup.init_from is None:
       raise ValueError(f"`outputs.dir`: the checkpoints in {out_dir!r} were removed while this run started (by "
                        "another `jlora train`?); nothing was written. Run again to start from `lora.init_from`.")
     ckpt_dir = run_dir.join("checkpoints")
     with _state.Checkpoints(ckpt_dir) as checkpoints:
       rng = np.asarray(jax.random.key_data(setup.keys.data))
-      template = _state.State(setup.trainable, setup.tx.init(setup.trainable), 0, rng)
+      template = _state.State(setup.trainable, setup.opt_state(), 0, rng)  # on a mesh: restored into its shardings
       restored, damaged = _resume.restore(checkpoints, template, plan.candidates)
       for step in plan.stale + damaged:  # jlora's own steps (checked by `plan`)
-        checkpoints.delete(step)
+        _multihost.delete(checkpoints, step)
       resumed_from = restored.step if restored is not None else None
       if resumed_from is not None:
         log(f"Resuming from step {resumed_from} ({ckpt_dir}).")
       state = restored if restored is not None else template
       run_dir.update(fingerprint=fingerprint, checkpoints=_state.list_steps(ckpt_dir),
                      files={**run_dir.marker["files"], "metrics.jsonl": None})
-      metrics = _report.Metrics(run_dir.join("metrics.jsonl"), resume_step=resumed_from)
+      metrics = (_report.Metrics(run_dir.join("metrics.jsonl"), resume_step=resumed_from) if primary else
+                 _multihost.NullMetrics())
       evaluate = _loop.make_evaluate(setup, batch_size=config.train.eval_batch_size, n=len(examples.eval))
-      prior = [r for r in metrics.read() if r.get("kind") == "eval" and r["step"] == 0]
+      prior = _multihost.shared(lambda: [r for r in metrics.read() if r.get("kind") == "eval" and r["step"] == 0])
       before = {k: v for k, v in prior[0].items() if k not in ("kind", "step")} if prior else evaluate(state.trainable)
       if not prior:
         metrics.write({"kind": "eval", "step": 0, **before})
 
       def save(state: _state.State) -> None:
         position = _data.position(state.step, len(examples.train), config.train.batch_size)
-        _resume.save(checkpoints, run_dir, state, keep=config.checkpointing.keep, fingerprint=fingerprint,
-                     data_position=position)
+        _multihost.save(checkpoints, run_dir, state, keep=config.checkpointing.keep, fingerprint=fingerprint,
+                        data_position=position)
 
       state, speed = _loop.train(setup, state, config, save=save, metrics=metrics, evaluate=evaluate,
                                  checkpoint_dir=ckpt_dir, on_step=on_step)
@@ -107,7 +139,8 @@ def run(config: Config, *, on_step: Callable[[int, float], None] | None = None,
       metrics.write({"kind": "eval", "step": state.step, **after})
     written = _outputs.write(run_dir, config, setup, state, fingerprint=fingerprint, metrics=metrics, before=before,
                              after=after, eval_examples=len(examples.eval))
-    written["adapter_set_entry"] = _adapters.save_to_set(config, jlora.combine(state.trainable, setup.exported_base))
+    written["adapter_set_entry"] = _adapters.save_to_set(
+      config, jlora.combine(state.trainable, _multihost.local_copies(setup.exported_base)))
     model_name = config.model.path or config.model.config.get("model_type") or config.model.source
     result = {"task": task.name, "model": model_name, "steps": state.step, "resumed_from": resumed_from, **written,
               "wall_s": time.perf_counter() - t_start, "train_s": speed.train_s,

@@ -1,7 +1,8 @@
 """The `jlora train` config: a typed schema of frozen dataclasses, validated key by key.
 
 A config has the sections `model`, `lora`, `data`, `optimizer`, `train`,
-`checkpointing` and `outputs`. Every section but `lora` is a dataclass below, whose
+`checkpointing`, `outputs` and the optional `mesh` (`jlora.train._mesh_config`; absent:
+one device). Every section but `lora` is a dataclass, whose
 fields (with their help text, choices and allowed range) are the allowed keys;
 `lora` holds PEFT's field names and becomes a `jlora.LoraConfig` (its one other key,
 `init_from`, becomes `Config.init_from`). Unknown keys, values
@@ -32,19 +33,10 @@ from typing import Any
 
 from jlora._adapter_set import check_name
 from jlora._config import LoraConfig
+from jlora.train._mesh_config import MeshConfig
 
-__all__ = [
-  "CheckpointConfig",
-  "Config",
-  "DataConfig",
-  "ModelConfig",
-  "OptimizerConfig",
-  "OutputsConfig",
-  "SECTIONS",
-  "TrainConfig",
-  "replace",
-  "type_name",
-]
+__all__ = ["CheckpointConfig", "Config", "DataConfig", "MeshConfig", "ModelConfig", "OptimizerConfig",
+           "OutputsConfig", "SECTIONS", "TrainConfig", "replace", "type_name"]
 
 
 @dataclasses.dataclass(frozen=True)
@@ -197,8 +189,9 @@ SECTION_TYPES: dict[str, type] = {
   "train": TrainConfig,
   "checkpointing": CheckpointConfig,
   "outputs": OutputsConfig,
+  "mesh": MeshConfig,
 }
-SECTIONS: tuple[str, ...] = ("model", "lora", "data", "optimizer", "train", "checkpointing", "outputs")
+SECTIONS: tuple[str, ...] = ("model", "lora", "data", "optimizer", "train", "checkpointing", "outputs", "mesh")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -213,13 +206,14 @@ class Config:
   checkpointing: CheckpointConfig
   outputs: OutputsConfig
   init_from: str | None = None  # `lora.init_from` (jlora's key, not PEFT's): the adapter checkpoint to start from
+  mesh: MeshConfig | None = None  # the `mesh` section; None (absent) = one device
 
   def to_dict(self) -> dict[str, Any]:
-    """Plain YAML-ready dict; `lora` in PEFT's field names (and `init_from` when set)."""
-    out = {name: dataclasses.asdict(getattr(self, name)) for name in SECTION_TYPES}
+    """Plain YAML-ready dict; `lora` in PEFT's field names (and `init_from` when set); `mesh` only when set."""
+    out = {name: dataclasses.asdict(getattr(self, name)) for name in SECTION_TYPES if getattr(self, name) is not None}
     lora = {f.name: getattr(self.lora, f.name) for f in dataclasses.fields(LoraConfig)}
     out["lora"] = _plain(lora) | ({} if self.init_from is None else {"init_from": self.init_from})
-    return {name: out[name] for name in SECTIONS}
+    return {name: out[name] for name in SECTIONS if name in out}
 
   @classmethod
   def from_dict(cls, data: Mapping[str, Any], *, source: str = "config") -> Config:
@@ -241,7 +235,8 @@ class Config:
     for name, section in data.items():
       if section is not None and not isinstance(section, Mapping):
         raise TypeError(f"{source}: section `{name}` must be a mapping of keys, got {section!r}.")
-    parts = {name: _section(kind, data.get(name) or {}, name, source) for name, kind in SECTION_TYPES.items()}
+    parts = {name: _section(kind, data.get(name) or {}, name, source) for name, kind in SECTION_TYPES.items()
+             if name != "mesh" or data.get(name) is not None}  # no `mesh` section: one device
     lora = dict(data.get("lora") or {})
     init_from = lora.pop("init_from", None)
     if init_from is not None and (not isinstance(init_from, str) or not init_from.strip()):
@@ -253,7 +248,8 @@ class Config:
 
 def replace(config: Config, **sections: dict[str, Any]) -> Config:
   """`config` with some keys of some sections replaced, e.g. `replace(cfg, train={"steps": 3})` (not re-validated)."""
-  return dataclasses.replace(config, **{k: dataclasses.replace(getattr(config, k), **v) for k, v in sections.items()})
+  return dataclasses.replace(config, **{k: dataclasses.replace(getattr(config, k) or SECTION_TYPES[k](), **v)
+                                        for k, v in sections.items()})
 
 
 def _plain(value: Any) -> Any:
@@ -318,6 +314,8 @@ def _check(kind: Any, value: Any) -> Any:
   elif base is dict:
     if isinstance(value, Mapping):
       return dict(value)
+  elif base is list and isinstance(value, list | tuple):
+    return list(value)
   raise TypeError
 
 
@@ -351,4 +349,7 @@ def _section(kind: type, data: Mapping[str, Any], name: str, source: str) -> Any
       check_name(values["adapter_name"])
     except ValueError as e:
       raise ValueError(f"{source}: `outputs.adapter_name`: {e}") from None
-  return kind(**values)
+  try:
+    return kind(**values)
+  except ValueError as e:  # the section's own checks (`MeshConfig`)
+    raise ValueError(f"{source}: {e}") from None

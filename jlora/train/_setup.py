@@ -71,7 +71,8 @@ def check_data(config: Config, examples: _data.Examples) -> None:
                      f"{len(examples.train)} examples; lower it or add data.")
 
 
-def base_model(config: Config, task: _tasks.Task, examples: _data.Examples | None = None) -> _model.Model:
+def base_model(config: Config, task: _tasks.Task, examples: _data.Examples | None = None, *,
+               layout: Any = None) -> _model.Model:
   """The run's base model (loaded, or initialized with `run_keys(train.seed).model`).
 
   Args:
@@ -79,11 +80,13 @@ def base_model(config: Config, task: _tasks.Task, examples: _data.Examples | Non
     task: its task.
     examples: the run's examples (for SEQ_CLS classes); read from `config.data` when
       None and the task has labels.
+    layout: the run's `jlora.train._mesh.Layout` (the params go straight into their
+      shards; the same values as on one device), or None.
   """
   if examples is None and "label" in task.fields:
     examples = _data.examples(config.data, task)
   num_labels = examples.num_labels if examples is not None else None
-  return _model.build(config.model, task, num_labels=num_labels, key=run_keys(config.train.seed).model)
+  return _model.build(config.model, task, num_labels=num_labels, key=run_keys(config.train.seed).model, layout=layout)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -102,22 +105,30 @@ class Setup:
   keys: RunKeys = dataclasses.field(repr=False)
   init_from: str | None = None  # the adapter checkpoint `trainable` was loaded from (`lora.init_from`)
   original: Any = dataclasses.field(default=None, repr=False)  # with model.quantize: the unquantized frozen half
+  layout: Any = None  # the `jlora.train._mesh.Layout` of a run with a `mesh` section (None: one device)
 
   @property
   def exported_base(self) -> Any:
     """The frozen half adapters are saved against (fingerprints, checksums): the base as loaded, never quantized."""
     return self.frozen if self.original is None else self.original
 
+  def opt_state(self) -> Any:
+    """The optimizer's initial state (on a mesh: each moment sharded like its parameter)."""
+    return self.tx.init(self.trainable) if self.layout is None else self.layout.opt_state(self.tx, self.trainable)
 
-def prepare(config: Config, task: _tasks.Task, examples: _data.Examples, *, init_from: bool = True) -> Setup:
+
+def prepare(config: Config, task: _tasks.Task, examples: _data.Examples, *, init_from: bool = True,
+            layout: Any = None) -> Setup:
   """Builds the model, encodes the data, adds adapters and makes the optimizer (writes nothing).
 
   With `lora.init_from` (and `init_from=True`: not when the run resumes from its own
   checkpoint), the trainable tree is the saved adapter's (`jlora.train._adapters.load_init`).
+  With a `layout` (`jlora.train._mesh`), the base is sharded on its mesh and `jlora.init`
+  creates each adapter on its kernel's devices.
   """
   tc, lora = config.train, config.lora
   keys = run_keys(tc.seed)
-  base = base_model(config, task, examples)
+  base = base_model(config, task, examples, layout=layout)
   encode = lambda r: task.encode(r, base.tokenizer, tc.seq_len, tc.target_len)  # noqa: E731
   train_arrays, eval_arrays = encode(examples.train), encode(examples.eval)
   args, kwargs = task.inputs(rows(train_arrays, np.arange(1)), base.model)
@@ -129,7 +140,7 @@ def prepare(config: Config, task: _tasks.Task, examples: _data.Examples, *, init
     trainable = _adapters.load_init(config, base.params, trainable)
   tx, schedule = make_optimizer(config.optimizer, tc.steps, lora)
   return Setup(task, base, jlora.lora_apply(base.model, lora), trainable, frozen, tx, schedule, train_arrays,
-               eval_arrays, keys, source, None if original is frozen else original)
+               eval_arrays, keys, source, None if original is frozen else original, layout)
 
 
 def quantized(config: Config, frozen: Any) -> Any:

@@ -173,9 +173,17 @@ class Checkpoints:
       raise Damaged(f"checkpoint step {step} holds non-finite values")
     return state
 
-  def delete(self, step: int) -> None:
-    """Removes step `step` (the caller checked that jlora wrote it)."""
-    self._manager.reload()
+  def delete(self, step: int, *, reload: bool = True) -> None:
+    """Removes step `step` (the caller checked that jlora wrote it).
+
+    Args:
+      step: the step.
+      reload: list the directory again first. A process other than 0 of a
+        multi-process run passes False: it joins orbax's (collective) delete by
+        the steps its manager last listed, which process 0 may already be removing.
+    """
+    if reload:
+      self._manager.reload()
     if step in self._manager.all_steps():
       self._manager.delete(step)
 

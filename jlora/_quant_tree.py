@@ -17,6 +17,7 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 import numpy as np
+from jax.sharding import NamedSharding, PartitionSpec
 from jax.tree_util import DictKey, SequenceKey
 
 from jlora import _quant
@@ -61,7 +62,8 @@ def quantize(params: Any, method: str = "nf4", *, block_size: int = 64, double_q
 
   Returns:
     The tree with a `QuantizedArray` in place of each selected leaf; other leaves
-    are the same objects. Run it as the frozen half: `jlora.apply(model,
+    are the same objects. A kernel sharded over a mesh (`NamedSharding`) gives
+    codes and scales sharded like it (axes that do not divide are replicated). Run it as the frozen half: `jlora.apply(model,
     jlora.combine(trainable, quantized), config, x)` (each kernel is dequantized
     where its layer reads it), `model.apply` for the base, and `jlora.merge` for
     full-precision merged kernels.
@@ -78,11 +80,33 @@ def quantize(params: Any, method: str = "nf4", *, block_size: int = 64, double_q
       return leaf
     s = stack(names, leaf) if callable(stack) else stack
     try:
-      return _quant.quantize(leaf, method, block_size=block_size, double_quant=double_quant, stack=s)
+      q = _quant.quantize(leaf, method, block_size=block_size, double_quant=double_quant, stack=s)
     except (ValueError, TypeError) as e:
       raise type(e)(f"At {'/'.join(names)!r}: {e}") from None
+    return _like(q, getattr(leaf, "sharding", None))
 
   return jax.tree_util.tree_map_with_path(one, params, is_leaf=lambda x: isinstance(x, QuantizedArray))
+
+
+def _like(q: QuantizedArray, sharding: Any) -> QuantizedArray:
+  """`q` with codes and scales sharded like the kernel it packs (`_quant.partition_specs`), if that was on a mesh.
+
+  An axis of a child that its mesh axes do not divide (e.g. 2 NF4 blocks over 4
+  devices) is replicated.
+  """
+  if not isinstance(sharding, NamedSharding):
+    return q
+  mesh = sharding.mesh
+
+  def fit(spec: PartitionSpec, child: jax.Array) -> NamedSharding:
+    def size(entry: Any) -> int:
+      return int(np.prod([mesh.shape[a] for a in ((entry,) if isinstance(entry, str) else entry)]))
+
+    axes = [e if e is None or n % size(e) == 0 else None for e, n in zip(tuple(spec), child.shape)]
+    return NamedSharding(mesh, PartitionSpec(*axes))
+
+  specs = _quant.partition_specs(q, sharding.spec)
+  return jax.device_put(q, jax.tree.map(fit, specs, q, is_leaf=lambda x: isinstance(x, PartitionSpec)))
 
 
 def dequantize(params: Any, dtype: jax.typing.DTypeLike | None = None) -> Any:
@@ -141,7 +165,7 @@ def requantize(merged: Any, like: Any) -> tuple[Any, dict[str, dict[str, float]]
     update = float(jnp.linalg.norm(w - _quant.dequantize(base, jnp.float32)))
     report[where] = {"relative_error": err / max(float(jnp.linalg.norm(w)), np.finfo(np.float32).tiny),
                      "error_to_update": err / update if update > 0 else float("inf")}
-    return q
+    return _like(q, getattr(leaf, "sharding", None))
 
   missing = [p for p in flat_like if p not in dict(jax.tree_util.tree_leaves_with_path(merged))]
   if missing:

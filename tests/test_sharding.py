@@ -217,7 +217,6 @@ np.testing.assert_allclose(np.asarray(boxed.apply({"params": merged}, x)), np.as
 print("boxes ok")
 
 # 6. QLoRA on the mesh: codes and scales sharded like their kernel, adapters by the rule, the step equal to one device.
-from jlora._quant import partition_specs
 
 class QBlock(nn.Module):
   @nn.compact
@@ -230,10 +229,15 @@ class QModel(nn.Module):
     return nn.scan(QBlock, variable_axes={"params": 0}, split_rngs={"params": True}, length=3)(name="layers")(x, None)[0]
 
 qmodel, x = QModel(), jax.random.normal(jax.random.key(7), (8, 16))
-q = jlora.quantize(qmodel.init(jax.random.key(4), x)["params"], "nf4")
+qbase = qmodel.init(jax.random.key(4), x)["params"]
+qbase["layers"]["up"]["kernel"] = jax.device_put(qbase["layers"]["up"]["kernel"],
+                                                 NamedSharding(mesh, P(None, "data", "model")))
+q = jlora.quantize(qbase, "nf4")  # codes and scales follow the kernel's sharding
 kernel = q["layers"]["up"]["kernel"]
-q["layers"]["up"]["kernel"] = jax.device_put(kernel, jax.tree.map(lambda s: NamedSharding(mesh, s),
-                                                                  partition_specs(kernel, P(None, "data", "model"))))
+assert kernel.codes.sharding.spec == P(None, "data", "model") == kernel.scale.sharding.spec  # 8 blocks over 4
+odd = jlora.quantize({"kernel": jax.device_put(jnp.ones((16, 128)), NamedSharding(mesh, P("data", "model")))}, "nf4")
+assert odd["kernel"].codes.sharding.spec == P("data", "model")  # 64 bytes over 4: split; 2 blocks over 4: replicated
+assert odd["kernel"].scale.sharding.spec == P("data", None)
 config = jlora.LoraConfig(r=2, target_modules=["up"], init_lora_weights="gaussian")
 lora_q = jlora.init(jax.random.key(5), qmodel, q, config, x)
 assert lora_q["layers"]["up"]["lora_a"].sharding.spec == P(None, "data", None)

@@ -5,8 +5,11 @@ projection; the shapes of `adapters.py`), jitted, interleaved rounds, medians
 of per-round ratios (`_timing.py`):
   1. DoRA train step / LoRA train step (adamw, donated state);
   2. DoRA unmerged forward / the merged forward (plain `model.apply` of
-     `jlora.merge`: what inference costs after merging, for either), and
-     LoRA unmerged forward / merged, for reference.
+     `jlora.merge`: what inference costs after merging, for either), the same
+     with the norms computed once (`jlora.apply(..., dora_norms=...)`), both
+     also for one token per row (a decode step's shape, where forming
+     `W0 + s·A·B` for the norm is not amortized over many tokens), and LoRA
+     unmerged forward / merged, for reference.
 DoRA's extra cost is the per-layer norm `‖W0 + s·A·B‖` (which forms `W0 + s·A·B`,
 as PEFT does) and, in training, its backward through the magnitude.
 
@@ -53,9 +56,18 @@ def bench_size(size: str, repeats: int) -> dict:
     merged = jlora.merge(jlora.combine(trainable, frozen), cfg)
     diff = jnp.abs(fwd(trainable, frozen) - model.apply({"params": merged}, x)).max()
     out[f"merge_diff/{name}"] = float(diff)
+    if name == "dora":  # serving unmerged with the norms computed once; a full batch, and one token per row
+      norms = jlora.dora_norms(jlora.combine(trainable, frozen), cfg)
+      for shape, inp in (("fwd", x), ("token", x[:, :1])):
+        cached = jax.jit(lambda t, f, n, cfg=cfg, inp=inp: jlora.apply(model, jlora.combine(t, f), cfg, inp,
+                                                                        dora_norms=n))
+        timed[f"{shape}/dora_cached"] = lambda t=trainable, f=frozen, n=norms, cached=cached: cached(t, f, n)
+      token = jax.jit(lambda t, f, cfg=cfg: jlora.apply(model, jlora.combine(t, f), cfg, x[:, :1]))
+      timed["token/dora"] = lambda t=trainable, f=frozen, token=token: token(t, f)
     if name == "lora":
-      plain = jax.jit(lambda p: model.apply({"params": p}, x))
-      timed["fwd/merged"] = lambda p=merged, plain=plain: plain(p)
+      for shape, inp in (("fwd", x), ("token", x[:, :1])):
+        plain = jax.jit(lambda p, inp=inp: model.apply({"params": p}, inp))
+        timed[f"{shape}/merged"] = lambda p=merged, plain=plain: plain(p)
   timings = measure_side_by_side(timed, repeats=repeats)
   for key, t in timings.items():
     print(f"  {size:7s} {key:12s} median {t.median_ms:9.2f} ms  ({t.disturbed} calls redone)", flush=True)
@@ -64,6 +76,9 @@ def bench_size(size: str, repeats: int) -> dict:
       **out, "ms": {k: t.median_ms for k, t in timings.items()},
       "ratio/dora_to_lora_train": ratio("train/dora", "train/lora"),
       "ratio/dora_unmerged_to_merged_fwd": ratio("fwd/dora", "fwd/merged"),
+      "ratio/dora_cached_to_merged_fwd": ratio("fwd/dora_cached", "fwd/merged"),
+      "ratio/dora_unmerged_to_merged_token": ratio("token/dora", "token/merged"),
+      "ratio/dora_cached_to_merged_token": ratio("token/dora_cached", "token/merged"),
       "ratio/lora_unmerged_to_merged_fwd": ratio("fwd/lora", "fwd/merged"),
       "ratio/dora_to_lora_fwd": ratio("fwd/dora", "fwd/lora"),
   }
@@ -82,7 +97,8 @@ def main() -> None:
             "jax": jax.__version__, "repeats": repeats, "sizes": {s: bench_size(s, repeats) for s in sizes}}
   rows = ["| measure | " + " | ".join(sizes) + " |", "|---|" + "---|" * len(sizes)]
   for key in ("ratio/dora_to_lora_train", "ratio/dora_to_lora_fwd", "ratio/dora_unmerged_to_merged_fwd",
-              "ratio/lora_unmerged_to_merged_fwd"):
+              "ratio/dora_cached_to_merged_fwd", "ratio/dora_unmerged_to_merged_token",
+              "ratio/dora_cached_to_merged_token", "ratio/lora_unmerged_to_merged_fwd"):
     rows.append(f"| {key[6:]} | " + " | ".join(f"{report['sizes'][s][key]:.2f}" for s in sizes) + " |")
   report["markdown"] = "\n".join(rows)
   print(report["markdown"])

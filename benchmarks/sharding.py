@@ -12,16 +12,18 @@ For each mesh, in interleaved rounds with the single-device step
   overhead of partitioning, not a speed-up);
 * LoRA step / frozen-base bound on that mesh (gradient wrt activations only);
 * collective bytes per device per step, from the compiled HLO (`_hlo.py`):
-  gradient reductions (all-reduce + reduce-scatter) and everything, LoRA /
-  full fine-tuning (goal: about the trainable fraction for the reductions of a
-  data-parallel step);
+  reductions (all-reduce + reduce-scatter) and everything, LoRA / full
+  fine-tuning (goal: about the trainable fraction for the reductions of a
+  data-parallel step); and the reductions beyond those of the frozen-base
+  bound (the activations' reductions of tensor parallelism are in both), i.e.
+  the gradients, / the adapter bytes (goal ≤ 1.1);
 * per-device argument bytes of the LoRA step (XLA's buffer assignment) /
   the single-device step's (goal: about 1/(fsdp·tensor) for the frozen base).
 
 Writes JSON and a markdown table. Without `--devices 0` the script fakes 8 CPU
 devices (`XLA_FLAGS=--xla_force_host_platform_device_count=8`) before JAX starts.
 
-Run: python benchmarks/sharding.py [--quick] [--out benchmarks/results/sharding.json]
+Run: python benchmarks/sharding.py [--quick] [--sizes small,medium] [--out benchmarks/results/sharding.json]
 """
 
 from __future__ import annotations
@@ -51,7 +53,8 @@ import jlora
 from jlora import models
 
 MESHES = {"dp (8,1,1)": (8, 1, 1), "fsdp (2,4,1)": (2, 4, 1), "dp·fsdp·tp (2,2,2)": (2, 2, 2)}
-SHAPES = {"tiny": dict(SIZES["tiny"], batch=8, seq=32), "small": dict(SIZES["small"], batch=8, seq=128)}
+SHAPES = {"tiny": dict(SIZES["tiny"], batch=8, seq=32), "small": dict(SIZES["small"], batch=8, seq=128),
+          "medium": dict(SIZES["medium"], batch=8, seq=128)}
 
 
 def build(size: str):
@@ -115,11 +118,16 @@ def bench(size: str, repeats: int) -> dict:
     mesh = None if shape is None else x.sharding.mesh
     tx, lora_step, full_step, bound_step = steps(model, config)  # traced in this mesh's context only
     trainable, frozen = jlora.split(jlora.init(jax.random.key(2), model, base, config, x), config)
-    state = [(trainable, jax.jit(tx.init)(trainable))]
+    state = [(trainable, tx.init(trainable))]  # eager: each moment sharded like its parameter
+    zero = jnp.zeros(x.shape + (base["model"]["embed_tokens"]["embedding"].shape[-1],))
+    if shape is not None:
+      zero = jax.device_put(zero, NamedSharding(mesh, PartitionSpec(("data", "fsdp"))))
     with on(mesh):
       compiled = lora_step.lower(*state[0], frozen, x, y).compile()
       full_hlo = full_step.lower(base, jax.eval_shape(tx.init, base), x, y).compile().as_text()
+      bound_hlo = bound_step.lower(base, zero, x, y).compile().as_text()
     lora_bytes, full_bytes = collective_bytes(compiled.as_text()), collective_bytes(full_hlo)
+    bound_bytes = collective_bytes(bound_hlo)
     reduce = lambda c: c["all-reduce"] + c["reduce-scatter"]  # noqa: E731
     info[name] = {
         "mesh": shape, "adapter_bytes": sum(v.nbytes for v in jax.tree.leaves(trainable)),
@@ -129,17 +137,15 @@ def bench(size: str, repeats: int) -> dict:
     }
     if shape is not None:
       info[name]["ratio/reduce_bytes_lora_to_full"] = reduce(lora_bytes) / max(reduce(full_bytes), 1)
-      info[name]["ratio/reduce_bytes_lora_to_adapter"] = reduce(lora_bytes) / info[name]["adapter_bytes"]
+      # reductions beyond the frozen-base bound's (tensor parallelism reduces activations in both): the gradients
+      info[name]["ratio/grad_reduce_bytes_to_adapter"] = ((reduce(lora_bytes) - reduce(bound_bytes))
+                                                          / info[name]["adapter_bytes"])
       info[name]["ratio/collective_bytes_lora_to_full"] = sum(lora_bytes.values()) / max(sum(full_bytes.values()), 1)
 
     def run(state=state, frozen=frozen, x=x, y=y, mesh=mesh, lora_step=lora_step):
       with on(mesh):
         state[0] = lora_step(*state[0], frozen, x, y)
       return state[0]
-
-    zero = jnp.zeros(x.shape + (base["model"]["embed_tokens"]["embedding"].shape[-1],))
-    if shape is not None:
-      zero = jax.device_put(zero, NamedSharding(mesh, PartitionSpec(("data", "fsdp"))))
 
     def bound(base=base, zero=zero, x=x, y=y, mesh=mesh, bound_step=bound_step):
       with on(mesh):
@@ -160,14 +166,14 @@ def bench(size: str, repeats: int) -> dict:
 
 def markdown(report: dict) -> str:
   rows = ["| size | mesh (data, fsdp, tensor) | step / 1-device step | LoRA / bound | grad-reduce bytes LoRA / full FT "
-          "| grad-reduce bytes / adapter bytes | all collective bytes LoRA / full FT | per-device arg bytes / 1 device |",
+          "| grad-reduce bytes beyond the bound / adapter bytes | all collective bytes LoRA / full FT | per-device arg bytes / 1 device |",
           "|---|---|---|---|---|---|---|---|"]
   for size, r in report["sizes"].items():
     rows.append(f"| {size} | single device | 1.00 | {r['meshes']['single']['ratio/lora_to_bound']:.2f} | – | – | – | 1.00 |")
     for name in MESHES:
       m = r["meshes"][name]
       rows.append(f"| {size} | {name} | {m['ratio/step_to_single_device']:.2f} | {m['ratio/lora_to_bound']:.2f} "
-                  f"| {m['ratio/reduce_bytes_lora_to_full']:.4f} | {m['ratio/reduce_bytes_lora_to_adapter']:.2f} "
+                  f"| {m['ratio/reduce_bytes_lora_to_full']:.4f} | {m['ratio/grad_reduce_bytes_to_adapter']:.2f} "
                   f"| {m['ratio/collective_bytes_lora_to_full']:.3f} | {m['ratio/argument_bytes_to_single']:.2f} |")
   return "\n".join(rows)
 
@@ -177,6 +183,7 @@ def main() -> None:
   parser.add_argument("--quick", action="store_true", help="the tiny size, few rounds (a smoke run)")
   parser.add_argument("--out", default="benchmarks/results/sharding.json")
   parser.add_argument("--repeats", type=int, default=None)
+  parser.add_argument("--sizes", default=None, help="comma-separated, from " + ",".join(SHAPES) + " (default: small)")
   parser.add_argument("--devices", type=int, help="use the machine's devices as they are (no virtual CPU devices)")
   args = parser.parse_args()
   if jax.device_count() < 8:
@@ -184,7 +191,7 @@ def main() -> None:
                      "to fake 8 CPU devices.")
   report = {"device": jax.devices()[0].device_kind, "devices": jax.device_count(), "backend": jax.default_backend(),
             "cpu_count": os.cpu_count(), "jax": jax.__version__, "sizes": {}}
-  for size in ["tiny"] if args.quick else ["small"]:
+  for size in (args.sizes or ("tiny" if args.quick else "small")).split(","):
     report["sizes"][size] = bench(size, args.repeats or (2 if args.quick else 10))
   report["markdown"] = markdown(report)
   print(report["markdown"])

@@ -18,6 +18,8 @@ inputs: `y = (x ⊙ g)·(W0 + s·A·B)ᵀ`.
 
 from __future__ import annotations
 
+from typing import Any
+
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
@@ -25,8 +27,42 @@ from jax import lax
 
 from jlora import _ops
 from jlora._ops import parse_einsum
+from jlora._targets import MAGNITUDE_KEY
+from jlora._tree import Params, _check_tree, flatten, unflatten
 
-__all__ = ["dora_delta"]
+__all__ = ["dora_delta", "norm_key", "with_norms"]
+
+
+def norm_key(m_key: str) -> str:
+  """The leaf name a cached norm takes beside its magnitude, inside `jlora.apply(..., dora_norms=...)` only."""
+  return f"{m_key}_norm"
+
+
+def with_norms(params: Params, norms: Any) -> dict:
+  """`params` with each of `norms` (from `jlora.dora_norms`) beside its magnitude, where the forward reads it.
+
+  The norms go into the param tree (not beside it) so that `nn.scan` slices them
+  per layer like the magnitudes.
+
+  Raises:
+    TypeError: `norms` is not a nested dict.
+    ValueError: a norm without a same-shaped magnitude in `params`, or a
+      magnitude without its norm.
+  """
+  _check_tree(norms, "dora_norms")
+  flat, given = flatten(params), flatten(norms)
+  magnitudes = {p for p in flat if str(p[-1]).endswith(MAGNITUDE_KEY)}  # `lora_magnitude`, `<weight>_lora_magnitude`
+  fix = "pass jlora.dora_norms(params, config) of these very params"
+  for path, norm in given.items():
+    if path not in magnitudes or jnp.shape(norm) != jnp.shape(flat[path]):
+      got = "no DoRA magnitude" if path not in magnitudes else f"a magnitude of shape {jnp.shape(flat[path])}"
+      raise ValueError(f"`dora_norms` at {'/'.join(path)!r} has shape {jnp.shape(norm)}, but `params` holds {got} "
+                       f"there; {fix}.")
+  missing = sorted("/".join(p) for p in magnitudes - set(given))
+  if missing:
+    raise ValueError(f"`dora_norms` has no norm for the DoRA magnitudes at {missing[:4]}{' …' if len(missing) > 4 else ''}; "
+                     f"{fix}.")
+  return unflatten({**flat, **{(*p[:-1], norm_key(p[-1])): n for p, n in given.items()}})
 
 
 def _to_output(kind: str, equation: str | None, g: jax.Array, n_in: int, where: str) -> tuple[jax.Array, str | None]:
@@ -71,7 +107,8 @@ def _base_product(module, call, kind: str, x: jax.Array, kernel: jax.Array) -> j
 
 
 def dora_delta(module, call, kind: str, y: jax.Array, x: jax.Array, dropped: bool, lora: jax.Array,
-               kernel: jax.Array, a: jax.Array, b: jax.Array, scale, magnitude: jax.Array, where: str) -> jax.Array:
+               kernel: jax.Array, a: jax.Array, b: jax.Array, scale, magnitude: jax.Array, where: str,
+               norm: jax.Array | None = None) -> jax.Array:
   """What DoRA adds to the base output `y` of one call (see the module docstring).
 
   Args:
@@ -88,13 +125,15 @@ def dora_delta(module, call, kind: str, y: jax.Array, x: jax.Array, dropped: boo
     scale: `s`.
     magnitude: `m`, the kernel's shape with input axes of size 1.
     where: the adapter's path, for messages.
+    norm: `‖W0 + s·A·B‖` cached by the caller (`jlora.apply(..., dora_norms=)`), or
+      None to compute it here.
 
   Returns:
     The term, in `lora`'s dtype and the output's shape.
   """
   dt = lora.dtype
   kernel = jnp.asarray(kernel)
-  norm = lax.stop_gradient(_ops.column_norm(kernel, a, b, scale))
+  norm = lax.stop_gradient(_ops.column_norm(kernel, a, b, scale) if norm is None else jnp.asarray(norm, jnp.float32))
   g = (magnitude.astype(jnp.float32) / norm).astype(dt)
   if kind == "attend":  # the embedding's features are this product's inputs
     xg = x * g.reshape(-1)

@@ -23,7 +23,7 @@ import jax.numpy as jnp
 
 from jlora import _ops
 from jlora._config import LoraConfig
-from jlora._dora import dora_delta
+from jlora._dora import dora_delta, norm_key
 from jlora._layers import Call, describe, kinds_listing
 from jlora._targets import adapter_path, is_head, lora_keys, magnitude_key, path_str, selects
 from jlora._tree import Params, check_magnitude, slots
@@ -113,8 +113,10 @@ class Forward:
       if module.has_variable("params", m_key):
         dropped = bool(rate) and module.has_rng("lora_dropout") and kind not in ("embed", "attend")
         kernel = module.get_variable("params", kernel_name)
+        n_key = norm_key(m_key)
+        norm = module.get_variable("params", n_key) if module.has_variable("params", n_key) else None
         delta = dora_delta(module, call, kind, y, xd, dropped, delta, kernel, a.astype(dt), b.astype(dt), scale,
-                           module.get_variable("params", m_key), where)
+                           module.get_variable("params", m_key), where, norm)
     else:
       delta = self._mixed(module, call, kind, where, x, a.astype(dt), b.astype(dt), (tuple(module.path), a_key))
     return y + delta.astype(y.dtype)

@@ -28,6 +28,7 @@ import jax.numpy as jnp
 
 from jlora import _ops
 from jlora._config import LoraConfig
+from jlora._dora import with_norms
 from jlora._forward import BYPASS, Forward
 from jlora._init import add_adapters
 from jlora._layers import Call, describe
@@ -201,7 +202,8 @@ def init(key: jax.Array, model: nn.Module, params: Params, config: LoraConfig, *
 
 
 def apply(model: nn.Module, params: Params, config: LoraConfig, *args, rngs: Mapping[str, jax.Array] | None = None,
-          variables: Mapping[str, Any] | None = None, allow_unused: bool = False, **kwargs) -> Any:
+          variables: Mapping[str, Any] | None = None, allow_unused: bool = False, dora_norms: Params | None = None,
+          **kwargs) -> Any:
   """The LoRA forward of a linen model: pure, jittable, differentiable.
 
   Each adapted layer computes `y = base(x) + s·(dropout(x)·A)·B` factored (the
@@ -223,6 +225,10 @@ def apply(model: nn.Module, params: Params, config: LoraConfig, *args, rngs: Map
     variables: other collections (e.g. `{'batch_stats': ...}`).
     allow_unused: let adapters that this forward does not reach pass (e.g.
       `method=encode` of an encoder-decoder); by default they raise.
+    dora_norms: for serving unmerged DoRA adapters: `jlora.dora_norms(params,
+      config)` of these very params, computed once; each layer then skips
+      forming `W0 + s·A·B` for its norm. Inference only: under training the
+      norms change with `A` and `B` every step.
     **kwargs: passed to `model.apply` (`method=`, `mutable=`, model flags).
 
   Returns:
@@ -243,6 +249,8 @@ def apply(model: nn.Module, params: Params, config: LoraConfig, *args, rngs: Map
         "`params` holds no LoRA adapter (no lora_a/lora_b leaves), so jlora.apply would run the bare base model. "
         "Create adapters with jlora.init, or pass jlora.combine(trainable, frozen)."
     )
+  if dora_norms is not None:
+    params = with_norms(unbox(params)[0], dora_norms)
   return run_forward(Forward(config), model, params, args, kwargs, rngs, variables, allow_unused)
 
 

@@ -16,7 +16,7 @@ import jax
 import numpy as np
 from jax.sharding import NamedSharding, PartitionSpec, SingleDeviceSharding
 
-from jlora._sharding import adapter_axes
+from jlora._sharding import adapter_axes, partition_spec
 from jlora._targets import is_pair_key, lora_pair
 from jlora._tree import Params, get_path, kernel_key, unflatten
 
@@ -77,7 +77,7 @@ def default_sharding(path: Path, shapes: Mapping[Path, tuple], base: Params) -> 
   if not is_a:
     own, other = other, own
   out = adapter_axes(sharding.spec, kernel.shape, own, "a" if is_a else "b", other)
-  return NamedSharding(sharding.mesh, PartitionSpec(*out))
+  return NamedSharding(sharding.mesh, partition_spec(out))
 
 
 def abstract_tree(specs: Mapping[Path, tuple[tuple[int, ...], str]], base: Params, shardings: Shardings) -> dict:

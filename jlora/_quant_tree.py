@@ -22,6 +22,7 @@ from jax.tree_util import DictKey, SequenceKey
 
 from jlora import _quant
 from jlora._quant import QuantizedArray
+from jlora._sharding import partition_spec
 
 __all__ = ["quantize", "dequantize", "is_kernel", "requantize"]
 
@@ -103,7 +104,7 @@ def _like(q: QuantizedArray, sharding: Any) -> QuantizedArray:
       return int(np.prod([mesh.shape[a] for a in ((entry,) if isinstance(entry, str) else entry)]))
 
     axes = [e if e is None or n % size(e) == 0 else None for e, n in zip(tuple(spec), child.shape)]
-    return NamedSharding(mesh, PartitionSpec(*axes))
+    return NamedSharding(mesh, partition_spec(axes))
 
   specs = _quant.partition_specs(q, sharding.spec)
   return jax.device_put(q, jax.tree.map(fit, specs, q, is_leaf=lambda x: isinstance(x, PartitionSpec)))

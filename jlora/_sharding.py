@@ -30,10 +30,10 @@ import jax
 from jax.sharding import NamedSharding, PartitionSpec
 
 from jlora import _ops
-from jlora._targets import MAGNITUDE_KEY
-from jlora._tree import Params, _check_tree, flatten, kernel_key, slots, unflatten
+from jlora._targets import magnitude_key
+from jlora._tree import Params, _check_tree, flatten, get_path, kernel_key, slots, unflatten
 
-__all__ = ["LOGICAL_RANK", "adapter_axes", "adapter_shardings", "adapter_specs", "box", "unbox"]
+__all__ = ["LOGICAL_RANK", "adapter_axes", "adapter_shardings", "adapter_specs", "box", "partition_spec", "unbox"]
 
 Path = tuple[str, ...]
 LOGICAL_RANK = "lora_rank"  # the logical name of the rank axis of boxed adapters (replicated unless a rule maps it)
@@ -71,16 +71,13 @@ def _adapter_leaves(params: Params) -> dict[Path, tuple[Path, str, Path]]:
   """`{adapter leaf path: (kernel path, role, other leaf path)}` of every adapter leaf in a tree."""
   out = {}
   for slot in slots(params):
-    node = params
-    for key in slot.module:
-      node = node[key]
+    node = get_path(params, slot.module)
     weight = slot.weight if slot.weight is not None else kernel_key(slot.module, node)
     kernel = (*slot.module, weight)
     a, b = (*slot.module, slot.a_key), (*slot.module, slot.b_key)
     out[a], out[b] = (kernel, "a", b), (kernel, "b", a)
-    m_key = MAGNITUDE_KEY if slot.weight is None else f"{slot.weight}_{MAGNITUDE_KEY}"
-    if m_key in node:
-      out[(*slot.module, m_key)] = (kernel, "magnitude", ())
+    if magnitude_key(weight) in node:
+      out[(*slot.module, magnitude_key(weight))] = (kernel, "magnitude", ())
   return out
 
 
@@ -101,6 +98,15 @@ def adapter_specs(params: Params, kernel_specs: Callable[[Path], Any], *, rank_a
       out[path] = adapter_axes(axes, flat[kernel].shape, flat[path].shape, role, flat[other].shape if other else (),
                                rank_axis=rank_axis)
   return out
+
+
+def partition_spec(axes: Sequence[Any]) -> PartitionSpec:
+  """`PartitionSpec(*axes)` less its trailing None entries: the form in which jitted functions return shardings, so
+  that a step fed its own outputs sees the same spec and does not compile again."""
+  axes = list(axes)
+  while axes and axes[-1] is None:
+    axes.pop()
+  return PartitionSpec(*axes)
 
 
 def _specs_of(sharding: Any) -> tuple | None:
@@ -173,9 +179,9 @@ def adapter_shardings(params: Params, shardings: Params | None = None, *, rank_a
       continue
     kernel = given(adapters[path][0])
     if isinstance(kernel, NamedSharding):
-      out[path] = NamedSharding(kernel.mesh, PartitionSpec(*specs[path]))
+      out[path] = NamedSharding(kernel.mesh, partition_spec(specs[path]))
     elif isinstance(kernel, PartitionSpec):
-      out[path] = PartitionSpec(*specs[path])
+      out[path] = partition_spec(specs[path])
     else:
       out[path] = kernel
   return unflatten(out)
@@ -203,11 +209,9 @@ def box(params: Params, boxes: Mapping[Path, nn.Partitioned]) -> Params:
     return params
   flat = flatten(params)
   out = {p: boxes[p].replace_boxed(v) if p in boxes else v for p, v in flat.items()}
-  logical = {p: b.names for p, b in boxes.items()}
+  kernels = {path: kernel for path, (kernel, _, _) in _adapter_leaves(params).items()}
   for kind, rank in ((nn.LogicallyPartitioned, LOGICAL_RANK), (nn.Partitioned, None)):
-    picked = {p: n for p, n in logical.items() if type(boxes[p]) is kind}
-    specs = adapter_specs(params, picked.get, rank_axis=rank)
-    for path, names in specs.items():
-      kernel = boxes[_adapter_leaves(params)[path][0]]
-      out[path] = kernel.replace(value=flat[path], names=names)
+    names = {p: b.names for p, b in boxes.items() if type(b) is kind}
+    for path, axes in adapter_specs(params, names.get, rank_axis=rank).items():
+      out[path] = boxes[kernels[path]].replace(value=flat[path], names=axes)
   return unflatten(out)

@@ -224,3 +224,40 @@ def test_registered_layer_with_its_own_bias_and_kernel_summed_einsum():
   sp = jlora.init(jax.random.key(2), summed, summed.init(jax.random.key(3), xs)["params"], cfg, xs)
   with pytest.raises(ValueError, match=r"sums the kernel's own axis \['k'\] away"):
     jlora.apply(summed, sp, cfg, xs)
+
+
+@pytest.mark.parametrize("jit", [False, True])
+def test_cached_norms_give_the_same_forward(net, jit):
+  """`apply(..., dora_norms=dora_norms(params))` equals the uncached forward, for every kind and inside nn.scan."""
+  model, ids, base = net
+  cfg = jlora.LoraConfig(r=2, lora_alpha=3, target_modules=".*", use_dora=True, init_lora_weights=False)
+  params = _moved(model, base, cfg, ids)
+  norms = jlora.dora_norms(params, cfg)
+  fn = lambda p, n, x: jlora.apply(model, p, cfg, x, dora_norms=n)  # noqa: E731
+  out = (jax.jit(fn) if jit else fn)(params, norms, ids)
+  np.testing.assert_allclose(out, jlora.apply(model, params, cfg, ids), rtol=1e-6, atol=1e-6 * float(jnp.abs(out).max()))
+  stale = jax.tree.map(lambda n: 2 * n, norms)  # the cached norms are what the forward uses
+  assert not np.allclose(fn(params, stale, ids), out, atol=1e-3)
+  llama, lbase = random_model(CONFIGS["llama"], scan_layers=True)
+  x = jnp.asarray(tokens((2, 6)))
+  lcfg = jlora.LoraConfig(r=2, target_modules=["q_proj", "down_proj"], use_dora=True, init_lora_weights=False)
+  lparams = _moved(llama, lbase, lcfg, x)
+  np.testing.assert_allclose(jlora.apply(llama, lparams, lcfg, x, dora_norms=jlora.dora_norms(lparams, lcfg)),
+                             jlora.apply(llama, lparams, lcfg, x), rtol=1e-5, atol=1e-5)
+
+
+def test_cached_norms_that_do_not_fit_raise(net):
+  model, ids, base = net
+  cfg = jlora.LoraConfig(r=2, target_modules=["down", "mix"], use_dora=True)
+  params = jlora.init(jax.random.key(1), model, base, cfg, ids)
+  norms = jlora.dora_norms(params, cfg)
+  with pytest.raises(ValueError, match=r"`dora_norms` has no norm for the DoRA magnitudes at \['mix/lora_magnitude'\]; "
+                                       r"pass jlora.dora_norms\(params, config\)"):
+    jlora.apply(model, params, cfg, ids, dora_norms={"down": norms["down"]})
+  with pytest.raises(ValueError, match=r"`dora_norms` at 'down/lora_magnitude' has shape \(3,\), but `params` holds a "
+                                       r"magnitude of shape \(1, 12\)"):
+    jlora.apply(model, params, cfg, ids, dora_norms={**norms, "down": {"lora_magnitude": jnp.ones(3)}})
+  with pytest.raises(ValueError, match=r"`dora_norms` at 'conv/lora_magnitude' .* holds no DoRA magnitude there"):
+    jlora.apply(model, params, cfg, ids, dora_norms={**norms, "conv": {"lora_magnitude": jnp.ones(3)}})
+  with pytest.raises(TypeError, match="`dora_norms` must be a nested dict"):
+    jlora.apply(model, params, cfg, ids, dora_norms=[norms])

@@ -133,7 +133,7 @@ abstract = jax.eval_shape(make, jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.sh
                                              sharded))
 out = jlora.adapter_shardings(abstract, jax.tree.map(lambda x: x.sharding, sharded))
 got = jax.jit(make, out_shardings=out)(sharded)
-assert got["o"]["lora_a"].sharding.spec == P("model", "data", None)
+assert got["o"]["lora_a"].sharding.spec == P("model", "data")
 lora = jlora.init(jax.random.key(1), model, sharded, config, ids)
 for x, y in zip(jax.tree.leaves(lora), jax.tree.leaves(got)):
   np.testing.assert_array_equal(np.asarray(x), np.asarray(y))
@@ -237,10 +237,10 @@ kernel = q["layers"]["up"]["kernel"]
 assert kernel.codes.sharding.spec == P(None, "data", "model") == kernel.scale.sharding.spec  # 8 blocks over 4
 odd = jlora.quantize({"kernel": jax.device_put(jnp.ones((16, 128)), NamedSharding(mesh, P("data", "model")))}, "nf4")
 assert odd["kernel"].codes.sharding.spec == P("data", "model")  # 64 bytes over 4: split; 2 blocks over 4: replicated
-assert odd["kernel"].scale.sharding.spec == P("data", None)
+assert odd["kernel"].scale.sharding.spec == P("data")
 config = jlora.LoraConfig(r=2, target_modules=["up"], init_lora_weights="gaussian")
 lora_q = jlora.init(jax.random.key(5), qmodel, q, config, x)
-assert lora_q["layers"]["up"]["lora_a"].sharding.spec == P(None, "data", None)
+assert lora_q["layers"]["up"]["lora_a"].sharding.spec == P(None, "data")
 assert lora_q["layers"]["up"]["lora_b"].sharding.spec == P(None, None, "model")
 t, f = jlora.split(lora_q, config)
 t = jax.tree.map(lambda v: v + 0.01, t)
@@ -264,6 +264,6 @@ def test_readme_mesh_example_runs_on_eight_devices():
   blocks = re.findall(r"```python mesh\n(.*?)```", text, flags=re.S)
   assert len(blocks) == 1
   out = run_devices(blocks[0], 8).splitlines()
-  assert out[:2] == ["P(None, 'fsdp', 'tensor')", "P(None, 'fsdp', None) P(None, None, 'tensor')"], out
+  assert out[:2] == ["P(None, 'fsdp', 'tensor')", "P(None, 'fsdp') P(None, None, 'tensor')"], out
   loss, spec = out[2].split(" ", 1)
   assert 0 < float(loss) < 10 and spec == "P(None, 'fsdp', 'tensor')", out

@@ -340,7 +340,7 @@ def test_restore_into_shardings(tmp_path):
   sharded = jax.tree.map(lambda x: jax.device_put(x, NamedSharding(mesh, PartitionSpec(*[None] * (x.ndim - 1), "x"))),
                          base)
   loaded, _ = load_adapter(tmp_path / "ckpt", sharded)
-  assert loaded["fc_0"]["lora_a"].sharding.spec == PartitionSpec(None, None)
+  assert loaded["fc_0"]["lora_a"].sharding.spec == PartitionSpec()
   assert loaded["fc_0"]["lora_b"].sharding.spec == PartitionSpec(None, "x")
   # A tree of shardings shaped like the trainable half; missing entries use the default.
   tree = {"fc_1": {"lora_b": NamedSharding(mesh, PartitionSpec("x", None))}}

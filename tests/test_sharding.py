@@ -42,7 +42,7 @@ def test_the_rule_per_layer_kind_on_partition_specs(dora):
     assert _same(node["lora_a"], a) and _same(node["lora_b"], b), (where, node)
     if dora:
       assert _same(node["lora_magnitude"], m), (where, node["lora_magnitude"])
-    assert len(node["lora_a"]) == _node(abstract, where)["lora_a"].ndim
+    assert len(node["lora_a"]) <= _node(abstract, where)["lora_a"].ndim  # never more entries than axes (tunix's bug)
   named = jlora.adapter_shardings(abstract, SPECS, rank_axis="lora_rank")
   assert named["layers"]["up"]["lora_a"] == P(None, "data", "lora_rank")
 

@@ -157,7 +157,7 @@ def test_a_arrays_stay_where_the_rules_put_them(runs):
   assert all(placement[k] for k in ("trainable", "opt_state", "mu", "frozen")), placement
   assert placement["batch"] == "P(('data', 'fsdp'), None)" and placement["loss"] == "P()"
   assert placement["q_kernel"] == "P(None, 'fsdp', 'tensor')"  # (L, embed, heads): FSDP and TP
-  assert placement["q_a"] == "P(None, 'fsdp', None)"  # A: the kernel's input axis, rank replicated
+  assert placement["q_a"] == "P(None, 'fsdp')"  # A: the kernel's input axis, rank replicated (trailing None dropped)
 
 
 def test_c_mesh_mistakes_are_refused_before_anything_is_written(runs):

@@ -92,7 +92,7 @@ def add_adapters(key: jax.Array, params: Params, config: LoraConfig, sites: Sequ
         new[(*node, magnitude_key(site.kernel_name))] = _ops.column_norm(kernel, a, b, scale).astype(dtype)
     return new
 
-  placed = None if isinstance(key, jax.core.Tracer) else _placements(out, jax.eval_shape(create, key, kernels))
+  placed = None if isinstance(key, jax.core.Tracer) else _placements(out, lambda: jax.eval_shape(create, key, kernels))
   if placed is None:
     new = create(key, kernels)
   else:  # each leaf is created on its devices by the sharding rule: one program, no host round trip, no gather
@@ -112,8 +112,10 @@ def _host_key(key: jax.Array) -> Callable[[], jax.Array]:
   return lambda: jnp.asarray(data)
 
 
-def _placements(tree: dict, new: Mapping[tuple[str, ...], Any]) -> dict | None:
+def _placements(tree: dict, shapes: Callable[[], Mapping[tuple[str, ...], Any]]) -> dict | None:
   """Where each new leaf goes when the base is on a mesh: `{path: NamedSharding}` by the rule, else None.
+
+  `shapes()` gives `{path: jax.ShapeDtypeStruct}` of the new leaves (traced only on a mesh).
 
   Base leaves that are not `NamedSharding` arrays count as replicated over the
   mesh, so that every new leaf has a place on it.
@@ -122,7 +124,7 @@ def _placements(tree: dict, new: Mapping[tuple[str, ...], Any]) -> dict | None:
   named = {p: v.sharding for p, v in flat.items() if isinstance(getattr(v, "sharding", None), NamedSharding)}
   if not named:
     return None
-  mesh = next(iter(named.values())).mesh
+  mesh, new = next(iter(named.values())).mesh, shapes()
   every = flatten(adapter_shardings(unflatten({**flat, **new}),
                                     unflatten({p: named.get(p, NamedSharding(mesh, PartitionSpec())) for p in flat})))
   return {p: every[p] for p in new}

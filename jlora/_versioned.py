@@ -45,12 +45,12 @@ import jax
 import numpy as np
 
 from jlora import _io
+from jlora._processes import on_primary
 
-__all__ = ["Unreadable", "checkable", "seal", "container", "is_dir", "is_file", "on_primary", "check_target", "versions",
+__all__ = ["Unreadable", "checkable", "seal", "container", "is_dir", "is_file", "check_target", "versions",
            "restore_item", "read_meta", "commit", "read_newest"]
 
 ATTEMPTS = 20  # reads retried while a concurrent save keeps replacing the newest version
-_TEXT = 4096  # bytes of an error message that process 0 sends to the others
 T = TypeVar("T")
 
 
@@ -96,39 +96,6 @@ def is_file(path: str) -> bool:
   return os.path.isfile(path)
 
 
-def _broadcast_text(text: str) -> str:
-  """Process 0's `text` (its first 4096 bytes), on every process (collective)."""
-  from jax.experimental import multihost_utils
-
-  data = np.zeros(_TEXT, np.uint8)
-  raw = text.encode()[:_TEXT]
-  data[: len(raw)] = np.frombuffer(raw, np.uint8)
-  got = np.asarray(multihost_utils.broadcast_one_to_all(data), np.uint8)
-  return got.tobytes().rstrip(b"\0").decode(errors="ignore")
-
-
-def on_primary(fn: Callable[[], None]) -> None:
-  """Calls `fn` on process 0 only; the other processes wait for it and raise its error as a ValueError.
-
-  In a single process this is `fn()`. In a multi-process run every process must
-  call it (it is collective); process 0 raises `fn`'s own exception.
-  """
-  if jax.process_count() == 1:
-    fn()
-    return
-  error: Exception | None = None
-  if jax.process_index() == 0:
-    try:
-      fn()
-    except Exception as e:  # sent to the others before it is raised here
-      error = e
-  text = _broadcast_text("" if error is None else str(error) or type(error).__name__)
-  if error is not None:
-    raise error
-  if text:
-    raise ValueError(text)
-
-
 def check_target(root: str, marker: str, what: str, *, older: str | None = None) -> None:
   """Raises unless `root` is absent, an empty directory, or a checkpoint jlora wrote (it holds `marker`).
 
@@ -141,7 +108,7 @@ def check_target(root: str, marker: str, what: str, *, older: str | None = None)
     what: its name in messages, e.g. `"adapter checkpoint"`.
     older: the metadata file of an older format, which is neither read nor replaced.
   """
-  on_primary(lambda: _check_target(root, marker, what, older))
+  on_primary(lambda: _check_target(root, marker, what, older), send=False)
 
 
 def _check_target(root: str, marker: str, what: str, older: str | None) -> None:
@@ -259,7 +226,7 @@ def commit(root: str, marker: str, marker_body: dict, *, meta: dict, **arrays: A
   commits the version, every process writing its own shards, and deletes the
   previous one. Orbax writes `meta` from process 0.
   """
-  on_primary(lambda: _write_marker(root, marker, marker_body))
+  on_primary(lambda: _write_marker(root, marker, marker_body), send=False)
   import orbax.checkpoint as ocp
 
   options = ocp.CheckpointManagerOptions(max_to_keep=1, enable_async_checkpointing=False, cleanup_tmp_directories=True,

@@ -10,7 +10,7 @@ summary. The other processes see the directory through `FollowerDir` and `NullMe
 whose writes do nothing.
 
 What process 0 decides from the directory (the checkpoint plan, the steps to delete,
-whether step 0 was evaluated) reaches the others through `shared`, which also raises
+whether step 0 was evaluated) reaches the others through `jlora._processes.on_primary`, which also raises
 process 0's errors (a refused `outputs.dir`, another run's checkpoints) on every
 process, so that none waits in a collective that will not come. In one process every
 function here is the plain single-process behaviour.
@@ -19,73 +19,17 @@ function here is the plain single-process behaviour.
 from __future__ import annotations
 
 import contextlib
-import json
 import os
 from collections.abc import Callable, Iterator
-from typing import Any, TypeVar
+from typing import Any
 
 import jax
-import numpy as np
 
+from jlora._processes import on_primary, primary
 from jlora.train import _resume, _state
 
-__all__ = ["FollowerDir", "NullMetrics", "delete", "host", "local_copies", "primary", "save", "shared", "spread",
-           "stack_run_dir"]
+__all__ = ["FollowerDir", "NullMetrics", "delete", "host", "local_copies", "save", "spread", "stack_run_dir"]
 
-T = TypeVar("T")
-_ERRORS = {"ValueError": ValueError, "TypeError": TypeError, "FileNotFoundError": FileNotFoundError}
-
-
-def primary() -> bool:
-  """Whether this process writes the run directory's files (process 0; always, in one process)."""
-  return jax.process_index() == 0
-
-
-def _broadcast(text: str) -> str:
-  """Process 0's `text` on every process (collective; a few compiled sizes: powers of two)."""
-  from jax.experimental import multihost_utils
-
-  data = text.encode()
-  size = int(multihost_utils.broadcast_one_to_all(np.asarray([len(data)], np.int64))[0])
-  buffer = np.zeros(max(256, 1 << (size - 1).bit_length()), np.uint8)
-  if primary():
-    buffer[: len(data)] = np.frombuffer(data, np.uint8)
-  return np.asarray(multihost_utils.broadcast_one_to_all(buffer), np.uint8)[:size].tobytes().decode()
-
-
-def shared(fn: Callable[[], T], *, send: bool = True) -> T | Any:
-  """Runs `fn` on process 0 only; the others get its result as JSON (lists for tuples) or raise its error.
-
-  Collective in a run of several processes: every process must call it at the same
-  point. In one process it is `fn()`.
-
-  Args:
-    fn: what process 0 computes (reads the run directory, writes its files).
-    send: whether the others need the result (else they get None).
-
-  Returns:
-    `fn()` on process 0; on the others its JSON round trip (or None without `send`).
-
-  Raises:
-    Exception: `fn`'s error on process 0; a `ValueError`, `TypeError` or
-      `FileNotFoundError` (else `RuntimeError`) with its message on the others.
-  """
-  if jax.process_count() == 1:
-    return fn()
-  result, error = None, None
-  if primary():
-    try:
-      result = fn()
-    except Exception as e:  # sent to the others before it is raised here
-      error = e
-  message = json.loads(_broadcast(json.dumps(
-    {"error": [type(error).__name__, str(error)]} if error is not None else {"result": result if send else None})))
-  if error is not None:
-    raise error
-  if "error" in message:
-    kind, text = message["error"]
-    raise _ERRORS.get(kind, RuntimeError)(text)
-  return result if primary() else message["result"]
 
 
 class FollowerDir:
@@ -130,7 +74,7 @@ def stack_run_dir(open_dir: Callable[[], contextlib.AbstractContextManager], pat
     ValueError: process 0 could not open it (on every process).
   """
   with contextlib.ExitStack() as stack:
-    run_dir = shared(lambda: stack.enter_context(open_dir()), send=False)
+    run_dir = on_primary(lambda: stack.enter_context(open_dir()), send=False)
     yield run_dir if primary() else FollowerDir(path)
 
 
@@ -154,7 +98,7 @@ def save(checkpoints: _state.Checkpoints, run_dir: Any, state: _state.State, *, 
   if jax.process_count() == 1:
     _resume.save(checkpoints, run_dir, state, keep=keep, fingerprint=fingerprint, data_position=data_position)
     return
-  old = shared(lambda: sorted({*_resume.owned_steps(checkpoints.directory, run_dir.marker), state.step})[:-keep])
+  old = on_primary(lambda: sorted({*_resume.owned_steps(checkpoints.directory, run_dir.marker), state.step})[:-keep])
   if primary():
     _resume.save(checkpoints, run_dir, state, keep=keep, fingerprint=fingerprint, data_position=data_position)
     return

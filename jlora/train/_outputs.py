@@ -29,7 +29,7 @@ import yaml
 
 import jlora
 import jlora.checkpoint
-from jlora import _io, models
+from jlora import _io, _processes, models
 from jlora.train import _multihost, _report
 from jlora.train._loop import Diverged, eval_batches
 from jlora.train._resume import warn
@@ -125,11 +125,11 @@ def write(run_dir: RunDir, config: Config, setup: Setup, state: State, *, finger
     setup.exported_base)), lora, base_checksums=not _multihost.spread(setup.exported_base))
   if config.outputs.peft:  # the adapter's leaves gathered (small); the base's are not read
     peft_params = jlora.combine(_multihost.host(state.trainable), setup.frozen)
-    if _multihost.primary():
+    if _processes.primary():
       jlora.save_peft(run_dir.join("peft"), base.model, peft_params, lora)
   if config.outputs.merged:
     merged = _multihost.host(merged)  # the whole model on each host, as writing one file takes
-    if _multihost.primary():
+    if _processes.primary():
       models.save_pretrained(run_dir.join("merged"), base.model, merged, copy_from=base.checkpoint)
   if plot:
     run_dir.write("curves.png", lambda tmp: _report.plot(metrics.read(), tmp, headline=setup.task.headline))

@@ -31,6 +31,7 @@ import jax
 import numpy as np
 
 import jlora
+from jlora._processes import on_primary, primary
 from jlora.train import (
   _adapters,
   _data,
@@ -81,8 +82,8 @@ def run(config: Config, *, on_step: Callable[[int, float], None] | None = None,
   """
   t_start = time.perf_counter()
   layout = _mesh.start(config.mesh)  # first: jax.distributed.initialize() must precede any other JAX call
-  primary = _multihost.primary()
-  log = log if primary else lambda text: None
+  is_primary = primary()
+  log = log if is_primary else lambda text: None
   task = _tasks.get(config.lora.task_type)
   examples = _data.examples(config.data, task)
   _setup.check_data(config, examples)
@@ -92,15 +93,15 @@ def run(config: Config, *, on_step: Callable[[int, float], None] | None = None,
   out_dir = os.path.abspath(config.outputs.dir)
   resume = config.checkpointing.resume
   # Refusals before the model loads (decided by process 0 where there are several).
-  first = _resume.Plan(*_multihost.shared(
+  first = _resume.Plan(*on_primary(
     lambda: _resume.plan(out_dir, _rundir.inspect(out_dir), fingerprint, resume=resume)))
-  _multihost.shared(lambda: _adapters.check_entry(config))
+  on_primary(lambda: _adapters.check_entry(config))
   # `lora.init_from` starts a new run only: a resumed one continues from its own checkpoint (`restore` either
   # restores one of the candidates or refuses).
   setup = _setup.prepare(config, task, examples, init_from=not first.candidates, layout=layout)
   _outputs.check_placement(config, setup)
   with _multihost.stack_run_dir(lambda: _rundir.RunDir.open(out_dir), out_dir) as run_dir:
-    plan = _resume.Plan(*_multihost.shared(
+    plan = _resume.Plan(*on_primary(
       lambda: _resume.plan(out_dir, run_dir.marker, fingerprint, resume=resume)))  # again, under the lock
     if config.init_from is not None and not plan.candidates and setup.init_from is None:
       raise ValueError(f"`outputs.dir`: the checkpoints in {out_dir!r} were removed while this run started (by "
@@ -118,10 +119,10 @@ def run(config: Config, *, on_step: Callable[[int, float], None] | None = None,
       state = restored if restored is not None else template
       run_dir.update(fingerprint=fingerprint, checkpoints=_state.list_steps(ckpt_dir),
                      files={**run_dir.marker["files"], "metrics.jsonl": None})
-      metrics = (_report.Metrics(run_dir.join("metrics.jsonl"), resume_step=resumed_from) if primary else
+      metrics = (_report.Metrics(run_dir.join("metrics.jsonl"), resume_step=resumed_from) if is_primary else
                  _multihost.NullMetrics())
       evaluate = _loop.make_evaluate(setup, batch_size=config.train.eval_batch_size, n=len(examples.eval))
-      prior = _multihost.shared(lambda: [r for r in metrics.read() if r.get("kind") == "eval" and r["step"] == 0])
+      prior = on_primary(lambda: [r for r in metrics.read() if r.get("kind") == "eval" and r["step"] == 0])
       before = {k: v for k, v in prior[0].items() if k not in ("kind", "step")} if prior else evaluate(state.trainable)
       if not prior:
         metrics.write({"kind": "eval", "step": 0, **before})

@@ -26,6 +26,7 @@ from typing import Any
 import jax
 import numpy as np
 
+from jlora._processes import is_spread
 from jlora._quant import QuantizedArray
 
 __all__ = ["digest", "digests", "block_digests", "check", "verify"]
@@ -66,16 +67,11 @@ def _parse(name: str) -> _Bounds:
   return tuple(tuple(int(v) for v in part.split(":")) for part in name.split(",")) if name else ()
 
 
-def _spread(x: Any) -> bool:
-  """Whether `x` is an array that no single process holds all of."""
-  return isinstance(x, jax.Array) and not x.is_fully_addressable
-
-
 def _gather(x: Any) -> np.ndarray:
   """Collective: a global array `x` whole, on every process; a host array, every process's, stacked on axis 0."""
   from jax.experimental import multihost_utils
 
-  return np.asarray(multihost_utils.process_allgather(x, tiled=_spread(x)))
+  return np.asarray(multihost_utils.process_allgather(x, tiled=is_spread(x)))
 
 
 def block_digests(flat: Mapping[tuple[str, ...], Any]) -> dict[str, dict[str, str]]:
@@ -85,7 +81,7 @@ def block_digests(flat: Mapping[tuple[str, ...], Any]) -> dict[str, dict[str, st
   and gets the same digests. Leaves that one process holds whole are left out
   (`digests` covers them).
   """
-  spread = sorted((p, x) for p, x in flat.items() if _spread(x))
+  spread = sorted((p, x) for p, x in flat.items() if is_spread(x))
   if not spread:
     return {}
   names, rows = [], []
@@ -120,7 +116,7 @@ def _status(x: Any, blocks: Mapping[str, str], host: np.ndarray | None) -> list[
   """Per block of `blocks`: 1 matches, 2 differs, 0 cannot be told here (not all of it on this process)."""
   if sum(int(np.prod([hi - lo for lo, hi in _parse(n)])) for n in blocks) != int(np.prod(np.shape(x))):
     return [2] * len(blocks)  # the blocks do not add up to the array: some elements would go unchecked
-  if host is None and not _spread(x):
+  if host is None and not is_spread(x):
     host = np.asarray(jax.device_get(x))
   out = []
   for name, expected in blocks.items():
@@ -152,7 +148,7 @@ def check(flat: Mapping[tuple[str, ...], Any], expected: Mapping[str, str],
     status = {name: [next(it) for _ in b] for name, (_, b) in want.items()}
     for name, (x, b) in want.items():
       if 0 in status[name]:  # no process holds some block whole: every process checks the gathered leaf
-        status[name] = _status(x, b, _gather(x) if _spread(x) else None)
+        status[name] = _status(x, b, _gather(x) if is_spread(x) else None)
   return sorted(name for name, s in status.items() if 2 in s or 0 in s)
 
 

@@ -1,4 +1,4 @@
-"""Work that one process of a multi-process JAX run does for all: process 0 decides, the others get its answer.
+"""Several JAX processes: arrays no process holds whole, and process 0 deciding for all.
 
 A multi-process run (`jax.distributed.initialize`) runs the same program on every
 process. What must happen once — checking or writing a directory, reading a run's
@@ -16,10 +16,15 @@ from typing import Any, TypeVar
 import jax
 import numpy as np
 
-__all__ = ["on_primary", "primary"]
+__all__ = ["is_spread", "on_primary", "primary"]
 
 T = TypeVar("T")
 _ERRORS = {"ValueError": ValueError, "TypeError": TypeError, "FileNotFoundError": FileNotFoundError}
+
+
+def is_spread(x: Any) -> bool:
+  """Whether `x` is an array that no single process holds all of (spread over several processes)."""
+  return isinstance(x, jax.Array) and not x.is_fully_addressable
 
 
 def primary() -> bool:

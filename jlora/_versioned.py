@@ -45,7 +45,7 @@ import jax
 import numpy as np
 
 from jlora import _io
-from jlora._processes import on_primary
+from jlora._processes import is_spread, on_primary
 
 __all__ = ["Unreadable", "checkable", "seal", "container", "is_dir", "is_file", "check_target", "versions",
            "restore_item", "read_meta", "commit", "read_newest"]
@@ -60,7 +60,7 @@ class Unreadable(ValueError):
 
 def checkable(flat: Mapping[Any, Any]) -> dict[Any, Any]:
   """The leaves this process can hash (all of them except arrays spread over several processes)."""
-  return {p: v for p, v in flat.items() if getattr(v, "is_fully_addressable", True)}
+  return {p: v for p, v in flat.items() if not is_spread(v)}
 
 
 def seal(body: dict) -> str:

@@ -34,6 +34,7 @@ import numpy as np
 import optax
 
 import jlora
+from jlora import _processes
 from jlora.train import _data, _mesh, _report
 from jlora.train._setup import Setup, rows
 from jlora.train._state import State, all_finite
@@ -214,7 +215,7 @@ def train(setup: Setup, state: State, config: Any, *, save: Callable[[State], No
   step_fn = make_train_step(setup, temperature=tc.temperature, dropout=config.lora.lora_dropout > 0, shardings=placed)
   rng_key = jax.random.wrap_key_data(jnp.asarray(state.rng, jnp.uint32))
   n_train, first = len(next(iter(setup.train_arrays.values()))), state.step
-  bar = _progress(tc.steps, state.step, tc.quiet or (layout is not None and not layout.primary))
+  bar = _progress(tc.steps, state.step, tc.quiet or not _processes.primary())
   window: list[float] = []
   speed = Throughput()
   with _sigint_flag() as interrupted, warnings.catch_warnings(), contextlib.closing(bar):

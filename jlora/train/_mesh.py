@@ -135,11 +135,6 @@ class Layout:
     return math.prod(self.mesh.shape[a] for a in BATCH_AXES)
 
   @property
-  def primary(self) -> bool:
-    """Whether this is process 0, the one that writes the run directory's files."""
-    return jax.process_index() == 0
-
-  @property
   def replicated(self) -> NamedSharding:
     """A copy on every device (scalars, keys, counters)."""
     return NamedSharding(self.mesh, PartitionSpec())
@@ -229,8 +224,6 @@ def start(cfg: MeshConfig | None, env: Mapping[str, str] | None = None) -> Layou
                        "config has no `mesh` section, which runs on one device; add one, e.g. `mesh: {}` (data "
                        "parallel over all devices) or the override `mesh.data=-1`.")
     return None
-  from jlora import models  # the models' default rules (only a run with a mesh needs them)
-
   _initialize(cfg.distributed, os.environ if env is None else env)
   sizes = _sizes(cfg, jax.device_count())
   mesh = jax.make_mesh(sizes, AXES, axis_types=(jax.sharding.AxisType.Auto,) * len(AXES))

@@ -25,7 +25,7 @@ from typing import Any
 
 import jax
 
-from jlora._processes import on_primary, primary
+from jlora._processes import is_spread, on_primary, primary
 from jlora.train import _resume, _state
 
 __all__ = ["FollowerDir", "NullMetrics", "delete", "host", "local_copies", "save", "spread", "stack_run_dir"]
@@ -107,27 +107,23 @@ def save(checkpoints: _state.Checkpoints, run_dir: Any, state: _state.State, *, 
     delete(checkpoints, step)
 
 
-def _spread(x: Any) -> bool:
-  return isinstance(x, jax.Array) and not x.is_fully_addressable
-
-
 def local_copies(tree: Any) -> Any:
   """`tree` with each array that every process holds whole (replicated) as this process's copy; others as they are.
 
   What `jlora.save_adapter(..., base_checksums=True)` hashes must be on this process.
   """
-  return jax.tree.map(lambda x: x.addressable_data(0) if _spread(x) and x.is_fully_replicated else x, tree)
+  return jax.tree.map(lambda x: x.addressable_data(0) if is_spread(x) and x.is_fully_replicated else x, tree)
 
 
 def spread(tree: Any) -> bool:
   """Whether some array of `tree` is split over several processes (no process holds all of it)."""
-  return any(_spread(x) and not x.is_fully_replicated for x in jax.tree.leaves(tree))
+  return any(is_spread(x) and not x.is_fully_replicated for x in jax.tree.leaves(tree))
 
 
 def host(tree: Any) -> Any:
   """`tree` with every array spread over several processes gathered into host memory (collective where needed)."""
-  if not any(_spread(x) for x in jax.tree.leaves(tree)):
+  if not any(is_spread(x) for x in jax.tree.leaves(tree)):
     return tree
   from jax.experimental import multihost_utils
 
-  return jax.tree.map(lambda x: multihost_utils.process_allgather(x, tiled=True) if _spread(x) else x, tree)
+  return jax.tree.map(lambda x: multihost_utils.process_allgather(x, tiled=True) if is_spread(x) else x, tree)

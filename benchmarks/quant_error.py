@@ -24,7 +24,7 @@ import jax.numpy as jnp
 sys.path.insert(0, str(pathlib.Path(__file__).resolve().parent))
 from _timing import measure_side_by_side, paired_ratio, write_report
 
-from jlora._quant import dequantize, quantize
+from jlora.quant.array import dequantize, quantize
 
 SHAPE = (768, 3072)
 TOKENS = 32 * 64

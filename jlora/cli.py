@@ -89,12 +89,12 @@ def _run_config(path: str) -> Any:
 
 def _load_run(path: str, adapter: str | None) -> tuple[Any, dict, Any]:
   """The base model (`jlora.train._model.Model`), the params with the trained adapter, and the LoRA config of a run."""
-  import jlora.checkpoint
+  import jlora.formats.checkpoint
   from jlora.train import _setup, _tasks
 
   config = _run_config(path)
   base = _setup.base_model(config, _tasks.get(config.lora.task_type))  # the run's keys: same random init and heads
-  params, lora = jlora.checkpoint.load_adapter(adapter or os.path.join(path, "adapter"), base.params)
+  params, lora = jlora.formats.checkpoint.load_adapter(adapter or os.path.join(path, "adapter"), base.params)
   trainable, frozen = jlora.split(params, lora)  # a QLoRA run's adapter was trained over the quantized base
   return base, jlora.combine(trainable, _setup.quantized(config, frozen)), lora
 

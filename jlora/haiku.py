@@ -4,7 +4,7 @@ Adapters are made by `jlora.init_tree` on the Haiku params (module keys such as
 `"attn/query"`, `"mlp/~/linear_0"`; `w: (in, out)`). `apply` runs a transformed
 function's `apply` while `hk.intercept_methods` makes every adapted `hk.Linear`
 (also those inside `hk.MultiHeadAttention` and `hk.nets.MLP`) return
-`x·W + b + s·(x·A)·B`, factored through `jlora._ops` (`A·B` is never formed).
+`x·W + b + s·(x·A)·B`, factored through `jlora.core.ops` (`A·B` is never formed).
 The interceptor is entered inside `apply` and lives for that call only: call
 `jlora.haiku.apply` inside your jitted function, never around it.
 
@@ -22,83 +22,6 @@ Example:
   (2, 4)
 """
 
-from __future__ import annotations
-
-from collections.abc import Callable
-from typing import Any
-
-import haiku as hk
-import jax.numpy as jnp
-
-from jlora import _ops
-from jlora._config import LoraConfig, refuse_dora
-from jlora._keys import stringify
-from jlora._targets import is_head, selects
-from jlora._tree import Adapter, Params, _check_tree, adapters
+from jlora.frontends.haiku import apply as apply
 
 __all__ = ["apply"]
-
-
-def apply(fn: Callable[..., Any], params: Params, config: LoraConfig, *args, **kwargs) -> Any:
-  """Runs `fn(params, *args, **kwargs)` (a Haiku `apply`) with the LoRA term of every adapted `hk.Linear`, factored.
-
-  Args:
-    fn: `transformed.apply` (or `transform_with_state(...).apply`).
-    params: the Haiku params with adapters (`jlora.init_tree`): `lora_a: (in, r)`, `lora_b: (r, out)` beside `w`.
-    config: the config the adapters were created with.
-    *args: passed to `fn` after the params: the rng (or None), then the inputs.
-    **kwargs: passed to `fn`.
-
-  Returns:
-    What `fn` returns.
-
-  Raises:
-    TypeError: `fn` is not callable (pass `transformed.apply`) or `config` is not a `LoraConfig`.
-    ValueError: an adapter is not the `(in, r)`, `(r, out)` one of a 2-D `w`
-      (stacked or another layout), or an adapter was not used by any `hk.Linear`
-      call (the message names it: run such models with `jlora.apply_merged`).
-  """
-  if not callable(fn):
-    raise TypeError(f"jlora.haiku.apply: `fn` must be a Haiku apply function, e.g. transformed.apply; got "
-                    f"{type(fn).__name__}.")
-  if not isinstance(config, LoraConfig):
-    raise TypeError(f"`config` must be a jlora.LoraConfig, got {type(config).__name__}.")
-  refuse_dora(config, "jlora.haiku.apply", "it adds the plain LoRA term to hk.Linear")
-  _check_tree(params)
-  found: dict[str, Adapter] = {}
-  for ad in adapters(stringify(params), config):
-    if ad.kernel_name != "w" or ad.layout != "concat" or ad.stack or ad.kernel.ndim != 2:
-      raise ValueError(f"jlora.haiku.apply: the adapter at {ad.where!r} is not one of an hk.Linear `w` (in, out) "
-                       f"(weight {ad.kernel_name!r} {tuple(ad.kernel.shape)}); use jlora.apply_merged for this model.")
-    if not selects(config, ad.path, "dense", is_head=is_head(ad.module)):
-      raise ValueError(
-          f"`params` holds an adapter at {ad.where!r}, which the config (target_modules={config.target_modules!r}, "
-          f"exclude_modules={config.exclude_modules!r}) does not select. Pass the LoraConfig that created it."
-      )
-    found["/".join(ad.module)] = ad
-  used: set[str] = set()
-
-  def interceptor(next_fun: Callable, a: tuple, kw: dict, context: Any) -> Any:
-    y = next_fun(*a, **kw)
-    if context.method_name != "__call__" or not isinstance(context.module, hk.Linear):
-      return y
-    ad = found.get(context.module.module_name)
-    if ad is None:
-      return y
-    used.add(context.module.module_name)
-    x = a[0] if a else kw["inputs"]
-    dt = jnp.result_type(x.dtype, ad.a.dtype)
-    # LoRA dropout draws from the transform's rng (`fn(params, rng, ...)`); with rng None it is off.
-    key = hk.maybe_next_rng_key() if config.lora_dropout else None
-    x = _ops.dropout(key, x.astype(dt), config.lora_dropout)
-    delta = _ops.lora_delta("dense", x, ad.a.astype(dt), ad.b.astype(dt), scale=ad.scale,
-                            precision=kw.get("precision"))
-    return y + delta.astype(y.dtype)
-
-  with hk.intercept_methods(interceptor):
-    out = fn(params, *args, **kwargs)
-  unused = sorted(set(found) - used)
-  if unused:
-    raise ValueError(f"jlora.haiku.apply: the adapters at {unused} were not used: no hk.Linear call has those names "
-                     "(another layer kind, or hk.layer_stack). Run this model with jlora.apply_merged.")
-  return out

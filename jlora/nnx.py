@@ -6,7 +6,7 @@
 * `init(key, model, config)` returns a LoRA copy of an NNX model: each targeted
   `nnx.Linear` / `LinearGeneral` / `Einsum` / `Conv` / `Embed` becomes a
   `Lora<Base>` layer (a subclass of its class) computing
-  `base(x) + s·(dropout(x)·A)·B`, factored through `jlora._ops`.
+  `base(x) + s·(dropout(x)·A)·B`, factored through `jlora.core.ops`.
 * Its parameters are `Trainable` (adapters, trained biases, `modules_to_save`)
   or `Frozen` (the rest), neither an `nnx.Param`: `nnx.Optimizer(model, tx,
   wrt=Trainable)` trains exactly the adapter, and code that trains `nnx.Param`
@@ -26,14 +26,14 @@ from typing import Any
 import optax
 from flax import nnx
 
-from jlora._nnx_graph import require_adapters
-from jlora._nnx_graph import to_params as to_params
-from jlora._nnx_init import from_params as from_params
-from jlora._nnx_init import init as init
-from jlora._nnx_merge import merge as merge
-from jlora._nnx_merge import unmerge as unmerge
-from jlora._nnx_vars import Frozen as Frozen
-from jlora._nnx_vars import Trainable as Trainable
+from jlora.frontends.nnx.graph import require_adapters
+from jlora.frontends.nnx.graph import to_params as to_params
+from jlora.frontends.nnx.init import from_params as from_params
+from jlora.frontends.nnx.init import init as init
+from jlora.frontends.nnx.merge import merge as merge
+from jlora.frontends.nnx.merge import unmerge as unmerge
+from jlora.frontends.nnx.vars import Frozen as Frozen
+from jlora.frontends.nnx.vars import Trainable as Trainable
 
 __all__ = ["Frozen", "Trainable", "from_params", "init", "merge", "optimizer", "split", "to_params", "unmerge"]
 

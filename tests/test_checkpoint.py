@@ -17,8 +17,9 @@ import pytest
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
 import jlora
-from jlora import _integrity, checkpoint
-from jlora.checkpoint import load_adapter, save_adapter
+from jlora.formats import checkpoint
+from jlora.formats import integrity as _integrity
+from jlora.formats.checkpoint import load_adapter, save_adapter
 from tests import zoo
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -76,7 +77,7 @@ def test_round_trip_of_trained_leaves(tmp_path, name):
   trained = _as_trained(params, cfg)
   moved = ["fc_0/lora_b", "fc_0/bias", "head/kernel"] if name == "mlp" else ["layers/up/lora_a", "layers/up/bias"]
   for path in moved:
-    a, b = (jlora._tree.flatten(t)[tuple(path.split("/"))] for t in (trained, params))
+    a, b = (jlora.core.tree.flatten(t)[tuple(path.split("/"))] for t in (trained, params))
     assert not np.allclose(a, b), path
   save_adapter(tmp_path / "ckpt", trained, cfg)
   loaded, cfg2 = load_adapter(tmp_path / "ckpt", base)
@@ -140,7 +141,7 @@ def test_on_disk_layout_versions_and_metadata(tmp_path):
   meta = json.loads((target / "3" / "meta" / "metadata").read_text())
   assert meta["config"] == NUMPY_CFG.to_dict() and meta["version"] == 2
   trainable = jlora.split(_numpy_params(3), NUMPY_CFG)[0]
-  assert meta["trainable_sha256"] == _integrity.digests(jlora._tree.flatten(trainable))
+  assert meta["trainable_sha256"] == _integrity.digests(jlora.core.tree.flatten(trainable))
   assert meta["base"] == {"fc/bias": [[64], "float32"], "fc/kernel": [[64, 64], "float32"]}
   assert meta["base_sha256"] is None
   loaded, cfg = load_adapter(target, _numpy_base())
@@ -301,7 +302,7 @@ def test_base_contents_are_checked_only_when_saved_with_checksums(tmp_path):
   assert loaded["fc_0"]["kernel"] is other["fc_0"]["kernel"]
   save_adapter(tmp_path / "hashed", params, cfg, base_checksums=True)
   meta = json.loads((tmp_path / "hashed" / "1" / "meta" / "metadata").read_text())
-  assert meta["base_sha256"] == _integrity.digests(jlora._tree.flatten(jlora.split(params, cfg)[1]))
+  assert meta["base_sha256"] == _integrity.digests(jlora.core.tree.flatten(jlora.split(params, cfg)[1]))
   _same_trees(load_adapter(tmp_path / "hashed", base)[0], params)
   with pytest.raises(ValueError, match=r"check failed: contents: 'fc_0/kernel'"):
     load_adapter(tmp_path / "hashed", other)
@@ -356,7 +357,7 @@ import sys
 import jax, numpy as np
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 import jlora
-from jlora.checkpoint import load_adapter, save_adapter
+from jlora.formats.checkpoint import load_adapter, save_adapter
 rng = np.random.default_rng(0)
 up = {"kernel": rng.standard_normal((3, 16, 32), np.float32), "bias": np.zeros((3, 32), np.float32)}  # nn.scan: 3 layers
 base = {"layers": {"up": up}, "head": {"kernel": rng.standard_normal((16, 8), np.float32)}}

@@ -33,7 +33,7 @@ def test_quickstart_example_learns_and_keeps_base():
   assert out["merge_diff"] < 1e-4
 
 
-@pytest.mark.parametrize("name", ["jlora._linen", "jlora._apply_fn", "jlora._adapter_set", "jlora._optim", "jlora.models", "jlora.train._schema"])
+@pytest.mark.parametrize("name", ["jlora.frontends.linen", "jlora.frontends.apply_fn", "jlora.adapters.adapter_set", "jlora.core.optim", "jlora.models", "jlora.train._schema"])
 def test_docstring_examples_run(name):
   import doctest
   import importlib

@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 
 import jlora
-from jlora import _ops
+from jlora.core import ops as _ops
 from tests.models.helpers import CONFIGS, random_model, tokens
 
 

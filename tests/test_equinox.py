@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 
 import jlora
-from jlora._targets import is_lora_key
+from jlora.core.targets import is_lora_key
 from tests.test_structure import _dot_shapes
 
 eqx = pytest.importorskip("equinox", reason="equinox (the dev extra) is needed for jlora.equinox")
@@ -50,10 +50,10 @@ def net():
 def _trained(model, config, seed=1):
   """Every adapter factor refilled with N(0, 0.5²) values (through to_params / from_params), as if trained."""
   rng = np.random.default_rng(seed)
-  flat = jlora._tree.flatten(jeqx.to_params(model))
+  flat = jlora.core.tree.flatten(jeqx.to_params(model))
   flat = {p: jnp.asarray(0.5 * rng.standard_normal(v.shape), v.dtype) if is_lora_key(p[-1]) else v
           for p, v in flat.items()}
-  return jeqx.from_params(model, jlora._tree.unflatten(flat), config)
+  return jeqx.from_params(model, jlora.core.tree.unflatten(flat), config)
 
 
 CONFIG = jlora.LoraConfig(r=2, lora_alpha=4, target_modules=["query_proj", "value_proj", "layers.0", "embed"])
@@ -73,13 +73,13 @@ def test_targets_roles_and_init(net):
   np.testing.assert_array_equal(run(model, ids), run(base, ids))  # B = 0 (A = 0 for the embedding): the base model
   assert fc.base.weight is base.mlp.layers[0].weight  # base arrays are the same objects
   # The same adapters as the plain-dict path on to_params (same key, same config).
-  plain = jlora._tree.flatten(jlora.init_tree(jax.random.key(1), jeqx.to_params(base), CONFIG))
-  ours = jlora._tree.flatten(jeqx.to_params(model))
+  plain = jlora.core.tree.flatten(jlora.init_tree(jax.random.key(1), jeqx.to_params(base), CONFIG))
+  ours = jlora.core.tree.flatten(jeqx.to_params(model))
   assert set(ours) - set(plain) == {("embed", "lora_a"), ("embed", "lora_b")}  # init_tree adapts no embedding
   for p, v in plain.items():
     np.testing.assert_array_equal(v, ours[p])
   every = jeqx.init(jax.random.key(1), base, jlora.LoraConfig(r=2, target_modules="all-linear"))
-  adapted = sorted("/".join(p[:-1]) for p in jlora._tree.flatten(jeqx.to_params(every)) if p[-1] == "lora_a")
+  adapted = sorted("/".join(p[:-1]) for p in jlora.core.tree.flatten(jeqx.to_params(every)) if p[-1] == "lora_a")
   assert adapted == ["attn/key_proj", "attn/output_proj", "attn/query_proj", "attn/value_proj", "mlp/layers/0",
                      "mlp/layers/1"]  # not the head, not the embedding
   with pytest.raises(ValueError, match=r"(?s)matched no module.*mlp/layers/1"):
@@ -107,8 +107,8 @@ def test_delta_is_in_the_weight_layout_and_factored_equals_merged(net):
   np.testing.assert_allclose(fc(x), fc.base.weight @ x + fc.base.bias + s * b @ (a.T @ x), atol=ATOL)
   # The plain-dict merge of to_params gives the same weights.
   via_dict = jlora.merge(jeqx.to_params(model), CONFIG)
-  for p, v in jlora._tree.flatten(jeqx.to_params(merged)).items():
-    np.testing.assert_allclose(v, jlora._tree.get_path(via_dict, p), atol=1e-6)
+  for p, v in jlora.core.tree.flatten(jeqx.to_params(merged)).items():
+    np.testing.assert_allclose(v, jlora.core.tree.get_path(via_dict, p), atol=1e-6)
 
 
 def test_gradients_reach_only_the_adapters_and_training_moves_them(net):
@@ -121,11 +121,11 @@ def test_gradients_reach_only_the_adapters_and_training_moves_them(net):
 
   grad = eqx.filter_jit(eqx.filter_grad(loss))
   grads = grad(trainable, frozen)
-  named = jlora._tree.flatten(jeqx.to_params(eqx.combine(grads, frozen)))  # grads in the adapters' places
+  named = jlora.core.tree.flatten(jeqx.to_params(eqx.combine(grads, frozen)))  # grads in the adapters' places
   lora = sorted(p for p in named if is_lora_key(p[-1]))
   assert len(lora) == 8 and len(jax.tree.leaves(grads)) == 8  # 4 adapters x (A, B), nothing else
   for p in lora:
-    assert named[p].shape == jlora._tree.get_path(jeqx.to_params(model), p).shape and float(jnp.abs(named[p]).max()) > 0
+    assert named[p].shape == jlora.core.tree.get_path(jeqx.to_params(model), p).shape and float(jnp.abs(named[p]).max()) > 0
   # Factored: no dot forms a kernel-sized weight gradient.
   jaxpr = jax.make_jaxpr(lambda t: eqx.filter_grad(loss)(t, frozen))(trainable).jaxpr
   kernels = {(16, 8), (8, 16), (8, 8)}

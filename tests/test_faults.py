@@ -122,7 +122,7 @@ def _arm(kill_at: int | str | None, counter: list[int]) -> None:
 def _child(request: dict) -> None:
   counter = [0]
   if request.get("fallback"):
-    from jlora import _io
+    from jlora.formats import atomic as _io
 
     _io._exchange = lambda a, b: False
   if request.get("kill_at") is not None or request.get("count_to"):

@@ -12,7 +12,7 @@ import pytest
 import safetensors.numpy
 
 import jlora
-from jlora import _keys
+from jlora.core import keys as _keys
 from tests.test_structure import _dot_shapes
 
 hk = pytest.importorskip("haiku", reason="dm-haiku (the dev extra) is needed for the Haiku tests")
@@ -56,7 +56,7 @@ def _trained(params, seed=1):
 
 
 def _adapted(params):
-  return sorted("/".join(p) for p, _ in jlora._tree.adapted_modules(params))
+  return sorted("/".join(p) for p, _ in jlora.core.tree.adapted_modules(params))
 
 
 def _by_hand(params, cfg):
@@ -302,7 +302,7 @@ def test_peft_refuses_broadcast_adapters_of_more_than_two_axes(tmp_path):
     jlora.save_peft(tmp_path, None, lp, cfg, name_map="flax")
 
 
-@pytest.mark.parametrize("name", ["jlora._init", "jlora._merge", "jlora.haiku"])
+@pytest.mark.parametrize("name", ["jlora.core.init", "jlora.core.merge", "jlora.haiku"])
 def test_docstring_examples_run(name):
   import doctest
   import importlib

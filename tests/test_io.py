@@ -1,11 +1,11 @@
-"""`jlora._io`: atomic files and directories, and nothing replaced that jlora did not write."""
+"""`jlora.formats.atomic`: atomic files and directories, and nothing replaced that jlora did not write."""
 
 import json
 import os
 
 import pytest
 
-from jlora import _io
+from jlora.formats import atomic as _io
 
 
 def _tree(path):

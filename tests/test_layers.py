@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 
 import jlora
-from jlora import _layers
+from jlora.frontends import layers as _layers
 from tests import gemma_layout
 
 
@@ -392,7 +392,7 @@ def test_nested_call_of_the_same_layer_adds_the_term_once():
 
 
 def test_weighted_keeps_integer_keys_and_save_peft_refuses_a_second_weight(tmp_path):
-  from jlora._weighted import add_weighted_adapter
+  from jlora.adapters.weighted import add_weighted_adapter
 
   base = {"layers": {0: {"w": jnp.ones((6, 4))}, 1: {"w": jnp.ones((4, 4))}}}
   config = jlora.LoraConfig(r=2, target_modules=".*", init_lora_weights=False)

@@ -251,7 +251,7 @@ def test_closed_over_base_warns_and_argument_does_not(monkeypatch):
   with warnings.catch_warnings():
     warnings.simplefilter("error")
     closed().lower(trainable, x)  # below the threshold (16 MiB): quiet
-  monkeypatch.setattr(jlora._linen_run, "CLOSED_OVER_WARN_BYTES", 2**18)
+  monkeypatch.setattr(jlora.frontends.linen_run, "CLOSED_OVER_WARN_BYTES", 2**18)
   with pytest.warns(UserWarning, match=r"traced with 6 parameter leaves \(0\.4 MiB\).*closed over.*Pass the frozen"):
     hlo_closed = closed().lower(trainable, x).as_text()  # a new function: traced again
   with warnings.catch_warnings():

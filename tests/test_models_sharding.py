@@ -14,7 +14,7 @@ from jax.sharding import AxisType, PartitionSpec
 
 import jlora
 from jlora import models
-from jlora._tree import flatten
+from jlora.core.tree import flatten
 from jlora.models import _load
 from tests.models.helpers import CONFIGS
 from tests.multidevice import run_devices
@@ -212,7 +212,7 @@ os.environ["XLA_FLAGS"] += " --xla_backend_optimization_level=0 --xla_llvm_disab
 import jax, jax.numpy as jnp, numpy as np
 from jax.sharding import AxisType, NamedSharding, PartitionSpec as P
 from jlora import models
-from jlora._tree import flatten
+from jlora.core.tree import flatten
 from tests.models.helpers import CONFIGS, tokens
 
 out_dir = sys.argv[1]

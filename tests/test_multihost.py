@@ -87,7 +87,7 @@ def cluster():
 
 _SAVE = _COMMON + """
 from jax.experimental import multihost_utils
-from jlora._versioned import seal
+from jlora.formats.versioned import seal
 mesh, out = cluster(), sys.argv[1]
 truth = values(0)
 params = place(truth, mesh, specs("data", "model"))
@@ -290,7 +290,7 @@ print("saved 2: the kill came too late", flush=True)
 """
 
 _AFTER_KILL = _COMMON + """
-from jlora._versioned import versions
+from jlora.formats.versioned import versions
 root = os.path.join(sys.argv[1], "adapter")
 assert versions(root) == [1], os.listdir(root)
 loaded, _ = jlora.load_adapter(root, base_of(values(1)))
@@ -328,7 +328,7 @@ from fsspec.implementations.memory import MemoryFileSystem
 fsspec.register_implementation("s3", MemoryFileSystem, clobber=True)  # an object store in memory, through etils.epath
 from etils import epath
 import jlora
-from jlora import _versioned
+from jlora.formats import versioned as _versioned
 from jlora.train import _state
 root = _versioned.container("s3://bucket/run/adapter/")
 assert root == "s3://bucket/run/adapter", root

@@ -201,7 +201,7 @@ def test_identity_at_init_factored_equals_merged(name, jit):
   lora = lnnx.init(KEY, base, cfg, x)
   assert _adapted_paths(lora) == CASES[name][3]
   frozen = {tuple(map(str, p)): v.get_value() for p, v in nnx.to_flat_state(nnx.state(lora, lnnx.Frozen))}
-  assert all(frozen[p] is v for p, v in jlora._tree.flatten(lnnx.to_params(base)).items()), "shared, not copied"
+  assert all(frozen[p] is v for p, v in jlora.core.tree.flatten(lnnx.to_params(base)).items()), "shared, not copied"
   np.testing.assert_allclose(_call(jit)(lora, x), y_base, rtol=1e-5, atol=1e-5)
 
   base, x, cfg = _build(name, init_lora_weights=False)
@@ -272,8 +272,8 @@ def test_same_weights_as_linen_give_the_same_adapters_outputs_and_gradients():
   graphdef, t, rest = lnnx.split(lora)
   g_nnx = jax.jit(jax.grad(lambda t, rest: jnp.mean(nnx.merge(graphdef, t, rest)(x) ** 2)))(t, rest)
   flat = {tuple(map(str, p)): v.get_value() for p, v in nnx.to_flat_state(g_nnx)}
-  assert set(flat) == set(jlora._tree.flatten(g_linen))
-  for path, g in jlora._tree.flatten(g_linen).items():
+  assert set(flat) == set(jlora.core.tree.flatten(g_linen))
+  for path, g in jlora.core.tree.flatten(g_linen).items():
     np.testing.assert_allclose(flat[path], g, rtol=1e-4, atol=1e-6)
 
 
@@ -304,7 +304,7 @@ def test_optimizer_trains_only_trainable_and_base_stays_bit_identical(bias):
   trained = {"/".join(map(str, p)) for p, _ in nnx.to_flat_state(nnx.state(lora, lnnx.Trainable))}
   assert trained == {f"{m}/{leaf}" for m in ("layers/0", "layers/1") for leaf in ("lora_a", "lora_b")} | {
       f"{m}/bias" for m in biases}
-  assert {p for p, label in jlora._tree.flatten(jlora.labels(lnnx.to_params(lora), cfg)).items()
+  assert {p for p, label in jlora.core.tree.flatten(jlora.labels(lnnx.to_params(lora), cfg)).items()
           if label != "frozen"} == {tuple(p.split("/")) for p in trained}, "the same rule as jlora.labels"
   frozen_before = jax.tree.leaves(nnx.state(lora, lnnx.Frozen))  # the arrays now (Variables are updated in place)
   trainable_before = jax.tree.leaves(nnx.state(lora, lnnx.Trainable))
@@ -531,9 +531,9 @@ def test_errors_name_the_argument_and_the_fix():
 def test_docstring_example_runs():
   import doctest
 
-  import jlora._nnx_init
+  import jlora.frontends.nnx.init
 
-  result = doctest.testmod(jlora._nnx_init, optionflags=doctest.ELLIPSIS)
+  result = doctest.testmod(jlora.frontends.nnx.init, optionflags=doctest.ELLIPSIS)
   assert result.attempted > 0 and result.failed == 0
 
 

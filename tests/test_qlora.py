@@ -9,7 +9,7 @@ import optax
 import pytest
 
 import jlora
-from jlora._quant import QuantizedArray
+from jlora.quant.array import QuantizedArray
 from tests.models.helpers import CONFIGS, random_model, tokens
 
 

@@ -12,7 +12,7 @@ import numpy as np
 import pytest
 from jax.sharding import PartitionSpec as P
 
-from jlora._quant import (
+from jlora.quant.array import (
   NF4_LEVELS,
   QuantizedArray,
   _pack,
@@ -21,8 +21,8 @@ from jlora._quant import (
   partition_specs,
   quantize,
 )
-from jlora._quant_tree import dequantize as dequantize_params
-from jlora._quant_tree import quantize as quantize_params
+from jlora.quant.tree import dequantize as dequantize_params
+from jlora.quant.tree import quantize as quantize_params
 
 # The NF4 table published with QLoRA (Dettmers et al. 2023, appendix E; bitsandbytes' NF4 constants).
 PUBLISHED_NF4 = [
@@ -259,7 +259,7 @@ def test_quantize_and_dequantize_on_a_mesh_keep_the_kernel_sharding():
   code = textwrap.dedent("""
       import jax, jax.numpy as jnp, numpy as np
       from jax.sharding import NamedSharding, PartitionSpec as P
-      from jlora._quant import dequantize, partition_specs, quantize
+      from jlora.quant.array import dequantize, partition_specs, quantize
       from jax.sharding import AxisType
       w = np.random.default_rng(0).normal(size=(2, 64, 256)).astype(np.float32)
       for kind, method in [(k, m) for k in (AxisType.Explicit, AxisType.Auto) for m in ("nf4", "int8")]:

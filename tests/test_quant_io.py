@@ -9,8 +9,8 @@ import numpy as np
 import pytest
 
 import jlora
-from jlora import _quant_io
-from jlora._quant import QuantizedArray
+from jlora.formats import quantized as _quant_io
+from jlora.quant.array import QuantizedArray
 from tests.models.helpers import CONFIGS, random_model, tokens
 
 _IS_Q = lambda x: isinstance(x, QuantizedArray)  # noqa: E731

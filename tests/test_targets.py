@@ -4,7 +4,7 @@ import jax
 import pytest
 
 import jlora
-from jlora._targets import layer_index, matches
+from jlora.core.targets import layer_index, matches
 from tests import zoo
 
 LOOP = zoo.Case("loop", zoo.LoopStack(), jax.numpy.zeros((1, 4), jax.numpy.int32), ())

@@ -10,8 +10,8 @@ import numpy as np
 import pytest
 
 import jlora
-from jlora import _tree
-from jlora._weighted import _output_config, add_weighted_adapter
+from jlora.adapters.weighted import _output_config, add_weighted_adapter
+from jlora.core import tree as _tree
 from tests import zoo
 
 CASES = {c.name: c for c in zoo.cases()}

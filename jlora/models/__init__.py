@@ -27,6 +27,7 @@ Examples:
   (1, 3, 11)
 """
 
+from jlora.models._decoding import generate as generate
 from jlora.models._layers import KVCache as KVCache
 from jlora.models._load import SUPPORTED_MODEL_TYPES as SUPPORTED_MODEL_TYPES
 from jlora.models._load import from_config as from_config
@@ -39,7 +40,6 @@ from jlora.models._partitioning import mesh_shardings as mesh_shardings
 from jlora.models._partitioning import on_mesh as on_mesh
 from jlora.models._save import save_pretrained as save_pretrained
 from jlora.models._save import to_hf_state_dict as to_hf_state_dict
-from jlora.models.generate import generate as generate
 from jlora.models.tokenizer import Tokenizer as Tokenizer
 
 __all__ = [

@@ -27,7 +27,7 @@ from typing import Any, ClassVar, Protocol
 import flax.linen as nn
 import jax.numpy as jnp
 
-from jlora._names import NameMap
+from jlora.formats.peft.torch_names import NameMap
 from jlora.models._checkpoint import HFSpec, name_map
 from jlora.models._checks import Limit, check_length, check_values
 from jlora.models._layers import KVCache
@@ -140,7 +140,7 @@ class HFModel(nn.Module, abc.ABC):
       check_length(type(self).__name__, arg, length, limit)
 
   def peft_name_map(self) -> NameMap:
-    """PEFT/`transformers` module names of this model (see `jlora._names`)."""
+    """PEFT/`transformers` module names of this model (see `jlora.formats.peft.torch_names`)."""
     return name_map(self.hf_spec())
 
 

@@ -23,8 +23,8 @@ import jax.numpy as jnp
 import numpy as np
 import safetensors.numpy
 
-from jlora._names import NameMap
-from jlora._tree import flatten, unflatten
+from jlora.core.tree import flatten, unflatten
+from jlora.formats.peft.torch_names import NameMap
 
 __all__ = ["HFSpec", "from_hf_tensors", "module_name", "name_map", "read_config", "read_safetensors", "to_hf_tensors"]
 
@@ -138,7 +138,7 @@ def module_name(module: tuple[str, ...], spec: HFSpec) -> str:
 
 
 def name_map(spec: HFSpec) -> NameMap:
-  """The model's PEFT name map (`jlora._names`): module names as in `transformers`, Conv1D layers noted."""
+  """The model's PEFT name map (`jlora.formats.peft.torch_names`): module names as in `transformers`, Conv1D layers noted."""
   return NameMap(functools.partial(module_name, spec=spec), frozenset(spec.no_transpose))
 
 

@@ -44,8 +44,8 @@ import flax.linen as nn
 import jax
 from jax.sharding import AxisType, Mesh, NamedSharding, PartitionSpec
 
-from jlora._sharding import LOGICAL_RANK, adapter_specs
-from jlora._tree import flatten
+from jlora.core.sharding import LOGICAL_RANK, adapter_specs
+from jlora.core.tree import flatten
 from jlora.models._arch import HFModel, checked_model
 
 __all__ = ["DEFAULT_RULES", "LogicalRules", "check_mesh", "logical_axes", "mesh_shardings", "on_mesh"]

@@ -1,4 +1,4 @@
-"""Writing a model as a Hugging Face checkpoint directory, atomically (`jlora._io.directory`).
+"""Writing a model as a Hugging Face checkpoint directory, atomically (`jlora.formats.atomic.directory`).
 
 `save_pretrained` builds `config.json`, `model.safetensors` and, with `copy_from`, the
 base checkpoint's other files (tokenizer, sentence-transformers modules, …) in a
@@ -18,7 +18,7 @@ from typing import Any
 import numpy as np
 import safetensors.numpy
 
-from jlora import _io
+from jlora.formats import atomic as _io
 from jlora.models._arch import HFModel, checked_model
 from jlora.models._checkpoint import to_hf_tensors
 

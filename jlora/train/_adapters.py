@@ -31,9 +31,9 @@ from typing import Any
 import jax
 
 import jlora
-import jlora.checkpoint
-from jlora._adapter_set import check_name
-from jlora.checkpoint import MARKER
+import jlora.formats.checkpoint
+from jlora.adapters.adapter_set import check_name
+from jlora.formats.checkpoint import MARKER
 from jlora.train._schema import Config
 
 __all__ = ["SAME_FIELDS", "check_entry", "load_init", "save_to_set"]
@@ -73,7 +73,7 @@ def load_init(config: Config, base_params: Any, trainable: Any) -> Any:
                      "starts from saved weights cannot do; set `lora.init_lora_weights=true` (it is not used: the "
                      "adapter's weights are loaded).")
   try:
-    params, saved = jlora.checkpoint.load_adapter(path, base_params)
+    params, saved = jlora.formats.checkpoint.load_adapter(path, base_params)
   except ValueError as e:
     raise ValueError(f"{what}: {e}") from None
   diff = [f for f in SAME_FIELDS if getattr(saved, f) != getattr(lora, f)]
@@ -147,5 +147,5 @@ def save_to_set(config: Config, params: Any) -> str | None:
   """Saves the adapter in `params` as `ADAPTER_SET/NAME` (checked again first); returns that path (None: no set)."""
   entry = check_entry(config)
   if entry is not None:
-    jlora.checkpoint.save_adapter(entry, params, config.lora, base_checksums=True)
+    jlora.formats.checkpoint.save_adapter(entry, params, config.lora, base_checksums=True)
   return entry

@@ -34,10 +34,10 @@ import jax
 import numpy as np
 
 import jlora
-import jlora.checkpoint
+import jlora.formats.checkpoint
 from jlora import models
-from jlora._adapter_set import BASE, check_name
-from jlora.checkpoint import MARKER
+from jlora.adapters.adapter_set import BASE, check_name
+from jlora.formats.checkpoint import MARKER
 from jlora.train import _load, _model, _setup, _tasks
 from jlora.train._schema import Config
 
@@ -169,7 +169,7 @@ def _adapters(sources: Sequence[Source], base: _model.Model) -> jlora.AdapterSet
       if not os.path.isfile(os.path.join(ckpt, MARKER)):
         raise ValueError(f"`{s.path}` has config.yaml but no adapter checkpoint (adapter/); is the run finished?")
       name = s.name or _name(_default_name(s), f"`{s.path}`")
-      entries = [(name, s.path, *_guarded(s.path, "adapter", jlora.checkpoint.load_adapter, ckpt, base.params))]
+      entries = [(name, s.path, *_guarded(s.path, "adapter", jlora.formats.checkpoint.load_adapter, ckpt, base.params))]
     for name, where, params, config in entries:
       task = getattr(config.task_type, "value", config.task_type)
       if task not in (None, "CAUSAL_LM"):

@@ -34,7 +34,7 @@ import numpy as np
 import optax
 
 import jlora
-from jlora import _processes
+from jlora.parallel import processes as _processes
 from jlora.train import _data, _mesh, _report
 from jlora.train._setup import Setup, rows
 from jlora.train._state import State, all_finite

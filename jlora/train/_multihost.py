@@ -10,7 +10,7 @@ summary. The other processes see the directory through `FollowerDir` and `NullMe
 whose writes do nothing.
 
 What process 0 decides from the directory (the checkpoint plan, the steps to delete,
-whether step 0 was evaluated) reaches the others through `jlora._processes.on_primary`, which also raises
+whether step 0 was evaluated) reaches the others through `jlora.parallel.processes.on_primary`, which also raises
 process 0's errors (a refused `outputs.dir`, another run's checkpoints) on every
 process, so that none waits in a collective that will not come. In one process every
 function here is the plain single-process behaviour.
@@ -25,7 +25,7 @@ from typing import Any
 
 import jax
 
-from jlora._processes import is_spread, on_primary, primary
+from jlora.parallel.processes import is_spread, on_primary, primary
 from jlora.train import _resume, _state
 
 __all__ = ["FollowerDir", "NullMetrics", "delete", "host", "local_copies", "save", "spread", "stack_run_dir"]

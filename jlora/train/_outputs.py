@@ -28,8 +28,10 @@ import jax.numpy as jnp
 import yaml
 
 import jlora
-import jlora.checkpoint
-from jlora import _io, _processes, models
+import jlora.formats.checkpoint
+from jlora import models
+from jlora.formats import atomic as _io
+from jlora.parallel import processes as _processes
 from jlora.train import _multihost, _report
 from jlora.train._loop import Diverged, eval_batches
 from jlora.train._resume import warn
@@ -121,7 +123,7 @@ def write(run_dir: RunDir, config: Config, setup: Setup, state: State, *, finger
     run_dir.update(outputs=None)
   adapter_dir = run_dir.join("adapter")
   # With base checksums (of the frozen leaves), `jlora merge` refuses a base with other weights than this run's.
-  jlora.checkpoint.save_adapter(adapter_dir, jlora.combine(state.trainable, _multihost.local_copies(
+  jlora.formats.checkpoint.save_adapter(adapter_dir, jlora.combine(state.trainable, _multihost.local_copies(
     setup.exported_base)), lora, base_checksums=not _multihost.spread(setup.exported_base))
   if config.outputs.peft:  # the adapter's leaves gathered (small); the base's are not read
     peft_params = jlora.combine(_multihost.host(state.trainable), setup.frozen)

@@ -8,7 +8,7 @@ import os
 from collections.abc import Mapping
 from typing import Any
 
-from jlora import _io
+from jlora.formats import atomic as _io
 
 __all__ = ["Metrics", "can_plot", "dir_bytes", "human_bytes", "plot", "summary_text"]
 
@@ -16,7 +16,7 @@ __all__ = ["Metrics", "can_plot", "dir_bytes", "human_bytes", "plot", "summary_t
 class Metrics:
   """Appends JSON lines to `path`; on resume, drops the lines of steps after the restored one.
 
-  The drop rewrites the file atomically (`jlora._io`), so a run killed at any point
+  The drop rewrites the file atomically (`jlora.formats.atomic`), so a run killed at any point
   leaves either the old lines or the kept ones. A last line cut short by a kill is
   ignored when reading.
 

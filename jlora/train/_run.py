@@ -31,7 +31,7 @@ import jax
 import numpy as np
 
 import jlora
-from jlora._processes import on_primary, primary
+from jlora.parallel.processes import on_primary, primary
 from jlora.train import (
   _adapters,
   _data,

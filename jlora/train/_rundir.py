@@ -14,7 +14,7 @@ run's and records what jlora wrote there:
 * `checkpoints`: the steps jlora wrote (listed before each save), the only ones it deletes.
 
 A directory that is not empty and has no marker is someone else's: it is refused, and
-nothing in it is touched. Plain files are written atomically (`jlora._io`). While a run
+nothing in it is touched. Plain files are written atomically (`jlora.formats.atomic`). While a run
 writes, it holds an exclusive `fcntl.flock` on `.jlora-run.lock` (released by the OS
 when the process ends, even by SIGKILL); a second run into the same directory is refused.
 """
@@ -28,7 +28,7 @@ import os
 from collections.abc import Callable, Iterator
 from typing import Any
 
-from jlora import _io
+from jlora.formats import atomic as _io
 
 try:
   import fcntl

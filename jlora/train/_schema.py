@@ -31,8 +31,8 @@ import typing
 from collections.abc import Mapping, Sequence
 from typing import Any
 
-from jlora._adapter_set import check_name
-from jlora._config import LoraConfig
+from jlora.adapters.adapter_set import check_name
+from jlora.core.config import LoraConfig
 from jlora.train._mesh_config import MeshConfig
 
 __all__ = ["CheckpointConfig", "Config", "DataConfig", "MeshConfig", "ModelConfig", "OptimizerConfig",

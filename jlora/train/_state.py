@@ -7,7 +7,7 @@ process killed mid-save (even by SIGKILL) leaves the earlier checkpoints intact.
 
 Each step's `meta` item (JSON) holds `format: jlora.train_state`, the step, the rng, the
 data position, the run's fingerprint and a SHA-256 digest of every state leaf
-(`jlora._integrity`). `restore` recomputes the digests and checks that every value is
+(`jlora.formats.integrity`). `restore` recomputes the digests and checks that every value is
 finite, so a truncated or corrupted checkpoint is a `Damaged` error (the caller falls
 back to an older one) rather than wrong numbers. Which steps may be deleted is decided
 by the caller (`jlora.train._resume`); this module deletes only what it is told to.
@@ -16,13 +16,13 @@ by the caller (`jlora.train._resume`); this module deletes only what it is told 
 `restore` (orbax's save, commit and restore are collective) on a directory they
 all see: each writes and reads its own shards, orbax commits the step atomically,
 and `meta` is written once, by process 0. A leaf spread over several processes gets
-block digests instead of one SHA-256 (`meta["block_digests"]`, see `jlora._integrity`),
+block digests instead of one SHA-256 (`meta["block_digests"]`, see `jlora.formats.integrity`),
 each block hashed by the process holding it; `restore` checks every block whatever
 the template's layout (another mesh, one device), and the checksum and finiteness
 verdicts are the same on every process, so they fall back to the same older step
 together. (A read error that only some processes meet leaves the others in orbax's
 restore barrier until its timeout.) `directory` may be a URL that orbax and
-`etils.epath` open (`gs://bucket/run/checkpoints`; see `jlora._versioned` for what
+`etils.epath` open (`gs://bucket/run/checkpoints`; see `jlora.formats.versioned` for what
 orbax's commit guarantees there).
 """
 
@@ -38,8 +38,8 @@ import jax.numpy as jnp
 import numpy as np
 import orbax.checkpoint as ocp
 
-from jlora import _integrity
-from jlora._versioned import checkable, container, is_dir
+from jlora.formats import integrity as _integrity
+from jlora.formats.versioned import checkable, container, is_dir
 
 __all__ = ["FORMAT", "Checkpoints", "Damaged", "State", "all_finite", "list_steps", "read_meta"]
 

@@ -4,8 +4,9 @@ import inspect
 
 import pytest
 
-from jlora import _names, models
-from jlora._tree import flatten
+from jlora import models
+from jlora.core.tree import flatten
+from jlora.formats.peft import torch_names as _names
 from jlora.models import _load, bert, gpt2, llama, t5
 from jlora.models._arch import Architecture, CausalLM, HFModel
 from tests.models.helpers import CONFIGS, zero_model

@@ -142,7 +142,7 @@ def test_gradients_only_on_adapters_and_equal_to_merged_gradients():
 
 def test_generate_with_lora_apply_equals_merged_and_compiles_once():
   """`jlora.lora_apply` sits in `generate`'s `apply_fn` slot; equal ones share one compiled loop."""
-  from jlora.models.generate import _generate
+  from jlora.models._decoding import _generate
 
   model, params, cfg, _, _ = _setup("llama", ["q_proj", "v_proj"])
   ids = tokens((2, 4))

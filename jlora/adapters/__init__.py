@@ -1,0 +1,1 @@
+"""Several adapters over one base: named sets, banks for mixed batches, weighted combination."""

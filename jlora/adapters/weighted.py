@@ -1,0 +1,360 @@
+"""`add_weighted_adapter`: one adapter from a weighted combination of several, with PEFT's name and meaning.
+
+Every combination works per module on batched matrices `A: (*batch, fan_in, r)`, `B: (*batch, r, fan_out)`
+whose product is that module's unscaled delta in float32: `batch` are the leading scan axes of a stacked adapter
+(the concat layout of `jlora.core.ops`) or the axes an `nn.Einsum` / `(out, in)` kernel shares between input and
+output (the broadcast layout, whose input and output axes are moved together first). So a stack is combined
+layer by layer, and an einsum head by head, exactly.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+import math
+import re
+from collections.abc import Sequence
+from typing import Any, NamedTuple
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from jax import lax
+
+from jlora.core import ops as _ops
+from jlora.core.config import LoraConfig, refuse_dora
+from jlora.core.fields import ALL_LINEAR
+from jlora.core.keys import restore
+from jlora.core.targets import adapter_path, is_head, is_lora_key, path_str, selects
+from jlora.core.tree import Params, _check_tree, flatten, get_path, kernel_key, slots, unflatten
+
+__all__ = ["add_weighted_adapter"]
+
+COMBINATIONS = ("svd", "linear", "cat")
+_PEFT_ONLY = ("ties", "ties_svd", "dare_ties", "dare_linear", "dare_ties_svd", "dare_linear_svd", "magnitude_prune",
+              "magnitude_prune_svd")
+
+
+class _Form(NamedTuple):
+  """How one module's `A` / `B` map to the batched matrices (see the module docstring).
+
+  `kernel` is the kernel's shape with its scan axes; `batch`, `ins`, `outs` are its
+  axes shared by A and B, kept by A only, and kept by B only.
+  """
+
+  layout: str
+  kernel: tuple[int, ...]
+  batch: tuple[int, ...]
+  ins: tuple[int, ...]
+  outs: tuple[int, ...]
+
+  def sizes(self, axes: tuple[int, ...]) -> tuple[int, ...]:
+    return tuple(self.kernel[i] for i in axes)
+
+  def to_matrices(self, a: jax.Array, b: jax.Array) -> tuple[jax.Array, jax.Array]:
+    """`(A: (*batch, fan_in, r), B: (*batch, r, fan_out))` in float32."""
+    a, b = a.astype(jnp.float32), b.astype(jnp.float32)
+    lead, r = self.sizes(self.batch), a.shape[-1]
+    if self.layout == "broadcast":
+      perm = (*self.batch, *self.ins, *self.outs, len(self.kernel))
+      a, b = jnp.transpose(a, perm), jnp.swapaxes(jnp.transpose(b, perm).reshape(lead + (-1, r)), -1, -2)
+    return a.reshape(lead + (-1, r)), b.reshape(lead + (r, -1))
+
+  def from_matrices(self, a: jax.Array, b: jax.Array) -> tuple[jax.Array, jax.Array]:
+    """The inverse of `to_matrices`, for any rank."""
+    lead, ins, outs, k = self.sizes(self.batch), self.sizes(self.ins), self.sizes(self.outs), a.shape[-1]
+    if self.layout == "concat":
+      return a.reshape(lead + ins + (k,)), b.reshape(lead + (k,) + outs)
+    inverse = tuple(np.argsort((*self.batch, *self.ins, *self.outs, len(self.kernel))))
+    a = a.reshape(lead + ins + (1,) * len(outs) + (k,))
+    b = jnp.swapaxes(b, -1, -2).reshape(lead + (1,) * len(ins) + outs + (k,))
+    return jnp.transpose(a, inverse), jnp.transpose(b, inverse)
+
+
+def _forms(a_shape: tuple[int, ...], b_shape: tuple[int, ...], r: int) -> set[_Form]:
+  """Every layout that `A`, `B` of rank `r` fit, read from their shapes alone (a set of one, usually)."""
+  out = set()
+  if len(a_shape) == len(b_shape) >= 2 and a_shape[-1] == b_shape[-1] == r:
+    pairs = list(zip(a_shape[:-1], b_shape[:-1]))
+    if all(x == y or 1 in (x, y) for x, y in pairs):
+      kernel = tuple(max(x, y) for x, y in pairs)
+      kinds = ["batch" if x == y else "in" if y == 1 else "out" for x, y in pairs]
+      out.add(_Form("broadcast", kernel, *(tuple(i for i, c in enumerate(kinds) if c == want)
+                                            for want in ("batch", "in", "out"))))
+  for s in range(len(a_shape) - 1):
+    if a_shape[:s] == b_shape[:s] and len(b_shape) > s + 1 and b_shape[s] == r and a_shape[-1] == r:
+      kernel, n_in = a_shape[:-1] + b_shape[s + 1:], len(a_shape) - 1 - s
+      out.add(_Form("concat", kernel, tuple(range(s)), tuple(range(s, s + n_in)), tuple(range(s + n_in, len(kernel)))))
+  return out
+
+
+class _Entry(NamedTuple):
+  """One input adapter at one module: `coef = wᵢ·sᵢ`, its leaves, rank and index in `adapters`."""
+  coef: float
+  a: jax.Array
+  b: jax.Array
+  rank: int
+  source: int
+
+
+def add_weighted_adapter(
+    adapters: Sequence[tuple[Params, LoraConfig]],
+    weights: Sequence[float],
+    combination_type: str = "svd",
+    *,
+    svd_rank: int | None = None,
+    svd_clamp: float | None = None,
+    kernels: Params | None = None,
+) -> tuple[dict, LoraConfig]:
+  """One adapter whose delta combines the deltas of several, with PEFT's `add_weighted_adapter` semantics.
+
+  With `Δᵢ = sᵢ·Aᵢ·Bᵢ` the delta of adapter `i` at a module (its own scale `sᵢ`,
+  `α/r` or `α/√r` with rsLoRA, after `rank_pattern`/`alpha_pattern`, applied
+  exactly once):
+
+  * `"cat"`: `A = [w₁s₁A₁ | w₂s₂A₂ | …]`, `B = [B₁; B₂; …]`, so `Δ = Σ wᵢΔᵢ` exactly,
+    with rank `Σ rᵢ` of the adapters present at the module.
+  * `"svd"`: the best rank-`svd_rank` approximation (truncated SVD, in float32,
+    per layer of a stack and per shared einsum axis) of `Σ wᵢΔᵢ`; `A` holds the
+    left singular vectors, `B` the singular values times the right ones. `svd_clamp`
+    (a quantile in [0, 1]) clips both factors to `±h`, `h` that quantile of their
+    entries' magnitudes (PEFT takes it of the signed entries, which depends on the
+    arbitrary signs of singular vectors; 1.0 clips nothing).
+  * `"linear"`: `A = Σ sign(cᵢ)·√|cᵢ|·Aᵢ`, `B = Σ √|cᵢ|·Bᵢ` with `cᵢ = wᵢsᵢ` (equal ranks
+    per module). Not `Σ wᵢΔᵢ`: two different adapters add cross terms
+    `√(cᵢcⱼ)·(AᵢBⱼ + AⱼBᵢ)`; it is exact only for one adapter (or proportional ones).
+
+  A module that an adapter lacks contributes zero to it (the output covers the
+  union of the modules). The output's scale is 1 everywhere: `lora_alpha = r`
+  (`alpha_pattern = rank_pattern` where ranks differ per module), `use_rslora=False`;
+  the scales live in `A`/`B`. The output config is the first config with those
+  ranks, the union of the `target_modules` (lists merged, regexes joined as
+  `(a)|(b)`; the list of adapted paths where neither describes the output), and
+  `bias="none"`, `modules_to_save=None`.
+
+  Args:
+    adapters: `[(adapter_tree, config), …]`: each tree holds only `lora_a`/`lora_b`
+      (or `<weight>_lora_a`/`_lora_b`) leaves, e.g. the trainable half of
+      `jlora.split(params, config)` made with `bias="none"`; all over the same base.
+    weights: one finite real weight per adapter (negative subtracts).
+    combination_type: `"svd"`, `"cat"` or `"linear"`.
+    svd_rank: the output rank for `"svd"` (default: the largest input rank).
+    svd_clamp: for `"svd"`, the quantile at which to clip the factors (None: no clipping).
+    kernels: the base (any tree holding the kernels at the adapters' module paths).
+      Only needed where `A`/`B` shapes alone fit two layouts (the error says so).
+
+  Returns:
+    `(adapter_tree, config)`: a tree of `A` (`S + in_shape + (k,)`, or the broadcast
+    layout) and `B` (`S + (k,) + out_shape`) leaves in the inputs' result dtype
+    (bf16 in, bf16 out), for `jlora.combine(tree, frozen)` and then `jlora.apply`,
+    `jlora.merge`, `jlora.save_adapter`, `jlora.save_peft`.
+
+  Raises:
+    TypeError: `adapters` is not a list of `(dict, LoraConfig)` pairs, or a weight
+      or option is of the wrong type.
+    ValueError: no adapters, a weights length mismatch, a non-finite weight, an
+      unknown `combination_type`, unequal ranks for `"linear"`, a tree with leaves
+      other than adapters, PiSSA adapters, or adapters whose shapes do not fit
+      their config or each other (the message names the module and the fix).
+
+  Example:
+    >>> tree, config = add_weighted_adapter([(t1, c1), (t2, c2)], [0.7, 0.3], "cat")  # doctest: +SKIP
+    >>> y = jlora.apply(model, jlora.combine(tree, frozen), config, x)                # doctest: +SKIP
+  """
+  pairs = _check_pairs(adapters)
+  coefs = _check_weights(weights, len(pairs))
+  _check_options(combination_type, svd_rank, svd_clamp)
+  if kernels is not None:
+    _check_tree(kernels, "kernels")
+  groups: dict[tuple, dict[str, Any]] = {}
+  for i, (tree, config) in enumerate(pairs):
+    for slot in slots(tree):
+      a, b = get_path(tree, slot.module)[slot.a_key], get_path(tree, slot.module)[slot.b_key]
+      path, forms = _layout(slot, a, b, kernels)
+      where, r = path_str(path), config.rank_for(path_str(path))
+      if a.shape[-1] != r:
+        raise ValueError(
+            f"`adapters[{i}]`: the adapter at {where!r} has rank {a.shape[-1]} (lora_a {a.shape}) but its config "
+            f"gives r={r} there; pair each tree with the LoraConfig it was made with (check `r`, `rank_pattern`)."
+        )
+      forms = forms(r)
+      group = groups.setdefault((slot.module, slot.a_key, slot.b_key), {"path": path, "forms": forms, "entries": []})
+      group["forms"] = group["forms"] & forms
+      group["entries"].append(_Entry(coefs[i] * config.scale_for(where), a, b, r, i))
+  k = svd_rank or max(e.rank for g in groups.values() for e in g["entries"])
+  out, ranks = {}, {}
+  for (module, a_key, b_key), group in groups.items():
+    where, entries = path_str(group["path"]), group["entries"]
+    form = _one_form(where, entries, group["forms"])
+    if combination_type == "linear" and len({e.rank for e in entries}) > 1:
+      given = ", ".join(f"adapters[{e.source}]: r={e.rank}" for e in entries)
+      raise ValueError(f"combination_type='linear' needs equal ranks per module, but at {where!r} {given}; "
+                       "use 'cat' (exact, ranks add) or 'svd' (any ranks, `svd_rank=`).")
+    a, b = _combine([(e.a, e.b) for e in entries], jnp.asarray([e.coef for e in entries], jnp.float32),
+                    kind=combination_type, form=form, k=k if combination_type == "svd" else 0, clamp=svd_clamp)
+    dtype = jnp.result_type(*(x for e in entries for x in (e.a, e.b)))
+    out[(*module, a_key)], out[(*module, b_key)] = a.astype(dtype), b.astype(dtype)
+    ranks[group["path"]] = a.shape[-1]
+  return restore(unflatten(out), pairs[0][0]), _output_config([c for _, c in pairs], ranks)
+
+
+# ------------------------------------------------------------------ checks
+def _check_pairs(adapters: Any) -> list[tuple[Params, LoraConfig]]:
+  usage = "add_weighted_adapter([(tree_1, config_1), (tree_2, config_2)], weights=[w_1, w_2])"
+  single = isinstance(adapters, Sequence) and len(adapters) == 2 and isinstance(adapters[1], LoraConfig)
+  if not isinstance(adapters, Sequence) or isinstance(adapters, str) or single:
+    hint = " (a single pair: wrap it in a list)" if single else " (an AdapterSet: pass its .pairs())" * hasattr(
+        adapters, "pairs")
+    raise TypeError(f"`adapters` must be a list of (adapter_tree, LoraConfig) pairs, got {type(adapters).__name__}"
+                    f"{hint}; call {usage}.")
+  if not adapters:
+    raise ValueError(f"`adapters` is empty; give at least one (adapter_tree, LoraConfig) pair: {usage}.")
+  for i, pair in enumerate(adapters):
+    if not (isinstance(pair, Sequence) and len(pair) == 2 and isinstance(pair[1], LoraConfig)):
+      raise TypeError(f"`adapters[{i}]` must be an (adapter_tree, LoraConfig) pair, got {type(pair).__name__}; "
+                      f"call {usage}.")
+    tree, config = pair
+    _check_tree(tree, f"adapters[{i}][0]")
+    refuse_dora(config, f"add_weighted_adapter: adapters[{i}]", "a DoRA magnitude does not combine linearly")
+    others = sorted(path_str(p) for p in flatten(tree) if not is_lora_key(p[-1]))
+    if others:
+      raise ValueError(
+          f"`adapters[{i}][0]` holds leaves that are not adapters: {', '.join(others[:4])}"
+          f"{' …' if len(others) > 4 else ''}. Only lora_a/lora_b combine (trained biases and modules_to_save "
+          "cannot be weighted); pass jlora.split(params, dataclasses.replace(config, bias='none', "
+          f"modules_to_save=None))[0], and the base, if needed, as `kernels=`."
+      )
+    if not any(True for _ in slots(tree)):
+      raise ValueError(f"`adapters[{i}][0]` holds no adapter (no lora_a/lora_b leaves); pass the trainable half "
+                       "of jlora.split(params, config).")
+    if config.init_lora_weights == "pissa":
+      raise ValueError(
+          f"`adapters[{i}]` is a PiSSA adapter (init_lora_weights='pissa'): it belongs to its own residual base, "
+          "not to a base shared with the others. Merge it (jlora.merge) and combine full weights instead."
+      )
+  return [tuple(p) for p in adapters]
+
+
+def _check_weights(weights: Any, n: int) -> list[float]:
+  if not isinstance(weights, Sequence) and not (isinstance(weights, (np.ndarray, jax.Array)) and weights.ndim == 1):
+    raise TypeError(f"`weights` must be a list of numbers, one per adapter, got {type(weights).__name__}.")
+  if len(weights) != n:
+    raise ValueError(f"`weights` has {len(weights)} entries but `adapters` has {n}; give one weight per adapter, "
+                     f"e.g. weights={[1.0] * n}.")
+  out = []
+  for i, w in enumerate(weights):
+    if isinstance(w, (bool, str, np.bool_)) or np.ndim(w) != 0 or not np.isrealobj(w):
+      raise TypeError(f"`weights[{i}]` must be a real number, got {w!r}.")
+    out.append(float(w))
+    if not math.isfinite(out[-1]):
+      raise ValueError(f"`weights[{i}]` is {out[-1]}; weights must be finite numbers.")
+  return out
+
+
+def _check_options(combination_type: Any, svd_rank: Any, svd_clamp: Any) -> None:
+  if combination_type in _PEFT_ONLY:
+    raise ValueError(f"`combination_type`={combination_type!r} (PEFT's TIES/DARE/magnitude pruning) is not "
+                     f"implemented in jlora; use one of {', '.join(map(repr, COMBINATIONS))}.")
+  if combination_type not in COMBINATIONS:
+    raise ValueError(f"`combination_type`={combination_type!r} is not one of {', '.join(map(repr, COMBINATIONS))}.")
+  for name, value in (("svd_rank", svd_rank), ("svd_clamp", svd_clamp)):
+    if value is not None and combination_type != "svd":
+      raise ValueError(f"`{name}` applies to combination_type='svd' only, got {name}={value!r} with "
+                       f"combination_type={combination_type!r}; drop it or use 'svd'.")
+  if svd_rank is not None and (isinstance(svd_rank, bool) or not isinstance(svd_rank, int) or svd_rank < 1):
+    raise ValueError(f"`svd_rank` must be a positive int (or None for the largest input rank), got {svd_rank!r}.")
+  if svd_clamp is not None and (isinstance(svd_clamp, bool) or not isinstance(svd_clamp, (int, float))
+                                or not 0 <= svd_clamp <= 1):
+    raise ValueError(f"`svd_clamp` must be a quantile in [0, 1] (e.g. 0.99), or None, got {svd_clamp!r}.")
+
+
+# ------------------------------------------------------------------ layouts
+def _layout(slot, a: jax.Array, b: jax.Array, kernels: Params | None):
+  """`(adapter path, rank -> candidate forms)`: from the kernel when `kernels` is given, else from the shapes."""
+  if kernels is None:
+    path = slot.module if slot.weight is None else adapter_path(slot.module, slot.weight)
+    return path, lambda r: _forms(tuple(a.shape), tuple(b.shape), r)
+  try:
+    holder = get_path(kernels, slot.module)
+  except (KeyError, TypeError):
+    raise ValueError(f"`kernels` has no module {path_str(slot.module)!r}, where an adapter sits; pass the base "
+                     "these adapters were made for.") from None
+  name = kernel_key(slot.module, holder) if slot.weight is None else slot.weight
+  if name not in holder:
+    raise ValueError(f"`kernels` has no weight {name!r} in {path_str(slot.module)!r} for the adapter there.")
+  path, kernel_shape = adapter_path(slot.module, name), tuple(holder[name].shape)
+
+  def forms(r: int) -> set[_Form]:
+    _ops.check_adapter(path_str(path), kernel_shape, a.shape, b.shape, r)
+    return {f for f in _forms(tuple(a.shape), tuple(b.shape), r) if f.kernel == kernel_shape}
+
+  return path, forms
+
+
+def _one_form(where: str, entries: list[_Entry], forms: set[_Form]) -> _Form:
+  if len(forms) == 1:
+    return next(iter(forms))
+  shapes = "; ".join(f"adapters[{e.source}]: lora_a {tuple(e.a.shape)}, lora_b {tuple(e.b.shape)}" for e in entries)
+  if not forms:
+    raise ValueError(f"The adapters at {where!r} do not fit one kernel ({shapes}): every adapter must be made for "
+                     "the same base model. Combine adapters of one base only.")
+  listed = ", ".join(f"{f.layout} over a kernel {f.kernel}" for f in sorted(forms))
+  raise ValueError(f"The adapter shapes at {where!r} ({shapes}) fit more than one layout ({listed}); pass the base "
+                   "as `kernels=` (e.g. the frozen half of jlora.split) so the kernel shapes decide.")
+
+
+# ------------------------------------------------------------------ the math
+@functools.partial(jax.jit, static_argnames=("kind", "form", "k", "clamp"))
+def _combine(leaves: list[tuple[jax.Array, jax.Array]], coefs: jax.Array, *, kind: str, form: _Form, k: int,
+             clamp: float | None) -> tuple[jax.Array, jax.Array]:
+  """The combined `(A, B)` in the form's layout, in float32, from `[(Aᵢ, Bᵢ)]` and `coefs`: `(n,)`, `cᵢ = wᵢsᵢ`."""
+  mats = [form.to_matrices(a, b) for a, b in leaves]
+  if kind == "cat":
+    return form.from_matrices(jnp.concatenate([c * a for c, (a, _) in zip(coefs, mats)], -1),
+                              jnp.concatenate([b for _, b in mats], -2))
+  if kind == "linear":
+    roots = jnp.sqrt(jnp.abs(coefs))
+    return form.from_matrices(sum(jnp.where(c < 0, -t, t) * a for c, t, (a, _) in zip(coefs, roots, mats)),
+                              sum(t * b for t, (_, b) in zip(roots, mats)))
+  delta = sum(c * jnp.matmul(a, b, precision=lax.Precision.HIGHEST) for c, (a, b) in zip(coefs, mats))
+  u, sv, vh = jnp.linalg.svd(delta, full_matrices=False)
+  a, b = u[..., :k], sv[..., :k, None] * vh[..., :k, :]
+  if clamp is not None:  # the quantile of |entries|: PEFT's of the signed ones depends on the SVD's arbitrary signs
+    both = jnp.concatenate([a.reshape(a.shape[:-2] + (-1,)), b.reshape(b.shape[:-2] + (-1,))], -1)
+    hi = jnp.quantile(jnp.abs(both), clamp, axis=-1)[..., None, None]
+    a, b = jnp.clip(a, -hi, hi), jnp.clip(b, -hi, hi)
+  pad = k - a.shape[-1]  # svd_rank above min(fan_in, fan_out): zero columns keep one rank everywhere
+  a = jnp.concatenate([a, jnp.zeros(a.shape[:-1] + (pad,), a.dtype)], -1)
+  b = jnp.concatenate([b, jnp.zeros(b.shape[:-2] + (pad, b.shape[-1]), b.dtype)], -2)
+  return form.from_matrices(a, b)
+
+
+# ------------------------------------------------------------------ the output config
+def _union_targets(configs: list[LoraConfig]) -> Any:
+  """PEFT's union of `target_modules`: lists merged, regexes joined; None where they mix."""
+  specs = [c.target_modules for c in configs]
+  if all(s == ALL_LINEAR for s in specs):
+    return ALL_LINEAR
+  if all(isinstance(s, tuple) for s in specs):
+    return tuple(dict.fromkeys(t for s in specs for t in s))
+  if all(isinstance(s, str) and s != ALL_LINEAR for s in specs):
+    return specs[0] if len(set(specs)) == 1 else "|".join(f"({s})" for s in dict.fromkeys(specs))
+  return None
+
+
+def _output_config(configs: list[LoraConfig], ranks: dict[tuple[str, ...], int]) -> LoraConfig:
+  """The first config with scale 1 and the output's ranks everywhere, selecting every output adapter."""
+  values = list(ranks.values())
+  r = max(set(values), key=lambda v: (values.count(v), v))
+  pattern = {re.escape(path_str(p)): v for p, v in ranks.items() if v != r}
+  config = dataclasses.replace(configs[0], r=r, lora_alpha=r, use_rslora=False, rank_pattern=pattern,
+                               alpha_pattern=pattern, target_modules=_union_targets(configs), bias="none",
+                               modules_to_save=None)
+  if any(config.rank_for(path_str(p)) != v for p, v in ranks.items()):  # a key also matched a longer path
+    pattern = {re.escape(path_str(p)): v for p, v in sorted(ranks.items(), key=lambda item: -len(item[0]))}
+    config = dataclasses.replace(config, rank_pattern=pattern, alpha_pattern=pattern)
+  if config.target_modules is None or not all(selects(config, p, "dense", is_head=is_head(p))
+                                              for p in ranks):
+    config = dataclasses.replace(config, target_modules=tuple(path_str(p) for p in ranks), exclude_modules=None,
+                                 layers_to_transform=None, layers_pattern=None)
+  return config

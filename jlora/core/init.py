@@ -1,0 +1,189 @@
+"""Adding adapter leaves to a param tree, given the sites a model exposes.
+
+`jlora.init` (linen, `jlora.frontends.linen`) finds the sites by tracing the model;
+`jlora.init_tree` reads them off a plain tree (Haiku, Equinox or NNX as dicts,
+hand-written jnp; layouts by leaf name or declared, see `jlora.core.plain`). Both end here.
+"""
+
+from __future__ import annotations
+
+import zlib
+from collections.abc import Callable, Mapping, Sequence
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from jax.sharding import NamedSharding, PartitionSpec
+
+from jlora.core import ops as _ops
+from jlora.core.config import LoraConfig
+from jlora.core.keys import restore, stringify
+from jlora.core.plain import KERNEL_NAMES, LayoutLike, tree_sites
+from jlora.core.sharding import adapter_shardings, box, unbox
+from jlora.core.targets import Site, lora_keys, magnitude_key, path_str, select_sites
+from jlora.core.tree import Params, _check_tree, flatten, get_path, has_adapters, unflatten
+from jlora.quant.array import QuantizedArray
+
+__all__ = ["add_adapters", "init_tree"]
+
+
+def _site_key(key: jax.Array, path: tuple[str, ...]) -> jax.Array:
+  return jax.random.fold_in(key, zlib.crc32(path_str(path).encode()) & 0x7FFFFFFF)
+
+
+def _copy_dicts(tree: Params) -> dict:
+  return {k: _copy_dicts(v) if isinstance(v, Mapping) else v for k, v in tree.items()}
+
+
+def add_adapters(key: jax.Array, params: Params, config: LoraConfig, sites: Sequence[Site], *, dtype) -> dict:
+  """Returns a copy of `params` with `lora_a`/`lora_b` beside each targeted kernel.
+
+  Base leaves are the same arrays (bit-identical), except that `"pissa"` writes
+  the residual `W0 − s·A·B` into the kernel.
+
+  Raises:
+    ValueError: see `jlora.core.targets.select_sites`; a site's kernel is missing or
+      has scan axes other than leading ones.
+  """
+  if has_adapters(params):
+    raise ValueError(
+        "`params` already holds LoRA adapters (lora_a/lora_b leaves). Pass the base params, or use "
+        "jlora.split(params, config) to keep adapter trees apart."
+    )
+  stacked = {}
+  for site in sites:
+    kernel = get_path(params, site.module + (site.kernel_name,))
+    extra = kernel.ndim - len(site.kernel_shape)
+    if extra < 0 or tuple(kernel.shape[extra:]) != site.kernel_shape:
+      raise ValueError(
+          f"The kernel at {path_str(site.path)!r} has shape {tuple(kernel.shape)} but the module uses "
+          f"{site.kernel_shape}: only leading scan/vmap axes (variable_axes={{'params': 0}}) are supported."
+      )
+    stacked[site.path] = extra
+  out = _copy_dicts(params)
+  chosen = select_sites(config, sites, stacked)
+  for site in chosen if config.init_lora_weights == "pissa" else ():
+    kernel, where = get_path(out, site.module + (site.kernel_name,)), path_str(site.path)
+    if isinstance(kernel, QuantizedArray):
+      raise ValueError(f"init_lora_weights='pissa' rewrites the kernel at {where!r}, which is quantized "
+                       "(jlora.quantize); initialize PiSSA on the full-precision base, then quantize the residual.")
+    if not jnp.issubdtype(kernel.dtype, jnp.floating):
+      raise ValueError(f"init_lora_weights='pissa' needs a floating-point kernel at {where!r}, got {kernel.dtype}.")
+  reads = config.init_lora_weights == "pissa" or config.use_dora  # whether the new leaves depend on the kernels
+  kernels = {site.path: get_path(out, site.module + (site.kernel_name,)) for site in chosen} if reads else {}
+
+  def create(key: jax.Array, kernels: dict) -> dict:
+    """`{leaf path: value}` of every new leaf (and of each kernel PiSSA rewrites)."""
+    new = {}
+    for site in chosen:
+      where, node = path_str(site.path), site.module
+      r, scale = config.rank_for(where), config.scale_for(where)
+      kernel = kernels.get(site.path)
+      if config.init_lora_weights == "pissa":
+        a, b, kernel = _ops.pissa(kernel, site, r, scale, dtype)
+        new[(*node, site.kernel_name)] = kernel
+      else:
+        stack = tuple(get_path(out, node + (site.kernel_name,)).shape[: stacked[site.path]])
+        a, b = _ops.init_adapter(_site_key(key, site.path), site, r, stack, config.init_lora_weights, dtype)
+      a_key, b_key = lora_keys(site.kernel_name)
+      new[(*node, a_key)], new[(*node, b_key)] = a, b
+      if config.use_dora:  # the magnitude starts at ‖W0 + s·A·B‖, so the model is unchanged at init
+        new[(*node, magnitude_key(site.kernel_name))] = _ops.column_norm(kernel, a, b, scale).astype(dtype)
+    return new
+
+  placed = None if isinstance(key, jax.core.Tracer) else _placements(out, lambda: jax.eval_shape(create, key, kernels))
+  if placed is None:
+    new = create(key, kernels)
+  else:  # each leaf is created on its devices by the sharding rule: one program, no host round trip, no gather
+    rebuild = _host_key(key)
+    new = jax.jit(lambda kernels: create(rebuild(), kernels), out_shardings=placed)(kernels)
+  for path, value in new.items():
+    get_path(out, path[:-1])[path[-1]] = value
+  return out
+
+
+def _host_key(key: jax.Array) -> Callable[[], jax.Array]:
+  """A function rebuilding `key` from host data (a constant of the program, on every process alike)."""
+  if jnp.issubdtype(key.dtype, jax.dtypes.prng_key):
+    data, impl = np.asarray(jax.random.key_data(key)), jax.random.key_impl(key)
+    return lambda: jax.random.wrap_key_data(data, impl=impl)
+  data = np.asarray(key)
+  return lambda: jnp.asarray(data)
+
+
+def _placements(tree: dict, shapes: Callable[[], Mapping[tuple[str, ...], Any]]) -> dict | None:
+  """Where each new leaf goes when the base is on a mesh: `{path: NamedSharding}` by the rule, else None.
+
+  `shapes()` gives `{path: jax.ShapeDtypeStruct}` of the new leaves (traced only on a mesh).
+
+  Base leaves that are not `NamedSharding` arrays count as replicated over the
+  mesh, so that every new leaf has a place on it.
+  """
+  flat = flatten(tree)
+  named = {p: v.sharding for p, v in flat.items() if isinstance(getattr(v, "sharding", None), NamedSharding)}
+  if not named:
+    return None
+  mesh, new = next(iter(named.values())).mesh, shapes()
+  every = flatten(adapter_shardings(unflatten({**flat, **new}),
+                                    unflatten({p: named.get(p, NamedSharding(mesh, PartitionSpec())) for p in flat})))
+  return {p: every[p] for p in new}
+
+
+def init_tree(key: jax.Array, params: Params, config: LoraConfig, *, kernel_names: Sequence[str] = KERNEL_NAMES,
+              layout: LayoutLike = None, dtype=jnp.float32) -> dict:
+  """Adds adapters to a plain param tree, for models that are not linen modules.
+
+  Haiku (`hk.transform(...).init`), Equinox and NNX models as dicts
+  (`jlora.equinox.to_params`, `nnx.to_pure_dict(nnx.state(model))`), hand-written
+  jnp. A weight is a leaf named in `kernel_names` or matched by `layout`; its
+  module path (what `target_modules` matches) is the path of the dict holding
+  it (plus the leaf's name when that is not `kernel`, `w`, `weight` or
+  `embedding`). Layouts (`jlora.core.plain`): a 2-D `kernel` / `w` is `(in, out)`,
+  a 2-D `weight` is `(out, in)` (Equinox, PyTorch); other weights need
+  `layout=`. Keys may be integers (kept as they are) or hold `/` (Haiku's
+  `"mlp/~/linear_0"`, matched by its components). `"all-linear"` skips output
+  heads (a module named `lm_head`, `classifier`, `score`, `qa_outputs` or `head`).
+  Run the model with `jlora.apply_merged`, which materializes `W0 + s·A·B`
+  (exact and differentiable; slower to train than a factored path).
+
+  Args:
+    key: PRNG key for the adapter init.
+    params: nested dict of arrays.
+    config: the LoRA config.
+    kernel_names: leaf names that are weights.
+    layout: the `(input_axes, output_axes)` of weights whose layout is not the
+      default: a dict `{leaf name, module name or path suffix: axes}`
+      (`"weight"`, `"attn/query/w"`, `"attn.out"`; the first matching entry
+      wins), or a function `(leaf path, leaf) -> axes or None`. Axes in neither
+      set: leading ones are stacked layers, others shared (per-head) axes.
+    dtype: adapter dtype (float32 by default, whatever the base dtype).
+
+  Returns:
+    `params` with adapters beside each target: for `W: (d_in, d_out)`,
+    `lora_a: (d_in, r)` and `lora_b: (r, d_out)`; for `W: (d_out, d_in)`,
+    `lora_a: (1, d_in, r)` and `lora_b: (d_out, 1, r)` (the broadcast layout:
+    `A` on the input side, `B` on the output side, `B = 0` at init).
+
+  Raises:
+    TypeError: `params` is not a nested dict, `config` not a `LoraConfig`, or
+      `layout` is malformed.
+    ValueError: as `jlora.init` (nothing matched: the message lists the
+      weights found; rank too large; ...), a targeted weight of more than two
+      axes without a declared layout, or a declared layout that does not fit.
+
+  Example:
+    >>> import jax, jax.numpy as jnp, jlora
+    >>> params = {"attn/query": {"w": jnp.ones((8, 8))}, "proj": {"weight": jnp.ones((4, 8))}}
+    >>> config = jlora.LoraConfig(r=2, target_modules=["query", "proj"])
+    >>> p = jlora.init_tree(jax.random.key(0), params, config)
+    >>> p["attn/query"]["lora_a"].shape, p["proj"]["lora_a"].shape, p["proj"]["lora_b"].shape
+    ((8, 2), (1, 8, 2), (4, 1, 2))
+  """
+  _check_tree(params)
+  if not isinstance(config, LoraConfig):
+    raise TypeError(f"`config` must be a jlora.LoraConfig, got {type(config).__name__}.")
+  plain, boxes = unbox(params)
+  tree = stringify(plain)
+  out = add_adapters(key, tree, config, tree_sites(tree, kernel_names, layout), dtype=dtype)
+  return box(restore(out, plain), boxes)

@@ -1,0 +1,294 @@
+"""Which modules get adapters: `Site`s found in a model, matched against a `LoraConfig`.
+
+A module path is the tuple of module names from the root, which is also the path
+of the module's parameters in the `'params'` collection, e.g.
+`('encoder', 'layers_0', 'attention', 'query')`. Users write it with `.` (PEFT
+style) or `/`; both forms are accepted everywhere.
+"""
+
+from __future__ import annotations
+
+import functools
+import math
+import re
+from collections.abc import Iterable, Sequence
+from typing import NamedTuple
+
+from jlora.core.config import LoraConfig
+from jlora.core.fields import ALL_LINEAR
+
+__all__ = ["Site", "LINEAR_KINDS", "HEAD_NAMES", "KERNEL_KEYS", "LORA_KEYS", "MAGNITUDE_KEY", "lora_keys", "magnitude_key", "lora_pair", "lora_role", "is_pair_key", "adapter_path", "is_head", "is_lora_key", "select_sites",
+           "selects", "is_saved", "matches", "layer_index", "path_str"]
+
+# Layer kinds: the linen classes jlora adapts.
+LINEAR_KINDS = ("dense", "dense_general", "einsum")
+# Names that mark the output head, which `"all-linear"` leaves alone (as PEFT does).
+HEAD_NAMES = ("lm_head", "classifier", "score", "qa_outputs", "head")
+# Names of a module's main weight (Flax, Haiku, Equinox/PyTorch-style trees), in order of preference.
+KERNEL_KEYS = ("kernel", "embedding", "w", "weight")
+LORA_KEYS = ("lora_a", "lora_b")
+MAGNITUDE_KEY = "lora_magnitude"  # DoRA's trainable magnitude, beside A and B
+
+
+def lora_keys(kernel_name: str) -> tuple[str, str]:
+  """The names of the adapter leaves for a weight, stored beside it in its module's dict.
+
+  `lora_a` / `lora_b` for a module's main weight (a `KERNEL_KEYS` name);
+  `<name>_lora_a` / `<name>_lora_b` for any other weight, so that a module
+  holding several weights (gemma's FFN dict: `gating_einsum`, `linear`) gets one
+  adapter per weight.
+  """
+  return LORA_KEYS if kernel_name in KERNEL_KEYS else (f"{kernel_name}_lora_a", f"{kernel_name}_lora_b")
+
+
+def is_head(module: Sequence[str]) -> bool:
+  """Whether a module path names an output head (`HEAD_NAMES`), read from its last name (Haiku's `a/b/head` too)."""
+  parts = _split(str(module[-1])) if module else ()
+  return bool(parts) and parts[-1] in HEAD_NAMES
+
+
+def adapter_path(module: tuple[str, ...], kernel_name: str) -> tuple[str, ...]:
+  """The path an adapter is named by (see `Site.path`): the module's, plus the weight's name if not a main weight."""
+  return tuple(module) if kernel_name in KERNEL_KEYS else (*module, kernel_name)
+
+
+def magnitude_key(kernel_name: str) -> str:
+  """The name of a DoRA magnitude leaf for a weight: `lora_magnitude`, or `<name>_lora_magnitude` (as `lora_keys`)."""
+  return MAGNITUDE_KEY if kernel_name in KERNEL_KEYS else f"{kernel_name}_{MAGNITUDE_KEY}"
+
+
+def lora_pair(key: str) -> tuple[str | None, str, str]:
+  """`(weight, a_key, b_key)` of an `A`/`B` leaf name: weight None for `lora_a`/`lora_b` (the module's main
+  weight), else the name its `<weight>_lora_a` / `_lora_b` prefix gives."""
+  if key in LORA_KEYS:
+    return None, *LORA_KEYS
+  weight = str(key)[:-len("_lora_a")]
+  return weight, f"{weight}_lora_a", f"{weight}_lora_b"
+
+
+def is_pair_key(key: str) -> bool:
+  """Whether a leaf name is an `A` or `B` leaf (`lora_a`, `lora_b`, `<weight>_lora_a`, `<weight>_lora_b`)."""
+  return key in LORA_KEYS or str(key).endswith(("_lora_a", "_lora_b"))
+
+
+def is_lora_key(key: str) -> bool:
+  """Whether a leaf name is an adapter leaf: `A`, `B`, or a DoRA magnitude (`lora_magnitude`, `<w>_lora_magnitude`)."""
+  return is_pair_key(key) or str(key) == MAGNITUDE_KEY or str(key).endswith("_" + MAGNITUDE_KEY)
+
+
+def lora_role(key: str) -> str:
+  """`'lora_a'`, `'lora_b'` or `'lora_magnitude'`: what an adapter leaf is (its `jlora.labels` label)."""
+  return MAGNITUDE_KEY if not is_pair_key(key) else str(key)[-6:]
+
+
+class Site(NamedTuple):
+  """One adaptable module, as seen inside the model (per layer, without scan axes).
+
+  Attributes:
+    path: the adapter's path, the name that `target_modules` matches: the
+      module path, e.g. `('encoder', 'layers_0', 'query')`, followed by the
+      weight's name when it is not the module's main weight (`KERNEL_KEYS`),
+      e.g. `('layer_0', 'mlp', 'gating_einsum')`.
+    kind: one of `dense`, `dense_general`, `einsum`, `conv`, `embed`.
+    kernel_name: the weight's param name: `'kernel'`, `'embedding'` for `nn.Embed`, ...
+    kernel_shape: the kernel's shape as the module sees it.
+    in_axes: kernel axes contracted with the input (`A` keeps them).
+    out_axes: kernel axes that reach the output (`B` keeps them).
+    batch_axes: `nn.Einsum` kernel axes shared by input and output (both keep them).
+    is_head: the module's output is the model's output, or it has a head name.
+    unsupported: why jlora cannot adapt this module ('' when it can).
+  """
+
+  path: tuple[str, ...]
+  kind: str
+  kernel_name: str
+  kernel_shape: tuple[int, ...]
+  in_axes: tuple[int, ...]
+  out_axes: tuple[int, ...]
+  batch_axes: tuple[int, ...] = ()
+  is_head: bool = False
+  unsupported: str = ""
+
+  @property
+  def module(self) -> tuple[str, ...]:
+    """The path of the module dict that holds the weight (and gets the adapter leaves)."""
+    return self.path if self.kernel_name in KERNEL_KEYS else self.path[:-1]
+
+  @property
+  def broadcast(self) -> bool:
+    """Whether the adapters take the broadcast layout (`jlora.core.ops`): an einsum, or a kernel whose input axes do
+    not all come before its output axes (e.g. a PyTorch-style `(out, in)` weight)."""
+    return self.kind == "einsum" or self.in_axes + self.out_axes != tuple(range(len(self.kernel_shape)))
+
+  @property
+  def fan_in(self) -> int:
+    return math.prod(self.kernel_shape[i] for i in self.in_axes)
+
+  @property
+  def fan_out(self) -> int:
+    return math.prod(self.kernel_shape[i] for i in self.out_axes)
+
+
+def path_str(path: Sequence[str]) -> str:
+  """`('a', 'b')` -> `'a/b'`."""
+  return "/".join(str(p) for p in path)
+
+
+def _split(name: str) -> tuple[str, ...]:
+  return tuple(p for p in re.split(r"[./]", name) if p)
+
+
+@functools.lru_cache(maxsize=4096)
+def matches(spec: str | tuple[str, ...] | None, path: tuple[str, ...]) -> bool:
+  """Whether a module path is matched by a `target_modules`-style spec.
+
+  A tuple matches when one entry equals the module's name or a trailing part of
+  its path (`"q"`, `"attn.q"`, `"attn/q"`); a string is a regex that must match
+  the whole path, written with `.` or with `/`.
+  """
+  if spec is None:
+    return False
+  path = _split("/".join(str(p) for p in path))  # Haiku keys hold "/" ("block/mlp/linear"); integer keys
+  if isinstance(spec, str):
+    return any(re.fullmatch(spec, sep.join(path)) for sep in (".", "/"))
+  for entry in spec:
+    parts = _split(entry)
+    if parts and len(parts) <= len(path) and path[-len(parts):] == parts:
+      return True
+  return False
+
+
+def layer_index(path: Sequence[str], patterns: Sequence[str] | None = None) -> int | None:
+  """The layer index that `layers_to_transform` reads from a module path.
+
+  With `layers_pattern` (e.g. `("layers",)`), a component `layers_3`, `layers3`,
+  or `layers` followed by a component `3` gives 3. Without it, the first
+  component, other than the module's own name, that is a number or ends in `_N`.
+  """
+  comps = list(_split("/".join(str(p) for p in path)))  # Haiku keys hold "/"
+  if patterns:
+    alt = "|".join(re.escape(p) for p in patterns)
+    for i, comp in enumerate(comps):
+      m = re.fullmatch(rf"(?:{alt})_?(\d+)", comp)
+      if m:
+        return int(m.group(1))
+      if comp in patterns and i + 1 < len(comps) and comps[i + 1].isdigit():
+        return int(comps[i + 1])
+    return None
+  for comp in comps[:-1]:
+    m = re.fullmatch(r"(?:.*_)?(\d+)", comp)
+    if m:
+      return int(m.group(1))
+  return None
+
+
+def _listing(sites: Iterable[Site], limit: int = 40) -> str:
+  rows = [f"  {path_str(s.path)}  ({s.kind}{', head' if s.is_head else ''})" for s in sites]
+  more = f"\n  ... and {len(rows) - limit} more" if len(rows) > limit else ""
+  return "\n".join(rows[:limit]) + more
+
+
+def _named(config: LoraConfig, path: tuple[str, ...], kind: str, is_head: bool) -> bool:
+  """`target_modules` (names, regex, or all-linear without the head) minus `exclude_modules`."""
+  if config.target_modules == ALL_LINEAR:
+    hit = kind in LINEAR_KINDS and not is_head
+  else:
+    hit = matches(config.target_modules, path)
+  return hit and not matches(config.exclude_modules, path)
+
+
+def selects(config: LoraConfig, path: tuple[str, ...], kind: str, *, is_head: bool = False) -> bool:
+  """Whether `config` adapts the module at `path`: the one rule that `init` and `apply` both use.
+
+  Args:
+    config: the LoRA config.
+    path: the module path, e.g. `('layers_0', 'attn', 'query')`.
+    kind: the layer kind (`dense`, `dense_general`, `einsum`, `conv`, `embed`).
+    is_head: whether the module is the output head (`"all-linear"` skips it).
+  """
+  if not _named(config, path, kind, is_head):
+    return False
+  return config.layers_to_transform is None or layer_index(path, config.layers_pattern) in config.layers_to_transform
+
+
+def is_saved(config: LoraConfig, path: tuple[str, ...]) -> bool:
+  """Whether the module at `path` is, or lies inside, a `modules_to_save` module (trained in full, saved)."""
+  return bool(config.modules_to_save) and any(matches(config.modules_to_save, path[:i]) for i in range(1, len(path) + 1))
+
+
+def select_sites(config: LoraConfig, sites: Sequence[Site], stacked: dict[tuple[str, ...], int]) -> list[Site]:
+  """The sites that `config` adapts, with every user error caught here.
+
+  Args:
+    config: the LoRA config.
+    sites: every adaptable module found in the model.
+    stacked: the number of leading scan/vmap axes of each site's kernel.
+
+  Returns:
+    The targeted sites, in model order.
+
+  Raises:
+    ValueError: nothing matched (the message lists the adaptable paths), a
+      rank exceeds a module's dimensions, `layers_to_transform` finds no layer
+      index or meets scanned layers, or a module is both adapted and saved.
+  """
+  if not sites:
+    raise ValueError(
+        "The model has no adaptable layer (nn.Dense, nn.DenseGeneral, nn.Einsum, nn.Conv, nn.Embed, or a class "
+        "described with jlora.register_layer) on the inputs given to `jlora.init`. If its layers are classes of "
+        "your own, describe them: jlora.register_layer(MyDense, jlora.Layer(weight='kernel', input='x'))."
+    )
+  if config.target_modules is None:
+    raise ValueError(
+        "`target_modules` is not set. Name the layers to adapt, e.g. target_modules=[\"query\", \"value\"] "
+        f"or \"all-linear\". Adaptable modules:\n{_listing(sites)}"
+    )
+  named = [s for s in sites if _named(config, s.path, s.kind, s.is_head)]
+  if not named:
+    raise ValueError(
+        f"`target_modules`={config.target_modules!r} matched no module"
+        f"{' (after exclude_modules)' if config.exclude_modules else ''}. Adaptable modules:\n{_listing(sites)}\n"
+        "Give names or path suffixes from this list, a regex over the whole path, or \"all-linear\"."
+    )
+  chosen = named
+  if config.layers_to_transform is not None:
+    wanted = set(config.layers_to_transform)
+    chosen = []
+    for s in named:
+      if stacked.get(s.path, 0):
+        raise ValueError(
+            f"`layers_to_transform` cannot pick layers inside the scanned stack at {path_str(s.path)!r}: "
+            "its layers share one parameter path. Adapt all layers, or build the model without nn.scan."
+        )
+      if selects(config, s.path, s.kind, is_head=s.is_head):
+        chosen.append(s)
+    found = sorted({i for s in named if (i := layer_index(s.path, config.layers_pattern)) is not None})
+    if not chosen:
+      raise ValueError(
+          f"`layers_to_transform`={list(config.layers_to_transform)} selected no module"
+          f" (layers_pattern={config.layers_pattern!r}); layer indices found in the targeted paths: "
+          f"{found or 'none'}. Targeted paths:\n{_listing(named)}\n"
+          "Set `layers_pattern` to the name of your layer list (e.g. \"layers\" for layers_0, layers_1, ...)."
+      )
+    absent = sorted(wanted - set(found))
+    if absent:
+      raise ValueError(
+          f"`layers_to_transform`={list(config.layers_to_transform)} asks for layer(s) {absent}, which no targeted "
+          f"module has (layer indices found: {found}). Remove them, or check `layers_pattern`."
+      )
+  for s in chosen:
+    if s.unsupported:
+      raise ValueError(f"Cannot adapt {path_str(s.path)!r} ({s.kind}): {s.unsupported}. Exclude it with `exclude_modules`.")
+    r = config.rank_for(path_str(s.path))
+    if r > min(s.fan_in, s.fan_out):
+      raise ValueError(
+          f"`r`={r} is larger than the dimensions of {path_str(s.path)!r} ({s.kind}, kernel {s.kernel_shape}: "
+          f"fan-in {s.fan_in}, fan-out {s.fan_out}); use r <= {min(s.fan_in, s.fan_out)} "
+          "or a `rank_pattern` entry for this module."
+      )
+    if is_saved(config, s.path):
+      raise ValueError(
+          f"{path_str(s.path)!r} is both in `target_modules` and in `modules_to_save`; "
+          "a module is either adapted or fully trained. Exclude it from one of them."
+      )
+  return chosen

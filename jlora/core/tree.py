@@ -1,0 +1,345 @@
+"""Param-tree utilities: walking module dicts, trainable masks, labels, split and combine.
+
+jlora trees are plain nested dicts (the `'params'` collection of a linen model):
+adapter leaves `lora_a` / `lora_b` sit beside the kernel they adapt.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterator, Mapping
+from typing import Any, NamedTuple
+
+from jlora.core import ops as _ops
+from jlora.core.config import LoraConfig
+from jlora.core.targets import (
+  KERNEL_KEYS,
+  LORA_KEYS,
+  adapter_path,
+  is_lora_key,
+  is_pair_key,
+  is_saved,
+  lora_pair,
+  lora_role,
+  magnitude_key,
+)
+
+__all__ = [
+    "LORA_KEYS", "KERNEL_KEYS", "Adapter", "Slot", "adapters", "check_adapters", "module_dicts", "slots",
+    "adapted_modules", "check_magnitude", "labels", "trainable_mask", "split", "combine", "get_path", "has_adapters", "flatten",
+    "unflatten",
+]
+
+Params = Mapping[str, Any]
+
+
+def _check_tree(params: Any, name: str = "params") -> None:
+  if not isinstance(params, Mapping):
+    raise TypeError(
+        f"`{name}` must be a nested dict of arrays (the 'params' collection, e.g. variables['params']), "
+        f"got {type(params).__name__}."
+    )
+  if list(params) == ["params"] and isinstance(params["params"], Mapping):
+    raise ValueError(
+        f"`{name}` looks like a whole variables dict ({{'params': ...}}); pass its 'params' collection, "
+        "e.g. model.init(key, x)['params']."
+    )
+
+
+def module_dicts(params: Params, prefix: tuple[str, ...] = ()) -> Iterator[tuple[tuple[str, ...], Mapping]]:
+  """Yields `(path, dict)` for every dict in the tree, depth first."""
+  yield prefix, params
+  for key, value in params.items():
+    if isinstance(value, Mapping):
+      yield from module_dicts(value, prefix + (str(key),))
+
+
+class Slot(NamedTuple):
+  """Where one adapter's leaves sit: module `module`, leaves `a_key` / `b_key`, folding into weight `weight`.
+
+  `weight` is None for `lora_a` / `lora_b`, which fold into the module's main
+  weight (found by `kernel_key`), else the weight named by the leaves' prefix.
+  """
+
+  module: tuple[str, ...]
+  weight: str | None
+  a_key: str
+  b_key: str
+
+
+def _node_slots(path: tuple[str, ...], node: Mapping) -> Iterator[Slot]:
+  pairs = {lora_pair(k) for k in node if is_pair_key(k)}
+  for weight, a_key, b_key in sorted(pairs, key=lambda p: (p[0] is not None, p[0] or "")):
+    if not (a_key in node and b_key in node):
+      raise ValueError(
+          f"Module {'/'.join(path)!r} has only one of {a_key} / {b_key}; the adapter is incomplete."
+      )
+    yield Slot(path, weight, a_key, b_key)
+
+
+def slots(params: Params) -> Iterator[Slot]:
+  """Every adapter's `Slot` in a tree (complete or not: an incomplete one raises `ValueError`)."""
+  for path, node in module_dicts(params):
+    yield from _node_slots(path, node)
+
+
+def adapted_modules(params: Params) -> Iterator[tuple[tuple[str, ...], Mapping]]:
+  """Yields `(path, module dict)` for every module holding adapter leaves."""
+  for path, node in module_dicts(params):
+    if any(True for _ in _node_slots(path, node)):
+      yield path, node
+
+
+def has_adapters(params: Params) -> bool:
+  return any(True for _ in slots(params))
+
+
+def kernel_key(path: tuple[str, ...], node: Mapping) -> str:
+  """The name of the weight that `lora_a`/`lora_b` fold into: a `KERNEL_KEYS` name, else the module's only matrix."""
+  for key in KERNEL_KEYS:
+    if key in node:
+      return key
+  matrices = [k for k, v in node.items() if not is_lora_key(k) and getattr(v, "ndim", 0) >= 2]
+  if len(matrices) == 1:
+    return matrices[0]
+  raise ValueError(
+      f"Module {'/'.join(path)!r} holds lora_a/lora_b but no single weight ({', '.join(KERNEL_KEYS)}) to adapt; "
+      "pass the whole params tree (base and adapters), e.g. jlora.combine(trainable, frozen)."
+  )
+
+
+class Adapter(NamedTuple):
+  """One adapter of a params tree, checked against its kernel and the config.
+
+  Attributes:
+    path: the adapter's path, e.g. `('layers_0', 'attn', 'query')` (the module
+      path, plus the weight's name for a weight other than the module's main
+      one: `('mlp', 'gating_einsum')`); `config.rank_for` and PEFT names use it.
+    module: the path of the module dict holding the weight and the adapter leaves.
+    kernel_name: the weight it folds into (`kernel`, `embedding`, ...).
+    a_key: the name of the `A` leaf (`lora_a`, or `<weight>_lora_a`).
+    b_key: the name of the `B` leaf.
+    kernel: that weight, `S + kernel_shape` with `S` leading scan axes.
+    a: `lora_a`, `S + in_shape + (r,)` (or the einsum broadcast layout, see `jlora.core.ops`).
+    b: `lora_b`, `S + (r,) + out_shape`.
+    rank: `r` for this module (after `rank_pattern`).
+    scale: `s` for this module (`alpha / r`, or `alpha / sqrt(r)` with rsLoRA).
+    layout: `"concat"` or `"broadcast"` (`nn.Einsum`); see `jlora.core.ops`.
+    stack: the number of leading scan axes `len(S)`.
+    m_key: the name of the DoRA magnitude leaf (`lora_magnitude`, or `<weight>_lora_magnitude`).
+    magnitude: that leaf (`_ops.magnitude_shape`), or None for a plain LoRA adapter.
+  """
+
+  path: tuple[str, ...]
+  module: tuple[str, ...]
+  kernel_name: str
+  a_key: str
+  b_key: str
+  kernel: Any
+  a: Any
+  b: Any
+  rank: int
+  scale: float
+  layout: str
+  stack: int
+  m_key: str = ""
+  magnitude: Any = None
+
+  @property
+  def where(self) -> str:
+    """The module path as `a/b/c`, for messages."""
+    return "/".join(self.path)
+
+
+def adapters(params: Params, config: LoraConfig, *, kernels: Params | None = None) -> Iterator[Adapter]:
+  """Every adapter in `params`, each checked to fit its kernel with the config's rank for it.
+
+  Args:
+    params: a tree holding `lora_a` / `lora_b` leaves (and, unless `kernels` is
+      given, the kernels beside them).
+    config: the config the adapters were made with.
+    kernels: a tree to read the kernels from instead (e.g. a merged tree, when
+      `params` is only the trainable half).
+
+  Raises:
+    ValueError: an adapter is incomplete, has no kernel to fold into, or does not
+      fit its kernel or the config's rank (the message names the module).
+  """
+  for slot in slots(params):
+    node = get_path(params, slot.module)
+    holder = node
+    if kernels is not None:
+      try:
+        holder = get_path(kernels, slot.module)
+      except (KeyError, TypeError):
+        raise ValueError(f"There is no module {'/'.join(slot.module)!r} for the adapter found there.") from None
+    name = kernel_key(slot.module, holder) if slot.weight is None else slot.weight
+    if name not in holder:
+      raise ValueError(
+          f"Module {'/'.join(slot.module)!r} holds {slot.a_key} / {slot.b_key} but no weight {name!r} to adapt; "
+          "pass the whole params tree (base and adapters), e.g. jlora.combine(trainable, frozen)."
+      )
+    kernel, a, b = holder[name], node[slot.a_key], node[slot.b_key]
+    path = adapter_path(slot.module, name)
+    where = "/".join(path)
+    rank = config.rank_for(where)
+    _ops.check_adapter(where, kernel.shape, a.shape, b.shape, rank)
+    layout, stack = _ops.layout(a.shape, b.shape, kernel.shape)
+    m_key = magnitude_key(name)
+    magnitude = node.get(m_key)
+    check_magnitude(where, config, magnitude, _ops.magnitude_shape(a.shape, b.shape, kernel.shape))
+    yield Adapter(path, slot.module, name, slot.a_key, slot.b_key, kernel, a, b, rank, config.scale_for(where), layout,
+                  stack, m_key, magnitude)
+
+
+def check_magnitude(where: str, config: LoraConfig, magnitude: Any, shape: tuple[int, ...]) -> None:
+  """Raises unless a DoRA magnitude is there exactly when `config.use_dora`, with the shape its kernel gives."""
+  if config.use_dora and magnitude is None:
+    raise ValueError(f"The config has use_dora=True but the adapter at {where!r} has no DoRA magnitude "
+                     "(lora_magnitude leaf); pass the config the adapter was made with, or the whole adapter.")
+  if not config.use_dora and magnitude is not None:
+    raise ValueError(f"The adapter at {where!r} is a DoRA adapter (it has a lora_magnitude leaf) but the config has "
+                     "use_dora=False; pass the config it was made with.")
+  if magnitude is not None and tuple(magnitude.shape) != shape:
+    raise ValueError(f"The DoRA magnitude at {where!r} has shape {tuple(magnitude.shape)}; its kernel needs {shape}.")
+
+
+def check_adapters(params: Params, config: LoraConfig) -> None:
+  """Raises (as `adapters` does) unless every adapter in `params` fits its kernel with the config's rank."""
+  for _ in adapters(params, config):
+    pass
+
+
+def flatten(tree: Params, prefix: tuple[str, ...] = ()) -> dict[tuple[str, ...], Any]:
+  """`{path: leaf}` of a nested dict, depth first."""
+  out: dict[tuple[str, ...], Any] = {}
+  for key, value in tree.items():
+    path = (*prefix, str(key))
+    if isinstance(value, Mapping):
+      out.update(flatten(value, path))
+    else:
+      out[path] = value
+  return out
+
+
+def unflatten(flat: Mapping[tuple[str, ...], Any]) -> dict:
+  """The inverse of `flatten`."""
+  out: dict = {}
+  for path, value in flat.items():
+    node = out
+    for key in path[:-1]:
+      node = node.setdefault(key, {})
+    node[path[-1]] = value
+  return out
+
+
+def get_path(tree: Params, path: tuple[str, ...]) -> Any:
+  """The node at `path`; a path component also finds a key whose `str()` it is (NNX's integer keys)."""
+  node: Any = tree
+  for key in path:
+    if key not in node and isinstance(node, Mapping):
+      key = next((k for k in node if str(k) == key), key)
+    node = node[key]
+  return node
+
+
+def _map_with_path(fn: Callable[[tuple[str, ...], Any, Mapping], Any], tree: Params, prefix=()) -> dict:
+  out = {}
+  for key, value in tree.items():
+    path = prefix + (str(key),)
+    out[key] = _map_with_path(fn, value, path) if isinstance(value, Mapping) else fn(path, value, tree)
+  return out
+
+
+def _label(config: LoraConfig, path: tuple[str, ...], siblings: Mapping) -> str:
+  name = path[-1]
+  if is_lora_key(name):
+    return lora_role(name)
+  if is_saved(config, path[:-1]):
+    return "saved"
+  if name == "bias" and (config.bias == "all" or (config.bias == "lora_only" and any(map(is_lora_key, siblings)))):
+    return "bias"
+  return "frozen"
+
+
+def labels(params: Params, config: LoraConfig) -> dict:
+  """Per-leaf labels for `optax.partition`: `lora_a`, `lora_b`, `lora_magnitude` (DoRA), `bias`, `saved` or `frozen`.
+
+  `bias` marks biases that train under `config.bias`; `saved` marks every leaf of
+  a `modules_to_save` module. Works on a whole tree or on any part of it (such as
+  the trainable half of `split`).
+
+  Example (LoRA+: B learns 16× faster than A)::
+
+      tx = optax.partition(
+          {"lora_a": optax.adamw(1e-4), "lora_b": optax.adamw(16e-4), "bias": optax.adamw(1e-4),
+           "saved": optax.adamw(1e-4), "frozen": optax.set_to_zero()},
+          jlora.labels(params, config))
+  """
+  _check_tree(params)
+  return _map_with_path(lambda path, _, siblings: _label(config, path, siblings), params)
+
+
+def trainable_mask(params: Params, config: LoraConfig) -> dict:
+  """A bool tree, `True` where a leaf trains: adapters, biases per `bias`, `modules_to_save`."""
+  _check_tree(params)
+  return _map_with_path(lambda path, _, siblings: _label(config, path, siblings) != "frozen", params)
+
+
+def _partition(params: Params, mask: Mapping) -> tuple[dict, dict]:
+  keep, rest = {}, {}
+  for key, value in params.items():
+    if isinstance(value, Mapping):
+      k, r = _partition(value, mask[key])
+      if k:
+        keep[key] = k
+      if r:
+        rest[key] = r
+    elif mask[key]:
+      keep[key] = value
+    else:
+      rest[key] = value
+  return keep, rest
+
+
+def split(params: Params, config: LoraConfig) -> tuple[dict, dict]:
+  """Splits a tree into `(trainable, frozen)` nested dicts holding only their own leaves.
+
+  `trainable` is the small tree that a task's adapter is (A, B, trained biases,
+  saved modules); differentiate and optimize only it, and keep `frozen` (the
+  base) out of the optimizer. `combine(trainable, frozen)` restores the tree.
+  Pass `frozen` to a jitted step as an argument, `step(trainable, frozen, batch)`:
+  a jitted function that closes over it compiles the whole base in as constants.
+  """
+  _check_tree(params)
+  return _partition(params, trainable_mask(params, config))
+
+
+def combine(*trees: Params) -> dict:
+  """Merges nested dicts with disjoint leaves (the inverse of `split`).
+
+  Raises:
+    ValueError: two trees hold a leaf at the same path, or a path is a leaf in
+      one and a module in another.
+  """
+  out: dict = {}
+  for i, tree in enumerate(trees):
+    _check_tree(tree, f"trees[{i}]")
+    _merge_into(out, tree, ())
+  return out
+
+
+def _merge_into(out: dict, tree: Params, prefix: tuple[str, ...]) -> None:
+  for key, value in tree.items():
+    path = prefix + (str(key),)
+    if isinstance(value, Mapping):
+      existing = out.setdefault(key, {})
+      if not isinstance(existing, dict):
+        raise ValueError(f"combine: {'/'.join(path)!r} is a leaf in one tree and a module in another.")
+      _merge_into(existing, value, path)
+    elif key in out:
+      raise ValueError(
+          f"combine: both trees hold a leaf at {'/'.join(path)!r}; combine takes disjoint trees, e.g. "
+          "the two halves of jlora.split."
+      )
+    else:
+      out[key] = value

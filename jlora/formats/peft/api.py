@@ -1,0 +1,349 @@
+"""Hugging Face PEFT's on-disk LoRA format, both ways: `save_peft` and `load_peft`.
+
+A PEFT adapter directory holds `adapter_config.json` and `adapter_model.safetensors`
+with keys `base_model.model.<module>.<tensor>`, where `<module>` is the module's
+name in the PyTorch model. The pieces: names (`jlora.formats.peft.names`: where
+`<module>` comes from, and why jlora refuses to guess it), tensor layouts
+(`jlora.formats.peft.layout`), the config (`jlora.formats.peft.config`) and the two files
+(`jlora.formats.peft.files`: written as one unit, tensors with SHA-256 checksums).
+"""
+
+from __future__ import annotations
+
+import functools
+import inspect
+import os
+from collections.abc import Callable, Mapping
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from jlora.core.config import LoraConfig
+from jlora.core.fields import pattern_lookup
+from jlora.core.keys import restore, stringify
+from jlora.core.plain import LayoutLike, weight_site
+from jlora.core.targets import MAGNITUDE_KEY, is_saved
+from jlora.core.tree import (
+  Params,
+  _check_tree,
+  adapters,
+  check_adapters,
+  flatten,
+  get_path,
+  kernel_key,
+  labels,
+  unflatten,
+)
+from jlora.formats.checkpoint import strip_adapters
+from jlora.formats.peft import layout as peft_layout
+from jlora.formats.peft.config import from_peft, to_jlora, to_peft
+from jlora.formats.peft.files import read, write
+from jlora.formats.peft.names import NameLike, module_name, name_table, per_layer, resolve
+from jlora.formats.peft.torch_names import NameMap
+
+__all__ = ["save_peft", "load_peft"]
+
+Path = tuple[str, ...]
+
+
+def _explained(usage: str) -> Callable:
+  """Turns Python's argument-binding `TypeError` into one that shows the call (e.g. for the earlier order
+  `save_peft(dir, params, config, model=model)`)."""
+
+  def wrap(fn: Callable) -> Callable:
+    signature = inspect.signature(fn)
+
+    @functools.wraps(fn)
+    def call(*args: Any, **kwargs: Any) -> Any:
+      try:
+        signature.bind(*args, **kwargs)
+      except TypeError as e:
+        raise TypeError(f"{fn.__name__}: {e} (`model` is the second argument). Call it as {usage}.") from None
+      return fn(*args, **kwargs)
+
+    return call
+
+  return wrap
+
+
+def _check_order(fn: str, model: Any, params: Any, config: Any, usage: str) -> None:
+  """TypeErrors for arguments out of order (a params dict as `model`, a config as `params`) or of the wrong type."""
+  if isinstance(model, Mapping) or isinstance(params, LoraConfig):
+    raise TypeError(f"{fn}: `model` is a {type(model).__name__} and `params` a {type(params).__name__}: the arguments "
+                    f"are out of order. Call it as {usage}.")
+  _check_tree(params)
+  if config is not None and not isinstance(config, LoraConfig):
+    raise TypeError(f"{fn}: `config` must be a jlora.LoraConfig, got {type(config).__name__}. Call it as {usage}.")
+
+
+def _few(items: Any, n: int = 6) -> str:
+  items = sorted(items)
+  return ", ".join(items[:n]) + (f" … and {len(items) - n} more" if len(items) > n else "")
+
+
+# ------------------------------------------------------------------------ save
+_SAVE = "save_peft(directory, model, params, config, *, name_map=None) (model=None with name_map=...)"
+
+
+@_explained(_SAVE)
+def save_peft(directory: str | os.PathLike, model: Any, params: Params, config: LoraConfig, *,
+              name_map: NameLike = None) -> None:
+  """Writes `adapter_config.json` and `adapter_model.safetensors` that PEFT loads.
+
+  `PeftModel.from_pretrained(hf_model, directory)` then computes what
+  `jlora.apply(model, params, config, ...)` computes. Each adapter becomes
+  `lora_A.weight: (r, fan_in)` and `lora_B.weight: (fan_out, r)` (multi-axis
+  `DenseGeneral` kernels flattened; the broadcast-layout adapters of an
+  `(out, in)` weight, `(1, in, r)` and `(out, 1, r)`, squeezed), embeddings
+  `lora_embedding_A: (r, vocab)` and `lora_embedding_B: (dim, r)`; stacked (`nn.scan`) adapters one entry per
+  layer. Trained biases and `modules_to_save` leaves are written as PEFT does
+  (see `jlora.formats.peft.layout`). The config makes PEFT wrap exactly the saved
+  modules with the saved ranks (see `jlora.formats.peft.config`).
+
+  Args:
+    directory: where to write: absent, empty, or a directory jlora wrote (it is
+      replaced as one unit).
+    model: the linen model whose `peft_name_map()` names the modules, or None
+      when `name_map` is given.
+    params: params with adapters.
+    config: their config.
+    name_map: the PyTorch module name of each Flax module path: a function, a
+      `jlora.formats.peft.torch_names.NameMap` (which also lists `(in, out)` Conv1D modules), or
+      `"flax"` for the Flax paths joined by `.`. Default: the model's own.
+
+  Raises:
+    TypeError: arguments in the pre-0.2 order (`save_peft(dir, params, config,
+      model=model)`) or of the wrong type.
+    ValueError: no names (neither `name_map` nor a model with `peft_name_map`:
+      PyTorch PEFT would load nothing); `directory` holds files jlora did not
+      write; an adapter does not fit its kernel or rank; a layer kind PEFT has
+      no equivalent for (an `nn.Einsum` or declared layout other than one input
+      and one output axis per layer, nested scans, a `modules_to_save` kernel
+      with more than two axes); `init_lora_weights="pissa"` (the jlora base holds
+      the PiSSA residual, which a PEFT base does not).
+  """
+  _check_order("save_peft", model, params, config, _SAVE)
+  if config.init_lora_weights == "pissa":
+    raise ValueError(
+        "save_peft: a PiSSA adapter (init_lora_weights='pissa') only makes sense over the residual base that "
+        "jlora wrote into the kernels; merge it (jlora.merge) and export the merged model instead."
+    )
+  names = resolve(model, name_map, caller="save_peft")
+  tensors, data = _export(stringify(params), config, names)
+  write(directory, tensors, data)
+
+
+def _export(params: Params, config: LoraConfig, names: NameMap) -> tuple[dict[str, np.ndarray], dict[str, Any]]:
+  """`({PEFT key: tensor}, adapter_config dict)` of every adapter, trained bias and `modules_to_save` leaf."""
+  tensors: dict[str, np.ndarray] = {}
+  ranks: dict[str, int] = {}
+  alphas: dict[str, float] = {}
+  adapted: dict[Path, list[str]] = {}
+  for ad in adapters(params, config):
+    if ad.module != ad.path:
+      raise ValueError(
+          f"save_peft: {ad.where!r} adapts {ad.kernel_name!r}, one of several weights in the module "
+          f"{'/'.join(ad.module)!r}; PEFT's format has one adapted weight per module name, so it cannot hold "
+          "this adapter. Save it with jlora.save_adapter."
+      )
+    a, b, stack = ad.a, ad.b, ad.stack
+    if ad.layout == "broadcast":  # an (out, in) weight: a plain transpose of PEFT's factors
+      a, b, stack = peft_layout.from_broadcast(jax.device_get(a), jax.device_get(b), ad.kernel.shape, ad.where)
+    name = module_name(names, ad.path)
+    if stack > 1 or (stack == 1) != ("{i}" in name):
+      raise ValueError(
+          f"save_peft: {ad.where!r} has {stack} leading layer axes but its PEFT name {name!r} "
+          f"{'has' if '{i}' in name else 'has no'} '{{i}}'; a scanned module's name must contain '{{i}}' "
+          "(one level of nn.scan is supported)."
+      )
+    adapted[ad.path] = []
+    for (n, a1), (_, b1) in zip(per_layer(name, a, ad.where), per_layer(name, b, ad.where)):
+      adapted[ad.path].append(n)
+      tensors.update(peft_layout.lora_to_peft(n, a1, b1, ad.rank, embed=ad.kernel_name == "embedding"))
+      if ad.rank != config.r:
+        ranks[n] = ad.rank
+      if config.alpha_for(ad.where) != config.lora_alpha:
+        alphas[n] = config.alpha_for(ad.where)
+    if ad.magnitude is not None:  # DoRA: PEFT keeps one magnitude per output feature
+      for n, m1 in per_layer(name, np.asarray(jax.device_get(ad.magnitude)), ad.where):
+        tensors[f"{peft_layout.PREFIX}{n}.lora_magnitude_vector"] = m1.reshape(-1)
+  saved_modules: list[str] = []
+  for path, label in flatten(labels(params, config)).items():
+    if label not in ("bias", "saved"):
+      continue
+    module, leaf = path[:-1], path[-1]
+    if label == "saved":
+      top = next(module[:i] for i in range(1, len(path)) if is_saved(config, module[:i]))
+      saved_modules.append(module_name(names, top))
+    for n, arr in per_layer(module_name(names, module), get_path(params, path), "/".join(path)):
+      flip = peft_layout.transposed(leaf, arr.ndim, module, names, config.fan_in_fan_out)
+      key, value = peft_layout.full_to_peft(n, leaf, arr, wraps_adapter=module in adapted, transpose=flip,
+                                            where="/".join(path))
+      tensors[key] = value
+  if not tensors:
+    raise ValueError("save_peft: `params` holds no adapter, trained bias or modules_to_save leaf to export.")
+  data = to_peft(config, params, adapted=adapted, ranks=ranks, alphas=alphas, saved_modules=saved_modules,
+                 fan_in_fan_out=any(p[-1] in names.fan_in_fan_out for p in adapted))
+  return tensors, data
+
+
+# ------------------------------------------------------------------------ load
+_LOAD = ("load_peft(directory, model, params, *, name_map=None, layout=None, dtype=jnp.float32) "
+         "(model=None with name_map=...)")
+
+
+@_explained(_LOAD)
+def load_peft(directory: str | os.PathLike, model: Any, params: Params, *, name_map: NameLike = None,
+              layout: LayoutLike = None, dtype: Any = jnp.float32) -> tuple[dict, LoraConfig]:
+  """Imports a PEFT LoRA adapter (`adapter_config.json` + `adapter_model.safetensors`).
+
+  Every tensor is placed and checked before anything is returned; on any error
+  nothing is loaded (the input tree is never modified). Layouts are converted
+  as in `jlora.formats.peft.layout`: `lora_A.weight (r, fan_in)` becomes
+  `lora_a: in_shape + (r,)` and `lora_B.weight (fan_out, r)` becomes
+  `lora_b: (r,) + out_shape`, or the broadcast layout `(1, in, r)`,
+  `(out, 1, r)` for an `(out, in)` weight (a 2-D `weight`, or as `layout`
+  declares); per-layer tensors of a scanned module are stacked to `(L, ...)`.
+  The returned config is PEFT's, translated to Flax paths where PEFT's names
+  would not select the same modules.
+
+  Args:
+    directory: the PEFT adapter directory (only safetensors is read; never pickle).
+    model: the linen model whose `peft_name_map()` names the modules, or None
+      when `name_map` is given.
+    params: its base params (existing adapters are replaced).
+    name_map: as in `save_peft`: a function, a `NameMap`, or `"flax"`.
+    layout: the weights' layouts as given to `jlora.init_tree` (needed for
+      `(out, in)` weights not named `weight`).
+    dtype: dtype of the adapters (float32 by default, whatever the file holds);
+      biases and `modules_to_save` leaves take the dtype of the leaf they replace.
+
+  Returns:
+    `(params, config)` ready for `jlora.apply(model, params, config, ...)`.
+
+  Raises:
+    TypeError: arguments of the wrong type or order.
+    ValueError: no names for the model (as in `save_peft`), missing files, only
+      a pickled `adapter_model.bin`, a truncated or corrupt safetensors file (a
+      tensor whose jlora SHA-256 differs), a `peft_type` other than LORA or a
+      PEFT feature jlora does not implement (DoRA, ...), tensors for modules the
+      model lacks, shapes that do not fit the model, or ranks that differ from
+      the config.
+  """
+  _check_order("load_peft", model, params, None, _LOAD)
+  given, params = params, stringify(params)
+  names = resolve(model, name_map, caller="load_peft")
+  data, tensors = read(directory)
+  config = from_peft(data)
+  base = strip_adapters(params)
+  tree = unflatten(base)
+  table = name_table(base, names)
+  lora: dict[tuple[Path, str], dict[int | None, tuple[str, Any]]] = {}
+  embeds: set[Path] = set()
+  full: dict[Path, dict[int | None, tuple[str, Any]]] = {}
+  unknown: list[str] = []
+  magnitudes: dict[Path, dict[int | None, tuple[str, Any]]] = {}
+  for key, value in tensors.items():
+    kind, mname, leaf, embed = peft_layout.parse_key(key)
+    if kind == "skip":
+      continue
+    if mname not in table:
+      unknown.append(key)
+      continue
+    module, layer = table[mname]
+    if kind == "lora" and leaf == "lora_magnitude":
+      magnitudes.setdefault(module, {})[layer] = (mname, value)
+      continue
+    if kind == "lora":
+      if embed:
+        embeds.add(module)
+      lora.setdefault((module, leaf), {})[layer] = (mname, value)
+      continue
+    flax = peft_layout.flax_leaf(leaf, module, base)
+    if flax is None:
+      unknown.append(key)
+      continue
+    if flax != "bias" and not is_saved(config, tuple(mname.split("."))):
+      mine = np.asarray(base[(*module, flax)])
+      mine = mine if layer is None else mine[layer]
+      if np.array_equal(np.asarray(value), mine) or np.array_equal(np.asarray(value).T, mine):
+        continue  # an unchanged copy of a base weight (PEFT's save_embedding_layers)
+      raise ValueError(
+          f"load_peft: the adapter holds a changed full weight {key!r}, but {mname!r} is not in the config's "
+          "`modules_to_save`; jlora does not import modified base weights (e.g. a resized vocabulary)."
+      )
+    full.setdefault((*module, flax), {})[layer] = (mname, value)
+  if unknown:
+    raise ValueError(
+        f"load_peft: the adapter holds tensors for modules the model does not have: {_few(unknown)}. "
+        f"Module names of this model (PEFT style) include: {_few(table)}. Pass the model the adapter was made for, "
+        "or a `name_map` from Flax module paths to PEFT module names."
+    )
+  if not lora:
+    raise ValueError(f"load_peft: {os.fspath(directory)!r} holds no LoRA tensor (lora_A / lora_B / lora_embedding_A / _B).")
+  out = dict(base)
+  ranks: dict[Path, int] = {}
+  alphas: dict[Path, float] = {}
+  for (module, leaf), layers in sorted(lora.items()):
+    out[(*module, leaf)] = _adapter_leaf(module, leaf, layers, tree, config, embed=module in embeds, dtype=dtype,
+                                         ranks=ranks, alphas=alphas, layout=layout)
+  for module in {m for m, _ in lora}:
+    if (*module, "lora_a") not in out or (*module, "lora_b") not in out:
+      raise ValueError(f"load_peft: {'/'.join(module)!r} has only one of lora_A / lora_B in the adapter.")
+  for module, layers in sorted(magnitudes.items()):
+    out[(*module, MAGNITUDE_KEY)] = peft_layout.magnitude_from_peft(module, layers, out, get_path(tree, module), dtype)
+  for path, layers in sorted(full.items()):
+    flip = peft_layout.transposed(path[-1], np.ndim(base[path]) - (next(iter(layers)) is not None), path[:-1],
+                                  names, config.fan_in_fan_out)
+    out[path] = peft_layout.full_from_peft(path, layers, base[path], transpose=flip)
+  config = to_jlora(config, ranks, alphas, full)
+  params_out = unflatten(out)
+  check_adapters(params_out, config)
+  return restore(params_out, given), config
+
+
+def _adapter_leaf(module: Path, leaf: str, layers: Mapping[int | None, tuple[str, Any]], tree: Params,
+                  config: LoraConfig, *, embed: bool, dtype: Any, ranks: dict[Path, int],
+                  alphas: dict[Path, float], layout: LayoutLike = None) -> Any:
+  """One `lora_a` / `lora_b` leaf from its per-layer PEFT tensors; records the module's rank and alpha."""
+  where = "/".join(module)
+  try:
+    node = get_path(tree, module)
+    kname = kernel_key(module, node)
+  except (KeyError, TypeError, ValueError):
+    raise ValueError(f"load_peft: the model's module {where!r} has no kernel or embedding to adapt.") from None
+  kernel = node[kname]
+  stacked = next(iter(layers)) is not None
+  k_shape = tuple(kernel.shape[1:] if stacked else kernel.shape)
+  site = weight_site(module, kname, kernel, layout, stack=int(stacked))
+  if site is not None and site.broadcast:  # an (out, in) weight: PEFT's factors, transposed
+    if len(site.kernel_shape) != 2 or site.batch_axes:
+      raise ValueError(f"load_peft: {where!r} has the layout {site.in_axes} -> {site.out_axes} over {k_shape}; "
+                       "PEFT's LoRA tensors fit 2-D weights (one input and one output axis) only.")
+    k_shape = (site.kernel_shape[site.in_axes[0]], site.kernel_shape[site.out_axes[0]])
+  if stacked:
+    missing = sorted(set(range(kernel.shape[0])) - set(layers))
+    if missing:
+      raise ValueError(f"load_peft: {where!r} is a scanned stack of {kernel.shape[0]} layers; the adapter lacks "
+                       f"layers {missing}.")
+  arrays = []
+  for layer in sorted(layers, key=lambda x: -1 if x is None else x):
+    mname, value = layers[layer]
+    arr, r = peft_layout.lora_from_peft(leaf, np.asarray(value, np.float32), k_shape, embed=embed,
+                                        kernel_name=kname, key=mname)
+    arr = peft_layout.to_broadcast(leaf, arr, site) if site is not None and site.broadcast else arr
+    peft_r = pattern_lookup(config.rank_pattern, mname, config.r)
+    if r != peft_r:
+      raise ValueError(
+          f"load_peft: the {leaf} tensor of {mname!r} has rank {r}, but adapter_config.json gives r={peft_r} "
+          "for it (check `r` and `rank_pattern`); the files do not belong together."
+      )
+    if ranks.setdefault(module, r) != r:
+      raise ValueError(f"load_peft: the layers of the scanned stack {where!r} have different ranks; jlora needs one.")
+    alpha = pattern_lookup(config.alpha_pattern, mname, config.lora_alpha)
+    if alphas.setdefault(module, alpha) != alpha:
+      raise ValueError(f"load_peft: the layers of the scanned stack {where!r} have different alphas; jlora needs one.")
+    arrays.append(arr)
+  return jnp.asarray(np.stack(arrays) if stacked else arrays[0], dtype)

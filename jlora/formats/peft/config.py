@@ -1,0 +1,107 @@
+"""`adapter_config.json` both ways: a `LoraConfig` as PEFT must read it, and PEFT's as jlora must apply it.
+
+PEFT selects modules by its own (PyTorch) names, jlora by Flax paths. Where a
+name-based field would select different modules on the other side, it is
+rewritten to an explicit list: `save_peft` lists the saved modules' PEFT names,
+`load_peft` their Flax paths (`target_modules`, `rank_pattern`, `alpha_pattern`,
+`modules_to_save`).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import re
+from collections.abc import Mapping
+from typing import Any
+
+from jlora.core.config import LoraConfig
+from jlora.core.fields import ALL_LINEAR
+from jlora.core.targets import is_saved, matches
+from jlora.core.tree import KERNEL_KEYS, Params, flatten
+
+__all__ = ["to_peft", "from_peft", "to_jlora"]
+
+Path = tuple[str, ...]
+
+
+def _has_separator(names: Any) -> bool:
+  return any(re.search(r"[./]", n) for n in names)
+
+
+def to_peft(config: LoraConfig, params: Params, *, adapted: Mapping[Path, list[str]], ranks: Mapping[str, int],
+            alphas: Mapping[str, float], saved_modules: list[str], fan_in_fan_out: bool) -> dict[str, Any]:
+  """The `adapter_config.json` dict that makes PEFT wrap exactly the adapted modules with their ranks.
+
+  Args:
+    config: the jlora config.
+    params: the params with adapters.
+    adapted: `{Flax module path: [PEFT names, one per layer]}` of the adapted modules.
+    ranks: `{PEFT name: r}` where it differs from `config.r` (PEFT's `rank_pattern`).
+    alphas: `{PEFT name: alpha}` where it differs from `config.lora_alpha`.
+    saved_modules: PEFT names of the `modules_to_save` modules.
+    fan_in_fan_out: an adapted module stores its PyTorch weight `(in, out)` (GPT-2's `Conv1D`).
+  """
+  data = config.to_dict()
+  targets = config.target_modules
+  keep = isinstance(targets, tuple) and not _has_separator(targets)
+  if keep and config.layers_to_transform is None and config.exclude_modules is None:
+    with_weights = {p[:-1] for p in flatten(params) if p[-1] in KERNEL_KEYS}
+    keep = {p for p in with_weights if p[-1] in targets} == set(adapted)
+  if not keep:
+    data.update(target_modules=sorted(n for names in adapted.values() for n in names), exclude_modules=None,
+                layers_to_transform=None, layers_pattern=None)
+  if config.modules_to_save and _has_separator(config.modules_to_save):
+    data["modules_to_save"] = sorted(set(saved_modules))
+  data["rank_pattern"], data["alpha_pattern"] = dict(ranks), dict(alphas)
+  if fan_in_fan_out:
+    data["fan_in_fan_out"] = True
+  if data["init_lora_weights"] not in (True, False, "gaussian"):
+    data["init_lora_weights"] = True
+  return data
+
+
+def from_peft(data: Mapping[str, Any]) -> LoraConfig:
+  """PEFT's config as a `LoraConfig` (PEFT names kept); keys for features switched off are dropped.
+
+  Raises:
+    ValueError: a feature jlora does not implement is switched on, or a value is invalid.
+  """
+  fields = {f.name for f in dataclasses.fields(LoraConfig)}
+  # Newer PEFT versions write keys for features jlora does not know; switched off, they mean nothing here.
+  return LoraConfig.from_dict({k: v for k, v in data.items() if k in fields or v not in (None, False, {}, [])})
+
+
+def to_jlora(config: LoraConfig, ranks: Mapping[Path, int], alphas: Mapping[Path, float],
+             full: Mapping[Path, Any]) -> LoraConfig:
+  """The inverse of `to_peft`: PEFT's config with names rewritten to Flax paths where they would select otherwise.
+
+  Args:
+    config: `from_peft(data)`.
+    ranks: `{Flax module path: r}` of every adapter read.
+    alphas: `{Flax module path: alpha}` of every adapter read.
+    full: the Flax paths of the trained biases and `modules_to_save` leaves read.
+
+  Raises:
+    ValueError: the file holds trained biases but its config says `bias='none'`.
+  """
+  changes: dict[str, Any] = {}
+  paths = sorted(ranks)
+  if config.target_modules != ALL_LINEAR and not all(
+      matches(config.target_modules, p) and not matches(config.exclude_modules, p) for p in paths):
+    changes.update(target_modules=tuple("/".join(p) for p in paths), exclude_modules=None, layers_to_transform=None,
+                   layers_pattern=None)
+  if any(config.rank_for("/".join(p)) != r for p, r in ranks.items()):
+    changes["rank_pattern"] = {"/".join(p): r for p, r in ranks.items() if r != config.r}
+  if any(config.alpha_for("/".join(p)) != a for p, a in alphas.items()):
+    changes["alpha_pattern"] = {"/".join(p): a for p, a in alphas.items() if a != config.lora_alpha}
+  saved_modules = {p[:-1] for p in full if p[-1] != "bias"}
+  if saved_modules and not all(is_saved(config, m) for m in saved_modules):
+    changes["modules_to_save"] = tuple(sorted("/".join(m) for m in saved_modules))
+  biases = sorted("/".join(p) for p in full if p[-1] == "bias" and p[:-1] not in saved_modules)
+  if biases and config.bias == "none":
+    shown = ", ".join(biases[:6]) + (f" … and {len(biases) - 6} more" if len(biases) > 6 else "")
+    raise ValueError(
+        f"load_peft: the adapter holds trained biases ({shown}) but its config has bias='none'; the files do not "
+        "belong together."
+    )
+  return dataclasses.replace(config, **changes)

@@ -1,0 +1,239 @@
+"""Layer descriptions: the one table of linen layer classes that `jlora.init` / `jlora.apply` adapt.
+
+A `Layer` says where a class keeps its weight, how the weight meets the input
+(a dense layout, or an einsum equation) and which call argument is the input.
+The five stock classes (`nn.Dense`, `nn.DenseGeneral`, `nn.Einsum`, `nn.Conv`,
+`nn.Embed` and `nn.Embed.attend`) are entries of this table like any other, and
+users add theirs with `jlora.register_layer` — by class, or by qualified class
+name so that jlora needs no import of the package (gemma and MaxText entries
+ship this way).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+import inspect
+from collections.abc import Callable, Mapping
+from typing import Any
+
+import flax.linen as nn
+
+from jlora.core import ops as _ops
+
+__all__ = ["Layer", "register_layer", "registered_layers", "describe", "Call"]
+
+Attr = Any  # a constant, or a function of the module returning it
+_KINDS = ("dense", "einsum")
+_STOCK_KINDS = ("dense_general", "conv", "embed", "attend")
+
+
+@dataclasses.dataclass(frozen=True)
+class Layer:
+  """How jlora adapts a layer class: its weight, the weight's layout, and its input.
+
+  The layer's output must be `x·W` in that layout (plus a bias, or anything
+  added after), so that the adapted output `x·W + s·(x·A)·B` equals
+  `x·(W + s·A·B)`, what `jlora.merge` computes.
+
+  Attributes:
+    weight: the weight's param name (`"kernel"`), or a function of the module
+      that returns it (gemma's `Einsum`: `lambda m: m.weight_name`).
+    input: the call argument holding the input `x`: a parameter name of
+      `method` (`"inputs"`, `"x"`) or a position (0 is the first after `self`).
+    axis: dense layout (the default): the axes of `x` contracted, in this order,
+      with the weight's leading axes; the weight is `(x.shape[axis]..., outputs...)`.
+      An int, a tuple, or a function of the module (`lambda m: m.axis`). A weight
+      stored `(out, in)` is not a dense layout: describe it with
+      `equation="...i,oi->...o"`.
+    equation: einsum layout: the equation `"x_labels,w_labels->y_labels"`, or a
+      function of the module returning it (`lambda m: m.einsum_str`).
+    equation_arg: einsum layout: the call argument holding the equation (a name
+      or a position); when the call passes none, `equation` is used.
+    method: the method computing the layer.
+    unsupported: optional function of the module returning why this instance
+      cannot be adapted exactly (`""` when it can), e.g. a weight scaled after
+      it is read, which a merge would not reproduce.
+    kind: derived (`"dense"` or `"einsum"`); jlora's own entries for `nn.Conv`,
+      `nn.Embed` and flax's `DenseGeneral` use other kinds.
+
+  Example (a layer that keeps a `(d_in, d_out)` weight named `w`)::
+
+      jlora.register_layer(MyDense, jlora.Layer(weight="w", input="x"))
+      jlora.register_layer("gemma.gm.nn._layers.Einsum",  # by name: no import of gemma
+                           jlora.Layer(weight=lambda m: m.weight_name, input="x", equation_arg="eqn"))
+  """
+
+  weight: Attr = "kernel"
+  input: str | int = 0
+  axis: Attr = -1
+  equation: Attr = None
+  equation_arg: str | int | None = None
+  method: str = "__call__"
+  unsupported: Callable[[nn.Module], str] | None = None
+  kind: str = ""
+
+  def __post_init__(self):
+    kind = self.kind or ("einsum" if self.equation is not None or self.equation_arg is not None else "dense")
+    if kind not in _KINDS + _STOCK_KINDS:
+      raise ValueError(f"Layer: `kind` must be one of {_KINDS + _STOCK_KINDS}, got {self.kind!r}; leave it unset "
+                       "(dense, or einsum when an equation is given).")
+    object.__setattr__(self, "kind", kind)
+    if not (callable(self.weight) or isinstance(self.weight, str)):
+      raise TypeError(f"Layer: `weight` must be a param name or a function of the module, got {self.weight!r}.")
+    if not isinstance(self.input, (str, int)) or isinstance(self.input, bool):
+      raise TypeError(f"Layer: `input` must be an argument name or position, got {self.input!r}.")
+    if not isinstance(self.method, str):
+      raise TypeError(f"Layer: `method` must be a method name such as '__call__', got {self.method!r}.")
+    if self.equation is not None and not (callable(self.equation) or isinstance(self.equation, str)):
+      raise TypeError(f"Layer: `equation` must be an einsum string or a function of the module, got {self.equation!r}.")
+    if isinstance(self.equation, str):
+      _ops.einsum_axes(self.equation)  # raises on a malformed equation now, not at the first forward
+
+  def weight_name(self, module: nn.Module) -> str:
+    return self.weight(module) if callable(self.weight) else self.weight
+
+  def axes(self, module: nn.Module) -> tuple[int, ...]:
+    axis = self.axis(module) if callable(self.axis) else self.axis
+    return (axis,) if isinstance(axis, int) else tuple(axis)
+
+  def why_not(self, module: nn.Module) -> str:
+    return (self.unsupported(module) or "") if self.unsupported is not None else ""
+
+
+class Call:
+  """One intercepted call of a described layer: its module, description and arguments."""
+
+  def __init__(self, module: nn.Module, layer: Layer, args: tuple, kwargs: Mapping[str, Any]):
+    self.module, self.layer, self.args, self.kwargs = module, layer, args, kwargs
+
+  def argument(self, which: str | int) -> Any:
+    """A call argument by parameter name or position (None when the call leaves it out)."""
+    names = _params(type(self.module), self.layer.method)
+    if isinstance(which, int):
+      if which < len(self.args):
+        return self.args[which]
+      which = names[which] if which < len(names) else ""  # passed by keyword
+    if which in self.kwargs:
+      return self.kwargs[which]
+    i = names.index(which) if which in names else None
+    return self.args[i] if i is not None and i < len(self.args) else None
+
+  @property
+  def input(self) -> Any:
+    x = self.argument(self.layer.input)
+    if x is None:
+      raise TypeError(
+          f"jlora: the call of {type(self.module).__name__}.{self.layer.method} has no argument "
+          f"{self.layer.input!r}, which its jlora.Layer names as the input; fix `input=` in register_layer."
+      )
+    return x
+
+  @property
+  def equation(self) -> str:
+    eq = self.argument(self.layer.equation_arg) if self.layer.equation_arg is not None else None
+    if eq is None:
+      eq = self.layer.equation(self.module) if callable(self.layer.equation) else self.layer.equation
+    if not isinstance(eq, str):
+      raise TypeError(
+          f"jlora: no einsum equation for {type(self.module).__name__} (got {eq!r}); set `equation=` or "
+          "`equation_arg=` in its jlora.Layer."
+      )
+    return eq.replace(" ", "")
+
+
+@functools.cache
+def _params(cls: type, method: str) -> tuple[str, ...]:
+  """The parameter names of `cls.method` after `self`."""
+  try:
+    names = list(inspect.signature(getattr(cls, method)).parameters)
+  except (TypeError, ValueError):
+    return ()
+  return tuple(names[1:])
+
+
+def _dense_general_check(m: nn.Module) -> str:
+  return "nn.DenseGeneral with batch_dims is not supported" if m.batch_dims else ""
+
+
+def _conv_check(m: nn.Module) -> str:
+  if m.feature_group_count != 1:
+    return "grouped convolutions (feature_group_count > 1) are not supported"
+  return "masked convolutions are not supported" if m.mask is not None else ""
+
+
+def _scaled_weight_check(m: nn.Module) -> str:
+  scale = getattr(m, "w_scale", None)
+  return f"its weight is scaled by w_scale={scale} after it is read" if scale is not None else ""
+
+
+_REGISTRY: dict[tuple[type | str, str], Layer] = {
+    # Inputs by position: subclasses may rename the parameter.
+    (nn.Dense, "__call__"): Layer(),
+    (nn.DenseGeneral, "__call__"): Layer(axis=lambda m: m.axis, kind="dense_general", unsupported=_dense_general_check),
+    (nn.Einsum, "__call__"): Layer(equation=lambda m: m.einsum_str, equation_arg="einsum_str"),
+    (nn.Conv, "__call__"): Layer(kind="conv", unsupported=_conv_check),
+    (nn.Embed, "__call__"): Layer(weight="embedding", kind="embed"),
+    (nn.Embed, "attend"): Layer(weight="embedding", method="attend", kind="attend"),
+}
+# Layer classes of other packages, by qualified name (no import of those packages).
+for _name in ("gemma.gm.nn._layers.Einsum", "gemma.gm.nn.gemma4._layers.Einsum"):
+  _REGISTRY[(_name, "__call__")] = Layer(weight=lambda m: m.weight_name, input="x", equation_arg="eqn",
+                                         unsupported=_scaled_weight_check)
+for _name in ("MaxText.layers.linears.DenseGeneral", "maxtext.layers.linears.DenseGeneral"):  # axes in given order
+  _REGISTRY[(_name, "__call__")] = Layer(input="inputs", axis=lambda m: m.axis)
+
+
+def register_layer(cls: type | str, layer: Layer) -> None:
+  """Teaches jlora a linen layer class, so that `init` finds it and `apply` adapts it factored.
+
+  A class inherits the description of its nearest described base class; a
+  registration replaces an earlier one of the same class and method.
+
+  Args:
+    cls: the `flax.linen.Module` subclass, or its qualified name
+      (`"package.module.Class"`, as `f"{cls.__module__}.{cls.__qualname__}"`), which
+      needs no import of the package.
+    layer: the description.
+
+  Raises:
+    TypeError: `cls` is not a linen Module class or a dotted name, or `layer` is not a `jlora.Layer`.
+  """
+  if not isinstance(layer, Layer):
+    raise TypeError(f"register_layer: `layer` must be a jlora.Layer, got {type(layer).__name__}.")
+  if isinstance(cls, str):
+    if "." not in cls:
+      raise TypeError(
+          f"register_layer: a class name must be qualified, e.g. 'mypackage.layers.MyDense', got {cls!r}."
+      )
+  elif not (isinstance(cls, type) and issubclass(cls, nn.Module)):
+    raise TypeError(
+        f"register_layer: `cls` must be a flax.linen Module class or its qualified name, got {cls!r}. "
+        "(Flax NNX models: use jlora.nnx; Equinox: jlora.equinox; other models: jlora.init_tree + apply_merged.)"
+    )
+  _REGISTRY[(cls, layer.method)] = layer
+
+
+def registered_layers() -> dict[tuple[type | str, str], Layer]:
+  """A copy of the table: `{(class or qualified name, method): Layer}`."""
+  return dict(_REGISTRY)
+
+
+def describe(module: nn.Module, method: str) -> Layer | None:
+  """The description of `module.method`, from its class or the nearest described base class.
+
+  Subclasses inherit their base's entry (flax's `nn.remat(nn.Dense)` is one); a subclass whose method
+  computes something else than the base's must be registered itself.
+  """
+  for cls in type(module).__mro__:
+    layer = _REGISTRY.get((cls, method)) or _REGISTRY.get((f"{cls.__module__}.{cls.__qualname__}", method))
+    if layer is not None:
+      return layer
+  return None
+
+
+def kinds_listing() -> str:
+  """The described classes, for messages."""
+  names = sorted({k.__name__ if isinstance(k, type) else k for k, _ in _REGISTRY})
+  return ", ".join(names)
+

@@ -1,0 +1,267 @@
+"""Flax linen integration: `jlora.init` and `jlora.apply` by method interception.
+
+This is the one module that intercepts linen methods. It touches the methods
+that `jlora.frontends.layers` describes — `__call__` of `nn.Dense`, `nn.DenseGeneral`,
+`nn.Einsum`, `nn.Conv` and `nn.Embed`, `nn.Embed.attend` (tied output heads),
+and the classes users register (`jlora.register_layer`) — and only inside `jlora.init` / `jlora.apply`:
+the `nn.intercept_methods` context is entered within those calls, so it lives
+exactly as long as the trace that needs it (entered outside a jitted function, a
+cached trace would keep or lose LoRA behind the user's back).
+
+* `init` traces the model abstractly (`jax.eval_shape`: no FLOPs, no copy of the
+  base) to find every adaptable module, its path and kernel layout, then adds
+  adapter leaves to the param tree (`jlora.core.init`).
+* `apply` runs the model, and each adapted layer returns
+  `base(x) + s·(dropout(x)·A)·B`, factored: `A·B` is never formed. It records
+  which adapters the layers read and raises, naming the rest, if any adapter
+  in `params` was not read (it would be silently ignored).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from typing import Any
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+
+from jlora.core import ops as _ops
+from jlora.core.config import LoraConfig
+from jlora.frontends.linen_dora import with_norms
+from jlora.core.init import add_adapters
+from jlora.core.sharding import box, unbox
+from jlora.core.targets import Site, adapter_path, is_head, path_str
+from jlora.core.tree import Params, _check_tree, has_adapters
+from jlora.frontends.layers import Call, describe
+from jlora.frontends.linen_forward import BYPASS, Forward
+from jlora.frontends.linen_run import run_fresh, warn_if_closed_over
+
+__all__ = ["init", "apply"]
+
+def _check_args(model: Any, config: Any) -> None:
+  if not isinstance(config, LoraConfig):
+    raise TypeError(f"`config` must be a jlora.LoraConfig, got {type(config).__name__}.")
+  check_model(model)
+
+
+def check_model(model: Any) -> None:
+  """Raises a TypeError naming the right front-end unless `model` is a linen Module."""
+  if not isinstance(model, nn.Module):
+    raise TypeError(
+        f"`model` must be a flax.linen Module, got {type(model).__name__}. For Flax NNX models use jlora.nnx, for "
+        "Equinox modules jlora.equinox, for Haiku jlora.haiku.apply, and for any other model (plain functions of a "
+        "param tree) jlora.init_tree and jlora.apply_merged."
+    )
+
+
+def _site(call: Call) -> Site:
+  """The `Site` of one call of a described layer: its adapter path, weight, and the weight's layout."""
+  module, layer = call.module, call.layer
+  module_path = tuple(module.path)
+  kernel_name = layer.weight_name(module)
+  kernel = module.get_variable("params", kernel_name)
+  if kernel is None or not hasattr(kernel, "shape"):
+    held = sorted(module.variables.get("params", {})) if module.variables else []
+    raise ValueError(
+        f"jlora.Layer for {type(module).__name__} names the weight {kernel_name!r}, but the module at "
+        f"{path_str(module_path)!r} holds params {held}; fix `weight=` in jlora.register_layer."
+    )
+  shape = tuple(kernel.shape)
+  n = len(shape)
+  batch, why, kind = (), layer.why_not(module), layer.kind
+  if kind == "einsum":
+    try:
+      ins, outs, batch = _ops.einsum_axes(call.equation)
+    except ValueError as e:
+      ins, outs, why = tuple(range(n - 1)), (n - 1,), str(e)
+  elif kind in ("dense", "dense_general"):
+    n_in = len(layer.axes(module))
+    ins, outs = tuple(range(n_in)), tuple(range(n_in, n))
+  elif kind == "conv":
+    ins, outs = tuple(range(n - 1)), (n - 1,)
+  else:  # embed
+    ins, outs = (0,), (1,)
+  return Site(adapter_path(module_path, kernel_name), kind, kernel_name, shape, ins, outs, batch, is_head(module_path),
+              why)
+
+
+def _check_call(call: Call, site: Site, y: Any) -> None:
+  """At init: the described input is there, and a dense weight's axes fit the call as `(inputs..., outputs...)`."""
+  x = call.input
+  if site.kind not in ("dense", "dense_general") or site.unsupported:
+    return
+  n_in = len(site.in_axes)
+  want_in, want_out = site.kernel_shape[:n_in], site.kernel_shape[n_in:]
+  try:
+    axes = [a % x.ndim for a in call.layer.axes(call.module)]
+    got_in = tuple(x.shape[a] for a in (sorted(axes) if site.kind == "dense_general" else axes))
+  except (IndexError, ZeroDivisionError):
+    got_in = ()
+  got_out = tuple(y.shape[len(y.shape) - len(want_out):]) if hasattr(y, "shape") else want_out
+  if got_in != want_in or got_out != want_out:
+    raise ValueError(
+        f"{type(call.module).__name__} at {path_str(site.path)!r}: its input {tuple(x.shape)} and output "
+        f"{tuple(getattr(y, 'shape', ()))} do not fit the weight {site.kernel_name!r} {site.kernel_shape} as "
+        f"(inputs..., outputs...) contracted over axis {call.layer.axes(call.module)}, the dense layout of its "
+        "jlora.Layer. A weight stored (out, in) needs an einsum description, e.g. "
+        "jlora.Layer(weight='weight', input='x', equation='...i,oi->...o'); otherwise fix `axis=`."
+    )
+
+
+def _discover(model: nn.Module, params: Params, args, kwargs, variables) -> list[Site]:
+  """Every adaptable module that the model calls on these inputs, in call order."""
+  found: dict[tuple[str, ...], Site] = {}
+  outputs: dict[tuple[str, ...], Any] = {}
+
+  def record(next_fun, args, kwargs, context):
+    layer = describe(context.module, context.method_name)
+    y = next_fun(*args, **kwargs)
+    if layer is None or layer.kind == "attend" or BYPASS.get():
+      return y
+    call = Call(context.module, layer, args, kwargs)
+    site = _site(call)
+    _check_call(call, site, y)
+    known = found.setdefault(site.path, site)
+    if known.kernel_shape != site.kernel_shape:
+      raise ValueError(f"Module {path_str(site.path)!r} is called with two kernel shapes.")
+    outputs[site.path] = y
+    return y
+
+  def trace(p):
+    with nn.intercept_methods(record):
+      out = run_fresh(model, {"params": p, **(variables or {})}, args, kwargs)
+    leaves = jax.tree.leaves(out)
+    heads = [path for path, y in outputs.items() if any(y is leaf for leaf in leaves)]
+    for path in heads:
+      found[path] = found[path]._replace(is_head=True)
+    return out
+
+  jax.eval_shape(trace, params)
+  return list(found.values())
+
+
+def init(key: jax.Array, model: nn.Module, params: Params, config: LoraConfig, *args,
+         dtype: Any = jnp.float32, variables: Mapping[str, Any] | None = None, **kwargs) -> dict:
+  """Adds LoRA adapters to a linen model's params.
+
+  The model is traced abstractly on the example inputs `*args, **kwargs` (as for
+  `model.apply`; `method=`, `rngs=` and flags such as `train=False` pass
+  through) to find every `nn.Dense`, `nn.DenseGeneral`, `nn.Einsum`, `nn.Conv` and
+  `nn.Embed` it calls, and every layer of a class described with
+  `jlora.register_layer` (gemma's `Einsum` and MaxText's `DenseGeneral` ship
+  described); those that `config` targets get `lora_a` and `lora_b` leaves
+  beside their weight (`<weight>_lora_a` / `_lora_b` for a weight that is not
+  its module's main one, e.g. gemma's `mlp/gating_einsum`, targeted by that path). Works through `nn.scan` / `nn.vmap` (stacked
+  adapters, e.g. `lora_a: (L, d_in, r)`, a different draw per layer),
+  `nn.remat`, nested and shared modules.
+
+  Args:
+    key: PRNG key for the adapter init.
+    model: the linen module.
+    params: its `'params'` collection (`variables['params']`).
+    config: what to adapt and how.
+    *args: example inputs, e.g. a batch of token ids.
+    dtype: adapter dtype; float32 by default even over a bf16 base.
+    variables: other collections the model needs (e.g. `{'batch_stats': ...}`).
+    **kwargs: passed to `model.apply`.
+
+  On a mesh, each adapter is created on its devices, sharded like its kernel
+  (`jlora.adapter_shardings`): a base of `NamedSharding` arrays gives
+  `NamedSharding` adapters, and a base of flax partitioning boxes
+  (`nn.with_logical_partitioning`, `nn.Partitioned`) gives boxed adapters whose
+  names follow the rule, with a `'lora_rank'` axis (logical; replicated unless
+  your rules map it), so `nn.get_partition_spec` covers them.
+
+  Returns:
+    A new params tree: the base leaves (the same arrays) plus, per adapted
+    module, `lora_a: in_shape + (r,)` and `lora_b: (r,) + out_shape` (layouts per
+    layer kind in `jlora.core.ops`).
+
+  Raises:
+    ValueError: `target_modules` matches nothing (the message lists the module
+      paths that exist), `r` exceeds a module's dimensions, and the other
+      config/model mismatches listed in `jlora.core.targets.select_sites`.
+    TypeError: `params` is not a nested dict.
+
+  Example:
+    >>> import flax.linen as nn, jax, jax.numpy as jnp, jlora
+    >>> model = nn.Dense(64)
+    >>> x = jnp.ones((1, 512))
+    >>> params = model.init(jax.random.key(0), x)["params"]
+    >>> config = jlora.LoraConfig(r=8, target_modules=".*")
+    >>> params = jlora.init(jax.random.key(1), model, params, config, x)
+    >>> params["lora_a"].shape, params["lora_b"].shape
+    ((512, 8), (8, 64))
+  """
+  _check_args(model, config)
+  _check_tree(params)
+  params, boxes = unbox(params)
+  sites = _discover(model, params, args, kwargs, variables)
+  return box(add_adapters(key, params, config, sites, dtype=dtype), boxes)
+
+
+def apply(model: nn.Module, params: Params, config: LoraConfig, *args, rngs: Mapping[str, jax.Array] | None = None,
+          variables: Mapping[str, Any] | None = None, allow_unused: bool = False, dora_norms: Params | None = None,
+          **kwargs) -> Any:
+  """The LoRA forward of a linen model: pure, jittable, differentiable.
+
+  Each adapted layer computes `y = base(x) + s·(dropout(x)·A)·B` factored (the
+  r-wide product `x·A` first; `A·B` is never formed). The LoRA term is computed
+  in `result_type(x.dtype, A.dtype)` — float32 for float32 adapters over a bf16
+  base — and added to the base output in the base output's dtype.
+
+  LoRA dropout (`config.lora_dropout`) acts on the LoRA input only, and only
+  when `rngs` holds a stream named `'lora_dropout'`; without it the forward is
+  deterministic. (Inside `nn.scan`, list `'lora_dropout'` in `split_rngs` for a
+  different mask per layer.)
+
+  Args:
+    model: the linen module.
+    params: the params with adapters (from `jlora.init`, or `combine(trainable, frozen)`).
+    config: the config the adapters were created with.
+    *args: model inputs.
+    rngs: rng streams, e.g. `{'dropout': k1, 'lora_dropout': k2}`.
+    variables: other collections (e.g. `{'batch_stats': ...}`).
+    allow_unused: let adapters that this forward does not reach pass (e.g.
+      `method=encode` of an encoder-decoder); by default they raise.
+    dora_norms: for serving unmerged DoRA adapters: `jlora.dora_norms(params,
+      config)` of these very params, computed once; each layer then skips
+      forming `W0 + s·A·B` for its norm. Inference only: under training the
+      norms change with `A` and `B` every step.
+    **kwargs: passed to `model.apply` (`method=`, `mutable=`, model flags).
+
+  Returns:
+    What `model.apply` returns.
+
+  Raises:
+    ValueError: `params` holds no adapter; an adapter does not match the config
+      (rank, shape, or a module the config does not target); an adapter was not
+      read by any intercepted layer call (it would be silently ignored: a layer
+      class jlora does not know, a wrong `method=`, a renamed module), unless
+      `allow_unused`. The check runs when the forward is traced, so it costs
+      nothing per step under `jit`.
+  """
+  _check_args(model, config)
+  _check_tree(params)
+  if not has_adapters(params):
+    raise ValueError(
+        "`params` holds no LoRA adapter (no lora_a/lora_b leaves), so jlora.apply would run the bare base model. "
+        "Create adapters with jlora.init, or pass jlora.combine(trainable, frozen)."
+    )
+  if dora_norms is not None:
+    params = with_norms(unbox(params)[0], dora_norms)
+  return run_forward(Forward(config), model, params, args, kwargs, rngs, variables, allow_unused)
+
+
+def run_forward(forward: Forward, model: nn.Module, params: Params, args: tuple, kwargs: dict,
+                rngs: Mapping[str, jax.Array] | None, variables: Mapping[str, Any] | None, allow_unused: bool,
+                fn: str = "jlora.apply") -> Any:
+  """Runs `model` with `forward` intercepting its layers, then checks that every adapter was read."""
+  warn_if_closed_over(params, fn)
+  params = unbox(params)[0]
+  with nn.intercept_methods(forward):
+    out = run_fresh(model, {"params": params, **(variables or {})}, args, {**kwargs, "rngs": rngs})
+  if not allow_unused:
+    forward.check_consumed(params, fn)
+  return out

@@ -1,0 +1,237 @@
+"""`jlora.nnx.init` and `jlora.nnx.from_params`: a LoRA copy of an NNX model, by module surgery.
+
+Both build the adapter tree in jlora's plain params layout first, through the
+same code as linen models (`jlora.core.init.add_adapters`: the same targeting rule and
+errors, the same draws per module path, PiSSA), then install it into a clone of
+the model (`_build`): adapted layers get their `Lora<Base>` class and `lora_a` /
+`lora_b`, and every parameter is retyped `Trainable` or `Frozen` by `jlora.labels`.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+
+from jlora.core.config import LoraConfig, refuse_dora
+from jlora.core.init import add_adapters
+from jlora.core.targets import Site, path_str, selects
+from jlora.core.tree import LORA_KEYS, _check_tree, adapted_modules, check_adapters, flatten, has_adapters, labels
+from jlora.frontends.nnx.graph import Path, adapted, check_config, check_model, sites, to_params, walk
+from jlora.frontends.nnx.layer import install, uninstall
+from jlora.frontends.nnx.vars import PARAM_TYPES, Frozen, Trainable, restore, retype
+
+__all__ = ["init", "from_params", "strip"]
+
+
+def _check_base(model: nnx.Module, caller: str) -> None:
+  """Raises unless the model holds no adapters (and no variables named like them)."""
+  where = sorted(path_str(p) for p in adapted(model))
+  _, variables = walk(model)
+  named = sorted(path_str(p) for p, v in variables.items() if p[-1] in LORA_KEYS or isinstance(v, Trainable))
+  if where or named:
+    shown = (where or named)[:4]
+    raise ValueError(
+        f"jlora.nnx.{caller}: `model` already holds LoRA adapters or variables named like them (at {shown}"
+        f"{' …' if len(where or named) > 4 else ''}). Pass the base model; to stack a new adapter on a trained one, "
+        "merge it first: jlora.nnx.init(key, jlora.nnx.merge(model), config)."
+    )
+
+
+def init(key: jax.Array, model: nnx.Module, config: LoraConfig, *args, rngs: nnx.Rngs | None = None,
+         dtype: Any = jnp.float32, **kwargs) -> nnx.Module:
+  """A LoRA copy of an NNX model: every targeted layer adapted, factored, `A·B` never formed.
+
+  Each `nnx.Linear`, `nnx.LinearGeneral` (so `nnx.MultiHeadAttention`'s query,
+  key, value and out), `nnx.Einsum`, `nnx.Conv` and `nnx.Embed` that `config`
+  targets becomes a `Lora<Base>` layer (a subclass of its class) computing
+  `base(x) + s·(dropout(x)·A)·B`, with `lora_a: in_shape + (r,)` and
+  `lora_b: (r,) + out_shape` beside its kernel (layouts per kind in `jlora.core.ops`).
+  Layers made by `nnx.vmap` (a stack run by `nnx.scan`) get stacked adapters,
+  `lora_a: (L, d_in, r)`, a different draw per layer. Module paths are attribute
+  names from the root with list indices, `layers/0/attn/query`, and targets match
+  them as in `jlora.init` (names, regex, `"all-linear"` without the output head,
+  `layers_to_transform`, `rank_pattern` ...).
+
+  The returned model holds no `nnx.Param`: what trains (adapters, the biases
+  `config.bias` trains, `modules_to_save`) is `jlora.nnx.Trainable` and the rest
+  `jlora.nnx.Frozen`. Train with `nnx.Optimizer(model, tx, wrt=jlora.nnx.Trainable)`.
+  `model` itself is not changed; both share the base arrays (nothing is copied).
+
+  Args:
+    key: PRNG key of the adapter init (the same draws as `jlora.init` gives a
+      linen module at the same paths).
+    model: the NNX model (the base).
+    config: what to adapt and how.
+    *args: optional example inputs of `model(*args, **kwargs)`. When given, the
+      model is traced abstractly on them (no FLOPs): a layer whose output the
+      model returns unchanged counts as the output head, and an `nnx.Einsum`
+      given its equation at call time gets it from the call.
+    rngs: rng streams; a stream `lora_dropout` (or NNX's `default`) drives
+      `config.lora_dropout` (an `nnx.Dropout` on the LoRA input of each adapted
+      layer, off in `model.eval()`). Without it the forward is deterministic.
+    dtype: adapter dtype; float32 by default, even over a bf16 base.
+    **kwargs: example keyword inputs.
+
+  Returns:
+    The LoRA model.
+
+  Raises:
+    TypeError: `model` is not an NNX module (a linen one is told to use
+      `jlora.init`), or `config` is not a `LoraConfig`.
+    ValueError: `target_modules` matches nothing (the message lists every
+      adaptable module path), `model` already holds adapters, and the other
+      config/model mismatches of `jlora.core.targets.select_sites`.
+
+  Example:
+    >>> import jax
+    >>> from flax import nnx
+    >>> import jlora
+    >>> from jlora import nnx as lnnx
+    >>> model = nnx.Linear(512, 64, rngs=nnx.Rngs(0))
+    >>> config = jlora.LoraConfig(r=8, target_modules=".*")
+    >>> lora = lnnx.init(jax.random.key(1), model, config)
+    >>> type(lora).__name__, lora.lora_a.shape, lora.lora_b.shape
+    ('LoraLinear', (512, 8), (8, 64))
+  """
+  check_model(model)
+  check_config(config)
+  refuse_dora(config, "jlora.nnx.init", "its Lora layers add the plain LoRA term")
+  _check_base(model, "init")
+  found, eqs = sites(model, args, kwargs)
+  if not found:
+    raise ValueError(
+        "`model` has no layer jlora.nnx adapts (nnx.Linear, nnx.LinearGeneral, nnx.Einsum, nnx.Conv, nnx.Embed)."
+    )
+  lora = nnx.clone(model)
+  tree = add_adapters(key, to_params(lora), config, found, dtype=dtype)
+  _build(lora, tree, config, {s.path: s for s in found}, eqs, rngs)
+  return lora
+
+
+def from_params(model: nnx.Module, params: Mapping[str, Any], config: LoraConfig, *args,
+                rngs: nnx.Rngs | None = None, **kwargs) -> nnx.Module:
+  """The LoRA model of `params`: the inverse of `jlora.nnx.to_params`.
+
+  Builds, from `model` (with or without adapters; not changed), a LoRA model whose
+  every parameter is the leaf of `params` at its path, adapted exactly where
+  `params` holds `lora_a` / `lora_b`. It takes what `jlora.load_adapter` or
+  `jlora.load_peft` return for `jlora.nnx.to_params(base)`, or the params of a
+  linen twin of the model (same module paths).
+
+  Args:
+    model: the NNX model (the base, or a LoRA model of it).
+    params: a whole params tree with adapters (base leaves and adapters), in
+      `to_params`' layout; leaves the tree lacks keep the model's values.
+    config: the config the adapters were made with.
+    *args: optional example inputs, as in `init`.
+    rngs: rng streams for `config.lora_dropout`, as in `init`.
+    **kwargs: optional example keyword inputs.
+
+  Returns:
+    The LoRA model.
+
+  Raises:
+    ValueError: `params` holds no adapter; an adapter sits where the model has no
+      adaptable layer, or one `config` does not select, or does not fit its
+      kernel or the config's rank; a leaf has no variable in the model at its
+      path, or another shape.
+  """
+  check_model(model)
+  check_config(config)
+  _check_tree(params)
+  if not has_adapters(params):
+    raise ValueError(
+        "jlora.nnx.from_params: `params` holds no LoRA adapter (no lora_a/lora_b leaves). Pass a tree with "
+        "adapters, e.g. what jlora.load_adapter(path, jlora.nnx.to_params(base)) returns."
+    )
+  check_adapters(params, config)
+  lora = nnx.clone(model)
+  strip(lora)
+  found, eqs = sites(lora, args, kwargs)
+  by_path = {s.path: s for s in found}
+  for path, _ in adapted_modules(params):
+    site = by_path.get(path)
+    where = path_str(path)
+    if site is None:
+      shown = "\n".join(f"  {path_str(s.path)}  ({s.kind})" for s in found[:40])
+      raise ValueError(f"`params` holds an adapter at {where!r}, where the model has no layer jlora.nnx adapts. "
+                       f"Adaptable layers:\n{shown}\nPass the model the adapter was made for.")
+    if site.unsupported:
+      raise ValueError(f"Cannot adapt {where!r} ({site.kind}): {site.unsupported}.")
+    if not selects(config, path, site.kind, is_head=site.is_head):
+      raise ValueError(
+          f"`params` holds an adapter at {where!r}, which the config (target_modules={config.target_modules!r}, "
+          f"exclude_modules={config.exclude_modules!r}, layers_to_transform={config.layers_to_transform!r}) does "
+          "not select. Pass the LoraConfig that created it."
+      )
+  _build(lora, params, config, by_path, eqs, rngs)
+  return lora
+
+
+def strip(model: nnx.Module) -> None:
+  """Removes adapters in place, unmerged: adapted layers get their base class back, parameters their Param type."""
+  for module in adapted(model).values():
+    uninstall(module)
+  _, variables = walk(model)
+  for var in variables.values():
+    restore(var)
+
+
+def _build(model: nnx.Module, tree: Mapping[str, Any], config: LoraConfig, by_path: dict[Path, Site],
+           eqs: dict[Path, str], rngs: nnx.Rngs | None) -> None:
+  """Installs the adapters of `tree` into `model` (in place), sets its other leaves, retypes every parameter."""
+  modules, variables = walk(model)
+  missing, bad = [], []
+  for path, leaf in flatten(tree).items():
+    if path[-1] in LORA_KEYS:
+      continue
+    var = variables.get(path)
+    if var is None or not isinstance(var, PARAM_TYPES):
+      missing.append(path_str(path))
+    elif tuple(jnp.shape(leaf)) != tuple(var.shape):
+      bad.append(f"{path_str(path)} {tuple(jnp.shape(leaf))} (the model's: {tuple(var.shape)})")
+    elif leaf is not var.get_value():
+      var.set_value(leaf)
+  if missing or bad:
+    raise ValueError(
+        "`params` does not fit the model: "
+        + (f"no parameter at {missing[:6]}{' …' if len(missing) > 6 else ''}" if missing else "")
+        + ("; " if missing and bad else "") + (f"other shapes: {bad[:6]}" if bad else "")
+        + ". Pass the params of this model (jlora.nnx.to_params), or of a linen model with the same module paths."
+    )
+  stream = _dropout_stream(rngs, config)
+  for path, node in adapted_modules(tree):
+    site = by_path[path]
+    stack = variables[path + (site.kernel_name,)].get_value().ndim - len(site.kernel_shape)
+    shape = tuple(variables[path + (site.kernel_name,)].shape[:stack])
+    dropout = None if stream is None or site.kind == "embed" else _dropout(stream, config.lora_dropout, shape)
+    install(modules[path], site.kind, node["lora_a"], node["lora_b"], scale=config.scale_for(path_str(path)),
+            einsum_str=eqs.get(path), dropout=dropout)
+  for path, label in flatten(labels(tree, config)).items():
+    if path[-1] not in LORA_KEYS:
+      retype(variables[path], Frozen if label == "frozen" else Trainable)
+  for var in variables.values():
+    if isinstance(var, nnx.Param):  # parameters the tree did not hold stay fixed too
+      retype(var, Frozen)
+
+
+def _dropout_stream(rngs: nnx.Rngs | None, config: LoraConfig) -> nnx.RngStream | None:
+  if rngs is None or config.lora_dropout == 0.0:
+    return None
+  if not isinstance(rngs, nnx.Rngs):
+    raise TypeError(f"`rngs` must be an nnx.Rngs (e.g. nnx.Rngs(lora_dropout=0)), got {type(rngs).__name__}.")
+  try:
+    return rngs["lora_dropout"]
+  except KeyError:
+    return None
+
+
+def _dropout(stream: nnx.RngStream, rate: float, stack: tuple[int, ...]) -> nnx.Dropout:
+  """An `nnx.Dropout` on the LoRA input, with its own key (one per layer of a stack, for `nnx.scan`)."""
+  drop = nnx.Dropout(rate, rng_collection="lora_dropout")
+  drop.rngs = stream.split(stack) if stack else stream.fork()
+  return drop

@@ -1,0 +1,94 @@
+"""`jlora.nnx.merge` and `jlora.nnx.unmerge`: between a LoRA NNX model and a plain one with `W = W0 + s·A·B`."""
+
+from __future__ import annotations
+
+from flax import nnx
+
+from jlora.core import ops as _ops
+from jlora.core.targets import path_str
+from jlora.core.tree import LORA_KEYS
+from jlora.frontends.nnx.graph import adapted, check_model, require_adapters, walk
+from jlora.frontends.nnx.init import strip
+from jlora.frontends.nnx.vars import PARAM_TYPES, Trainable
+
+__all__ = ["merge", "unmerge"]
+
+
+def _kernel(module: nnx.Module) -> nnx.Variable:
+  return module.embedding if module.lora_kind == "embed" else module.kernel
+
+
+def merge(model: nnx.Module) -> nnx.Module:
+  """A plain NNX model with every adapter folded in: `W = W0 + s·A·B`.
+
+  The result has the base model's classes (`nnx.Linear`, ... ; no `Lora<Base>`
+  layer, no `lora_a` / `lora_b`), and its parameters are `nnx.Param` again (or the
+  `Param` subclass they were), so it runs with zero added latency and computes
+  what the factored LoRA model computes. The sum is taken in float32 and cast back
+  to the kernel's dtype; stacked (`nnx.vmap`) layers merge per layer. Trained biases
+  and `modules_to_save` parameters keep their trained values. `model` is not changed.
+
+  Args:
+    model: a LoRA model (from `jlora.nnx.init` or `from_params`).
+
+  Returns:
+    The merged model.
+
+  Raises:
+    ValueError: `model` holds no adapter.
+  """
+  require_adapters(model, "merge")
+  out = nnx.clone(model)
+  for module in adapted(out).values():
+    var = _kernel(module)
+    w0 = var.get_value()
+    var.set_value(_ops.fold(w0, module.lora_a.get_value(), module.lora_b.get_value(), module.lora_scale))
+  strip(out)
+  return out
+
+
+def unmerge(merged: nnx.Module, model: nnx.Module) -> nnx.Module:
+  """Undoes `merge`: the LoRA model `model` with its base weights recovered from `merged` as `W0 = W − s·A·B`.
+
+  Args:
+    merged: a merged model (from `merge`): no adapters.
+    model: the LoRA model whose adapters were merged (its adapters, scales and
+      structure are used; its base weights are not).
+
+  Returns:
+    A LoRA model: `model`'s adapters over the base weights of `merged`, recovered
+    up to the rounding of the float32 sums (cast back to the kernel's dtype).
+
+  Raises:
+    ValueError: `merged` still holds adapters (subtracting would corrupt its
+      kernels), `model` holds none, or their parameters differ in paths or shapes.
+  """
+  check_model(merged, "merged")
+  require_adapters(model, "unmerge")
+  _, merged_vars = walk(merged)
+  left = sorted(path_str(p) for p in adapted(merged))
+  left += sorted(path_str(p) for p, v in merged_vars.items() if isinstance(v, Trainable))
+  if left:
+    raise ValueError(
+        f"jlora.nnx.unmerge: `merged` still holds LoRA adapters (at {left[:4]}{' …' if len(left) > 4 else ''}), so "
+        "its kernels are W0, not W0 + s·A·B; subtracting would corrupt them. Pass the output of jlora.nnx.merge."
+    )
+  out = nnx.clone(model)
+  _, out_vars = walk(out)
+  problems = []
+  for path, var in out_vars.items():
+    if not isinstance(var, PARAM_TYPES) or path[-1] in LORA_KEYS:
+      continue
+    source = merged_vars.get(path)
+    if source is None or not isinstance(source, PARAM_TYPES) or tuple(source.shape) != tuple(var.shape):
+      problems.append(path_str(path))
+    else:
+      var.set_value(source.get_value())
+  if problems:
+    raise ValueError(f"jlora.nnx.unmerge: `merged` is not a merge of `model`: its parameters differ at "
+                     f"{problems[:6]}{' …' if len(problems) > 6 else ''} (missing or other shapes).")
+  for module in adapted(out).values():
+    var = _kernel(module)
+    w = var.get_value()
+    var.set_value(_ops.fold(w, module.lora_a.get_value(), module.lora_b.get_value(), module.lora_scale, sign=-1))
+  return out

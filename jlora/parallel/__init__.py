@@ -1,0 +1,1 @@
+"""Several JAX processes: which process decides, and arrays no process holds whole."""

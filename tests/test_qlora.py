@@ -118,3 +118,15 @@ def test_requantize_after_merge_reports_what_rounding_drops(method, stack):
     jlora.requantize({"layers": {"up": {"kernel": jnp.zeros((2, 64, 64)), "bias": jnp.zeros((2, 128))}}}, q)
   with pytest.raises(ValueError, match=r"`merged` has no leaf at 'layers/up/kernel'"):
     jlora.requantize({"layers": {}}, q)
+
+
+def test_requantize_keeps_kernels_the_merge_left_quantized():
+  rng = np.random.default_rng(1)
+  base = {name: {"kernel": jnp.asarray(rng.standard_normal((32, 96)), jnp.float32)} for name in ("a", "b")}
+  q = jlora.quantize(base)
+  config = jlora.LoraConfig(r=4, target_modules=["a"], init_lora_weights=False)
+  merged = jlora.merge(jlora.init_tree(jax.random.key(2), q, config), config)
+  assert isinstance(merged["b"]["kernel"], QuantizedArray)  # not adapted: merge keeps it packed
+  out, report = jlora.requantize(merged, q)
+  assert out["b"]["kernel"] is merged["b"]["kernel"] and set(report) == {"a/kernel"}
+  assert isinstance(out["a"]["kernel"], QuantizedArray) and out["a"]["kernel"].meta == q["a"]["kernel"].meta

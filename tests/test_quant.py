@@ -1,6 +1,7 @@
 """QLoRA quantization primitives: NF4 levels, packing, round trips against a NumPy reference, layout, trees, errors."""
 
 import os
+import re
 import subprocess
 import sys
 import textwrap
@@ -287,7 +288,8 @@ def test_quantize_and_dequantize_on_a_mesh_keep_the_kernel_sharding():
 
 @pytest.mark.parametrize("kwargs,match", [
     (dict(method="fp4"), r"`method` must be one of \('nf4', 'int8'\), got 'fp4'; e\.g\. quantize\(w, 'nf4'\)"),
-    (dict(block_size=0), r"`block_size` must be a positive even int .*got 0; QLoRA uses block_size=64"),
+    (dict(block_size=0), r"`block_size` must be an even int in \[2, 4096\] .*got 0; QLoRA uses block_size=64"),
+    (dict(block_size=2**40), r"`block_size` .*bitsandbytes' largest NF4 block is 4096\), got 1099511627776"),
     (dict(block_size=-64), r"`block_size` .*got -64"),
     (dict(block_size=63), r"`block_size` .*two 4-bit codes share a byte.*got 63"),
     (dict(block_size=64.0), r"`block_size` .*got 64\.0"),
@@ -312,3 +314,13 @@ def test_bad_inputs_raise():
     dequantize(jnp.ones((4, 8)))
   with pytest.raises(TypeError, match="`double_quant` must be a bool"):
     quantize(jnp.ones((4, 8)), double_quant=1)
+
+
+@pytest.mark.parametrize("method", ["nf4", "int8"])
+@pytest.mark.parametrize("shape", [(0, 8), (8, 0), (3, 0, 8)])
+def test_kernels_with_no_elements_are_refused_alone_and_kept_in_a_tree(method, shape):
+  with pytest.raises(ValueError, match=re.escape(f"`x` has shape {shape}, with no elements: there is nothing")):
+    quantize(jnp.ones(shape), method)
+  tree = {"empty": {"kernel": jnp.ones(shape)}, "full": {"kernel": jnp.ones((4, 8))}}
+  out = quantize_params(tree, method)
+  assert out["empty"]["kernel"] is tree["empty"]["kernel"] and isinstance(out["full"]["kernel"], QuantizedArray)

@@ -42,6 +42,7 @@ __all__ = ["NF4_LEVELS", "METHODS", "QuantizedArray", "quantize", "dequantize", 
 
 METHODS = ("nf4", "int8")
 DQ_BLOCK = 256  # blocks of absmax values per second-level scale (QLoRA's double quantization)
+MAX_BLOCK = 4096  # the largest NF4 block (bitsandbytes offers 64..4096); larger ones only pad
 
 
 def _nf4_levels() -> np.ndarray:
@@ -219,10 +220,11 @@ def _int8(x: jax.Array, stack: int):
 def _check_args(method: Any, block_size: Any, double_quant: Any) -> None:
   if method not in METHODS:
     raise ValueError(f"`method` must be one of {METHODS}, got {method!r}; e.g. quantize(w, 'nf4') for QLoRA.")
-  if not isinstance(block_size, int) or isinstance(block_size, bool) or block_size <= 0 or block_size % 2:
+  if (not isinstance(block_size, int) or isinstance(block_size, bool) or not 0 < block_size <= MAX_BLOCK
+      or block_size % 2):
     raise ValueError(
-        f"`block_size` must be a positive even int (two 4-bit codes share a byte), got {block_size!r}; "
-        "QLoRA uses block_size=64."
+        f"`block_size` must be an even int in [2, {MAX_BLOCK}] (two 4-bit codes share a byte; bitsandbytes' largest "
+        f"NF4 block is {MAX_BLOCK}), got {block_size!r}; QLoRA uses block_size=64."
     )
   if not isinstance(double_quant, bool):
     raise TypeError(f"`double_quant` must be a bool, got {double_quant!r}.")
@@ -255,7 +257,7 @@ def quantize(x: jax.typing.ArrayLike, method: str = "nf4", *, block_size: int = 
 
   Raises:
     ValueError: a bad `method`, `block_size` or `stack`, `x` with fewer than 2
-      dimensions, or (outside `jit`) NaN or inf in `x`.
+      dimensions or no elements, or (outside `jit`) NaN or inf in `x`.
     TypeError: `x` not floating, `double_quant` not a bool.
   """
   _check_args(method, block_size, double_quant)
@@ -267,6 +269,9 @@ def quantize(x: jax.typing.ArrayLike, method: str = "nf4", *, block_size: int = 
     )
   if not jnp.issubdtype(x.dtype, jnp.floating):
     raise TypeError(f"`x` must be floating (the kernel to quantize), got dtype {x.dtype}.")
+  if x.size == 0:
+    raise ValueError(f"`x` has shape {x.shape}, with no elements: there is nothing to quantize; leave it as it is "
+                     "(jlora.quantize of a tree skips empty kernels).")
   if method == "int8" and (not isinstance(stack, int) or not 0 <= stack <= x.ndim - 2):
     raise ValueError(
         f"`stack` must be an int in [0, {x.ndim - 2}] for a kernel of shape {x.shape} (the number of leading "

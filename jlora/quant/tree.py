@@ -59,7 +59,8 @@ def quantize(params: Any, method: str = "nf4", *, block_size: int = 64, double_q
     select: `select(path, leaf) -> bool`, True = quantize; `path` is a tuple of
       key names, e.g. `('layers_0', 'attn', 'query', 'kernel')`. The default
       (`is_kernel`) takes floating leaves named `kernel` of 2+ dimensions, so
-      embeddings, biases, norms and adapters stay as they are.
+      embeddings, biases, norms and adapters stay as they are. Kernels with no
+      elements are always left as they are.
 
   Returns:
     The tree with a `QuantizedArray` in place of each selected leaf; other leaves
@@ -77,7 +78,7 @@ def quantize(params: Any, method: str = "nf4", *, block_size: int = 64, double_q
 
   def one(path, leaf):
     names = _path_names(path)
-    if isinstance(leaf, QuantizedArray) or not select(names, leaf):
+    if isinstance(leaf, QuantizedArray) or not select(names, leaf) or getattr(leaf, "size", 1) == 0:
       return leaf
     s = stack(names, leaf) if callable(stack) else stack
     try:
@@ -136,7 +137,9 @@ def requantize(merged: Any, like: Any) -> tuple[Any, dict[str, dict[str, float]]
   Args:
     merged: the merged tree (full-precision kernels).
     like: the quantized base (`jlora.quantize`) `merged` came from: the kernels
-      that are `QuantizedArray`s there are requantized; other leaves are kept.
+      that are `QuantizedArray`s there are requantized; other leaves are kept,
+      and so are kernels still quantized in `merged` (not adapted, so `merge`
+      left them packed; they get no report entry).
 
   Returns:
     `(requantized tree, report)`; `report[path]` has `relative_error`
@@ -147,13 +150,13 @@ def requantize(merged: Any, like: Any) -> tuple[Any, dict[str, dict[str, float]]
   Raises:
     ValueError: a kernel of `like` has no same-shaped leaf in `merged`.
   """
-  flat_like = {p: v for p, v in jax.tree_util.tree_leaves_with_path(like, is_leaf=lambda x: isinstance(x, QuantizedArray))
-               if isinstance(v, QuantizedArray)}
+  boxed = lambda x: isinstance(x, QuantizedArray)  # noqa: E731
+  flat_like = {p: v for p, v in jax.tree_util.tree_leaves_with_path(like, is_leaf=boxed) if boxed(v)}
   report: dict[str, dict[str, float]] = {}
 
   def one(path, leaf):
     base = flat_like.get(path)
-    if base is None:
+    if base is None or boxed(leaf):  # not a quantized kernel of `like`, or one the merge left quantized (not adapted)
       return leaf
     where = "/".join(_path_names(path))
     if tuple(getattr(leaf, "shape", ())) != tuple(base.shape):
@@ -168,8 +171,8 @@ def requantize(merged: Any, like: Any) -> tuple[Any, dict[str, dict[str, float]]
                      "error_to_update": err / update if update > 0 else float("inf")}
     return _like(q, getattr(leaf, "sharding", None))
 
-  missing = [p for p in flat_like if p not in dict(jax.tree_util.tree_leaves_with_path(merged))]
+  missing = [p for p in flat_like if p not in dict(jax.tree_util.tree_leaves_with_path(merged, is_leaf=boxed))]
   if missing:
     raise ValueError(f"requantize: `merged` has no leaf at {'/'.join(_path_names(missing[0]))!r}, a quantized kernel of "
                      "`like`; pass the merged tree of the same model.")
-  return jax.tree_util.tree_map_with_path(one, merged), report
+  return jax.tree_util.tree_map_with_path(one, merged, is_leaf=boxed), report

@@ -104,7 +104,7 @@ def test_mixed_batch_equals_each_example_with_its_own_adapter(net, jit):
   fn = lambda b, p, i, x: jlora.apply_bank(model, p, b, i, x)  # noqa: E731
   out = (jax.jit(fn) if jit else fn)(bank, base, bank.ids(NAMES), ids)
   for i, name in enumerate(NAMES):
-    np.testing.assert_allclose(out[i:i + 1], _alone(model, base, adapters, name, ids[i:i + 1]), atol=1e-5)
+    np.testing.assert_allclose(out[i:i + 1], _alone(model, base, adapters, name, ids[i:i + 1]), atol=1e-5, rtol=1e-5)
   plain = model.apply({"params": base}, ids)
   np.testing.assert_array_equal(out[1], plain[1])  # '__base__' is the base model's output, bit for bit
   assert not np.allclose(out[0], plain[0], atol=1e-3)  # and the adapters do act
@@ -115,7 +115,7 @@ def test_one_id_selects_an_adapter_for_the_batch_without_recompiling(net):
   step = jax.jit(lambda b, p, i, x: jlora.apply_bank(model, p, b, i, x))
   for name in ["a", "b", "__base__", "c", "a"]:
     np.testing.assert_allclose(step(bank, base, bank.ids(name), ids), _alone(model, base, adapters, name, ids),
-                               atol=1e-5)
+                               atol=1e-5, rtol=1e-5)
   assert step._cache_size() == 1
   np.testing.assert_array_equal(step(bank, base, bank.ids(None), ids), model.apply({"params": base}, ids))
 
@@ -154,7 +154,7 @@ def test_per_adapter_dropout_keeps_base_rows_exact(net):
   plain = jlora.apply_bank(model, base, bank, which, ids)
   noisy = jlora.apply_bank(model, base, bank, which, ids, rngs={"lora_dropout": jax.random.key(1)})
   np.testing.assert_array_equal(noisy[1], model.apply({"params": base}, ids)[1])
-  np.testing.assert_allclose(noisy[2], plain[2], atol=1e-6)  # 'c' has lora_dropout 0
+  np.testing.assert_allclose(noisy[2], plain[2], atol=1e-6, rtol=1e-5)  # 'c' has lora_dropout 0
   assert not np.allclose(noisy[0], plain[0], atol=1e-4)
 
 
@@ -218,7 +218,7 @@ def test_multi_task_training_equals_training_each_adapter_alone(net):
     for _ in range(3):
       updates, alone = tx.update(jax.grad(loss)(tree), alone, tree)
       tree = optax.apply_updates(tree, updates)
-    jax.tree.map(lambda x, y: np.testing.assert_allclose(x, y, atol=1e-5), trained[name], tree)
+    jax.tree.map(lambda x, y: np.testing.assert_allclose(x, y, atol=1e-5, rtol=1e-5), trained[name], tree)
     assert not np.allclose(jax.tree.leaves(tree)[0], jax.tree.leaves(adapters[name])[0])
 
 
@@ -237,7 +237,7 @@ def test_load_adapter_set_and_weighted_adapters_join_a_set(net, tmp_path):
   grown = adapters.add("a+c", jlora.combine(both[0], base), both[1])
   bank = jlora.stack_adapters(grown, base)
   out = jlora.apply_bank(model, base, bank, bank.ids("a+c"), ids)
-  np.testing.assert_allclose(out, _alone(model, base, grown, "a+c", ids), atol=1e-5)
+  np.testing.assert_allclose(out, _alone(model, base, grown, "a+c", ids), atol=1e-5, rtol=1e-5)
 
 
 def test_adapters_from_peft_files_join_a_set(tmp_path):
@@ -251,7 +251,7 @@ def test_adapters_from_peft_files_join_a_set(tmp_path):
   bank = jlora.stack_adapters(adapters, base)
   out = jlora.apply_bank(model, base, bank, bank.ids(["peft", "mine"]), prompt)
   want = jlora.apply(model, params, cfg, prompt)
-  np.testing.assert_allclose(out, want, atol=1e-5)
+  np.testing.assert_allclose(out, want, atol=1e-5, rtol=1e-5)
 
 
 def test_traced_ids_out_of_range_give_nan_rows_never_another_output(net):

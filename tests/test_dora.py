@@ -100,7 +100,7 @@ def test_with_dropout_the_base_product_uses_the_dropped_input(net, monkeypatch):
   w0, a, b, m = p["kernel"], p["lora_a"], p["lora_b"], p["lora_magnitude"][0]
   g = m / jnp.linalg.norm(w0 + 2.0 * a @ b, axis=0)
   want = x @ w0 + p["bias"] + (g - 1) * (xd @ w0) + g * (2.0 * (xd @ a) @ b)
-  np.testing.assert_allclose(out, want, atol=1e-5)
+  np.testing.assert_allclose(out, want, atol=1e-5, rtol=1e-5)
 
 
 def test_the_norm_gets_no_gradient():
@@ -123,7 +123,7 @@ def test_the_norm_gets_no_gradient():
   detached = jax.grad(lambda a, b: manual(a, b, True), argnums=(0, 1))(p["lora_a"], p["lora_b"])
   attached = jax.grad(lambda a, b: manual(a, b, False), argnums=(0, 1))(p["lora_a"], p["lora_b"])
   for mine, want, other in zip(ours, detached, attached):
-    np.testing.assert_allclose(mine, want, atol=1e-4)
+    np.testing.assert_allclose(mine, want, atol=1e-4, rtol=1e-5)
     assert not np.allclose(mine, other, atol=1e-3)
 
 
@@ -134,7 +134,7 @@ def test_merge_unmerge_round_trip_and_two_adapters_in_turn(net):
   norms = jlora.dora_norms(first, cfg)
   merged = jlora.merge(first, cfg)
   back = jlora.unmerge(merged, jlora.split(first, cfg)[0], cfg, norms=norms)
-  jax.tree.map(lambda u, v: np.testing.assert_allclose(u, v, atol=1e-5), back, first)
+  jax.tree.map(lambda u, v: np.testing.assert_allclose(u, v, atol=1e-5, rtol=1e-5), back, first)
   with pytest.raises(ValueError, match=r"DoRA adapter.*dora_norms\(params, config\) before jlora.merge"):
     jlora.unmerge(merged, jlora.split(first, cfg)[0], cfg)
   # a second DoRA adapter over the merged first one: its norm is taken on that base, in merge as in the forward
@@ -157,7 +157,7 @@ def test_scanned_stack_and_checkpoint_round_trip(tmp_path):
   mag = params["model"]["layers"]["mlp"]["down_proj"]["lora_magnitude"]
   assert mag.shape[0] == CONFIGS["llama"]["num_hidden_layers"] and mag.shape[1] == 1
   out = jlora.apply(model, params, cfg, x)
-  np.testing.assert_allclose(out, model.apply({"params": jlora.merge(params, cfg)}, x), atol=1e-4)
+  np.testing.assert_allclose(out, model.apply({"params": jlora.merge(params, cfg)}, x), atol=1e-4, rtol=1e-5)
   jlora.save_adapter(tmp_path / "dora", params, cfg)
   loaded, cfg2 = jlora.load_adapter(tmp_path / "dora", base)
   assert cfg2.use_dora
@@ -218,7 +218,7 @@ def test_registered_layer_with_its_own_bias_and_kernel_summed_einsum():
   base = model.init(jax.random.key(1), x)["params"]
   cfg = jlora.LoraConfig(r=2, target_modules=".*", use_dora=True, init_lora_weights=False)
   p = _moved(model, base, cfg, x)
-  np.testing.assert_allclose(jlora.apply(model, p, cfg, x), model.apply({"params": jlora.merge(p, cfg)}, x), atol=1e-5)
+  np.testing.assert_allclose(jlora.apply(model, p, cfg, x), model.apply({"params": jlora.merge(p, cfg)}, x), atol=1e-5, rtol=1e-5)
   summed = nn.Einsum((4, 5, 2), "btd,dfk->btf")
   xs = jnp.ones((2, 3, 4))
   sp = jlora.init(jax.random.key(2), summed, summed.init(jax.random.key(3), xs)["params"], cfg, xs)

@@ -121,7 +121,7 @@ def test_haiku_factored_apply_equals_the_merge_and_forms_no_weight_gradient(haik
   cfg = jlora.LoraConfig(r=2, lora_alpha=6, target_modules="all-linear")
   lp = _trained(jlora.init_tree(jax.random.key(2), params, cfg))
   factored = jax.jit(lambda p, x: jlora.haiku.apply(f.apply, p, cfg, None, x))
-  np.testing.assert_allclose(factored(lp, x), jlora.apply_merged(jax.jit(f.apply), lp, cfg, None, x), atol=2e-5)
+  np.testing.assert_allclose(factored(lp, x), jlora.apply_merged(jax.jit(f.apply), lp, cfg, None, x), atol=2e-5, rtol=1e-5)
   trainable, frozen = jlora.split(lp, cfg)
   jaxpr = jax.make_jaxpr(jax.grad(lambda t: jnp.sum(jlora.haiku.apply(f.apply, jlora.combine(t, frozen), cfg, None,
                                                                       x))))(trainable).jaxpr
@@ -223,9 +223,9 @@ def test_nnx_pure_dict_integer_keys_and_declared_nd_layouts():
   merged = jlora.merge(_keys.stringify(lp), cfg)
   s = cfg.scale_for("attn/query")
   np.testing.assert_allclose(merged["attn"]["query"]["kernel"],
-                             q["kernel"] + s * np.einsum("ir,rhk->ihk", q["lora_a"], q["lora_b"]), atol=1e-6)
+                             q["kernel"] + s * np.einsum("ir,rhk->ihk", q["lora_a"], q["lora_b"]), atol=1e-6, rtol=1e-5)
   np.testing.assert_allclose(merged["attn"]["out"]["kernel"],
-                             o["kernel"] + s * np.einsum("hkr,ro->hko", o["lora_a"], o["lora_b"]), atol=1e-6)
+                             o["kernel"] + s * np.einsum("hkr,ro->hko", o["lora_a"], o["lora_b"]), atol=1e-6, rtol=1e-5)
   y = jlora.apply_merged(run, lp, cfg, x)
   by_hand = jax.tree.map(lambda v: v, pure)
   for where in (("attn", "query"), ("attn", "value"), ("attn", "out"), ("layers", 1)):
@@ -251,13 +251,13 @@ def test_declared_layouts_stacks_shared_axes_and_errors():
   assert lp["torch"]["lora_a"].shape == (1, 8, 2) and lp["torch"]["lora_b"].shape == (5, 1, 2)  # (out, in)
   merged, s = jlora.merge(lp, cfg), cfg.scale_for("qkv")
   np.testing.assert_allclose(merged["qkv"]["w"], w + s * np.einsum("lir,lrhk->lihk", lp["qkv"]["lora_a"],
-                                                                   lp["qkv"]["lora_b"]), atol=1e-5)
+                                                                   lp["qkv"]["lora_b"]), atol=1e-5, rtol=1e-5)
   ph = lp["per_head"]
   np.testing.assert_allclose(merged["per_head"]["w"],
-                             heads + s * np.einsum("ihr,hor->iho", ph["lora_a"][:, :, 0], ph["lora_b"][0]), atol=1e-5)
+                             heads + s * np.einsum("ihr,hor->iho", ph["lora_a"][:, :, 0], ph["lora_b"][0]), atol=1e-5, rtol=1e-5)
   t = lp["torch"]
   np.testing.assert_allclose(merged["torch"]["weight"],  # delta = s·(A·B)ᵀ in the (out, in) layout
-                             t["weight"] + s * (t["lora_a"][0] @ t["lora_b"][:, 0].T).T, atol=1e-5)
+                             t["weight"] + s * (t["lora_a"][0] @ t["lora_b"][:, 0].T).T, atol=1e-5, rtol=1e-5)
   with pytest.raises(TypeError, match=r"pair \(input axes, output axes\)"):
     jlora.init_tree(key, params, cfg, layout={"qkv": "ij"})
   with pytest.raises(ValueError, match="names an axis twice"):
@@ -280,7 +280,7 @@ def test_peft_round_trip_of_out_in_weights_keeps_the_roles(tmp_path):
   np.testing.assert_array_equal(b, np.asarray(lp["layers"][1]["lora_b"])[:, 0])
   s = cfg.scale_for("layers/1")
   np.testing.assert_allclose(jlora.merge(_keys.stringify(lp), cfg)["layers"]["1"]["weight"],
-                             params["layers"][1]["weight"] + s * b @ a, atol=1e-5)  # PEFT's W + s·B·A
+                             params["layers"][1]["weight"] + s * b @ a, atol=1e-5, rtol=1e-5)  # PEFT's W + s·B·A
   loaded, _ = jlora.load_peft(tmp_path / "a", None, params, name_map="flax")
   assert jax.tree.structure(loaded) == jax.tree.structure(lp)
   for x, y in zip(jax.tree.leaves(loaded), jax.tree.leaves(lp)):
@@ -321,7 +321,7 @@ def test_haiku_lora_dropout_uses_the_rng_and_layers_are_picked_through_slash_key
   drop = jlora.LoraConfig(r=2, target_modules=["linear_0"], lora_dropout=0.5)
   lp = _trained(jlora.init_tree(jax.random.key(2), params, drop))
   plain = jlora.haiku.apply(f.apply, lp, drop, None, x)  # no rng: no dropout
-  np.testing.assert_allclose(plain, jlora.apply_merged(f.apply, lp, drop, None, x), atol=2e-5)
+  np.testing.assert_allclose(plain, jlora.apply_merged(f.apply, lp, drop, None, x), atol=2e-5, rtol=1e-5)
   dropped = jlora.haiku.apply(f.apply, lp, drop, jax.random.key(5), x)
   assert float(jnp.max(jnp.abs(dropped - plain))) > 1e-3
   np.testing.assert_allclose(jlora.haiku.apply(f.apply, lp, drop, jax.random.key(5), x), dropped)  # same key

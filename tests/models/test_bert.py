@@ -35,7 +35,7 @@ def test_hidden_states_shapes_and_pooler_switch():
   assert out.last_hidden_state.shape == (2, 7, 16) and out.pooler_output.shape == (2, 16)
   dense = params["bert"]["pooler"]["dense"]  # pooler_output = tanh(dense([CLS]))
   cls = out.last_hidden_state[:, 0]
-  np.testing.assert_allclose(out.pooler_output, jnp.tanh(cls @ dense["kernel"] + dense["bias"]), atol=1e-6)
+  np.testing.assert_allclose(out.pooler_output, jnp.tanh(cls @ dense["kernel"] + dense["bias"]), atol=1e-6, rtol=1e-5)
   bare = bert.build(seq_cls.config, task="HIDDEN_STATES", add_pooling_layer=False)
   assert sorted(zero_model(CONFIGS["bert"], task="HIDDEN_STATES", add_pooling_layer=False)[1]) == [
     "embeddings",
@@ -54,14 +54,14 @@ def test_task_heads_sit_on_the_hidden_states():
   out = forward(bert.build(seq_cls.config, task="HIDDEN_STATES"), params["bert"], ids, mask, types)
   head = params["classifier"]
   np.testing.assert_allclose(
-    forward(seq_cls, params, ids, mask, types), out.pooler_output @ head["kernel"] + head["bias"], atol=1e-5
+    forward(seq_cls, params, ids, mask, types), out.pooler_output @ head["kernel"] + head["bias"], atol=1e-5, rtol=1e-5
   )
   token_params = {"bert": _without_pooler(params["bert"]), "classifier": head}
   token = forward(bert.build(seq_cls.config, task="TOKEN_CLS"), token_params, ids, mask, types)
-  np.testing.assert_allclose(token, out.last_hidden_state @ head["kernel"] + head["bias"], atol=1e-5)
+  np.testing.assert_allclose(token, out.last_hidden_state @ head["kernel"] + head["bias"], atol=1e-5, rtol=1e-5)
   embed = forward(bert.build(seq_cls.config, task="FEATURE_EXTRACTION"), token_params["bert"], ids, mask, types)
   m = mask[..., None].astype(np.float32)
-  np.testing.assert_allclose(embed, (np.asarray(out.last_hidden_state) * m).sum(1) / m.sum(1), atol=1e-5)
+  np.testing.assert_allclose(embed, (np.asarray(out.last_hidden_state) * m).sum(1) / m.sum(1), atol=1e-5, rtol=1e-5)
 
 
 def test_hidden_states_load_from_task_and_base_checkpoints(tmp_path):

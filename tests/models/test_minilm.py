@@ -43,7 +43,7 @@ def test_embeddings_match_transformers(minilm):
     h = hf(input_ids=torch.tensor(ids, dtype=torch.long), attention_mask=torch.tensor(mask)).last_hidden_state
   m = torch.tensor(mask)[..., None].float()
   theirs = torch.nn.functional.normalize((h * m).sum(1) / m.sum(1), dim=-1).numpy()
-  np.testing.assert_allclose(np.asarray(model.apply({"params": params}, ids, mask)), theirs, atol=1e-5)
+  np.testing.assert_allclose(np.asarray(model.apply({"params": params}, ids, mask)), theirs, atol=1e-5, rtol=1e-5)
 
 
 def test_tokenizer_matches_transformers(minilm):

@@ -259,9 +259,9 @@ def test_on_eight_devices():
     assert line in out, out
 
 
-def test_readme_mesh_example_runs_on_eight_devices():
-  text = (pathlib.Path(__file__).resolve().parent.parent / "README.md").read_text()
-  blocks = re.findall(r"```python mesh\n(.*?)```", text, flags=re.S)
+def test_docs_mesh_example_runs_on_eight_devices():
+  text = (pathlib.Path(__file__).resolve().parent.parent / "docs" / "meshes.md").read_text()
+  blocks = re.findall(r"<!-- test: mesh -->\n```python\n(.*?)```", text, flags=re.S)
   assert len(blocks) == 1
   out = run_devices(blocks[0], 8).splitlines()
   assert out[:2] == ["P(None, 'fsdp', 'tensor')", "P(None, 'fsdp') P(None, None, 'tensor')"], out

@@ -1,4 +1,4 @@
-"""Fault injection: saves killed (SIGKILL) at random write steps, and loads racing a concurrent saver.
+"""Fault injection: saves killed (SIGKILL) at random write steps and at every rename, and loads racing a saver.
 
 A *zygote* subprocess imports jax, orbax and jlora once and forks one child per
 save, so that each save starts in milliseconds. In a child every file-system
@@ -9,6 +9,15 @@ k drawn with a fixed seed. After each kill the test process loads the target,
 which must hold exactly the version that was there before or the one being
 saved: tensors *and* config (each version has its own `lora_alpha`, so new
 tensors beside an old config would be caught).
+
+The renames are the commit points of every writer (jlora's atomic files and
+directories, orbax's versions), so they are also enumerated: for every save kind
+(adapter, adapter-set entry, quantized base, training checkpoint, PEFT, merged
+model), for the first save into a new directory and for a save over an existing
+version, a child is killed just before and just after each of its renames
+(`os.rename`, `os.replace`, and jlora's `renameat2` exchange). After each kill the
+target loads as the old version or the new one (nothing, for a first save), the
+next save succeeds, and no temporary of jlora's is left.
 """
 
 from __future__ import annotations
@@ -53,36 +62,146 @@ def _base() -> dict:
   return {"fc": {"kernel": p["fc"]["kernel"], "bias": p["fc"]["bias"]}, "head": p["head"]}
 
 
+_ENTRY = "task"  # the adapter-set entry's name
+_GPT2 = {"model_type": "gpt2", "n_layer": 1, "n_embd": 8, "n_head": 2, "vocab_size": 11, "n_positions": 8}
+
+
+def _quantized(version: int) -> dict:
+  """A partly quantized base that differs with `version`: an int8 kernel and a plain leaf."""
+  rng = np.random.default_rng(version)
+  tree = {"fc": {"kernel": rng.standard_normal((16, 8), np.float32)}, "head": {"bias": rng.standard_normal(3, np.float32)}}
+  return jlora.quantize(tree, "int8")
+
+
+def _state(version: int):
+  """A training state whose trainable leaves are those of `_params(version)`, at step `version`."""
+  from jlora.train import _state as state_lib
+
+  trainable, _ = jlora.split(_params(version), _config(version))
+  return state_lib.State(trainable, {"mu": trainable}, version, np.array([version, 7], np.uint32))
+
+
+def _merged(version: int):
+  """A tiny GPT-2 and its params drawn with key `version`."""
+  import jax
+
+  from jlora import models
+
+  return models.from_config(_GPT2, key=jax.random.key(version))
+
+
 def _save(kind: str, target: str, version: int) -> None:
   params, config = _params(version), _config(version)
   if kind == "adapter":
     jlora.save_adapter(target, params, config)
-  else:
+  elif kind == "adapter_set":  # an entry of an adapter set, as `jlora train` writes them (base checksums included)
+    jlora.save_adapter(os.path.join(target, _ENTRY), params, config, base_checksums=True)
+  elif kind == "quantized":
+    jlora.save_quantized(target, _quantized(version))
+  elif kind == "train":
+    from jlora.train import _state as state_lib
+
+    with state_lib.Checkpoints(target) as checkpoints:
+      checkpoints.save(_state(version), data_position=(0, version), fingerprint={"run": "faults"})
+  elif kind == "peft":
     jlora.save_peft(target, None, params, config, name_map="flax")
+  elif kind == "merged":
+    from jlora import models
+
+    model, merged = _merged(version)
+    models.save_pretrained(target, model, merged)
+  else:
+    raise ValueError(kind)
+
+
+def _same(a, b) -> bool:
+  import jax
+
+  la, lb = jax.tree.leaves(a), jax.tree.leaves(b)
+  return jax.tree.structure(a) == jax.tree.structure(b) and all(
+      np.array_equal(np.asarray(x), np.asarray(y)) for x, y in zip(la, lb))
+
+
+def _load(kind: str, target: str) -> tuple[int | None, object]:
+  """`(version number the files claim or None, a loader of comparable contents)` of the target; ValueError if none."""
+  if kind == "adapter":
+    params, config = jlora.load_adapter(target, _base())
+    return config.lora_alpha, params
+  if kind == "adapter_set":
+    adapters = jlora.load_adapter_set(target, _base())
+    return adapters.config(_ENTRY).lora_alpha, adapters.params(_ENTRY, jlora.split(_base(), _config(1))[1])
+  if kind == "quantized":
+    return None, jlora.load_quantized(target)
+  if kind == "train":
+    from jlora.train import _state as state_lib
+
+    steps = state_lib.list_steps(target)
+    if not steps:
+      raise ValueError(f"no step in {target}")
+    with state_lib.Checkpoints(target) as checkpoints:
+      state = checkpoints.restore(_state(1), steps[-1])
+    return state.step, (state.trainable, state.opt_state, np.asarray(state.rng))
+  if kind == "peft":
+    params, config = jlora.load_peft(target, None, _base(), name_map="flax")
+    return config.lora_alpha, params
+  from jlora import models
+
+  return None, models.from_pretrained(target)[1]
+
+
+def _expected(kind: str, version: int):
+  if kind in ("adapter", "adapter_set", "peft"):
+    return _params(version)
+  if kind == "quantized":
+    return _quantized(version)
+  if kind == "train":
+    state = _state(version)
+    return state.trainable, state.opt_state, state.rng
+  return _merged(version)[1]
 
 
 def _visible(kind: str, target: str, candidates: list[int | None]) -> int | None:
   """Which of `candidates` the target holds (tensors and config); None when nothing loadable is there."""
   try:
-    if kind == "adapter":
-      params, config = jlora.load_adapter(target, _base())
-    else:
-      params, config = jlora.load_peft(target, None, _base(), name_map="flax")
+    claimed, loaded = _load(kind, target)
   except ValueError as e:
     assert None in candidates, f"{target} does not load: {e}"
     return None
   for v in candidates:
     if v is None:
       continue
-    want = _params(v)
-    same = all(np.array_equal(np.asarray(params[m][k]), want[m][k]) for m in want for k in want[m])
-    if same:
-      assert config.lora_alpha == v, f"version {v}'s tensors with the config of version {config.lora_alpha}"
+    if _same(loaded, _expected(kind, v)):
+      assert claimed in (None, v), f"version {v}'s tensors with the config (or step) of version {claimed}"
       return v
-  pytest.fail(f"{target} holds none of the versions {candidates} (alpha {config.lora_alpha})")
+  pytest.fail(f"{target} holds none of the versions {candidates} (it claims {claimed})")
 
 
 # -------------------------------------------------------------- zygote and child
+def _arm_renames(kill: tuple[str, int] | None, counter: list[int], *, exchange: bool) -> None:
+  """Counts renames in this (child) process; with `kill=("before" | "after", k)` SIGKILLs it around the k-th.
+
+  Renames are `os.rename`, `os.replace` (also inside orbax) and, unless the
+  fallback is forced (`exchange=False`), jlora's `renameat2` exchange
+  (`jlora.formats.atomic._exchange`).
+  """
+  from jlora.formats import atomic as _io
+
+  def counted(fn):
+    def wrapper(*args, **kwargs):
+      counter[0] += 1
+      if kill == ("before", counter[0]):
+        os.kill(os.getpid(), signal.SIGKILL)
+      out = fn(*args, **kwargs)
+      if kill == ("after", counter[0]):
+        os.kill(os.getpid(), signal.SIGKILL)
+      return out
+    return wrapper
+
+  os.rename, os.replace = counted(os.rename), counted(os.replace)
+  if exchange:
+    _io._exchange = counted(_io._exchange)
+
+
 def _arm(kill_at: int | str | None, counter: list[int]) -> None:
   """Counts write steps in this (child) process; SIGKILLs it before write step `kill_at`.
 
@@ -125,7 +244,10 @@ def _child(request: dict) -> None:
     from jlora.formats import atomic as _io
 
     _io._exchange = lambda a, b: False
-  if request.get("kill_at") is not None or request.get("count_to"):
+  if request.get("renames"):
+    kill = request.get("kill_rename")
+    _arm_renames(None if kill is None else tuple(kill), counter, exchange=not request.get("fallback"))
+  elif request.get("kill_at") is not None or request.get("count_to"):
     _arm(request.get("kill_at"), counter)
   for version in request["versions"]:
     _save(request["kind"], request["target"], version)
@@ -138,6 +260,9 @@ def _zygote() -> None:
   """Reads JSON requests on stdin; forks a child for each; answers `{"code": exit code}` (or `{"pid": pid}`)."""
   import jax  # noqa: F401  (imported before forking: children start warm)
   import orbax.checkpoint  # noqa: F401
+
+  import jlora.models
+  import jlora.train._state  # noqa: F401
 
   for line in sys.stdin:
     request = json.loads(line)
@@ -258,17 +383,22 @@ def test_kill_at_random_write_steps_leaves_old_or_new(zygote, tmp_path, kind, fa
   assert sorted(os.listdir(tmp_path)) == ["count-" + kind, f"count-{kind}.txt", "target"], "no temporary left"
 
 
-def test_fallback_two_interrupted_saves_in_a_row_keep_the_old_version(zygote, tmp_path):
-  """Without `renameat2`, a save killed between its two renames, twice in a row, still leaves version 1 loadable."""
-  target = tmp_path / "peft"
-  assert zygote.save("peft", target, [1], fallback=True) == 0
+@pytest.mark.parametrize("kind", ["peft", "merged"])
+def test_fallback_two_interrupted_saves_in_a_row_keep_the_old_version(zygote, tmp_path, kind):
+  """Without `renameat2`, a save killed between its two renames, twice in a row, still leaves version 1 loadable.
+
+  Read-only: `load_peft` and `models.from_pretrained` read the backup while the target is missing.
+  """
+  target = tmp_path / kind
+  assert zygote.save(kind, target, [1], fallback=True) == 0
   for version in (2, 3):
-    assert zygote.save("peft", target, [version], fallback=True, kill_at="after_backup") == KILLED
+    assert zygote.save(kind, target, [version], fallback=True, kill_at="after_backup") == KILLED
     assert not target.exists(), "killed between the renames: the old directory is in its backup"
-    assert _visible("peft", str(target), [1]) == 1
-  assert zygote.save("peft", target, [4], fallback=True) == 0
-  assert _visible("peft", str(target), [4]) == 4
-  assert sorted(os.listdir(tmp_path)) == ["peft"], "the backups and temporaries are gone"
+    assert _visible(kind, str(target), [1]) == 1
+    assert not target.exists(), "reading moved nothing"
+  assert zygote.save(kind, target, [4], fallback=True) == 0
+  assert _visible(kind, str(target), [4]) == 4
+  assert sorted(os.listdir(tmp_path)) == [kind], "the backups and temporaries are gone"
 
 
 def test_load_while_another_process_saves(zygote, tmp_path):
@@ -290,3 +420,48 @@ def test_load_while_another_process_saves(zygote, tmp_path):
   assert seen == sorted(seen), "versions only move forward"
   assert len(set(seen)) >= 3, f"the loads did not overlap the saves: {seen}"
   assert _visible("adapter", str(target), [versions[-1]]) == versions[-1]
+
+
+def _leftovers(root) -> list[str]:
+  """Temporaries and backups of jlora and orbax under `root` (and beside it)."""
+  tags = (".jlora-tmp-", ".jlora-previous-", ".orbax-checkpoint-tmp")
+  found = [os.path.join(d, n) for d, dirs, files in os.walk(root) for n in dirs + files if any(t in n for t in tags)]
+  return found + [n for n in os.listdir(os.path.dirname(root)) if any(t in n for t in tags)]
+
+
+KINDS = [("adapter", False), ("adapter_set", False), ("quantized", False), ("train", False), ("peft", False),
+         ("peft", True), ("merged", False), ("merged", True)]
+
+
+@pytest.mark.parametrize("kind, fallback", KINDS)
+def test_kill_before_and_after_every_rename_then_the_next_save_succeeds(zygote, tmp_path, kind, fallback):
+  """Every rename of a save (first into a new directory, or over a version) is a kill point; none blocks the next."""
+  options = {"fallback": True} if fallback else {}
+  count = tmp_path / "count.txt"
+  killed = 0
+  for first in (True, False):
+    scratch = tmp_path / f"count-{first}"
+    if not first:
+      assert zygote.save(kind, scratch, [1], **options) == 0
+    assert zygote.save(kind, scratch, [2], renames=True, count_to=str(count), **options) == 0
+    renames = int(count.read_text())
+    assert renames >= 1 + (kind in ("adapter", "adapter_set", "quantized")), renames  # the marker, the commit
+    target, version = tmp_path / f"target-{first}", 1
+    for k in range(1, renames + 1):
+      for when in ("before", "after"):
+        if first:
+          target = tmp_path / f"first-{when}-{k}"
+          old = None
+        else:
+          if version == 1:
+            assert zygote.save(kind, target, [version], **options) == 0
+          old = version
+        new = version + 1
+        assert zygote.save(kind, target, [new], renames=True, kill_rename=[when, k], **options) == KILLED
+        killed += 1
+        assert _visible(kind, str(target), [old, new]) in (old, new)
+        version = new + 1
+        assert zygote.save(kind, target, [version], **options) == 0, f"the save after a kill {when} rename {k}"
+        assert _visible(kind, str(target), [version]) == version
+        assert _leftovers(str(target)) == [], f"killed {when} rename {k} of {renames}"
+  assert killed >= 4, killed  # first save and save over a version, before and after each rename

@@ -2,6 +2,8 @@
 
 import json
 import os
+import subprocess
+import sys
 
 import pytest
 
@@ -127,3 +129,25 @@ def test_recover_puts_back_the_backup_of_an_interrupted_swap(tmp_path, monkeypat
   with _io.directory(target, what="`d`") as tmp:  # the next save recovers first, then replaces
     open(os.path.join(tmp, "v"), "w").write("newer")
   assert _tree(target)["v"] == "newer" and sorted(os.listdir(tmp_path)) == ["out"]
+
+
+def test_recover_removes_the_temporary_file_of_a_dead_writer_and_keeps_a_live_ones(tmp_path):
+  """A writer killed inside `write_file` leaves `.NAME.jlora-tmp-PID-XXXXXXXX`, a file: removed once PID is gone."""
+  dead_pid = int(subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True,
+                                text=True).stdout)
+  target = tmp_path / "marker.json"
+  dead = tmp_path / f".marker.json.jlora-tmp-{dead_pid}-0123abcd"
+  alive = tmp_path / ".marker.json.jlora-tmp-1-89abcdef"  # PID 1 runs
+  dead_dir = tmp_path / f".marker.json.jlora-tmp-{dead_pid}-fedcba98"
+  mine = tmp_path / f".marker.json.jlora-tmp-{dead_pid}-notours"  # not jlora's name pattern: kept
+  for f in (dead, alive, mine):
+    f.write_text("{")
+  dead_dir.mkdir()
+  (dead_dir / "x").write_text("y")
+  _io.recover(target)
+  assert sorted(os.listdir(tmp_path)) == sorted([alive.name, mine.name])
+  assert _io.is_leftover(alive.name, "marker.json") and not _io.is_leftover(mine.name, "marker.json")
+  assert not _io.is_leftover(".marker.json.jlora-tmp-12-0123abcd", "other.json")
+  assert _io.is_leftover(".marker.json.jlora-previous-12-0123abcd", "marker.json")
+  _io.write_text(target, "{}")  # a writer that runs now is not disturbed
+  assert target.read_text() == "{}"

@@ -324,6 +324,36 @@ def test_modules_absent_and_shapes_that_do_not_fit(saved):
     load_peft(path, model, base)
 
 
+@pytest.mark.parametrize("tensor, damage", [
+    ("lora_A", "nan"), ("lora_B", "inf"), ("lora_magnitude_vector", "nan"), ("bias", "-inf"),
+    ("lora_A", "int32"), ("lora_B", "int8"), ("lora_magnitude_vector", "int16"), ("bias", "bool"),
+])
+def test_nan_or_integer_tensors_of_a_foreign_file_are_refused(tmp_path, tensor, damage):
+  """A file that PEFT or jlora did not write (no jlora checksums): NaN/inf or a non-float dtype names the tensor."""
+  case = next(c for c in zoo.cases() if c.name == "mlp")
+  cfg = jlora.LoraConfig(r=2, target_modules=["fc_0"], init_lora_weights=False, use_dora=True, bias="lora_only")
+  base = zoo.build(case)
+  params = jlora.init(jax.random.key(1), case.model, base, cfg, case.inputs)
+  save_peft(tmp_path, None, params, cfg, name_map="flax")
+  weights = _weights(tmp_path)
+  (key,) = [k for k in weights if k.endswith((f"fc_0.{tensor}", f"fc_0.{tensor}.weight", f"fc_0.base_layer.{tensor}"))]
+  original = weights[key]
+  value = original.copy()
+  if damage in ("nan", "inf", "-inf"):
+    value.flat[value.size // 2] = float(damage)
+    match = rf"load_peft: non-finite values \(NaN or inf\) in the tensor '{re.escape(key)}' of '.*'; an adapter"
+  else:
+    value = np.round(value * 10).astype(damage)
+    match = rf"load_peft: the tensor '{re.escape(key)}' in '.*' has dtype {damage}; expected a floating tensor"
+  weights[key] = value
+  safetensors.numpy.save_file(weights, str(tmp_path / "adapter_model.safetensors"), metadata={"format": "pt"})
+  with pytest.raises(ValueError, match=match):
+    load_peft(tmp_path, None, base, name_map="flax")
+  weights[key] = original.astype(np.float16)  # finite floats of another width load
+  safetensors.numpy.save_file(weights, str(tmp_path / "adapter_model.safetensors"), metadata={"format": "pt"})
+  load_peft(tmp_path, None, base, name_map="flax")
+
+
 # --------------------------------------------------------------------- against the real PEFT
 ARCHS = {
     # name: (checkpoint config, transformers class, jlora config kwargs, model options)

@@ -198,3 +198,26 @@ def test_bad_paths_and_bad_params(tmp_path):
   with pytest.raises(ValueError, match="collide"):
     jlora.save_quantized(tmp_path / "x", {0: jnp.ones(2), "0": jnp.ones(2)})
   assert sorted(os.listdir(tmp_path)) == ["empty", "file"]
+
+
+@pytest.mark.parametrize("name", ["42", "0", "1000"])
+def test_a_numbered_folder_of_the_user_is_refused_never_deleted(tmp_path, name):
+  """Orbax takes `42/` for a version and would delete it at the next save: jlora refuses, and reads around it."""
+  target = tmp_path / "q"
+  v1 = jlora.quantize({"dense": {"kernel": jnp.ones((4, 8))}}, "int8")
+  jlora.save_quantized(target, v1)
+  (target / name).mkdir()
+  (target / name / "mine.txt").write_text("keep me")
+  (target / "notes.txt").write_text("mine too")
+  with pytest.raises(ValueError, match=rf"the jlora quantized checkpoint .*/q' holds entries jlora did not write: "
+                                       rf"'{name}' \(named by a number: orbax would take it for a version .*\), "
+                                       r"'notes.txt'\. jlora saves nothing into it"):
+    jlora.save_quantized(target, jlora.quantize({"dense": {"kernel": 2 * jnp.ones((4, 8))}}, "int8"))
+  assert (target / name / "mine.txt").read_text() == "keep me" and (target / "notes.txt").read_text() == "mine too"
+  _same_bits(jlora.load_quantized(target), v1)
+  os.rename(target / name, tmp_path / name)
+  os.rename(target / "notes.txt", tmp_path / "notes.txt")
+  v2 = jlora.quantize({"dense": {"kernel": 2 * jnp.ones((4, 8))}}, "int8")
+  jlora.save_quantized(target, v2)
+  _same_bits(jlora.load_quantized(target), v2)
+  assert sorted(os.listdir(target)) == ["2", "jlora_quantized.json"]

@@ -13,6 +13,11 @@ commit, see `jlora.formats.checkpoint`):
   (`.jlora-manifest.json`) naming its entries. An existing target is replaced only
   when it is empty or every entry in it is listed in its manifest; anything else is
   refused with a `ValueError` that names the foreign entries.
+* **A killed writer blocks nothing.** What a writer leaves beside a target when it
+  is killed (its temporary file or directory, `.NAME.jlora-tmp-PID-XXXXXXXX`, and
+  the backup of the fallback swap, `.NAME.jlora-previous-PID-XXXXXXXX`) is
+  recognised by that name: `recover` removes the temporaries of writers whose
+  process is gone (files and directories alike) and puts a backup back or drops it.
 """
 
 from __future__ import annotations
@@ -28,7 +33,8 @@ import uuid
 from collections.abc import Callable, Iterator
 from typing import Any
 
-__all__ = ["MANIFEST", "write_file", "write_text", "write_json", "directory", "recover", "readable", "check_replaceable"]
+__all__ = ["MANIFEST", "write_file", "write_text", "write_json", "directory", "recover", "readable", "check_replaceable",
+           "is_leftover"]
 
 MANIFEST = ".jlora-manifest.json"
 _TMP, _BACKUP = "tmp", "previous"
@@ -146,6 +152,29 @@ def _exchange(a: str, b: str) -> bool:
   raise OSError(err, os.strerror(err), b)
 
 
+def is_leftover(entry: str, name: str) -> bool:
+  """Whether `entry` (a name in a directory) is a temporary or backup that a jlora writer of `name` left there.
+
+  Such names are `.NAME.jlora-tmp-PID-XXXXXXXX` and `.NAME.jlora-previous-PID-XXXXXXXX`
+  (see `_sibling`): a decimal PID and eight hexadecimal digits.
+  """
+  for tag in (_TMP, _BACKUP):
+    prefix = f".{name}.jlora-{tag}-"
+    if entry.startswith(prefix):
+      pid, _, suffix = entry[len(prefix):].partition("-")
+      return pid.isascii() and pid.isdigit() and len(suffix) == 8 and all(c in "0123456789abcdef" for c in suffix)
+  return False
+
+
+def _remove(path: str) -> None:
+  """Removes a file, link or directory tree; silently where it is already gone."""
+  if os.path.isdir(path) and not os.path.islink(path):
+    shutil.rmtree(path, ignore_errors=True)
+  else:
+    with contextlib.suppress(FileNotFoundError):
+      os.remove(path)
+
+
 def _jlora_siblings(target: str, tag: str) -> list[str]:
   parent, name = os.path.split(target)
   if not os.path.isdir(parent):
@@ -153,7 +182,7 @@ def _jlora_siblings(target: str, tag: str) -> list[str]:
   prefix = f".{name}.jlora-{tag}-"
   found = []
   for entry in os.listdir(parent):
-    if entry.startswith(prefix):
+    if entry.startswith(prefix) and is_leftover(entry, name):
       try:  # another process may remove it meanwhile
         found.append((os.stat(os.path.join(parent, entry), follow_symlinks=False).st_mtime_ns, entry))
       except FileNotFoundError:
@@ -176,8 +205,10 @@ def recover(target: str | os.PathLike) -> None:
 
   If `target` is missing and a backup of it exists (the process died between
   moving the old directory aside and moving the new one in), the backup is put
-  back. Temporary directories of writers that are no longer running are removed;
-  a backup is removed only once `target` exists again.
+  back. Temporaries (files or directories, recognised by their name: see
+  `is_leftover`) of writers that are no longer running are removed; a backup is
+  removed only once `target` exists again. `target` may be a file (e.g. a
+  checkpoint's marker) or a directory.
   """
   target = os.path.abspath(os.fspath(target))
   backups = _jlora_siblings(target, _BACKUP)
@@ -185,14 +216,11 @@ def recover(target: str | os.PathLike) -> None:
     os.rename(backups[-1], target)
     backups = backups[:-1]
   for path in backups:  # `target` is complete again: the old version is no longer needed
-    shutil.rmtree(path, ignore_errors=True)
+    _remove(path)
   for path in _jlora_siblings(target, _TMP):
-    try:
-      pid = int(os.path.basename(path).rsplit("-", 2)[-2])
-    except ValueError:
-      continue
+    pid = int(os.path.basename(path).rsplit("-", 2)[-2])
     if pid != os.getpid() and not _pid_alive(pid):
-      shutil.rmtree(path, ignore_errors=True)
+      _remove(path)
 
 
 def readable(target: str | os.PathLike) -> str:

@@ -3,7 +3,7 @@
 A checkpoint is a directory of versions, each an orbax `CheckpointManager` step::
 
     path/
-      jlora_adapter.json        # marks the directory as a jlora adapter checkpoint
+      jlora_adapter.json        # marks the directory as jlora's; lists the versions jlora wrote
       7/                        # the newest complete version (orbax step 7)
         state/                  # jlora.split(params, config)[0], orbax StandardSave
         meta/metadata           # JSON: config, leaf shapes/dtypes/SHA-256, base fingerprint
@@ -19,7 +19,11 @@ its contents). `meta` carries its own SHA-256.
 **Interruption.** Orbax writes a version into a temporary directory and commits
 it in one step (a rename; a `commit_success.txt` on object stores); the previous
 version is deleted only after that, so a save killed at any point leaves the
-previous version or the new one. Readers take the newest committed version.
+previous version or the new one, and what it left behind is cleaned up by the next
+save. Readers take the newest committed version that the marker lists.
+**Only what jlora wrote.** A save refuses a checkpoint directory holding anything
+jlora did not write (see `jlora.formats.versioned`): a folder named by a number,
+which orbax would take for a version and delete, or any other file of the user's.
 **Concurrency.** One writer at a time; any number of readers: a reader whose
 version is replaced while it reads retries on the newer one.
 **Corruption.** Every leaf is checked against its SHA-256 at load; anything
@@ -44,6 +48,7 @@ import os
 from collections.abc import Mapping
 from typing import Any
 
+import jax
 import numpy as np
 
 from jlora.core.config import LoraConfig
@@ -85,6 +90,11 @@ def fingerprint(base: Mapping[Path, Any]) -> dict[str, list]:
   return {"/".join(p): [list(np.shape(v)), np.dtype(v.dtype).name] for p, v in sorted(base.items())}
 
 
+def _as_stored(leaf: Any) -> Any:
+  """A numpy leaf in the dtype jax holds it in (float64 -> float32 without x64): what orbax restores, and hashes so."""
+  return np.asarray(leaf, jax.dtypes.canonicalize_dtype(leaf.dtype)) if isinstance(leaf, np.ndarray) else leaf
+
+
 # ------------------------------------------------------------------------ save
 def save_adapter(path: str | os.PathLike, params: Params, config: LoraConfig, *, base_checksums: bool = False) -> None:
   """Saves the trainable part of `params` and `config` as a new version of the checkpoint at `path`.
@@ -111,9 +121,11 @@ def save_adapter(path: str | os.PathLike, params: Params, config: LoraConfig, *,
 
   Raises:
     TypeError: `params` is not a nested dict or `config` not a `LoraConfig`.
-    ValueError: `path` is a file or a directory jlora did not write (nothing
-      is changed), `params` holds nothing trainable, or an adapter does not fit
-      its kernel or the config's rank.
+    ValueError: `path` is a file or a directory jlora did not write, or a
+      checkpoint holding entries jlora did not write (a folder of yours named by a
+      number, which orbax would take for a version and delete; any file of yours:
+      the message names them, nothing is changed), `params` holds nothing
+      trainable, or an adapter does not fit its kernel or the config's rank.
 
   Example:
     >>> jlora.save_adapter("ckpt/adapter", params, config)            # doctest: +SKIP
@@ -134,9 +146,10 @@ def save_adapter(path: str | os.PathLike, params: Params, config: LoraConfig, *,
         "pass the params with adapters, e.g. jlora.combine(trainable, frozen)."
     )
   root = container(path)
-  check_target(root, MARKER, "adapter checkpoint", older=_V1)
+  check_target(root, MARKER, "adapter checkpoint", older=_V1, fmt=FORMAT)
   base = strip_adapters(params)
-  flat = flatten(trainable)
+  flat = {p: _as_stored(v) for p, v in flatten(trainable).items()}
+  trainable = unflatten(flat)
   frozen = flatten(frozen)
   if base_checksums and len(checkable(frozen)) < len(frozen):
     raise ValueError("save_adapter: `base_checksums=True` needs every base leaf on this process; some are spread "
@@ -240,5 +253,5 @@ def load_adapter(path: str | os.PathLike, params: Params, *, shardings: Sharding
   tree = map_keys(stringify(params), escape)  # the names on disk (see "Keys" in the module docstring)
   places = map_keys(shardings, escape) if isinstance(shardings, Mapping) else shardings
   loaded, config = read_newest(root, lambda version: _load_version(root, version, tree, places), "load_adapter",
-                               "adapter checkpoint")
+                               "adapter checkpoint", marker=MARKER)
   return restore(map_keys(loaded, unescape), params), config

@@ -4,7 +4,7 @@ A quantized checkpoint is a directory of versions, each an orbax `CheckpointMana
 step, as for adapters (`jlora.formats.checkpoint`)::
 
     path/
-      jlora_quantized.json      # marks the directory as a jlora quantized checkpoint
+      jlora_quantized.json      # marks the directory as jlora's; lists the versions jlora wrote
       3/                        # the newest complete version (orbax step 3)
         arrays/                 # every array as stored: a0, a1, … (orbax StandardSave)
         meta/metadata           # JSON: leaves, QuantizedArray metadata, shapes, dtypes, SHA-256s
@@ -85,6 +85,8 @@ def _array(value: Any, where: str) -> Any:
   if isinstance(value, jax.core.Tracer) or not isinstance(value, jax.Array | np.ndarray):
     raise TypeError(f"save_quantized: the leaf at {where!r} is a {type(value).__name__}, not an array; `params` must "
                     "hold arrays and QuantizedArrays (from jlora.quantize) only, outside jit.")
+  if isinstance(value, np.ndarray):  # stored, hashed and listed in the dtype jax holds it in (float64 -> float32
+    value = np.asarray(value, jax.dtypes.canonicalize_dtype(value.dtype))  # without x64): as it loads
   return value
 
 
@@ -129,8 +131,10 @@ def save_quantized(path: str | os.PathLike, params: Any) -> None:
   Raises:
     TypeError: `params` is not a nested dict, a leaf is not a concrete array or
       QuantizedArray, or a key is neither a str nor an int.
-    ValueError: `path` is a file or a directory jlora did not write (nothing is
-      changed), `params` holds no leaf, or two keys of one dict collide (`0`, `'0'`).
+    ValueError: `path` is a file or a directory jlora did not write, or a
+      checkpoint holding entries jlora did not write (a folder named by a number,
+      any file of yours: the message names them; nothing is changed), `params`
+      holds no leaf, or two keys of one dict collide (`0`, `'0'`).
 
   Example:
     >>> jlora.save_quantized("ckpt/base-nf4", jlora.quantize(base, "nf4"))  # doctest: +SKIP
@@ -165,7 +169,7 @@ def save_quantized(path: str | os.PathLike, params: Any) -> None:
   body = {"format": FORMAT, "version": VERSION, "leaves": leaves, "arrays": arrays}
   meta = {**body, "sha256": seal(body)}
   root = container(path)
-  check_target(root, MARKER, "quantized checkpoint")
+  check_target(root, MARKER, "quantized checkpoint", fmt=FORMAT)
   commit(root, MARKER, {"format": FORMAT, "version": VERSION, "layout": "orbax CheckpointManager steps: arrays/ and "
          "meta/"}, arrays=flat, meta=meta)
 
@@ -252,4 +256,4 @@ def load_quantized(path: str | os.PathLike, *, shardings: jax.sharding.Sharding 
     raise ValueError(f"`path`: {os.fspath(path)!r} is not a jlora quantized checkpoint (no {MARKER}). Write one with "
                      "jlora.save_quantized.")
   return read_newest(root, lambda version: _load_version(root, version, shardings), "load_quantized",
-                     "quantized checkpoint")
+                     "quantized checkpoint", marker=MARKER)

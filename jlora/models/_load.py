@@ -11,6 +11,7 @@ import flax.linen as nn
 import jax
 import numpy as np
 
+from jlora.formats import atomic as _io
 from jlora.models import bert, gpt2, llama, t5
 from jlora.models._arch import Architecture, HFModel, checked_model
 from jlora.models._checkpoint import from_hf_tensors, read_config, read_safetensors
@@ -108,7 +109,9 @@ def from_pretrained(
   """Loads a local Hugging Face checkpoint directory; never touches the network.
 
   Reads `config.json` and `model.safetensors` (or the shards of
-  `model.safetensors.index.json`), converts layouts (torch `(out, in)` linear weights
+  `model.safetensors.index.json`) of `path`, or of the previous version that an
+  interrupted `save_pretrained` left beside it (`jlora.formats.atomic.readable`:
+  nothing is moved), converts layouts (torch `(out, in)` linear weights
   to Flax `(in, out)`, stacks layers when `scan_layers=True`) and checks that every
   tensor is used and has the shape the config implies.
 
@@ -134,6 +137,7 @@ def from_pretrained(
     TypeError: for a `mesh` that is not a `jax.sharding.Mesh`, or malformed `rules`.
   """
   check_mesh(mesh, rules, auto=True)
+  path = _io.readable(path)  # a `save_pretrained` killed between its two renames left the old directory beside it
   config = read_config(path)
   arch = _architecture(config)
   options = {**arch.default_options(config, os.fspath(path)), **options}

@@ -39,7 +39,7 @@ import numpy as np
 import orbax.checkpoint as ocp
 
 from jlora.formats import integrity as _integrity
-from jlora.formats.versioned import checkable, container, is_dir
+from jlora.formats.versioned import checkable, container, is_dir, quiet_failed_reads
 
 __all__ = ["FORMAT", "Checkpoints", "Damaged", "State", "all_finite", "list_steps", "read_meta"]
 
@@ -158,7 +158,7 @@ class Checkpoints:
     abstract = jax.tree.map(ocp.utils.to_shape_dtype_struct,
                             {"trainable": template.trainable, "opt_state": template.opt_state})
     try:
-      with warnings.catch_warnings():  # "Sharding info not provided when restoring": single-device arrays
+      with warnings.catch_warnings(), quiet_failed_reads():  # "Sharding info not provided…": single-device arrays
         warnings.simplefilter("ignore", UserWarning)
         out = self._manager.restore(step, args=ocp.args.Composite(state=ocp.args.StandardRestore(abstract)))
       state = State(out["state"]["trainable"], out["state"]["opt_state"], int(meta["step"]),

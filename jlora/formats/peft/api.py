@@ -227,7 +227,8 @@ def load_peft(directory: str | os.PathLike, model: Any, params: Params, *, name_
     TypeError: arguments of the wrong type or order.
     ValueError: no names for the model (as in `save_peft`), missing files, only
       a pickled `adapter_model.bin`, a truncated or corrupt safetensors file (a
-      tensor whose jlora SHA-256 differs), a `peft_type` other than LORA or a
+      tensor whose jlora SHA-256 differs), a tensor holding NaN or inf or that
+      is not floating-point, a `peft_type` other than LORA or a
       PEFT feature jlora does not implement (DoRA, ...), tensors for modules the
       model lacks, shapes that do not fit the model, or ranks that differ from
       the config.
@@ -249,6 +250,7 @@ def load_peft(directory: str | os.PathLike, model: Any, params: Params, *, name_
     kind, mname, leaf, embed = peft_layout.parse_key(key)
     if kind == "skip":
       continue
+    _check_values(key, value, directory)
     if mname not in table:
       unknown.append(key)
       continue
@@ -302,6 +304,22 @@ def load_peft(directory: str | os.PathLike, model: Any, params: Params, *, name_
   params_out = unflatten(out)
   check_adapters(params_out, config)
   return restore(params_out, given), config
+
+
+def _check_values(key: str, value: Any, directory: str | os.PathLike) -> None:
+  """Raises unless the tensor `key` of a PEFT file is floating-point with finite values only."""
+  dtype = jnp.dtype(value.dtype)
+  if not jnp.issubdtype(dtype, jnp.floating):
+    raise ValueError(
+        f"load_peft: the tensor {key!r} in {os.fspath(directory)!r} has dtype {dtype.name}; expected a floating "
+        "tensor (LoRA factors, DoRA magnitudes, biases and saved modules are floating-point). The file was not "
+        "written by PEFT or jlora; export it again."
+    )
+  if not bool(jnp.isfinite(value).all()):
+    raise ValueError(
+        f"load_peft: non-finite values (NaN or inf) in the tensor {key!r} of {os.fspath(directory)!r}; an adapter "
+        "holding them would make every output NaN. Export the adapter again from a run that did not diverge."
+    )
 
 
 def _adapter_leaf(module: Path, leaf: str, layers: Mapping[int | None, tuple[str, Any]], tree: Params,

@@ -8,30 +8,62 @@
 
 Without CONFIG, `jlora train` runs the packaged default job (`configs/default.yaml`:
 LoRA-tune all-MiniLM-L6-v2 for code search over the Python standard library).
+
+Exit status (every failure is one line on stderr, `jlora COMMAND: ...`, naming the key or path and the fix):
+  0    done
+  1    training diverged: a non-finite loss, training state or merged-vs-factored check; nothing non-finite
+       is saved, the checkpoints before it are kept
+  2    a mistake in the config, data, run directory, paths or install, or a file that cannot be read or
+       written (found before the first step where it can be; argparse's usage errors too)
+  3    no space left on the device (or disk quota exceeded) while writing; the line names the path and the
+       free space. Free space (or move outputs.dir) and run the same command again: it resumes from the
+       last checkpoint
+  130  interrupted (Ctrl-C); the finished steps are saved and the same command resumes
+
+Checked before the first training step (nothing is written before all of it passes):
+  - the config: valid YAML (the file and line of a mistake), no key twice (both lines), at most 256 KiB
+    and 100,000 values after expanding YAML aliases (alias bombs are refused at once, naming the key);
+    every key known and every value of its type and range (1e3, 1e-3, .5 and 5. are numbers); paths
+    and names without NUL bytes, at most 255 bytes per path component and 4095 per path, and
+    outputs.adapter_name without '/'
+  - the data: every line of data.train_file / data.eval_file (UTF-8: a bad byte is reported with its line
+    and byte offset; one JSON object with the task's fields), enough examples for one batch
+  - outputs.dir: new, empty, or a jlora run's (.jlora-run.json), not under a file, writable, a symbolic
+    link only to an existing directory, no file jlora wrote there changed since, no other run writing
+  - every output location: checkpoints/ (only jlora's steps), adapter/ (absent, empty or jlora's
+    checkpoint), peft/ (with outputs.peft) and merged/ (with outputs.merged) absent, empty or written by
+    jlora, none of them a symbolic link; the outputs.adapter_set entry (not under a file, absent, or a
+    jlora adapter with outputs.replace_adapter=true, not a symbolic link)
+  - the model, adapters and optimizer: model.path / model.config / model.options, the task's model
+    types, lora.init_from (its config and base); train.seq_len within the model's positions, the
+    encoded data within the available memory, one batch's attention scores within the device's memory
 """
 
 from __future__ import annotations
 
 import argparse
 import contextlib
+import errno
 import os
 import pathlib
+import re
+import shutil
 import sys
 from collections.abc import Iterator, Sequence
 from typing import Any
 
-__all__ = ["main"]
+__all__ = ["EXIT_DISK_FULL", "EXIT_DIVERGED", "EXIT_INTERRUPTED", "EXIT_MISTAKE", "main"]
+
+EXIT_DIVERGED, EXIT_MISTAKE, EXIT_DISK_FULL, EXIT_INTERRUPTED = 1, 2, 3, 130
 
 ROOT = pathlib.Path(__file__).resolve().parent.parent
 DEFAULT_CONFIG = ROOT / "configs" / "default.yaml"
 _TRAIN_HELP = """\
-Trains a LoRA adapter as a YAML config says (read with yaml.safe_load) and writes into
-outputs.dir: adapter/ (orbax), peft/ (PEFT safetensors), merged/ (optional, HF format),
-metrics.jsonl, curves.png, summary.json, config.yaml and checkpoints/ (the training state).
-A stopped run (Ctrl-C, or killed) resumes from its last checkpoint when started again.
-outputs.dir must be new, empty, or a jlora run's (marked by .jlora-run.json); one run at a
-time writes into it. Exit status: 0 done, 1 training diverged (non-finite), 2 a mistake
-in the config, data or directory, 130 interrupted.
+Trains a LoRA adapter as a YAML config says and writes into outputs.dir: adapter/ (orbax),
+peft/ (PEFT safetensors), merged/ (optional, HF format), metrics.jsonl, curves.png,
+summary.json, config.yaml and checkpoints/ (the training state). A stopped run (Ctrl-C, or
+killed) resumes from its last checkpoint when started again. outputs.dir must be new, empty,
+or a jlora run's (marked by .jlora-run.json); one run at a time writes into it.
 
 Override any key with section.key=value (values are YAML): train.steps=50 lora.r=16
 lora.target_modules=[query,value] optimizer.learning_rate=3e-4 outputs.dir=runs/x
@@ -42,6 +74,7 @@ on each (srun, a TPU pod, or JAX_COORDINATOR_ADDRESS/JAX_NUM_PROCESSES/JAX_PROCE
 
 Sections and keys:
 """
+_EXIT_HELP = __doc__[__doc__.index("Exit status"):] if __doc__ else ""  # the module docstring's (None under -OO)
 
 
 def _train(args: argparse.Namespace) -> int:
@@ -64,17 +97,103 @@ def _train(args: argparse.Namespace) -> int:
     print(f"jlora train: {e}", file=sys.stderr)
     return 2
   try:
-    train.run(config)
+    with _quiet_write_failures():
+      train.run(config)
   except train.Interrupted as e:
     print(f"jlora train: {e}", file=sys.stderr)
-    return 130
+    return EXIT_INTERRUPTED
   except train.Diverged as e:
     print(f"jlora train: {e}", file=sys.stderr)
-    return 1
+    return EXIT_DIVERGED
   except KeyboardInterrupt:
     print("jlora train: interrupted outside the training steps; checkpoints saved so far are kept.", file=sys.stderr)
-    return 130
+    return EXIT_INTERRUPTED
+  except Exception as e:
+    path = _disk_full(e)
+    if path is None:
+      raise
+    print(f"jlora train: {_no_space(path or os.path.abspath(config.outputs.dir))}", file=sys.stderr)
+    return EXIT_DISK_FULL
   return 0
+
+
+_NO_SPACE = re.compile(r"No space left on device|Disk quota exceeded|os_error_code='?(?:28|122)\b")
+
+
+def _disk_full(error: BaseException) -> str | None:
+  """The path a write failed on for lack of space ("" where unknown), or None when `error` is not that.
+
+  Follows the chain of causes: orbax and tensorstore report ENOSPC in their own errors' text.
+  """
+  seen: set[int] = set()
+  e: BaseException | None = error
+  while e is not None and id(e) not in seen:
+    seen.add(id(e))
+    if isinstance(e, OSError) and e.errno in (errno.ENOSPC, errno.EDQUOT):
+      return os.fsdecode(e.filename) if e.filename else ""
+    if _NO_SPACE.search(str(e)):
+      found = re.search(r"""["'](/[^"']+)["']""", str(e))
+      return found.group(1) if found else ""
+    e = e.__cause__ or e.__context__
+  return None
+
+
+@contextlib.contextmanager
+def _quiet_write_failures() -> Iterator[None]:
+  """Keeps the echoes of a failed checkpoint write off stderr while a run trains; its one line says it all.
+
+  orbax's writer threads log each failed write (the full traceback, at ERROR, through absl),
+  asyncio logs the tasks whose error nobody retrieved, and tensorstore's callbacks that
+  complete after orbax closed its event loop report "Event loop is closed" as unraisable
+  exceptions, before and after the error reaches `jlora train`: a full disk printed 19 to
+  263 lines. Dropped here: absl and asyncio records about a full disk (and, after a full
+  disk, the "Event loop is closed" reports, which `jlora.train.run` drops while it writes).
+  Everything else passes as before. After a full disk the filters stay for the rest of the
+  process (which ends): orbax's tasks may still report.
+  """
+  import logging
+
+  from jlora.train._run import is_closed_loop_report
+
+  def keep(record: logging.LogRecord) -> bool:
+    text = record.getMessage() + (logging.Formatter().formatException(record.exc_info) if record.exc_info else "")
+    return not _NO_SPACE.search(text)
+
+  loggers = [logging.getLogger(name) for name in ("absl", "asyncio")]
+  for logger in loggers:
+    logger.addFilter(keep)
+  try:
+    yield
+  except BaseException as e:
+    if _disk_full(e) is not None:
+      previous = sys.unraisablehook
+      sys.unraisablehook = lambda report: None if is_closed_loop_report(report) else previous(report)
+      raise
+    for logger in loggers:
+      logger.removeFilter(keep)
+    raise
+  for logger in loggers:
+    logger.removeFilter(keep)
+
+
+def _bytes(n: int) -> str:
+  scale, unit = next((s, u) for s, u in ((1e9, "GB"), (1e6, "MB"), (1e3, "kB"), (1, "bytes")) if n >= s or s == 1)
+  return f"{n:,} bytes" if scale == 1 else f"{n / scale:,.1f} {unit}"
+
+
+def _no_space(path: str) -> str:
+  """The one line for a full disk: the path, the free space of its file system, and what to do."""
+  existing = path
+  while existing and not os.path.exists(existing):
+    existing = os.path.dirname(existing) if os.path.dirname(existing) != existing else ""
+  try:
+    usage = shutil.disk_usage(existing or ".")
+    free = f"{_bytes(usage.free)} free of {_bytes(usage.total)}"
+  except OSError:
+    free = "free space unknown"
+  return (f"no space left on the device while writing {path!r} ({free} there; a disk quota counts too). Free some "
+          "space or set `outputs.dir` on another disk, then run the same command again: it resumes from the last "
+          "checkpoint.")
 
 
 def _run_config(path: str) -> Any:
@@ -198,10 +317,12 @@ def parser() -> argparse.ArgumentParser:
 
   top = argparse.ArgumentParser(prog="jlora", description="LoRA fine-tuning for JAX/Flax.",
                                 formatter_class=argparse.RawDescriptionHelpFormatter,
-                                epilog="Run `jlora train --help` for the config sections and keys.")
+                                epilog="Run `jlora train --help` for the config sections and keys, the exit "
+                                "statuses and what is checked before training starts.")
   sub = top.add_subparsers(dest="command", metavar="{train,merge,export-peft,generate}")
   tr = sub.add_parser("train", help="train a LoRA adapter from a YAML config (default: the MiniLM code-search job)",
-                      description=_TRAIN_HELP + describe(), formatter_class=argparse.RawDescriptionHelpFormatter)
+                      description=_TRAIN_HELP + describe(), epilog=_EXIT_HELP,
+                      formatter_class=argparse.RawDescriptionHelpFormatter)
   tr.add_argument("config", nargs="?", help="YAML config (default: configs/default.yaml)")
   tr.add_argument("overrides", nargs="*", help="section.key=value overrides")
   tr.add_argument("-q", "--quiet", action="store_true", help="no progress bar (same as train.quiet=true)")
@@ -231,9 +352,15 @@ def main(argv: Sequence[str] | None = None) -> int:
     return 2
   try:
     return args.func(args)
-  except (ValueError, TypeError, ImportError) as e:  # a mistake in the config, data, directory or install: one line
-    print(f"jlora {args.command}: {e}", file=sys.stderr)
-    return 2
+  except (ValueError, TypeError, ImportError, OSError) as e:  # a mistake in the config, data, directory or install
+    if _disk_full(e) is not None:
+      print(f"jlora {args.command}: {_no_space(_disk_full(e) or os.getcwd())}", file=sys.stderr)
+      return EXIT_DISK_FULL
+    text = " ".join(str(e).split())  # one line, whatever the message
+    if isinstance(e, OSError) and e.strerror and e.filename is not None:  # not `[Errno 13] Permission denied: ...`
+      text = f"{os.fsdecode(e.filename)!r}: {e.strerror}"
+    print(f"jlora {args.command}: {text}", file=sys.stderr)
+    return EXIT_MISTAKE
 
 
 if __name__ == "__main__":

@@ -30,6 +30,9 @@ def test_help_explains_commands_and_config(capsys):
   out = capsys.readouterr().out
   for text in ("train.steps=50", "checkpointing:", "lora:", "target_modules", "learning_rate", "outputs:"):
     assert text in out
+  for text in ("Exit status", "  3    no space left on the device", "  130  interrupted",
+               "Checked before the first training step", "every output location: checkpoints/"):
+    assert text in out  # the epilog, which is the module docstring's
 
 
 def test_no_command_prints_help(capsys):
@@ -126,6 +129,30 @@ def _yaml_file(d, text):
   return ["train", os.fspath(d / "bad.yaml")]
 
 
+def _not_utf8(d):
+  """A CAUSAL_LM jsonl file whose line 3001 holds a Latin-1 byte, at byte 64,903 (a text-mode reader decodes ahead
+  and reported line 2,8xx)."""
+  good = b"".join(json.dumps({"text": f"line {i}"}).encode() + b"\n" for i in range(3000))
+  (d / "latin1.jsonl").write_bytes(good + b'{"text": "caf\xe9"}\n' + b'{"text": "more"}\n')
+  return [*_tiny(d), f"data.train_file={d / 'latin1.jsonl'}"]
+
+
+def _entry_link(d):
+  os.makedirs(d / "set")
+  os.symlink(d, d / "set" / "a")
+  return _tiny(d, f"outputs.adapter_set={d / 'set'}", "outputs.adapter_name=a")
+
+
+def _link(d, target, *extra):
+  os.symlink(target, d / "link")
+  return [*_tiny(d), f"outputs.dir={d / 'link'}", *extra]
+
+
+LLAMA = ("model.config={model_type: llama, hidden_size: 16, intermediate_size: 32, num_hidden_layers: 1, "
+         "num_attention_heads: 2, num_key_value_heads: 2, vocab_size: 259}")
+BOMB = "".join(f"    j{i}: &{chr(96 + i)} [" + ", ".join([f"*{chr(95 + i)}" if i > 1 else "lol"] * 10) + "]\n"
+               for i in range(1, 10))
+
 # (id, args of the tmp dir, what stderr's one line must contain)
 MISTAKES = [
   ("batch_size=-1", lambda d: _tiny(d, "train.batch_size=-1"), "`train.batch_size` must be an integer >= 1, got -1."),
@@ -190,6 +217,36 @@ MISTAKES = [
   ("outputs-is-file", lambda d: [*_tiny(d), f"outputs.dir={_text(d, name='x')}"], "`outputs.dir`: "),
   ("outputs-under-file", lambda d: [*_tiny(d), f"outputs.dir={_text(d, name='x')}/run"], "cannot be created: "),
   ("outputs-unwritable", lambda d: [*_tiny(d), "outputs.dir=/proc/jlora-run"], "`outputs.dir`: '/proc/jlora-run' "),
+  # issue 22: hostile configs end quickly, with one line, before the first step
+  ("yaml-alias-bomb", lambda d: _yaml_file(d, "model:\n  source: random\n  config:\n" + BOMB),
+   "bad.yaml:8: `model.config.j5` expands to 111,111 values"),
+  ("yaml-duplicate-section", lambda d: _yaml_file(d, "train:\n  steps: 3\nlora:\n  r: 4\ntrain:\n  seed: 1\n"),
+   "bad.yaml: key `train` appears twice (lines 1 and 5)"),
+  ("yaml-duplicate-key", lambda d: _yaml_file(d, "train:\n  steps: 3\n  steps: 4\n"),
+   "bad.yaml: key `train.steps` appears twice (lines 2 and 3)"),
+  ("seq_len>positions", lambda d: _tiny(d, "train.seq_len=1e9"), "`train.seq_len` is 1,000,000,000 but the model has "
+   "64 positions (`n_positions` in `model.config`); set `train.seq_len` to at most 64."),
+  ("seq_len>memory", lambda d: _tiny(d, LLAMA, "train.seq_len=1e12"), "`train.seq_len` 1,000,000,000,000: the encoded "
+   "data of 128 examples would take"),
+  ("seq_len>device", lambda d: _tiny(d, LLAMA, "train.seq_len=2e5"), "one layer's attention scores for a batch of 32 "
+   "would take"),
+  ("adapter_name-300", lambda d: _tiny(d, f"outputs.adapter_set={d / 'set'}", "outputs.adapter_name=" + "a" * 300),
+   "`outputs.adapter_name`: 'aaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaa'… is 300 bytes long; a file or directory name "
+   "holds at most 255 bytes"),
+  ("adapter_name-slash", lambda d: _tiny(d, f"outputs.adapter_set={d / 'set'}", "outputs.adapter_name=a/b"),
+   "`outputs.adapter_name` is a name, not a path, so it cannot hold '/'"),
+  ("dir-component-256", lambda d: _tiny(d, f"outputs.dir={d / ('é' * 128)}"), "`outputs.dir`: 'éééé"),
+  ("nul-outputs-dir", lambda d: _tiny(d, 'outputs.dir="ru\\0n"'), "`outputs.dir` holds a NUL byte (\\x00, at "
+   "character 2)"),
+  ("nul-train-file", lambda d: _tiny(d, 'data.train_file="t\\0.jsonl"'), "`data.train_file` holds a NUL byte"),
+  ("nul-init-from", lambda d: _tiny(d, 'lora.init_from="a\\0"'), "`lora.init_from` holds a NUL byte"),
+  ("adapter_set-under-file", lambda d: _tiny(d, f"outputs.adapter_set={_text(d, name='x')}/set"),
+   "x.jsonl/set' cannot be created: "),
+  ("adapter_set-entry-link", _entry_link,
+   "(adapter 'a') is a symbolic link (to "),
+  ("outputs-dangling-link", lambda d: _link(d, d / "nowhere"), "is a symbolic link to "),
+  ("jsonl-not-utf8", _not_utf8, "latin1.jsonl:3001: not UTF-8 text (byte 0xe9 at offset 64903 of the "
+   "file, byte 14 of the line)"),
 ]
 
 

@@ -124,9 +124,22 @@ def check_entry(config: Config) -> str | None:
   if os.path.lexists(root) and not os.path.isdir(root):
     raise ValueError(f"`outputs.adapter_set`: {root!r} is not a directory; give a directory (new, or holding "
                      "adapter checkpoints).")
+  top = root
+  while not os.path.lexists(top):
+    top = os.path.dirname(top)
+  if not os.path.isdir(top):
+    raise ValueError(f"`outputs.adapter_set`: {root!r} cannot be created: {top!r} is a file; choose another "
+                     "`outputs.adapter_set`.")
+  if not os.access(top, os.W_OK | os.X_OK):
+    raise ValueError(f"`outputs.adapter_set`: {root!r} is not writable ({top!r}: permission denied); choose another "
+                     "`outputs.adapter_set`.")
   if not os.path.lexists(entry):
     return entry
   where = f"`outputs.adapter_set`: {entry!r} (adapter {name!r})"
+  if os.path.islink(entry):
+    raise ValueError(f"{where} is a symbolic link (to {os.readlink(entry)!r}); jlora saves an adapter into a directory "
+                     "of its own and never follows or replaces a link. Remove the link, or choose another "
+                     "`outputs.adapter_name`.")
   if os.path.isdir(entry) and not os.path.islink(entry) and os.path.isfile(os.path.join(entry, MARKER)):
     if not config.outputs.replace_adapter:
       raise ValueError(f"{where} already holds an adapter checkpoint; set `outputs.replace_adapter=true` to replace "

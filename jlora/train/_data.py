@@ -149,14 +149,19 @@ def _read_jsonl(path: str | None, key: str, fields: Sequence[str]) -> list[tuple
     raise ValueError(f"`data.{key}`: {path!r} is a directory; give a JSON-lines file.")
   if not os.path.isfile(path):
     raise ValueError(f"`data.{key}`: no such file {path!r}.")
-  out, n = [], 0
+  out, offset = [], 0
   try:
-    with open(path, encoding="utf-8") as f:
-      for n, line in enumerate(f, 1):  # `n` also names the line of a decoding error
+    with open(path, "rb") as f:  # bytes: a text-mode reader decodes ahead, so its errors name a later line
+      for n, raw in enumerate(f, 1):
+        try:
+          line = raw.decode("utf-8")
+        except UnicodeDecodeError as e:
+          raise ValueError(f"{path}:{n}: not UTF-8 text (byte {raw[e.start]:#04x} at offset {offset + e.start} of "
+                           f"the file, byte {e.start + 1} of the line); `data.{key}` must be a UTF-8 JSON-lines "
+                           "file.") from None
+        offset += len(raw)
         if line.strip():
           out.append((_row(line, f"{path}:{n}", fields), f"{path}:{n}"))
-  except UnicodeDecodeError:
-    raise ValueError(f"{path}:{n + 1}: not UTF-8 text; `data.{key}` must be a UTF-8 JSON-lines file.") from None
   except OSError as e:
     raise ValueError(f"`data.{key}`: {path!r} cannot be read ({e.strerror}).") from None
   if not out:

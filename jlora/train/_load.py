@@ -1,4 +1,7 @@
-"""Reading a `jlora train` config: YAML files (`yaml.safe_load`), `section.key=value` overrides, and the help text.
+"""Reading a `jlora train` config: YAML files, `section.key=value` overrides, and the help text.
+
+YAML is read by `jlora.core.safe_load.load_yaml`, in files and overrides alike: `1e3`, `1e-3`, `.5` and `5.`
+are numbers; a key twice, more than 100,000 values after expanding aliases or 256 KiB of text are refused.
 
 Every mistake is one `ValueError` / `TypeError` line that names the file (and line, for
 YAML syntax errors) or the override, so the `jlora` command can print it as is.
@@ -12,24 +15,10 @@ import typing
 from collections.abc import Mapping, Sequence
 from typing import Any
 
-import yaml
-
+from jlora.core.safe_load import MAX_BYTES, load_yaml
 from jlora.train._schema import SECTION_TYPES, SECTIONS, Config, type_name
 
 __all__ = ["apply_overrides", "describe", "load"]
-
-
-def _yaml(text: str, where: str) -> Any:
-  """`yaml.safe_load(text)`, with syntax errors as one-line `ValueError`s naming `where` and the line."""
-  try:
-    return yaml.safe_load(text)
-  except yaml.MarkedYAMLError as e:
-    mark = e.problem_mark or e.context_mark
-    at = f":{mark.line + 1}:{mark.column + 1}" if mark is not None else ""
-    why = "; ".join(str(p) for p in (e.context, e.problem) if p)
-    raise ValueError(f"{where}{at}: not valid YAML ({' '.join(why.split())}).") from None
-  except yaml.YAMLError as e:
-    raise ValueError(f"{where}: not valid YAML ({' '.join(str(e).split())}).") from None
 
 
 def apply_overrides(data: Mapping[str, Any], overrides: Sequence[str]) -> dict[str, Any]:
@@ -59,7 +48,7 @@ def apply_overrides(data: Mapping[str, Any], overrides: Sequence[str]) -> dict[s
       node = node.setdefault(part, {})
       if not isinstance(node, dict):
         raise ValueError(f"Override {item!r}: `{part}` is not a mapping.")
-    node[parts[-1]] = _yaml(text, f"override {item!r}") if text.strip() else None
+    node[parts[-1]] = load_yaml(text, where=f"override {item!r}") if text.strip() else None
   return out
 
 
@@ -69,16 +58,22 @@ def _read(path: str) -> str:
   if not os.path.exists(path):
     raise FileNotFoundError(f"config {path!r}: No such file; give a YAML file, e.g. configs/causal_lm_tiny.yaml.")
   try:
-    with open(path, encoding="utf-8") as f:
-      return f.read()
-  except UnicodeDecodeError as e:
-    raise ValueError(f"config {path!r} is not UTF-8 text (byte {e.start}); give a YAML file.") from None
+    with open(path, "rb") as f:
+      data = f.read(MAX_BYTES + 1)  # at most: a device or a huge file is refused, not read whole
   except OSError as e:
     raise ValueError(f"config {path!r} cannot be read: {e.strerror}.") from None
+  if len(data) > MAX_BYTES:
+    raise ValueError(f"config {path!r} holds more than {MAX_BYTES:,} bytes; a config is a few kB. Is it the right "
+                     "file?")
+  try:
+    return data.decode("utf-8")
+  except UnicodeDecodeError as e:
+    line = data.count(b"\n", 0, e.start) + 1
+    raise ValueError(f"config {path!r} is not UTF-8 text (line {line}, byte {e.start}); give a YAML file.") from None
 
 
 def load(path: str | os.PathLike | None, overrides: Sequence[str] = (), *, text: str | None = None) -> Config:
-  """Reads a YAML config (`yaml.safe_load`), applies overrides and validates it.
+  """Reads a YAML config (`jlora.core.safe_load.load_yaml`), applies overrides and validates it.
 
   Args:
     path: the YAML file; None for an empty config (all defaults) or for `text`.
@@ -97,10 +92,10 @@ def load(path: str | os.PathLike | None, overrides: Sequence[str] = (), *, text:
   source = "overrides"
   if text is not None:
     source = "the default config"
-    data = _yaml(text, source) or {}
+    data = load_yaml(text, where=source) or {}
   elif path is not None:
     source = os.fspath(path)
-    data = _yaml(_read(source), source)
+    data = load_yaml(_read(source), where=source)
     if data is None:
       data = {}
     if not isinstance(data, Mapping):

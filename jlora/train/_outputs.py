@@ -25,12 +25,14 @@ from typing import Any
 
 import jax
 import jax.numpy as jnp
-import yaml
 
 import jlora
 import jlora.formats.checkpoint
 from jlora import models
+from jlora.core.safe_load import dump_yaml
 from jlora.formats import atomic as _io
+from jlora.formats.checkpoint import FORMAT, MARKER
+from jlora.formats.versioned import check_target
 from jlora.parallel import processes as _processes
 from jlora.train import _multihost, _report
 from jlora.train._loop import Diverged, eval_batches
@@ -40,7 +42,7 @@ from jlora.train._schema import Config
 from jlora.train._setup import Setup
 from jlora.train._state import State
 
-__all__ = ["check_placement", "merge_gap", "write", "write_summary"]
+__all__ = ["check_locations", "check_placement", "merge_gap", "write", "write_summary"]
 
 
 def merge_gap(setup: Setup, params: Any, merged: Any, batch_size: int) -> float:
@@ -66,6 +68,41 @@ def check_placement(config: Config, setup: Setup) -> None:
                      "leaf on each process, but this run splits the base over several processes (`mesh.fsdp` / "
                      "`mesh.tensor` > 1). Remove `outputs.adapter_set` and copy RUN_DIR/adapter into the set "
                      "afterwards, or use `mesh.fsdp=1 mesh.tensor=1`.")
+
+
+def _symlink(path: str, what: str) -> None:
+  if os.path.islink(path):
+    raise ValueError(f"{what}: {path!r} is a symbolic link (to {os.readlink(path)!r}); jlora replaces it as a whole "
+                     "(a new version is swapped in), which would replace the link, not what it points to. Remove the "
+                     "link, then run again.")
+
+
+def check_locations(config: Config, out_dir: str) -> None:
+  """Raises a ValueError, before training, for an output location inside `out_dir` that the run could not write.
+
+  `adapter/` must be absent, empty or a jlora adapter checkpoint holding only jlora's files;
+  `peft/` (with `outputs.peft`) and `merged/` (with `outputs.merged`) absent, empty or written
+  by jlora (their manifest lists every entry); none of them a symbolic link. (`checkpoints/` is
+  `jlora.train._resume.plan`'s, the adapter-set entry `jlora.train._adapters.check_entry`'s.)
+  Collective in a run of several processes; process 0 reads.
+  """
+
+  def local() -> None:
+    for name, wanted in (("adapter", True), ("peft", config.outputs.peft), ("merged", config.outputs.merged)):
+      path = os.path.join(out_dir, name)
+      if wanted:
+        _symlink(path, "`outputs.dir`")
+      if wanted and name != "adapter":
+        try:
+          _io.check_replaceable(path, f"`outputs.{name}`")
+        except ValueError as e:
+          raise ValueError(f"{e} (Or set `outputs.{name}=false`.)") from None
+
+  _processes.on_primary(local, send=False)
+  try:
+    check_target(os.path.join(out_dir, "adapter"), MARKER, "adapter checkpoint", fmt=FORMAT)
+  except ValueError as e:
+    raise ValueError(f"`outputs.dir`: {str(e).removeprefix('`path`: ')}") from None
 
 
 def _drop_stale(run_dir: RunDir, name: str) -> None:
@@ -135,7 +172,7 @@ def write(run_dir: RunDir, config: Config, setup: Setup, state: State, *, finger
       models.save_pretrained(run_dir.join("merged"), base.model, merged, copy_from=base.checkpoint)
   if plot:
     run_dir.write("curves.png", lambda tmp: _report.plot(metrics.read(), tmp, headline=setup.task.headline))
-  run_dir.write_text("config.yaml", yaml.safe_dump(config.to_dict(), sort_keys=False))
+  run_dir.write_text("config.yaml", dump_yaml(config.to_dict(), sort_keys=False))  # reads back the same
   run_dir.update(outputs=this)
   if base.checkpoint:
     full = sum(_report.dir_bytes(os.path.join(base.checkpoint, f)) for f in os.listdir(base.checkpoint)

@@ -3,7 +3,8 @@
 1. **Check** (writes nothing): the task, the data (every line), the run directory
    (`jlora.train._rundir.inspect`: not someone else's files), the checkpoints
    (`jlora.train._resume.plan`: not another run's, no foreign step directories), the
-   `outputs.adapter_set` entry (`jlora.train._adapters.check_entry`), then the model,
+   `outputs.adapter_set` entry (`jlora.train._adapters.check_entry`), the output
+   directories `adapter/`, `peft/`, `merged/` (`jlora.train._outputs.check_locations`), then the model,
    adapters (`lora.init_from`, for a run that does not resume) and optimizer
    (`jlora.train._setup.prepare`).
 2. **Train**, holding the run directory's lock: restore the newest usable checkpoint
@@ -22,9 +23,11 @@ directory, and every process trains and joins the checkpoint saves
 
 from __future__ import annotations
 
+import contextlib
 import os
+import sys
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from typing import Any
 
 import jax
@@ -48,7 +51,34 @@ from jlora.train import (
 )
 from jlora.train._schema import Config
 
-__all__ = ["run"]
+__all__ = ["is_closed_loop_report", "run"]
+
+
+def is_closed_loop_report(report: Any) -> bool:
+  """Whether an unraisable-exception report is tensorstore's "Event loop is closed" (noise after a failed write)."""
+  return isinstance(report.exc_value, RuntimeError) and str(report.exc_value) == "Event loop is closed"
+
+
+@contextlib.contextmanager
+def _closed_loop_quiet() -> Iterator[None]:
+  """Drops the "Event loop is closed" reports while the run writes, passing every other report on.
+
+  After a failed checkpoint write (a full disk), tensorstore's callbacks that complete after orbax
+  closed its event loop report one traceback each. Installed only once the data is read: the
+  stdlib data sources read `sys`, whose `unraisablehook` must be the interpreter's then.
+  """
+  previous = sys.unraisablehook
+
+  def hook(report: Any) -> None:
+    if not is_closed_loop_report(report):
+      previous(report)
+
+  sys.unraisablehook = hook
+  try:
+    yield
+  finally:
+    if sys.unraisablehook is hook:
+      sys.unraisablehook = previous
 
 
 def run(config: Config, *, on_step: Callable[[int, float], None] | None = None,
@@ -96,11 +126,12 @@ def run(config: Config, *, on_step: Callable[[int, float], None] | None = None,
   first = _resume.Plan(*on_primary(
     lambda: _resume.plan(out_dir, _rundir.inspect(out_dir), fingerprint, resume=resume)))
   on_primary(lambda: _adapters.check_entry(config))
+  _outputs.check_locations(config, out_dir)  # adapter/, peft/, merged/: refused now, not after training
   # `lora.init_from` starts a new run only: a resumed one continues from its own checkpoint (`restore` either
   # restores one of the candidates or refuses).
   setup = _setup.prepare(config, task, examples, init_from=not first.candidates, layout=layout)
   _outputs.check_placement(config, setup)
-  with _multihost.stack_run_dir(lambda: _rundir.RunDir.open(out_dir), out_dir) as run_dir:
+  with _multihost.stack_run_dir(lambda: _rundir.RunDir.open(out_dir), out_dir) as run_dir, _closed_loop_quiet():
     plan = _resume.Plan(*on_primary(
       lambda: _resume.plan(out_dir, run_dir.marker, fingerprint, resume=resume)))  # again, under the lock
     if config.init_from is not None and not plan.candidates and setup.init_from is None:

@@ -77,6 +77,9 @@ def inspect(path: str) -> dict | None:
       jlora did not write (no marker), or holds a file jlora wrote that changed since.
   """
   what = f"`outputs.dir`: {path!r}"
+  if os.path.islink(path) and not os.path.exists(path):
+    raise ValueError(f"{what} is a symbolic link to {os.readlink(path)!r}, which does not exist; create that "
+                     "directory or choose another `outputs.dir`.")
   if os.path.lexists(path) and not os.path.isdir(path):
     raise ValueError(f"{what} is a file, not a directory; choose a directory for the run's outputs.")
   top = _ancestor(path)

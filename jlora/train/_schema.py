@@ -26,6 +26,7 @@ from __future__ import annotations
 import dataclasses
 import enum
 import math
+import os
 import types
 import typing
 from collections.abc import Mapping, Sequence
@@ -243,6 +244,11 @@ class Config:
       raise (ValueError if isinstance(init_from, str) else TypeError)(
         f"{source}: `lora.init_from` must be the path of a jlora adapter checkpoint (e.g. runs/sql/adapter or "
         f"adapters/sql) or null, got {init_from!r}.")
+    if init_from is not None:
+      try:
+        check_path(init_from, "lora.init_from")
+      except ValueError as e:
+        raise ValueError(f"{source}: {e}") from None
     return cls(lora=_lora(lora, source), init_from=init_from, **parts)
 
 
@@ -297,6 +303,8 @@ def _check(kind: Any, value: Any) -> Any:
   elif base is int:
     if isinstance(value, int) and not isinstance(value, bool):
       return value
+    if isinstance(value, float) and value.is_integer() and abs(value) <= 2**53:  # `1e3` is read as 1000.0
+      return int(value)
   elif base is float:
     number = None
     if isinstance(value, int | float) and not isinstance(value, bool):
@@ -317,6 +325,34 @@ def _check(kind: Any, value: Any) -> Any:
   elif base is list and isinstance(value, list | tuple):
     return list(value)
   raise TypeError
+
+
+# The keys that name files or directories, and the one that names a directory entry.
+PATH_KEYS = ("model.path", "model.tokenizer", "data.train_file", "data.eval_file", "outputs.dir", "outputs.adapter_set",
+             "lora.init_from")
+NAME_MAX, PATH_MAX = 255, 4095  # bytes per path component, bytes per path (Linux's limits; macOS: 255, 1023)
+
+
+def check_path(value: str, key: str, *, name: bool = False) -> None:
+  """Raises a ValueError naming `key` when `value` cannot be a path (`name`: a single directory entry).
+
+  A path holds no NUL byte, at most `PATH_MAX` bytes, and no component (between `/`) longer
+  than `NAME_MAX` bytes (in UTF-8, as the file system counts them); a name holds no `/` either.
+  """
+  if "\0" in value:
+    raise ValueError(f"`{key}` holds a NUL byte (\\x00, at character {value.index(chr(0))}); no file or directory "
+                     "name can hold one: remove it.")
+  if name and "/" in value:
+    raise ValueError(f"`{key}` is a name, not a path, so it cannot hold '/': got {value[:80]!r}.")
+  encoded = os.fsencode(value)
+  if len(encoded) > PATH_MAX:
+    raise ValueError(f"`{key}` is {len(encoded):,} bytes long; a path holds at most {PATH_MAX:,}. Choose a shorter "
+                     "one.")
+  long = [part for part in encoded.split(b"/") if len(part) > NAME_MAX]
+  if long:
+    shown = os.fsdecode(long[0])
+    raise ValueError(f"`{key}`: {shown[:40]!r}… is {len(long[0])} bytes long; a file or directory name holds at most "
+                     f"{NAME_MAX} bytes (in UTF-8). Choose a shorter one.")
 
 
 def _section(kind: type, data: Mapping[str, Any], name: str, source: str) -> Any:
@@ -341,6 +377,12 @@ def _section(kind: type, data: Mapping[str, Any], name: str, source: str) -> Any
     if meta["range"] is not None and values[key] is not None and values[key] not in meta["range"]:
       kind_word = "an integer" if hints[key] in (int, int | None) else "a number"
       raise ValueError(f"{source}: `{name}.{key}` must be {kind_word} {meta['range']}, got {values[key]!r}.")
+  for key, value in values.items():
+    if value is not None and (f"{name}.{key}" in PATH_KEYS or (name, key) == ("outputs", "adapter_name")):
+      try:
+        check_path(value, f"{name}.{key}", name=key == "adapter_name")
+      except ValueError as e:
+        raise ValueError(f"{source}: {e}") from None
   for key in ("dir", "adapter_set") if name == "outputs" else ():
     if values.get(key) is not None and not values[key].strip():
       raise ValueError(f"{source}: `outputs.{key}` must be a directory path, got {values[key]!r}.")

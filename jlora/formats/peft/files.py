@@ -18,6 +18,7 @@ import numpy as np
 import safetensors
 import safetensors.numpy
 
+from jlora.core.safe_load import load_json
 from jlora.formats import atomic as _io
 from jlora.formats import integrity as _integrity
 
@@ -68,8 +69,8 @@ def read(directory: str | os.PathLike) -> tuple[dict, dict[str, Any]]:
     raise ValueError(f"load_peft: {shown!r} has no {WEIGHTS_FILE}.")
   try:
     with open(cfg_file, encoding="utf-8") as f:
-      data = json.load(f)
-  except (json.JSONDecodeError, UnicodeDecodeError) as e:
+      data = load_json(f.read(), where=f"load_peft: {cfg_file!r}")  # a key twice is refused, naming both lines
+  except UnicodeDecodeError as e:
     raise ValueError(f"load_peft: {cfg_file!r} is not valid JSON ({e}).") from None
   if not isinstance(data, dict):
     raise ValueError(f"load_peft: {cfg_file!r} must hold a JSON object, got {type(data).__name__}.")

@@ -1,15 +1,15 @@
-"""Many adapters on one base: `jlora.apply_bank` vs the single-adapter `jlora.apply`, side by side.
+"""Many adapters on one base: `jlora.apply` with a bank vs with one adapter's config, side by side.
 
 For each model size (the reference Llama decoder, random init, r = 8 on every
 attention and MLP projection), in one process, jitted, after warm-up, in
 interleaved rounds (medians of per-round ratios, see `_timing.py`):
   1. mixed forward: n = 1, 4, 16 adapters in one batch (ids spread evenly) /
      `jlora.apply` of one adapter on the same batch (goal ≤ 1.15 at n = 16);
-  2. mixed batch of n = 8 (one `apply_bank` call) / a loop of 8 jitted
+  2. mixed batch of n = 8 (one bank `jlora.apply` call) / a loop of 8 jitted
      `jlora.apply` calls, one sub-batch per adapter (goal ≤ 0.5), for the
      whole batch and for 8 rows of one token each (a decode step's shape);
   3. adapter switch: (a) new compiles when switching among 8 adapters by a
-     scalar id through one jitted `apply_bank` (goal 0), and through a jitted
+     scalar id through one jitted bank `jlora.apply` (goal 0), and through a jitted
      `jlora.apply` with each adapter's tree and config, the configs differing
      only in `lora_alpha` (a static argument: one compile per config), or all
      equal; (b) a switched step (scalar id, a different adapter each call) /
@@ -124,7 +124,7 @@ def bench_size(size: str, repeats: int) -> dict:
   banks = {n: jlora.stack_adapters(s, base) for n, s in sets.items()}
   single = sets[1].params("a0", base)
   fwd = jax.jit(lambda p, x: jlora.apply(model, p, cfg, x))
-  fwd_bank = jax.jit(lambda base, bank, ids, x: jlora.apply_bank(model, base, bank, ids, x))
+  fwd_bank = jax.jit(lambda base, bank, ids, x: jlora.apply(model, base, bank, x, adapter_ids=ids))
   timed = {"fwd/single": lambda: fwd(single, x)}
   ids = {n: spread(n, batch) for n in MIXED_NS}
   for n in MIXED_NS:
@@ -161,7 +161,8 @@ def bench_size(size: str, repeats: int) -> dict:
   ids4 = spread(TRAIN_N, batch)
 
   def bank_step(bank, s, base, ids):
-    loss = lambda b: b.task_mean(per_example_xent(jlora.apply_bank(model, base, b, ids, x), y), ids)  # noqa: E731
+    loss = lambda b: b.task_mean(  # noqa: E731
+        per_example_xent(jlora.apply(model, base, b, x, adapter_ids=ids), y), ids)
     u, s = tx.update(jax.grad(loss)(bank), s, bank)
     return optax.apply_updates(bank, u), s
 

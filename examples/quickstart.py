@@ -102,7 +102,7 @@ def main(steps: int = 150) -> dict:
     return optax.apply_updates(t, u), s, loss
 
   held_out = batch(jax.random.key(123), 3, size=256)
-  apply_fn = jlora.lora_apply(model, config)  # model.apply's signature: {"params": ...} in, logits out
+  apply_fn = jlora.apply_fn(model, config)  # model.apply's signature: {"params": ...} in, logits out
   evaluate = jax.jit(lambda t, frozen, x, y: metrics(apply_fn({"params": jlora.combine(t, frozen)}, x), y))
   loss0, acc0 = evaluate(trainable, frozen, *held_out)
   t0 = time.perf_counter()

@@ -3,9 +3,9 @@
 from jlora.adapters.adapter_set import AdapterSet as AdapterSet
 from jlora.adapters.adapter_set import load_adapter_set as load_adapter_set
 from jlora.adapters.bank import AdapterBank as AdapterBank
-from jlora.adapters.bank import apply_bank as apply_bank
-from jlora.adapters.bank import bank_apply as bank_apply
 from jlora.adapters.bank import stack_adapters as stack_adapters
+from jlora.adapters.run import apply as apply
+from jlora.adapters.run import apply_fn as apply_fn
 from jlora.adapters.weighted import add_weighted_adapter as add_weighted_adapter
 from jlora.core.config import LoraConfig as LoraConfig
 from jlora.core.fields import TaskType as TaskType
@@ -28,10 +28,8 @@ from jlora.formats.peft.api import load_peft as load_peft
 from jlora.formats.peft.api import save_peft as save_peft
 from jlora.formats.quantized import load_quantized as load_quantized
 from jlora.formats.quantized import save_quantized as save_quantized
-from jlora.frontends.apply_fn import lora_apply as lora_apply
 from jlora.frontends.layers import Layer as Layer
 from jlora.frontends.layers import register_layer as register_layer
-from jlora.frontends.linen import apply as apply
 from jlora.frontends.linen import init as init
 from jlora.quant.tree import dequantize as dequantize
 from jlora.quant.tree import quantize as quantize
@@ -49,9 +47,8 @@ __all__ = [
     "adapter_shardings",
     "add_weighted_adapter",
     "apply",
-    "apply_bank",
+    "apply_fn",
     "apply_merged",
-    "bank_apply",
     "combine",
     "dequantize",
     "dora_norms",
@@ -62,7 +59,6 @@ __all__ = [
     "load_adapter_set",
     "load_peft",
     "load_quantized",
-    "lora_apply",
     "merge",
     "optimizer",
     "quantize",

@@ -5,15 +5,26 @@
 
 * `init(key, model, config)` returns a LoRA copy of an NNX model: each targeted
   `nnx.Linear` / `LinearGeneral` / `Einsum` / `Conv` / `Embed` becomes a
-  `Lora<Base>` layer (a subclass of its class) computing
-  `base(x) + s·(dropout(x)·A)·B`, factored through `jlora.core.ops`.
+  `Lora<Base>` layer (a subclass of its class) that runs its base call and hands
+  `(x, y, kernel, leaves)` to `jlora.core.adapted`, as every front-end does:
+  `base(x) + s·(dropout(x)·A)·B`, factored, or with `use_dora=True` DoRA
+  (`lora_magnitude`, `Trainable` beside `lora_a` / `lora_b`, initialised to
+  `‖W0 + s·A·B‖` per output column, so the model is unchanged at init).
+* QLoRA: `quantize(model, "nf4")` (or `"int8"`) returns a copy whose kernels are
+  packed `QuantizedArray`s held by `Frozen` variables; layers read them
+  dequantized where they index them, inside the step, so memory stays packed.
+  `init(key, quantize(model), config)` adapts it. A tree quantized outside
+  (`jlora.quantize(to_params(lora))`, `jlora.load_quantized`) goes in through
+  `from_params(model, tree, config)`. Gradients reach only the adapters;
+  `merge` gives a full-precision plain model (every kernel dequantized).
 * Its parameters are `Trainable` (adapters, trained biases, `modules_to_save`)
   or `Frozen` (the rest), neither an `nnx.Param`: `nnx.Optimizer(model, tx,
   wrt=Trainable)` trains exactly the adapter, and code that trains `nnx.Param`
   finds nothing to train instead of silently fine-tuning the base.
 * `nnx.split(model, Trainable, ...)`, `nnx.jit`, `nnx.scan` / `nnx.remat` over
   `nnx.vmap`-made layers (adapters stacked like the kernels) work as usual.
-* `merge(model)` returns a plain NNX model with `W = W0 + s·A·B`; `unmerge` goes back.
+* `merge(model)` returns a plain NNX model with `W = W0 + s·A·B` (DoRA:
+  `m·(W0 + s·A·B)/‖W0 + s·A·B‖`); `unmerge` goes back.
 * `to_params(model)` / `from_params(model, params, config)` convert to and from
   jlora's plain params dict (the linen layout), which `jlora.save_adapter`,
   `jlora.load_adapter`, `jlora.save_peft` and `jlora.load_peft` read and write.
@@ -32,19 +43,21 @@ from jlora.frontends.nnx.init import from_params as from_params
 from jlora.frontends.nnx.init import init as init
 from jlora.frontends.nnx.merge import merge as merge
 from jlora.frontends.nnx.merge import unmerge as unmerge
+from jlora.frontends.nnx.quant import quantize as quantize
 from jlora.frontends.nnx.vars import Frozen as Frozen
 from jlora.frontends.nnx.vars import Trainable as Trainable
 
-__all__ = ["Frozen", "Trainable", "from_params", "init", "merge", "optimizer", "split", "to_params", "unmerge"]
+__all__ = ["Frozen", "Trainable", "from_params", "init", "merge", "optimizer", "quantize", "split", "to_params",
+           "unmerge"]
 
 
 def split(model: nnx.Module) -> tuple[nnx.GraphDef, nnx.State, nnx.State]:
   """`nnx.split(model, Trainable, ...)`: `(graphdef, trainable, rest)`, after checking the model has adapters.
 
   `trainable` holds the adapters (`lora_a: in_shape + (r,)`, `lora_b: (r,) +
-  out_shape`, stacked `(L, ...)` for `nnx.vmap`-made layers), trained biases and
-  `modules_to_save` parameters; `rest` everything else (the frozen base, rng
-  state, batch statistics). `nnx.merge(graphdef, trainable, rest)` rebuilds the
+  out_shape`, DoRA's `lora_magnitude`, stacked `(L, ...)` for `nnx.vmap`-made
+  layers), trained biases and `modules_to_save` parameters; `rest` everything
+  else (the frozen base, quantized kernels included, rng state, batch statistics). `nnx.merge(graphdef, trainable, rest)` rebuilds the
   model. For a pure jitted step, differentiate with respect to `trainable` only and
   pass `rest` as an argument: a jitted function that closes over it compiles the
   whole base in as constants.

@@ -1,4 +1,5 @@
-"""Many adapters on one base: `AdapterSet`, `stack_adapters`, `apply_bank` (mixed batches), multi-task training."""
+"""Many adapters on one base: `AdapterSet`, `stack_adapters`, `jlora.apply` with a bank (mixed batches), multi-task
+training."""
 
 import flax.linen as nn
 import jax
@@ -101,7 +102,7 @@ def test_stack_pads_ranks_unions_targets_and_unstacks_exactly(net):
 @pytest.mark.parametrize("jit", [False, True])
 def test_mixed_batch_equals_each_example_with_its_own_adapter(net, jit):
   model, ids, base, adapters, bank = net
-  fn = lambda b, p, i, x: jlora.apply_bank(model, p, b, i, x)  # noqa: E731
+  fn = lambda b, p, i, x: jlora.apply(model, p, b, x, adapter_ids=i)  # noqa: E731
   out = (jax.jit(fn) if jit else fn)(bank, base, bank.ids(NAMES), ids)
   for i, name in enumerate(NAMES):
     np.testing.assert_allclose(out[i:i + 1], _alone(model, base, adapters, name, ids[i:i + 1]), atol=1e-5, rtol=1e-5)
@@ -112,7 +113,7 @@ def test_mixed_batch_equals_each_example_with_its_own_adapter(net, jit):
 
 def test_one_id_selects_an_adapter_for_the_batch_without_recompiling(net):
   model, ids, base, adapters, bank = net
-  step = jax.jit(lambda b, p, i, x: jlora.apply_bank(model, p, b, i, x))
+  step = jax.jit(lambda b, p, i, x: jlora.apply(model, p, b, x, adapter_ids=i))
   for name in ["a", "b", "__base__", "c", "a"]:
     np.testing.assert_allclose(step(bank, base, bank.ids(name), ids), _alone(model, base, adapters, name, ids),
                                atol=1e-5, rtol=1e-5)
@@ -123,17 +124,17 @@ def test_one_id_selects_an_adapter_for_the_batch_without_recompiling(net):
 def test_bank_errors_are_clear(net):
   model, ids, base, adapters, bank = net
   with pytest.raises(ValueError, match=r"outside -1..2"):
-    jlora.apply_bank(model, base, bank, jnp.array([0, 3, 0, 0, 0, 0]), ids)
+    jlora.apply(model, base, bank, ids, adapter_ids=jnp.array([0, 3, 0, 0, 0, 0]))
   with pytest.raises(ValueError, match=r"No adapter named 'x' in this bank.*\['a', 'b', 'c'\]"):
     bank.ids(["a", "x"])
   with pytest.raises(TypeError, match=r"ints of shape"):
     bank.ids(jnp.zeros((2, 3), jnp.int32))
   with pytest.raises(ValueError, match=r"axis 0 is not the batch of 2 examples"):
-    jlora.apply_bank(model, base, bank, bank.ids(["a", "b"]), ids)
+    jlora.apply(model, base, bank, ids, adapter_ids=bank.ids(["a", "b"]))
   with pytest.raises(ValueError, match=r"takes the base params and the bank separately"):
-    jlora.apply_bank(model, adapters.params("a", base), bank, 0, ids)
+    jlora.apply(model, adapters.params("a", base), bank, ids, adapter_ids=0)
   with pytest.raises(TypeError, match=r"must be a jlora.AdapterBank"):
-    jlora.apply_bank(model, base, adapters, 0, ids)
+    jlora.apply(model, base, adapters, ids, adapter_ids=0)
   with pytest.raises(TypeError, match=r"must be a jlora.AdapterSet"):
     jlora.stack_adapters(dict(adapters), base)
   biased = jlora.LoraConfig(r=2, target_modules=["down"], bias="lora_only")
@@ -141,8 +142,8 @@ def test_bank_errors_are_clear(net):
   with pytest.raises(ValueError, match=r"trains leaves other than LoRA's A and B.*down/bias"):
     jlora.stack_adapters(with_bias, base)
   moved = {**{k: v for k, v in bank.tree.items() if k != "down"}, "gone": bank.tree["down"]}  # a renamed module
-  with pytest.raises(ValueError, match=r"apply_bank: 1 adapter.*not used by this forward: 'gone'"):
-    jlora.apply_bank(model, base, jlora.AdapterBank(moved, bank.names, bank.configs, bank.slots), 0, ids)
+  with pytest.raises(ValueError, match=r"jlora.apply: 1 adapter.*not used by this forward: 'gone'"):
+    jlora.apply(model, base, jlora.AdapterBank(moved, bank.names, bank.configs, bank.slots), ids, adapter_ids=0)
 
 
 def test_per_adapter_dropout_keeps_base_rows_exact(net):
@@ -151,8 +152,8 @@ def test_per_adapter_dropout_keeps_base_rows_exact(net):
   dropped = adapters.add("d", jlora.init(jax.random.key(9), model, base, cfg, ids), cfg)
   bank = jlora.stack_adapters(dropped, base)
   which = bank.ids(["d", "__base__", "c", "d", "d", "d"])
-  plain = jlora.apply_bank(model, base, bank, which, ids)
-  noisy = jlora.apply_bank(model, base, bank, which, ids, rngs={"lora_dropout": jax.random.key(1)})
+  plain = jlora.apply(model, base, bank, ids, adapter_ids=which)
+  noisy = jlora.apply(model, base, bank, ids, adapter_ids=which, rngs={"lora_dropout": jax.random.key(1)})
   np.testing.assert_array_equal(noisy[1], model.apply({"params": base}, ids)[1])
   np.testing.assert_allclose(noisy[2], plain[2], atol=1e-6, rtol=1e-5)  # 'c' has lora_dropout 0
   assert not np.allclose(noisy[0], plain[0], atol=1e-4)
@@ -174,7 +175,7 @@ def test_mixed_generation_equals_generation_per_adapter(name, options):
   alone = {"__base__": np.asarray(models.generate(model, base, prompt, max_new_tokens=5))}
   for row in ("t0", "t1"):  # each adapter alone over the whole batch; compare the rows that chose it
     alone[row] = np.asarray(models.generate(model, adapters.params(row, base), prompt, max_new_tokens=5,
-                                            apply_fn=jlora.lora_apply(model, adapters.config(row))))
+                                            apply_fn=jlora.apply_fn(model, adapters.config(row))))
   for i, row in enumerate(rows):
     np.testing.assert_array_equal(mixed[i], alone[row][i])
   assert not np.array_equal(alone["t0"], alone["__base__"])  # the adapters change what is generated
@@ -194,7 +195,8 @@ def test_multi_task_training_equals_training_each_adapter_alone(net):
 
   @jax.jit
   def mixed_step(bank, state):
-    loss = lambda b: bank.task_mean(per_example(jlora.apply_bank(model, base, b, which, ids), target), which)  # noqa: E731
+    loss = lambda b: bank.task_mean(  # noqa: E731
+        per_example(jlora.apply(model, base, b, ids, adapter_ids=which), target), which)
     grads = jax.grad(loss)(bank)
     updates, state = tx.update(grads, state, bank)
     return optax.apply_updates(bank, updates), state
@@ -236,7 +238,7 @@ def test_load_adapter_set_and_weighted_adapters_join_a_set(net, tmp_path):
                                     [1.0, 1.0], combination_type="cat")
   grown = adapters.add("a+c", jlora.combine(both[0], base), both[1])
   bank = jlora.stack_adapters(grown, base)
-  out = jlora.apply_bank(model, base, bank, bank.ids("a+c"), ids)
+  out = jlora.apply(model, base, bank, ids, adapter_ids=bank.ids("a+c"))
   np.testing.assert_allclose(out, _alone(model, base, grown, "a+c", ids), atol=1e-5, rtol=1e-5)
 
 
@@ -249,13 +251,13 @@ def test_adapters_from_peft_files_join_a_set(tmp_path):
   jlora.save_peft(tmp_path / "peft", model, params, cfg)
   adapters = jlora.AdapterSet().add("mine", params, cfg).add("peft", *jlora.load_peft(tmp_path / "peft", model, base))
   bank = jlora.stack_adapters(adapters, base)
-  out = jlora.apply_bank(model, base, bank, bank.ids(["peft", "mine"]), prompt)
+  out = jlora.apply(model, base, bank, prompt, adapter_ids=bank.ids(["peft", "mine"]))
   want = jlora.apply(model, params, cfg, prompt)
   np.testing.assert_allclose(out, want, atol=1e-5, rtol=1e-5)
 
 
 def test_traced_ids_out_of_range_give_nan_rows_never_another_output(net):
   model, ids, base, _, bank = net
-  step = jax.jit(lambda i: jlora.apply_bank(model, base, bank, i, ids))
+  step = jax.jit(lambda i: jlora.apply(model, base, bank, ids, adapter_ids=i))
   out = np.asarray(step(jnp.array([0, 3, -2, -1, 7, 1], jnp.int32)))
   assert np.isnan(out[[1, 2, 4]]).all() and np.isfinite(out[[0, 3, 5]]).all()

@@ -158,7 +158,7 @@ def test_generate_mixes_adapters_in_one_batch_exactly(trained, capsys):
       alone = models.generate(model, base.params, prompt, **kw)
     else:
       params, config = loaded[r["adapter"]]
-      alone = models.generate(model, params, prompt, apply_fn=jlora.lora_apply(model, config), **kw)
+      alone = models.generate(model, params, prompt, apply_fn=jlora.apply_fn(model, config), **kw)
     alone = np.asarray(alone[0]).tolist()
     alone = alone[: alone.index(tok.eos_token_id)] if tok.eos_token_id in alone else alone
     assert r["tokens"] == alone and r["completion"] == tok.decode([alone])[0], r

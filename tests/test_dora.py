@@ -190,16 +190,8 @@ def test_mismatches_and_paths_without_dora_raise(net):
   with pytest.raises(ValueError, match=r"magnitude at 'down' has shape \(12,\); its kernel needs \(1, 12\)"):
     jlora.merge(bad, cfg)
   trainable = jlora.split(params, cfg)[0]
-  with pytest.raises(ValueError, match=r"add_weighted_adapter: adapters\[0\]: .*use_dora=True"):
+  with pytest.raises(ValueError, match=r"add_weighted_adapter: adapters\[0\] has use_dora=True"):
     jlora.add_weighted_adapter([(trainable, cfg)], [1.0], "cat")
-  with pytest.raises(ValueError, match=r"stack_adapters: adapter 'd'.*use_dora=True"):
-    jlora.stack_adapters(jlora.AdapterSet().add("d", params, cfg), base)
-  nnx = pytest.importorskip("flax.nnx")
-  from jlora import nnx as lnnx
-
-  with pytest.raises(ValueError, match=r"jlora.nnx.init: .*use_dora=True"):
-    lnnx.init(jax.random.key(0), nnx.Linear(4, 3, rngs=nnx.Rngs(0)), jlora.LoraConfig(r=2, target_modules=".*",
-                                                                                        use_dora=True))
 
 
 def test_registered_layer_with_its_own_bias_and_kernel_summed_einsum():

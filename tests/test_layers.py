@@ -233,10 +233,10 @@ def test_wrong_method_raises_and_allow_unused_lets_it_pass():
     jlora.apply(model, params, config, x, method="encode")
   y = jlora.apply(model, params, config, x, method="encode", allow_unused=True)
   np.testing.assert_allclose(y, model.apply({"params": jlora.merge(params, config)}, x, method="encode"), atol=1e-6, rtol=1e-5)
-  fn = jlora.lora_apply(model, config, allow_unused=True)
+  fn = jlora.apply_fn(model, config, allow_unused=True)
   np.testing.assert_allclose(fn({"params": params}, x, method="encode"), y)
   with pytest.raises(ValueError, match="'dec'"):
-    jax.jit(lambda p: jlora.lora_apply(model, config)({"params": p}, x, method="encode"))(params)
+    jax.jit(lambda p: jlora.apply_fn(model, config)({"params": p}, x, method="encode"))(params)
 
 
 def test_module_called_under_another_name_raises():

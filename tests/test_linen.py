@@ -262,16 +262,16 @@ def test_closed_over_base_warns_and_argument_does_not(monkeypatch):
 
 
 @pytest.mark.parametrize("jit", [False, True])
-def test_lora_apply_is_an_apply_fn(jit):
-  """`lora_apply` fills `model.apply`'s slot: flax TrainState, a static jit argument without recompiles."""
+def test_apply_fn_fills_the_model_apply_slot(jit):
+  """`jlora.apply_fn` fills `model.apply`'s slot: flax TrainState, a static jit argument without recompiles."""
   from flax.training import train_state
 
   case = CASES["mlp"]
   cfg = _cfg(case, init_lora_weights=False)
   params = jlora.init(jax.random.key(1), case.model, zoo.build(case), cfg, case.inputs)
-  fn = jlora.lora_apply(case.model, cfg)
-  assert fn == jlora.lora_apply(case.model, cfg) and hash(fn) == hash(jlora.lora_apply(case.model, cfg))
-  assert fn != jlora.lora_apply(case.model, _cfg(case, r=2))
+  fn = jlora.apply_fn(case.model, cfg)
+  assert fn == jlora.apply_fn(case.model, cfg) and hash(fn) == hash(jlora.apply_fn(case.model, cfg))
+  assert fn != jlora.apply_fn(case.model, _cfg(case, r=2))
   y = _maybe_jit(lambda p: fn({"params": p}, case.inputs), jit)(params)
   np.testing.assert_allclose(y, jlora.apply(case.model, params, cfg, case.inputs), rtol=1e-6, atol=1e-6)
 
@@ -294,20 +294,20 @@ def test_lora_apply_is_an_apply_fn(jit):
     return apply_fn({"params": p}, x)
 
   run(fn, params, case.inputs)
-  run(jlora.lora_apply(case.model, cfg), params, case.inputs)  # an equal object: the cached compile is reused
+  run(jlora.apply_fn(case.model, cfg), params, case.inputs)  # an equal object: the cached compile is reused
   assert len(calls) == 1
 
 
-def test_lora_apply_and_apply_check_their_arguments():
+def test_apply_fn_and_apply_check_their_arguments():
   case = CASES["mlp"]
   cfg = _cfg(case)
   params = jlora.init(jax.random.key(1), case.model, zoo.build(case), cfg, case.inputs)
   with pytest.raises(TypeError, match=r"`variables` must be a variables dict such as \{'params': params\}"):
-    jlora.lora_apply(case.model, cfg)(params, case.inputs)
+    jlora.apply_fn(case.model, cfg)(params, case.inputs)
   with pytest.raises(TypeError, match=r"`config` must be a jlora\.LoraConfig, got dict"):
     jlora.apply(case.model, params, {"r": 4}, case.inputs)
   with pytest.raises(TypeError, match=r"`config` must be a jlora\.LoraConfig"):
-    jlora.lora_apply(case.model, None)
+    jlora.apply_fn(case.model, None)
   with pytest.raises(TypeError, match=r"`model` must be a flax\.linen Module, got function"):
     jlora.apply(lambda p, x: x, params, cfg, case.inputs)
 

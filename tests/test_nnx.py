@@ -17,6 +17,7 @@ from flax import nnx
 
 import jlora
 from jlora import nnx as lnnx
+from jlora.quant.array import QuantizedArray
 from tests.test_structure import D_IN, D_OUT, R, _dots, _kernel_sized_dots
 
 ROOT = pathlib.Path(__file__).resolve().parent.parent
@@ -532,9 +533,11 @@ def test_docstring_example_runs():
   import doctest
 
   import jlora.frontends.nnx.init
+  import jlora.frontends.nnx.quant
 
-  result = doctest.testmod(jlora.frontends.nnx.init, optionflags=doctest.ELLIPSIS)
-  assert result.attempted > 0 and result.failed == 0
+  for module in (jlora.frontends.nnx.init, jlora.frontends.nnx.quant):
+    result = doctest.testmod(module, optionflags=doctest.ELLIPSIS)
+    assert result.attempted > 0 and result.failed == 0
 
 
 def test_import_jlora_does_not_import_nnx():
@@ -576,6 +579,178 @@ def test_step_structure_no_weight_sized_gradient_and_2d_rank_r_matmuls():
   lora = [e for e in _dots(jax.make_jaxpr(step)(*args).jaxpr) if any(R in v.aval.shape for v in e.invars)]
   assert len(lora) == 11, "\n".join(map(str, lora))  # as linen: x·A, u·B forward; gB, gu, gA, dx backward
   assert all(v.aval.ndim == 2 for e in lora for v in e.invars)
+
+
+# --------------------------------------------------- variants (LoRA, DoRA) × bases (plain, NF4, int8)
+def _close(got, want, rel=2e-5):
+  """Equal to a tolerance that scales with the values compared."""
+  want = np.asarray(want, np.float32)
+  np.testing.assert_allclose(np.asarray(got, np.float32), want, rtol=rel, atol=rel * max(1.0, float(np.abs(want).max())))
+
+
+def _move_magnitudes(model, key=3):
+  """DoRA's magnitudes moved off their init `‖W0 + s·A·B‖`, so that `g = m/‖·‖ ≠ 1` and the magnitude acts."""
+  for i, (_, module) in enumerate(nnx.iter_modules(model)):
+    if "lora_magnitude" in vars(module):
+      m = module.lora_magnitude[...]
+      module.lora_magnitude[...] = m * (1 + 0.3 * jax.random.normal(jax.random.key(key + i), m.shape))
+  return model
+
+
+def _is_quantized(x):
+  return isinstance(x, QuantizedArray)
+
+
+@pytest.mark.parametrize("jit", [False, True])
+@pytest.mark.parametrize("quant", [None, "nf4", "int8"])
+@pytest.mark.parametrize("variant", ["lora", "dora"])
+def test_lora_and_dora_over_plain_and_quantized_bases(variant, quant, jit):
+  base, _, cfg = _build("attention", init_lora_weights=False, use_dora=variant == "dora", bias="lora_only")
+  if quant:
+    base = lnnx.quantize(base, quant)
+    kernel = base.layers[0].attn.query.kernel
+    assert type(kernel) is lnnx.Frozen and _is_quantized(kernel.get_value()) and kernel.get_value().method == quant
+    assert kernel[...].shape == (16, 2, 8) and kernel[...].dtype == jnp.float32, "read dequantized, as layers do"
+  lora = _move_magnitudes(lnnx.init(KEY, base, cfg, IDS))
+  run = _call(jit)
+  y = run(lora, IDS)
+  assert _rel_err(y, base(IDS)) > 1e-3, "the adapter acts"
+  packed = [leaf for leaf in jax.tree.leaves(lnnx.to_params(lora), is_leaf=_is_quantized) if _is_quantized(leaf)]
+  assert len(packed) == (13 if quant else 0), "every linear kernel stays packed in the LoRA model (adapted or not)"
+  merged = lnnx.merge(lora)
+  assert not any(_is_quantized(v) for v in jax.tree.leaves(lnnx.to_params(merged), is_leaf=_is_quantized))
+  assert type(merged.layers[1].attn.key.kernel) is nnx.Param, "a plain, full-precision model"
+  _close(y, run(merged, IDS))
+
+  # Gradients reach exactly the trainable leaves; an optimizer step moves them and nothing else.
+  roles = {"lora_a", "lora_b", "bias"} | ({"lora_magnitude"} if variant == "dora" else set())
+  grad = nnx.grad(_loss, argnums=nnx.DiffState(0, lnnx.Trainable))
+  grads = (nnx.jit(grad) if jit else grad)(lora, IDS)
+  flat = nnx.to_flat_state(grads)
+  assert {p[-1] for p, _ in flat} == roles and len(flat) == 6 * len(roles)  # 6 adapted layers
+  assert all(float(jnp.abs(g.get_value()).max()) > 0 for _, g in flat)
+  frozen_before = jax.tree.leaves(nnx.state(lora, lnnx.Frozen))
+  trainable_before = jax.tree.leaves(nnx.state(lora, lnnx.Trainable))
+  opt = lnnx.optimizer(lora, optax.sgd(0.05))
+
+  def step(model, opt, x):
+    opt.update(model, grad(model, x))
+
+  (nnx.jit(step) if jit else step)(lora, opt, IDS)
+  assert _leaves_equal(jax.tree.leaves(nnx.state(lora, lnnx.Frozen)), frozen_before), "the base (codes) is bit-identical"
+  after = jax.tree.leaves(nnx.state(lora, lnnx.Trainable))
+  assert all(not jnp.array_equal(a, b) for a, b in zip(after, trainable_before, strict=True))
+  _close(run(lora, IDS), run(lnnx.merge(lora), IDS))
+
+
+@pytest.mark.parametrize("name", list(CASES))
+def test_dora_on_every_layer_kind(name):
+  base, x, cfg = _build(name, init_lora_weights=False, use_dora=True)
+  lora = lnnx.init(KEY, base, cfg, x)
+  plain = lnnx.init(KEY, base, jlora.LoraConfig(**{**vars(cfg), "use_dora": False}), x)
+  _close(lora(x), plain(x), rel=1e-5)  # m = ‖W0 + s·A·B‖ at init: DoRA starts as the LoRA of the same A, B
+  params = lnnx.to_params(lora)
+  for path, ad in ((p, n) for p, n in jlora.core.tree.adapted_modules(params)):
+    kernel = ad.get("kernel", ad.get("embedding"))
+    want = jlora.core.ops.column_norm(kernel, ad["lora_a"], ad["lora_b"], cfg.scale_for("/".join(path)))
+    _close(ad["lora_magnitude"], want, rel=1e-6)
+  _move_magnitudes(lora)
+  y = lora(x)
+  assert _rel_err(y, plain(x)) > 1e-3, "the magnitude acts"
+  _close(y, lnnx.merge(lora)(x))
+  back = lnnx.unmerge(lnnx.merge(lora), lora)
+  jax.tree.map(lambda a, b: _close(a, b, rel=1e-5), lnnx.to_params(back), lnnx.to_params(lora))
+  again = lnnx.from_params(base, lnnx.to_params(lora), cfg, x)
+  np.testing.assert_array_equal(again(x), y)
+  assert _leaves_equal(nnx.state(again, lnnx.Trainable), nnx.state(lora, lnnx.Trainable))
+
+
+@pytest.mark.parametrize("quant", [None, "nf4"])
+def test_dora_and_qlora_match_the_linen_path(quant):
+  """Same weights, same draws: adapters, outputs, merged outputs and gradients equal `jlora.apply`'s."""
+  x = _x(2, 5, 16)
+  linen = LinenNet()
+  base = linen.init(jax.random.key(0), x)["params"]
+  cfg = jlora.LoraConfig(r=4, lora_alpha=8, target_modules="all-linear", init_lora_weights=False, use_dora=True)
+  params = jlora.init(KEY, linen, jlora.quantize(base, quant) if quant else base, cfg, x)
+  model = NNXNet(nnx.Rngs(5))
+  nnx.update(model, base)
+  lora = lnnx.init(KEY, lnnx.quantize(model, quant) if quant else model, cfg, x)
+  assert _leaves_equal(lnnx.to_params(lora), params), "the same packed kernels, draws and magnitudes"
+  # Adapters as if trained, in the linen tree; the NNX model takes them through from_params (quantized tree too).
+  trainable, frozen = jlora.split(params, cfg)
+  trainable = jax.tree.map(lambda v: v * (1 + 0.3 * jax.random.normal(jax.random.key(2), v.shape)), trainable)
+  params = jlora.combine(trainable, frozen)
+  lora = lnnx.from_params(model, params, cfg)
+  y_linen = jax.jit(lambda p: jlora.apply(linen, p, cfg, x))(params)
+  _close(_call(True)(lora, x), y_linen)
+  _close(lnnx.merge(lora)(x), linen.apply({"params": jlora.merge(params, cfg)}, x))
+  g_linen = jax.jit(jax.grad(lambda t, f: jnp.mean(jlora.apply(linen, jlora.combine(t, f), cfg, x) ** 2)))(
+      trainable, frozen)
+  graphdef, t, rest = lnnx.split(lora)
+  g_nnx = jax.jit(jax.grad(lambda t, rest: jnp.mean(nnx.merge(graphdef, t, rest)(x) ** 2)))(t, rest)
+  flat = {tuple(map(str, p)): v.get_value() for p, v in nnx.to_flat_state(g_nnx)}
+  assert set(flat) == set(jlora.core.tree.flatten(g_linen))
+  for path, g in jlora.core.tree.flatten(g_linen).items():
+    _close(flat[path], g, rel=1e-4)
+
+
+def test_dora_with_lora_dropout_computes_x_w0_from_the_dropped_input():
+  base, x, cfg = _build("linear", init_lora_weights=False, use_dora=True, lora_dropout=0.5)
+  plain = _move_magnitudes(lnnx.init(KEY, base, cfg))
+  drop = lnnx.from_params(base, lnnx.to_params(plain), cfg, rngs=nnx.Rngs(lora_dropout=3))
+  d1, d2 = drop(x), drop(x)
+  assert not np.allclose(d1, d2) and not np.allclose(d1, plain(x)), "a new mask per call"
+  drop.eval()
+  np.testing.assert_allclose(drop(x), plain(x), rtol=1e-6)
+  drop.train()
+  grads = nnx.jit(nnx.grad(_loss, argnums=nnx.DiffState(0, lnnx.Trainable)))(drop, x)
+  assert {p[-1] for p, _ in nnx.to_flat_state(grads)} == {"lora_a", "lora_b", "lora_magnitude"}
+  assert all(np.isfinite(g).all() for g in jax.tree.leaves(grads))
+
+
+def test_quantized_scan_stack_keeps_a_scale_per_layer():
+  base, x, cfg = _build("scan", init_lora_weights=False, use_dora=True)
+  q = lnnx.quantize(base, "int8")
+  scale = q.layers.up.kernel.get_value().scale
+  assert scale.shape == (L, 1, 16), "int8: one scale per output channel of each layer of the nnx.vmap stack"
+  assert q.head.kernel.get_value().scale.shape == (1, 4)
+  _close(q(x), base(x), rel=2e-2)
+  lora = _move_magnitudes(lnnx.init(KEY, q, cfg))
+  y = nnx.jit(lambda m, x: m(x))(lora, x)
+  _close(y, lnnx.merge(lora)(x))
+
+
+def test_qlora_and_dora_errors_name_the_argument_and_the_fix():
+  base, _, cfg = _build("linear", init_lora_weights=False, target_modules=r"layers\.\d+", modules_to_save=("head",))
+  with pytest.raises(ValueError, match=r"kernel at 'head/kernel' is quantized .*modules_to_save=\('head',\).*select"):
+    lnnx.init(KEY, lnnx.quantize(base), cfg)
+  with pytest.raises(ValueError, match=r"`method` must be one of \('nf4', 'int8'\), got 'int4'"):
+    lnnx.quantize(base, "int4")
+  with pytest.raises(TypeError, match=r"`model` is a flax\.linen Module"):
+    lnnx.quantize(nn.Dense(4))
+  lora = lnnx.init(KEY, base, jlora.LoraConfig(r=4, target_modules=r"layers\.\d+"))
+  with pytest.raises(ValueError, match=r"use_dora=True but the adapter at 'layers/0' has no DoRA magnitude"):
+    lnnx.from_params(base, lnnx.to_params(lora), jlora.LoraConfig(r=4, target_modules=r"layers\.\d+", use_dora=True))
+
+
+def _dora_step():
+  x = jnp.ones((4, 7, D_IN))
+  cfg = jlora.LoraConfig(r=R, target_modules=["up", "down"], init_lora_weights=False, use_dora=True)
+  graphdef, trainable, rest = lnnx.split(lnnx.init(KEY, UpDown(nnx.Rngs(0)), cfg))
+  return (lambda t, rest: _loss(nnx.merge(graphdef, t, rest), x)), trainable, rest
+
+
+def test_dora_step_structure_2d_rank_r_dots_and_no_kernel_sized_dot_in_the_backward():
+  loss, t, rest = _dora_step()
+  sizes = {(D_IN, D_OUT), (D_OUT, D_IN)}
+  forward = list(_dots(jax.make_jaxpr(loss)(t, rest).jaxpr))
+  step = list(_dots(jax.make_jaxpr(jax.grad(loss))(t, rest).jaxpr))
+  lora = [e for e in step if any(R in v.aval.shape for v in e.invars)]
+  assert lora and all(v.aval.ndim == 2 for e in lora for v in e.invars), "\n".join(map(str, lora))
+  kernel_sized = [e for e in step if tuple(e.outvars[0].aval.shape) in sizes]
+  # W0 + s·A·B is formed once per layer for DoRA's (constant) norm, as in PEFT; the backward adds none
+  assert len(kernel_sized) == 2 == sum(tuple(e.outvars[0].aval.shape) in sizes for e in forward)
 
 
 # ---------------------------------------------------------------------------- notebook

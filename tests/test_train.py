@@ -155,6 +155,6 @@ def test_optimizer_labels_follow_the_tree_it_is_given():
     for key, u in _flat(updates).items():
       trains = key.endswith(("['lora_a']", "['lora_b']", "['query']['bias']", "['value']['bias']"))
       assert np.all(np.asarray(u) == (-1.0 if trains else 0.0)), key
-  with pytest.raises(TypeError, match=r"takes a jlora\.LoraConfig second, got dict and more positional arguments.*"
-                                      r"`jlora\.optimizer\(tx, config\)`"):
-    jlora.optimizer(optax.sgd(1.0), params, cfg)
+  with pytest.raises(TypeError, match=r"`jlora\.optimizer\(tx, config\)` takes a jlora\.LoraConfig second, got dict\. "
+                                      r".*no params argument is needed"):
+    jlora.optimizer(optax.sgd(1.0), params)

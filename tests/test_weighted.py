@@ -135,8 +135,12 @@ def test_svd_full_rank_is_the_sum_and_truncated_is_the_best_rank_k(mlp):
   np.testing.assert_allclose(a.T @ a, np.eye(4), atol=1e-5, rtol=1e-5)
   with pytest.raises(ValueError, match="`svd_rank` must be a positive int"):
     add_weighted_adapter([(t1, c1)], [1.0], "svd", svd_rank=0)
-  tree, cfg = add_weighted_adapter([(t1, c1)], [1.0], "svd", svd_rank=40)  # above fc_0's min(fan_in, fan_out)=16
-  assert tree["fc_0"]["lora_a"].shape == (16, 40) and not np.asarray(tree["fc_0"]["lora_b"][16:]).any()
+  with pytest.raises(ValueError, match=r"`svd_rank`=40 is larger than the dimensions of every adapted layer \(the "
+                                       r"widest, 'fc_1', allows min\(fan_in, fan_out\) = 32\).*svd_rank <= 32"):
+    add_weighted_adapter([(t1, c1)], [1.0], "svd", svd_rank=40)  # before: (16, 40) and (32, 40) factors, zeros
+  tree, cfg = add_weighted_adapter([(t1, c1)], [1.0], "svd", svd_rank=20)  # above fc_0's min(fan_in, fan_out)=16
+  assert tree["fc_0"]["lora_a"].shape == (16, 16) and tree["fc_1"]["lora_a"].shape == (32, 20)
+  assert cfg.r == 20 and cfg.rank_for("fc_0") == 16  # each layer's rank capped at its own, as jlora.init requires
   _close(_deltas(tree, cfg, frozen), _deltas(t1, c1, frozen))
 
 
@@ -190,7 +194,7 @@ def test_layouts_cat_and_svd_exact(name):
   t1, frozen, c1 = _adapter(name, 1, r=2, lora_alpha=4)
   t2, _, c2 = _adapter(name, 2, r=4, lora_alpha=4, use_rslora=True)
   want = _sum([1.5, -0.5], [_deltas(t1, c1, frozen), _deltas(t2, c2, frozen)])
-  for kind, rank in [("cat", None), ("svd", 6)]:
+  for kind, rank in [("cat", None), ("svd", 6)]:  # exact: rank 2 + 4, capped at the einsum's per-head (4, 5) full rank
     tree, cfg = add_weighted_adapter([(t1, c1), (t2, c2)], [1.5, -0.5], kind, svd_rank=rank)
     _close(_deltas(tree, cfg, frozen), want, atol=2e-5)
   case = CASES[name]

@@ -23,7 +23,7 @@ from typing import Any
 import jax
 
 from jlora.core.config import LoraConfig
-from jlora.core.targets import magnitude_key, path_str
+from jlora.core.targets import is_head, magnitude_key, path_str, selects
 from jlora.core.tree import Params, _check_tree, combine, get_path, has_adapters, slots, split
 
 __all__ = ["BASE", "AdapterSet", "check_name", "load_adapter_set"]
@@ -172,6 +172,14 @@ def _trainable(name: str, params: Params, config: LoraConfig) -> dict:
       raise ValueError(f"Adapter {name!r}: the adapter at {where!r} has {got}, but its config gives "
                        f"{f'r={want}' if r != want else f'use_dora={config.use_dora}'} there; pass the config it "
                        "was made with.")
+    path = slot.module if slot.weight is None else (*slot.module, slot.weight)
+    if not selects(config, path, "dense", is_head=is_head(slot.module)):  # `jlora.apply`'s rule, for every use
+      raise ValueError(
+          f"Adapter {name!r}: `params` holds an adapter at {where!r} ({slot.a_key} / {slot.b_key}), which its config "
+          f"(target_modules={config.target_modules!r}, exclude_modules={config.exclude_modules!r}, "
+          f"layers_to_transform={config.layers_to_transform!r}) does not select; jlora.apply would refuse it. Pass "
+          "the LoraConfig that created it, or drop those leaves."
+      )
   return split(params, config)[0]
 
 

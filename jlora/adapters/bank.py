@@ -1,12 +1,13 @@
 """`AdapterBank`: an `AdapterSet` stacked so that traced ids pick the adapter, per example or per batch.
 
 Per adapted weight the bank holds `lora_a: a_shape + (n,)` and
-`lora_b: b_shape + (n,)`: the n adapters stacked on a new last axis (last, so
+`lora_b: b_shape + (n,)` (and `lora_magnitude: m_shape + (n,)` where a DoRA
+adapter is among them): the n adapters stacked on a new last axis (last, so
 that the leading layer axis of a scanned stack stays where `nn.scan` slices
 it), every rank padded with zeros to the largest at that weight (exact: the
 padded rows and columns add nothing and their gradients are zero), and zeros
 for an adapter that does not target that weight. Each adapter's scale and
-dropout rate per weight are the bank's static part. `jlora.apply_bank` runs a
+dropout rate per weight are the bank's static part. `jlora.apply` runs a
 model with it: example `i` gets adapter `ids[i]`, `-1` (`'__base__'`) the base
 model exactly, and a scalar id selects one adapter for the whole batch, so
 switching adapters never recompiles.
@@ -24,17 +25,22 @@ import jax.numpy as jnp
 import numpy as np
 
 from jlora.adapters.adapter_set import BASE, AdapterSet
-from jlora.core.config import LoraConfig, refuse_dora
-from jlora.core.targets import is_lora_key
+from jlora.core import ops as _ops
+from jlora.core.config import LoraConfig
+from jlora.core.targets import is_lora_key, selects
 from jlora.core.tree import Params, _check_tree, adapters, combine, flatten, has_adapters, unflatten
 from jlora.frontends.linen import check_model, run_forward
 from jlora.frontends.linen_forward import Forward
 
-__all__ = ["AdapterBank", "BankApply", "apply_bank", "bank_apply", "stack_adapters"]
+__all__ = ["AdapterBank", "BankApply", "apply_bank", "stack_adapters"]
 
 
 class BankSlot(NamedTuple):
-  """One adapted weight of a bank: its leaves' place, and each adapter's rank and scale there (0 where absent)."""
+  """One adapted weight of a bank: its leaves' place, and each adapter's rank and scale there (0 where absent).
+
+  `m_key` names the stacked DoRA magnitudes when an adapter here is a DoRA one ('' otherwise), and
+  `magnitudes` says which adapters hold one (the others add their plain LoRA term).
+  """
 
   module: tuple[str, ...]
   a_key: str
@@ -43,6 +49,8 @@ class BankSlot(NamedTuple):
   rank_axis: int  # the axis of `r` in `lora_b` (before the adapter axis)
   ranks: tuple[int, ...]
   scales: tuple[float, ...]
+  m_key: str = ""
+  magnitudes: tuple[bool, ...] = ()
 
 
 @jax.tree_util.register_pytree_node_class
@@ -101,13 +109,28 @@ class AdapterBank:
                          f"{list(self.names)}; -1 is the base model).")
     return ids.astype(jnp.int32)
 
-  def lookup(self, slot: tuple[tuple[str, ...], str], where: str) -> tuple[tuple[float, ...], tuple[float, ...]]:
-    """`(scales, dropout rates)` of every adapter at the weight whose module and `A` leaf are `slot`."""
+  def lookup(self, slot: tuple[tuple[str, ...], str], where: str) -> tuple[tuple[float, ...], tuple[float, ...],
+                                                                             tuple[bool, ...]]:
+    """`(scales, dropout rates, which hold a DoRA magnitude)` of every adapter at the weight whose module and `A`
+    leaf are `slot`."""
     for s in self.slots:
       if (s.module, s.a_key) == slot:
-        return s.scales, tuple(c.lora_dropout for c in self.configs)
+        return s.scales, tuple(c.lora_dropout for c in self.configs), s.magnitudes or (False,) * len(s.scales)
     raise ValueError(f"The adapter leaves at {where!r} are not this bank's; pass the bank and base params separately "
-                     "(jlora.apply_bank(model, frozen, bank, ids, ...)).")
+                     "(jlora.apply(model, frozen, bank, x, adapter_ids=ids)).")
+
+  def check_selected(self, slot: tuple[tuple[str, ...], str], path: tuple[str, ...], kind: str, head: bool) -> None:
+    """Raises unless every adapter present at `slot` is selected there by its own config (`jlora.apply`'s rule)."""
+    for s in self.slots:
+      if (s.module, s.a_key) != slot:
+        continue
+      for name, config, rank in zip(self.names, self.configs, s.ranks):
+        if rank and not selects(config, path, "embed" if kind == "attend" else kind, is_head=head):
+          raise ValueError(
+              f"The bank's adapter {name!r} holds an adapter at {s.where!r}, which its config "
+              f"(target_modules={config.target_modules!r}) does not select for this {kind} layer; jlora.apply "
+              "would refuse it. Stack adapters with the LoraConfigs that created them."
+          )
 
   def unstack(self) -> AdapterSet:
     """The `AdapterSet` this bank was stacked from (ranks unpadded), e.g. after training the bank."""
@@ -121,6 +144,8 @@ class AdapterBank:
           a, b = flat[(*s.module, s.a_key)][..., k], flat[(*s.module, s.b_key)][..., k]
           leaves[(*s.module, s.a_key)] = a[..., :r]
           leaves[(*s.module, s.b_key)] = jax.lax.slice_in_dim(b, 0, r, axis=s.rank_axis)
+          if s.magnitudes and s.magnitudes[k]:
+            leaves[(*s.module, s.m_key)] = flat[(*s.module, s.m_key)][..., k]
       out = out.add(name, unflatten(leaves), config)
     return out
 
@@ -149,7 +174,7 @@ def _pad(x: jax.Array, axis: int, size: int) -> jax.Array:
 
 def stack_adapters(adapter_set: AdapterSet, params: Params, *, names: Sequence[str] | None = None,
                    dtype: Any = None) -> AdapterBank:
-  """Stacks adapters of a set into an `AdapterBank` for `jlora.apply_bank`.
+  """Stacks adapters of a set into an `AdapterBank` for `jlora.apply(model, base, bank, ..., adapter_ids=...)`.
 
   Args:
     adapter_set: the adapters (ranks, alphas and targets may differ).
@@ -181,8 +206,6 @@ def stack_adapters(adapter_set: AdapterSet, params: Params, *, names: Sequence[s
   per_slot: dict[tuple, dict[int, Any]] = {}
   for k, name in enumerate(names):
     tree, config = adapter_set[name], adapter_set.config(name)
-    refuse_dora(config, f"stack_adapters: adapter {name!r}", "a mixed batch adds plain LoRA terms, as in PEFT; run it "
-                "alone with jlora.apply")
     extra = [p for p in flatten(tree) if not is_lora_key(p[-1])]
     if extra:
       raise ValueError(
@@ -208,20 +231,31 @@ def stack_adapters(adapter_set: AdapterSet, params: Params, *, names: Sequence[s
       stack_b.append(jnp.zeros(b_shape, dtype) if ad is None else _pad(ad.b.astype(dtype), rank_axis, big))
     leaves[(*module, a_key)] = jnp.stack(stack_a, axis=-1)
     leaves[(*module, b_key)] = jnp.stack(stack_b, axis=-1)
+    # DoRA magnitudes, where an adapter has one: zeros for the others (they keep their LoRA term, g = 1)
+    magnitudes = tuple(k in ads and ads[k].magnitude is not None for k in range(len(names)))
+    m_key = next((ad.m_key for ad in ads.values() if ad.magnitude is not None), "")
+    if m_key:
+      m_shape = _ops.magnitude_shape(first.a.shape, first.b.shape, first.kernel.shape)
+      leaves[(*module, m_key)] = jnp.stack([ads[k].magnitude.astype(dtype) if magnitudes[k] else
+                                            jnp.zeros(m_shape, dtype) for k in range(len(names))], axis=-1)
     slots.append(BankSlot(module, a_key, b_key, where, rank_axis,
                           tuple(ads[k].rank if k in ads else 0 for k in range(len(names))),
-                          tuple(float(ads[k].scale) if k in ads else 0.0 for k in range(len(names)))))
+                          tuple(float(ads[k].scale) if k in ads else 0.0 for k in range(len(names))),
+                          m_key, magnitudes if m_key else ()))
   return AdapterBank(unflatten(leaves), names, tuple(adapter_set.config(n) for n in names), tuple(slots))
 
 
 def apply_bank(model: nn.Module, params: Params, bank: AdapterBank, ids: Any, *args,
                rngs: Mapping[str, jax.Array] | None = None, variables: Mapping[str, Any] | None = None,
                allow_unused: bool = False, **kwargs) -> Any:
-  """The LoRA forward of a linen model with the adapter of each example chosen from a bank.
+  """The LoRA forward of a linen model with the adapter of each example chosen from a bank: `jlora.apply` with an
+  `AdapterBank` in place of the config (`adapter_ids=ids`) runs this.
 
   Example `i` of the batch gets adapter `ids[i]`'s term `s_k·(dropout(x)·A_k)·B_k`
-  at every adapted layer, computed factored from the bank (a per-example
-  gather of A and B and batched matmuls); id -1 gets nothing added, so its
+  at every adapted layer (a DoRA adapter's DoRA term, with its own magnitude and
+  norm `‖W0 + s_k·A_k·B_k‖`; LoRA and DoRA adapters mix in one bank), computed by
+  `jlora.core.adapted.adapted_batch`: a per-example gather of the leaves and a
+  vmap of the one adapted call over the examples; id -1 gets nothing added, so its
   output is the base model's (exactly when run eagerly; under jit up to XLA
   fusion). A scalar id applies one adapter to the whole batch. `ids` are
   traced: changing them never recompiles; a traced id outside -1..n-1 gives
@@ -251,15 +285,16 @@ def apply_bank(model: nn.Module, params: Params, bank: AdapterBank, ids: Any, *a
     raise TypeError(f"`bank` must be a jlora.AdapterBank (from jlora.stack_adapters), got {type(bank).__name__}.")
   _check_tree(params)
   if has_adapters(params):
-    raise ValueError("`params` holds adapters; jlora.apply_bank takes the base params and the bank separately.")
+    raise ValueError("`params` holds adapters; with a bank, jlora.apply takes the base params and the bank "
+                     "separately.")
   forward = Forward(None, bank, bank.ids(ids))
   return run_forward(forward, model, combine(bank.tree, params), args, kwargs, rngs, variables, allow_unused,
-                     "jlora.apply_bank")
+                     "jlora.apply")
 
 
 @dataclasses.dataclass(frozen=True)
 class BankApply:
-  """`fn(variables, *args, **kwargs)`: `apply_bank` in `model.apply`'s slot.
+  """`fn(variables, *args, **kwargs)`: `jlora.apply` with a bank in `model.apply`'s slot (`jlora.apply_fn`).
 
   `variables` holds `'params'` (the base), `'lora_bank'` (an `AdapterBank`) and
   `'lora_ids'`, plus any other collections; hashable, so it is a static
@@ -276,9 +311,3 @@ class BankApply:
     others = {k: v for k, v in variables.items() if k not in ("params", "lora_bank", "lora_ids")}
     return apply_bank(self.model, variables["params"], variables["lora_bank"], variables["lora_ids"], *args,
                       rngs=rngs, variables=others, allow_unused=self.allow_unused, **kwargs)
-
-
-def bank_apply(model: nn.Module, *, allow_unused: bool = False) -> BankApply:
-  """`apply_bank` as a hashable `apply_fn(variables, *args, **kwargs)` (see `BankApply`)."""
-  check_model(model)
-  return BankApply(model, bool(allow_unused))

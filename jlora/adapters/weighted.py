@@ -22,7 +22,7 @@ import numpy as np
 from jax import lax
 
 from jlora.core import ops as _ops
-from jlora.core.config import LoraConfig, refuse_dora
+from jlora.core.config import LoraConfig
 from jlora.core.fields import ALL_LINEAR
 from jlora.core.keys import restore
 from jlora.core.targets import adapter_path, is_head, is_lora_key, path_str, selects
@@ -115,8 +115,10 @@ def add_weighted_adapter(
   * `"cat"`: `A = [w₁s₁A₁ | w₂s₂A₂ | …]`, `B = [B₁; B₂; …]`, so `Δ = Σ wᵢΔᵢ` exactly,
     with rank `Σ rᵢ` of the adapters present at the module.
   * `"svd"`: the best rank-`svd_rank` approximation (truncated SVD, in float32,
-    per layer of a stack and per shared einsum axis) of `Σ wᵢΔᵢ`; `A` holds the
-    left singular vectors, `B` the singular values times the right ones. `svd_clamp`
+    per layer of a stack and per shared einsum axis) of `Σ wᵢΔᵢ`, its rank capped at each
+    module's `min(fan_in, fan_out)` (a rank never exceeds its layer, as in `jlora.init`; the
+    output config's `rank_pattern` records it); `A` holds the left singular vectors, `B` the
+    singular values times the right ones. `svd_clamp`
     (a quantile in [0, 1]) clips both factors to `±h`, `h` that quantile of their
     entries' magnitudes (PEFT takes it of the signed entries, which depends on the
     arbitrary signs of singular vectors; 1.0 clips nothing).
@@ -153,8 +155,9 @@ def add_weighted_adapter(
     TypeError: `adapters` is not a list of `(dict, LoraConfig)` pairs, or a weight
       or option is of the wrong type.
     ValueError: no adapters, a weights length mismatch, a non-finite weight, an
-      unknown `combination_type`, unequal ranks for `"linear"`, a tree with leaves
-      other than adapters, PiSSA adapters, or adapters whose shapes do not fit
+      unknown `combination_type`, unequal ranks for `"linear"`, an `svd_rank` above every
+      module's `min(fan_in, fan_out)`, a tree with leaves other than adapters, DoRA
+      adapters (no defined combined magnitude), PiSSA adapters, or adapters whose shapes do not fit
       their config or each other (the message names the module and the fix).
 
   Example:
@@ -182,16 +185,29 @@ def add_weighted_adapter(
       group["forms"] = group["forms"] & forms
       group["entries"].append(_Entry(coefs[i] * config.scale_for(where), a, b, r, i))
   k = svd_rank or max(e.rank for g in groups.values() for e in g["entries"])
+  forms = {key: _one_form(path_str(g["path"]), g["entries"], g["forms"]) for key, g in groups.items()}
+  # a rank-k factorization of a (fan_in × fan_out) delta has at most min(fan_in, fan_out) useful columns: each
+  # module gets min(k, that), as jlora.init never makes r larger than a layer; a k above every module's is refused
+  limits = {key: min(math.prod(f.sizes(f.ins)), math.prod(f.sizes(f.outs))) for key, f in forms.items()}
+  if combination_type == "svd" and k > max(limits.values()):
+    widest = max(limits, key=limits.get)
+    raise ValueError(
+        f"`svd_rank`={k} is larger than the dimensions of every adapted layer (the widest, "
+        f"{path_str(groups[widest]['path'])!r}, allows min(fan_in, fan_out) = {limits[widest]}): its factors would "
+        f"hold only zero columns beyond that, and jlora.init refuses such ranks too. Use svd_rank <= "
+        f"{limits[widest]} (each layer gets min(svd_rank, min(fan_in, fan_out)))."
+    )
   out, ranks = {}, {}
   for (module, a_key, b_key), group in groups.items():
     where, entries = path_str(group["path"]), group["entries"]
-    form = _one_form(where, entries, group["forms"])
+    form = forms[(module, a_key, b_key)]
     if combination_type == "linear" and len({e.rank for e in entries}) > 1:
       given = ", ".join(f"adapters[{e.source}]: r={e.rank}" for e in entries)
       raise ValueError(f"combination_type='linear' needs equal ranks per module, but at {where!r} {given}; "
                        "use 'cat' (exact, ranks add) or 'svd' (any ranks, `svd_rank=`).")
     a, b = _combine([(e.a, e.b) for e in entries], jnp.asarray([e.coef for e in entries], jnp.float32),
-                    kind=combination_type, form=form, k=k if combination_type == "svd" else 0, clamp=svd_clamp)
+                    kind=combination_type, form=form, k=min(k, limits[(module, a_key, b_key)]) if combination_type == "svd"
+                    else 0, clamp=svd_clamp)
     dtype = jnp.result_type(*(x for e in entries for x in (e.a, e.b)))
     out[(*module, a_key)], out[(*module, b_key)] = a.astype(dtype), b.astype(dtype)
     ranks[group["path"]] = a.shape[-1]
@@ -215,7 +231,13 @@ def _check_pairs(adapters: Any) -> list[tuple[Params, LoraConfig]]:
                       f"call {usage}.")
     tree, config = pair
     _check_tree(tree, f"adapters[{i}][0]")
-    refuse_dora(config, f"add_weighted_adapter: adapters[{i}]", "a DoRA magnitude does not combine linearly")
+    if config.use_dora:  # the one rule: a weighted combination is defined for LoRA deltas only
+      raise ValueError(
+          f"add_weighted_adapter: adapters[{i}] has use_dora=True. A DoRA adapter's magnitude rescales the direction "
+          "of its own W0 + s·A·B, so a weighted combination of DoRA adapters has no well-defined magnitude (neither "
+          "a sum of magnitudes nor any one of them gives the combined layer). Merge each DoRA adapter (jlora.merge) "
+          "and combine the full weights, or combine LoRA adapters (use_dora=False)."
+      )
     others = sorted(path_str(p) for p in flatten(tree) if not is_lora_key(p[-1]))
     if others:
       raise ValueError(
@@ -323,10 +345,7 @@ def _combine(leaves: list[tuple[jax.Array, jax.Array]], coefs: jax.Array, *, kin
     both = jnp.concatenate([a.reshape(a.shape[:-2] + (-1,)), b.reshape(b.shape[:-2] + (-1,))], -1)
     hi = jnp.quantile(jnp.abs(both), clamp, axis=-1)[..., None, None]
     a, b = jnp.clip(a, -hi, hi), jnp.clip(b, -hi, hi)
-  pad = k - a.shape[-1]  # svd_rank above min(fan_in, fan_out): zero columns keep one rank everywhere
-  a = jnp.concatenate([a, jnp.zeros(a.shape[:-1] + (pad,), a.dtype)], -1)
-  b = jnp.concatenate([b, jnp.zeros(b.shape[:-2] + (pad, b.shape[-1]), b.dtype)], -2)
-  return form.from_matrices(a, b)
+  return form.from_matrices(a, b)  # k <= min(fan_in, fan_out): the caller caps it
 
 
 # ------------------------------------------------------------------ the output config

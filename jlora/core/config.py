@@ -15,9 +15,10 @@ from collections.abc import Callable, Mapping
 from typing import Any
 
 from jlora.core.fields import FrozenMapping, TargetSpec, TaskType, normalize, pattern_lookup
+from jlora.core.safe_load import load_json, load_yaml
 from jlora.formats import atomic as _io
 
-__all__ = ["LoraConfig", "refuse_dora"]
+__all__ = ["LoraConfig"]
 
 
 @dataclasses.dataclass(frozen=True)
@@ -175,26 +176,25 @@ class LoraConfig:
 
     Raises:
       FileNotFoundError: no file at the path.
-      ValueError: the file is not valid JSON (the message names the file, line and column)
-        or holds an invalid config.
+      ValueError: the file is not valid JSON (the message names the file, line and column),
+        holds a key twice (both lines), or holds an invalid config.
     """
     text, source = _read_text(path_or_text, inline=lambda t: t.lstrip().startswith("{"))
-    try:
-      data = json.loads(text)
-    except json.JSONDecodeError as e:
-      raise ValueError(f"{source} is not valid JSON: {e.msg} at line {e.lineno}, column {e.colno}.") from None
-    return cls._from_parsed(data, source)
+    return cls._from_parsed(load_json(text, where=source), source)
 
   @classmethod
   def from_yaml(cls, path_or_text: str | os.PathLike) -> LoraConfig:
-    """Loads from a YAML file path or YAML text (a string with a newline or `key: value`), with `yaml.safe_load`."""
-    import yaml
+    """Loads from a YAML file path or YAML text (a string with a newline or `key: value`).
 
+    Read by `jlora.core.safe_load.load_yaml`: `1e3` and `.5` are numbers.
+
+    Raises:
+      FileNotFoundError: no file at the path.
+      ValueError: not valid YAML (the message names the line), a key that appears twice
+        (both lines), a config that expands past 100,000 values (aliases), or an invalid config.
+    """
     text, source = _read_text(path_or_text, inline=lambda t: "\n" in t or ": " in t or t.lstrip().startswith("{"))
-    try:
-      data = yaml.safe_load(text)
-    except yaml.YAMLError as e:
-      raise ValueError(f"{source} is not valid YAML: {e}") from None
+    data = load_yaml(text, where=source)
     return cls._from_parsed({} if data is None else data, source)
 
   @classmethod
@@ -205,16 +205,6 @@ class LoraConfig:
       return cls.from_dict(data)
     except (TypeError, ValueError) as e:
       raise type(e)(f"{source}: {e}") from None
-
-
-def refuse_dora(config: LoraConfig, caller: str, why: str) -> None:
-  """Raises a ValueError naming `caller` when `config.use_dora`: a path that cannot compute DoRA must not run."""
-  if config.use_dora:
-    raise ValueError(
-        f"{caller}: the config has use_dora=True, which this path does not compute ({why}). DoRA runs with "
-        "jlora.init / jlora.apply (linen, factored) and jlora.init_tree / jlora.apply_merged (any model); or set "
-        "use_dora=False."
-    )
 
 
 def _read_text(path_or_text: str | os.PathLike, inline: Callable[[str], bool]) -> tuple[str, str]:

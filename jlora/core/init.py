@@ -16,13 +16,13 @@ import jax.numpy as jnp
 import numpy as np
 from jax.sharding import NamedSharding, PartitionSpec
 
-from jlora.core import ops as _ops
 from jlora.core.config import LoraConfig
 from jlora.core.keys import restore, stringify
 from jlora.core.plain import KERNEL_NAMES, LayoutLike, tree_sites
 from jlora.core.sharding import adapter_shardings, box, unbox
-from jlora.core.targets import Site, lora_keys, magnitude_key, path_str, select_sites
+from jlora.core.targets import Site, leaf_name, path_str, select_sites
 from jlora.core.tree import Params, _check_tree, flatten, get_path, has_adapters, unflatten
+from jlora.core.variants import init_for, variant_of
 from jlora.quant.array import QuantizedArray
 
 __all__ = ["add_adapters", "init_tree"]
@@ -70,26 +70,24 @@ def add_adapters(key: jax.Array, params: Params, config: LoraConfig, sites: Sequ
                        "(jlora.quantize); initialize PiSSA on the full-precision base, then quantize the residual.")
     if not jnp.issubdtype(kernel.dtype, jnp.floating):
       raise ValueError(f"init_lora_weights='pissa' needs a floating-point kernel at {where!r}, got {kernel.dtype}.")
-  reads = config.init_lora_weights == "pissa" or config.use_dora  # whether the new leaves depend on the kernels
+  variant, initial = variant_of(config), init_for(config.init_lora_weights)
+  reads = initial.reads_kernel or variant.reads_kernel  # whether the new leaves depend on the kernels' values
   kernels = {site.path: get_path(out, site.module + (site.kernel_name,)) for site in chosen} if reads else {}
 
   def create(key: jax.Array, kernels: dict) -> dict:
-    """`{leaf path: value}` of every new leaf (and of each kernel PiSSA rewrites)."""
+    """`{leaf path: value}` of every new leaf (and of each kernel an init rewrites, as PiSSA does)."""
     new = {}
     for site in chosen:
       where, node = path_str(site.path), site.module
       r, scale = config.rank_for(where), config.scale_for(where)
       kernel = kernels.get(site.path)
-      if config.init_lora_weights == "pissa":
-        a, b, kernel = _ops.pissa(kernel, site, r, scale, dtype)
-        new[(*node, site.kernel_name)] = kernel
-      else:
-        stack = tuple(get_path(out, node + (site.kernel_name,)).shape[: stacked[site.path]])
-        a, b = _ops.init_adapter(_site_key(key, site.path), site, r, stack, config.init_lora_weights, dtype)
-      a_key, b_key = lora_keys(site.kernel_name)
-      new[(*node, a_key)], new[(*node, b_key)] = a, b
-      if config.use_dora:  # the magnitude starts at ‖W0 + s·A·B‖, so the model is unchanged at init
-        new[(*node, magnitude_key(site.kernel_name))] = _ops.column_norm(kernel, a, b, scale).astype(dtype)
+      stack = tuple(get_path(out, node + (site.kernel_name,)).shape[: stacked[site.path]])
+      a, b, rewritten = initial.fn(_site_key(key, site.path), site, r, scale, stack, kernel, dtype)
+      if rewritten is not None:
+        kernel = new[(*node, site.kernel_name)] = rewritten
+      leaves = {"lora_a": a, "lora_b": b, **variant.init(kernel, a, b, scale)}
+      for role, value in leaves.items():
+        new[(*node, leaf_name(role, site.kernel_name))] = value.astype(dtype)
     return new
 
   placed = None if isinstance(key, jax.core.Tracer) else _placements(out, lambda: jax.eval_shape(create, key, kernels))

@@ -6,16 +6,18 @@ from collections.abc import Callable, Mapping
 from typing import Any
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 
 from jlora.core import ops as _ops
 from jlora.core import sharding as _sharding
 from jlora.core import tree as _tree
 from jlora.core.config import LoraConfig
-from jlora.core.targets import is_lora_key
-from jlora.core.tree import Params, _check_tree, adapted_modules
+from jlora.core.targets import MAGNITUDE_KEY, is_lora_key
+from jlora.core.tree import Params, _check_tree, adapted_modules, flatten, unflatten
+from jlora.core.variants import variant_of_leaves
 
-__all__ = ["merge", "unmerge", "apply_merged", "dora_norms"]
+__all__ = ["merge", "unmerge", "apply_merged", "dora_norms", "norm_key", "with_norms"]
 
 
 def _rebuild(tree: Params, replace: dict[tuple[str, ...], dict], drop_lora: bool, prefix=()) -> dict:
@@ -70,11 +72,8 @@ def merge(params: Params, config: LoraConfig, *, safe: bool = False) -> dict:
   params, boxes = _sharding.unbox(params)
   replace: dict[tuple[str, ...], dict] = {}
   for ad in _tree.adapters(params, config):
-    w0 = ad.kernel
-    if ad.magnitude is None:
-      merged = _ops.fold(w0, ad.a, ad.b, ad.scale)
-    else:
-      merged = _ops.dora_fold(w0, ad.a, ad.b, ad.scale, ad.magnitude)
+    leaves = ad.leaves
+    merged = variant_of_leaves(leaves).fold(ad.kernel, leaves, ad.scale)
     if safe:
       _check_finite(f"{ad.where}/{ad.kernel_name}", merged)
     replace.setdefault(ad.module, {})[ad.kernel_name] = merged
@@ -99,6 +98,39 @@ def dora_norms(params: Params, config: LoraConfig) -> dict:
   params = _sharding.unbox(params)[0]
   return _tree.unflatten({(*ad.module, ad.m_key): _ops.column_norm(ad.kernel, ad.a, ad.b, ad.scale)
                           for ad in _tree.adapters(params, config) if ad.magnitude is not None})
+
+
+def norm_key(m_key: str) -> str:
+  """The leaf name a cached norm takes beside its magnitude, inside `jlora.apply(..., dora_norms=...)` only."""
+  return f"{m_key}_norm"
+
+
+def with_norms(params: Params, norms: Any) -> dict:
+  """`params` with each of `norms` (from `jlora.dora_norms`) beside its magnitude, where the forward reads it.
+
+  The norms go into the param tree (not beside it) so that `nn.scan` slices them
+  per layer like the magnitudes.
+
+  Raises:
+    TypeError: `norms` is not a nested dict.
+    ValueError: a norm without a same-shaped magnitude in `params`, or a
+      magnitude without its norm.
+  """
+  _check_tree(norms, "dora_norms")
+  flat, given = flatten(params), flatten(norms)
+  magnitudes = {p for p in flat if str(p[-1]).endswith(MAGNITUDE_KEY)}  # `lora_magnitude`, `<weight>_lora_magnitude`
+  fix = "pass jlora.dora_norms(params, config) of these very params"
+  for path, norm in given.items():
+    if path not in magnitudes or jnp.shape(norm) != jnp.shape(flat[path]):
+      got = "no DoRA magnitude" if path not in magnitudes else f"a magnitude of shape {jnp.shape(flat[path])}"
+      raise ValueError(f"`dora_norms` at {'/'.join(path)!r} has shape {jnp.shape(norm)}, but `params` holds {got} "
+                       f"there; {fix}.")
+  missing = sorted("/".join(p) for p in magnitudes - set(given))
+  if missing:
+    more = " …" if len(missing) > 4 else ""
+    raise ValueError(f"`dora_norms` has no norm for the DoRA magnitudes at {missing[:4]}{more}; "
+                     f"{fix}.")
+  return unflatten({**flat, **{(*p[:-1], norm_key(p[-1])): n for p, n in given.items()}})
 
 
 def unmerge(merged: Params, adapters: Params, config: LoraConfig, *, norms: Params | None = None) -> dict:
@@ -132,12 +164,10 @@ def unmerge(merged: Params, adapters: Params, config: LoraConfig, *, norms: Para
     )
   replace: dict[tuple[str, ...], dict] = {}
   for ad in _tree.adapters(adapters, config, kernels=merged):
-    w = ad.kernel
+    variant = variant_of_leaves(ad.leaves)
+    w0 = variant.unfold(ad.kernel, ad.leaves, ad.scale, None if ad.magnitude is None else _norm(norms, ad))
     leaves = {ad.a_key: ad.a, ad.b_key: ad.b}
-    if ad.magnitude is None:
-      w0 = _ops.fold(w, ad.a, ad.b, ad.scale, sign=-1)
-    else:
-      w0 = _ops.dora_unfold(w, ad.a, ad.b, ad.scale, ad.magnitude, _norm(norms, ad))
+    if ad.magnitude is not None:
       leaves[ad.m_key] = ad.magnitude
     replace.setdefault(ad.module, {}).update({ad.kernel_name: w0, **leaves})
   if not replace:

@@ -26,8 +26,9 @@ from jax import lax
 
 from jlora.core.targets import Site
 
-__all__ = ["adapter_shapes", "layout", "init_adapter", "pissa", "delta_kernel", "fold", "check_adapter", "check_equation",
-           "dropout", "lora_delta", "contract_last", "magnitude_shape", "column_norm", "dora_fold", "dora_unfold", "contract", "parse_einsum"]
+__all__ = ["adapter_shapes", "layout", "delta_kernel", "fold", "check_adapter", "check_equation", "dropout",
+           "lora_delta", "contract_last", "magnitude_shape", "column_norm", "dora_fold", "dora_unfold", "contract",
+           "parse_einsum"]
 
 
 # ----------------------------------------------------------------- shapes
@@ -151,74 +152,6 @@ def dora_unfold(merged: jax.Array, a: jax.Array, b: jax.Array, scale: float, mag
   return (w - scale * delta_kernel(a, b, merged.shape)).astype(merged.dtype)
 
 
-# --------------------------------------------------------------- init
-# Draws are made flat and reshaped: the same values as a draw of the full shape, but XLA on CPU compiles a
-# multi-axis draw (einsum, conv and stacked adapters) 4-7x slower.
-def _uniform(key: jax.Array, shape: tuple[int, ...], bound: float) -> jax.Array:
-  return jax.random.uniform(key, (math.prod(shape),), jnp.float32, -bound, bound).reshape(shape)
-
-
-def _normal(key: jax.Array, shape: tuple[int, ...]) -> jax.Array:
-  return jax.random.normal(key, (math.prod(shape),), jnp.float32).reshape(shape)
-
-
-def init_adapter(key: jax.Array, site: Site, r: int, stack: tuple[int, ...], method, dtype):
-  """Initial `(A, B)` for a site, with `stack` leading scan axes (a different draw per layer).
-
-  PEFT's initializations: `True` A ~ U(±1/sqrt(fan_in)) (kaiming-uniform, a=√5),
-  B = 0; `"gaussian"` A ~ N(0, 1/r²), B = 0; `False` B ~ U(±1/sqrt(r)) too. For
-  `nn.Embed` the roles swap as in PEFT: A = 0 and B ~ N(0, 1), or both normal
-  with `False`. (`"pissa"` is `pissa`.)
-  """
-  a_shape, b_shape = adapter_shapes(site, r)
-  a_shape, b_shape = stack + a_shape, stack + b_shape
-  ka, kb = jax.random.split(key)
-  if site.kind == "embed":
-    b = _normal(kb, b_shape)
-    a = _normal(ka, a_shape) if method is False else jnp.zeros(a_shape, jnp.float32)
-    return a.astype(dtype), b.astype(dtype)
-  if method == "gaussian":
-    a = _normal(ka, a_shape) / r
-  else:
-    bound = 1.0 / math.sqrt(site.fan_in)
-    a = _uniform(ka, a_shape, bound)
-  if method is False:
-    b = _uniform(kb, b_shape, 1.0 / math.sqrt(r))
-  else:
-    b = jnp.zeros(b_shape, jnp.float32)
-  return a.astype(dtype), b.astype(dtype)
-
-
-def pissa(kernel: jax.Array, site: Site, r: int, scale: float, dtype):
-  """PiSSA: A, B from the top-r singular triplets of W0; returns `(A, B, W_res)`.
-
-  With `W0 = U S Vᵀ` (inputs × outputs), `A = U_r √S_r / √s`, `B = √S_r V_rᵀ / √s`
-  and `W_res = W0 − s·A·B`, so the model is unchanged at init and the adapter
-  starts on the principal subspace.
-  """
-  if site.batch_axes:
-    raise ValueError(
-        f"init_lora_weights='pissa' is not supported for the einsum at {'/'.join(site.path)!r}: "
-        "its kernel has axes shared by input and output."
-    )
-  k = site.kernel_shape
-  stack = kernel.shape[: kernel.ndim - len(k)]
-  ns = len(stack)
-  perm = tuple(range(ns)) + tuple(ns + i for i in site.in_axes + site.out_axes)
-  w = jnp.transpose(kernel.astype(jnp.float32), perm).reshape(stack + (site.fan_in, site.fan_out))
-  u, sv, vh = jnp.linalg.svd(w, full_matrices=False)
-  root = jnp.sqrt(sv[..., :r]) / math.sqrt(scale)
-  a = u[..., :, :r] * root[..., None, :]
-  b = root[..., :, None] * vh[..., :r, :]
-  principal = scale * jnp.matmul(a, b, precision=lax.Precision.HIGHEST)
-  residual = (w - principal).reshape(stack + tuple(k[i] for i in site.in_axes + site.out_axes))
-  residual = jnp.transpose(residual, np.argsort(perm)).astype(kernel.dtype)
-  a_shape, b_shape = adapter_shapes(site, r)
-  if site.broadcast:
-    b = jnp.swapaxes(b, -1, -2)
-  return a.reshape(stack + a_shape).astype(dtype), b.reshape(stack + b_shape).astype(dtype), residual
-
-
 # ------------------------------------------------------------ forward
 def dropout(key: jax.Array | None, x: jax.Array, rate) -> jax.Array:
   """Inverted dropout of the LoRA input: each entry kept with probability `1 - rate`, scaled by `1/(1 - rate)`.
@@ -239,8 +172,11 @@ def contract_last(u: jax.Array, b: jax.Array, precision) -> jax.Array:
 
 
 def _as_matrix(kind: str, x: jax.Array, axis) -> tuple[jax.Array, tuple[int, ...]]:
-  """A dense layer's input as `(N, d_in)` (its contracted axes last, flattened), and the leading shape."""
+  """A dense layer's input as `(N, d_in)` (its contracted axes last, flattened), and the leading shape; a 1-D input
+  `(d_in,)` as it is."""
   axes = (axis,) if isinstance(axis, int) else tuple(axis)
+  if x.ndim == 1 and len(axes) == 1:  # one example (Equinox): `(d_in,)` stays 1-D, so a vmap over it gives 2-D dots
+    return x, ()
   if kind == "dense_general":  # flax's DenseGeneral / LinearGeneral contract their input axes sorted
     axes = tuple(sorted(ax % x.ndim for ax in axes))
   n_in = len(axes)
@@ -253,7 +189,7 @@ def contract(kind: str, x: jax.Array, w: jax.Array, axis, precision=None) -> jax
   """A dense layer's `x·W` (no bias) for a kernel `w: in_shape + out_shape`, as the layer contracts `axis`."""
   x2, lead = _as_matrix(kind, x, axis)
   n_in = 1 if isinstance(axis, int) else len(axis)
-  return jnp.matmul(x2, w.reshape(x2.shape[1], -1), precision=precision).reshape(lead + w.shape[n_in:])
+  return jnp.matmul(x2, w.reshape(x2.shape[-1], -1), precision=precision).reshape(lead + w.shape[n_in:])
 
 
 def _low_rank_2d(x2: jax.Array, a: jax.Array, b: jax.Array, scale: float, precision) -> jax.Array:
@@ -275,7 +211,7 @@ def lora_delta(kind: str, x: jax.Array, a: jax.Array, b: jax.Array, *, scale: fl
   Args:
     kind: `dense`, `dense_general`, `einsum`, `embed` (x are ids) or `attend`
       (`nn.Embed.attend`: x are queries `(..., features)`, result `(..., vocab)`).
-      Convolutions go through `jlora.frontends.linen` since they reuse flax's padding logic.
+      Convolutions go through `jlora.core.adapted.low_rank` with the front-end's own convolution.
     x: the layer input; for `dense`: `(..., d_in)`.
     a: per-layer A, e.g. `(d_in, r)`.
     b: per-layer B, e.g. `(r, d_out)`.

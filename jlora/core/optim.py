@@ -41,7 +41,7 @@ def _keep_bits() -> optax.GradientTransformation:
   return optax.GradientTransformation(init_fn, update_fn)
 
 
-def optimizer(tx: optax.GradientTransformation, config: LoraConfig, *legacy: Any,
+def optimizer(tx: optax.GradientTransformation, config: LoraConfig, *,
               lora_plus_ratio: float | None = None) -> optax.GradientTransformation:
   """An optax transformation for a LoRA tree: `tx` on trainable leaves, frozen elsewhere.
 
@@ -64,7 +64,7 @@ def optimizer(tx: optax.GradientTransformation, config: LoraConfig, *legacy: Any
     An `optax.GradientTransformation`.
 
   Raises:
-    TypeError: `config` is not a `LoraConfig` (e.g. the older `optimizer(tx, params, config)` call).
+    TypeError: `config` is not a `LoraConfig`.
     ValueError: `lora_plus_ratio` is not a positive number.
 
   Example:
@@ -73,11 +73,10 @@ def optimizer(tx: optax.GradientTransformation, config: LoraConfig, *legacy: Any
     >>> isinstance(tx, optax.GradientTransformation)
     True
   """
-  if legacy or not isinstance(config, LoraConfig):
+  if not isinstance(config, LoraConfig):
     raise TypeError(
-        f"`jlora.optimizer(tx, config)` takes a jlora.LoraConfig second, got {type(config).__name__}"
-        f"{' and more positional arguments' if legacy else ''}. The trainable leaves are read from the tree the "
-        "optimizer is given, so no params argument is needed: `jlora.optimizer(tx, config)`."
+        f"`jlora.optimizer(tx, config)` takes a jlora.LoraConfig second, got {type(config).__name__}. The trainable "
+        "leaves are read from the tree the optimizer is given, so no params argument is needed."
     )
   if lora_plus_ratio is not None and not (isinstance(lora_plus_ratio, (int, float)) and 0 < lora_plus_ratio < float("inf")):
     raise ValueError(f"`lora_plus_ratio` must be a positive number (e.g. 16), got {lora_plus_ratio!r}.")

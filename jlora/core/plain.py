@@ -37,8 +37,9 @@ Path = tuple[str, ...]
 Axes = tuple[tuple[int, ...], tuple[int, ...]]
 LayoutLike = Mapping[str, Any] | Callable[[Path, Any], Any] | None
 
-# Leaf names that `init_tree` treats as dense weights without a declared layout.
-KERNEL_NAMES = ("kernel", "w", "weight")
+# Leaf names that `init_tree` treats as dense weights without a declared layout: the main-weight names
+# (`KERNEL_KEYS`) but `embedding`, whose table is not a dense `(in, out)` weight (`jlora.init` finds `nn.Embed`).
+KERNEL_NAMES = tuple(k for k in KERNEL_KEYS if k != "embedding")
 # 2-D leaves with these names are `(out, in)` (Equinox, PyTorch); other 2-D weights are `(in, out)`.
 TORCH_STYLE = ("weight",)
 _EXAMPLE = "e.g. ((1,), (0,)) for a PyTorch-style (out, in) weight"

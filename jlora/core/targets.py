@@ -11,13 +11,13 @@ from __future__ import annotations
 import functools
 import math
 import re
-from collections.abc import Iterable, Sequence
-from typing import NamedTuple
+from collections.abc import Callable, Iterable, Sequence
+from typing import Any, NamedTuple
 
 from jlora.core.config import LoraConfig
 from jlora.core.fields import ALL_LINEAR
 
-__all__ = ["Site", "LINEAR_KINDS", "HEAD_NAMES", "KERNEL_KEYS", "LORA_KEYS", "MAGNITUDE_KEY", "lora_keys", "magnitude_key", "lora_pair", "lora_role", "is_pair_key", "adapter_path", "is_head", "is_lora_key", "select_sites",
+__all__ = ["Site", "LINEAR_KINDS", "HEAD_NAMES", "KERNEL_KEYS", "LORA_KEYS", "MAGNITUDE_KEY", "lora_keys", "magnitude_key", "leaf_name", "lora_pair", "lora_role", "is_pair_key", "adapter_path", "is_head", "is_lora_key", "select_sites",
            "selects", "is_saved", "matches", "layer_index", "path_str"]
 
 # Layer kinds: the linen classes jlora adapts.
@@ -57,6 +57,12 @@ def magnitude_key(kernel_name: str) -> str:
   return MAGNITUDE_KEY if kernel_name in KERNEL_KEYS else f"{kernel_name}_{MAGNITUDE_KEY}"
 
 
+def leaf_name(role: str, kernel_name: str) -> str:
+  """The name of a leaf of `role` (`lora_a`, `lora_b`, `lora_magnitude`) for a weight, beside it in its module dict:
+  the role itself for a module's main weight (`KERNEL_KEYS`), else `<weight>_<role>`."""
+  return role if kernel_name in KERNEL_KEYS else f"{kernel_name}_{role}"
+
+
 def lora_pair(key: str) -> tuple[str | None, str, str]:
   """`(weight, a_key, b_key)` of an `A`/`B` leaf name: weight None for `lora_a`/`lora_b` (the module's main
   weight), else the name its `<weight>_lora_a` / `_lora_b` prefix gives."""
@@ -77,8 +83,10 @@ def is_lora_key(key: str) -> bool:
 
 
 def lora_role(key: str) -> str:
-  """`'lora_a'`, `'lora_b'` or `'lora_magnitude'`: what an adapter leaf is (its `jlora.labels` label)."""
-  return MAGNITUDE_KEY if not is_pair_key(key) else str(key)[-6:]
+  """`'lora_a'`, `'lora_b'` or `'lora_magnitude'`: what an adapter leaf is (its `jlora.labels` label), the role
+  whose `leaf_name` it is."""
+  key = str(key)
+  return next(role for role in (*LORA_KEYS, MAGNITUDE_KEY) if key == role or key.endswith("_" + role))
 
 
 class Site(NamedTuple):
@@ -97,6 +105,15 @@ class Site(NamedTuple):
     batch_axes: `nn.Einsum` kernel axes shared by input and output (both keep them).
     is_head: the module's output is the model's output, or it has a head name.
     unsupported: why jlora cannot adapt this module ('' when it can).
+
+  What a forward needs besides (given by the front-end to `jlora.core.adapted.adapted`; unused at init):
+
+  Attributes:
+    axis: `dense` / `dense_general`: the input axes of `x` contracted with the kernel's leading axes.
+    equation: `einsum`: the equation the layer is called with (`"lhs,kernel->out"`).
+    precision: the layer's matmul precision.
+    conv: `conv`: the layer's own convolution, `conv(x, w) -> y` for a kernel `w: window + (in, k)` (its
+      strides, padding, dilation; no bias), used for `x·A` (DoRA: `x·W0` too).
   """
 
   path: tuple[str, ...]
@@ -108,6 +125,10 @@ class Site(NamedTuple):
   batch_axes: tuple[int, ...] = ()
   is_head: bool = False
   unsupported: str = ""
+  axis: tuple[int, ...] = (-1,)
+  equation: str | None = None
+  precision: Any = None
+  conv: Callable[[Any, Any], Any] | None = None
 
   @property
   def module(self) -> tuple[str, ...]:

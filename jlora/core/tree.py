@@ -14,6 +14,7 @@ from jlora.core.config import LoraConfig
 from jlora.core.targets import (
   KERNEL_KEYS,
   LORA_KEYS,
+  MAGNITUDE_KEY,
   adapter_path,
   is_lora_key,
   is_pair_key,
@@ -148,6 +149,12 @@ class Adapter(NamedTuple):
   def where(self) -> str:
     """The module path as `a/b/c`, for messages."""
     return "/".join(self.path)
+
+  @property
+  def leaves(self) -> dict[str, Any]:
+    """`{role: leaf}` as `jlora.core.variants` takes them: `lora_a`, `lora_b`, and `lora_magnitude` for DoRA."""
+    roles = {LORA_KEYS[0]: self.a, LORA_KEYS[1]: self.b}
+    return roles if self.magnitude is None else {**roles, MAGNITUDE_KEY: self.magnitude}
 
 
 def adapters(params: Params, config: LoraConfig, *, kernels: Params | None = None) -> Iterator[Adapter]:

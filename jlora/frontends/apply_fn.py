@@ -1,4 +1,4 @@
-"""`lora_apply`: the factored LoRA forward in the `apply_fn` slot that `model.apply` fills."""
+"""`LoraApply`: the factored LoRA forward in the `apply_fn` slot that `model.apply` fills (`jlora.apply_fn`)."""
 
 from __future__ import annotations
 
@@ -10,9 +10,9 @@ import flax.linen as nn
 import jax
 
 from jlora.core.config import LoraConfig
-from jlora.frontends.linen import _check_args, apply
+from jlora.frontends.linen import apply
 
-__all__ = ["LoraApply", "lora_apply"]
+__all__ = ["LoraApply"]
 
 
 @dataclasses.dataclass(frozen=True)
@@ -46,24 +46,3 @@ class LoraApply:
     others = {k: v for k, v in variables.items() if k != "params"}
     return apply(self.model, variables["params"], self.config, *args, rngs=rngs, variables=others,
                  allow_unused=self.allow_unused, **kwargs)
-
-
-def lora_apply(model: nn.Module, config: LoraConfig, *, allow_unused: bool = False) -> LoraApply:
-  """The LoRA forward as one hashable `apply_fn(variables, *args, **kwargs)`.
-
-  Example:
-    >>> import flax.linen as nn, jax, jax.numpy as jnp, jlora
-    >>> model, x = nn.Dense(4), jnp.ones((1, 8))
-    >>> config = jlora.LoraConfig(r=2, target_modules=".*")
-    >>> params = jlora.init(jax.random.key(1), model, model.init(jax.random.key(0), x)["params"], config, x)
-    >>> apply_fn = jlora.lora_apply(model, config)
-    >>> apply_fn({"params": params}, x).shape
-    (1, 4)
-    >>> apply_fn == jlora.lora_apply(model, config)  # a static jit argument: no recompiles
-    True
-
-  Raises:
-    TypeError: `model` is not a linen Module or `config` not a `LoraConfig`.
-  """
-  _check_args(model, config)
-  return LoraApply(model, config, bool(allow_unused))

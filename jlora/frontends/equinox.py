@@ -1,4 +1,4 @@
-"""Equinox: LoRA by module surgery, factored.
+"""Equinox: LoRA and DoRA by module surgery, factored: the wrappers hand each call to `jlora.core.adapted`.
 
 The public names are re-exported by `jlora.equinox`, whose docstring describes them.
 """
@@ -13,21 +13,35 @@ import jax
 import jax.numpy as jnp
 
 from jlora.core import ops as _ops
-from jlora.core.config import LoraConfig, refuse_dora
+from jlora.core.adapted import adapted
+from jlora.core.config import LoraConfig
 from jlora.core.init import add_adapters
 from jlora.core.keys import stringify
 from jlora.core.plain import site
-from jlora.core.targets import is_lora_key, lora_keys, path_str
-from jlora.core.tree import flatten, unflatten
+from jlora.core.targets import MAGNITUDE_KEY, Site, is_lora_key, lora_keys, magnitude_key, path_str
+from jlora.core.tree import check_magnitude, flatten, unflatten
 from jlora.core.tree import trainable_mask as _tree_mask
+from jlora.core.variants import variant_of_leaves
 
 __all__ = ["LoraLinear", "LoraEmbedding", "init", "merge", "trainable_mask", "to_params", "from_params"]
 
 Path = tuple[str, ...]
 
 
+# The call sites of the two wrappers: a Linear's `(out, in)` weight meets one example `x: (in,)` as the einsum
+# `i,oi->o` (its adapters are in the broadcast layout, `jlora.core.ops`); an Embedding is an `embed` site.
+_LINEAR = Site(("LoraLinear",), "einsum", "weight", (), (1,), (0,), equation="i,oi->o")
+_EMBEDDING = Site(("LoraEmbedding",), "embed", "embedding", (), (0,), (1,))
+
+
+def _leaves(node: Any) -> dict[str, jax.Array]:
+  """`{role: leaf}` of a wrapper, as `jlora.core.adapted` and `jlora.core.variants` take them."""
+  leaves = {"lora_a": node.lora_a, "lora_b": node.lora_b}
+  return leaves if node.lora_magnitude is None else {**leaves, MAGNITUDE_KEY: node.lora_magnitude}
+
+
 class LoraLinear(eqx.Module):
-  """`eqx.nn.Linear` with a LoRA adapter: `base(x) + s·(dropout(x)·A)·B`, factored.
+  """`eqx.nn.Linear` with a LoRA (or DoRA) adapter: `base(x) + s·(dropout(x)·A)·B`, factored.
 
   Attributes:
     base: the original `eqx.nn.Linear` (weight `(out, in)`).
@@ -36,6 +50,7 @@ class LoraLinear(eqx.Module):
     scale: `s` (`lora_alpha / r`, or `/ sqrt(r)` with rsLoRA).
     dropout: LoRA dropout rate, applied to the LoRA input when the call gets a `key`.
     inference: no dropout (set by `eqx.nn.inference_mode`).
+    lora_magnitude: DoRA's magnitude `(out, 1)` (`‖W0 + s·(A·B)ᵀ‖` over the inputs at init), or None for LoRA.
   """
 
   base: eqx.nn.Linear
@@ -44,38 +59,42 @@ class LoraLinear(eqx.Module):
   scale: float = eqx.field(static=True)
   dropout: float = eqx.field(static=True, default=0.0)
   inference: bool = False
+  lora_magnitude: jax.Array | None = None
 
   def __call__(self, x: jax.Array, *, key: jax.Array | None = None) -> jax.Array:
     """`x: (in,)` (or a scalar for `in_features="scalar"`) -> `(out,)`, like the base layer."""
     y = self.base(x, key=key)
-    r = self.lora_a.shape[-1]
-    dt = jnp.result_type(x.dtype, self.lora_a.dtype)
-    x2 = _ops.dropout(None if self.inference else key, jnp.reshape(x, (1, -1)).astype(dt), self.dropout)
-    a = self.lora_a.reshape(-1, r).astype(dt)  # (in, r)
-    b = self.lora_b.reshape(-1, r).T.astype(dt)  # (r, out)
-    delta = _ops.lora_delta("dense", x2, a, b, scale=self.scale)
-    return y + delta.reshape(y.shape).astype(y.dtype)
+    leaves = _leaves(self)
+    bias = None if self.base.bias is None else jnp.reshape(self.base.bias, (-1,))
+    out = adapted(_LINEAR, variant_of_leaves(leaves), jnp.reshape(x, (-1,)), jnp.reshape(y, (-1,)), self.base.weight,
+                  leaves, scale=self.scale, rate=self.dropout, dropout_key=None if self.inference else key, bias=bias,
+                  y_is_product=True)
+    return out.reshape(y.shape)
 
 
 class LoraEmbedding(eqx.Module):
-  """`eqx.nn.Embedding` with a LoRA adapter (PEFT's roles): `base(i) + s·A[i]·B`.
+  """`eqx.nn.Embedding` with a LoRA (or DoRA) adapter (PEFT's roles): `base(i) + s·A[i]·B`.
 
   Attributes:
     base: the original `eqx.nn.Embedding` (weight `(vocab, dim)`).
     lora_a: `(vocab, r)`, zeros at init.
     lora_b: `(r, dim)`.
     scale: `s`.
+    lora_magnitude: DoRA's magnitude `(1, dim)`, or None for LoRA.
   """
 
   base: eqx.nn.Embedding
   lora_a: jax.Array
   lora_b: jax.Array
   scale: float = eqx.field(static=True)
+  lora_magnitude: jax.Array | None = None
 
   def __call__(self, x: jax.Array, *, key: jax.Array | None = None) -> jax.Array:
     """`x`: an integer index -> `(dim,)`, like the base layer."""
     y = self.base(x, key=key)
-    return y + _ops.lora_delta("embed", x, self.lora_a, self.lora_b, scale=self.scale).astype(y.dtype)
+    leaves = _leaves(self)
+    return adapted(_EMBEDDING, variant_of_leaves(leaves), x, y, self.base.weight, leaves, scale=self.scale,
+                   y_is_product=True)
 
 
 _WRAPPERS = (LoraLinear, LoraEmbedding)
@@ -114,6 +133,8 @@ def _node_dict(node: Any) -> dict[str, Any]:
   if isinstance(node, _WRAPPERS):
     a_key, b_key = lora_keys(name)
     out[a_key], out[b_key] = node.lora_a, node.lora_b
+    if node.lora_magnitude is not None:
+      out[magnitude_key(name)] = node.lora_magnitude
   return out
 
 
@@ -139,11 +160,12 @@ def _rebuilt(node: Any, path: Path, entry: Mapping[str, Any], config: LoraConfig
   base = node.base if isinstance(node, _WRAPPERS) else node
   name = _weight_name(node)
   a_key, b_key = lora_keys(name)
+  m_key = magnitude_key(name)
   own = _node_dict(base)
-  extra = sorted(set(entry) - set(own) - {a_key, b_key})
+  extra = sorted(set(entry) - set(own) - {a_key, b_key, m_key})
   if extra:
     raise ValueError(f"from_params: the module dict at {where!r} holds {extra}; the model's layer there "
-                     f"({type(base).__name__}) has {sorted(own)} (and optionally {a_key} / {b_key}).")
+                     f"({type(base).__name__}) has {sorted(own)} (and optionally {a_key} / {b_key} / {m_key}).")
   for k in set(own) & set(entry):
     if tuple(entry[k].shape) != tuple(own[k].shape):
       raise ValueError(f"from_params: {where}/{k} has shape {tuple(entry[k].shape)}; the model's is "
@@ -157,11 +179,12 @@ def _rebuilt(node: Any, path: Path, entry: Mapping[str, Any], config: LoraConfig
     raise ValueError(f"from_params: {where!r} has only one of {a_key} / {b_key}; the adapter is incomplete.")
   if config is None:
     raise ValueError(f"from_params: {where!r} holds adapters; pass the `config` they were made with (for the scale).")
-  a, b = entry[a_key], entry[b_key]
+  a, b, magnitude = entry[a_key], entry[b_key], entry.get(m_key)
   _ops.check_adapter(where, base.weight.shape, a.shape, b.shape, config.rank_for(where))
+  check_magnitude(where, config, magnitude, _ops.magnitude_shape(a.shape, b.shape, base.weight.shape))
   if isinstance(base, eqx.nn.Embedding):
-    return LoraEmbedding(base, a, b, config.scale_for(where))
-  return LoraLinear(base, a, b, config.scale_for(where), config.lora_dropout)
+    return LoraEmbedding(base, a, b, config.scale_for(where), lora_magnitude=magnitude)
+  return LoraLinear(base, a, b, config.scale_for(where), config.lora_dropout, lora_magnitude=magnitude)
 
 
 def from_params(model: Any, params: Mapping[str, Any], config: LoraConfig | None = None) -> Any:
@@ -218,7 +241,9 @@ def init(key: jax.Array, model: Any, config: LoraConfig, *, dtype: Any = jnp.flo
   Adapters are drawn as `jlora.init_tree` draws them for the same weights (for
   a 2-D `Linear`, `init_tree` on `to_params(model)` gives the same values);
   base arrays are the same objects (PiSSA writes the residual). LoRA dropout
-  acts when a `LoraLinear` call gets a `key`.
+  acts when a `LoraLinear` call gets a `key`. With `use_dora=True` each wrapper
+  also holds DoRA's `lora_magnitude` (`(out, 1)` for a Linear, `(1, dim)` for an
+  Embedding), starting at the column norms so the model is unchanged; `merge` folds it.
 
   Args:
     key: PRNG key for the adapter init.
@@ -233,7 +258,6 @@ def init(key: jax.Array, model: Any, config: LoraConfig, *, dtype: Any = jnp.flo
   """
   if not isinstance(config, LoraConfig):
     raise TypeError(f"`config` must be a jlora.LoraConfig, got {type(config).__name__}.")
-  refuse_dora(config, "jlora.equinox.init", "its LoRA layers add the plain LoRA term")
   nodes = [(path, leaf) for path, leaf in _nodes(model)[0] if _is_node(leaf)]
   if any(isinstance(leaf, _WRAPPERS) for _, leaf in nodes):
     raise ValueError("jlora.equinox.init: `model` already holds LoRA adapters; pass the base model, or "
@@ -251,6 +275,8 @@ def init(key: jax.Array, model: Any, config: LoraConfig, *, dtype: Any = jnp.flo
 def merge(model: Any) -> Any:
   """Folds every adapter into its layer, `W ← W0 + s·δ` (float32 sum, cast back), and unwraps it.
 
+  A DoRA adapter folds as `W ← m·(W0 + s·δ)/‖W0 + s·δ‖` (`jlora.merge`'s rule).
+
   `δ = (A·B)ᵀ` in a Linear's `(out, in)` layout, `A·B` for an Embedding. The
   result has the base model's structure: plain `eqx.nn.Linear` / `Embedding`.
   """
@@ -258,7 +284,9 @@ def merge(model: Any) -> Any:
   def fold(node: Any) -> Any:
     if not isinstance(node, _WRAPPERS):
       return node
-    return eqx.tree_at(lambda m: m.weight, node.base, _ops.fold(node.base.weight, node.lora_a, node.lora_b, node.scale))
+    leaves = _leaves(node)
+    return eqx.tree_at(lambda m: m.weight, node.base, variant_of_leaves(leaves).fold(node.base.weight, leaves,
+                                                                                     node.scale))
 
   return jax.tree.map(fold, model, is_leaf=lambda x: isinstance(x, _WRAPPERS))
 
@@ -286,6 +314,9 @@ def trainable_mask(model: Any, config: LoraConfig | None = None) -> Any:
         spec = eqx.tree_at(lambda m: m.bias, spec, entry["bias"])
       if isinstance(leaf, _WRAPPERS):
         spec = eqx.tree_at(lambda m: (m.base, m.lora_a, m.lora_b), leaf, (spec, entry[a_key], entry[b_key]))
+        if leaf.lora_magnitude is not None:
+          m_key = magnitude_key(_weight_name(leaf))
+          spec = eqx.tree_at(lambda m: m.lora_magnitude, spec, entry[m_key])
         spec = eqx.tree_at(lambda m: m.inference, spec, False) if isinstance(leaf, LoraLinear) else spec
       out.append(spec)
     else:

@@ -1,4 +1,5 @@
-"""Haiku: the factored LoRA forward of `hk.Linear` layers.
+"""Haiku: the factored LoRA (and DoRA) forward of `hk.Linear` layers: the interceptor hands each call to
+`jlora.core.adapted`.
 
 The public names are re-exported by `jlora.haiku`, whose docstring describes them.
 """
@@ -9,13 +10,13 @@ from collections.abc import Callable
 from typing import Any
 
 import haiku as hk
-import jax.numpy as jnp
 
-from jlora.core import ops as _ops
-from jlora.core.config import LoraConfig, refuse_dora
+from jlora.core.adapted import adapted
+from jlora.core.config import LoraConfig
 from jlora.core.keys import stringify
-from jlora.core.targets import is_head, selects
-from jlora.core.tree import Adapter, Params, _check_tree, adapters
+from jlora.core.targets import Site, is_head, selects
+from jlora.core.tree import Adapter, Params, _check_tree, adapters, get_path
+from jlora.core.variants import variant_of_leaves
 
 __all__ = ["apply"]
 
@@ -25,7 +26,8 @@ def apply(fn: Callable[..., Any], params: Params, config: LoraConfig, *args, **k
 
   Args:
     fn: `transformed.apply` (or `transform_with_state(...).apply`).
-    params: the Haiku params with adapters (`jlora.init_tree`): `lora_a: (in, r)`, `lora_b: (r, out)` beside `w`.
+    params: the Haiku params with adapters (`jlora.init_tree`): `lora_a: (in, r)`, `lora_b: (r, out)` beside `w`
+      (and DoRA's `lora_magnitude: (1, out)` with `use_dora=True`).
     config: the config the adapters were created with.
     *args: passed to `fn` after the params: the rng (or None), then the inputs.
     **kwargs: passed to `fn`.
@@ -44,10 +46,11 @@ def apply(fn: Callable[..., Any], params: Params, config: LoraConfig, *args, **k
                     f"{type(fn).__name__}.")
   if not isinstance(config, LoraConfig):
     raise TypeError(f"`config` must be a jlora.LoraConfig, got {type(config).__name__}.")
-  refuse_dora(config, "jlora.haiku.apply", "it adds the plain LoRA term to hk.Linear")
   _check_tree(params)
   found: dict[str, Adapter] = {}
-  for ad in adapters(stringify(params), config):
+  biases: dict[str, Any] = {}
+  tree = stringify(params)
+  for ad in adapters(tree, config):
     if ad.kernel_name != "w" or ad.layout != "concat" or ad.stack or ad.kernel.ndim != 2:
       raise ValueError(f"jlora.haiku.apply: the adapter at {ad.where!r} is not one of an hk.Linear `w` (in, out) "
                        f"(weight {ad.kernel_name!r} {tuple(ad.kernel.shape)}); use jlora.apply_merged for this model.")
@@ -57,6 +60,7 @@ def apply(fn: Callable[..., Any], params: Params, config: LoraConfig, *args, **k
           f"exclude_modules={config.exclude_modules!r}) does not select. Pass the LoraConfig that created it."
       )
     found["/".join(ad.module)] = ad
+    biases["/".join(ad.module)] = get_path(tree, ad.module).get("b")
   used: set[str] = set()
 
   def interceptor(next_fun: Callable, a: tuple, kw: dict, context: Any) -> Any:
@@ -66,15 +70,15 @@ def apply(fn: Callable[..., Any], params: Params, config: LoraConfig, *args, **k
     ad = found.get(context.module.module_name)
     if ad is None:
       return y
-    used.add(context.module.module_name)
+    name = context.module.module_name
+    used.add(name)
     x = a[0] if a else kw["inputs"]
-    dt = jnp.result_type(x.dtype, ad.a.dtype)
     # LoRA dropout draws from the transform's rng (`fn(params, rng, ...)`); with rng None it is off.
     key = hk.maybe_next_rng_key() if config.lora_dropout else None
-    x = _ops.dropout(key, x.astype(dt), config.lora_dropout)
-    delta = _ops.lora_delta("dense", x, ad.a.astype(dt), ad.b.astype(dt), scale=ad.scale,
-                            precision=kw.get("precision"))
-    return y + delta.astype(y.dtype)
+    site = Site(ad.path, "dense", ad.kernel_name, tuple(ad.kernel.shape), (0,), (1,), precision=kw.get("precision"))
+    leaves = ad.leaves
+    return adapted(site, variant_of_leaves(leaves), x, y, ad.kernel, leaves, scale=ad.scale,
+                   rate=config.lora_dropout, dropout_key=key, bias=biases[name], y_is_product=True)
 
   with hk.intercept_methods(interceptor):
     out = fn(params, *args, **kwargs)

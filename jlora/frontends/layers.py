@@ -36,6 +36,33 @@ class Layer:
   added after), so that the adapted output `x·W + s·(x·A)·B` equals
   `x·(W + s·A·B)`, what `jlora.merge` computes.
 
+  `jlora.init` checks this for every adapted layer whose class is not exactly
+  one of flax's stock classes (so registered classes, the gemma and MaxText
+  entries, and subclasses of `nn.Dense` / `nn.DenseGeneral` / `nn.Einsum`): it
+  runs the layer's method alone on a random input of the real input's shape
+  with its weight `W`, then with `W + ΔW` for a random `ΔW`, and refuses
+  (`ValueError` naming the layer, the declared layout, what was measured and
+  the fixes) unless the output changed by `x·ΔW` in the declared layout, within
+  a tolerance scaled by the layer's dtype (bfloat16 layers get bfloat16's).
+  That catches a square `(out, in)` weight declared with the dense layout, an
+  output scaled or an input normalised inside the layer, a weight read twice.
+  It runs once per distinct class, field values, weight and input shapes (one
+  small jitted program each, cached: a second `init` compiles nothing), on the
+  first layer of a scanned stack, and only on concrete params: under `jit` /
+  `eval_shape` it is skipped at no cost (run `init` once eagerly to check).
+  Not checked: subclasses of `nn.Conv` / `nn.Embed`, quantized or
+  multi-process (not fully addressable) kernels, non-float inputs, calls with
+  other array arguments than the input; a layer that cannot run alone (e.g.
+  it needs an rng stream) gives a warning instead (`jlora.frontends.layer_check`).
+  There is no switch to skip the check: a layer it refuses is one whose merge
+  would be wrong; describe it right, mark it `unsupported`, or exclude it.
+
+  The NNX and Equinox front-ends have no description table: they adapt their
+  own stock classes (`nnx.Linear`, `nnx.LinearGeneral`, `nnx.Einsum`,
+  `nnx.Conv`, `nnx.Embed`; `eqx.nn.Linear`, `eqx.nn.Embedding`) by
+  `isinstance`, so there is no declared layout to probe there (a subclass that
+  changes what `__call__` computes is not checked).
+
   Attributes:
     weight: the weight's param name (`"kernel"`), or a function of the module
       that returns it (gemma's `Einsum`: `lambda m: m.weight_name`).
@@ -189,6 +216,11 @@ def register_layer(cls: type | str, layer: Layer) -> None:
 
   A class inherits the description of its nearest described base class; a
   registration replaces an earlier one of the same class and method.
+
+  The description is checked against what the layer computes when `jlora.init`
+  first adapts it on concrete params (see `jlora.Layer`): a layer whose output
+  does not change by `x·ΔW` in the declared layout when its weight changes by
+  `ΔW` is refused there, before any training, with the measured change.
 
   Args:
     cls: the `flax.linen.Module` subclass, or its qualified name

@@ -28,11 +28,12 @@ import jax.numpy as jnp
 
 from jlora.core import ops as _ops
 from jlora.core.config import LoraConfig
-from jlora.frontends.linen_dora import with_norms
 from jlora.core.init import add_adapters
+from jlora.core.merge import with_norms
 from jlora.core.sharding import box, unbox
 from jlora.core.targets import Site, adapter_path, is_head, path_str
 from jlora.core.tree import Params, _check_tree, has_adapters
+from jlora.frontends import layer_check as _layer_check
 from jlora.frontends.layers import Call, describe
 from jlora.frontends.linen_forward import BYPASS, Forward
 from jlora.frontends.linen_run import run_fresh, warn_if_closed_over
@@ -89,6 +90,14 @@ def _site(call: Call) -> Site:
 def _check_call(call: Call, site: Site, y: Any) -> None:
   """At init: the described input is there, and a dense weight's axes fit the call as `(inputs..., outputs...)`."""
   x = call.input
+  if site.kind == "einsum" and not site.unsupported:
+    labels = _ops.parse_einsum(call.equation)[1]
+    if len(labels) != len(site.kernel_shape):
+      raise ValueError(
+          f"{type(call.module).__name__} at {path_str(site.path)!r}: the einsum {call.equation!r} of its jlora.Layer "
+          f"names {len(labels)} weight axes ({labels!r}), but its weight {site.kernel_name!r} has shape "
+          f"{site.kernel_shape}; fix `equation=` (or `equation_arg=`) in jlora.register_layer."
+      )
   if site.kind not in ("dense", "dense_general") or site.unsupported:
     return
   n_in = len(site.in_axes)
@@ -109,8 +118,9 @@ def _check_call(call: Call, site: Site, y: Any) -> None:
     )
 
 
-def _discover(model: nn.Module, params: Params, args, kwargs, variables) -> list[Site]:
-  """Every adaptable module that the model calls on these inputs, in call order."""
+def _discover(model: nn.Module, params: Params, args, kwargs, variables, probes: list | None = None) -> list[Site]:
+  """Every adaptable module that the model calls on these inputs, in call order (and, into `probes`, the calls
+  of registered classes to check, `jlora.frontends.layer_check`)."""
   found: dict[tuple[str, ...], Site] = {}
   outputs: dict[tuple[str, ...], Any] = {}
 
@@ -125,6 +135,8 @@ def _discover(model: nn.Module, params: Params, args, kwargs, variables) -> list
     known = found.setdefault(site.path, site)
     if known.kernel_shape != site.kernel_shape:
       raise ValueError(f"Module {path_str(site.path)!r} is called with two kernel shapes.")
+    if probes is not None and known is site:
+      probes.append(_layer_check.plan(call, site, y))
     outputs[site.path] = y
     return y
 
@@ -181,7 +193,10 @@ def init(key: jax.Array, model: nn.Module, params: Params, config: LoraConfig, *
   Raises:
     ValueError: `target_modules` matches nothing (the message lists the module
       paths that exist), `r` exceeds a module's dimensions, and the other
-      config/model mismatches listed in `jlora.core.targets.select_sites`.
+      config/model mismatches listed in `jlora.core.targets.select_sites`; an
+      adapted layer of a registered (not stock flax) class whose output does not
+      change by `x·ΔW` in its declared layout when its weight changes by `ΔW`
+      (checked once per distinct layer, on concrete params only: see `jlora.Layer`).
     TypeError: `params` is not a nested dict.
 
   Example:
@@ -197,8 +212,11 @@ def init(key: jax.Array, model: nn.Module, params: Params, config: LoraConfig, *
   _check_args(model, config)
   _check_tree(params)
   params, boxes = unbox(params)
-  sites = _discover(model, params, args, kwargs, variables)
-  return box(add_adapters(key, params, config, sites, dtype=dtype), boxes)
+  probes: list = []
+  sites = _discover(model, params, args, kwargs, variables, probes)
+  adapted = add_adapters(key, params, config, sites, dtype=dtype)
+  _layer_check.check([p for p in probes if p is not None], params, adapted, variables)
+  return box(adapted, boxes)
 
 
 def apply(model: nn.Module, params: Params, config: LoraConfig, *args, rngs: Mapping[str, jax.Array] | None = None,

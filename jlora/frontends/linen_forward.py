@@ -1,9 +1,10 @@
-"""The LoRA interceptor of `jlora.apply` and `jlora.apply_bank`: one adapted layer call at a time.
+"""The LoRA interceptor of `jlora.apply` (one adapter, or a bank): one adapted layer call at a time.
 
 `Forward` is what `nn.intercept_methods` calls for every linen method call
 inside a LoRA forward. For a described layer (`jlora.frontends.layers`) whose module
-holds adapter leaves it runs the base call, then adds the factored term
-`s·(dropout(x)·A)·B` (`term`), and records which adapters it read so that
+holds adapter leaves it runs the base call, then hands `(x, y, kernel, leaves)`
+to `jlora.core.adapted` (which adds the variant's term: LoRA's
+`s·(dropout(x)·A)·B`, or DoRA's), and records which adapters it read so that
 `check_consumed` can refuse a forward that silently skipped one.
 
 With a `bank` (`jlora.AdapterBank`) the module's leaves are a stack of adapters,
@@ -19,16 +20,17 @@ from typing import Any
 
 import flax.linen as nn
 import jax
-import jax.numpy as jnp
 
 from jlora.core import ops as _ops
+from jlora.core.adapted import adapted, adapted_batch
 from jlora.core.config import LoraConfig
-from jlora.frontends.linen_dora import dora_delta, norm_key
-from jlora.core.targets import adapter_path, is_head, lora_keys, magnitude_key, path_str, selects
+from jlora.core.merge import norm_key
+from jlora.core.targets import MAGNITUDE_KEY, Site, adapter_path, is_head, lora_keys, magnitude_key, path_str, selects
 from jlora.core.tree import Params, check_magnitude, slots
+from jlora.core.variants import variant_of_leaves
 from jlora.frontends.layers import Call, describe, kinds_listing
 
-__all__ = ["BYPASS", "Forward", "term"]
+__all__ = ["BYPASS", "Forward", "call_site"]
 
 # Set while jlora runs a helper module of its own (the LoRA half of a Conv), so
 # that the interceptor lets that inner call through untouched.
@@ -38,28 +40,40 @@ BYPASS: contextvars.ContextVar[bool] = contextvars.ContextVar("jlora_bypass", de
 _ACTIVE: contextvars.ContextVar[frozenset] = contextvars.ContextVar("jlora_active", default=frozenset())
 
 
-def term(module: nn.Module, call: Call, kind: str, x: jax.Array, a: jax.Array, b: jax.Array,
-         scale: Any) -> jax.Array:
-  """`s·(x·A)·B` for one call of a layer, in the layer's output shape (`x` already dropped out and cast)."""
-  precision = getattr(module, "precision", None)
-  layer = call.layer
-  if kind == "conv":
-    lora_in = module.clone(parent=None, features=a.shape[-1], use_bias=False, mask=None, dtype=a.dtype,
-                           param_dtype=a.dtype)
+def _conv(module: nn.Module):
+  """`conv(x, w)`: the module's own convolution (flax's padding, strides, dilation) with kernel `w`, no bias."""
+
+  def conv(x: jax.Array, w: jax.Array) -> jax.Array:
+    layer = module.clone(parent=None, features=w.shape[-1], use_bias=False, mask=None, dtype=x.dtype,
+                         param_dtype=w.dtype)
     token = BYPASS.set(True)
     try:
-      u = lora_in.apply({"params": {"kernel": a}}, x)
+      return layer.apply({"params": {"kernel": w}}, x)
     finally:
       BYPASS.reset(token)
-    return _ops.contract_last(u * scale, b, precision)
-  if kind in ("dense", "dense_general"):
-    return _ops.lora_delta(kind, x, a, b, scale=scale, axis=layer.axes(module), precision=precision)
-  return _ops.lora_delta(kind, x, a, b, scale=scale, einsum_str=call.equation if kind == "einsum" else None,
-                         precision=precision)
+
+  return conv
+
+
+def call_site(module: nn.Module, call: Call, kind: str, path: tuple[str, ...], kernel_name: str,
+              kernel_shape: tuple[int, ...]) -> Site:
+  """The `Site` that `jlora.core.adapted` needs for one call: kind, contraction and precision."""
+  return Site(path, kind, kernel_name, tuple(kernel_shape), (), (),
+              axis=call.layer.axes(module) if kind in ("dense", "dense_general") else (-1,),
+              equation=call.equation if kind == "einsum" else None, precision=getattr(module, "precision", None),
+              conv=_conv(module) if kind == "conv" else None)
+
+
+# flax's own layers, whose output is exactly x·W0 (+ `bias`): DoRA may read x·W0 off it. A registered class may add
+# other terms after its product, which DoRA must not scale.
+_STOCK = (nn.Dense, nn.DenseGeneral, nn.Conv, nn.Einsum, nn.Embed)
 
 
 class Forward:
-  """The interceptor: adds the LoRA term to each adapted layer, and records which adapters it read.
+  """The interceptor: adds the adapter's term to each adapted layer, and records which adapters it read.
+
+  It only discovers the call (its input, base output, kernel and adapter leaves); `jlora.core.adapted` computes
+  the term, for every variant.
 
   Args:
     config: the adapters' config (single-adapter mode).
@@ -94,70 +108,44 @@ class Forward:
     b = module.get_variable("params", b_key)
     path = adapter_path(tuple(module.path), kernel_name)
     where = path_str(path)
-    kernel_shape = module.get_variable("params", kernel_name).shape
+    kernel = module.get_variable("params", kernel_name)
+    kernel_shape = tuple(kernel.shape)
+    m_key = magnitude_key(kernel_name)
+    magnitude = module.get_variable("params", m_key) if module.has_variable("params", m_key) else None
     if self.bank is None:
-      self._validate(path, kind, module, kernel_name, kernel_shape, a, b)
+      self._validate(path, kind, module, kernel_shape, a, b, magnitude)
     else:
       _ops.check_adapter(where, kernel_shape, a.shape[:-1], b.shape[:-1], a.shape[-2])
+      self.bank.check_selected(active, path, kind, is_head(module.path))
     if kind == "einsum":
       _ops.check_equation(where, call.equation, kernel_shape, a.shape if self.bank is None else a.shape[:-1])
     self.consumed.add(active)
-    x = call.input
-    dt = a.dtype if kind == "embed" else jnp.result_type(x.dtype, a.dtype)
+    site = call_site(module, call, kind, path, kernel_name, kernel_shape)
+    leaves = {"lora_a": a, "lora_b": b} if magnitude is None else {"lora_a": a, "lora_b": b, MAGNITUDE_KEY: magnitude}
+    variant = variant_of_leaves(leaves)
+    has_bias = module.has_variable("params", "bias")
+    bias = module.get_variable("params", "bias") if has_bias else None
+    y_is_product = type(module) in _STOCK and not (kind == "einsum" and has_bias)
     if self.bank is None:
       rate = self.config.lora_dropout
-      xd = self._input(module, kind, x, rate, dt)
-      scale = self.config.scale_for(where)
-      delta = term(module, call, kind, xd, a.astype(dt), b.astype(dt), scale)
-      m_key = magnitude_key(kernel_name)
-      if module.has_variable("params", m_key):
-        dropped = bool(rate) and module.has_rng("lora_dropout") and kind not in ("embed", "attend")
-        kernel = module.get_variable("params", kernel_name)
-        n_key = norm_key(m_key)
-        norm = module.get_variable("params", n_key) if module.has_variable("params", n_key) else None
-        delta = dora_delta(module, call, kind, y, xd, dropped, delta, kernel, a.astype(dt), b.astype(dt), scale,
-                           module.get_variable("params", m_key), where, norm)
-    else:
-      delta = self._mixed(module, call, kind, where, x, a.astype(dt), b.astype(dt), (tuple(module.path), a_key))
-    return y + delta.astype(y.dtype)
+      key = self._dropout_key(module, kind, bool(rate))
+      n_key = norm_key(m_key)
+      norm = module.get_variable("params", n_key) if module.has_variable("params", n_key) else None
+      return adapted(site, variant, call.input, y, kernel, leaves, scale=self.config.scale_for(where), rate=rate,
+                     dropout_key=key, bias=bias, y_is_product=y_is_product, norm=norm)
+    scales, rates, magnitudes = self.bank.lookup((tuple(module.path), a_key), where)
+    return adapted_batch(site, variant, call.input, y, kernel, leaves, ids=self.ids, scales=scales, rates=rates,
+                         magnitudes=magnitudes, dropout_key=self._dropout_key(module, kind, any(rates)),
+                         bias=bias, y_is_product=y_is_product)
 
-  def _input(self, module: nn.Module, kind: str, x: jax.Array, rate: Any, dt: Any) -> jax.Array:
-    """The LoRA input: dropped out (not for embeddings, whose input is ids) and cast to the term's dtype."""
-    if kind in ("embed", "attend"):
-      return x if kind == "embed" else x.astype(dt)
-    enabled = not isinstance(rate, (int, float)) or rate > 0
-    key = module.make_rng("lora_dropout") if enabled and module.has_rng("lora_dropout") else None
-    return _ops.dropout(key, x, rate).astype(dt)
+  @staticmethod
+  def _dropout_key(module: nn.Module, kind: str, enabled: bool) -> jax.Array | None:
+    """A key from the `'lora_dropout'` stream when dropout acts (a rate, a stream, and an input that is not ids)."""
+    if kind in ("embed", "attend") or not enabled or not module.has_rng("lora_dropout"):
+      return None
+    return module.make_rng("lora_dropout")
 
-  def _mixed(self, module, call, kind, where, x, a, b, slot) -> jax.Array:
-    """The term of each example's adapter from the bank's stacked leaves `a: a_shape + (n,)`, `b: b_shape + (n,)`."""
-    scales, rates = self.bank.lookup(slot, where)
-    ids, n = self.ids, len(scales)
-    safe = jnp.clip(ids, 0, n - 1)
-    # -1: the base (nothing added); an id outside -1..n-1 (possible only when traced) makes its rows NaN, never a
-    # plausible wrong output
-    picked = jnp.where((ids >= 0) & (ids < n), jnp.asarray(scales, jnp.float32)[safe], jnp.nan)
-    scale = jnp.where(ids == -1, 0.0, picked).astype(a.dtype)
-    rate = jnp.asarray(rates, jnp.float32)[safe] if any(rates) else 0.0
-    a_sel, b_sel = jnp.take(a, safe, axis=-1), jnp.take(b, safe, axis=-1)
-    if ids.ndim == 0:  # one adapter for the whole batch: the single-adapter path, with a traced scale
-      return term(module, call, kind, self._input(module, kind, x, rate, a.dtype), a_sel, b_sel, scale)
-    if x.ndim == 0 or x.shape[0] != ids.shape[0]:
-      raise ValueError(
-          f"jlora.apply_bank: the layer at {where!r} is called with an input of shape {tuple(x.shape)}, whose "
-          f"axis 0 is not the batch of {ids.shape[0]} examples that `ids` ({tuple(ids.shape)}) covers. Per-example "
-          "adapters need every adapted layer's input to keep the examples on axis 0; pass one id for the whole "
-          "batch (ids of shape ()) otherwise."
-      )
-    rate = rate if isinstance(rate, float) else rate.reshape((-1,) + (1,) * (x.ndim - 1))
-    x = self._input(module, kind, x, rate, a.dtype)
-
-    def one(xi, ai, bi, si):
-      return term(module, call, kind, xi[None], ai, bi, si)[0]
-
-    return jax.vmap(one)(x, jnp.moveaxis(a_sel, -1, 0), jnp.moveaxis(b_sel, -1, 0), scale)
-
-  def _validate(self, path, kind, module, kernel_name, kernel_shape, a, b) -> None:
+  def _validate(self, path, kind, module, kernel_shape, a, b, magnitude) -> None:
     where = path_str(path)
     cfg = self.config
     kind = "embed" if kind == "attend" else kind
@@ -168,8 +156,6 @@ class Forward:
           "select. Pass the LoraConfig that created it."
       )
     _ops.check_adapter(where, kernel_shape, a.shape, b.shape, cfg.rank_for(where))
-    m_key = magnitude_key(kernel_name)
-    magnitude = module.get_variable("params", m_key) if module.has_variable("params", m_key) else None
     check_magnitude(where, cfg, magnitude, _ops.magnitude_shape(a.shape, b.shape, kernel_shape))
 
   def check_consumed(self, params: Params, fn: str = "jlora.apply") -> None:

@@ -59,8 +59,8 @@ def generate(
     pad_token_id: token emitted after `eos_token_id`.
     apply_fn: the forward in `model.apply`'s slot: `apply_fn({'params': params}, input_ids,
       attention_mask=..., positions=..., cache=...)` returning `(logits, cache)`; default
-      `model.apply`. For a LoRA forward pass `jlora.lora_apply(model, config)`. It is a
-      static argument of the jitted loop, so equal functions (two `lora_apply` objects of
+      `model.apply`. For a LoRA forward pass `jlora.apply_fn(model, config)`. It is a
+      static argument of the jitted loop, so equal functions (two `apply_fn` objects of
       the same model and config compare equal) share one compiled loop.
     adapters: a `jlora.AdapterBank` (`jlora.stack_adapters`): each row generates
       with its own adapter, chosen by `adapter_ids`, all in one batch; `params`
@@ -111,7 +111,7 @@ def generate(
 
 def _bank_variables(model: nn.Module, params: Any, apply_fn: Any, bank: Any, ids: Any,
                     batch: int) -> tuple[Any, dict]:
-  """`jlora.bank_apply(model)` and its variables, for per-row adapters from a bank."""
+  """`jlora.apply_fn(model, bank)` and its variables, for per-row adapters from a bank."""
   import jlora
 
   if not isinstance(bank, jlora.AdapterBank):
@@ -123,7 +123,7 @@ def _bank_variables(model: nn.Module, params: Any, apply_fn: Any, bank: Any, ids
     ids = jnp.full((batch,), ids)
   if ids.shape != (batch,):
     raise ValueError(f"`adapter_ids` has shape {ids.shape}; it needs one id per prompt row ({batch},).")
-  return jlora.bank_apply(model), {"params": params, "lora_bank": bank, "lora_ids": ids}
+  return jlora.apply_fn(model, bank), {"params": params, "lora_bank": bank, "lora_ids": ids}
 
 
 def _check_prompt(model: nn.Module, input_ids: jax.Array, mask: jax.Array, max_new_tokens: int) -> None:

@@ -10,6 +10,7 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import json
+import os
 from typing import Any, NamedTuple
 
 import jax
@@ -20,7 +21,7 @@ import jlora
 from jlora.train import _adapters, _data, _model, _tasks
 from jlora.train._schema import Config
 
-__all__ = ["RunKeys", "Setup", "base_model", "check_data", "fingerprint", "make_optimizer", "prepare", "rows",
+__all__ = ["RunKeys", "Setup", "available_memory", "base_model", "check_data", "check_sizes", "fingerprint", "make_optimizer", "prepare", "rows",
            "run_keys"]
 
 
@@ -71,6 +72,65 @@ def check_data(config: Config, examples: _data.Examples) -> None:
                      f"{len(examples.train)} examples; lower it or add data.")
 
 
+def available_memory() -> int | None:
+  """Bytes of host memory available to this process now (`MemAvailable`, or free pages), None where unknown."""
+  try:
+    with open("/proc/meminfo", encoding="ascii") as f:
+      for line in f:
+        if line.startswith("MemAvailable:"):
+          return int(line.split()[1]) * 1024
+  except (OSError, ValueError, IndexError):
+    pass
+  try:
+    return os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
+  except (OSError, ValueError, AttributeError):
+    return None
+
+
+def _device_memory() -> int | None:
+  """Bytes of memory of the first accelerator (None on CPU, where the host's memory is the limit)."""
+  try:
+    stats = jax.devices()[0].memory_stats() or {}
+  except Exception:  # backends without memory statistics raise their own errors
+    return None
+  return stats.get("bytes_limit")
+
+
+def _gb(n: float) -> str:
+  return f"{n / 1e9:,.1f} GB" if n >= 1e8 else f"{n / 1e6:,.1f} MB"
+
+
+def check_sizes(config: Config, task: _tasks.Task, base: _model.Model, examples: _data.Examples) -> None:
+  """Raises a ValueError, before the data is encoded, for sequence lengths the model or the memory cannot take.
+
+  `train.seq_len` must fit a model with a table of learned positions (GPT-2 `n_positions`, BERT
+  `max_position_embeddings`); the encoded data (int32: ids and masks of every example) must fit
+  the host's available memory; and one layer's attention scores for one batch (float32,
+  `batch_size x seq_len**2`, a lower bound of what a step needs) the device's.
+  """
+  tc = config.train
+  limit = base.model.input_limits().get("positions")
+  if limit is not None and tc.seq_len > limit.size:
+    where = "`model.config`" if config.model.source == "random" else "the checkpoint's config.json"
+    raise ValueError(f"`train.seq_len` is {tc.seq_len:,} but the model has {limit.size:,} positions (`{limit.field}` in "
+                     f"{where}); set `train.seq_len` to at most {limit.size:,}.")
+  per_row = 4 * (2 * tc.seq_len * (2 if "document" in task.fields else 1) + (3 * tc.target_len if "target" in
+                                                                               task.fields else 0))
+  rows = len(examples.train) + len(examples.eval)
+  host = available_memory()
+  if host is not None and rows * per_row > host:
+    raise ValueError(f"`train.seq_len` {tc.seq_len:,}" + (f" / `train.target_len` {tc.target_len:,}" if "target" in
+                     task.fields else "") + f": the encoded data of {rows:,} examples would take {_gb(rows * per_row)}"
+                     f", but {_gb(host)} of memory is available; lower `train.seq_len` (or `data.max_train` / "
+                     "`data.max_eval`).")
+  device = _device_memory() or host
+  scores = 4 * max(tc.batch_size, tc.eval_batch_size) * max(tc.seq_len, tc.target_len) ** 2
+  if device is not None and scores > device:
+    raise ValueError(f"`train.seq_len` {tc.seq_len:,}: one layer's attention scores for a batch of "
+                     f"{max(tc.batch_size, tc.eval_batch_size)} would take {_gb(scores)}, but the device has "
+                     f"{_gb(device)}; lower `train.seq_len` or `train.batch_size` / `train.eval_batch_size`.")
+
+
 def base_model(config: Config, task: _tasks.Task, examples: _data.Examples | None = None, *,
                layout: Any = None) -> _model.Model:
   """The run's base model (loaded, or initialized with `run_keys(train.seed).model`).
@@ -95,7 +155,7 @@ class Setup:
 
   task: _tasks.Task
   base: _model.Model
-  apply_fn: Any = dataclasses.field(repr=False)  # jlora.lora_apply(model, lora)
+  apply_fn: Any = dataclasses.field(repr=False)  # jlora.apply_fn(model, lora)
   trainable: Any = dataclasses.field(repr=False)
   frozen: Any = dataclasses.field(repr=False)
   tx: optax.GradientTransformation = dataclasses.field(repr=False)
@@ -129,6 +189,7 @@ def prepare(config: Config, task: _tasks.Task, examples: _data.Examples, *, init
   tc, lora = config.train, config.lora
   keys = run_keys(tc.seed)
   base = base_model(config, task, examples, layout=layout)
+  check_sizes(config, task, base, examples)
   encode = lambda r: task.encode(r, base.tokenizer, tc.seq_len, tc.target_len)  # noqa: E731
   train_arrays, eval_arrays = encode(examples.train), encode(examples.eval)
   args, kwargs = task.inputs(rows(train_arrays, np.arange(1)), base.model)
@@ -139,7 +200,7 @@ def prepare(config: Config, task: _tasks.Task, examples: _data.Examples, *, init
   if source is not None:
     trainable = _adapters.load_init(config, base.params, trainable)
   tx, schedule = make_optimizer(config.optimizer, tc.steps, lora)
-  return Setup(task, base, jlora.lora_apply(base.model, lora), trainable, frozen, tx, schedule, train_arrays,
+  return Setup(task, base, jlora.apply_fn(base.model, lora), trainable, frozen, tx, schedule, train_arrays,
                eval_arrays, keys, source, None if original is frozen else original, layout)
 
 

@@ -4,7 +4,7 @@ A task says which example fields it reads, how they become arrays, the model's i
 the training loss, the per-batch evaluation outputs and their reduction to metrics (the
 first one is the headline), and which model types can do it. Adding a task is adding
 one entry here. Losses and evaluation take `forward`, the model's forward pass with the
-params bound (the factored `jlora.lora_apply` while training, `model.apply` of the
+params bound (the factored `jlora.apply_fn` while training, `model.apply` of the
 merged params for the final check), so the same code serves both.
 
 | task               | loss                                          | metrics (first = the headline)   |

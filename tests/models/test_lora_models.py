@@ -140,15 +140,15 @@ def test_gradients_only_on_adapters_and_equal_to_merged_gradients():
     np.testing.assert_allclose(np.asarray(g), np.asarray(r), rtol=1e-4, atol=1e-6)
 
 
-def test_generate_with_lora_apply_equals_merged_and_compiles_once():
-  """`jlora.lora_apply` sits in `generate`'s `apply_fn` slot; equal ones share one compiled loop."""
+def test_generate_with_apply_fn_equals_merged_and_compiles_once():
+  """`jlora.apply_fn` sits in `generate`'s `apply_fn` slot; equal ones share one compiled loop."""
   from jlora.models._decoding import _generate
 
   model, params, cfg, _, _ = _setup("llama", ["q_proj", "v_proj"])
   ids = tokens((2, 4))
   before = _generate._cache_size()
-  lora = models.generate(model, params, ids, max_new_tokens=5, apply_fn=jlora.lora_apply(model, cfg))
-  again = models.generate(model, params, ids, max_new_tokens=5, apply_fn=jlora.lora_apply(model, cfg))
+  lora = models.generate(model, params, ids, max_new_tokens=5, apply_fn=jlora.apply_fn(model, cfg))
+  again = models.generate(model, params, ids, max_new_tokens=5, apply_fn=jlora.apply_fn(model, cfg))
   assert _generate._cache_size() == before + 1  # the second, equal apply_fn found the first compile
   merged = models.generate(model, jlora.merge(params, cfg), ids, max_new_tokens=5)
   np.testing.assert_array_equal(np.asarray(lora), np.asarray(merged))

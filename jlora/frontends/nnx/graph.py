@@ -21,12 +21,13 @@ from typing import Any
 import flax.linen as nn
 import jax
 from flax import nnx
+from flax.core.meta import AxisMetadata
 
 from jlora.core.config import LoraConfig
 from jlora.core.targets import Site, path_str
 from jlora.core.tree import unflatten
 from jlora.frontends.nnx.layer import einsum_of, is_adapted, kind_of, site_of
-from jlora.frontends.nnx.vars import PARAM_TYPES, Trainable
+from jlora.frontends.nnx.vars import PARAM_TYPES, Frozen, Trainable, retype
 
 __all__ = ["Path", "check_model", "check_config", "walk", "to_params", "adapted", "require_adapters", "sites"]
 
@@ -173,7 +174,10 @@ def _probe_class(base: type) -> type:
 def _trace(model: nnx.Module, args: tuple, kwargs: dict) -> tuple[set[Path], dict[Path, set[str]]]:
   """Runs a probed clone abstractly: the paths whose output the model returns, and each Einsum's equations."""
   probe = nnx.clone(model)
-  modules, _ = walk(probe)
+  modules, variables = walk(probe)
+  for var in variables.values():  # a quantized kernel (QuantizedArray) is read dequantized through `Frozen`
+    if isinstance(var, nnx.Param) and isinstance(var.get_value(), AxisMetadata):
+      retype(var, Frozen)
   for path, module in modules.items():
     if kind_of(module) is not None:
       object.__setattr__(module, "__class__", _probe_class(type(module)))

@@ -4,7 +4,8 @@ Both build the adapter tree in jlora's plain params layout first, through the
 same code as linen models (`jlora.core.init.add_adapters`: the same targeting rule and
 errors, the same draws per module path, PiSSA), then install it into a clone of
 the model (`_build`): adapted layers get their `Lora<Base>` class and `lora_a` /
-`lora_b`, and every parameter is retyped `Trainable` or `Frozen` by `jlora.labels`.
+`lora_b` (and DoRA's `lora_magnitude`), and every parameter is retyped `Trainable`
+or `Frozen` by `jlora.labels` (a quantized kernel must be `Frozen`).
 """
 
 from __future__ import annotations
@@ -15,11 +16,12 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 from flax import nnx
+from flax.core.meta import AxisMetadata
 
-from jlora.core.config import LoraConfig, refuse_dora
+from jlora.core.config import LoraConfig
 from jlora.core.init import add_adapters
-from jlora.core.targets import Site, path_str, selects
-from jlora.core.tree import LORA_KEYS, _check_tree, adapted_modules, check_adapters, flatten, has_adapters, labels
+from jlora.core.targets import Site, is_lora_key, magnitude_key, path_str, selects
+from jlora.core.tree import _check_tree, adapted_modules, check_adapters, flatten, has_adapters, labels
 from jlora.frontends.nnx.graph import Path, adapted, check_config, check_model, sites, to_params, walk
 from jlora.frontends.nnx.layer import install, uninstall
 from jlora.frontends.nnx.vars import PARAM_TYPES, Frozen, Trainable, restore, retype
@@ -31,7 +33,7 @@ def _check_base(model: nnx.Module, caller: str) -> None:
   """Raises unless the model holds no adapters (and no variables named like them)."""
   where = sorted(path_str(p) for p in adapted(model))
   _, variables = walk(model)
-  named = sorted(path_str(p) for p, v in variables.items() if p[-1] in LORA_KEYS or isinstance(v, Trainable))
+  named = sorted(path_str(p) for p, v in variables.items() if is_lora_key(p[-1]) or isinstance(v, Trainable))
   if where or named:
     shown = (where or named)[:4]
     raise ValueError(
@@ -50,6 +52,13 @@ def init(key: jax.Array, model: nnx.Module, config: LoraConfig, *args, rngs: nnx
   targets becomes a `Lora<Base>` layer (a subclass of its class) computing
   `base(x) + s·(dropout(x)·A)·B`, with `lora_a: in_shape + (r,)` and
   `lora_b: (r,) + out_shape` beside its kernel (layouts per kind in `jlora.core.ops`).
+  With `config.use_dora`, DoRA: a `lora_magnitude` beside them (the kernel's shape
+  with input axes of size 1), initialised like the linen path to `‖W0 + s·A·B‖` per
+  output column, so the model is unchanged at init; the forward is
+  `jlora.core.variants.DORA`'s term, the same as `jlora.apply` on a linen twin.
+  A model from `jlora.nnx.quantize` (kernels packed as NF4 / int8
+  `QuantizedArray`s) gives QLoRA: each kernel is dequantized where its layer reads
+  it, and DoRA's magnitudes start from the dequantized kernels.
   Layers made by `nnx.vmap` (a stack run by `nnx.scan`) get stacked adapters,
   `lora_a: (L, d_in, r)`, a different draw per layer. Module paths are attribute
   names from the root with list indices, `layers/0/attn/query`, and targets match
@@ -99,7 +108,6 @@ def init(key: jax.Array, model: nnx.Module, config: LoraConfig, *args, rngs: nnx
   """
   check_model(model)
   check_config(config)
-  refuse_dora(config, "jlora.nnx.init", "its Lora layers add the plain LoRA term")
   _check_base(model, "init")
   found, eqs = sites(model, args, kwargs)
   if not found:
@@ -120,7 +128,11 @@ def from_params(model: nnx.Module, params: Mapping[str, Any], config: LoraConfig
   every parameter is the leaf of `params` at its path, adapted exactly where
   `params` holds `lora_a` / `lora_b`. It takes what `jlora.load_adapter` or
   `jlora.load_peft` return for `jlora.nnx.to_params(base)`, or the params of a
-  linen twin of the model (same module paths).
+  linen twin of the model (same module paths). Kernels of `params` may be
+  quantized (`jlora.quantize(jlora.nnx.to_params(lora))`, `jlora.load_quantized`):
+  the model then holds them packed, as `Frozen` variables that its layers read
+  dequantized (QLoRA). DoRA adapters (`lora_magnitude` leaves) need
+  `config.use_dora`.
 
   Args:
     model: the NNX model (the base, or a LoRA model of it).
@@ -187,7 +199,7 @@ def _build(model: nnx.Module, tree: Mapping[str, Any], config: LoraConfig, by_pa
   modules, variables = walk(model)
   missing, bad = [], []
   for path, leaf in flatten(tree).items():
-    if path[-1] in LORA_KEYS:
+    if is_lora_key(path[-1]):
       continue
     var = variables.get(path)
     if var is None or not isinstance(var, PARAM_TYPES):
@@ -209,11 +221,18 @@ def _build(model: nnx.Module, tree: Mapping[str, Any], config: LoraConfig, by_pa
     stack = variables[path + (site.kernel_name,)].get_value().ndim - len(site.kernel_shape)
     shape = tuple(variables[path + (site.kernel_name,)].shape[:stack])
     dropout = None if stream is None or site.kind == "embed" else _dropout(stream, config.lora_dropout, shape)
-    install(modules[path], site.kind, node["lora_a"], node["lora_b"], scale=config.scale_for(path_str(path)),
-            einsum_str=eqs.get(path), dropout=dropout)
+    install(modules[path], path, site.kind, node["lora_a"], node["lora_b"], node.get(magnitude_key(site.kernel_name)),
+            scale=config.scale_for(path_str(path)), einsum_str=eqs.get(path), dropout=dropout)
   for path, label in flatten(labels(tree, config)).items():
-    if path[-1] not in LORA_KEYS:
-      retype(variables[path], Frozen if label == "frozen" else Trainable)
+    if is_lora_key(path[-1]):
+      continue
+    if label != "frozen" and isinstance(variables[path].get_value(), AxisMetadata):
+      raise ValueError(
+          f"The kernel at {path_str(path)!r} is quantized (jlora.quantize), but the config trains it (label "
+          f"{label!r}: modules_to_save={config.modules_to_save!r}, bias={config.bias!r}); a quantized kernel has no "
+          "gradient. Keep it in full precision: jlora.quantize(params, select=...) without that path."
+      )
+    retype(variables[path], Frozen if label == "frozen" else Trainable)
   for var in variables.values():
     if isinstance(var, nnx.Param):  # parameters the tree did not hold stay fixed too
       retype(var, Frozen)

@@ -2,10 +2,16 @@
 
 An adapted layer is the same object with a new class: `Lora<Base>`, a subclass of
 its own class (`isinstance(layer, nnx.Linear)` still holds, user subclasses keep
-their overrides) whose `__call__` is `base(x) + s·(dropout(x)·A)·B`, factored
-through `jlora.core.ops`; `A·B` is never formed. Its state is the base layer's plus
-`lora_a` and `lora_b` beside the kernel, so state paths read like the linen
-param tree (`layers/0/attn/query/{kernel, bias, lora_a, lora_b}`).
+their overrides) whose `__call__` runs the base call and hands `(x, y, kernel,
+leaves)` to `jlora.core.adapted.adapted`, which adds the variant's term (LoRA:
+`s·(dropout(x)·A)·B`, factored, `A·B` never formed; DoRA: see
+`jlora.core.variants`). This module only discovers the call: the layer's input,
+its einsum equation, its own convolution code for `x·A`, and the dropout key from
+the layer's `nnx.Dropout`. Its state is the base layer's plus `lora_a`, `lora_b`
+(and DoRA's `lora_magnitude`) beside the kernel, so state paths read like the
+linen param tree (`layers/0/attn/query/{kernel, bias, lora_a, lora_b}`). A
+quantized kernel (`QuantizedArray`, held by a `Frozen` variable) is dequantized
+where the layer reads it.
 
 Layer kinds (`jlora.core.targets.Site.kind`): `nnx.Linear` `dense`,
 `nnx.LinearGeneral` `dense_general` (so `nnx.MultiHeadAttention`'s query, key,
@@ -26,15 +32,21 @@ from flax import nnx
 
 from jlora.core import ops as _ops
 from jlora.core import targets as _targets
-from jlora.core.targets import Site
+from jlora.core.adapted import adapted
+from jlora.core.targets import LORA_KEYS, MAGNITUDE_KEY, Site
+from jlora.core.variants import variant_of_leaves
 from jlora.frontends.nnx.vars import Trainable
 
-__all__ = ["kind_of", "site_of", "einsum_of", "adapted_class", "is_adapted", "install", "uninstall", "ATTRS"]
+__all__ = ["kind_of", "site_of", "einsum_of", "adapted_class", "is_adapted", "install", "uninstall", "kernel_var",
+           "leaves_of", "call_site", "ATTRS"]
 
 _KINDS = ((nnx.Linear, "dense"), (nnx.LinearGeneral, "dense_general"), (nnx.Einsum, "einsum"), (nnx.Conv, "conv"),
           (nnx.Embed, "embed"))
 # The attributes an adapted layer gains (and loses again on merge).
-ATTRS = ("lora_a", "lora_b", "lora_dropout", "lora_kind", "lora_scale", "lora_einsum")
+ATTRS = ("lora_a", "lora_b", "lora_magnitude", "lora_dropout", "lora_kind", "lora_scale", "lora_einsum", "lora_path")
+# flax's own layers, whose output is exactly x·W0 (+ `bias`): DoRA may read x·W0 off it. A user subclass may add
+# other terms after its product, which DoRA must not scale.
+_STOCK = tuple(cls for cls, _ in _KINDS)
 
 
 def kind_of(module: Any) -> str | None:
@@ -94,7 +106,7 @@ def site_of(path: tuple[str, ...], module: Any, kind: str, einsum_str: str | Non
 
 # ------------------------------------------------------------------ the adapted classes
 class _Adapted(nnx.Module):
-  """Mixin placed before the base layer class: adds the factored LoRA term to `__call__`."""
+  """Mixin placed before the base layer class: hands each call to `jlora.core.adapted.adapted`."""
 
   def __call__(self, inputs, *args, **kwargs):
     y = super().__call__(inputs, *args, **kwargs)
@@ -107,15 +119,15 @@ class _Adapted(nnx.Module):
             f"{eq!r}, which gives its kernel axes other roles. Pass the model's example inputs to "
             "jlora.nnx.init(key, model, config, *inputs) so that the adapters are made for the equation it is called with."
         )
-    return y + _lora_term(self, self.lora_kind, inputs, eq).astype(y.dtype)
+    return _adapted_call(self, self.lora_kind, inputs, y, eq)
 
 
 class _AdaptedEmbed(_Adapted):
-  """`nnx.Embed`: the LoRA term on the lookup and on `attend` (tied output heads)."""
+  """`nnx.Embed`: the adapter's term on the lookup and on `attend` (tied output heads)."""
 
   def attend(self, query, *args, **kwargs):
     y = super().attend(query, *args, **kwargs)
-    return y + _lora_term(self, "attend", query, None).astype(y.dtype)
+    return _adapted_call(self, "attend", query, y, None)
 
 
 _CLASSES: dict[type, type] = {}
@@ -140,13 +152,18 @@ def is_adapted(module: Any) -> bool:
   return isinstance(module, _Adapted)
 
 
-def install(module: nnx.Module, kind: str, a: jax.Array, b: jax.Array, *, scale: float, einsum_str: str | None,
+def install(module: nnx.Module, path: tuple[str, ...], kind: str, a: jax.Array, b: jax.Array,
+            magnitude: jax.Array | None = None, *, scale: float, einsum_str: str | None,
             dropout: nnx.Dropout | None) -> None:
-  """Turns `module` into its adapted class in place, holding `A`, `B` (as `Trainable`) and the static settings."""
+  """Turns `module` into its adapted class in place, holding `A`, `B` (and DoRA's `m`) as `Trainable`, and the
+  static settings."""
   object.__setattr__(module, "__class__", adapted_class(type(module)))
   module.lora_a = Trainable(a)
   module.lora_b = Trainable(b)
+  if magnitude is not None:
+    module.lora_magnitude = Trainable(magnitude)
   module.lora_kind = kind
+  module.lora_path = tuple(path)
   module.lora_scale = float(scale)
   module.lora_einsum = einsum_str
   module.lora_dropout = dropout
@@ -160,33 +177,55 @@ def uninstall(module: nnx.Module) -> None:
   object.__setattr__(module, "__class__", type(module).jlora_base)
 
 
+def kernel_var(module: nnx.Module) -> nnx.Variable:
+  """The variable of the weight an adapted layer's adapter belongs to: `embedding` or `kernel`."""
+  return module.embedding if module.lora_kind == "embed" else module.kernel
+
+
+def leaves_of(module: nnx.Module) -> dict[str, jax.Array]:
+  """`{role: value}` of an adapted layer's adapter leaves (`lora_a`, `lora_b`, DoRA's `lora_magnitude`)."""
+  roles = (*LORA_KEYS, MAGNITUDE_KEY) if "lora_magnitude" in vars(module) else LORA_KEYS
+  return {role: getattr(module, role).get_value() for role in roles}
+
+
 # --------------------------------------------------------------------------- forward
-def _lora_term(module: Any, kind: str, x: jax.Array, einsum_str: str | None) -> jax.Array:
-  """`s·(dropout(x)·A)·B` in the layer's output shape, in `result_type(x, A)` (A's dtype for ids)."""
-  a, b = module.lora_a[...], module.lora_b[...]
-  if kind == "embed":
-    dt = a.dtype
-  else:
-    dt = jnp.result_type(x.dtype, a.dtype)
-    if kind != "attend" and module.lora_dropout is not None:
-      x = module.lora_dropout(x)
-    x = x.astype(dt)
-  a, b = a.astype(dt), b.astype(dt)
-  precision = getattr(module, "precision", None)
-  if kind == "conv":
-    u = _conv_lora_in(module, x, a, dt)
-    return _ops.contract_last(u * module.lora_scale, b, precision)
-  return _ops.lora_delta(kind, x, a, b, scale=module.lora_scale, axis=getattr(module, "axis", (-1,)),
-                         einsum_str=einsum_str, precision=precision)
+def call_site(module: Any, kind: str, einsum_str: str | None) -> Site:
+  """The `Site` that `jlora.core.adapted` needs for one call: kind, contraction, precision and convolution."""
+  kernel = kernel_var(module)
+  conv = (lambda x, w: _conv(module, x, w)) if kind == "conv" else None
+  return Site(module.lora_path, kind, "embedding" if kind in ("embed", "attend") else "kernel",
+              tuple(kernel.shape), (), (), axis=_axis(getattr(module, "axis", -1)), equation=einsum_str,
+              precision=getattr(module, "precision", None), conv=conv)
 
 
-def _conv_lora_in(module: nnx.Conv, x: jax.Array, a: jax.Array, dt: Any) -> jax.Array:
-  """`x` convolved with `A: kernel_size + (in, r)` by `nnx.Conv`'s own code (its padding modes, strides, dilation)."""
-  lora_in = types.SimpleNamespace(
-      kernel=a, bias=None, use_bias=False, mask=None, feature_group_count=1, kernel_size=module.kernel_size,
+def _axis(axis: Any) -> tuple[int, ...]:
+  return (axis,) if isinstance(axis, int) else tuple(axis)
+
+
+def _adapted_call(module: Any, kind: str, x: jax.Array, y: jax.Array, einsum_str: str | None) -> jax.Array:
+  """`y` plus the adapter's term for one call (`kind`: the layer's, or `attend` for a tied head)."""
+  leaves = leaves_of(module)
+  drop = module.lora_dropout
+  key = None
+  if drop is not None and kind not in ("embed", "attend") and drop.rate > 0 and not drop.deterministic:
+    key = drop.rngs()  # the layer's own stream (one key per layer of an nnx.vmap stack, sliced by nnx.scan)
+  bias = getattr(module, "bias", None) if kind not in ("embed", "attend") else None
+  bias = None if bias is None else bias[...]
+  stock = type(module).jlora_base in _STOCK
+  return adapted(call_site(module, kind, einsum_str), variant_of_leaves(leaves), x, y, kernel_var(module).get_value(),
+                 leaves, scale=module.lora_scale, rate=0.0 if drop is None else drop.rate, dropout_key=key, bias=bias,
+                 y_is_product=stock and not (kind == "einsum" and bias is not None))
+
+
+def _conv(module: nnx.Conv, x: jax.Array, w: jax.Array) -> jax.Array:
+  """`x` convolved with `w: kernel_size + (in, k)` by `nnx.Conv`'s own code (its padding modes, strides, dilation),
+  without bias: `x·A` (and DoRA's `x·W0`)."""
+  w = jnp.asarray(w)
+  layer = types.SimpleNamespace(
+      kernel=w, bias=None, use_bias=False, mask=None, feature_group_count=1, kernel_size=module.kernel_size,
       strides=module.strides, padding=module.padding, input_dilation=module.input_dilation,
-      kernel_dilation=module.kernel_dilation, in_features=module.in_features, out_features=a.shape[-1],
-      kernel_shape=a.shape, promote_dtype=module.promote_dtype, dtype=dt, param_dtype=dt,
+      kernel_dilation=module.kernel_dilation, in_features=module.in_features, out_features=w.shape[-1],
+      kernel_shape=w.shape, promote_dtype=module.promote_dtype, dtype=x.dtype, param_dtype=w.dtype,
       precision=module.precision, conv_general_dilated=module.conv_general_dilated, preferred_element_type=None,
   )
-  return nnx.Conv.__call__(lora_in, x)
+  return nnx.Conv.__call__(layer, x)

@@ -3,30 +3,30 @@
 from __future__ import annotations
 
 from flax import nnx
+from flax.core.meta import AxisMetadata
 
 from jlora.core import ops as _ops
-from jlora.core.targets import path_str
-from jlora.core.tree import LORA_KEYS
+from jlora.core.targets import is_lora_key, path_str
+from jlora.core.variants import variant_of_leaves
 from jlora.frontends.nnx.graph import adapted, check_model, require_adapters, walk
 from jlora.frontends.nnx.init import strip
+from jlora.frontends.nnx.layer import kernel_var, leaves_of
 from jlora.frontends.nnx.vars import PARAM_TYPES, Trainable
 
 __all__ = ["merge", "unmerge"]
 
 
-def _kernel(module: nnx.Module) -> nnx.Variable:
-  return module.embedding if module.lora_kind == "embed" else module.kernel
-
-
 def merge(model: nnx.Module) -> nnx.Module:
-  """A plain NNX model with every adapter folded in: `W = W0 + s·A·B`.
+  """A plain NNX model with every adapter folded in: `W = W0 + s·A·B` (DoRA: `m·(W0 + s·A·B)/‖W0 + s·A·B‖`).
 
   The result has the base model's classes (`nnx.Linear`, ... ; no `Lora<Base>`
   layer, no `lora_a` / `lora_b`), and its parameters are `nnx.Param` again (or the
   `Param` subclass they were), so it runs with zero added latency and computes
   what the factored LoRA model computes. The sum is taken in float32 and cast back
   to the kernel's dtype; stacked (`nnx.vmap`) layers merge per layer. Trained biases
-  and `modules_to_save` parameters keep their trained values. `model` is not changed.
+  and `modules_to_save` parameters keep their trained values. Quantized kernels
+  (QLoRA) come out dequantized, adapted or not: the result is a full-precision
+  model (`jlora.requantize` on `to_params` packs it again). `model` is not changed.
 
   Args:
     model: a LoRA model (from `jlora.nnx.init` or `from_params`).
@@ -40,9 +40,12 @@ def merge(model: nnx.Module) -> nnx.Module:
   require_adapters(model, "merge")
   out = nnx.clone(model)
   for module in adapted(out).values():
-    var = _kernel(module)
-    w0 = var.get_value()
-    var.set_value(_ops.fold(w0, module.lora_a.get_value(), module.lora_b.get_value(), module.lora_scale))
+    var, leaves = kernel_var(module), leaves_of(module)
+    var.set_value(variant_of_leaves(leaves).fold(var.get_value(), leaves, module.lora_scale))
+  _, variables = walk(out)
+  for var in variables.values():  # kernels left quantized (not adapted): full precision, as plain layers read them
+    if isinstance(var.get_value(), AxisMetadata):
+      var.set_value(var.get_value().unbox())
   strip(out)
   return out
 
@@ -57,7 +60,9 @@ def unmerge(merged: nnx.Module, model: nnx.Module) -> nnx.Module:
 
   Returns:
     A LoRA model: `model`'s adapters over the base weights of `merged`, recovered
-    up to the rounding of the float32 sums (cast back to the kernel's dtype).
+    up to the rounding of the float32 sums (cast back to the kernel's dtype), in
+    full precision where `model`'s were quantized. DoRA's norms `‖W0 + s·A·B‖`,
+    which the merge loses, are taken from `model`'s own kernels.
 
   Raises:
     ValueError: `merged` still holds adapters (subtracting would corrupt its
@@ -77,7 +82,7 @@ def unmerge(merged: nnx.Module, model: nnx.Module) -> nnx.Module:
   _, out_vars = walk(out)
   problems = []
   for path, var in out_vars.items():
-    if not isinstance(var, PARAM_TYPES) or path[-1] in LORA_KEYS:
+    if not isinstance(var, PARAM_TYPES) or is_lora_key(path[-1]):
       continue
     source = merged_vars.get(path)
     if source is None or not isinstance(source, PARAM_TYPES) or tuple(source.shape) != tuple(var.shape):
@@ -87,8 +92,13 @@ def unmerge(merged: nnx.Module, model: nnx.Module) -> nnx.Module:
   if problems:
     raise ValueError(f"jlora.nnx.unmerge: `merged` is not a merge of `model`: its parameters differ at "
                      f"{problems[:6]}{' …' if len(problems) > 6 else ''} (missing or other shapes).")
-  for module in adapted(out).values():
-    var = _kernel(module)
-    w = var.get_value()
-    var.set_value(_ops.fold(w, module.lora_a.get_value(), module.lora_b.get_value(), module.lora_scale, sign=-1))
+  norms = {}
+  for path, module in adapted(model).items():  # DoRA's ‖W0 + s·A·B‖, which the merge loses, from `model`'s own W0
+    if "lora_magnitude" in vars(module):
+      leaves = leaves_of(module)
+      norms[path] = _ops.column_norm(kernel_var(module).get_value(), leaves["lora_a"], leaves["lora_b"],
+                                     module.lora_scale)
+  for path, module in adapted(out).items():
+    var, leaves = kernel_var(module), leaves_of(module)
+    var.set_value(variant_of_leaves(leaves).unfold(var.get_value(), leaves, module.lora_scale, norms.get(path)))
   return out

@@ -11,6 +11,12 @@ trains exactly what jlora's `split` / `labels` call trainable. (Flax's own
 Types change in place (the `Variable` object, and so its sharing between modules,
 is kept); a `Param` subclass other than `nnx.Param` is remembered in the
 variable's metadata and comes back on `jlora.nnx.merge`.
+
+A `Frozen` variable may hold a quantized kernel (a `jlora.quantize`d
+`QuantizedArray`, a flax `AxisMetadata` box) for QLoRA: reading it the way NNX
+layers do (`self.kernel[...]`) unboxes, i.e. dequantizes it right there, inside
+the traced step, as a linen layer's `self.param` does; `get_value()` (and so
+`nnx.state`, `jlora.nnx.to_params`) keeps the packed box, so the stored model stays quantized.
 """
 
 from __future__ import annotations
@@ -18,6 +24,7 @@ from __future__ import annotations
 from typing import Any
 
 from flax import nnx
+from flax.core.meta import AxisMetadata
 
 __all__ = ["Trainable", "Frozen", "PARAM_TYPES", "retype", "restore"]
 
@@ -38,8 +45,17 @@ class Trainable(nnx.Variable):
 class Frozen(nnx.Variable):
   """A base-model parameter of a LoRA model, held fixed; not an `nnx.Param`.
 
-  `jlora.nnx.merge` turns it back into the `nnx.Param` it was.
+  `jlora.nnx.merge` turns it back into the `nnx.Param` it was. A quantized kernel
+  (`QuantizedArray`) is dequantized where a layer reads it: `var[...]` returns the
+  full-precision kernel (`jlora.dequantize` of it), `var.get_value()` the packed box.
   """
+
+  def __getitem__(self, key: Any) -> Any:
+    value = self.get_value()
+    if isinstance(value, AxisMetadata):  # a QuantizedArray: dequantized where the layer reads it
+      value = value.unbox()
+      return value if key is ... else value[key]
+    return super().__getitem__(key)
 
 
 # Variables that are parameters (the linen 'params' collection): what `to_params` reads.

@@ -1,0 +1,258 @@
+"""Variants and initialisations as values: what an adapter adds beside a kernel, and how it changes the layer.
+
+A `Variant` (cf. optax's `GradientTransformation`) is a NamedTuple of pure functions:
+the leaves it adds and their shapes and initial values, its factored term, and how
+it folds into the kernel and back. `LORA` and `DORA` are the two values; every
+front-end runs them through one call, `jlora.core.adapted.adapted`, and `merge`
+through `fold` / `unfold`, so a new variant touches this module only.
+
+Leaves are passed as a dict keyed by *role* (`ROLES`): `"lora_a"` (`A`, per layer
+`in_shape + (r,)`), `"lora_b"` (`B`, `(r,) + out_shape`) and, for DoRA,
+`"lora_magnitude"` (`m`, the kernel's shape with input axes of size 1). Where they
+sit in a tree (`lora_a`, `<weight>_lora_a`, ...) is `jlora.core.targets.leaf_name`.
+
+An initialisation (`INITS`, keyed by `LoraConfig.init_lora_weights`) is a value too:
+`Init(fn, reads_kernel)`, `fn(key, site, r, scale, stack, kernel, dtype) -> (A, B, W or None)`
+(`W` when it rewrites the kernel, as PiSSA does).
+
+DoRA (Liu et al. 2024) writes the adapted weight as a magnitude times a direction,
+`W = m · (W0 + s·A·B) / ‖W0 + s·A·B‖`, the norm taken per output element over its
+input axes (`jlora.core.ops.column_norm`) and treated as a constant in the backward
+pass (paper §4.3). With `g = m / ‖W0 + s·A·B‖` the layer computes
+
+    y = base(x) + (g − 1) · (x_d·W0) + g · s·(x_d·A)·B
+
+with `x_d` the LoRA input (after LoRA dropout), as PEFT does; for `nn.Embed.attend`
+(a tied head, the embedding's columns are the inputs) `y = (x ⊙ g)·(W0 + s·A·B)ᵀ`.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable, Mapping
+from typing import Any, NamedTuple
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from jax import lax
+
+from jlora.core import ops as _ops
+from jlora.core.targets import LORA_KEYS, MAGNITUDE_KEY, Site
+
+__all__ = ["Variant", "LORA", "DORA", "ROLES", "variant_of", "variant_of_leaves", "Init", "INITS", "init_for"]
+
+Leaves = Mapping[str, Any]  # role -> leaf
+A, B, M = LORA_KEYS[0], LORA_KEYS[1], MAGNITUDE_KEY
+
+
+class Variant(NamedTuple):
+  """One adapter variant: a value of pure functions (see the module docstring).
+
+  Attributes:
+    name: `"lora"` or `"dora"`.
+    roles: the leaves it holds beside a kernel, e.g. `("lora_a", "lora_b")`.
+    shapes: `shapes(a_shape, b_shape, kernel_shape) -> {role: shape}` of the leaves beyond `A` and `B`
+      (shapes with the kernel's leading stack axes).
+    init: `init(kernel, a, b, scale) -> {role: value}`: the leaves beyond `A` and `B`, given the kernel
+      (`S + kernel_shape`) and the new `A`, `B`; float32.
+    reads_kernel: whether `init` reads the kernel (the init then needs the base's values, not only shapes).
+    term: `term(site, x, y, kernel, leaves, scale, lora, base, norm) -> delta`: what the layer adds to its
+      base output `y`, given the LoRA input `x` (after dropout, in the term's dtype), the per-layer kernel
+      (`jnp.asarray`-able; a quantized kernel dequantizes), the per-layer leaves (in the term's dtype),
+      the scale `s`, the factored `lora = s·(x·A)·B` in the output's shape, `base()` giving `x·W0`
+      without bias, and `norm` a cached `‖W0 + s·A·B‖` or None. In the term's dtype.
+    fold: `fold(kernel, leaves, scale) -> W`: the merged kernel, in the kernel's dtype.
+    unfold: `unfold(merged, leaves, scale, norm) -> W0`: the inverse of `fold` (`norm` as `term`; DoRA needs it).
+  """
+
+  name: str
+  roles: tuple[str, ...]
+  shapes: Callable[..., dict[str, tuple[int, ...]]]
+  init: Callable[..., dict[str, jax.Array]]
+  reads_kernel: bool
+  term: Callable[..., jax.Array]
+  fold: Callable[..., jax.Array]
+  unfold: Callable[..., jax.Array]
+
+
+# ------------------------------------------------------------------ LoRA
+def _lora_term(site, x, y, kernel, leaves, scale, lora, base, norm):
+  return lora
+
+
+def _lora_fold(kernel, leaves, scale):
+  return _ops.fold(kernel, leaves[A], leaves[B], scale)
+
+
+def _lora_unfold(merged, leaves, scale, norm=None):
+  return _ops.fold(merged, leaves[A], leaves[B], scale, sign=-1)
+
+
+LORA = Variant("lora", (A, B), lambda a_shape, b_shape, kernel_shape: {}, lambda kernel, a, b, scale: {}, False,
+               _lora_term, _lora_fold, _lora_unfold)
+
+
+# ------------------------------------------------------------------ DoRA
+def _dora_shapes(a_shape, b_shape, kernel_shape):
+  return {M: _ops.magnitude_shape(a_shape, b_shape, kernel_shape)}
+
+
+def _dora_init(kernel, a, b, scale):
+  """The magnitude starts at `‖W0 + s·A·B‖`, so the model is unchanged at init."""
+  return {M: _ops.column_norm(kernel, a, b, scale)}
+
+
+def _to_output(site: Site, g: jax.Array, n_in: int) -> tuple[jax.Array, str | None]:
+  """`g` (kernel-shaped, its `n_in` input axes of size 1) arranged to multiply the layer output: `(g, einsum spec
+  or None)`."""
+  if site.kind != "einsum":
+    return g.reshape(g.shape[n_in:]), None
+  lhs, kernel, out = _ops.parse_einsum(site.equation)
+  summed = [c for c in kernel if c not in lhs and c not in out]
+  if summed:
+    raise ValueError(
+        f"DoRA at {'/'.join(site.path)!r}: the einsum {site.equation!r} sums the kernel's own axis {summed} away, so "
+        "its output has no element per weight column for DoRA's magnitude to scale. Exclude this layer "
+        "(exclude_modules) or use plain LoRA for it."
+    )
+  ins = {c for c in kernel if c in lhs and c not in out}
+  labels = "".join(c for c in kernel if c not in ins)
+  squeezed = g.reshape(tuple(d for c, d in zip(kernel, g.shape) if c not in ins))
+  return squeezed, f"{out},{labels}->{out}"
+
+
+def _times(t: jax.Array, g: jax.Array, spec: str | None) -> jax.Array:
+  return t * g if spec is None else jnp.einsum(spec, t, g)
+
+
+def _dora_term(site, x, y, kernel, leaves, scale, lora, base, norm):
+  dt = lora.dtype
+  a, b, m = leaves[A], leaves[B], leaves[M]
+  kernel = jnp.asarray(kernel)
+  norm = _ops.column_norm(kernel, a, b, scale) if norm is None else jnp.asarray(norm, jnp.float32)
+  g = (m.astype(jnp.float32) / lax.stop_gradient(norm)).astype(dt)
+  if site.kind == "attend":  # the embedding's features are this product's inputs
+    xg = x * g.reshape(-1)
+    w0x = lax.dot_general(xg, kernel.astype(dt), (((xg.ndim - 1,), (1,)), ((), ())), precision=site.precision)
+    return w0x - y.astype(dt) + _ops.lora_delta("attend", xg, a, b, scale=scale, precision=site.precision)
+  g, spec = _to_output(site, g, a.ndim - 1)
+  return _times(base().astype(dt), g - 1, spec) + _times(lora, g, spec)
+
+
+def _dora_fold(kernel, leaves, scale):
+  return _ops.dora_fold(kernel, leaves[A], leaves[B], scale, leaves[M])
+
+
+def _dora_unfold(merged, leaves, scale, norm=None):
+  if norm is None:
+    raise ValueError("DoRA's unfold needs the norm ‖W0 + s·A·B‖ taken before the merge (jlora.dora_norms).")
+  return _ops.dora_unfold(merged, leaves[A], leaves[B], scale, leaves[M], norm)
+
+
+DORA = Variant("dora", (A, B, M), _dora_shapes, _dora_init, True, _dora_term, _dora_fold, _dora_unfold)
+
+# Every role a variant may hold, in order.
+ROLES = (A, B, M)
+
+
+def variant_of(config: Any) -> Variant:
+  """The variant a `LoraConfig` asks for: `DORA` with `use_dora`, else `LORA`."""
+  return DORA if config.use_dora else LORA
+
+
+def variant_of_leaves(leaves: Leaves) -> Variant:
+  """The variant whose roles a leaf dict holds: `DORA` when it has a magnitude, else `LORA`."""
+  return DORA if leaves.get(M) is not None else LORA
+
+
+# ------------------------------------------------------------------ initialisations
+class Init(NamedTuple):
+  """An initialisation of `A` and `B`: `fn(key, site, r, scale, stack, kernel, dtype) -> (A, B, W or None)`.
+
+  `stack` are the kernel's leading scan axes (a different draw per layer); `kernel` is the
+  kernel's value when `reads_kernel`, else None; `W` is the kernel it writes (PiSSA's
+  residual) or None when it leaves the kernel alone.
+  """
+
+  fn: Callable[..., tuple[jax.Array, jax.Array, jax.Array | None]]
+  reads_kernel: bool = False
+
+
+# Draws are made flat and reshaped: the same values as a draw of the full shape, but XLA on CPU compiles a
+# multi-axis draw (einsum, conv and stacked adapters) 4-7x slower.
+def _uniform(key: jax.Array, shape: tuple[int, ...], bound: float) -> jax.Array:
+  return jax.random.uniform(key, (math.prod(shape),), jnp.float32, -bound, bound).reshape(shape)
+
+
+def _normal(key: jax.Array, shape: tuple[int, ...]) -> jax.Array:
+  return jax.random.normal(key, (math.prod(shape),), jnp.float32).reshape(shape)
+
+
+def _drawn(method: Any) -> Callable[..., tuple[jax.Array, jax.Array, None]]:
+  """PEFT's random inits: `True` A ~ U(±1/sqrt(fan_in)) (kaiming-uniform, a=√5), B = 0; `"gaussian"`
+  A ~ N(0, 1/r²), B = 0; `False` B ~ U(±1/sqrt(r)) too. For `nn.Embed` the roles swap as in PEFT: A = 0 and
+  B ~ N(0, 1), or both normal with `False`."""
+
+  def fn(key, site, r, scale, stack, kernel, dtype):
+    a_shape, b_shape = _ops.adapter_shapes(site, r)
+    a_shape, b_shape = stack + a_shape, stack + b_shape
+    ka, kb = jax.random.split(key)
+    if site.kind == "embed":
+      b = _normal(kb, b_shape)
+      a = _normal(ka, a_shape) if method is False else jnp.zeros(a_shape, jnp.float32)
+      return a.astype(dtype), b.astype(dtype), None
+    if method == "gaussian":
+      a = _normal(ka, a_shape) / r
+    else:
+      a = _uniform(ka, a_shape, 1.0 / math.sqrt(site.fan_in))
+    b = _uniform(kb, b_shape, 1.0 / math.sqrt(r)) if method is False else jnp.zeros(b_shape, jnp.float32)
+    return a.astype(dtype), b.astype(dtype), None
+
+  return fn
+
+
+def _pissa(key, site, r, scale, stack, kernel, dtype):
+  """PiSSA: A, B from the top-r singular triplets of W0, and the residual `W_res = W0 − s·A·B` as the kernel.
+
+  With `W0 = U S Vᵀ` (inputs × outputs), `A = U_r √S_r / √s`, `B = √S_r V_rᵀ / √s`, so the
+  model is unchanged at init and the adapter starts on the principal subspace.
+  """
+  if site.batch_axes:
+    raise ValueError(
+        f"init_lora_weights='pissa' is not supported for the einsum at {'/'.join(site.path)!r}: "
+        "its kernel has axes shared by input and output."
+    )
+  k = site.kernel_shape
+  ns = len(stack)
+  perm = tuple(range(ns)) + tuple(ns + i for i in site.in_axes + site.out_axes)
+  w = jnp.transpose(kernel.astype(jnp.float32), perm).reshape(stack + (site.fan_in, site.fan_out))
+  u, sv, vh = jnp.linalg.svd(w, full_matrices=False)
+  root = jnp.sqrt(sv[..., :r]) / math.sqrt(scale)
+  a = u[..., :, :r] * root[..., None, :]
+  b = root[..., :, None] * vh[..., :r, :]
+  principal = scale * jnp.matmul(a, b, precision=lax.Precision.HIGHEST)
+  residual = (w - principal).reshape(stack + tuple(k[i] for i in site.in_axes + site.out_axes))
+  residual = jnp.transpose(residual, np.argsort(perm)).astype(kernel.dtype)
+  a_shape, b_shape = _ops.adapter_shapes(site, r)
+  if site.broadcast:
+    b = jnp.swapaxes(b, -1, -2)
+  return a.reshape(stack + a_shape).astype(dtype), b.reshape(stack + b_shape).astype(dtype), residual
+
+
+# `LoraConfig.init_lora_weights` -> its initialisation. A new init is one entry here (and its name in
+# `jlora.core.fields`).
+INITS: dict[Any, Init] = {
+    True: Init(_drawn(True)),
+    "gaussian": Init(_drawn("gaussian")),
+    False: Init(_drawn(False)),
+    "pissa": Init(_pissa, reads_kernel=True),
+}
+
+
+def init_for(method: Any) -> Init:
+  """The `Init` of an `init_lora_weights` value."""
+  for key, init in INITS.items():
+    if type(key) is type(method) and key == method:
+      return init
+  raise ValueError(f"`init_lora_weights`={method!r} is not one of {list(INITS)}.")

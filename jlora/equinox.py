@@ -4,9 +4,9 @@
 `eqx.nn.MultiheadAttention` and `eqx.nn.MLP`) by a `LoraLinear` and each targeted
 `eqx.nn.Embedding` by a `LoraEmbedding`. A wrapper holds the original module as
 `base` and the adapters as array leaves of their own, and computes
-`base(x) + s·(x·A)·B` through `jlora.core.adapted` (the rank-r product first; `A·B` is
+`base(x) + s·(x·A)·B`, the same term as every other front-end (the rank-r product first; `A·B` is
 never formed). With `use_dora=True` a wrapper also holds DoRA's `lora_magnitude`
-and computes DoRA's forward (`jlora.core.variants`). `trainable_mask(model)` is the filter spec that `eqx.partition`
+and computes DoRA's forward, as `jlora.apply` does. `trainable_mask(model)` is the filter spec that `eqx.partition`
 and `eqx.filter_grad` need to train the adapters only, and `merge` folds them
 back into plain modules.
 

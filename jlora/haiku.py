@@ -4,8 +4,8 @@ Adapters are made by `jlora.init_tree` on the Haiku params (module keys such as
 `"attn/query"`, `"mlp/~/linear_0"`; `w: (in, out)`). `apply` runs a transformed
 function's `apply` while `hk.intercept_methods` makes every adapted `hk.Linear`
 (also those inside `hk.MultiHeadAttention` and `hk.nets.MLP`) return
-`x·W + b + s·(x·A)·B`, factored through `jlora.core.adapted` (`A·B` is never formed;
-with `use_dora=True`, DoRA's forward, see `jlora.core.variants`).
+`x·W + b + s·(x·A)·B`, factored, the same term as every other front-end (`A·B` is never
+formed; with `use_dora=True`, DoRA's forward, as `jlora.apply` computes it).
 The interceptor is entered inside `apply` and lives for that call only: call
 `jlora.haiku.apply` inside your jitted function, never around it.
 

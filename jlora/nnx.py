@@ -5,8 +5,8 @@
 
 * `init(key, model, config)` returns a LoRA copy of an NNX model: each targeted
   `nnx.Linear` / `LinearGeneral` / `Einsum` / `Conv` / `Embed` becomes a
-  `Lora<Base>` layer (a subclass of its class) that runs its base call and hands
-  `(x, y, kernel, leaves)` to `jlora.core.adapted`, as every front-end does:
+  `Lora<Base>` layer (a subclass of its class) that runs its base call and adds
+  the same term as every other front-end:
   `base(x) + s·(dropout(x)·A)·B`, factored, or with `use_dora=True` DoRA
   (`lora_magnitude`, `Trainable` beside `lora_a` / `lora_b`, initialised to
   `‖W0 + s·A·B‖` per output column, so the model is unchanged at init).

@@ -19,12 +19,12 @@ from typing import Any
 
 import flax.linen as nn
 import jax
-import jax.extend as jex
 import jax.numpy as jnp
 import numpy as np
 import pytest
 
 import jlora
+from tests.test_structure import _dots
 
 D_IN, D_HID, D_OUT, R = 12, 20, 6, 3  # distinctive sizes: a dot with an operand dim of R is on the LoRA path
 VARIANTS = ("lora", "dora")
@@ -200,12 +200,6 @@ def test_single_adapter_equals_the_merged_model_and_gradients_reach_only_adapter
 
 
 # ------------------------------------------------------------------ structure of the new paths
-def _dots(jaxpr):
-  for eqn in jaxpr.eqns:
-    if eqn.primitive.name == "dot_general":
-      yield eqn
-    for sub in jex.core.jaxprs_in_params(eqn.params):
-      yield from _dots(sub)
 
 
 def _kernel_sized(eqns) -> int:

@@ -6,7 +6,7 @@
    appear, as it does for the materializing path checked alongside.
 2. Its rank-r matmuls are 2-D: on 3-D activations XLA's CPU dots with an r-wide
    operand (and their transposes in the backward pass) made the all-linear step
-   1.45x the frozen-base bound instead of 1.13x (README, Performance).
+   1.45x the frozen-base bound instead of 1.13x (docs/performance.md).
 """
 
 import re

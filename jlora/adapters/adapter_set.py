@@ -139,7 +139,10 @@ class AdapterSet(Mapping):
       replace: allow replacing an adapter of the same name.
 
     Raises:
-      ValueError: a bad or taken name, or `params` without adapters.
+      ValueError: a bad or taken name; `params` without adapters; an adapter
+        whose rank or DoRA magnitude does not match `config`, or at a module
+        that `config` does not select (`target_modules`, `exclude_modules`,
+        `layers_to_transform`: the rule `jlora.apply` uses), named with the fix.
       TypeError: `config` is not a `LoraConfig`.
     """
     check_name(name)

@@ -43,7 +43,10 @@ class LoraConfig:
     exclude_modules: like `target_modules`, and wins over it.
     layers_to_transform: only adapt layers with these indices.
     layers_pattern: the name of the layer list (`"layers"`, `"h"`, `"block"`) whose
-      index `layers_to_transform` reads; see `jlora.core.targets.layer_index`.
+      index `layers_to_transform` reads: a path component `layers_3` or `layers3`,
+      or `layers` followed by a component `3`, gives 3. Without it, the first
+      component (other than the module's own name) that is a number or ends in
+      `_N` gives the index.
     rank_pattern: `{key: rank}` overrides; a key is a regex that matches a module
       path equal to it or ending with it (PEFT's `(.*\\.)?key$`); the first matching
       key in the mapping's order wins, as in PEFT.
@@ -186,7 +189,10 @@ class LoraConfig:
   def from_yaml(cls, path_or_text: str | os.PathLike) -> LoraConfig:
     """Loads from a YAML file path or YAML text (a string with a newline or `key: value`).
 
-    Read by `jlora.core.safe_load.load_yaml`: `1e3` and `.5` are numbers.
+    Read with YAML's safe loader and jlora's bounds: `1e3`, `1e-3`, `.5` and `5.`
+    are numbers; a key given twice, more than 100,000 values after expanding
+    aliases, more than 64 levels or 256 KiB of text is refused with one line
+    naming the key (and line).
 
     Raises:
       FileNotFoundError: no file at the path.

@@ -137,7 +137,7 @@ def init_tree(key: jax.Array, params: Params, config: LoraConfig, *, kernel_name
   jnp. A weight is a leaf named in `kernel_names` or matched by `layout`; its
   module path (what `target_modules` matches) is the path of the dict holding
   it (plus the leaf's name when that is not `kernel`, `w`, `weight` or
-  `embedding`). Layouts (`jlora.core.plain`): a 2-D `kernel` / `w` is `(in, out)`,
+  `embedding`). Layouts: a 2-D `kernel` / `w` is `(in, out)`,
   a 2-D `weight` is `(out, in)` (Equinox, PyTorch); other weights need
   `layout=`. Keys may be integers (kept as they are) or hold `/` (Haiku's
   `"mlp/~/linear_0"`, matched by its components). `"all-linear"` skips output

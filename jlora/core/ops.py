@@ -206,7 +206,7 @@ def lora_delta(kind: str, x: jax.Array, a: jax.Array, b: jax.Array, *, scale: fl
   dots on 3-D activations with an r-wide operand (and their transposes in the
   backward pass) cost several times the 2-D form. The scale multiplies the
   rank-r intermediate `x·A`, the narrowest tensor on the path, rather than the
-  `(N, d_out)` term and its gradient (`benchmarks/`, README).
+  `(N, d_out)` term and its gradient (`benchmarks/`, docs/performance.md).
 
   Args:
     kind: `dense`, `dense_general`, `einsum`, `embed` (x are ids) or `attend`

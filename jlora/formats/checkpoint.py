@@ -226,7 +226,7 @@ def load_adapter(path: str | os.PathLike, params: Params, *, shardings: Sharding
     shardings: where to restore the leaves: one `jax.sharding.Sharding` for all,
       or a nested dict shaped like the saved trainable tree (missing entries use
       the default). By default each adapter inherits its kernel's
-      `NamedSharding` (see `jlora.formats.placement`), so arrays are restored directly
+      `NamedSharding` (by the rule of `jlora.adapter_shardings`), so arrays are restored directly
       into their shards: on any mesh, whatever mesh saved them, or one device.
       In a multi-process run every process calls `load_adapter`.
 

@@ -53,7 +53,7 @@ class Layer:
   Not checked: subclasses of `nn.Conv` / `nn.Embed`, quantized or
   multi-process (not fully addressable) kernels, non-float inputs, calls with
   other array arguments than the input; a layer that cannot run alone (e.g.
-  it needs an rng stream) gives a warning instead (`jlora.frontends.layer_check`).
+  it needs an rng stream) gives a warning instead.
   There is no switch to skip the check: a layer it refuses is one whose merge
   would be wrong; describe it right, mark it `unsupported`, or exclude it.
 

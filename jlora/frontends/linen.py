@@ -187,13 +187,15 @@ def init(key: jax.Array, model: nn.Module, params: Params, config: LoraConfig, *
 
   Returns:
     A new params tree: the base leaves (the same arrays) plus, per adapted
-    module, `lora_a: in_shape + (r,)` and `lora_b: (r,) + out_shape` (layouts per
-    layer kind in `jlora.core.ops`).
+    module, `lora_a: in_shape + (r,)` and `lora_b: (r,) + out_shape` (a `Conv`'s
+    `in_shape` is its window and input features, and `B` a 1×1 convolution; an
+    `Einsum` kernel's `A` and `B` keep its shared axes).
 
   Raises:
     ValueError: `target_modules` matches nothing (the message lists the module
-      paths that exist), `r` exceeds a module's dimensions, and the other
-      config/model mismatches listed in `jlora.core.targets.select_sites`; an
+      paths that exist), `r` exceeds a module's dimensions,
+      `layers_to_transform` finds no layer index or meets scanned layers, a
+      module is both adapted and in `modules_to_save`; an
       adapted layer of a registered (not stock flax) class whose output does not
       change by `x·ΔW` in its declared layout when its weight changes by `ΔW`
       (checked once per distinct layer, on concrete params only: see `jlora.Layer`).

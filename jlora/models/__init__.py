@@ -3,19 +3,22 @@
 Supported `model_type` values: `gpt2`, `llama`, `mistral`, `qwen2`, `bert`, `t5`.
 Every projection is an `nn.Dense` and every embedding an `nn.Embed` named as in
 `transformers`, so PEFT `target_modules` lists (`["q_proj", "v_proj"]`,
-`["c_attn"]`, `["query", "value"]`, `["q", "v"]`) apply unchanged. What each
-architecture provides is stated once in `jlora.models._arch`.
+`["c_attn"]`, `["query", "value"]`, `["q", "v"]`) apply unchanged. Every model
+reads and writes its Hugging Face tensor layout, names its modules for PEFT files
+(`peft_name_map()`) and gives example inputs for `jlora.init`; the decoders also
+hold the KV cache that `generate` uses.
 
 Integer inputs are checked against their embedding tables outside `jax.jit` (token ids
 below `vocab_size`; GPT-2 positions below `n_positions`; BERT token types and sequence
 length): an out-of-range index raises a `ValueError` instead of giving NaN. Inside `jit`
-values are not checked (no `checkify`); see `jlora.models._checks`.
+values are not checked (no `checkify`); sequence lengths are static shapes, so a
+sequence longer than a learned position table is refused inside `jit` too.
 
 On a device mesh, `from_config(..., mesh=mesh)` and `from_pretrained(..., mesh=mesh)` create
 the params straight into their shards: `logical_axes` names each parameter axis (`vocab`,
 `embed`, `heads`, `kv`, `mlp`, `layers`, ...) and `mesh_shardings` maps the names to mesh axes
-with `DEFAULT_RULES` (FSDP over `fsdp`, tensor parallelism over `tensor`); see
-`jlora.models._partitioning`.
+with `DEFAULT_RULES` (FSDP over `fsdp`, tensor parallelism over `tensor`); trace a
+step inside `on_mesh(mesh)` so that the models keep their activations split by batch.
 
 Examples:
   >>> import jax, jax.numpy as jnp

@@ -110,8 +110,8 @@ def from_pretrained(
 
   Reads `config.json` and `model.safetensors` (or the shards of
   `model.safetensors.index.json`) of `path`, or of the previous version that an
-  interrupted `save_pretrained` left beside it (`jlora.formats.atomic.readable`:
-  nothing is moved), converts layouts (torch `(out, in)` linear weights
+  interrupted `save_pretrained` left beside it (read in place: nothing is
+  moved), converts layouts (torch `(out, in)` linear weights
   to Flax `(in, out)`, stacks layers when `scan_layers=True`) and checks that every
   tensor is used and has the shape the config implies.
 

@@ -236,7 +236,7 @@ def mesh_shardings(model: HFModel, params: Mapping, mesh: Mesh, *, rules: Logica
 def on_mesh(mesh: Mesh, rules: LogicalRules | None = None) -> Iterator[None]:
   """The context to trace (jit) a step of a reference model on `mesh` in: the mesh and the logical axis rules.
 
-  Inside it the models pin their activations (`models._layers.constrain`): the
+  Inside it the models pin their activations with sharding constraints: the
   residual stream stays split by batch over `("data", "fsdp")`, so XLA gathers
   each FSDP-sharded weight where a layer uses it and the gradient collectives
   of a LoRA step move adapter-sized bytes (outside it XLA may reduce

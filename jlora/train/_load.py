@@ -73,7 +73,12 @@ def _read(path: str) -> str:
 
 
 def load(path: str | os.PathLike | None, overrides: Sequence[str] = (), *, text: str | None = None) -> Config:
-  """Reads a YAML config (`jlora.core.safe_load.load_yaml`), applies overrides and validates it.
+  """Reads a YAML config, applies overrides and validates it.
+
+  YAML is read with the safe loader and jlora's bounds, in files and overrides
+  alike: `1e3`, `1e-3`, `.5` and `5.` are numbers; a key given twice (both lines
+  named), more than 100,000 values after expanding aliases, or more than 256 KiB
+  of text is refused.
 
   Args:
     path: the YAML file; None for an empty config (all defaults) or for `text`.

@@ -89,10 +89,11 @@ def run(config: Config, *, on_step: Callable[[int, float], None] | None = None,
   `adapter/` (`jlora.save_adapter`), `peft/` (PEFT format, if `outputs.peft`),
   `merged/` (Hugging Face format, if `outputs.merged`), `metrics.jsonl`, `curves.png`,
   `summary.json` and the marker `.jlora-run.json`; with `outputs.adapter_set`, also the
-  adapter as `ADAPTER_SET/NAME` (`jlora.train._adapters`). Nothing is written before the
+  adapter as `ADAPTER_SET/NAME` (a new version of that adapter checkpoint). Nothing is written before the
   config, the data, the directory, the checkpoints and the adapter-set entry are checked.
 
-  With a `mesh` section the run is spread over a device mesh (`jlora.train._mesh`); in a
+  With a `mesh` section the run is spread over a device mesh (its axes and, for several
+  processes, how JAX's distributed runtime starts); in a
   run of several processes every process calls `run`, and process 0 writes the files.
 
   Args:

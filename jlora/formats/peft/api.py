@@ -98,9 +98,11 @@ def save_peft(directory: str | os.PathLike, model: Any, params: Params, config: 
   `DenseGeneral` kernels flattened; the broadcast-layout adapters of an
   `(out, in)` weight, `(1, in, r)` and `(out, 1, r)`, squeezed), embeddings
   `lora_embedding_A: (r, vocab)` and `lora_embedding_B: (dim, r)`; stacked (`nn.scan`) adapters one entry per
-  layer. Trained biases and `modules_to_save` leaves are written as PEFT does
-  (see `jlora.formats.peft.layout`). The config makes PEFT wrap exactly the saved
-  modules with the saved ranks (see `jlora.formats.peft.config`).
+  layer. Trained biases (`<module>.base_layer.bias` on an adapted layer,
+  `<module>.bias` elsewhere) and `modules_to_save` leaves (`<module>.weight` /
+  `.bias`, in PyTorch's layout) are written under PEFT's names. The config
+  lists exactly the saved modules as `target_modules`, with `rank_pattern` /
+  `alpha_pattern` where ranks differ, so PEFT wraps those modules with those ranks.
 
   Args:
     directory: where to write: absent, empty, or a directory jlora wrote (it is
@@ -109,9 +111,11 @@ def save_peft(directory: str | os.PathLike, model: Any, params: Params, config: 
       when `name_map` is given.
     params: params with adapters.
     config: their config.
-    name_map: the PyTorch module name of each Flax module path: a function, a
-      `jlora.formats.peft.torch_names.NameMap` (which also lists `(in, out)` Conv1D modules), or
-      `"flax"` for the Flax paths joined by `.`. Default: the model's own.
+    name_map: the PyTorch module name of each Flax module path: a function from
+      a module path tuple to the name (`{i}` in it marks a scanned layer's
+      index), or `"flax"` for the Flax paths joined by `.`. Default: the model's
+      own `peft_name_map()` (the reference models of `jlora.models` have one,
+      which also knows GPT-2's `(in, out)` `Conv1D` weights).
 
   Raises:
     TypeError: arguments in the pre-0.2 order (`save_peft(dir, params, config,
@@ -201,7 +205,7 @@ def load_peft(directory: str | os.PathLike, model: Any, params: Params, *, name_
 
   Every tensor is placed and checked before anything is returned; on any error
   nothing is loaded (the input tree is never modified). Layouts are converted
-  as in `jlora.formats.peft.layout`: `lora_A.weight (r, fan_in)` becomes
+  as `save_peft` writes them, in reverse: `lora_A.weight (r, fan_in)` becomes
   `lora_a: in_shape + (r,)` and `lora_B.weight (fan_out, r)` becomes
   `lora_b: (r,) + out_shape`, or the broadcast layout `(1, in, r)`,
   `(out, 1, r)` for an `(out, in)` weight (a 2-D `weight`, or as `layout`
@@ -214,7 +218,7 @@ def load_peft(directory: str | os.PathLike, model: Any, params: Params, *, name_
     model: the linen model whose `peft_name_map()` names the modules, or None
       when `name_map` is given.
     params: its base params (existing adapters are replaced).
-    name_map: as in `save_peft`: a function, a `NameMap`, or `"flax"`.
+    name_map: as in `save_peft`: a function or `"flax"` (default: the model's own).
     layout: the weights' layouts as given to `jlora.init_tree` (needed for
       `(out, in)` weights not named `weight`).
     dtype: dtype of the adapters (float32 by default, whatever the file holds);
@@ -229,7 +233,7 @@ def load_peft(directory: str | os.PathLike, model: Any, params: Params, *, name_
       a pickled `adapter_model.bin`, a truncated or corrupt safetensors file (a
       tensor whose jlora SHA-256 differs), a tensor holding NaN or inf or that
       is not floating-point, a `peft_type` other than LORA or a
-      PEFT feature jlora does not implement (DoRA, ...), tensors for modules the
+      PEFT feature jlora does not implement (`lora_bias`, LoftQ, ...), tensors for modules the
       model lacks, shapes that do not fit the model, or ranks that differ from
       the config.
   """

@@ -51,11 +51,11 @@ def init(key: jax.Array, model: nnx.Module, config: LoraConfig, *args, rngs: nnx
   key, value and out), `nnx.Einsum`, `nnx.Conv` and `nnx.Embed` that `config`
   targets becomes a `Lora<Base>` layer (a subclass of its class) computing
   `base(x) + s·(dropout(x)·A)·B`, with `lora_a: in_shape + (r,)` and
-  `lora_b: (r,) + out_shape` beside its kernel (layouts per kind in `jlora.core.ops`).
+  `lora_b: (r,) + out_shape` beside its kernel (the same layouts as `jlora.init`'s).
   With `config.use_dora`, DoRA: a `lora_magnitude` beside them (the kernel's shape
   with input axes of size 1), initialised like the linen path to `‖W0 + s·A·B‖` per
-  output column, so the model is unchanged at init; the forward is
-  `jlora.core.variants.DORA`'s term, the same as `jlora.apply` on a linen twin.
+  output column, so the model is unchanged at init; the forward is DoRA's
+  term, the same as `jlora.apply` on a linen twin.
   A model from `jlora.nnx.quantize` (kernels packed as NF4 / int8
   `QuantizedArray`s) gives QLoRA: each kernel is dequantized where its layer reads
   it, and DoRA's magnitudes start from the dequantized kernels.
@@ -92,8 +92,9 @@ def init(key: jax.Array, model: nnx.Module, config: LoraConfig, *args, rngs: nnx
     TypeError: `model` is not an NNX module (a linen one is told to use
       `jlora.init`), or `config` is not a `LoraConfig`.
     ValueError: `target_modules` matches nothing (the message lists every
-      adaptable module path), `model` already holds adapters, and the other
-      config/model mismatches of `jlora.core.targets.select_sites`.
+      adaptable module path), `model` already holds adapters, `r` exceeds a
+      module's dimensions, `layers_to_transform` finds no layer index, a module
+      is both adapted and in `modules_to_save`.
 
   Example:
     >>> import jax

@@ -26,6 +26,7 @@ from jlora.formats.checkpoint import load_adapter as load_adapter
 from jlora.formats.checkpoint import save_adapter as save_adapter
 from jlora.formats.peft.api import load_peft as load_peft
 from jlora.formats.peft.api import save_peft as save_peft
+from jlora.formats.peft.torch_names import NameMap as NameMap
 from jlora.formats.quantized import load_quantized as load_quantized
 from jlora.formats.quantized import save_quantized as save_quantized
 from jlora.frontends.layers import Layer as Layer
@@ -42,6 +43,7 @@ __all__ = [
     "AdapterSet",
     "Layer",
     "LoraConfig",
+    "NameMap",
     "Summary",
     "TaskType",
     "adapter_shardings",

@@ -12,10 +12,9 @@ import pytest
 import safetensors.numpy
 
 import jlora
-from jlora import models
+from jlora import NameMap, models
 from jlora.formats import integrity as _integrity
 from jlora.formats.peft.api import load_peft, save_peft
-from jlora.formats.peft.torch_names import NameMap
 from tests import zoo
 from tests.models.helpers import CONFIGS, forward, lora_forward, tokens, write_checkpoint
 

@@ -244,6 +244,7 @@ def test_pytree_node_has_named_children_and_hashable_static_metadata():
   assert jax.tree.unflatten(treedef, leaves).shape == (4, 128)
   assert jax.tree.structure(quantize(jnp.ones((4, 128)), block_size=32)) != treedef
   assert "nf4, shape=(4, 128), dtype=float32, block_size=64" in repr(q)
+  assert "nf4, shape=?, dtype=float32" in repr(jax.tree.map(type, q))  # children without shapes print, not raise
 
 
 def test_partition_specs_follow_the_kernel():

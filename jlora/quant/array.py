@@ -139,7 +139,8 @@ class QuantizedArray(flax_meta.AxisMetadata):
   def __repr__(self) -> str:
     m = self.meta
     extra = f", block_size={m.block_size}, double_quant={m.double_quant}" if m.method == "nf4" else ""
-    shape = self.shape if hasattr(self.codes, "shape") else "?"  # children may be specs, None, ...
+    # children may be specs, None, types (`jax.tree.map(type, ...)`), ...: a shape only when they have one
+    shape = self.shape if isinstance(getattr(self.codes, "shape", None), tuple) else "?"
     return f"QuantizedArray({m.method}, shape={shape}, dtype={np.dtype(m.dtype).name}{extra})"
 
 

@@ -54,12 +54,12 @@ def resolve(model: Any, name_map: NameLike, *, caller: str) -> NameMap:
     if name_map != FLAX:
       raise ValueError(f"{caller}: `name_map`={name_map!r} is not a name scheme jlora knows; the only string "
                        f"accepted is {FLAX!r} (the Flax module paths joined by '.'). Otherwise pass a function from "
-                       "a module path tuple to the PyTorch module name, or a jlora NameMap.")
+                       "a module path tuple to the PyTorch module name, or a jlora.NameMap.")
     return NameMap(_joined)
   if name_map is not None:
     if not callable(name_map):
       raise TypeError(f"{caller}: `name_map` must be a function from a module path tuple to a PyTorch module name, a "
-                      f"jlora NameMap or {FLAX!r}, got {type(name_map).__name__}.")
+                      f"jlora.NameMap or {FLAX!r}, got {type(name_map).__name__}.")
     return NameMap(name_map)
   names = of_model(model) if model is not None else None
   if names is None:
@@ -68,7 +68,7 @@ def resolve(model: Any, name_map: NameLike, *, caller: str) -> NameMap:
         f"{caller}: no PEFT module names: {what} and no `name_map=` was given. PEFT files name each tensor after "
         "the module's name in the PyTorch model (e.g. 'model.layers.0.self_attn.q_proj'); with names that fit "
         "nothing, PyTorch PEFT loads no adapter at all and only warns about missing keys. Pass `name_map=`: a "
-        "function from a Flax module path tuple to the PyTorch module name (or a jlora NameMap), or "
+        "function from a Flax module path tuple to the PyTorch module name (or a jlora.NameMap), or "
         f"`name_map={FLAX!r}` to use the Flax paths joined by '.' when the PyTorch model's modules carry exactly "
         "those names."
     )

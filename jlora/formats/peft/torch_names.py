@@ -47,5 +47,5 @@ def of_model(model: Any) -> NameMap | None:
     return None
   names = method()
   if not isinstance(names, NameMap):
-    raise TypeError(f"{type(model).__name__}.{METHOD}() must return a jlora NameMap, got {type(names).__name__}.")
+    raise TypeError(f"{type(model).__name__}.{METHOD}() must return a jlora.NameMap, got {type(names).__name__}.")
   return names

@@ -24,3 +24,27 @@ if "JAX_COMPILATION_CACHE_DIR" not in os.environ:  # the controller sets it; wor
 def pytest_unconfigure(config):
   if _OWN_CACHE is not None:
     shutil.rmtree(_OWN_CACHE, ignore_errors=True)
+
+
+# The fast subset, `pytest -m "not slow"` (docs/development.md): what it leaves out is listed here, in one place.
+# Whole files that run subprocesses, several devices or processes, notebooks, benchmarks, the docs build, the
+# training application end to end or the fault injection; plus single tests of that nature in other files.
+SLOW_FILES = {
+    "test_bench_adapters.py", "test_benchmarks.py", "test_notebook_adapters.py", "test_notebook_sharding.py",
+    "test_train_mesh.py", "test_sharding_models.py", "test_models_sharding.py", "test_multihost.py",
+    "test_trainloop.py", "test_train_rundir.py", "test_train_faults.py", "test_train_hostile.py", "test_cli.py",
+    "test_cli_adapters.py", "test_faults.py", "test_docs.py", "test_hf_equivalence.py", "test_generate.py",
+}
+SLOW_TESTS = {
+    "test_notebook_is_committed_executed_and_still_runs", "test_on_eight_devices",
+    "test_docs_mesh_example_runs_on_eight_devices", "test_mixed_generation_equals_generation_per_adapter",
+    "test_jlora_train_quantizes_the_base_and_exports_what_it_trained",
+}
+
+
+def pytest_collection_modifyitems(config, items):
+  import pytest
+
+  for item in items:
+    if item.path.name in SLOW_FILES or getattr(item, "originalname", item.name) in SLOW_TESTS:
+      item.add_marker(pytest.mark.slow)

@@ -13,6 +13,8 @@ import os
 import shutil
 import tempfile
 
+import pytest
+
 _OWN_CACHE = None
 if "JAX_COMPILATION_CACHE_DIR" not in os.environ:  # the controller sets it; workers and subprocesses inherit it
   _OWN_CACHE = tempfile.mkdtemp(prefix="jlora-tests-xla-cache-")
@@ -43,8 +45,17 @@ SLOW_TESTS = {
 
 
 def pytest_collection_modifyitems(config, items):
-  import pytest
-
   for item in items:
     if item.path.name in SLOW_FILES or getattr(item, "originalname", item.name) in SLOW_TESTS:
       item.add_marker(pytest.mark.slow)
+
+
+@pytest.fixture
+def restore_layer_registry():
+  """Layer classes a test registers with `jlora.register_layer` are gone after it."""
+  from jlora.frontends import layers
+
+  saved = dict(layers._REGISTRY)
+  yield
+  layers._REGISTRY.clear()
+  layers._REGISTRY.update(saved)

@@ -10,17 +10,11 @@ import numpy as np
 import pytest
 
 import jlora
-from jlora.frontends import layer_check, layers
+from jlora.frontends import layer_check
 from tests import gemma_layout
 from tests.test_layers import MaxTextDenseGeneral
 
-
-@pytest.fixture(autouse=True)
-def _restore_registry():
-  saved = dict(layers._REGISTRY)
-  yield
-  layers._REGISTRY.clear()
-  layers._REGISTRY.update(saved)
+pytestmark = pytest.mark.usefixtures("restore_layer_registry")
 
 
 @pytest.fixture

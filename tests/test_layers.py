@@ -7,16 +7,9 @@ import numpy as np
 import pytest
 
 import jlora
-from jlora.frontends import layers as _layers
 from tests import gemma_layout
 
-
-@pytest.fixture(autouse=True)
-def _restore_registry():
-  saved = dict(_layers._REGISTRY)
-  yield
-  _layers._REGISTRY.clear()
-  _layers._REGISTRY.update(saved)
+pytestmark = pytest.mark.usefixtures("restore_layer_registry")
 
 
 def _rel_err(a, b):

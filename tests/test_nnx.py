@@ -267,15 +267,7 @@ def test_same_weights_as_linen_give_the_same_adapters_outputs_and_gradients():
   # The linen tree goes in as it is (the PEFT / orbax route), and the gradients agree too.
   again = lnnx.from_params(NNXNet(nnx.Rngs(6)), params, cfg)
   np.testing.assert_allclose(again(x), y_linen, rtol=1e-5, atol=1e-5)
-  trainable, frozen = jlora.split(params, cfg)
-  g_linen = jax.jit(jax.grad(lambda t, f: jnp.mean(jlora.apply(linen, jlora.combine(t, f), cfg, x) ** 2)))(
-      trainable, frozen)
-  graphdef, t, rest = lnnx.split(lora)
-  g_nnx = jax.jit(jax.grad(lambda t, rest: jnp.mean(nnx.merge(graphdef, t, rest)(x) ** 2)))(t, rest)
-  flat = {tuple(map(str, p)): v.get_value() for p, v in nnx.to_flat_state(g_nnx)}
-  assert set(flat) == set(jlora.core.tree.flatten(g_linen))
-  for path, g in jlora.core.tree.flatten(g_linen).items():
-    np.testing.assert_allclose(flat[path], g, rtol=1e-4, atol=1e-6)
+  _assert_grads_equal_linen(lora, linen, cfg, params, x)
 
 
 def test_matches_flax_lora_linear():
@@ -588,6 +580,19 @@ def _close(got, want, rel=2e-5):
   np.testing.assert_allclose(np.asarray(got, np.float32), want, rtol=rel, atol=rel * max(1.0, float(np.abs(want).max())))
 
 
+def _assert_grads_equal_linen(lora, linen, cfg, params, x):
+  """The gradients of `mean(y²)` wrt the trainable leaves: NNX (`lnnx.split`) equal linen's (`jlora.split`)."""
+  trainable, frozen = jlora.split(params, cfg)
+  g_linen = jax.jit(jax.grad(lambda t, f: jnp.mean(jlora.apply(linen, jlora.combine(t, f), cfg, x) ** 2)))(
+      trainable, frozen)
+  graphdef, t, rest = lnnx.split(lora)
+  g_nnx = jax.jit(jax.grad(lambda t, rest: jnp.mean(nnx.merge(graphdef, t, rest)(x) ** 2)))(t, rest)
+  flat = {tuple(map(str, p)): v.get_value() for p, v in nnx.to_flat_state(g_nnx)}
+  assert set(flat) == set(jlora.core.tree.flatten(g_linen))
+  for path, g in jlora.core.tree.flatten(g_linen).items():
+    _close(flat[path], g, rel=1e-4)
+
+
 def _move_magnitudes(model, key=3):
   """DoRA's magnitudes moved off their init `‖W0 + s·A·B‖`, so that `g = m/‖·‖ ≠ 1` and the magnitude acts."""
   for i, (_, module) in enumerate(nnx.iter_modules(model)):
@@ -685,14 +690,7 @@ def test_dora_and_qlora_match_the_linen_path(quant):
   y_linen = jax.jit(lambda p: jlora.apply(linen, p, cfg, x))(params)
   _close(_call(True)(lora, x), y_linen)
   _close(lnnx.merge(lora)(x), linen.apply({"params": jlora.merge(params, cfg)}, x))
-  g_linen = jax.jit(jax.grad(lambda t, f: jnp.mean(jlora.apply(linen, jlora.combine(t, f), cfg, x) ** 2)))(
-      trainable, frozen)
-  graphdef, t, rest = lnnx.split(lora)
-  g_nnx = jax.jit(jax.grad(lambda t, rest: jnp.mean(nnx.merge(graphdef, t, rest)(x) ** 2)))(t, rest)
-  flat = {tuple(map(str, p)): v.get_value() for p, v in nnx.to_flat_state(g_nnx)}
-  assert set(flat) == set(jlora.core.tree.flatten(g_linen))
-  for path, g in jlora.core.tree.flatten(g_linen).items():
-    _close(flat[path], g, rel=1e-4)
+  _assert_grads_equal_linen(lora, linen, cfg, params, x)
 
 
 def test_dora_with_lora_dropout_computes_x_w0_from_the_dropped_input():

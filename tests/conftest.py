@@ -43,10 +43,60 @@ SLOW_TESTS = {
     "test_jlora_train_quantizes_the_base_and_exports_what_it_trained",
 }
 
+# Tests of the library that take 4.5 s or more (summed over their parameters; measured on a fresh clone, 2 cores):
+# the full run keeps them, the fast loop runs the rest of each file.
+HEAVY_TESTS = {
+    "test_a_damaged_checkpoint_prints_jloras_error_and_no_orbax_tracebacks",
+    "test_a_layer_that_is_not_x_w_in_its_declared_layout_is_refused",
+    "test_adapters_from_peft_files_join_a_set",
+    "test_bank_each_example_equals_its_adapter_alone_and_gradients_too",
+    "test_dora_and_qlora_match_the_linen_path",
+    "test_dora_on_every_layer_kind",
+    "test_factored_equals_merged",
+    "test_factored_forward_equals_the_merged_weight",
+    "test_gemma_layout_each_distinct_einsum_probed_once",
+    "test_generate_with_apply_fn_equals_merged_and_compiles_once",
+    "test_gradients_match_materialized",
+    "test_gradients_treat_the_norm_as_a_constant",
+    "test_hf_target_modules_factored_equals_merged",
+    "test_hidden_states_load_from_task_and_base_checkpoints",
+    "test_hidden_states_shapes_and_pooler_switch",
+    "test_identity_at_init",
+    "test_identity_at_init_factored_equals_merged",
+    "test_jlora_to_peft",
+    "test_layouts_cat_and_svd_exact",
+    "test_load_run_round_trip",
+    "test_lora_and_dora_over_plain_and_quantized_bases",
+    "test_lora_dropout_in_scan_differs_per_layer_and_is_differentiable",
+    "test_lora_over_a_quantized_base_equals_lora_over_its_dequantized_copy",
+    "test_magnitude_starts_at_the_column_norms_so_the_model_is_unchanged",
+    "test_mixed_batch_equals_each_example_with_its_own_adapter",
+    "test_multi_task_training_equals_training_each_adapter_alone",
+    "test_new_head_needs_a_key",
+    "test_peft_to_jlora",
+    "test_pissa",
+    "test_quantize_and_dequantize_on_a_mesh_keep_the_kernel_sharding",
+    "test_registered_layer_with_its_own_bias_and_kernel_summed_einsum",
+    "test_remat_same_loss_and_grads",
+    "test_round_trip_every_layer_kind",
+    "test_round_trip_is_exact_and_the_model_computes_the_same",
+    "test_round_trip_of_trained_leaves",
+    "test_same_weights_as_linen_give_the_same_adapters_outputs_and_gradients",
+    "test_scan_layers_same_logits",
+    "test_scanned_stack_and_checkpoint_round_trip",
+    "test_scanned_stack_exports_per_layer",
+    "test_single_adapter_equals_the_merged_model_and_gradients_reach_only_adapters",
+    "test_stock_classes_are_not_probed",
+    "test_token_ids_outside_the_vocabulary",
+    "test_training_changes_only_trainable_leaves_split",
+    "test_training_moves_only_adapters_and_the_codes_stay",
+    "test_with_dropout_the_base_product_uses_the_dropped_input",
+}
+
 
 def pytest_collection_modifyitems(config, items):
   for item in items:
-    if item.path.name in SLOW_FILES or getattr(item, "originalname", item.name) in SLOW_TESTS:
+    if item.path.name in SLOW_FILES or getattr(item, "originalname", item.name) in SLOW_TESTS | HEAVY_TESTS:
       item.add_marker(pytest.mark.slow)
 
 

@@ -153,7 +153,7 @@ def _quiet_write_failures() -> Iterator[None]:
   """
   import logging
 
-  from jlora.train._run import is_closed_loop_report
+  from jlora.formats.versioned import is_closed_loop_report
 
   def keep(record: logging.LogRecord) -> bool:
     text = record.getMessage() + (logging.Formatter().formatException(record.exc_info) if record.exc_info else "")

@@ -63,7 +63,8 @@ from jlora.formats import atomic as _io
 from jlora.parallel.processes import is_spread, on_primary
 
 __all__ = ["Unreadable", "checkable", "seal", "container", "is_dir", "is_file", "check_target", "versions",
-           "restore_item", "read_meta", "commit", "read_newest", "quiet_failed_reads"]
+           "restore_item", "read_meta", "commit", "read_newest", "quiet_failed_reads", "dropping_unraisable",
+           "is_closed_loop_report"]
 
 ATTEMPTS = 20  # reads retried while a concurrent save keeps replacing the newest version
 T = TypeVar("T")
@@ -259,9 +260,13 @@ def _orbax_noise(report: Any) -> bool:
   (`_read_array_index_and_device_put`, …) that nobody awaited any more once the
   first read failed, reported when those coroutines are collected.
   """
-  if isinstance(report.exc_value, RuntimeError) and str(report.exc_value) == "Event loop is closed":
-    return True
-  return _is_orbax_coroutine(report.object)
+  return is_closed_loop_report(report) or _is_orbax_coroutine(report.object)
+
+
+def is_closed_loop_report(report: Any) -> bool:
+  """Whether an unraisable-exception report is tensorstore's "Event loop is closed": a callback completing after
+  orbax closed its event loop (noise after a failed read, or a failed write such as a full disk)."""
+  return isinstance(report.exc_value, RuntimeError) and str(report.exc_value) == "Event loop is closed"
 
 
 def _is_orbax_coroutine(obj: Any) -> bool:
@@ -304,18 +309,26 @@ def quiet_failed_reads() -> Iterator[None]:
   have reported and its coroutines are collected, this hook drops exactly those
   and passes everything else to the previous hook.
   """
+  with dropping_unraisable(_orbax_noise):
+    try:
+      yield
+    except BaseException:
+      _close_abandoned()
+      raise
+
+
+@contextlib.contextmanager
+def dropping_unraisable(drop: Callable[[Any], bool]) -> Iterator[None]:
+  """While it runs, `sys.unraisablehook` drops the reports `drop(report)` is True for and passes every other on."""
   previous = sys.unraisablehook
 
   def hook(report: Any) -> None:
-    if not _orbax_noise(report):
+    if not drop(report):
       previous(report)
 
   sys.unraisablehook = hook
   try:
     yield
-  except BaseException:
-    _close_abandoned()
-    raise
   finally:
     if sys.unraisablehook is hook:
       sys.unraisablehook = previous

@@ -23,17 +23,16 @@ directory, and every process trains and joins the checkpoint saves
 
 from __future__ import annotations
 
-import contextlib
 import os
-import sys
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from typing import Any
 
 import jax
 import numpy as np
 
 import jlora
+from jlora.formats.versioned import dropping_unraisable, is_closed_loop_report
 from jlora.parallel.processes import on_primary, primary
 from jlora.train import (
   _adapters,
@@ -51,34 +50,7 @@ from jlora.train import (
 )
 from jlora.train._schema import Config
 
-__all__ = ["is_closed_loop_report", "run"]
-
-
-def is_closed_loop_report(report: Any) -> bool:
-  """Whether an unraisable-exception report is tensorstore's "Event loop is closed" (noise after a failed write)."""
-  return isinstance(report.exc_value, RuntimeError) and str(report.exc_value) == "Event loop is closed"
-
-
-@contextlib.contextmanager
-def _closed_loop_quiet() -> Iterator[None]:
-  """Drops the "Event loop is closed" reports while the run writes, passing every other report on.
-
-  After a failed checkpoint write (a full disk), tensorstore's callbacks that complete after orbax
-  closed its event loop report one traceback each. Installed only once the data is read: the
-  stdlib data sources read `sys`, whose `unraisablehook` must be the interpreter's then.
-  """
-  previous = sys.unraisablehook
-
-  def hook(report: Any) -> None:
-    if not is_closed_loop_report(report):
-      previous(report)
-
-  sys.unraisablehook = hook
-  try:
-    yield
-  finally:
-    if sys.unraisablehook is hook:
-      sys.unraisablehook = previous
+__all__ = ["run"]
 
 
 def run(config: Config, *, on_step: Callable[[int, float], None] | None = None,
@@ -132,7 +104,10 @@ def run(config: Config, *, on_step: Callable[[int, float], None] | None = None,
   # restores one of the candidates or refuses).
   setup = _setup.prepare(config, task, examples, init_from=not first.candidates, layout=layout)
   _outputs.check_placement(config, setup)
-  with _multihost.stack_run_dir(lambda: _rundir.RunDir.open(out_dir), out_dir) as run_dir, _closed_loop_quiet():
+  # tensorstore's "Event loop is closed" reports after a failed write (a full disk) are dropped while the run writes;
+  # only from here on: the stdlib data sources read `sys`, whose `unraisablehook` must be the interpreter's then
+  with (_multihost.stack_run_dir(lambda: _rundir.RunDir.open(out_dir), out_dir) as run_dir,
+        dropping_unraisable(is_closed_loop_report)):
     plan = _resume.Plan(*on_primary(
       lambda: _resume.plan(out_dir, run_dir.marker, fingerprint, resume=resume)))  # again, under the lock
     if config.init_from is not None and not plan.candidates and setup.init_from is None:

@@ -374,11 +374,8 @@ def test_scan_stack_adapters_are_stacked_train_and_match_a_loop():
 
 
 # --------------------------------------------------------------------------- dropout
-def test_lora_dropout_needs_its_stream_and_eval_turns_it_off():
-  base, x, cfg = _build("linear", init_lora_weights=False, lora_dropout=0.5)
-  plain = lnnx.init(KEY, base, cfg)
-  np.testing.assert_array_equal(plain(x), plain(x))  # no stream: deterministic
-  drop = lnnx.init(KEY, base, cfg, rngs=nnx.Rngs(lora_dropout=3))
+def _dropout_acts(drop, plain, x):
+  """`drop` (LoRA dropout on) draws a new mask per call, equals `plain` in eval mode; returns its gradients."""
   d1, d2 = drop(x), drop(x)
   assert not np.allclose(d1, d2) and not np.allclose(d1, plain(x)), "a new mask per call"
   drop.eval()
@@ -386,6 +383,14 @@ def test_lora_dropout_needs_its_stream_and_eval_turns_it_off():
   drop.train()
   grads = nnx.jit(nnx.grad(_loss, argnums=nnx.DiffState(0, lnnx.Trainable)))(drop, x)
   assert all(np.isfinite(g).all() for g in jax.tree.leaves(grads))
+  return grads
+
+
+def test_lora_dropout_needs_its_stream_and_eval_turns_it_off():
+  base, x, cfg = _build("linear", init_lora_weights=False, lora_dropout=0.5)
+  plain = lnnx.init(KEY, base, cfg)
+  np.testing.assert_array_equal(plain(x), plain(x))  # no stream: deterministic
+  _dropout_acts(lnnx.init(KEY, base, cfg, rngs=nnx.Rngs(lora_dropout=3)), plain, x)
   # Dropout acts on the LoRA input only: with B = 0 it changes nothing.
   base, x, cfg = _build("linear", lora_dropout=0.5)
   np.testing.assert_allclose(lnnx.init(KEY, base, cfg, rngs=nnx.Rngs(lora_dropout=3))(x), base(x), rtol=1e-6)
@@ -697,14 +702,8 @@ def test_dora_with_lora_dropout_computes_x_w0_from_the_dropped_input():
   base, x, cfg = _build("linear", init_lora_weights=False, use_dora=True, lora_dropout=0.5)
   plain = _move_magnitudes(lnnx.init(KEY, base, cfg))
   drop = lnnx.from_params(base, lnnx.to_params(plain), cfg, rngs=nnx.Rngs(lora_dropout=3))
-  d1, d2 = drop(x), drop(x)
-  assert not np.allclose(d1, d2) and not np.allclose(d1, plain(x)), "a new mask per call"
-  drop.eval()
-  np.testing.assert_allclose(drop(x), plain(x), rtol=1e-6)
-  drop.train()
-  grads = nnx.jit(nnx.grad(_loss, argnums=nnx.DiffState(0, lnnx.Trainable)))(drop, x)
+  grads = _dropout_acts(drop, plain, x)
   assert {p[-1] for p, _ in nnx.to_flat_state(grads)} == {"lora_a", "lora_b", "lora_magnitude"}
-  assert all(np.isfinite(g).all() for g in jax.tree.leaves(grads))
 
 
 def test_quantized_scan_stack_keeps_a_scale_per_layer():

@@ -90,7 +90,7 @@ def test_stack_pads_ranks_unions_targets_and_unstacks_exactly(net):
   assert a.shape == (12, 1, 4, 3)
   np.testing.assert_array_equal(a[..., :2, 0], adapters["a"]["mix"]["lora_a"])
   assert not np.any(a[..., 2:, 0]) and not np.any(bank.tree["conv"]["lora_a"][..., 0])  # padding; 'a' has no conv
-  slot = {s.where: s for s in bank.slots}["down"]
+  slot = {e.slot.where: e for e in bank.entries}["down"]
   assert slot.ranks == (0, 4, 1) and slot.scales == (0.0, 3 / 2, 1.0)
   back = bank.unstack()
   assert back.names == adapters.names
@@ -143,7 +143,7 @@ def test_bank_errors_are_clear(net):
     jlora.stack_adapters(with_bias, base)
   moved = {**{k: v for k, v in bank.tree.items() if k != "down"}, "gone": bank.tree["down"]}  # a renamed module
   with pytest.raises(ValueError, match=r"jlora.apply: 1 adapter.*not used by this forward: 'gone'"):
-    jlora.apply(model, base, jlora.AdapterBank(moved, bank.names, bank.configs, bank.slots), ids, adapter_ids=0)
+    jlora.apply(model, base, jlora.AdapterBank(moved, bank.names, bank.configs, bank.entries), ids, adapter_ids=0)
 
 
 def test_per_adapter_dropout_keeps_base_rows_exact(net):

@@ -33,7 +33,7 @@ def _base(name):
   base = jax.tree.map(lambda x: jnp.asarray(rng.normal(size=x.shape) * 0.2, x.dtype), shapes)
   cfg = jlora.LoraConfig(r=1, target_modules=case.targets)
   params = jax.eval_shape(lambda: jlora.init(jax.random.key(0), case.model, base, cfg, case.inputs))
-  sites = [(ad.where, ad.module, ad.a_key, ad.b_key, ad.a.shape, ad.b.shape,
+  sites = [(ad.slot.where, ad.slot.module, ad.slot.a_key, ad.slot.b_key, ad.a.shape, ad.b.shape,
             ad.stack if ad.layout == "concat" else ad.b.ndim - 1) for ad in _tree.adapters(params, cfg)]
   return base, sites
 
@@ -62,7 +62,7 @@ def _deltas(tree, cfg, frozen):
       d = np.einsum("...r,...r->...", a, b)
     else:
       d = (a.reshape(a.shape[:s] + (-1, r)) @ b.reshape(b.shape[:s] + (r, -1))).reshape(ad.kernel.shape)
-    out[ad.where] = ad.scale * d
+    out[ad.slot.where] = ad.scale * d
   return out
 
 

@@ -23,7 +23,7 @@ from typing import Any
 import jax
 
 from jlora.core.config import LoraConfig
-from jlora.core.targets import is_head, magnitude_key, path_str, selects
+from jlora.core.targets import is_head, selects
 from jlora.core.tree import Params, _check_tree, combine, get_path, has_adapters, slots, split
 
 __all__ = ["BASE", "AdapterSet", "check_name", "load_adapter_set"]
@@ -167,16 +167,15 @@ def _trainable(name: str, params: Params, config: LoraConfig) -> dict:
                      "jlora.load_adapter returned (or its trainable half from jlora.split).")
   for slot in slots(params):  # what can be checked without the base: each rank, and DoRA's magnitude
     node = get_path(params, slot.module)
-    where = path_str(slot.module if slot.weight is None else (*slot.module, slot.weight))
+    where = slot.where
     r, want = node[slot.a_key].shape[-1], config.rank_for(where)
-    has_m = magnitude_key(slot.weight or "kernel") in node
+    has_m = slot.m_key in node
     if r != want or has_m != config.use_dora:
       got = f"rank {r}" if r != want else f"{'a' if has_m else 'no'} DoRA magnitude"
       raise ValueError(f"Adapter {name!r}: the adapter at {where!r} has {got}, but its config gives "
                        f"{f'r={want}' if r != want else f'use_dora={config.use_dora}'} there; pass the config it "
                        "was made with.")
-    path = slot.module if slot.weight is None else (*slot.module, slot.weight)
-    if not selects(config, path, "dense", is_head=is_head(slot.module)):  # `jlora.apply`'s rule, for every use
+    if not selects(config, slot.path, "dense", is_head=is_head(slot.module)):  # `jlora.apply`'s rule, for every use
       raise ValueError(
           f"Adapter {name!r}: `params` holds an adapter at {where!r} ({slot.a_key} / {slot.b_key}), which its config "
           f"(target_modules={config.target_modules!r}, exclude_modules={config.exclude_modules!r}, "

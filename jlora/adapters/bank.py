@@ -27,7 +27,7 @@ import numpy as np
 from jlora.adapters.adapter_set import BASE, AdapterSet
 from jlora.core import ops as _ops
 from jlora.core.config import LoraConfig
-from jlora.core.targets import is_lora_key, selects
+from jlora.core.targets import Slot, is_lora_key, selects
 from jlora.core.tree import Params, _check_tree, adapters, combine, flatten, has_adapters, unflatten
 from jlora.frontends.linen import check_model, run_forward
 from jlora.frontends.linen_forward import Forward
@@ -35,22 +35,23 @@ from jlora.frontends.linen_forward import Forward
 __all__ = ["AdapterBank", "BankApply", "apply_bank", "stack_adapters"]
 
 
-class BankSlot(NamedTuple):
-  """One adapted weight of a bank: its leaves' place, and each adapter's rank and scale there (0 where absent).
+class BankEntry(NamedTuple):
+  """One adapted weight of a bank: where its stacked leaves live, and each adapter's rank and scale there.
 
-  `m_key` names the stacked DoRA magnitudes when an adapter here is a DoRA one ('' otherwise), and
-  `magnitudes` says which adapters hold one (the others add their plain LoRA term).
+  Attributes:
+    slot: where the stacked leaves live (the weight named).
+    rank_axis: the axis of `r` in `lora_b` (before the adapter axis).
+    ranks: each adapter's rank here (0 where it has no adapter; its leaves are zeros).
+    scales: each adapter's scale here (0.0 where absent).
+    magnitudes: which adapters hold a DoRA magnitude here (stacked at `slot.m_key`, zeros for the others, which
+      add their plain LoRA term); all False when none does (no magnitude leaf).
   """
 
-  module: tuple[str, ...]
-  a_key: str
-  b_key: str
-  where: str
-  rank_axis: int  # the axis of `r` in `lora_b` (before the adapter axis)
+  slot: Slot
+  rank_axis: int
   ranks: tuple[int, ...]
   scales: tuple[float, ...]
-  m_key: str = ""
-  magnitudes: tuple[bool, ...] = ()
+  magnitudes: tuple[bool, ...]
 
 
 @jax.tree_util.register_pytree_node_class
@@ -63,23 +64,23 @@ class AdapterBank:
       bank's only pytree leaves, so `jax.grad` and optax see exactly the adapters.
     names: the adapters' names; adapter `k` is `names[k]`.
     configs: their `LoraConfig`s.
-    slots: one `BankSlot` per adapted weight.
+    entries: one `BankEntry` per adapted weight.
   """
 
   tree: dict
   names: tuple[str, ...]
   configs: tuple[LoraConfig, ...]
-  slots: tuple[BankSlot, ...]
+  entries: tuple[BankEntry, ...]
 
   def tree_flatten(self):
-    return (self.tree,), (self.names, self.configs, self.slots)
+    return (self.tree,), (self.names, self.configs, self.entries)
 
   @classmethod
   def tree_unflatten(cls, aux, children):
     return cls(children[0], *aux)
 
   def __repr__(self) -> str:
-    return f"AdapterBank(names={self.names}, weights={len(self.slots)})"
+    return f"AdapterBank(names={self.names}, weights={len(self.entries)})"
 
   def index(self, name: str | None) -> int:
     """The id of adapter `name`; -1 for None or `'__base__'`."""
@@ -109,25 +110,25 @@ class AdapterBank:
                          f"{list(self.names)}; -1 is the base model).")
     return ids.astype(jnp.int32)
 
-  def lookup(self, slot: tuple[tuple[str, ...], str], where: str) -> tuple[tuple[float, ...], tuple[float, ...],
-                                                                             tuple[bool, ...]]:
-    """`(scales, dropout rates, which hold a DoRA magnitude)` of every adapter at the weight whose module and `A`
-    leaf are `slot`."""
-    for s in self.slots:
-      if (s.module, s.a_key) == slot:
-        return s.scales, tuple(c.lora_dropout for c in self.configs), s.magnitudes or (False,) * len(s.scales)
-    raise ValueError(f"The adapter leaves at {where!r} are not this bank's; pass the bank and base params separately "
-                     "(jlora.apply(model, frozen, bank, x, adapter_ids=ids)).")
+  def entry(self, slot: Slot) -> BankEntry:
+    """The entry of the adapted weight at `slot` (the weight named)."""
+    for e in self.entries:
+      if e.slot == slot:
+        return e
+    raise ValueError(f"The adapter leaves at {slot.where!r} are not this bank's; pass the bank and base params "
+                     "separately (jlora.apply(model, frozen, bank, x, adapter_ids=ids)).")
 
-  def check_selected(self, slot: tuple[tuple[str, ...], str], path: tuple[str, ...], kind: str, head: bool) -> None:
+  def lookup(self, slot: Slot) -> tuple[tuple[float, ...], tuple[float, ...], tuple[bool, ...]]:
+    """`(scales, dropout rates, which hold a DoRA magnitude)` of every adapter at the weight at `slot`."""
+    e = self.entry(slot)
+    return e.scales, tuple(c.lora_dropout for c in self.configs), e.magnitudes
+
+  def check_selected(self, slot: Slot, kind: str, head: bool) -> None:
     """Raises unless every adapter present at `slot` is selected there by its own config (`jlora.apply`'s rule)."""
-    for s in self.slots:
-      if (s.module, s.a_key) != slot:
-        continue
-      for name, config, rank in zip(self.names, self.configs, s.ranks):
-        if rank and not selects(config, path, "embed" if kind == "attend" else kind, is_head=head):
-          raise ValueError(
-              f"The bank's adapter {name!r} holds an adapter at {s.where!r}, which its config "
+    for name, config, rank in zip(self.names, self.configs, self.entry(slot).ranks):
+      if rank and not selects(config, slot.path, "embed" if kind == "attend" else kind, is_head=head):
+        raise ValueError(
+            f"The bank's adapter {name!r} holds an adapter at {slot.where!r}, which its config "
               f"(target_modules={config.target_modules!r}) does not select for this {kind} layer; jlora.apply "
               "would refuse it. Stack adapters with the LoraConfigs that created them."
           )
@@ -138,14 +139,14 @@ class AdapterBank:
     out = AdapterSet()
     for k, (name, config) in enumerate(zip(self.names, self.configs)):
       leaves = {}
-      for s in self.slots:
-        r = s.ranks[k]
+      for e in self.entries:
+        r, a, b = e.ranks[k], e.slot.leaf("lora_a"), e.slot.leaf("lora_b")
         if r:
-          a, b = flat[(*s.module, s.a_key)][..., k], flat[(*s.module, s.b_key)][..., k]
-          leaves[(*s.module, s.a_key)] = a[..., :r]
-          leaves[(*s.module, s.b_key)] = jax.lax.slice_in_dim(b, 0, r, axis=s.rank_axis)
-          if s.magnitudes and s.magnitudes[k]:
-            leaves[(*s.module, s.m_key)] = flat[(*s.module, s.m_key)][..., k]
+          leaves[a] = flat[a][..., k][..., :r]
+          leaves[b] = jax.lax.slice_in_dim(flat[b][..., k], 0, r, axis=e.rank_axis)
+          if e.magnitudes[k]:
+            m = e.slot.leaf("lora_magnitude")
+            leaves[m] = flat[m][..., k]
       out = out.add(name, unflatten(leaves), config)
     return out
 
@@ -203,7 +204,7 @@ def stack_adapters(adapter_set: AdapterSet, params: Params, *, names: Sequence[s
   names = adapter_set.names if names is None else tuple(names)
   if not names:
     raise ValueError("stack_adapters: no adapters to stack (the set is empty, or `names` is).")
-  per_slot: dict[tuple, dict[int, Any]] = {}
+  per_slot: dict[Slot, dict[int, Any]] = {}
   for k, name in enumerate(names):
     tree, config = adapter_set[name], adapter_set.config(name)
     extra = [p for p in flatten(tree) if not is_lora_key(p[-1])]
@@ -215,10 +216,10 @@ def stack_adapters(adapter_set: AdapterSet, params: Params, *, names: Sequence[s
           "modules_to_save."
       )
     for ad in adapters(tree, config, kernels=params):
-      per_slot.setdefault((ad.module, ad.a_key, ad.b_key, ad.where), {})[k] = ad
+      per_slot.setdefault(ad.slot, {})[k] = ad
   dtype = dtype or jnp.result_type(*(x for ads in per_slot.values() for ad in ads.values() for x in (ad.a, ad.b)))
-  leaves, slots = {}, []
-  for (module, a_key, b_key, where), ads in per_slot.items():
+  leaves, entries = {}, []
+  for slot, ads in per_slot.items():
     first = next(iter(ads.values()))
     rank_axis = first.stack if first.layout == "concat" else first.b.ndim - 1
     big = max(ad.rank for ad in ads.values())
@@ -229,20 +230,17 @@ def stack_adapters(adapter_set: AdapterSet, params: Params, *, names: Sequence[s
       ad = ads.get(k)
       stack_a.append(jnp.zeros(a_shape, dtype) if ad is None else _pad(ad.a.astype(dtype), ad.a.ndim - 1, big))
       stack_b.append(jnp.zeros(b_shape, dtype) if ad is None else _pad(ad.b.astype(dtype), rank_axis, big))
-    leaves[(*module, a_key)] = jnp.stack(stack_a, axis=-1)
-    leaves[(*module, b_key)] = jnp.stack(stack_b, axis=-1)
+    leaves[slot.leaf("lora_a")] = jnp.stack(stack_a, axis=-1)
+    leaves[slot.leaf("lora_b")] = jnp.stack(stack_b, axis=-1)
     # DoRA magnitudes, where an adapter has one: zeros for the others (they keep their LoRA term, g = 1)
     magnitudes = tuple(k in ads and ads[k].magnitude is not None for k in range(len(names)))
-    m_key = next((ad.m_key for ad in ads.values() if ad.magnitude is not None), "")
-    if m_key:
+    if any(magnitudes):
       m_shape = _ops.magnitude_shape(first.a.shape, first.b.shape, first.kernel.shape)
-      leaves[(*module, m_key)] = jnp.stack([ads[k].magnitude.astype(dtype) if magnitudes[k] else
+      leaves[slot.leaf("lora_magnitude")] = jnp.stack([ads[k].magnitude.astype(dtype) if magnitudes[k] else
                                             jnp.zeros(m_shape, dtype) for k in range(len(names))], axis=-1)
-    slots.append(BankSlot(module, a_key, b_key, where, rank_axis,
-                          tuple(ads[k].rank if k in ads else 0 for k in range(len(names))),
-                          tuple(float(ads[k].scale) if k in ads else 0.0 for k in range(len(names))),
-                          m_key, magnitudes if m_key else ()))
-  return AdapterBank(unflatten(leaves), names, tuple(adapter_set.config(n) for n in names), tuple(slots))
+    entries.append(BankEntry(slot, rank_axis, tuple(ads[k].rank if k in ads else 0 for k in range(len(names))),
+                             tuple(float(ads[k].scale) if k in ads else 0.0 for k in range(len(names))), magnitudes))
+  return AdapterBank(unflatten(leaves), names, tuple(adapter_set.config(n) for n in names), tuple(entries))
 
 
 def apply_bank(model: nn.Module, params: Params, bank: AdapterBank, ids: Any, *args,

@@ -25,8 +25,8 @@ from jlora.core import ops as _ops
 from jlora.core.config import LoraConfig
 from jlora.core.fields import ALL_LINEAR
 from jlora.core.keys import restore
-from jlora.core.targets import adapter_path, is_head, is_lora_key, path_str, selects
-from jlora.core.tree import Params, _check_tree, flatten, get_path, kernel_key, slots, unflatten
+from jlora.core.targets import Slot, is_head, is_lora_key, path_str, selects
+from jlora.core.tree import Params, _check_tree, flatten, get_path, slots, unflatten
 
 __all__ = ["add_weighted_adapter"]
 
@@ -169,10 +169,11 @@ def add_weighted_adapter(
   _check_options(combination_type, svd_rank, svd_clamp)
   if kernels is not None:
     _check_tree(kernels, "kernels")
-  groups: dict[tuple, dict[str, Any]] = {}
+  groups: dict[Slot, dict[str, Any]] = {}
   for i, (tree, config) in enumerate(pairs):
     for slot in slots(tree):
-      a, b = get_path(tree, slot.module)[slot.a_key], get_path(tree, slot.module)[slot.b_key]
+      node = get_path(tree, slot.module)
+      a, b = node[slot.a_key], node[slot.b_key]
       path, forms = _layout(slot, a, b, kernels)
       where, r = path_str(path), config.rank_for(path_str(path))
       if a.shape[-1] != r:
@@ -181,7 +182,7 @@ def add_weighted_adapter(
             f"gives r={r} there; pair each tree with the LoraConfig it was made with (check `r`, `rank_pattern`)."
         )
       forms = forms(r)
-      group = groups.setdefault((slot.module, slot.a_key, slot.b_key), {"path": path, "forms": forms, "entries": []})
+      group = groups.setdefault(slot, {"path": path, "forms": forms, "entries": []})
       group["forms"] = group["forms"] & forms
       group["entries"].append(_Entry(coefs[i] * config.scale_for(where), a, b, r, i))
   k = svd_rank or max(e.rank for g in groups.values() for e in g["entries"])
@@ -198,18 +199,18 @@ def add_weighted_adapter(
         f"{limits[widest]} (each layer gets min(svd_rank, min(fan_in, fan_out)))."
     )
   out, ranks = {}, {}
-  for (module, a_key, b_key), group in groups.items():
+  for slot, group in groups.items():
     where, entries = path_str(group["path"]), group["entries"]
-    form = forms[(module, a_key, b_key)]
+    form = forms[slot]
     if combination_type == "linear" and len({e.rank for e in entries}) > 1:
       given = ", ".join(f"adapters[{e.source}]: r={e.rank}" for e in entries)
       raise ValueError(f"combination_type='linear' needs equal ranks per module, but at {where!r} {given}; "
                        "use 'cat' (exact, ranks add) or 'svd' (any ranks, `svd_rank=`).")
     a, b = _combine([(e.a, e.b) for e in entries], jnp.asarray([e.coef for e in entries], jnp.float32),
-                    kind=combination_type, form=form, k=min(k, limits[(module, a_key, b_key)]) if combination_type == "svd"
+                    kind=combination_type, form=form, k=min(k, limits[slot]) if combination_type == "svd"
                     else 0, clamp=svd_clamp)
     dtype = jnp.result_type(*(x for e in entries for x in (e.a, e.b)))
-    out[(*module, a_key)], out[(*module, b_key)] = a.astype(dtype), b.astype(dtype)
+    out[slot.leaf("lora_a")], out[slot.leaf("lora_b")] = a.astype(dtype), b.astype(dtype)
     ranks[group["path"]] = a.shape[-1]
   return restore(unflatten(out), pairs[0][0]), _output_config([c for _, c in pairs], ranks)
 
@@ -291,20 +292,20 @@ def _check_options(combination_type: Any, svd_rank: Any, svd_clamp: Any) -> None
 
 
 # ------------------------------------------------------------------ layouts
-def _layout(slot, a: jax.Array, b: jax.Array, kernels: Params | None):
+def _layout(slot: Slot, a: jax.Array, b: jax.Array, kernels: Params | None):
   """`(adapter path, rank -> candidate forms)`: from the kernel when `kernels` is given, else from the shapes."""
   if kernels is None:
-    path = slot.module if slot.weight is None else adapter_path(slot.module, slot.weight)
-    return path, lambda r: _forms(tuple(a.shape), tuple(b.shape), r)
+    return slot.path, lambda r: _forms(tuple(a.shape), tuple(b.shape), r)
   try:
     holder = get_path(kernels, slot.module)
   except (KeyError, TypeError):
     raise ValueError(f"`kernels` has no module {path_str(slot.module)!r}, where an adapter sits; pass the base "
                      "these adapters were made for.") from None
-  name = kernel_key(slot.module, holder) if slot.weight is None else slot.weight
-  if name not in holder:
-    raise ValueError(f"`kernels` has no weight {name!r} in {path_str(slot.module)!r} for the adapter there.")
-  path, kernel_shape = adapter_path(slot.module, name), tuple(holder[name].shape)
+  slot = slot.resolve(holder)
+  if slot.kernel_name not in holder:
+    raise ValueError(f"`kernels` has no weight {slot.kernel_name!r} in {path_str(slot.module)!r} for the adapter "
+                     "there.")
+  path, kernel_shape = slot.path, tuple(holder[slot.kernel_name].shape)
 
   def forms(r: int) -> set[_Form]:
     _ops.check_adapter(path_str(path), kernel_shape, a.shape, b.shape, r)

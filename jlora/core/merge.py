@@ -75,8 +75,8 @@ def merge(params: Params, config: LoraConfig, *, safe: bool = False) -> dict:
     leaves = ad.leaves
     merged = variant_of_leaves(leaves).fold(ad.kernel, leaves, ad.scale)
     if safe:
-      _check_finite(f"{ad.where}/{ad.kernel_name}", merged)
-    replace.setdefault(ad.module, {})[ad.kernel_name] = merged
+      _check_finite(f"{ad.slot.where}/{ad.slot.kernel_name}", merged)
+    replace.setdefault(ad.slot.module, {})[ad.slot.kernel_name] = merged
   if not replace:
     raise ValueError(
         "merge: `params` holds no LoRA adapter (lora_a/lora_b leaves); there is nothing to merge. "
@@ -96,7 +96,7 @@ def dora_norms(params: Params, config: LoraConfig) -> dict:
   """
   _check_tree(params)
   params = _sharding.unbox(params)[0]
-  return _tree.unflatten({(*ad.module, ad.m_key): _ops.column_norm(ad.kernel, ad.a, ad.b, ad.scale)
+  return _tree.unflatten({ad.slot.leaf("lora_magnitude"): _ops.column_norm(ad.kernel, ad.a, ad.b, ad.scale)
                           for ad in _tree.adapters(params, config) if ad.magnitude is not None})
 
 
@@ -166,10 +166,8 @@ def unmerge(merged: Params, adapters: Params, config: LoraConfig, *, norms: Para
   for ad in _tree.adapters(adapters, config, kernels=merged):
     variant = variant_of_leaves(ad.leaves)
     w0 = variant.unfold(ad.kernel, ad.leaves, ad.scale, None if ad.magnitude is None else _norm(norms, ad))
-    leaves = {ad.a_key: ad.a, ad.b_key: ad.b}
-    if ad.magnitude is not None:
-      leaves[ad.m_key] = ad.magnitude
-    replace.setdefault(ad.module, {}).update({ad.kernel_name: w0, **leaves})
+    leaves = {ad.slot.key(role): leaf for role, leaf in ad.leaves.items()}
+    replace.setdefault(ad.slot.module, {}).update({ad.slot.kernel_name: w0, **leaves})
   if not replace:
     raise ValueError("unmerge: `adapters` holds no lora_a/lora_b leaves.")
   return _sharding.box(_rebuild(merged, replace, drop_lora=False), {**adapter_boxes, **boxes})
@@ -177,12 +175,12 @@ def unmerge(merged: Params, adapters: Params, config: LoraConfig, *, norms: Para
 
 def _norm(norms: Params | None, ad: _tree.Adapter) -> Any:
   try:
-    norm = _tree.get_path(norms, (*ad.module, ad.m_key)) if norms is not None else None
+    norm = _tree.get_path(norms, ad.slot.leaf("lora_magnitude")) if norms is not None else None
   except (KeyError, TypeError):
     norm = None
   if norm is None or tuple(norm.shape) != tuple(ad.magnitude.shape):
     raise ValueError(
-        f"unmerge: {ad.where!r} is a DoRA adapter, whose merge keeps only the direction of W0 + s·A·B: its norm "
+        f"unmerge: {ad.slot.where!r} is a DoRA adapter, whose merge keeps only the direction of W0 + s·A·B: its norm "
         f"must be given. Take norms = jlora.dora_norms(params, config) before jlora.merge and pass "
         f"unmerge(..., norms=norms){'' if norms is None else ' (the given `norms` has no fitting entry there)'}."
     )

@@ -30,8 +30,7 @@ import jax
 from jax.sharding import NamedSharding, PartitionSpec
 
 from jlora.core import ops as _ops
-from jlora.core.targets import magnitude_key
-from jlora.core.tree import Params, _check_tree, flatten, get_path, kernel_key, slots, unflatten
+from jlora.core.tree import Params, _check_tree, flatten, get_path, slots, unflatten
 
 __all__ = ["LOGICAL_RANK", "adapter_axes", "adapter_shardings", "adapter_specs", "box", "partition_spec", "unbox"]
 
@@ -72,12 +71,11 @@ def _adapter_leaves(params: Params) -> dict[Path, tuple[Path, str, Path]]:
   out = {}
   for slot in slots(params):
     node = get_path(params, slot.module)
-    weight = slot.weight if slot.weight is not None else kernel_key(slot.module, node)
-    kernel = (*slot.module, weight)
-    a, b = (*slot.module, slot.a_key), (*slot.module, slot.b_key)
+    slot = slot.resolve(node)
+    kernel, a, b = (*slot.module, slot.kernel_name), slot.leaf("lora_a"), slot.leaf("lora_b")
     out[a], out[b] = (kernel, "a", b), (kernel, "b", a)
-    if magnitude_key(weight) in node:
-      out[(*slot.module, magnitude_key(weight))] = (kernel, "magnitude", ())
+    if slot.m_key in node:
+      out[slot.leaf("lora_magnitude")] = (kernel, "magnitude", ())
   return out
 
 

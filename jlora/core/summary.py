@@ -80,7 +80,7 @@ def summary(params: Params, config: LoraConfig) -> Summary:
   _check_tree(params)
   rows = []
   for ad in adapters(params, config):
-    rows.append(ModuleRow(ad.where, tuple(ad.kernel.shape), ad.rank, ad.scale, math.prod(ad.kernel.shape),
+    rows.append(ModuleRow(ad.slot.where, tuple(ad.kernel.shape), ad.rank, ad.scale, math.prod(ad.kernel.shape),
                           math.prod(ad.a.shape) + math.prod(ad.b.shape)
                           + (0 if ad.magnitude is None else math.prod(ad.magnitude.shape))))
   trainable, frozen = split(params, config)

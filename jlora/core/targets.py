@@ -11,14 +11,17 @@ from __future__ import annotations
 import functools
 import math
 import re
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from typing import Any, NamedTuple
 
 from jlora.core.config import LoraConfig
 from jlora.core.fields import ALL_LINEAR
 
-__all__ = ["Site", "LINEAR_KINDS", "HEAD_NAMES", "KERNEL_KEYS", "LORA_KEYS", "MAGNITUDE_KEY", "lora_keys", "magnitude_key", "leaf_name", "lora_pair", "lora_role", "is_pair_key", "adapter_path", "is_head", "is_lora_key", "select_sites",
-           "selects", "is_saved", "matches", "layer_index", "path_str"]
+__all__ = [
+    "Slot", "Site", "LINEAR_KINDS", "HEAD_NAMES", "KERNEL_KEYS", "LORA_KEYS", "MAGNITUDE_KEY", "leaf_name",
+    "pair_weight", "kernel_key", "lora_role", "is_pair_key", "adapter_path", "is_head", "is_lora_key", "select_sites",
+    "selects", "is_saved", "matches", "layer_index", "path_str",
+]
 
 # Layer kinds: the linen classes jlora adapts.
 LINEAR_KINDS = ("dense", "dense_general", "einsum")
@@ -28,17 +31,6 @@ HEAD_NAMES = ("lm_head", "classifier", "score", "qa_outputs", "head")
 KERNEL_KEYS = ("kernel", "embedding", "w", "weight")
 LORA_KEYS = ("lora_a", "lora_b")
 MAGNITUDE_KEY = "lora_magnitude"  # DoRA's trainable magnitude, beside A and B
-
-
-def lora_keys(kernel_name: str) -> tuple[str, str]:
-  """The names of the adapter leaves for a weight, stored beside it in its module's dict.
-
-  `lora_a` / `lora_b` for a module's main weight (a `KERNEL_KEYS` name);
-  `<name>_lora_a` / `<name>_lora_b` for any other weight, so that a module
-  holding several weights (gemma's FFN dict: `gating_einsum`, `linear`) gets one
-  adapter per weight.
-  """
-  return LORA_KEYS if kernel_name in KERNEL_KEYS else (f"{kernel_name}_lora_a", f"{kernel_name}_lora_b")
 
 
 def is_head(module: Sequence[str]) -> bool:
@@ -52,24 +44,17 @@ def adapter_path(module: tuple[str, ...], kernel_name: str) -> tuple[str, ...]:
   return tuple(module) if kernel_name in KERNEL_KEYS else (*module, kernel_name)
 
 
-def magnitude_key(kernel_name: str) -> str:
-  """The name of a DoRA magnitude leaf for a weight: `lora_magnitude`, or `<name>_lora_magnitude` (as `lora_keys`)."""
-  return MAGNITUDE_KEY if kernel_name in KERNEL_KEYS else f"{kernel_name}_{MAGNITUDE_KEY}"
-
-
 def leaf_name(role: str, kernel_name: str) -> str:
   """The name of a leaf of `role` (`lora_a`, `lora_b`, `lora_magnitude`) for a weight, beside it in its module dict:
-  the role itself for a module's main weight (`KERNEL_KEYS`), else `<weight>_<role>`."""
+  the role itself for a module's main weight (`KERNEL_KEYS`), else `<weight>_<role>`, so that a module holding
+  several weights (gemma's FFN dict: `gating_einsum`, `linear`) gets one adapter per weight."""
   return role if kernel_name in KERNEL_KEYS else f"{kernel_name}_{role}"
 
 
-def lora_pair(key: str) -> tuple[str | None, str, str]:
-  """`(weight, a_key, b_key)` of an `A`/`B` leaf name: weight None for `lora_a`/`lora_b` (the module's main
-  weight), else the name its `<weight>_lora_a` / `_lora_b` prefix gives."""
-  if key in LORA_KEYS:
-    return None, *LORA_KEYS
-  weight = str(key)[:-len("_lora_a")]
-  return weight, f"{weight}_lora_a", f"{weight}_lora_b"
+def pair_weight(key: str) -> str | None:
+  """The weight an `A`/`B` leaf name belongs to: None for `lora_a`/`lora_b` (the module's main weight), else the
+  name its `<weight>_lora_a` / `_lora_b` prefix gives."""
+  return None if key in LORA_KEYS else str(key)[:-len("_lora_a")]
 
 
 def is_pair_key(key: str) -> bool:
@@ -87,6 +72,72 @@ def lora_role(key: str) -> str:
   whose `leaf_name` it is."""
   key = str(key)
   return next(role for role in (*LORA_KEYS, MAGNITUDE_KEY) if key == role or key.endswith("_" + role))
+
+
+def kernel_key(path: tuple[str, ...], node: Mapping) -> str:
+  """The name of the weight that `lora_a`/`lora_b` fold into: a `KERNEL_KEYS` name, else the module's only matrix."""
+  for key in KERNEL_KEYS:
+    if key in node:
+      return key
+  matrices = [k for k, v in node.items() if not is_lora_key(k) and getattr(v, "ndim", 0) >= 2]
+  if len(matrices) == 1:
+    return matrices[0]
+  raise ValueError(
+      f"Module {'/'.join(path)!r} holds lora_a/lora_b but no single weight ({', '.join(KERNEL_KEYS)}) to adapt; "
+      "pass the whole params tree (base and adapters), e.g. jlora.combine(trainable, frozen)."
+  )
+
+
+class Slot(NamedTuple):
+  """Where one adapter lives in a params tree: the record every part of jlora names an adapter by.
+
+  An adapter's leaves sit beside the weight they adapt, in that weight's module dict, named by role (`leaf_name`):
+  `lora_a`, `lora_b`, `lora_magnitude` for a module's main weight (`KERNEL_KEYS`), `<weight>_lora_a`, ... for any
+  other. A `Site` (the model's view) gives its `slot`; a tree's adapters are found as slots (`jlora.core.tree.slots`);
+  an `Adapter` (its leaves read and checked) and a bank entry hold one.
+
+  Attributes:
+    module: the path of the module dict holding the weight and the adapter leaves.
+    kernel_name: the weight the adapter folds into (`'kernel'`, `'embedding'`, `'gating_einsum'`, ...); None for
+      the module's main weight when the tree at hand holds no weight to name it (the trainable half of `split`).
+  """
+
+  module: tuple[str, ...]
+  kernel_name: str | None
+
+  @property
+  def path(self) -> tuple[str, ...]:
+    """The adapter's name (see `Site.path`): the module path, plus the weight's name if not the main weight."""
+    return self.module if self.kernel_name is None else adapter_path(self.module, self.kernel_name)
+
+  @property
+  def where(self) -> str:
+    """`path` as `a/b/c`, for messages and `config.rank_for`."""
+    return path_str(self.path)
+
+  def key(self, role: str) -> str:
+    """The name of this adapter's leaf of `role` (`lora_a`, `lora_b`, `lora_magnitude`) in its module dict."""
+    return role if self.kernel_name is None else leaf_name(role, self.kernel_name)
+
+  def leaf(self, role: str) -> tuple[str, ...]:
+    """The full path of this adapter's leaf of `role` in the params tree."""
+    return (*self.module, self.key(role))
+
+  def resolve(self, node: Mapping) -> Slot:
+    """This slot with `kernel_name` set, read from the module dict `node` that holds the weight (`kernel_key`)."""
+    return self if self.kernel_name is not None else self._replace(kernel_name=kernel_key(self.module, node))
+
+  @property
+  def a_key(self) -> str:
+    return self.key(LORA_KEYS[0])
+
+  @property
+  def b_key(self) -> str:
+    return self.key(LORA_KEYS[1])
+
+  @property
+  def m_key(self) -> str:
+    return self.key(MAGNITUDE_KEY)
 
 
 class Site(NamedTuple):
@@ -134,6 +185,11 @@ class Site(NamedTuple):
   def module(self) -> tuple[str, ...]:
     """The path of the module dict that holds the weight (and gets the adapter leaves)."""
     return self.path if self.kernel_name in KERNEL_KEYS else self.path[:-1]
+
+  @property
+  def slot(self) -> Slot:
+    """Where this site's adapter lives in the params tree."""
+    return Slot(self.module, self.kernel_name)
 
   @property
   def broadcast(self) -> bool:

@@ -15,17 +15,16 @@ from jlora.core.targets import (
   KERNEL_KEYS,
   LORA_KEYS,
   MAGNITUDE_KEY,
-  adapter_path,
+  Slot,
   is_lora_key,
   is_pair_key,
   is_saved,
-  lora_pair,
   lora_role,
-  magnitude_key,
+  pair_weight,
 )
 
 __all__ = [
-    "LORA_KEYS", "KERNEL_KEYS", "Adapter", "Slot", "adapters", "check_adapters", "module_dicts", "slots",
+    "LORA_KEYS", "KERNEL_KEYS", "Adapter", "adapters", "check_adapters", "module_dicts", "slots",
     "adapted_modules", "check_magnitude", "labels", "trainable_mask", "split", "combine", "get_path", "has_adapters", "flatten",
     "unflatten",
 ]
@@ -54,31 +53,22 @@ def module_dicts(params: Params, prefix: tuple[str, ...] = ()) -> Iterator[tuple
       yield from module_dicts(value, prefix + (str(key),))
 
 
-class Slot(NamedTuple):
-  """Where one adapter's leaves sit: module `module`, leaves `a_key` / `b_key`, folding into weight `weight`.
-
-  `weight` is None for `lora_a` / `lora_b`, which fold into the module's main
-  weight (found by `kernel_key`), else the weight named by the leaves' prefix.
-  """
-
-  module: tuple[str, ...]
-  weight: str | None
-  a_key: str
-  b_key: str
-
-
 def _node_slots(path: tuple[str, ...], node: Mapping) -> Iterator[Slot]:
-  pairs = {lora_pair(k) for k in node if is_pair_key(k)}
-  for weight, a_key, b_key in sorted(pairs, key=lambda p: (p[0] is not None, p[0] or "")):
-    if not (a_key in node and b_key in node):
-      raise ValueError(
-          f"Module {'/'.join(path)!r} has only one of {a_key} / {b_key}; the adapter is incomplete."
-      )
-    yield Slot(path, weight, a_key, b_key)
+  weights = {pair_weight(k) for k in node if is_pair_key(k)}
+  for weight in sorted(weights, key=lambda w: (w is not None, w or "")):
+    slot = Slot(path, weight)
+    if not (slot.a_key in node and slot.b_key in node):
+      raise ValueError(f"Module {'/'.join(path)!r} has only one of {slot.a_key} / {slot.b_key}; the adapter is "
+                       "incomplete.")
+    yield slot
 
 
 def slots(params: Params) -> Iterator[Slot]:
-  """Every adapter's `Slot` in a tree (complete or not: an incomplete one raises `ValueError`)."""
+  """Every adapter's `Slot` in a tree (complete or not: an incomplete one raises `ValueError`).
+
+  A slot of a module's main weight has `kernel_name` None (the tree may hold only the adapters); `Slot.resolve`
+  names the weight from the module dict that holds it.
+  """
   for path, node in module_dicts(params):
     yield from _node_slots(path, node)
 
@@ -94,67 +84,41 @@ def has_adapters(params: Params) -> bool:
   return any(True for _ in slots(params))
 
 
-def kernel_key(path: tuple[str, ...], node: Mapping) -> str:
-  """The name of the weight that `lora_a`/`lora_b` fold into: a `KERNEL_KEYS` name, else the module's only matrix."""
-  for key in KERNEL_KEYS:
-    if key in node:
-      return key
-  matrices = [k for k, v in node.items() if not is_lora_key(k) and getattr(v, "ndim", 0) >= 2]
-  if len(matrices) == 1:
-    return matrices[0]
-  raise ValueError(
-      f"Module {'/'.join(path)!r} holds lora_a/lora_b but no single weight ({', '.join(KERNEL_KEYS)}) to adapt; "
-      "pass the whole params tree (base and adapters), e.g. jlora.combine(trainable, frozen)."
-  )
-
-
 class Adapter(NamedTuple):
-  """One adapter of a params tree, checked against its kernel and the config.
+  """One adapter of a params tree, read at its `Slot` and checked against its kernel and the config.
 
   Attributes:
-    path: the adapter's path, e.g. `('layers_0', 'attn', 'query')` (the module
-      path, plus the weight's name for a weight other than the module's main
-      one: `('mlp', 'gating_einsum')`); `config.rank_for` and PEFT names use it.
-    module: the path of the module dict holding the weight and the adapter leaves.
-    kernel_name: the weight it folds into (`kernel`, `embedding`, ...).
-    a_key: the name of the `A` leaf (`lora_a`, or `<weight>_lora_a`).
-    b_key: the name of the `B` leaf.
-    kernel: that weight, `S + kernel_shape` with `S` leading scan axes.
-    a: `lora_a`, `S + in_shape + (r,)` (or the einsum broadcast layout, see `jlora.core.ops`).
-    b: `lora_b`, `S + (r,) + out_shape`.
+    slot: where it lives, with `kernel_name` resolved (`slot.path` is what `config.rank_for` and PEFT names use).
+    kernel: the weight it folds into, `S + kernel_shape` with `S` leading scan axes.
+    leaves: `{role: leaf}` as `jlora.core.variants` takes them: `lora_a` (`S + in_shape + (r,)`, or the einsum
+      broadcast layout, see `jlora.core.ops`), `lora_b` (`S + (r,) + out_shape`), and for DoRA `lora_magnitude`
+      (`_ops.magnitude_shape`).
     rank: `r` for this module (after `rank_pattern`).
     scale: `s` for this module (`alpha / r`, or `alpha / sqrt(r)` with rsLoRA).
     layout: `"concat"` or `"broadcast"` (`nn.Einsum`); see `jlora.core.ops`.
     stack: the number of leading scan axes `len(S)`.
-    m_key: the name of the DoRA magnitude leaf (`lora_magnitude`, or `<weight>_lora_magnitude`).
-    magnitude: that leaf (`_ops.magnitude_shape`), or None for a plain LoRA adapter.
   """
 
-  path: tuple[str, ...]
-  module: tuple[str, ...]
-  kernel_name: str
-  a_key: str
-  b_key: str
+  slot: Slot
   kernel: Any
-  a: Any
-  b: Any
+  leaves: dict[str, Any]
   rank: int
   scale: float
   layout: str
   stack: int
-  m_key: str = ""
-  magnitude: Any = None
 
   @property
-  def where(self) -> str:
-    """The module path as `a/b/c`, for messages."""
-    return "/".join(self.path)
+  def a(self) -> Any:
+    return self.leaves[LORA_KEYS[0]]
 
   @property
-  def leaves(self) -> dict[str, Any]:
-    """`{role: leaf}` as `jlora.core.variants` takes them: `lora_a`, `lora_b`, and `lora_magnitude` for DoRA."""
-    roles = {LORA_KEYS[0]: self.a, LORA_KEYS[1]: self.b}
-    return roles if self.magnitude is None else {**roles, MAGNITUDE_KEY: self.magnitude}
+  def b(self) -> Any:
+    return self.leaves[LORA_KEYS[1]]
+
+  @property
+  def magnitude(self) -> Any:
+    """The DoRA magnitude, or None for a plain LoRA adapter."""
+    return self.leaves.get(MAGNITUDE_KEY)
 
 
 def adapters(params: Params, config: LoraConfig, *, kernels: Params | None = None) -> Iterator[Adapter]:
@@ -179,23 +143,20 @@ def adapters(params: Params, config: LoraConfig, *, kernels: Params | None = Non
         holder = get_path(kernels, slot.module)
       except (KeyError, TypeError):
         raise ValueError(f"There is no module {'/'.join(slot.module)!r} for the adapter found there.") from None
-    name = kernel_key(slot.module, holder) if slot.weight is None else slot.weight
-    if name not in holder:
+    slot = slot.resolve(holder)
+    if slot.kernel_name not in holder:
       raise ValueError(
-          f"Module {'/'.join(slot.module)!r} holds {slot.a_key} / {slot.b_key} but no weight {name!r} to adapt; "
-          "pass the whole params tree (base and adapters), e.g. jlora.combine(trainable, frozen)."
+          f"Module {'/'.join(slot.module)!r} holds {slot.a_key} / {slot.b_key} but no weight {slot.kernel_name!r} "
+          "to adapt; pass the whole params tree (base and adapters), e.g. jlora.combine(trainable, frozen)."
       )
-    kernel, a, b = holder[name], node[slot.a_key], node[slot.b_key]
-    path = adapter_path(slot.module, name)
-    where = "/".join(path)
-    rank = config.rank_for(where)
-    _ops.check_adapter(where, kernel.shape, a.shape, b.shape, rank)
+    kernel, a, b = holder[slot.kernel_name], node[slot.a_key], node[slot.b_key]
+    rank = config.rank_for(slot.where)
+    _ops.check_adapter(slot.where, kernel.shape, a.shape, b.shape, rank)
     layout, stack = _ops.layout(a.shape, b.shape, kernel.shape)
-    m_key = magnitude_key(name)
-    magnitude = node.get(m_key)
-    check_magnitude(where, config, magnitude, _ops.magnitude_shape(a.shape, b.shape, kernel.shape))
-    yield Adapter(path, slot.module, name, slot.a_key, slot.b_key, kernel, a, b, rank, config.scale_for(where), layout,
-                  stack, m_key, magnitude)
+    magnitude = node.get(slot.m_key)
+    check_magnitude(slot.where, config, magnitude, _ops.magnitude_shape(a.shape, b.shape, kernel.shape))
+    leaves = {LORA_KEYS[0]: a, LORA_KEYS[1]: b} | ({} if magnitude is None else {MAGNITUDE_KEY: magnitude})
+    yield Adapter(slot, kernel, leaves, rank, config.scale_for(slot.where), layout, stack)
 
 
 def check_magnitude(where: str, config: LoraConfig, magnitude: Any, shape: tuple[int, ...]) -> None:

@@ -17,8 +17,8 @@ import numpy as np
 from jax.sharding import NamedSharding, PartitionSpec, SingleDeviceSharding
 
 from jlora.core.sharding import adapter_axes, partition_spec
-from jlora.core.targets import is_pair_key, lora_pair
-from jlora.core.tree import Params, get_path, kernel_key, unflatten
+from jlora.core.targets import Slot, is_pair_key, pair_weight
+from jlora.core.tree import Params, get_path, unflatten
 
 __all__ = ["Shardings", "default_sharding", "abstract_tree"]
 
@@ -63,17 +63,16 @@ def default_sharding(path: Path, shapes: Mapping[Path, tuple], base: Params) -> 
   leaf = path[-1]
   if not is_pair_key(leaf):  # a DoRA magnitude is small: placed like any other leaf
     return _device_sharding(node.get(leaf) if isinstance(node, Mapping) else None)
-  weight, a_key, b_key = lora_pair(leaf)
-  is_a = leaf == a_key
+  slot = Slot(path[:-1], pair_weight(leaf))
+  is_a = leaf == slot.a_key
   try:
-    kernel = node[kernel_key(path[:-1], node) if weight is None else weight]
-  except (ValueError, TypeError, KeyError):
+    kernel = node[slot.resolve(node).kernel_name]
+  except (ValueError, TypeError, KeyError, AttributeError):
     return _device_sharding(None)
   sharding = getattr(kernel, "sharding", None)
   if not isinstance(sharding, NamedSharding):
     return _device_sharding(kernel)
-  module = path[:-1]
-  own, other = shapes[(*module, a_key)], shapes[(*module, b_key)]
+  own, other = shapes[slot.leaf("lora_a")], shapes[slot.leaf("lora_b")]
   if not is_a:
     own, other = other, own
   out = adapter_axes(sharding.spec, kernel.shape, own, "a" if is_a else "b", other)

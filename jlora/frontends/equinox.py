@@ -18,7 +18,7 @@ from jlora.core.config import LoraConfig
 from jlora.core.init import add_adapters
 from jlora.core.keys import stringify
 from jlora.core.plain import site
-from jlora.core.targets import MAGNITUDE_KEY, Site, is_lora_key, lora_keys, magnitude_key, path_str
+from jlora.core.targets import LORA_KEYS, MAGNITUDE_KEY, Site, is_lora_key, path_str
 from jlora.core.tree import check_magnitude, flatten, unflatten
 from jlora.core.tree import trainable_mask as _tree_mask
 from jlora.core.variants import variant_of_leaves
@@ -131,10 +131,10 @@ def _node_dict(node: Any) -> dict[str, Any]:
   if getattr(base, "bias", None) is not None:
     out["bias"] = base.bias
   if isinstance(node, _WRAPPERS):
-    a_key, b_key = lora_keys(name)
+    a_key, b_key = LORA_KEYS
     out[a_key], out[b_key] = node.lora_a, node.lora_b
     if node.lora_magnitude is not None:
-      out[magnitude_key(name)] = node.lora_magnitude
+      out[MAGNITUDE_KEY] = node.lora_magnitude
   return out
 
 
@@ -159,8 +159,8 @@ def _rebuilt(node: Any, path: Path, entry: Mapping[str, Any], config: LoraConfig
   where = path_str(path)
   base = node.base if isinstance(node, _WRAPPERS) else node
   name = _weight_name(node)
-  a_key, b_key = lora_keys(name)
-  m_key = magnitude_key(name)
+  a_key, b_key = LORA_KEYS
+  m_key = MAGNITUDE_KEY
   own = _node_dict(base)
   extra = sorted(set(entry) - set(own) - {a_key, b_key, m_key})
   if extra:
@@ -306,7 +306,7 @@ def trainable_mask(model: Any, config: LoraConfig | None = None) -> Any:
   for path, leaf in nodes:
     if _is_node(leaf):
       entry = {k: mask[(*path, k)] for k in _node_dict(leaf)}
-      a_key, b_key = lora_keys(_weight_name(leaf))
+      a_key, b_key = LORA_KEYS
       base = leaf.base if isinstance(leaf, _WRAPPERS) else leaf
       spec = jax.tree.map(lambda _: False, base)
       spec = eqx.tree_at(lambda m: m.weight, spec, entry[_weight_name(leaf)])
@@ -315,7 +315,7 @@ def trainable_mask(model: Any, config: LoraConfig | None = None) -> Any:
       if isinstance(leaf, _WRAPPERS):
         spec = eqx.tree_at(lambda m: (m.base, m.lora_a, m.lora_b), leaf, (spec, entry[a_key], entry[b_key]))
         if leaf.lora_magnitude is not None:
-          m_key = magnitude_key(_weight_name(leaf))
+          m_key = MAGNITUDE_KEY
           spec = eqx.tree_at(lambda m: m.lora_magnitude, spec, entry[m_key])
         spec = eqx.tree_at(lambda m: m.inference, spec, False) if isinstance(leaf, LoraLinear) else spec
       out.append(spec)

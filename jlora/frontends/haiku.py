@@ -51,16 +51,16 @@ def apply(fn: Callable[..., Any], params: Params, config: LoraConfig, *args, **k
   biases: dict[str, Any] = {}
   tree = stringify(params)
   for ad in adapters(tree, config):
-    if ad.kernel_name != "w" or ad.layout != "concat" or ad.stack or ad.kernel.ndim != 2:
-      raise ValueError(f"jlora.haiku.apply: the adapter at {ad.where!r} is not one of an hk.Linear `w` (in, out) "
-                       f"(weight {ad.kernel_name!r} {tuple(ad.kernel.shape)}); use jlora.apply_merged for this model.")
-    if not selects(config, ad.path, "dense", is_head=is_head(ad.module)):
+    if ad.slot.kernel_name != "w" or ad.layout != "concat" or ad.stack or ad.kernel.ndim != 2:
+      raise ValueError(f"jlora.haiku.apply: the adapter at {ad.slot.where!r} is not one of an hk.Linear `w` (in, out) "
+                       f"(weight {ad.slot.kernel_name!r} {tuple(ad.kernel.shape)}); use jlora.apply_merged for this model.")
+    if not selects(config, ad.slot.path, "dense", is_head=is_head(ad.slot.module)):
       raise ValueError(
-          f"`params` holds an adapter at {ad.where!r}, which the config (target_modules={config.target_modules!r}, "
+          f"`params` holds an adapter at {ad.slot.where!r}, which the config (target_modules={config.target_modules!r}, "
           f"exclude_modules={config.exclude_modules!r}) does not select. Pass the LoraConfig that created it."
       )
-    found["/".join(ad.module)] = ad
-    biases["/".join(ad.module)] = get_path(tree, ad.module).get("b")
+    found["/".join(ad.slot.module)] = ad
+    biases["/".join(ad.slot.module)] = get_path(tree, ad.slot.module).get("b")
   used: set[str] = set()
 
   def interceptor(next_fun: Callable, a: tuple, kw: dict, context: Any) -> Any:
@@ -75,7 +75,7 @@ def apply(fn: Callable[..., Any], params: Params, config: LoraConfig, *args, **k
     x = a[0] if a else kw["inputs"]
     # LoRA dropout draws from the transform's rng (`fn(params, rng, ...)`); with rng None it is off.
     key = hk.maybe_next_rng_key() if config.lora_dropout else None
-    site = Site(ad.path, "dense", ad.kernel_name, tuple(ad.kernel.shape), (0,), (1,), precision=kw.get("precision"))
+    site = Site(ad.slot.path, "dense", ad.slot.kernel_name, tuple(ad.kernel.shape), (0,), (1,), precision=kw.get("precision"))
     leaves = ad.leaves
     return adapted(site, variant_of_leaves(leaves), x, y, ad.kernel, leaves, scale=ad.scale,
                    rate=config.lora_dropout, dropout_key=key, bias=biases[name], y_is_product=True)

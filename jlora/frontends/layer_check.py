@@ -55,7 +55,7 @@ import numpy as np
 from jax import lax
 
 from jlora.core import ops as _ops
-from jlora.core.targets import Site, lora_keys, path_str
+from jlora.core.targets import Site, path_str
 from jlora.frontends.layers import Call, Layer
 
 __all__ = ["STOCK_CLASSES", "Probe", "plan", "check", "probe"]
@@ -181,7 +181,7 @@ def check(probes: Sequence[Probe], params: Mapping[str, Any], adapted: Mapping[s
   """
   seen = set()
   for p in probes:
-    if p.skip or p.key in seen or lora_keys(p.site.kernel_name)[0] not in (_leaf(adapted, p.site.module) or {}):
+    if p.skip or p.key in seen or p.site.slot.a_key not in (_leaf(adapted, p.site.module) or {}):
       continue
     seen.add(p.key)
     probe(p, params, variables)

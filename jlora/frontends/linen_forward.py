@@ -25,7 +25,7 @@ from jlora.core import ops as _ops
 from jlora.core.adapted import adapted, adapted_batch
 from jlora.core.config import LoraConfig
 from jlora.core.merge import norm_key
-from jlora.core.targets import MAGNITUDE_KEY, Site, adapter_path, is_head, lora_keys, magnitude_key, path_str, selects
+from jlora.core.targets import MAGNITUDE_KEY, Site, Slot, is_head, path_str, selects
 from jlora.core.tree import Params, check_magnitude, slots
 from jlora.core.variants import variant_of_leaves
 from jlora.frontends.layers import Call, describe, kinds_listing
@@ -85,42 +85,39 @@ class Forward:
 
   def __init__(self, config: LoraConfig | None, bank: Any = None, ids: jax.Array | None = None):
     self.config, self.bank, self.ids = config, bank, ids
-    self.consumed: set[tuple[tuple[str, ...], str]] = set()  # (module path, A leaf name)
+    self.consumed: set[Slot] = set()
 
   def __call__(self, next_fun, args, kwargs, context):
     module = context.module
     layer = describe(module, context.method_name)
     if layer is None or BYPASS.get():
       return next_fun(*args, **kwargs)
-    kernel_name = layer.weight_name(module)
-    a_key, b_key = lora_keys(kernel_name)
-    active = (tuple(module.path), a_key)
-    if not module.has_variable("params", a_key) or active in _ACTIVE.get():
+    slot = Slot(tuple(module.path), layer.weight_name(module))
+    if not module.has_variable("params", slot.a_key) or slot in _ACTIVE.get():
       return next_fun(*args, **kwargs)
-    token = _ACTIVE.set(_ACTIVE.get() | {active})
+    token = _ACTIVE.set(_ACTIVE.get() | {slot})
     try:
       y = next_fun(*args, **kwargs)
     finally:
       _ACTIVE.reset(token)
     call = Call(module, layer, args, kwargs)
     kind = layer.kind
-    a = module.get_variable("params", a_key)
-    b = module.get_variable("params", b_key)
-    path = adapter_path(tuple(module.path), kernel_name)
-    where = path_str(path)
-    kernel = module.get_variable("params", kernel_name)
+    a = module.get_variable("params", slot.a_key)
+    b = module.get_variable("params", slot.b_key)
+    path, where = slot.path, slot.where
+    kernel = module.get_variable("params", slot.kernel_name)
     kernel_shape = tuple(kernel.shape)
-    m_key = magnitude_key(kernel_name)
+    m_key = slot.m_key
     magnitude = module.get_variable("params", m_key) if module.has_variable("params", m_key) else None
     if self.bank is None:
       self._validate(path, kind, module, kernel_shape, a, b, magnitude)
     else:
       _ops.check_adapter(where, kernel_shape, a.shape[:-1], b.shape[:-1], a.shape[-2])
-      self.bank.check_selected(active, path, kind, is_head(module.path))
+      self.bank.check_selected(slot, kind, is_head(module.path))
     if kind == "einsum":
       _ops.check_equation(where, call.equation, kernel_shape, a.shape if self.bank is None else a.shape[:-1])
-    self.consumed.add(active)
-    site = call_site(module, call, kind, path, kernel_name, kernel_shape)
+    self.consumed.add(slot)
+    site = call_site(module, call, kind, path, slot.kernel_name, kernel_shape)
     leaves = {"lora_a": a, "lora_b": b} if magnitude is None else {"lora_a": a, "lora_b": b, MAGNITUDE_KEY: magnitude}
     variant = variant_of_leaves(leaves)
     has_bias = module.has_variable("params", "bias")
@@ -133,7 +130,7 @@ class Forward:
       norm = module.get_variable("params", n_key) if module.has_variable("params", n_key) else None
       return adapted(site, variant, call.input, y, kernel, leaves, scale=self.config.scale_for(where), rate=rate,
                      dropout_key=key, bias=bias, y_is_product=y_is_product, norm=norm)
-    scales, rates, magnitudes = self.bank.lookup((tuple(module.path), a_key), where)
+    scales, rates, magnitudes = self.bank.lookup(slot)
     return adapted_batch(site, variant, call.input, y, kernel, leaves, ids=self.ids, scales=scales, rates=rates,
                          magnitudes=magnitudes, dropout_key=self._dropout_key(module, kind, any(rates)),
                          bias=bias, y_is_product=y_is_product)
@@ -160,10 +157,10 @@ class Forward:
 
   def check_consumed(self, params: Params, fn: str = "jlora.apply") -> None:
     """Raises naming every adapter in `params` that no intercepted call read: the forward would ignore it."""
-    unused = [s for s in slots(params) if (s.module, s.a_key) not in self.consumed]
-    if not unused:
+    read = {s.leaf("lora_a") for s in self.consumed}  # the same adapter whether or not its weight is named
+    names = [s.where for s in slots(params) if s.leaf("lora_a") not in read]
+    if not names:
       return
-    names = [path_str(s.module if s.weight is None else (*s.module, s.weight)) for s in unused]
     listed = ", ".join(repr(n) for n in names[:8]) + (f" and {len(names) - 8} more" if len(names) > 8 else "")
     raise ValueError(
         f"{fn}: {len(names)} adapter(s) were not used by this forward: {listed}. No layer that jlora intercepts "

@@ -24,7 +24,7 @@ from jlora.core.config import LoraConfig
 from jlora.core.fields import pattern_lookup
 from jlora.core.keys import restore, stringify
 from jlora.core.plain import LayoutLike, weight_site
-from jlora.core.targets import MAGNITUDE_KEY, is_saved
+from jlora.core.targets import MAGNITUDE_KEY, is_saved, kernel_key
 from jlora.core.tree import (
   Params,
   _check_tree,
@@ -32,7 +32,6 @@ from jlora.core.tree import (
   check_adapters,
   flatten,
   get_path,
-  kernel_key,
   labels,
   unflatten,
 )
@@ -146,32 +145,32 @@ def _export(params: Params, config: LoraConfig, names: NameMap) -> tuple[dict[st
   alphas: dict[str, float] = {}
   adapted: dict[Path, list[str]] = {}
   for ad in adapters(params, config):
-    if ad.module != ad.path:
+    if ad.slot.module != ad.slot.path:
       raise ValueError(
-          f"save_peft: {ad.where!r} adapts {ad.kernel_name!r}, one of several weights in the module "
-          f"{'/'.join(ad.module)!r}; PEFT's format has one adapted weight per module name, so it cannot hold "
+          f"save_peft: {ad.slot.where!r} adapts {ad.slot.kernel_name!r}, one of several weights in the module "
+          f"{'/'.join(ad.slot.module)!r}; PEFT's format has one adapted weight per module name, so it cannot hold "
           "this adapter. Save it with jlora.save_adapter."
       )
     a, b, stack = ad.a, ad.b, ad.stack
     if ad.layout == "broadcast":  # an (out, in) weight: a plain transpose of PEFT's factors
-      a, b, stack = peft_layout.from_broadcast(jax.device_get(a), jax.device_get(b), ad.kernel.shape, ad.where)
-    name = module_name(names, ad.path)
+      a, b, stack = peft_layout.from_broadcast(jax.device_get(a), jax.device_get(b), ad.kernel.shape, ad.slot.where)
+    name = module_name(names, ad.slot.path)
     if stack > 1 or (stack == 1) != ("{i}" in name):
       raise ValueError(
-          f"save_peft: {ad.where!r} has {stack} leading layer axes but its PEFT name {name!r} "
+          f"save_peft: {ad.slot.where!r} has {stack} leading layer axes but its PEFT name {name!r} "
           f"{'has' if '{i}' in name else 'has no'} '{{i}}'; a scanned module's name must contain '{{i}}' "
           "(one level of nn.scan is supported)."
       )
-    adapted[ad.path] = []
-    for (n, a1), (_, b1) in zip(per_layer(name, a, ad.where), per_layer(name, b, ad.where)):
-      adapted[ad.path].append(n)
-      tensors.update(peft_layout.lora_to_peft(n, a1, b1, ad.rank, embed=ad.kernel_name == "embedding"))
+    adapted[ad.slot.path] = []
+    for (n, a1), (_, b1) in zip(per_layer(name, a, ad.slot.where), per_layer(name, b, ad.slot.where)):
+      adapted[ad.slot.path].append(n)
+      tensors.update(peft_layout.lora_to_peft(n, a1, b1, ad.rank, embed=ad.slot.kernel_name == "embedding"))
       if ad.rank != config.r:
         ranks[n] = ad.rank
-      if config.alpha_for(ad.where) != config.lora_alpha:
-        alphas[n] = config.alpha_for(ad.where)
+      if config.alpha_for(ad.slot.where) != config.lora_alpha:
+        alphas[n] = config.alpha_for(ad.slot.where)
     if ad.magnitude is not None:  # DoRA: PEFT keeps one magnitude per output feature
-      for n, m1 in per_layer(name, np.asarray(jax.device_get(ad.magnitude)), ad.where):
+      for n, m1 in per_layer(name, np.asarray(jax.device_get(ad.magnitude)), ad.slot.where):
         tensors[f"{peft_layout.PREFIX}{n}.lora_magnitude_vector"] = m1.reshape(-1)
   saved_modules: list[str] = []
   for path, label in flatten(labels(params, config)).items():

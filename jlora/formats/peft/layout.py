@@ -32,8 +32,7 @@ import numpy as np
 
 from jlora.core import ops as _ops
 from jlora.core.plain import TORCH_STYLE
-from jlora.core.targets import Site
-from jlora.core.tree import KERNEL_KEYS, kernel_key
+from jlora.core.targets import KERNEL_KEYS, Site, kernel_key
 from jlora.formats.peft.torch_names import NameMap
 
 __all__ = ["PREFIX", "TORCH_WEIGHTS", "lora_to_peft", "lora_from_peft", "magnitude_from_peft", "from_broadcast", "to_broadcast", "transposed",

@@ -20,7 +20,7 @@ from flax.core.meta import AxisMetadata
 
 from jlora.core.config import LoraConfig
 from jlora.core.init import add_adapters
-from jlora.core.targets import Site, is_lora_key, magnitude_key, path_str, selects
+from jlora.core.targets import Site, is_lora_key, path_str, selects
 from jlora.core.tree import _check_tree, adapted_modules, check_adapters, flatten, has_adapters, labels
 from jlora.frontends.nnx.graph import Path, adapted, check_config, check_model, sites, to_params, walk
 from jlora.frontends.nnx.layer import install, uninstall
@@ -222,7 +222,7 @@ def _build(model: nnx.Module, tree: Mapping[str, Any], config: LoraConfig, by_pa
     stack = variables[path + (site.kernel_name,)].get_value().ndim - len(site.kernel_shape)
     shape = tuple(variables[path + (site.kernel_name,)].shape[:stack])
     dropout = None if stream is None or site.kind == "embed" else _dropout(stream, config.lora_dropout, shape)
-    install(modules[path], path, site.kind, node["lora_a"], node["lora_b"], node.get(magnitude_key(site.kernel_name)),
+    install(modules[path], path, site.kind, node[site.slot.a_key], node[site.slot.b_key], node.get(site.slot.m_key),
             scale=config.scale_for(path_str(path)), einsum_str=eqs.get(path), dropout=dropout)
   for path, label in flatten(labels(tree, config)).items():
     if is_lora_key(path[-1]):

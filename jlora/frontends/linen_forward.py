@@ -29,6 +29,7 @@ from jlora.core.targets import MAGNITUDE_KEY, Site, adapter_path, is_head, lora_
 from jlora.core.tree import Params, check_magnitude, slots
 from jlora.core.variants import variant_of_leaves
 from jlora.frontends.layers import Call, describe, kinds_listing
+from jlora.frontends.linen_run import is_foreign
 
 __all__ = ["BYPASS", "Forward", "call_site"]
 
@@ -90,7 +91,7 @@ class Forward:
   def __call__(self, next_fun, args, kwargs, context):
     module = context.module
     layer = describe(module, context.method_name)
-    if layer is None or BYPASS.get():
+    if layer is None or BYPASS.get() or is_foreign(module):  # re-applied with weights given at call time: not ours
       return next_fun(*args, **kwargs)
     kernel_name = layer.weight_name(module)
     a_key, b_key = lora_keys(kernel_name)

@@ -13,7 +13,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-__all__ = ["CLOSED_OVER_WARN_BYTES", "run_fresh", "warn_if_closed_over"]
+__all__ = ["CLOSED_OVER_WARN_BYTES", "is_foreign", "run_fresh", "warn_if_closed_over"]
 
 # `apply` warns when a traced call carries more than this many bytes of concrete (closed-over) base leaves.
 CLOSED_OVER_WARN_BYTES = 16 * 2**20
@@ -48,6 +48,12 @@ def run_fresh(model: nn.Module, variables: Mapping[str, Any], args: tuple, kwarg
     return fn(module, *a, **k)
 
   return model.apply(variables, *args, method=fresh, **kwargs)
+
+
+def is_foreign(module: nn.Module) -> bool:
+  """Whether a module runs re-applied with weights passed at call time (`self.lm_head.apply({"params": {...}}, h)`),
+  outside the scope tree of the model jlora runs: its params are the call's, not the tree's."""
+  return _FRESH_FLAG not in (getattr(module.scope, "flags", None) or {})
 
 
 def warn_if_closed_over(params: Mapping[str, Any], fn: str = "jlora.apply") -> None:

@@ -100,3 +100,50 @@ def test_adapting_the_tied_embedding_is_refused_since_merge_would_change_the_hea
   params = jlora.init(jax.random.key(1), model, base,  # the embedding alone, untied from nothing: fine elsewhere
                       jlora.LoraConfig(r=2, target_modules=["body", "mlp"], exclude_modules=["wte"]), ids)
   assert "lora_a" not in params["wte"]
+
+
+class FlaxConv1D(nn.Module):
+  """Hugging Face transformers 4.57's `FlaxConv1D` (`models/gpt2/modeling_flax_gpt2.py`): kernel `(features, in)`,
+  `y = x·kernelᵀ + bias`, inputs and kernel cast to `dtype`. jlora ships it described by this qualified name."""
+
+  features: int
+  use_bias: bool = True
+  dtype: jnp.dtype = jnp.float32
+
+  @nn.compact
+  def __call__(self, inputs):
+    inputs = jnp.asarray(inputs, self.dtype)
+    kernel = self.param("kernel", jax.nn.initializers.normal(stddev=0.02), (self.features, inputs.shape[-1]))
+    kernel = jnp.asarray(kernel.transpose(), self.dtype)
+    y = jax.lax.dot_general(inputs, kernel, (((inputs.ndim - 1,), (0,)), ((), ())))
+    return y + jnp.asarray(self.param("bias", jax.nn.initializers.normal(0.1), (self.features,)), self.dtype) \
+        if self.use_bias else y
+
+
+FlaxConv1D.__module__ = "transformers.models.gpt2.modeling_flax_gpt2"
+
+
+class TiedGPT2(nn.Module):
+  """HF's GPT-2 layout in miniature: FlaxConv1D projections and the tied head."""
+
+  def setup(self):
+    self.wte = nn.Embed(50, 16)
+    self.c_attn, self.c_proj = FlaxConv1D(48), FlaxConv1D(16)
+    self.lm_head = nn.Dense(50, use_bias=False)
+
+  def __call__(self, ids):
+    h = self.wte(ids)
+    q, k, v = jnp.split(self.c_attn(h), 3, axis=-1)
+    h = h + self.c_proj(jax.nn.softmax(q @ k.swapaxes(-1, -2)) @ v)
+    return self.lm_head.apply({"params": {"kernel": self.wte.variables["params"]["embedding"].T}}, h)
+
+
+def test_hf_gpt2_conv1d_ships_described_and_the_tied_model_merges_exactly():
+  model, ids = TiedGPT2(), jnp.arange(10).reshape(2, 5) % 50
+  base = model.init(jax.random.key(0), ids)["params"]
+  config = jlora.LoraConfig(r=2, target_modules="all-linear", init_lora_weights=False)
+  params = jlora.init(jax.random.key(1), model, base, config, ids)
+  assert params["c_attn"]["lora_a"].shape == (1, 16, 2) and params["c_attn"]["lora_b"].shape == (48, 1, 2)  # (out, in)
+  y = jax.jit(lambda p, x: jlora.apply(model, p, config, x))(params, ids)
+  assert float(jnp.max(jnp.abs(y - model.apply({"params": base}, ids)))) > 1e-3
+  _close(y, model.apply({"params": jlora.merge(params, config)}, ids))

@@ -37,8 +37,9 @@ class Summary(NamedTuple):
     trainable_bytes: bytes of the trainable leaves (what an adapter file holds).
     rows: one `ModuleRow` per adapted module.
     not_adapted: with `target_modules="all-linear"`: `(weight path, shape)` of each matmul-like weight (two or
-      more axes, not an embedding table or a bias) that holds no adapter: the output head, and what `jlora.init`
-      / `init_tree` warned they cannot adapt. Empty for other configs, which name what they adapt.
+      more axes, not an embedding table, a bias or a norm scale) that holds no adapter: the output head, kinds
+      all-linear does not cover (convolutions), and what `jlora.init` / `init_tree` warned they cannot adapt.
+      Empty for other configs, which name what they adapt.
   """
 
   trainable: int
@@ -68,7 +69,7 @@ class Summary(NamedTuple):
     )
     if self.not_adapted:
       lines.append(f"all-linear left {len(self.not_adapted)} matmul-like weight(s) without an adapter (the output "
-                   "head, and what jlora.init warned it cannot adapt): "
+                   "head, kinds it does not cover such as convolutions, and what init warned it cannot adapt): "
                    + ", ".join(f"{p} {shape}" for p, shape in self.not_adapted))
     return "\n".join(lines)
 

@@ -21,7 +21,7 @@ from jlora.core.config import LoraConfig
 from jlora.core.fields import ALL_LINEAR
 from jlora.core.targets import LINEAR_KINDS, Site, is_head, is_lora_key, lora_keys, matches, path_str
 
-__all__ = ["Unadapted", "is_matmul_like", "of_sites", "report", "refuse_named", "left_out"]
+__all__ = ["Unadapted", "is_matmul_like", "unknown_class", "of_sites", "report", "refuse_named", "left_out"]
 
 # Leaf names of weights that are not matmul weights: embedding and position tables, biases, norm scales (stacked
 # by nn.scan they have two axes).
@@ -57,6 +57,13 @@ def is_matmul_like(name: str, leaf: Any) -> bool:
   dtype = getattr(leaf, "dtype", None)
   return (len(getattr(leaf, "shape", ())) >= 2 and dtype is not None and getattr(dtype, "kind", "f") in "fcV"
           and not is_lora_key(name) and not _NOT_MATMUL.search(str(name)))
+
+
+def unknown_class(module: tuple[str, ...], weight: str, shape: tuple[int, ...], cls: str) -> Unadapted:
+  """A weight held by a module of a layer class no front-end knows: describe it with `jlora.register_layer`."""
+  return Unadapted(module, weight, tuple(shape), f"{cls} is not a layer class jlora knows",
+                   f"if it computes x·W, describe it: jlora.register_layer({cls}, jlora.Layer(weight={weight!r}, "
+                   "input=...))")
 
 
 def of_sites(sites: Sequence[Site]) -> list[Unadapted]:

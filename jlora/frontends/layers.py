@@ -222,6 +222,10 @@ def _maxtext_check(m: Any) -> str:
 for _name in ("MaxText.layers.linears.DenseGeneral", "maxtext.layers.linears.DenseGeneral"):
   _REGISTRY[(_name, "__call__")] = Layer(input="inputs", axis=lambda m: m.axis, unsupported=_maxtext_check)
 
+# Hugging Face transformers 4.x (its Flax models; transformers 5 has none): GPT-2's projections keep `kernel (out, in)`.
+_REGISTRY[("transformers.models.gpt2.modeling_flax_gpt2.FlaxConv1D", "__call__")] = Layer(
+    input="inputs", equation="...i,oi->...o")
+
 # flax NNX's own layers, which `jlora.nnx` adapts (by name: `import jlora` imports no flax.nnx).
 _NNX = "flax.nnx.nn.linear."
 

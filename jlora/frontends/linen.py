@@ -32,9 +32,9 @@ from jlora.core.fields import ALL_LINEAR
 from jlora.core.init import add_adapters
 from jlora.core.merge import with_norms
 from jlora.core.sharding import box, unbox
-from jlora.core.targets import Site, adapter_path, is_head, lora_keys, path_str
+from jlora.core.targets import LINEAR_KINDS, Site, adapter_path, is_head, lora_keys, path_str
 from jlora.core.tree import Params, _check_tree, flatten, get_path, has_adapters
-from jlora.core.unadapted import Unadapted, is_matmul_like, of_sites, report
+from jlora.core.unadapted import Unadapted, is_matmul_like, of_sites, report, unknown_class
 from jlora.frontends import flow as _flow
 from jlora.frontends import layer_check as _layer_check
 from jlora.frontends.layers import Call, describe
@@ -211,9 +211,7 @@ def _unadapted(params: Params, found: Discovery) -> list[Unadapted]:
                            "adapt the NNX model itself with jlora.nnx.init (factored), or this tree with "
                            "jlora.init_tree + jlora.apply_merged (layout= for weights of more than two axes)"))
     elif cls is not None and owner == module:  # a module not run on these inputs is not reported
-      out.append(Unadapted(module, name, tuple(leaf.shape), f"{cls.__name__} is not a layer class jlora knows",
-                           f"if it computes x·W, describe it: jlora.register_layer({cls.__name__}, "
-                           f"jlora.Layer(weight={name!r}, input=...))"))
+      out.append(unknown_class(module, name, leaf.shape, cls.__name__))
   return out + of_sites(found.sites)
 
 
@@ -319,7 +317,8 @@ def init(key: jax.Array, model: nn.Module, params: Params, config: LoraConfig, *
   found = _discover(model, params, args, kwargs, variables, probes)
   unadapted = _unadapted(params, found)
   report(config, unadapted, "jlora.init")
-  if unadapted and all(s.unsupported or (s.is_head and config.target_modules == ALL_LINEAR) for s in found.sites):
+  linear = config.target_modules == ALL_LINEAR
+  if unadapted and all(s.unsupported or (linear and (s.is_head or s.kind not in LINEAR_KINDS)) for s in found.sites):
     raise ValueError("jlora.init: the model has no layer jlora can adapt on these inputs. Its matmul-like weights:\n"
                      + "\n".join(u.line() for u in unadapted))
   adapted = add_adapters(key, params, config, found.sites, dtype=dtype)

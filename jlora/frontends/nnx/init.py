@@ -22,7 +22,7 @@ from jlora.core.config import LoraConfig
 from jlora.core.init import add_adapters
 from jlora.core.targets import Site, is_lora_key, magnitude_key, path_str, selects
 from jlora.core.tree import _check_tree, adapted_modules, check_adapters, flatten, has_adapters, labels
-from jlora.core.unadapted import Unadapted, is_matmul_like, of_sites, report
+from jlora.core.unadapted import Unadapted, is_matmul_like, of_sites, report, unknown_class
 from jlora.frontends import layer_check
 from jlora.frontends.layers import kinds_listing
 from jlora.frontends.nnx.check import plans
@@ -143,10 +143,7 @@ def _unadapted(modules: dict[Path, nnx.Module], variables: dict[Path, nnx.Variab
     if not isinstance(var, nnx.Param) or path in held or path[:-1] in held or module is None:
       continue
     if is_matmul_like(path[-1], var.get_value()):
-      cls = type(module).__name__
-      out.append(Unadapted(path[:-1], path[-1], tuple(var.shape), f"{cls} is not a layer class jlora knows",
-                           f"if it computes x·W, describe it: jlora.register_layer({cls}, "
-                           f"jlora.Layer(weight={path[-1]!r}, input=...))"))
+      out.append(unknown_class(path[:-1], path[-1], var.shape, type(module).__name__))
   return out + of_sites(found)
 
 

@@ -31,6 +31,7 @@ from jlora.formats.quantized import load_quantized as load_quantized
 from jlora.formats.quantized import save_quantized as save_quantized
 from jlora.frontends.layers import Layer as Layer
 from jlora.frontends.layers import register_layer as register_layer
+from jlora.frontends.layers import registered_layers as registered_layers
 from jlora.frontends.linen import init as init
 from jlora.quant.tree import dequantize as dequantize
 from jlora.quant.tree import quantize as quantize
@@ -65,6 +66,7 @@ __all__ = [
     "optimizer",
     "quantize",
     "register_layer",
+    "registered_layers",
     "requantize",
     "save_adapter",
     "save_peft",

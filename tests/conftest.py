@@ -46,6 +46,9 @@ SLOW_TESTS = {
 # Tests of the library that take 4.5 s or more (summed over their parameters; measured on a fresh clone, 2 cores):
 # the full run keeps them, the fast loop runs the rest of each file.
 HEAVY_TESTS = {
+    "test_body_adapted_head_left_alone_forward_merge_and_apply_merged_agree",
+    "test_maxtext_nnx_dense_general_ships_registered_factored_equals_merged",
+    "test_generic_all_linear_warns_about_3d_weights_and_the_head_is_left_alone",
     "test_a_damaged_checkpoint_prints_jloras_error_and_no_orbax_tracebacks",
     "test_a_layer_that_is_not_x_w_in_its_declared_layout_is_refused",
     "test_adapters_from_peft_files_join_a_set",

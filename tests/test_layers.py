@@ -44,12 +44,29 @@ def _check_factored_equals_merged(model, base, config, x, jit):
   return params
 
 
-def test_unknown_class_is_not_adaptable_and_the_error_says_how_to_register():
+@pytest.mark.parametrize("targets", [["inner"], ["inner", "out"]])
+def test_unknown_class_named_in_targets_is_refused_and_the_error_says_how_to_register(targets):
   model, x = TwoLayer(), jnp.ones((2, 12))
   base = model.init(jax.random.key(0), x)["params"]
-  with pytest.raises(ValueError, match="matched no module") as e:
-    jlora.init(jax.random.key(1), model, base, jlora.LoraConfig(r=2, target_modules=["inner"]), x)
-  assert "out" in str(e.value)  # the listing of what exists
+  with pytest.raises(ValueError, match=r"inner/w \(12, 16\): MyDense is not a layer class jlora knows") as e:
+    jlora.init(jax.random.key(1), model, base, jlora.LoraConfig(r=2, target_modules=targets), x)
+  assert "jlora.register_layer(MyDense, jlora.Layer(weight='w', input=...))" in str(e.value)
+
+
+def test_all_linear_reports_the_unknown_class_it_skips_and_summary_lists_it():
+  class ThreeLayer(nn.Module):
+    @nn.compact
+    def __call__(self, x):
+      return nn.Dense(8, name="out")(nn.Dense(16, name="mid")(MyDense(16, name="inner")(1.0, x)))
+
+  model, x = ThreeLayer(), jnp.ones((2, 12))
+  base = model.init(jax.random.key(0), x)["params"]
+  config = jlora.LoraConfig(r=2, target_modules="all-linear")
+  with pytest.warns(UserWarning, match=r"(?s)leaves 1 matmul-like weight.*inner/w \(12, 16\): MyDense.*register_layer"):
+    params = jlora.init(jax.random.key(1), model, base, config, x)
+  assert "lora_a" in params["mid"] and "lora_a" not in params["inner"] and "lora_a" not in params["out"]  # out: head
+  left = str(jlora.summary(params, config)).split("without an adapter")[-1]
+  assert "inner/w (12, 16)" in left and "out/kernel (16, 8)" in left and "mid/kernel" not in left
 
 
 @pytest.mark.parametrize("jit", [False, True])
@@ -273,7 +290,7 @@ def test_bad_registrations_say_what_is_wrong():
     jlora.register_layer(MyDense, {"weight": "w"})
   with pytest.raises(TypeError, match="qualified"):
     jlora.register_layer("MyDense", jlora.Layer())
-  with pytest.raises(TypeError, match=r"jlora\.nnx"):
+  with pytest.raises(TypeError, match=r"flax\.linen or flax\.nnx Module class.*jlora\.equinox"):
     jlora.register_layer(int, jlora.Layer())
   with pytest.raises(ValueError, match="kind"):
     jlora.Layer(kind="lstm")

@@ -22,6 +22,7 @@ from jlora.core.plain import KERNEL_NAMES, LayoutLike, tree_sites
 from jlora.core.sharding import adapter_shardings, box, unbox
 from jlora.core.targets import Site, leaf_name, path_str, select_sites
 from jlora.core.tree import Params, _check_tree, flatten, get_path, has_adapters, unflatten
+from jlora.core.unadapted import of_sites, report
 from jlora.core.variants import init_for, variant_of
 from jlora.quant.array import QuantizedArray
 
@@ -53,6 +54,8 @@ def add_adapters(key: jax.Array, params: Params, config: LoraConfig, sites: Sequ
     )
   stacked = {}
   for site in sites:
+    if site.unsupported:  # never adapted (and a weight given at call time is not in the tree)
+      continue
     kernel = get_path(params, site.module + (site.kernel_name,))
     extra = kernel.ndim - len(site.kernel_shape)
     if extra < 0 or tuple(kernel.shape[extra:]) != site.kernel_shape:
@@ -141,7 +144,11 @@ def init_tree(key: jax.Array, params: Params, config: LoraConfig, *, kernel_name
   a 2-D `weight` is `(out, in)` (Equinox, PyTorch); other weights need
   `layout=`. Keys may be integers (kept as they are) or hold `/` (Haiku's
   `"mlp/~/linear_0"`, matched by its components). `"all-linear"` skips output
-  heads (a module named `lm_head`, `classifier`, `score`, `qa_outputs` or `head`).
+  heads, which a tree (no model is run) shows only by name: a module named
+  `lm_head`, `classifier`, `score`, `qa_outputs`, `head` or `logits_dense`; leave
+  a head of another name out with `exclude_modules`. It warns (one `UserWarning`
+  naming each) about the weights of more than two axes it leaves out for want of
+  a `layout=`, and a `target_modules` list naming one raises.
   Run the model with `jlora.apply_merged`, which materializes `W0 + s·A·B`
   (exact and differentiable; slower to train than a factored path).
 
@@ -183,5 +190,7 @@ def init_tree(key: jax.Array, params: Params, config: LoraConfig, *, kernel_name
     raise TypeError(f"`config` must be a jlora.LoraConfig, got {type(config).__name__}.")
   plain, boxes = unbox(params)
   tree = stringify(plain)
-  out = add_adapters(key, tree, config, tree_sites(tree, kernel_names, layout), dtype=dtype)
+  sites = tree_sites(tree, kernel_names, layout)
+  report(config, of_sites(sites), "jlora.init_tree")
+  out = add_adapters(key, tree, config, sites, dtype=dtype)
   return box(restore(out, plain), boxes)

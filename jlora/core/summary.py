@@ -8,7 +8,9 @@ from typing import NamedTuple
 import jax
 
 from jlora.core.config import LoraConfig
+from jlora.core.fields import ALL_LINEAR
 from jlora.core.tree import Params, _check_tree, adapters, split
+from jlora.core.unadapted import left_out
 from jlora.quant.array import QuantizedArray
 
 __all__ = ["summary", "Summary", "ModuleRow"]
@@ -34,6 +36,10 @@ class Summary(NamedTuple):
     adapter_params: `lora_a` + `lora_b` (+ the DoRA magnitude) parameters.
     trainable_bytes: bytes of the trainable leaves (what an adapter file holds).
     rows: one `ModuleRow` per adapted module.
+    not_adapted: with `target_modules="all-linear"`: `(weight path, shape)` of each matmul-like weight (two or
+      more axes, not an embedding table, a bias or a norm scale) that holds no adapter: the output head, kinds
+      all-linear does not cover (convolutions), and what `jlora.init` / `init_tree` warned they cannot adapt.
+      Empty for other configs, which name what they adapt.
   """
 
   trainable: int
@@ -41,6 +47,7 @@ class Summary(NamedTuple):
   adapter_params: int
   trainable_bytes: int
   rows: tuple[ModuleRow, ...]
+  not_adapted: tuple[tuple[str, tuple[int, ...]], ...] = ()
 
   @property
   def percent(self) -> float:
@@ -60,6 +67,10 @@ class Summary(NamedTuple):
         f"trainable params: {self.trainable:,} || all params: {self.total:,} || trainable%: {self.percent:.4f}"
         f" || adapter bytes: {self.trainable_bytes:,}"
     )
+    if self.not_adapted:
+      lines.append(f"all-linear left {len(self.not_adapted)} matmul-like weight(s) without an adapter (the output "
+                   "head, kinds it does not cover such as convolutions, and what init warned it cannot adapt): "
+                   + ", ".join(f"{p} {shape}" for p, shape in self.not_adapted))
     return "\n".join(lines)
 
 
@@ -86,4 +97,5 @@ def summary(params: Params, config: LoraConfig) -> Summary:
   trainable, frozen = split(params, config)
   n_train, train_bytes = _count(trainable)
   n_frozen, _ = _count(frozen)
-  return Summary(n_train, n_train + n_frozen, sum(r.adapter_params for r in rows), train_bytes, tuple(rows))
+  skipped = tuple(left_out(params)) if config.target_modules == ALL_LINEAR else ()
+  return Summary(n_train, n_train + n_frozen, sum(r.adapter_params for r in rows), train_bytes, tuple(rows), skipped)

@@ -26,7 +26,7 @@ __all__ = [
 # Layer kinds: the linen classes jlora adapts.
 LINEAR_KINDS = ("dense", "dense_general", "einsum")
 # Names that mark the output head, which `"all-linear"` leaves alone (as PEFT does).
-HEAD_NAMES = ("lm_head", "classifier", "score", "qa_outputs", "head")
+HEAD_NAMES = ("lm_head", "classifier", "score", "qa_outputs", "head", "logits_dense")  # logits_dense: MaxText
 # Names of a module's main weight (Flax, Haiku, Equinox/PyTorch-style trees), in order of preference.
 KERNEL_KEYS = ("kernel", "embedding", "w", "weight")
 LORA_KEYS = ("lora_a", "lora_b")
@@ -321,6 +321,8 @@ def select_sites(config: LoraConfig, sites: Sequence[Site], stacked: dict[tuple[
         f"or \"all-linear\". Adaptable modules:\n{_listing(sites)}"
     )
   named = [s for s in sites if _named(config, s.path, s.kind, s.is_head)]
+  if config.target_modules == ALL_LINEAR:  # what it cannot adapt, the front-end reports (jlora.core.unadapted)
+    named = [s for s in named if not s.unsupported]
   if not named:
     raise ValueError(
         f"`target_modules`={config.target_modules!r} matched no module"

@@ -58,7 +58,7 @@ from jlora.core import ops as _ops
 from jlora.core.targets import Site, path_str
 from jlora.frontends.layers import Call, Layer
 
-__all__ = ["STOCK_CLASSES", "Probe", "plan", "check", "probe"]
+__all__ = ["STOCK_CLASSES", "INPUT", "Probe", "plan", "make", "check", "probe", "static"]
 
 # Exact types that jlora adapts without a probe: flax's own layers compute `x·W` in their layout.
 STOCK_CLASSES = (nn.Dense, nn.DenseGeneral, nn.Einsum, nn.Conv, nn.Embed)
@@ -74,7 +74,7 @@ class _Input:
     return "<input>"
 
 
-_INPUT = _Input()
+_INPUT = INPUT = _Input()  # the input's place among a recorded call's arguments
 
 
 class Probe(NamedTuple):
@@ -82,7 +82,8 @@ class Probe(NamedTuple):
 
   Attributes:
     site: the call's `Site` (path, weight name, per-layer weight shape).
-    module: an unbound clone of the module (same fields), or the exception that cloning raised.
+    module: what runs the layer alone (`module.apply(variables, *args, method=...)`): an unbound clone of a linen
+      module (same fields), `jlora.nnx`'s runner of an NNX layer, or the exception that making it raised.
     layer: its `jlora.Layer`.
     args, kwargs: the call's arguments, the input replaced by a marker.
     x: the input's shape and dtype.
@@ -110,7 +111,7 @@ def _is_array(v: Any) -> bool:
   return isinstance(v, (jax.Array, np.ndarray, jax.core.Tracer))
 
 
-def _static(v: Any) -> Any:
+def static(v: Any) -> Any:
   """A hashable stand-in of a call argument or field value, for the de-duplication key."""
   if callable(v) and not isinstance(v, nn.Module):
     return getattr(v, "__qualname__", None) or repr(type(v))
@@ -123,7 +124,7 @@ def _static(v: Any) -> Any:
 
 def _fields(module: nn.Module) -> tuple:
   names = [f.name for f in dataclasses.fields(module) if f.name not in ("parent", "name")]
-  return tuple((n, _static(getattr(module, n, None))) for n in names)
+  return tuple((n, static(getattr(module, n, None))) for n in names)
 
 
 def plan(call: Call, site: Site, y: Any) -> Probe | None:
@@ -143,27 +144,47 @@ def plan(call: Call, site: Site, y: Any) -> Probe | None:
   x = call.input
   if not hasattr(x, "shape") or not hasattr(y, "dtype"):
     return None
-  skip = ""
   args = tuple(_INPUT if a is x else a for a in call.args)
   kwargs = {k: _INPUT if v is x else v for k, v in call.kwargs.items()}
+  try:
+    clone = module.clone(parent=None)
+  except Exception as e:  # reported by `probe` as a layer it could not run alone
+    clone = e
+  return make(site, clone, call.layer, args, kwargs, jax.ShapeDtypeStruct(x.shape, x.dtype), y.dtype,
+              call.equation if site.kind == "einsum" else None,
+              None if site.kind == "einsum" else call.layer.axes(module), type(module), _fields(module))
+
+
+def make(site: Site, runner: Any, layer: Layer, args: tuple, kwargs: dict, x: jax.ShapeDtypeStruct, y_dtype: Any,
+         equation: str | None, axes: tuple[int, ...] | None, cls: type, fields: tuple) -> Probe:
+  """The probe of one call, from its parts (any front-end).
+
+  Args:
+    site: the call's site.
+    runner: runs the layer alone: `runner.apply(variables, *args, method=..., **kwargs)` with `variables =
+      {'params': its params dict, ...}` (a linen module's clone; `jlora.nnx` gives its own), or the exception
+      that making it raised.
+    layer: the layer's description.
+    args, kwargs: the call's arguments, the input replaced by `INPUT`.
+    x: the input's shape and dtype.
+    y_dtype: the output's dtype.
+    equation: the einsum equation (einsum kind), else None.
+    axes: the contracted input axes (dense kinds), else None.
+    cls: the layer's class.
+    fields: hashable settings of the layer (with the rest, what makes two probes the same).
+  """
+  skip = ""
   others = [v for v in jax.tree.leaves((args, kwargs)) if _is_array(v)]
   if any(isinstance(v, jax.core.Tracer) for v in others):
     skip = "called with array arguments besides its input"
   elif not jnp.issubdtype(x.dtype, jnp.floating):
     skip = f"its input is {x.dtype}, not floating point"
-  equation = call.equation if site.kind == "einsum" else None
-  axes = None if site.kind == "einsum" else call.layer.axes(module)
-  try:
-    clone = module.clone(parent=None)
-  except Exception as e:  # reported by `probe` as a layer it could not run alone
-    clone = e
   # Concrete array arguments make every call its own probe (object(): never equal to another key).
-  calls = (tuple(map(_static, args)), tuple(sorted((k, _static(v)) for k, v in kwargs.items()))) if not others \
+  calls = (tuple(map(static, args)), tuple(sorted((k, static(v)) for k, v in kwargs.items()))) if not others \
       else object()
-  key = (type(module), _static(call.layer), site.kernel_name, site.kernel_shape, tuple(x.shape), str(x.dtype),
-         equation, axes, _fields(module), calls)
-  return Probe(site, clone, call.layer, args, kwargs, jax.ShapeDtypeStruct(x.shape, x.dtype), y.dtype, equation,
-               axes, key, skip)
+  key = (cls, static(layer), site.kernel_name, site.kernel_shape, tuple(x.shape), str(x.dtype), equation, axes,
+         fields, calls)
+  return Probe(site, runner, layer, args, kwargs, x, y_dtype, equation, axes, key, skip)
 
 
 def check(probes: Sequence[Probe], params: Mapping[str, Any], adapted: Mapping[str, Any],

@@ -14,6 +14,7 @@ from __future__ import annotations
 import dataclasses
 import functools
 import inspect
+import sys
 from collections.abc import Callable, Mapping
 from typing import Any
 
@@ -21,7 +22,7 @@ import flax.linen as nn
 
 from jlora.core import ops as _ops
 
-__all__ = ["Layer", "register_layer", "registered_layers", "describe", "Call"]
+__all__ = ["Layer", "register_layer", "registered_layers", "describe", "lookup", "is_nnx_class", "Call", "NNX_STOCK"]
 
 Attr = Any  # a constant, or a function of the module returning it
 _KINDS = ("dense", "einsum")
@@ -131,12 +132,13 @@ class Layer:
 class Call:
   """One intercepted call of a described layer: its module, description and arguments."""
 
-  def __init__(self, module: nn.Module, layer: Layer, args: tuple, kwargs: Mapping[str, Any]):
+  def __init__(self, module: Any, layer: Layer, args: tuple, kwargs: Mapping[str, Any], cls: type | None = None):
     self.module, self.layer, self.args, self.kwargs = module, layer, args, kwargs
+    self.cls = cls or type(module)  # whose signature names the arguments (NNX: the class before adaptation)
 
   def argument(self, which: str | int) -> Any:
     """A call argument by parameter name or position (None when the call leaves it out)."""
-    names = _params(type(self.module), self.layer.method)
+    names = _params(self.cls, self.layer.method)
     if isinstance(which, int):
       if which < len(self.args):
         return self.args[which]
@@ -207,8 +209,41 @@ _REGISTRY: dict[tuple[type | str, str], Layer] = {
 for _name in ("gemma.gm.nn._layers.Einsum", "gemma.gm.nn.gemma4._layers.Einsum"):
   _REGISTRY[(_name, "__call__")] = Layer(weight=lambda m: m.weight_name, input="x", equation_arg="eqn",
                                          unsupported=_scaled_weight_check)
-for _name in ("MaxText.layers.linears.DenseGeneral", "maxtext.layers.linears.DenseGeneral"):  # axes in given order
-  _REGISTRY[(_name, "__call__")] = Layer(input="inputs", axis=lambda m: m.axis)
+
+
+def _maxtext_check(m: Any) -> str:
+  if getattr(m, "quant", None) is not None or getattr(m, "kernel_scale", None) is not None:
+    return "its kernel is quantized (quant= or an fp8 kernel_scale), which jlora cannot merge into"
+  return ""
+
+
+# MaxText's DenseGeneral: the linen class (MaxText <= 0.1, `MaxText.layers.linears`) and the NNX one (maxtext 0.2,
+# `maxtext.layers.linears`); both keep `kernel: in_shape + out_shape` and contract the input's `axis`, in the given order.
+for _name in ("MaxText.layers.linears.DenseGeneral", "maxtext.layers.linears.DenseGeneral"):
+  _REGISTRY[(_name, "__call__")] = Layer(input="inputs", axis=lambda m: m.axis, unsupported=_maxtext_check)
+
+# Hugging Face transformers 4.x (its Flax models; transformers 5 has none): GPT-2's projections keep `kernel (out, in)`.
+_REGISTRY[("transformers.models.gpt2.modeling_flax_gpt2.FlaxConv1D", "__call__")] = Layer(
+    input="inputs", equation="...i,oi->...o")
+
+# flax NNX's own layers, which `jlora.nnx` adapts (by name: `import jlora` imports no flax.nnx).
+_NNX = "flax.nnx.nn.linear."
+
+
+def _nnx_general_check(m: Any) -> str:
+  return "nn.LinearGeneral with batch_axis is not supported" if m.batch_axis else ""
+
+
+NNX_STOCK = {
+    (_NNX + "Linear", "__call__"): Layer(input="inputs"),
+    (_NNX + "LinearGeneral", "__call__"): Layer(input="inputs", axis=lambda m: m.axis, kind="dense_general",
+                                                unsupported=_nnx_general_check),
+    (_NNX + "Einsum", "__call__"): Layer(input="inputs", equation=lambda m: m.einsum_str, equation_arg="einsum_str"),
+    (_NNX + "Conv", "__call__"): Layer(input="inputs", kind="conv", unsupported=_conv_check),
+    (_NNX + "Embed", "__call__"): Layer(weight="embedding", input="inputs", kind="embed"),
+    (_NNX + "Embed", "attend"): Layer(weight="embedding", input="query", method="attend", kind="attend"),
+}
+_REGISTRY.update(NNX_STOCK)
 
 
 def register_layer(cls: type | str, layer: Layer) -> None:
@@ -238,34 +273,63 @@ def register_layer(cls: type | str, layer: Layer) -> None:
       raise TypeError(
           f"register_layer: a class name must be qualified, e.g. 'mypackage.layers.MyDense', got {cls!r}."
       )
-  elif not (isinstance(cls, type) and issubclass(cls, nn.Module)):
+  elif not (isinstance(cls, type) and (issubclass(cls, nn.Module) or is_nnx_class(cls))):
     raise TypeError(
-        f"register_layer: `cls` must be a flax.linen Module class or its qualified name, got {cls!r}. "
-        "(Flax NNX models: use jlora.nnx; Equinox: jlora.equinox; other models: jlora.init_tree + apply_merged.)"
+        f"register_layer: `cls` must be a flax.linen or flax.nnx Module class or its qualified name, got {cls!r}. "
+        "(Equinox: jlora.equinox; other models: jlora.init_tree + jlora.apply_merged.)"
     )
+  if is_nnx_class(cls) and layer.kind not in _KINDS:
+    raise ValueError(f"register_layer: an NNX layer is described with the dense layout or an einsum equation, got "
+                     f"kind={layer.kind!r} for {cls.__name__}; leave `kind` unset.")
   _REGISTRY[(cls, layer.method)] = layer
 
 
+def is_nnx_class(cls: Any) -> bool:
+  """Whether `cls` is a flax NNX Module class (flax.nnx is not imported for this: such a class implies it is)."""
+  nnx = sys.modules.get("flax.nnx")
+  return nnx is not None and isinstance(cls, type) and issubclass(cls, nnx.Module)
+
+
 def registered_layers() -> dict[tuple[type | str, str], Layer]:
-  """A copy of the table: `{(class or qualified name, method): Layer}`."""
+  """The layer classes jlora adapts, linen and NNX: a copy of the table `{(class or qualified name, method): Layer}`.
+
+  It holds flax's stock classes (linen's `nn.Dense`, `nn.DenseGeneral`, `nn.Einsum`, `nn.Conv`, `nn.Embed` as
+  classes; NNX's `nnx.Linear`, `nnx.LinearGeneral`, `nnx.Einsum`, `nnx.Conv`, `nnx.Embed` by qualified name, so
+  that `import jlora` needs no flax.nnx), the entries jlora ships by qualified name (gemma's `Einsum`, MaxText's
+  `DenseGeneral`, linen and NNX), and every `jlora.register_layer`. Changing the copy changes nothing.
+
+  Example:
+    >>> import flax.linen as nn, jlora
+    >>> jlora.registered_layers()[(nn.Dense, "__call__")]
+    Layer(weight='kernel', input=0, axis=-1, equation=None, equation_arg=None, method='__call__', unsupported=None, kind='dense')
+  """
   return dict(_REGISTRY)
 
 
-def describe(module: nn.Module, method: str) -> Layer | None:
+def lookup(module: Any, method: str) -> tuple[type | str, Layer] | None:
+  """`(key, description)` of `module.method`: its class's entry or the nearest described base class's."""
+  for cls in type(module).__mro__:
+    for key in (cls, f"{cls.__module__}.{cls.__qualname__}"):
+      layer = _REGISTRY.get((key, method))
+      if layer is not None:
+        return key, layer
+  return None
+
+
+def describe(module: Any, method: str) -> Layer | None:
   """The description of `module.method`, from its class or the nearest described base class.
 
   Subclasses inherit their base's entry (flax's `nn.remat(nn.Dense)` is one); a subclass whose method
   computes something else than the base's must be registered itself.
   """
-  for cls in type(module).__mro__:
-    layer = _REGISTRY.get((cls, method)) or _REGISTRY.get((f"{cls.__module__}.{cls.__qualname__}", method))
-    if layer is not None:
-      return layer
-  return None
+  found = lookup(module, method)
+  return found[1] if found is not None else None
 
 
-def kinds_listing() -> str:
-  """The described classes, for messages."""
-  names = sorted({k.__name__ if isinstance(k, type) else k for k, _ in _REGISTRY})
-  return ", ".join(names)
+def kinds_listing(nnx: bool = False) -> str:
+  """The described classes of one front-end (linen, or NNX), for messages."""
+  names = {k.__name__ if isinstance(k, type) else k for k, _ in _REGISTRY
+           if (is_nnx_class(k) or (isinstance(k, str) and k.startswith(_NNX))) == nnx
+           or (isinstance(k, str) and not k.startswith(("flax.", _NNX)))}
+  return ", ".join(sorted(names))
 

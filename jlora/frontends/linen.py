@@ -20,7 +20,7 @@ cached trace would keep or lose LoRA behind the user's back).
 from __future__ import annotations
 
 from collections.abc import Mapping
-from typing import Any
+from typing import Any, NamedTuple
 
 import flax.linen as nn
 import jax
@@ -28,15 +28,18 @@ import jax.numpy as jnp
 
 from jlora.core import ops as _ops
 from jlora.core.config import LoraConfig
+from jlora.core.fields import ALL_LINEAR
 from jlora.core.init import add_adapters
 from jlora.core.merge import with_norms
 from jlora.core.sharding import box, unbox
-from jlora.core.targets import Site, adapter_path, is_head, path_str
-from jlora.core.tree import Params, _check_tree, has_adapters
+from jlora.core.targets import LINEAR_KINDS, Site, adapter_path, is_head, path_str
+from jlora.core.tree import Params, _check_tree, flatten, get_path, has_adapters
+from jlora.core.unadapted import Unadapted, is_matmul_like, of_sites, report, unknown_class
+from jlora.frontends import flow as _flow
 from jlora.frontends import layer_check as _layer_check
 from jlora.frontends.layers import Call, describe
 from jlora.frontends.linen_forward import BYPASS, Forward
-from jlora.frontends.linen_run import run_fresh, warn_if_closed_over
+from jlora.frontends.linen_run import is_foreign, run_fresh, warn_if_closed_over
 
 __all__ = ["init", "apply"]
 
@@ -56,26 +59,33 @@ def check_model(model: Any) -> None:
     )
 
 
-def _site(call: Call) -> Site:
-  """The `Site` of one call of a described layer: its adapter path, weight, and the weight's layout."""
+def _site(call: Call, path: tuple[str, ...] | None = None, foreign: str = "") -> Site:
+  """The `Site` of one call of a described layer: its adapter path, weight, and the weight's layout.
+
+  `path` and `foreign` (why it cannot be adapted) are given for a layer re-applied with weights passed at call time
+  (`is_foreign`), whose own path is its new root's, `()`.
+  """
   module, layer = call.module, call.layer
-  module_path = tuple(module.path)
+  module_path = tuple(module.path) if path is None else path
   kernel_name = layer.weight_name(module)
   kernel = module.get_variable("params", kernel_name)
   if kernel is None or not hasattr(kernel, "shape"):
     held = sorted(module.variables.get("params", {})) if module.variables else []
+    if foreign:
+      return Site(adapter_path(module_path, kernel_name), layer.kind, kernel_name, (), (), (), (),
+                  is_head(module_path), foreign)
     raise ValueError(
         f"jlora.Layer for {type(module).__name__} names the weight {kernel_name!r}, but the module at "
         f"{path_str(module_path)!r} holds params {held}; fix `weight=` in jlora.register_layer."
     )
   shape = tuple(kernel.shape)
   n = len(shape)
-  batch, why, kind = (), layer.why_not(module), layer.kind
+  batch, why, kind = (), foreign or layer.why_not(module), layer.kind
   if kind == "einsum":
     try:
       ins, outs, batch = _ops.einsum_axes(call.equation)
     except ValueError as e:
-      ins, outs, why = tuple(range(n - 1)), (n - 1,), str(e)
+      ins, outs, why = tuple(range(n - 1)), (n - 1,), why or str(e)
   elif kind in ("dense", "dense_general"):
     n_in = len(layer.axes(module))
     ins, outs = tuple(range(n_in)), tuple(range(n_in, n))
@@ -85,6 +95,12 @@ def _site(call: Call) -> Site:
     ins, outs = (0,), (1,)
   return Site(adapter_path(module_path, kernel_name), kind, kernel_name, shape, ins, outs, batch, is_head(module_path),
               why)
+
+
+_FOREIGN = ("it is applied with a weight given at call time (`module.apply({'params': ...})`, e.g. an output head "
+            "tied to the embedding table), which is not in the params tree: no adapter can sit beside it and "
+            "jlora.merge could not fold one in; leave it out (an untied head, e.g. Hugging Face's "
+            "`tie_word_embeddings=False`, is adaptable)")
 
 
 def _check_call(call: Call, site: Site, y: Any) -> None:
@@ -118,18 +134,44 @@ def _check_call(call: Call, site: Site, y: Any) -> None:
     )
 
 
-def _discover(model: nn.Module, params: Params, args, kwargs, variables, probes: list | None = None) -> list[Site]:
+class Discovery(NamedTuple):
+  """What `_discover` finds: the sites, the layers re-applied with weights given at call time and what those
+  weights are computed from (`None`: not known), and the class of every module the model runs."""
+
+  sites: list[Site]
+  foreign: dict[tuple[str, ...], tuple[Site, frozenset | None]]
+  classes: dict[tuple[str, ...], type]
+
+
+def _discover(model: nn.Module, params: Params, args, kwargs, variables, probes: list | None = None) -> Discovery:
   """Every adaptable module that the model calls on these inputs, in call order (and, into `probes`, the calls
   of registered classes to check, `jlora.frontends.layer_check`)."""
   found: dict[tuple[str, ...], Site] = {}
-  outputs: dict[tuple[str, ...], Any] = {}
+  foreign: dict[tuple[str, ...], Site] = {}
+  classes: dict[tuple[str, ...], type] = {}
+  running: list[tuple[str, ...]] = []  # the paths of the model's modules whose methods are running
+  recorder = _flow.Recorder()
 
   def record(next_fun, args, kwargs, context):
-    layer = describe(context.module, context.method_name)
-    y = next_fun(*args, **kwargs)
+    module = context.module
+    outside = is_foreign(module)
+    if not outside:
+      classes.setdefault(tuple(module.path), type(module))
+    layer = describe(module, context.method_name)
     if layer is None or layer.kind == "attend" or BYPASS.get():
+      running.append(tuple(module.path) if not outside else running[-1] if running else ())
+      try:
+        return next_fun(*args, **kwargs)
+      finally:
+        running.pop()
+    y = next_fun(*args, **kwargs)
+    call = Call(module, layer, args, kwargs)
+    if outside:  # named after the module that applies it: `lm_head` in the model that calls self.lm_head.apply
+      path = (*(running[-1] if running else ()), module.name or type(module).__name__)
+      site = foreign[path] = _site(call, path, _FOREIGN)
+      recorder.add(("w", site.path), module.get_variable("params", site.kernel_name))
+      recorder.add(("y", site.path), y)
       return y
-    call = Call(context.module, layer, args, kwargs)
     site = _site(call)
     _check_call(call, site, y)
     known = found.setdefault(site.path, site)
@@ -137,20 +179,77 @@ def _discover(model: nn.Module, params: Params, args, kwargs, variables, probes:
       raise ValueError(f"Module {path_str(site.path)!r} is called with two kernel shapes.")
     if probes is not None and known is site:
       probes.append(_layer_check.plan(call, site, y))
-    outputs[site.path] = y
+    recorder.add(("y", site.path), y)
     return y
 
   def trace(p):
     with nn.intercept_methods(record):
-      out = run_fresh(model, {"params": p, **(variables or {})}, args, kwargs)
-    leaves = jax.tree.leaves(out)
-    heads = [path for path, y in outputs.items() if any(y is leaf for leaf in leaves)]
-    for path in heads:
-      found[path] = found[path]._replace(is_head=True)
-    return out
+      return run_fresh(model, {"params": p, **(variables or {})}, args, kwargs)
 
-  jax.eval_shape(trace, params)
-  return list(found.values())
+  _, flow = _flow.trace(trace, params, recorder)
+  heads = {path for kind, path in flow.returned if kind == "y"}
+  sites = [s._replace(is_head=True) if s.path in heads else s for s in found.values()]
+  weird = {p: (s._replace(is_head=s.is_head or p in heads), flow.sources.get(("w", p))) for p, s in foreign.items()}
+  return Discovery(sites + [s for s, _ in weird.values()], weird, classes)
+
+
+def _unadapted(params: Params, found: Discovery) -> list[Unadapted]:
+  """The matmul-like weights of modules the model runs that no described layer holds (a class jlora does not
+  know, an NNX module inside `nnx.bridge.ToLinen`), and the sites it cannot adapt (`Site.unsupported`)."""
+  held = {(*s.module, s.kernel_name) for s in found.sites}
+  described = {s.module for s in found.sites}
+  out = []
+  for path, leaf in flatten(params).items():
+    module, name = path[:-1], path[-1]
+    if path in held or module in described or not is_matmul_like(name, leaf):
+      continue
+    owner = next((module[:i] for i in range(len(module), -1, -1) if module[:i] in found.classes), None)
+    cls = found.classes.get(owner) if owner is not None else None
+    if cls is not None and _is_to_linen(cls):
+      out.append(Unadapted(module, name, tuple(leaf.shape), f"it belongs to an NNX module run through "
+                           f"nnx.bridge.ToLinen at {path_str(owner)!r}, whose layers jlora's linen path cannot see",
+                           "adapt the NNX model itself with jlora.nnx.init (factored), or this tree with "
+                           "jlora.init_tree + jlora.apply_merged (layout= for weights of more than two axes)"))
+    elif cls is not None and owner == module:  # a module not run on these inputs is not reported
+      out.append(unknown_class(module, name, leaf.shape, cls.__name__))
+  return out + of_sites(found.sites)
+
+
+def _is_to_linen(cls: type) -> bool:
+  return any(c.__name__ == "ToLinen" and c.__module__.startswith("flax.nnx.bridge") for c in cls.__mro__)
+
+
+def _node(tree: Params, path: tuple[str, ...]) -> Mapping:
+  try:
+    node = get_path(tree, path)
+  except (KeyError, TypeError):
+    return {}
+  return node if isinstance(node, Mapping) else {}
+
+
+def _check_tied(found: Discovery, adapted: Params) -> None:
+  """Raises when an adapted weight is read by a layer re-applied with weights given at call time (a tied head):
+  the factored forward would not change that layer, and `merge` would."""
+  for site, sources in found.foreign.values():
+    for s in found.sites:
+      if s.path in found.foreign or s.slot.a_key not in _node(adapted, s.module):
+        continue
+      kernel = (*s.module, s.kernel_name)
+      if sources is not None and kernel not in sources:
+        continue
+      if sources is None and sorted(s.kernel_shape) != sorted(site.kernel_shape):
+        continue
+      how = "is computed from" if sources is not None else "may be (it was applied inside a transformed layer, " \
+          "where jlora cannot trace it; its shape fits)"
+      raise ValueError(
+          f"jlora.init: {path_str(site.path)!r} is a layer applied with a weight given at call time (e.g. an output "
+          f"head tied to the embedding: `self.lm_head.apply({{'params': {{'kernel': embedding.T}}}}, h)`), and that "
+          f"weight {how} {path_str(kernel)!r}, which this config adapts. The factored forward would change "
+          f"{path_str(s.path)!r} but not that layer, while jlora.merge, which rewrites {path_str(kernel)!r}, would "
+          f"change both: they would disagree. Leave it out (`exclude_modules=[{s.path[-1]!r}]`), or untie the head "
+          "(Hugging Face: `tie_word_embeddings=False` in the model's config), or compute the tied head with "
+          "`nn.Embed.attend`, which jlora adapts with the embedding's adapter."
+      )
 
 
 def init(key: jax.Array, model: nn.Module, params: Params, config: LoraConfig, *args,
@@ -215,8 +314,15 @@ def init(key: jax.Array, model: nn.Module, params: Params, config: LoraConfig, *
   _check_tree(params)
   params, boxes = unbox(params)
   probes: list = []
-  sites = _discover(model, params, args, kwargs, variables, probes)
-  adapted = add_adapters(key, params, config, sites, dtype=dtype)
+  found = _discover(model, params, args, kwargs, variables, probes)
+  unadapted = _unadapted(params, found)
+  report(config, unadapted, "jlora.init")
+  linear = config.target_modules == ALL_LINEAR
+  if unadapted and all(s.unsupported or (linear and (s.is_head or s.kind not in LINEAR_KINDS)) for s in found.sites):
+    raise ValueError("jlora.init: the model has no layer jlora can adapt on these inputs. Its matmul-like weights:\n"
+                     + "\n".join(u.line() for u in unadapted))
+  adapted = add_adapters(key, params, config, found.sites, dtype=dtype)
+  _check_tied(found, adapted)
   _layer_check.check([p for p in probes if p is not None], params, adapted, variables)
   return box(adapted, boxes)
 

@@ -29,6 +29,7 @@ from jlora.core.targets import MAGNITUDE_KEY, Site, Slot, is_head, path_str, sel
 from jlora.core.tree import Params, check_magnitude, slots
 from jlora.core.variants import variant_of_leaves
 from jlora.frontends.layers import Call, describe, kinds_listing
+from jlora.frontends.linen_run import is_foreign
 
 __all__ = ["BYPASS", "Forward", "call_site"]
 
@@ -90,7 +91,7 @@ class Forward:
   def __call__(self, next_fun, args, kwargs, context):
     module = context.module
     layer = describe(module, context.method_name)
-    if layer is None or BYPASS.get():
+    if layer is None or BYPASS.get() or is_foreign(module):  # re-applied with weights given at call time: not ours
       return next_fun(*args, **kwargs)
     slot = Slot(tuple(module.path), layer.weight_name(module))
     if not module.has_variable("params", slot.a_key) or slot in _ACTIVE.get():

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextvars
 import itertools
 import warnings
 from collections.abc import Mapping
@@ -13,12 +14,13 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-__all__ = ["CLOSED_OVER_WARN_BYTES", "run_fresh", "warn_if_closed_over"]
+__all__ = ["CLOSED_OVER_WARN_BYTES", "is_foreign", "run_fresh", "warn_if_closed_over"]
 
 # `apply` warns when a traced call carries more than this many bytes of concrete (closed-over) base leaves.
 CLOSED_OVER_WARN_BYTES = 16 * 2**20
 
 _FRESH_FLAG = "jlora_trace"  # a scope flag; flax's nn.jit counts scope flags in its trace-cache key
+_ROOT: contextvars.ContextVar[Any] = contextvars.ContextVar("jlora_root_scope", default=None)  # run_fresh's model
 _calls = itertools.count()
 
 
@@ -45,9 +47,26 @@ def run_fresh(model: nn.Module, variables: Mapping[str, Any], args: tuple, kwarg
     scope = module.scope
     if scope is not None and hasattr(scope, "flags"):
       scope.flags = flax.core.freeze({**scope.flags, _FRESH_FLAG: token})
-    return fn(module, *a, **k)
+    root = _ROOT.set(scope)
+    try:
+      return fn(module, *a, **k)
+    finally:
+      _ROOT.reset(root)
 
   return model.apply(variables, *args, method=fresh, **kwargs)
+
+
+def is_foreign(module: nn.Module) -> bool:
+  """Whether a module runs re-applied with weights passed at call time (`self.lm_head.apply({"params": {...}}, h)`),
+  outside the scope tree of the model `run_fresh` runs: its params are the call's, not the tree's.
+
+  Its scopes lead up to a root of its own (not the model's), which was made without `run_fresh`'s flag: the scopes
+  of lifted transforms (`nn.scan`, `nn.remat`) are roots too, but made inside the call, from flagged scopes.
+  """
+  root = module.scope
+  while getattr(root, "parent", None) is not None:
+    root = root.parent
+  return root is not _ROOT.get() and _FRESH_FLAG not in (getattr(root, "flags", None) or {})
 
 
 def warn_if_closed_over(params: Mapping[str, Any], fn: str = "jlora.apply") -> None:

@@ -16,7 +16,7 @@ from __future__ import annotations
 
 import contextvars
 import types
-from typing import Any
+from typing import Any, NamedTuple
 
 import flax.linen as nn
 import jax
@@ -26,10 +26,13 @@ from flax.core.meta import AxisMetadata
 from jlora.core.config import LoraConfig
 from jlora.core.targets import Site, path_str
 from jlora.core.tree import unflatten
-from jlora.frontends.nnx.layer import einsum_of, is_adapted, kind_of, site_of
+from jlora.frontends import flow as _flow
+from jlora.frontends import layer_check
+from jlora.frontends.layers import Call
+from jlora.frontends.nnx.layer import described_equation, description, is_adapted, kind_of, site_of
 from jlora.frontends.nnx.vars import PARAM_TYPES, Frozen, Trainable, retype
 
-__all__ = ["Path", "check_model", "check_config", "walk", "to_params", "adapted", "require_adapters", "sites"]
+__all__ = ["Path", "Seen", "check_model", "check_config", "walk", "to_params", "adapted", "require_adapters", "sites"]
 
 Path = tuple[str, ...]
 
@@ -109,8 +112,26 @@ def require_adapters(model: Any, caller: str) -> dict[Path, nnx.Module]:
 
 
 # ------------------------------------------------------------------------- sites
-def sites(model: nnx.Module, args: tuple, kwargs: dict) -> tuple[list[Site], dict[Path, str]]:
-  """Every adaptable module of the model as a `Site`, and the equation of each `nnx.Einsum`.
+class Seen(NamedTuple):
+  """What the abstract run saw of one registered (described) layer's first call, for its site and its check.
+
+  Attributes:
+    kernel_shape: its weight's shape inside the call (one layer's, inside `nnx.scan`).
+    args, kwargs: the call's arguments, the input replaced by `layer_check.INPUT`.
+    x: the input's shape and dtype.
+    y_dtype: the output's dtype.
+  """
+
+  kernel_shape: tuple[int, ...]
+  args: tuple
+  kwargs: dict
+  x: jax.ShapeDtypeStruct
+  y_dtype: Any
+
+
+def sites(model: nnx.Module, args: tuple, kwargs: dict) -> tuple[list[Site], dict[Path, str], dict[Path, Seen]]:
+  """Every adaptable module of the model as a `Site`, the equation of each einsum layer, and each described layer's
+  call.
 
   Args:
     model: the NNX model (not modified).
@@ -118,27 +139,30 @@ def sites(model: nnx.Module, args: tuple, kwargs: dict) -> tuple[list[Site], dic
     kwargs: example keyword inputs.
 
   Returns:
-    `(sites, equations)`: a `Site` per adaptable module, list indices in numeric
-    order (`is_head` by name, and with inputs by the returned output; `unsupported`
-    set where jlora cannot adapt it), and `{path: equation}` of each `nnx.Einsum`
-    (from the call when inputs are given, else its `einsum_str`).
+    `(sites, equations, seen)`: a `Site` per adaptable module, list indices in numeric
+    order (`is_head` by name, and with inputs by what the model returns, `jlora.frontends.flow`;
+    `unsupported` set where jlora cannot adapt it), `{path: equation}` of each einsum layer
+    (from the call when inputs are given, else its `einsum_str` / described equation), and
+    `{path: Seen}` of the registered layers the model called (empty without inputs).
 
   Raises:
-    ValueError: an `nnx.Einsum` is called with two different equations.
+    ValueError: an einsum layer is called with two different equations.
   """
   modules, _ = walk(model)
   found = {p: (m, k) for p, m in modules.items() if (k := kind_of(m)) is not None}
   heads: set[Path] = set()
-  eqs = {p: eq for p, (m, k) in found.items() if k == "einsum" and (eq := einsum_of(m, (), {}))}
+  eqs = {p: eq for p, (m, k) in found.items() if k == "einsum" and (eq := described_equation(m, (), {}))}
+  seen: dict[Path, Seen] = {}
   if args or kwargs:
-    heads, called = _trace(model, args, kwargs)
-    for p, seen in called.items():
-      if len(seen) > 1:
-        raise ValueError(f"The nnx.Einsum at {path_str(p)!r} is called with two equations {sorted(seen)}; jlora "
+    heads, called, seen = _trace(model, args, kwargs)
+    for p, eqs_seen in called.items():
+      if len(eqs_seen) > 1:
+        raise ValueError(f"The einsum layer at {path_str(p)!r} is called with two equations {sorted(eqs_seen)}; jlora "
                          "adapts one kernel layout per module.")
-      eqs[p] = next(iter(seen))
-  out = [site_of(p, m, k, eqs.get(p), p in heads) for p, (m, k) in sorted(found.items(), key=_natural)]
-  return out, eqs
+      eqs[p] = next(iter(eqs_seen))
+  out = [site_of(p, m, k, eqs.get(p), p in heads, seen[p].kernel_shape if p in seen else None)
+         for p, (m, k) in sorted(found.items(), key=_natural)]
+  return out, eqs, seen
 
 
 def _natural(item: tuple[Path, Any]) -> tuple:
@@ -146,60 +170,76 @@ def _natural(item: tuple[Path, Any]) -> tuple:
   return tuple((0, int(p), "") if p.isdigit() else (1, 0, p) for p in item[0])
 
 
-_RECORD: contextvars.ContextVar[list | None] = contextvars.ContextVar("jlora_nnx_probe", default=None)
+_RECORD: contextvars.ContextVar[Any] = contextvars.ContextVar("jlora_nnx_probe", default=None)
 
 
 class _Probe(nnx.Module):
-  """Mixin of the discovery clone's layers: records `(path, output, einsum equation)` of each call."""
+  """Mixin of the discovery clone's layers: records each call (output, einsum equation, a described layer's call)."""
 
-  def __call__(self, *args, **kwargs):
-    y = super().__call__(*args, **kwargs)
+  def _jlora_probe(self, method: str, args: tuple, kwargs: dict) -> Any:
+    y = getattr(super(), method)(*args, **kwargs)
     record = _RECORD.get()
     if record is not None:
-      eq = einsum_of(self, args[1:], kwargs) if isinstance(self, nnx.Einsum) else None
-      record.append((self.jlora_probe_path, y, eq))
+      record(self, method, args, kwargs, y)
     return y
 
 
-_PROBES: dict[type, type] = {}
+_PROBES: dict[tuple[type, str], type] = {}
 
 
-def _probe_class(base: type) -> type:
-  if base not in _PROBES:
-    _PROBES[base] = types.new_class(f"Probe{base.__name__}", (_Probe, base), {"pytree": base._pytree__is_pytree},
-                                    lambda ns: ns.update(__module__=__name__))
-  return _PROBES[base]
+def _probe_class(base: type, method: str) -> type:
+  if (base, method) not in _PROBES:
+    def body(ns: dict) -> None:
+      ns.update(__module__=__name__, jlora_base=base)
+      ns[method] = lambda self, *args, **kwargs: self._jlora_probe(method, args, kwargs)
+
+    _PROBES[(base, method)] = types.new_class(f"Probe{base.__name__}", (_Probe, base),
+                                              {"pytree": base._pytree__is_pytree}, body)
+  return _PROBES[(base, method)]
 
 
-def _trace(model: nnx.Module, args: tuple, kwargs: dict) -> tuple[set[Path], dict[Path, set[str]]]:
-  """Runs a probed clone abstractly: the paths whose output the model returns, and each Einsum's equations."""
+def _trace(model: nnx.Module, args: tuple, kwargs: dict) -> tuple[set[Path], dict[Path, set[str]], dict[Path, Seen]]:
+  """Runs a probed clone abstractly: the paths whose output the model returns, each einsum layer's equations, and
+  each described layer's first call."""
   probe = nnx.clone(model)
   modules, variables = walk(probe)
   for var in variables.values():  # a quantized kernel (QuantizedArray) is read dequantized through `Frozen`
     if isinstance(var, nnx.Param) and isinstance(var.get_value(), AxisMetadata):
       retype(var, Frozen)
   for path, module in modules.items():
-    if kind_of(module) is not None:
-      object.__setattr__(module, "__class__", _probe_class(type(module)))
+    found = description(module)
+    if found is not None:
       module.jlora_probe_path = path
+      object.__setattr__(module, "__class__", _probe_class(type(module), found[0].method if not found[1] else
+                                                           "__call__"))
   graphdef, state = nnx.split(probe)
-  heads: set[Path] = set()
   called: dict[Path, set[str]] = {}
+  seen: dict[Path, Seen] = {}
+  recorder = _flow.Recorder()
 
-  def run(state, args, kwargs):
-    record: list = []
+  def record(module, method, call_args, call_kwargs, y):
+    path = module.jlora_probe_path
+    recorder.add(path, y)
+    layer, stock = description(module)
+    base = type(module).jlora_base
+    eq = described_equation(module, call_args if not stock else call_args[1:], call_kwargs)
+    if eq is not None:
+      called.setdefault(path, set()).add(eq)
+    if not stock and path not in seen:
+      call = Call(module, layer, call_args, call_kwargs, cls=base)
+      x = call.input
+      weight = getattr(module, layer.weight_name(module), None)
+      if hasattr(x, "shape") and hasattr(y, "dtype") and hasattr(weight, "shape"):
+        seen[path] = Seen(tuple(weight.shape), tuple(layer_check.INPUT if a is x else a for a in call_args),
+                          {k: layer_check.INPUT if v is x else v for k, v in call_kwargs.items()},
+                          jax.ShapeDtypeStruct(x.shape, x.dtype), y.dtype)
+
+  def run(state):
     token = _RECORD.set(record)
     try:
-      out = nnx.merge(graphdef, state)(*args, **kwargs)
+      return nnx.merge(graphdef, state)(*args, **kwargs)  # inputs closed over: flags stay Python values
     finally:
       _RECORD.reset(token)
-    leaves = jax.tree.leaves(out)
-    for path, y, eq in record:
-      if any(y is leaf for leaf in leaves):
-        heads.add(path)
-      if eq is not None:
-        called.setdefault(path, set()).add(eq)
-    return out
 
-  jax.eval_shape(lambda state: run(state, args, kwargs), state)  # inputs closed over: flags stay Python values
-  return heads, called
+  _, flow = _flow.trace(run, state, recorder)
+  return set(flow.returned), called, seen

@@ -22,6 +22,10 @@ from jlora.core.config import LoraConfig
 from jlora.core.init import add_adapters
 from jlora.core.targets import Site, is_lora_key, path_str, selects
 from jlora.core.tree import _check_tree, adapted_modules, check_adapters, flatten, has_adapters, labels
+from jlora.core.unadapted import Unadapted, is_matmul_like, of_sites, report, unknown_class
+from jlora.frontends import layer_check
+from jlora.frontends.layers import kinds_listing
+from jlora.frontends.nnx.check import plans
 from jlora.frontends.nnx.graph import Path, adapted, check_config, check_model, sites, to_params, walk
 from jlora.frontends.nnx.layer import install, uninstall
 from jlora.frontends.nnx.vars import PARAM_TYPES, Frozen, Trainable, restore, retype
@@ -110,15 +114,37 @@ def init(key: jax.Array, model: nnx.Module, config: LoraConfig, *args, rngs: nnx
   check_model(model)
   check_config(config)
   _check_base(model, "init")
-  found, eqs = sites(model, args, kwargs)
-  if not found:
+  found, eqs, seen = sites(model, args, kwargs)
+  modules, variables = walk(model)
+  unadapted = _unadapted(modules, variables, found)
+  report(config, unadapted, "jlora.nnx.init")
+  if not [s for s in found if not s.unsupported]:
+    listed = "".join("\n" + u.line() for u in unadapted)
     raise ValueError(
-        "`model` has no layer jlora.nnx adapts (nnx.Linear, nnx.LinearGeneral, nnx.Einsum, nnx.Conv, nnx.Embed)."
+        f"`model` has no layer jlora.nnx adapts ({kinds_listing(nnx=True)}, or a class described with "
+        f"jlora.register_layer).{' Its matmul-like weights:' + listed if listed else ''}"
     )
   lora = nnx.clone(model)
+  base = to_params(model)
   tree = add_adapters(key, to_params(lora), config, found, dtype=dtype)
+  layer_check.check(plans(modules, found, seen, eqs), base, tree)
   _build(lora, tree, config, {s.path: s for s in found}, eqs, rngs)
   return lora
+
+
+def _unadapted(modules: dict[Path, nnx.Module], variables: dict[Path, nnx.Variable],
+               found: list[Site]) -> list[Unadapted]:
+  """The matmul-like parameters that no adaptable layer holds (a class jlora.nnx does not know), and the sites it
+  cannot adapt (`Site.unsupported`)."""
+  held = {(*s.module, s.kernel_name) for s in found} | {s.module for s in found}
+  out = []
+  for path, var in variables.items():
+    module = modules.get(path[:-1])
+    if not isinstance(var, nnx.Param) or path in held or path[:-1] in held or module is None:
+      continue
+    if is_matmul_like(path[-1], var.get_value()):
+      out.append(unknown_class(path[:-1], path[-1], var.shape, type(module).__name__))
+  return out + of_sites(found)
 
 
 def from_params(model: nnx.Module, params: Mapping[str, Any], config: LoraConfig, *args,
@@ -164,7 +190,7 @@ def from_params(model: nnx.Module, params: Mapping[str, Any], config: LoraConfig
   check_adapters(params, config)
   lora = nnx.clone(model)
   strip(lora)
-  found, eqs = sites(lora, args, kwargs)
+  found, eqs, _ = sites(lora, args, kwargs)
   by_path = {s.path: s for s in found}
   for path, _ in adapted_modules(params):
     site = by_path.get(path)
@@ -223,7 +249,7 @@ def _build(model: nnx.Module, tree: Mapping[str, Any], config: LoraConfig, by_pa
     shape = tuple(variables[path + (site.kernel_name,)].shape[:stack])
     dropout = None if stream is None or site.kind == "embed" else _dropout(stream, config.lora_dropout, shape)
     install(modules[path], path, site.kind, node[site.slot.a_key], node[site.slot.b_key], node.get(site.slot.m_key),
-            scale=config.scale_for(path_str(path)), einsum_str=eqs.get(path), dropout=dropout)
+            scale=config.scale_for(path_str(path)), einsum_str=eqs.get(path), dropout=dropout, weight=site.kernel_name)
   for path, label in flatten(labels(tree, config)).items():
     if is_lora_key(path[-1]):
       continue

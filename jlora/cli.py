@@ -332,11 +332,10 @@ def _plan(args: argparse.Namespace) -> int:
   import json
 
   from jlora import train
-  from jlora.train import plan
 
   config = train.load(args.config, list(args.overrides))
   log = None if args.json else (lambda text: print(text, file=sys.stderr, flush=True))
-  result = plan.plan(config, args.topology, bound=args.bound, log=log)
+  result = train.plan(config, args.topology, bound=args.bound, log=log)
   print(json.dumps(result.to_dict(), indent=2) if args.json else result.text())
   return 0
 

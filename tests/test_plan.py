@@ -5,6 +5,7 @@ plan is shown to open no network connection), and its JSON is shared by the test
 Memory figures are checked against the arrays' sizes; bad topologies and meshes are refused.
 """
 
+import importlib
 import json
 import math
 import os
@@ -143,3 +144,15 @@ def test_mesh_and_batch_that_do_not_fit_the_slice(tiny_config):
   assert proc.returncode == 2 and "4 devices" in proc.stderr
   proc = _run([str(tiny_config), "--topology", "v5e:2x2", "train.batch_size=6"], tiny_config.parent)
   assert proc.returncode == 2 and "train.batch_size" in proc.stderr
+
+
+def test_a_step_the_compiler_refuses_for_hbm_is_reported_as_not_fitting():
+  plan = importlib.import_module("jlora.train.plan")  # the module (`jlora.train.plan` is its function)
+  parts = {"base": 2.0 * 2**30, "adapters": 1e6, "optimizer": 2e6, "batch": 1e3}
+  error = RuntimeError("RESOURCE_EXHAUSTED: Ran out of memory on HBM, the total memory required for HLO temporaries "
+                       "(17.38G) exceeds available HBM (15.75G).")
+  m = plan._out_of_memory(error, parts)
+  assert m["temporaries"] == pytest.approx(17.38 * 2**30) and m["usable_hbm"] == pytest.approx(15.75 * 2**30)
+  assert m["total"] == pytest.approx(sum(parts.values()) + 17.38 * 2**30)
+  with pytest.raises(ValueError, match="something else"):
+    plan._out_of_memory(ValueError("something else"), parts)

@@ -31,6 +31,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import re
 import time
 from typing import Any
 
@@ -65,14 +66,15 @@ class Plan:
   memory: dict[str, float]  # bytes per chip
   work: dict[str, float]  # per chip per step
   collectives: dict[str, float]  # bytes per chip per step, by kind
-  estimate: dict[str, float]
+  estimate: dict[str, float] | None  # None: the compiler refused the step (out of HBM)
   bound: dict[str, float] | None
   compile_s: float
   notes: tuple[str, ...] = ()
 
   @property
   def fits(self) -> bool:
-    return self.memory["total"] <= self.chip.hbm_bytes
+    """Whether the compiler built the step and its total fits the chip's HBM."""
+    return self.estimate is not None and self.memory["total"] <= self.chip.hbm_bytes
 
   def to_dict(self) -> dict[str, Any]:
     """A JSON-ready dict of every figure (bytes, FLOPs, seconds) and the chip's published figures."""
@@ -88,31 +90,39 @@ class Plan:
     m, w, e, chip = self.memory, self.work, self.estimate, self.chip
     free = chip.hbm_bytes - m["total"]
     mesh = " x ".join(f"{k}={v}" for k, v in self.mesh.items())
+    done = "compiled for TPU" if e is not None else "the TPU compiler REFUSED the step"
     lines = [f"jlora plan: {self.method} on {self.topology} ({math.prod(self.mesh.values())} chips, mesh {mesh}); "
-             f"compiled for TPU in {self.compile_s:.0f} s. Compiler figures and estimates, not measurements.",
+             f"{done} in {self.compile_s:.0f} s. Compiler figures and estimates, not measurements.",
              "", "Memory per chip (compiler):",
              f"  arguments        {_gib(m['arguments'])}  (base {_gib(m['base'])}, adapters {_gib(m['adapters'])}, "
              f"optimizer state {_gib(m['optimizer'])}, batch {_gib(m['batch'])}, layout padding {_gib(m['padding'])})",
              f"  temporaries      {_gib(m['temporaries'])}",
              f"  outputs          {_gib(m['outputs'])}  (not aliased to the donated arguments)",
              f"  total            {_gib(m['total'])} of {_gib(chip.hbm_bytes)} HBM: "
-             + (f"fits, {_gib(free)} to spare" if free >= 0 else f"does NOT fit, {_gib(-free)} over"),
-             "", "Work per chip per step (compiler; loops counted in full):",
-             f"  FLOPs            {w['flops']:.3e}   memory traffic {w['bytes'] / 1e9:,.1f} GB",
-             "  collectives      " + (", ".join(f"{k} {v / 1e9:,.2f} GB" for k, v in self.collectives.items())
-                                      or "none"),
-             "", f"Estimate (roofline with {chip.name}'s published peaks: {chip.peak_flops / 1e12:.0f} TFLOP/s bf16, "
-             f"{chip.hbm_bandwidth / 1e9:,.0f} GB/s HBM, {chip.ici_bandwidth / 2e9:,.0f} GB/s all-reduce per chip):",
-             f"  compute {e['compute_s'] * 1e3:,.1f} ms, memory {e['memory_s'] * 1e3:,.1f} ms, collectives "
-             f"{e['collective_s'] * 1e3:,.1f} ms -> step ~{e['step_s'] * 1e3:,.1f} ms ({e['limit']}-bound), "
-             f"~{e['tokens_per_s']:,.0f} tokens/s for {e['tokens']:,.0f} tokens per step"]
-    if self.bound is not None:
+             + (f"fits, {_gib(free)} to spare" if free >= 0 and e is not None else
+                f"does NOT fit, {_gib(-free)} over" if free < 0 else "does NOT fit (see the note)")]
+    if e is not None:
+      lines += ["", "Work per chip per step (compiler; loops counted in full):",
+                f"  FLOPs            {w['flops']:.3e}   memory traffic {w['bytes'] / 1e9:,.1f} GB",
+                "  collectives      " + (", ".join(f"{k} {v / 1e9:,.2f} GB" for k, v in self.collectives.items())
+                                         or "none"),
+                "", f"Estimate (roofline with {chip.name}'s published peaks: {chip.peak_flops / 1e12:.0f} TFLOP/s "
+                f"bf16, {chip.hbm_bandwidth / 1e9:,.0f} GB/s HBM, {chip.ici_bandwidth / 2e9:,.0f} GB/s all-reduce per "
+                "chip):",
+                f"  compute {_ms(e['compute_s'])}, memory {_ms(e['memory_s'])}, collectives "
+                f"{_ms(e['collective_s'])} -> step ~{_ms(e['step_s'])} ({e['limit']}-bound), "
+                f"~{e['tokens_per_s']:,.0f} tokens/s for {e['tokens']:,.0f} tokens per step"]
+    if self.bound is not None and e is not None:
       b = self.bound
-      lines.append(f"  frozen-base bound ~{b['step_s'] * 1e3:,.1f} ms ({b['limit']}-bound); estimated step / bound = "
+      lines.append(f"  frozen-base bound ~{_ms(b['step_s'])} ({b['limit']}-bound); estimated step / bound = "
                    f"{e['step_s'] / b['step_s']:.3f} (FLOPs {w['flops'] / b['flops']:.3f}x, collective bytes "
                    f"{sum(self.collectives.values()) / max(b['collective_bytes'], 1):.2f}x)")
     lines += [f"  note: {n}" for n in self.notes]
     return "\n".join(lines)
+
+
+def _ms(seconds: float) -> str:
+  return f"{seconds * 1e3:,.1f} ms" if seconds >= 1e-3 else f"{seconds * 1e6:,.1f} µs"
 
 
 def _gib(n: float) -> str:
@@ -195,6 +205,23 @@ def _figures(compiled: Any) -> tuple[dict, dict, dict, Any]:
   return memory, work, {k: float(v) for k, v in sorted(hlo.collective_bytes(module).items())}, text
 
 
+def _out_of_memory(error: Exception, parts: dict[str, float]) -> dict[str, float]:
+  """The memory figures of a step libtpu refused for HBM (its message: temporaries and usable HBM), else re-raises.
+
+  libtpu says e.g. `RESOURCE_EXHAUSTED: Ran out of memory on HBM, the total memory required for HLO
+  temporaries (17.38G) exceeds available HBM (15.75G)`; the arguments are the arrays' shards.
+  """
+  text = str(error)
+  if "RESOURCE_EXHAUSTED" not in text:
+    raise error
+  m = re.search(r"temporaries \(([\d.]+)G\) exceeds available HBM \(([\d.]+)G\)", text)
+  memory = {**parts, "arguments": sum(parts.values()), "outputs": 0.0, "padding": 0.0,
+            "temporaries": float(m.group(1)) * GiB if m else float("nan")}
+  memory["total"] = memory["arguments"] + memory["temporaries"]
+  memory["usable_hbm"] = float(m.group(2)) * GiB if m else float("nan")
+  return memory
+
+
 def _estimate(chip: _tpu.Chip, work: dict, collectives: dict, tokens: int) -> dict:
   terms = {"compute": work["flops"] / chip.peak_flops, "memory": work["bytes"] / chip.hbm_bandwidth,
            "collective": sum(collectives.values()) / (chip.ici_bandwidth / 2)}
@@ -275,11 +302,16 @@ def plan(config: Config, topology: str, *, bound: bool = False, log: Any = None)
   rng = jax.ShapeDtypeStruct((), keys.data.dtype, sharding=replicated)
   say(f"compiling the training step for {topology} ({len(devices)} chips)...")
   t0 = time.perf_counter()
-  compiled = step.lower(trainable, opt, frozen, batch, rng).compile()
-  compile_s = time.perf_counter() - t0
-  memory, work, collectives, _ = _figures(compiled)
   parts = {"base": _shard_bytes(frozen), "adapters": _shard_bytes(trainable), "optimizer": _shard_bytes(opt),
            "batch": _shard_bytes(batch) + _shard_bytes(rng)}
+  try:
+    compiled = step.lower(trainable, opt, frozen, batch, rng).compile()
+  except Exception as e:  # libtpu refuses a program that does not fit the chip's HBM
+    memory = _out_of_memory(e, parts)
+    return Plan(topology.strip(), chip, dict(layout.mesh.shape), _method(config), memory, {}, {}, None, None,
+                time.perf_counter() - t0, (*notes, "the TPU compiler refused the step: " + " ".join(str(e).split())))
+  compile_s = time.perf_counter() - t0
+  memory, work, collectives, _ = _figures(compiled)
   memory.update(parts, padding=memory["arguments"] - sum(parts.values()))
   estimate = _estimate(chip, work, collectives, tokens)
   bound_figures = None

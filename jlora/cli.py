@@ -335,7 +335,7 @@ def _plan(args: argparse.Namespace) -> int:
 
   config = train.load(args.config, list(args.overrides))
   log = None if args.json else (lambda text: print(text, file=sys.stderr, flush=True))
-  result = train.plan(config, args.topology, bound=args.bound, log=log)
+  result = train.plan(config, args.topology, bound=args.bound, hlo_path=args.hlo, log=log)
   print(json.dumps(result.to_dict(), indent=2) if args.json else result.text())
   return 0
 
@@ -350,6 +350,7 @@ def _add_plan(sub: Any) -> None:
   p.add_argument("--bound", action="store_true", help="also compile the frozen-base bound (gradient only through the "
                  "embeddings' output) and compare the estimates")
   p.add_argument("--json", action="store_true", help="print the figures as JSON")
+  p.add_argument("--hlo", metavar="FILE", help="also write the compiled step's HLO text to FILE")
   p.set_defaults(func=_plan)
 
 

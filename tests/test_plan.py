@@ -147,7 +147,7 @@ def test_mesh_and_batch_that_do_not_fit_the_slice(tiny_config):
 
 
 def test_a_step_the_compiler_refuses_for_hbm_is_reported_as_not_fitting():
-  plan = importlib.import_module("jlora.train.plan")  # the module (`jlora.train.plan` is its function)
+  plan = importlib.import_module("jlora.train._plan")
   parts = {"base": 2.0 * 2**30, "adapters": 1e6, "optimizer": 2e6, "batch": 1e3}
   error = RuntimeError("RESOURCE_EXHAUSTED: Ran out of memory on HBM, the total memory required for HLO temporaries "
                        "(17.38G) exceeds available HBM (15.75G).")

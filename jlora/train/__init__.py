@@ -16,7 +16,7 @@ from jlora.train._loop import Interrupted as Interrupted
 from jlora.train._run import run as run
 from jlora.train._schema import Config as Config
 from jlora.train._schema import replace as replace
-from jlora.train.plan import Plan as Plan
-from jlora.train.plan import plan as plan
+from jlora.train._plan import Plan as Plan
+from jlora.train._plan import plan as plan
 
 __all__ = ["Config", "Diverged", "Interrupted", "Plan", "apply_overrides", "describe", "load", "plan", "replace", "run"]

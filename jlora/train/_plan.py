@@ -31,6 +31,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import os
 import re
 import time
 from typing import Any
@@ -43,6 +44,7 @@ from jax.sharding import NamedSharding
 
 import jlora
 from jlora.core.tree import flatten, unflatten
+from jlora.formats import atomic
 from jlora.parallel import hlo
 from jlora.quant.array import QuantizedArray
 from jlora.quant.tree import shardings_like
@@ -251,7 +253,7 @@ def _bound_step(setup: _setup.Setup, config: Config) -> Any:
   return setup.layout.traced(jax.jit(step))
 
 
-def plan(config: Config, topology: str, *, bound: bool = False, log: Any = None) -> Plan:
+def plan(config: Config, topology: str, *, bound: bool = False, hlo_path: str | None = None, log: Any = None) -> Plan:
   """Compiles `config`'s training step for the TPU slice `topology` (e.g. `v5e:2x4`) and reads its figures.
 
   Args:
@@ -259,6 +261,7 @@ def plan(config: Config, topology: str, *, bound: bool = False, log: Any = None)
       take their shapes from `model.config`, checkpoints from their config.json alone.
     topology: `GENERATION:AxB[xC]` (`v4`, `v5e`, `v5p`, `v6e`), one device per chip.
     bound: also compile the frozen-base bound and compare the estimates.
+    hlo_path: write the compiled step's HLO text there (to read what the compiler made of it).
     log: `log(text)` for progress lines (None: quiet).
 
   Returns:
@@ -266,10 +269,13 @@ def plan(config: Config, topology: str, *, bound: bool = False, log: Any = None)
 
   Raises:
     ValueError: an unknown topology, a `mesh` section that does not fit its chips, a batch
-      that does not split over the data-parallel chips, or a config `jlora train` refuses.
+      that does not split over the data-parallel chips, a config `jlora train` refuses, or an
+      `hlo_path` that exists.
     ImportError: libtpu is not installed.
   """
   say = log or (lambda text: None)
+  if hlo_path is not None and os.path.lexists(hlo_path):
+    raise ValueError(f"`--hlo` {hlo_path!r} exists; give a new file name (jlora plan never writes over a file).")
   chip, devices = _tpu.devices(topology)
   task = _tasks.get(config.lora.task_type)
   notes = [] if config.mesh is not None else ["the config has no `mesh` section (one device): planned as data "
@@ -311,7 +317,9 @@ def plan(config: Config, topology: str, *, bound: bool = False, log: Any = None)
     return Plan(topology.strip(), chip, dict(layout.mesh.shape), _method(config), memory, {}, {}, None, None,
                 time.perf_counter() - t0, (*notes, "the TPU compiler refused the step: " + " ".join(str(e).split())))
   compile_s = time.perf_counter() - t0
-  memory, work, collectives, _ = _figures(compiled)
+  memory, work, collectives, text = _figures(compiled)
+  if hlo_path is not None:
+    atomic.write_text(hlo_path, text)
   memory.update(parts, padding=memory["arguments"] - sum(parts.values()))
   estimate = _estimate(chip, work, collectives, tokens)
   bound_figures = None

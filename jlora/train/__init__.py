@@ -13,10 +13,10 @@ from jlora.train._load import describe as describe
 from jlora.train._load import load as load
 from jlora.train._loop import Diverged as Diverged
 from jlora.train._loop import Interrupted as Interrupted
+from jlora.train._plan import Plan as Plan
+from jlora.train._plan import plan as plan
 from jlora.train._run import run as run
 from jlora.train._schema import Config as Config
 from jlora.train._schema import replace as replace
-from jlora.train._plan import Plan as Plan
-from jlora.train._plan import plan as plan
 
 __all__ = ["Config", "Diverged", "Interrupted", "Plan", "apply_overrides", "describe", "load", "plan", "replace", "run"]

@@ -1,10 +1,11 @@
-"""The `jlora` command: `train`, `merge`, `export-peft` and `generate`.
+"""The `jlora` command: `train`, `merge`, `export-peft`, `generate` and `plan`.
 
   jlora train [CONFIG] [section.key=value ...] [--quiet]
   jlora merge RUN_DIR [--out DIR]
   jlora export-peft RUN_DIR [--out DIR]
   jlora generate SOURCE... --prompt TEXT [--prompt TEXT ...] [--prompts-file FILE] [--base] [--base-run RUN_DIR]
                  [--max-new-tokens N] [--temperature T] [--top-k K] [--seed S] [--json]
+  jlora plan CONFIG --topology GEN:AxB[xC] [section.key=value ...] [--bound] [--json]
 
 Without CONFIG, `jlora train` runs the packaged default job (`configs/default.yaml`:
 LoRA-tune all-MiniLM-L6-v2 for code search over the Python standard library).
@@ -311,6 +312,48 @@ def _add_generate(sub: Any) -> None:
   g.set_defaults(func=_generate)
 
 
+# ---------------------------------------------------------------- jlora plan (self-contained)
+_PLAN_HELP = """\
+Compiles the training step that `jlora train CONFIG` would run for a TPU slice, on this host (no
+TPU, no network: libtpu's compiler, `pip install "jlora[plan]"`), from the model's shapes alone
+(no weights are read), and prints per chip: memory (arguments: base, adapters, optimizer state,
+batch; temporaries; outputs) against the chip's HBM, FLOPs, memory traffic and collectives, and
+an estimated step time and tokens/s from a roofline of the chip's published peaks. These are
+compiler figures and estimates, not measurements. The config's `mesh` section is laid over the
+slice's chips (without one: data parallel over all of them). Overrides as for `jlora train`.
+
+Example:
+  jlora plan configs/plan_llama3_8b.yaml --topology v5e:2x4
+  jlora plan configs/plan_llama3_8b.yaml --topology v5p:2x2x1 model.quantize=nf4 --json
+"""
+
+
+def _plan(args: argparse.Namespace) -> int:
+  import json
+
+  from jlora import train
+
+  config = train.load(args.config, list(args.overrides))
+  log = None if args.json else (lambda text: print(text, file=sys.stderr, flush=True))
+  result = train.plan(config, args.topology, bound=args.bound, hlo_path=args.hlo, log=log)
+  print(json.dumps(result.to_dict(), indent=2) if args.json else result.text())
+  return 0
+
+
+def _add_plan(sub: Any) -> None:
+  p = sub.add_parser("plan", help="compile a config's training step for a TPU slice here: memory, FLOPs, collectives, "
+                     "estimated step time", description=_PLAN_HELP, formatter_class=argparse.RawDescriptionHelpFormatter)
+  p.add_argument("config", help="a `jlora train` YAML config")
+  p.add_argument("overrides", nargs="*", help="section.key=value overrides")
+  p.add_argument("--topology", required=True, metavar="GEN:AxB[xC]", help="the TPU slice, e.g. v5e:2x4, v5p:2x2x1, "
+                 "v6e:2x4, v4:2x2x1")
+  p.add_argument("--bound", action="store_true", help="also compile the frozen-base bound (gradient only through the "
+                 "embeddings' output) and compare the estimates")
+  p.add_argument("--json", action="store_true", help="print the figures as JSON")
+  p.add_argument("--hlo", metavar="FILE", help="also write the compiled step's HLO text to FILE")
+  p.set_defaults(func=_plan)
+
+
 def parser() -> argparse.ArgumentParser:
   """The argument parser of `jlora` (its help explains every config section and key)."""
   from jlora.train._load import describe
@@ -319,7 +362,7 @@ def parser() -> argparse.ArgumentParser:
                                 formatter_class=argparse.RawDescriptionHelpFormatter,
                                 epilog="Run `jlora train --help` for the config sections and keys, the exit "
                                 "statuses and what is checked before training starts.")
-  sub = top.add_subparsers(dest="command", metavar="{train,merge,export-peft,generate}")
+  sub = top.add_subparsers(dest="command", metavar="{train,merge,export-peft,generate,plan}")
   tr = sub.add_parser("train", help="train a LoRA adapter from a YAML config (default: the MiniLM code-search job)",
                       description=_TRAIN_HELP + describe(), epilog=_EXIT_HELP,
                       formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -336,6 +379,7 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--out", help=f"output directory (default: RUN_DIR/{'merged' if name == 'merge' else 'peft'})")
     p.set_defaults(func=func)
   _add_generate(sub)
+  _add_plan(sub)
   return top
 
 
@@ -343,7 +387,7 @@ def main(argv: Sequence[str] | None = None) -> int:
   """Entry point of the `jlora` console script; returns the exit status."""
   top = parser()
   args, extra = top.parse_known_args(argv)
-  if extra and (args.command != "train" or any(a.startswith("-") or "=" not in a for a in extra)):
+  if extra and (args.command not in ("train", "plan") or any(a.startswith("-") or "=" not in a for a in extra)):
     top.error(f"unrecognized arguments: {' '.join(extra)}")
   if extra:  # overrides after an option, e.g. `jlora train cfg.yaml -q train.steps=5`
     args.overrides = [*args.overrides, *extra]

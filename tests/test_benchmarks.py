@@ -49,3 +49,15 @@ def test_benchmark_suite_runs_on_the_tiny_size():
                                "forward/lora_merged"}
   table = run.markdown({"sizes": {"tiny": report}})
   assert table.count("\n") == 2 and "| tiny (d=64, L=2) |" in table
+
+
+def test_accelerator_script_runs_on_the_tiny_size():
+  import accelerator
+
+  report = accelerator.bench_size("tiny", repeats=1)
+  ratios = {k: v for k, v in report.items() if k.startswith("ratio/")}
+  assert len(ratios) == 7 and all(0 < v < float("inf") for v in ratios.values()), ratios
+  assert report["shape"]["dtype"] == "bfloat16" and report["shape"]["adapter_dtype"] == "float32"
+  assert report["ratio/qlora_nf4_to_lora_bytes"] < 1  # the NF4 base is smaller than the bf16 one
+  table = accelerator.markdown({"device": "cpu", "backend": "cpu", "jax": "x", "sizes": {"tiny": report}})
+  assert table.count("\n") == 4 and "| tiny |" in table

@@ -37,6 +37,7 @@ from jlora.models._load import from_config as from_config
 from jlora.models._load import from_hf_state_dict as from_hf_state_dict
 from jlora.models._load import from_pretrained as from_pretrained
 from jlora.models._load import minilm_path as minilm_path
+from jlora.models._load import param_shapes as param_shapes
 from jlora.models._partitioning import DEFAULT_RULES as DEFAULT_RULES
 from jlora.models._partitioning import logical_axes as logical_axes
 from jlora.models._partitioning import mesh_shardings as mesh_shardings
@@ -58,6 +59,7 @@ __all__ = [
   "mesh_shardings",
   "on_mesh",
   "minilm_path",
+  "param_shapes",
   "save_pretrained",
   "to_hf_state_dict",
 ]

@@ -17,7 +17,7 @@ from jlora.models._arch import Architecture, HFModel, checked_model
 from jlora.models._checkpoint import from_hf_tensors, read_config, read_safetensors
 from jlora.models._partitioning import LogicalRules, check_mesh, mesh_shardings
 
-__all__ = ["SUPPORTED_MODEL_TYPES", "from_config", "from_hf_state_dict", "from_pretrained", "minilm_path"]
+__all__ = ["SUPPORTED_MODEL_TYPES", "from_config", "from_hf_state_dict", "from_pretrained", "minilm_path", "param_shapes"]
 
 _ARCHITECTURES: dict[str, Architecture] = {
   "gpt2": gpt2.ARCHITECTURE,
@@ -149,6 +149,60 @@ def from_pretrained(
     read_safetensors(path), _param_shapes(model), spec, dtype=model.dtype, fresh=fresh, shardings=shardings
   )
   return model, params
+
+
+def param_shapes(
+  config: str | Mapping[str, Any] | None = None,
+  *,
+  path: str | os.PathLike | None = None,
+  dtype: Any = None,
+  mesh: jax.sharding.Mesh | None = None,
+  rules: LogicalRules | None = None,
+  **options: Any,
+) -> tuple[HFModel, dict]:
+  """The model that :func:`from_config` / :func:`from_pretrained` would build, and its params as shapes only.
+
+  Nothing is allocated and no weight is read: the params are `jax.ShapeDtypeStruct`s (with their
+  `models.mesh_shardings` sharding on `mesh`), e.g. to plan or compile a step ahead of time
+  (`jlora plan`).
+
+  Args:
+    config: a `model_type` string or a Hugging Face `config.json` dict, as for :func:`from_config`.
+    path: instead of `config`, a checkpoint directory whose `config.json` (only) is read, with the
+      options its files imply, as for :func:`from_pretrained`.
+    dtype: parameter and compute dtype (default float32).
+    mesh: optional device mesh (Auto axes); the shapes then carry their shardings.
+    rules: logical -> mesh axis rules for `mesh` (default `models.DEFAULT_RULES`).
+    **options: model options (see :func:`from_config`).
+
+  Returns:
+    `(model, params)`: a linen Module and its `'params'` tree of `jax.ShapeDtypeStruct`s.
+
+  Raises:
+    ValueError: neither or both of `config` and `path`, and as :func:`from_config` / :func:`from_pretrained`.
+    TypeError: for a `mesh` or `rules` of the wrong type.
+
+  Example:
+    >>> model, shapes = param_shapes({"model_type": "gpt2", "n_layer": 1, "n_embd": 8, "n_head": 2,
+    ...                               "vocab_size": 11, "n_positions": 16})
+    >>> shapes["transformer"]["wte"]["embedding"]
+    ShapeDtypeStruct(shape=(11, 8), dtype=float32)
+  """
+  if (config is None) == (path is None):
+    raise ValueError("param_shapes: give either `config` (a model_type or a config.json dict) or `path` (a "
+                     f"checkpoint directory), not {'both' if config is not None else 'neither'}.")
+  check_mesh(mesh, rules, auto=True)
+  if path is not None:
+    path = _io.readable(path)
+    config = read_config(path)
+    options = {**_architecture(config).default_options(config, os.fspath(path)), **options}
+  config = {"model_type": config} if isinstance(config, str) else dict(config)
+  model = _architecture(config).model(config, dtype=dtype, options=options)
+  shapes = _param_shapes(model)
+  if mesh is None:
+    return model, shapes
+  shardings = mesh_shardings(model, shapes, mesh, rules=check_mesh(mesh, rules))
+  return model, jax.tree.map(lambda s, sh: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=sh), shapes, shardings)
 
 
 def from_hf_state_dict(model: HFModel, tensors: Mapping[str, np.ndarray]) -> dict:

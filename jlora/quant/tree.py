@@ -24,7 +24,7 @@ from jlora.core.sharding import partition_spec
 from jlora.quant import array as _quant
 from jlora.quant.array import QuantizedArray
 
-__all__ = ["quantize", "dequantize", "is_kernel", "requantize"]
+__all__ = ["quantize", "dequantize", "is_kernel", "requantize", "shardings_like"]
 
 
 def _path_names(path) -> tuple[str, ...]:
@@ -91,16 +91,23 @@ def quantize(params: Any, method: str = "nf4", *, block_size: int = 64, double_q
 
 
 def _like(q: QuantizedArray, sharding: Any) -> QuantizedArray:
-  """`q` with codes and scales sharded like the kernel it packs (`_quant.partition_specs`), if that was on a mesh.
+  """`q` with codes and scales sharded like the kernel it packs (`shardings_like`), if that was on a mesh."""
+  placed = shardings_like(q, sharding)
+  return q if placed is None else jax.device_put(q, placed)
 
-  An axis of a child that its mesh axes do not divide (e.g. 2 NF4 blocks over 4
-  devices) is replicated.
+
+def shardings_like(q: QuantizedArray, sharding: Any) -> QuantizedArray | None:
+  """The `NamedSharding` of each child of `q` (a tree shaped like it) for a kernel sharded by `sharding`.
+
+  The children take the kernel's spec (`partition_specs`); an axis of a child that its mesh
+  axes do not divide (e.g. 2 NF4 blocks over 4 devices) is replicated. None when `sharding`
+  is not a `NamedSharding`. `q` may hold arrays or `jax.ShapeDtypeStruct`s.
   """
   if not isinstance(sharding, NamedSharding):
-    return q
+    return None
   mesh = sharding.mesh
 
-  def fit(spec: PartitionSpec, child: jax.Array) -> NamedSharding:
+  def fit(spec: PartitionSpec, child: Any) -> NamedSharding:
     def size(entry: Any) -> int:
       return int(np.prod([mesh.shape[a] for a in ((entry,) if isinstance(entry, str) else entry)]))
 
@@ -108,7 +115,7 @@ def _like(q: QuantizedArray, sharding: Any) -> QuantizedArray:
     return NamedSharding(mesh, partition_spec(axes))
 
   specs = _quant.partition_specs(q, sharding.spec)
-  return jax.device_put(q, jax.tree.map(fit, specs, q, is_leaf=lambda x: isinstance(x, PartitionSpec)))
+  return jax.tree.map(fit, specs, q, is_leaf=lambda x: isinstance(x, PartitionSpec))
 
 
 def dequantize(params: Any, dtype: jax.typing.DTypeLike | None = None) -> Any:

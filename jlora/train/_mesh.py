@@ -31,7 +31,7 @@ import dataclasses
 import functools
 import math
 import os
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
 import jax
@@ -41,7 +41,7 @@ from jax.sharding import Mesh, NamedSharding, PartitionSpec
 from jlora import models
 from jlora.train._mesh_config import AXES, MeshConfig
 
-__all__ = ["Layout", "launcher", "shardings", "start"]
+__all__ = ["Layout", "launcher", "layout", "shardings", "start"]
 
 BATCH_AXES = ("data", "fsdp")  # the data-parallel axes: batch rows are split over both
 
@@ -147,6 +147,11 @@ class Layout:
       with models.on_mesh(self.mesh, self.rules):
         return fn(*args)
 
+    def lower(*args: Any) -> Any:  # ahead of time (`jlora plan`): traced the same way
+      with models.on_mesh(self.mesh, self.rules):
+        return fn.lower(*args)
+
+    call.lower = lower
     return call
 
   def batch_sharding(self, ndim: int) -> NamedSharding:
@@ -194,6 +199,10 @@ class Layout:
 
   def opt_state(self, tx: Any, trainable: Any) -> Any:
     """`tx.init(trainable)`, created on the mesh: each moment sharded like its parameter, counters replicated."""
+    return jax.jit(tx.init, out_shardings=self.opt_shardings(tx, trainable))(trainable)
+
+  def opt_shardings(self, tx: Any, trainable: Any) -> Any:
+    """Where `opt_state` puts each leaf of `tx.init(trainable)` (`trainable`: arrays or shapes with shardings)."""
     own = {tuple(getattr(k, "key", None) for k in path): x for path, x in
            jax.tree_util.tree_flatten_with_path(trainable)[0]}
 
@@ -205,8 +214,7 @@ class Layout:
           return param.sharding
       return self.replicated
 
-    placed = jax.tree_util.tree_map_with_path(place, jax.eval_shape(tx.init, trainable))
-    return jax.jit(tx.init, out_shardings=placed)(trainable)
+    return jax.tree_util.tree_map_with_path(place, jax.eval_shape(tx.init, trainable))
 
 
 def start(cfg: MeshConfig | None, env: Mapping[str, str] | None = None) -> Layout | None:
@@ -225,6 +233,15 @@ def start(cfg: MeshConfig | None, env: Mapping[str, str] | None = None) -> Layou
                        "parallel over all devices) or the override `mesh.data=-1`.")
     return None
   _initialize(cfg.distributed, os.environ if env is None else env)
-  sizes = _sizes(cfg, jax.device_count())
-  mesh = jax.make_mesh(sizes, AXES, axis_types=(jax.sharding.AxisType.Auto,) * len(AXES))
+  return layout(cfg, jax.devices())
+
+
+def layout(cfg: MeshConfig, devices: Sequence[Any]) -> Layout:
+  """The `Layout` of a `mesh` section over `devices` (all processes' devices, or a TPU slice's for `jlora plan`).
+
+  Raises:
+    ValueError: the axis sizes do not fit the number of devices.
+  """
+  sizes = _sizes(cfg, len(devices))
+  mesh = jax.make_mesh(sizes, AXES, devices=devices, axis_types=(jax.sharding.AxisType.Auto,) * len(AXES))
   return Layout(mesh, (*cfg.logical_rules, *models.DEFAULT_RULES))

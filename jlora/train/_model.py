@@ -20,7 +20,7 @@ from jlora import models
 from jlora.train._data import ByteTokenizer
 from jlora.train._tasks import Task
 
-__all__ = ["Model", "build", "model_type"]
+__all__ = ["Model", "build", "model_type", "shapes"]
 
 
 @dataclasses.dataclass(frozen=True)
@@ -94,6 +94,20 @@ def build(cfg: Any, task: Task, *, num_labels: int | None, key: jax.Array, layou
     ValueError: a missing `model.path` / `model.config`, a model type that cannot do
       `task`, or a `model.config` / `model.options` value the model cannot be built from.
   """
+  return _make(cfg, task, num_labels, layout, key)
+
+
+def shapes(cfg: Any, task: Task, *, num_labels: int | None, layout: Any = None) -> Model:
+  """The `Model` that `build` gives, with `params` as `jax.ShapeDtypeStruct`s (sharded on `layout`'s mesh).
+
+  No weight is read (of a checkpoint, only config.json and the tokenizer) and nothing is
+  allocated: what `jlora plan` compiles a step from. Raises as `build`.
+  """
+  return _make(cfg, task, num_labels, layout, None)
+
+
+def _make(cfg: Any, task: Task, num_labels: int | None, layout: Any, key: jax.Array | None) -> Model:
+  """`build` (with `key`) or `shapes` (`key` None)."""
   kind = model_type(cfg)
   if kind not in task.model_types:
     raise ValueError(f"`lora.task_type: {task.name}` does not fit `{kind}` models; use one of {list(task.model_types)} "
@@ -103,7 +117,10 @@ def build(cfg: Any, task: Task, *, num_labels: int | None, key: jax.Array, layou
   tokenizer = _tokenizer(cfg.tokenizer or ("bytes" if path is None else path))  # the cheap checks first
   placed = {} if layout is None else {"mesh": layout.mesh, "rules": layout.rules}
   try:
-    if path is None:
+    if key is None:
+      where = {"config": cfg.config} if path is None else {"path": path}
+      model, params = models.param_shapes(**where, dtype=_dtype(cfg.dtype), **placed, **options)
+    elif path is None:
       model, params = models.from_config(cfg.config, key=key, dtype=_dtype(cfg.dtype), **placed, **options)
     else:
       model, params = models.from_pretrained(path, key=key, dtype=_dtype(cfg.dtype), **placed, **options)

@@ -21,7 +21,7 @@ import jlora
 from jlora.train import _adapters, _data, _model, _tasks
 from jlora.train._schema import Config
 
-__all__ = ["RunKeys", "Setup", "available_memory", "base_model", "check_data", "check_sizes", "fingerprint", "make_optimizer", "prepare", "rows",
+__all__ = ["RunKeys", "Setup", "adapt", "available_memory", "base_model", "check_data", "check_sizes", "fingerprint", "make_optimizer", "prepare", "rows",
            "run_keys"]
 
 
@@ -193,15 +193,31 @@ def prepare(config: Config, task: _tasks.Task, examples: _data.Examples, *, init
   encode = lambda r: task.encode(r, base.tokenizer, tc.seq_len, tc.target_len)  # noqa: E731
   train_arrays, eval_arrays = encode(examples.train), encode(examples.eval)
   args, kwargs = task.inputs(rows(train_arrays, np.arange(1)), base.model)
-  params = jlora.init(keys.adapter, base.model, base.params, lora, *args, **kwargs)
-  trainable, frozen = jlora.split(params, lora)
-  original, frozen = frozen, quantized(config, frozen)
+  trainable, frozen, original = adapt(config, base.model, base.params, (args, kwargs), keys.adapter)
   source = config.init_from if init_from else None
   if source is not None:
     trainable = _adapters.load_init(config, base.params, trainable)
   tx, schedule = make_optimizer(config.optimizer, tc.steps, lora)
   return Setup(task, base, jlora.apply_fn(base.model, lora), trainable, frozen, tx, schedule, train_arrays,
                eval_arrays, keys, source, None if original is frozen else original, layout)
+
+
+def adapt(config: Config, model: Any, params: Any, inputs: tuple[tuple, dict], key: jax.Array) -> tuple[Any, Any, Any]:
+  """`(trainable, frozen, original)` of a run's base params: adapters added, split, and the frozen half quantized.
+
+  `original` is the frozen half before `model.quantize` (the same tree without it). Pure in
+  the params, so `jax.eval_shape` of it gives a run's trees as shapes (`jlora plan`).
+
+  Args:
+    config: the run's config (`lora`, `model.quantize`).
+    model: the base model.
+    params: its params (arrays, or tracers under `jax.eval_shape`).
+    inputs: `(args, kwargs)` of one example batch (`task.inputs`), for `jlora.init`.
+    key: `run_keys(train.seed).adapter`.
+  """
+  args, kwargs = inputs
+  trainable, frozen = jlora.split(jlora.init(key, model, params, config.lora, *args, **kwargs), config.lora)
+  return trainable, quantized(config, frozen), frozen
 
 
 def quantized(config: Config, frozen: Any) -> Any:

@@ -1,1 +1,2 @@
-"""Several JAX processes: which process decides, and arrays no process holds whole."""
+"""Several JAX processes and devices: which process decides, arrays no process holds whole, and reading a compiled
+program's collectives and costs per device (`hlo`)."""

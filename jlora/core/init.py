@@ -25,10 +25,11 @@ from jlora.core.tree import Params, _check_tree, flatten, get_path, has_adapters
 from jlora.core.variants import init_for, variant_of
 from jlora.quant.array import QuantizedArray
 
-__all__ = ["add_adapters", "init_tree"]
+__all__ = ["add_adapters", "init_tree", "site_key"]
 
 
-def _site_key(key: jax.Array, path: tuple[str, ...]) -> jax.Array:
+def site_key(key: jax.Array, path: tuple[str, ...]) -> jax.Array:
+  """The key of one adapter path: `key` folded with a hash of the path (the same draw wherever the path sits)."""
   return jax.random.fold_in(key, zlib.crc32(path_str(path).encode()) & 0x7FFFFFFF)
 
 
@@ -82,7 +83,7 @@ def add_adapters(key: jax.Array, params: Params, config: LoraConfig, sites: Sequ
       r, scale = config.rank_for(where), config.scale_for(where)
       kernel = kernels.get(site.path)
       stack = tuple(get_path(out, node + (site.kernel_name,)).shape[: stacked[site.path]])
-      a, b, rewritten = initial.fn(_site_key(key, site.path), site, r, scale, stack, kernel, dtype)
+      a, b, rewritten = initial.fn(site_key(key, site.path), site, r, scale, stack, kernel, dtype)
       if rewritten is not None:
         kernel = new[(*node, site.kernel_name)] = rewritten
       leaves = {"lora_a": a, "lora_b": b, **variant.init(kernel, a, b, scale)}

@@ -26,7 +26,7 @@ from jax import lax
 from jlora.adapters import merge_methods as _methods
 from jlora.core import ops as _ops
 from jlora.core.config import LoraConfig
-from jlora.core.fields import ALL_LINEAR
+from jlora.core.fields import ALL_LINEAR, rewrites_base
 from jlora.core.keys import restore
 from jlora.core.targets import Slot, is_head, is_lora_key, path_str, selects
 from jlora.core.tree import Params, _check_tree, flatten, get_path, slots, unflatten
@@ -291,10 +291,12 @@ def _check_pairs(adapters: Any) -> list[tuple[Params, LoraConfig]]:
     if not any(True for _ in slots(tree)):
       raise ValueError(f"`adapters[{i}][0]` holds no adapter (no lora_a/lora_b leaves); pass the trainable half "
                        "of jlora.split(params, config).")
-    if config.init_lora_weights == "pissa":
+    if rewrites_base(config.init_lora_weights):
       raise ValueError(
-          f"`adapters[{i}]` is a PiSSA adapter (init_lora_weights='pissa'): it belongs to its own residual base, "
-          "not to a base shared with the others. Merge it (jlora.merge) and combine full weights instead."
+          f"`adapters[{i}]` is a {config.init_lora_weights!r} adapter (its init rewrote the kernels, as PiSSA and "
+          "OLoRA do): it belongs to its own residual base, not to a base shared with the others. Convert it to a "
+          "plain LoRA adapter of the original base (jlora.convert_to_lora), or merge it (jlora.merge) and combine "
+          "full weights."
       )
   return [tuple(p) for p in adapters]
 

@@ -59,8 +59,13 @@ class LoraConfig:
       each output's inputs and treated as a constant in the backward pass, as
       in PEFT (linen models: `jlora.init` / `jlora.apply`).
     init_lora_weights: `True` (A kaiming-uniform, B zero), `"gaussian"`
-      (A ~ N(0, (1/r)²), B zero), `False` (B non-zero too; for tests only) or
-      `"pissa"` (A, B from the top-r SVD of W0; the residual replaces W0).
+      (A ~ N(0, (1/r)²), B zero), `False` (B non-zero too; for tests only),
+      `"orthogonal"` (A, B non-zero, of rank r/2, `A·B = 0`; r even), `"pissa"`
+      (A, B from the top-r SVD of W0; the residual replaces W0), `"pissa_niter_[n]"`
+      (the same by a randomized SVD of n iterations) or `"olora"` (A, B from the QR
+      decomposition of W0; the residual replaces W0). PEFT's `"eva"`, `"loftq"`,
+      `"corda"`, `"astra"`, `"lora_ga"`, `"mica"` and `"nora"` are accepted as the
+      history of a trained adapter (`jlora.load_peft`); `jlora.init` refuses them.
     modules_to_save: modules (matched like a `target_modules` list) whose every
       parameter trains fully and is saved with the adapter, e.g. a new classifier.
     task_type: a `TaskType` (informational, as in PEFT).

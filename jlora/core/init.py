@@ -40,8 +40,8 @@ def _copy_dicts(tree: Params) -> dict:
 def add_adapters(key: jax.Array, params: Params, config: LoraConfig, sites: Sequence[Site], *, dtype) -> dict:
   """Returns a copy of `params` with `lora_a`/`lora_b` beside each targeted kernel.
 
-  Base leaves are the same arrays (bit-identical), except that `"pissa"` writes
-  the residual `W0 − s·A·B` into the kernel.
+  Base leaves are the same arrays (bit-identical), except that `"pissa"`,
+  `"pissa_niter_[n]"` and `"olora"` write the residual `W0 − s·A·B` into the kernel.
 
   Raises:
     ValueError: see `jlora.core.targets.select_sites`; a site's kernel is missing or
@@ -64,19 +64,19 @@ def add_adapters(key: jax.Array, params: Params, config: LoraConfig, sites: Sequ
     stacked[site.path] = extra
   out = _copy_dicts(params)
   chosen = select_sites(config, sites, stacked)
-  for site in chosen if config.init_lora_weights == "pissa" else ():
+  variant, initial, method = variant_of(config), init_for(config.init_lora_weights), config.init_lora_weights
+  for site in chosen if initial.rewrites_kernel else ():
     kernel, where = get_path(out, site.module + (site.kernel_name,)), path_str(site.path)
     if isinstance(kernel, QuantizedArray):
-      raise ValueError(f"init_lora_weights='pissa' rewrites the kernel at {where!r}, which is quantized "
-                       "(jlora.quantize); initialize PiSSA on the full-precision base, then quantize the residual.")
+      raise ValueError(f"init_lora_weights={method!r} rewrites the kernel at {where!r}, which is quantized "
+                       "(jlora.quantize); initialize on the full-precision base, then quantize the residual.")
     if not jnp.issubdtype(kernel.dtype, jnp.floating):
-      raise ValueError(f"init_lora_weights='pissa' needs a floating-point kernel at {where!r}, got {kernel.dtype}.")
-  variant, initial = variant_of(config), init_for(config.init_lora_weights)
+      raise ValueError(f"init_lora_weights={method!r} needs a floating-point kernel at {where!r}, got {kernel.dtype}.")
   reads = initial.reads_kernel or variant.reads_kernel  # whether the new leaves depend on the kernels' values
   kernels = {site.path: get_path(out, site.module + (site.kernel_name,)) for site in chosen} if reads else {}
 
   def create(key: jax.Array, kernels: dict) -> dict:
-    """`{leaf path: value}` of every new leaf (and of each kernel an init rewrites, as PiSSA does)."""
+    """`{leaf path: value}` of every new leaf (and of each kernel an init rewrites, as PiSSA and OLoRA do)."""
     new = {}
     for site in chosen:
       where, node = path_str(site.path), site.module

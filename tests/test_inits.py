@@ -184,24 +184,6 @@ def test_conversion_errors():
     jlora.save_peft("unused", None, trained, cfg, name_map="flax")
 
 
-class _TorchMLP:
-  """zoo.MLP in PyTorch (the same weights): fc_0, fc_1, head with tanh-GELU between."""
-
-  @staticmethod
-  def build(torch, base):
-    net = torch.nn.Module()
-    for m in ("fc_0", "fc_1", "head"):
-      k, b = np.asarray(base[m]["kernel"]), np.asarray(base[m]["bias"])
-      layer = torch.nn.Linear(*k.shape)
-      with torch.no_grad():
-        layer.weight.copy_(torch.tensor(k.T))
-        layer.bias.copy_(torch.tensor(b))
-      setattr(net, m, layer)
-    gelu = lambda x: torch.nn.functional.gelu(x, approximate="tanh")  # noqa: E731
-    net.forward = lambda x: net.head(gelu(net.fc_1(gelu(net.fc_0(x)))))
-    return net
-
-
 def test_peft_loads_the_converted_adapter_over_the_original_base(tmp_path):
   """jlora's PiSSA, trained, converted and saved: PEFT over the original PyTorch weights computes the trained model."""
   torch = pytest.importorskip("torch")
@@ -212,7 +194,7 @@ def test_peft_loads_the_converted_adapter_over_the_original_base(tmp_path):
   params0, trained = _trained(case, cfg)
   tree, plain = jlora.convert_to_lora(trained, params0, cfg)
   jlora.save_peft(tmp_path, None, jlora.combine(tree, base), plain, name_map="flax")
-  model = peft.PeftModel.from_pretrained(_TorchMLP.build(torch, base), tmp_path).eval()
+  model = peft.PeftModel.from_pretrained(zoo.torch_mlp(base), tmp_path).eval()
   with torch.no_grad():
     theirs = model(torch.tensor(np.asarray(case.inputs))).numpy()
   want = np.asarray(jlora.apply(case.model, trained, cfg, case.inputs))

@@ -298,7 +298,7 @@ def test_errors_name_the_argument(mlp):
     add_weighted_adapter([(jlora.combine(t1, {"fc_0": {"kernel": jnp.zeros((16, 32))}}), c1)], [1.0])
   with pytest.raises(ValueError, match=r"`adapters\[0\]\[0\]` holds no adapter"):
     add_weighted_adapter([({}, c1)], [1.0])
-  with pytest.raises(ValueError, match=r"`adapters\[0\]` is a PiSSA adapter"):
+  with pytest.raises(ValueError, match=r"`adapters\[0\]` is a 'pissa' adapter \(its init rewrote the kernels"):
     add_weighted_adapter([(t1, dataclasses.replace(c1, init_lora_weights="pissa"))], [1.0])
 
 

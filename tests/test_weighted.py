@@ -287,7 +287,8 @@ def test_errors_name_the_argument(mlp):
     add_weighted_adapter([(t1, c1)], [True])
   with pytest.raises(ValueError, match=r"`combination_type`='sum' is not one of 'svd', 'linear', 'cat'"):
     add_weighted_adapter([(t1, c1)], [1.0], "sum")
-  with pytest.raises(ValueError, match=r"`svd_rank` applies to the SVD forms only \('svd', 'ties_svd'"):
+  with pytest.raises(ValueError, match=r"`svd_rank` applies to the SVD forms \('svd', 'ties_svd'.*\) only, got "
+                                       r"svd_rank=2 with combination_type='cat'"):
     add_weighted_adapter([(t1, c1)], [1.0], "cat", svd_rank=2)
   with pytest.raises(ValueError, match=r"`svd_clamp` must be a quantile in \[0, 1\]"):
     add_weighted_adapter([(t1, c1)], [1.0], svd_clamp=5)
@@ -491,18 +492,18 @@ def test_pruning_options_are_checked(mlp):
       ({"density": True}, r"`density` must be a number in \(0, 1\]"),
       ({"density": 0.5, "majority_sign_method": "sum"}, r"`majority_sign_method` must be one of 'total', "
                                                          r"'frequency', got 'sum'"),
-      ({"density": 0.5, "key": key}, r"`key` applies to the DARE forms only"),
+      ({"density": 0.5, "key": key}, r"`key` applies to the DARE forms \(.*\) only, got key=<.*> with combination_type='ties'"),
   ]:
     with pytest.raises(ValueError, match=match):
       add_weighted_adapter(pair, [1.0], "ties", **kwargs)
   with pytest.raises(ValueError, match=r"`density` applies to TIES, DARE and magnitude pruning only, got "
                                        r"density=0\.5 with combination_type='svd'"):
     add_weighted_adapter(pair, [1.0], "svd", density=0.5)
-  with pytest.raises(ValueError, match=r"`majority_sign_method` applies to TIES only .* got 'total' with "
-                                       r"combination_type='dare_linear'"):
+  with pytest.raises(ValueError, match=r"`majority_sign_method` applies to TIES .* only, got majority_sign_method='total' with "
+                                       r"combination_type='dare_linear'; drop it"):
     add_weighted_adapter(pair, [1.0], "dare_linear", density=0.5, majority_sign_method="total", key=key)
-  with pytest.raises(ValueError, match=r"combination_type='dare_ties_svd' drops entries at random \(DARE\) and "
-                                       r"needs `key`.*jax\.random\.key\(0\)"):
+  with pytest.raises(ValueError, match=r"combination_type='dare_ties_svd' needs `key`, a PRNG key for DARE's "
+                                       r"random masks; e\.g\. key=jax\.random\.key\(0\)"):
     add_weighted_adapter(pair, [1.0], "dare_ties_svd", density=0.5)
   with pytest.raises(TypeError, match=r"`key` must be a PRNG key .* got int"):
     add_weighted_adapter(pair, [1.0], "dare_linear", density=0.5, key=0)

@@ -197,8 +197,8 @@ def add_weighted_adapter(
 
   Example:
     >>> tree, config = add_weighted_adapter([(t1, c1), (t2, c2)], [0.7, 0.3], "cat")  # doctest: +SKIP
-    >>> tree, config = add_weighted_adapter([(t1, c1), (t2, c2)], [1.0, 1.0], "dare_ties", density=0.3,
-    ...                                     key=jax.random.key(0))                     # doctest: +SKIP
+    >>> pairs, key = [(t1, c1), (t2, c2)], jax.random.key(0)  # DARE: the same key, the same adapter  # doctest: +SKIP
+    >>> tree, config = add_weighted_adapter(pairs, [1, 1], "dare_ties", density=0.3, key=key)   # doctest: +SKIP
     >>> y = jlora.apply(model, jlora.combine(tree, frozen), config, x)                # doctest: +SKIP
   """
   pairs = _check_pairs(adapters)
@@ -329,49 +329,46 @@ def _check_options(combination_type: Any, svd_rank: Any, svd_clamp: Any, density
   """Raises unless the options fit `combination_type`; returns the majority sign method (`"total"` by default)."""
   if not isinstance(combination_type, str) or combination_type not in COMBINATIONS:
     raise ValueError(f"`combination_type`={combination_type!r} is not one of {', '.join(map(repr, COMBINATIONS))}.")
-  method, svd = _method(combination_type), combination_type.endswith("svd")
-  svd_forms = ", ".join(repr(c) for c in COMBINATIONS if c.endswith("svd"))
+  method = _method(combination_type)
+  svd_forms = f"the SVD forms ({', '.join(repr(c) for c in COMBINATIONS if c.endswith('svd'))})"
   for name, value in (("svd_rank", svd_rank), ("svd_clamp", svd_clamp)):
-    if value is not None and not svd:
-      raise ValueError(f"`{name}` applies to the SVD forms only ({svd_forms}), got {name}={value!r} with "
-                       f"combination_type={combination_type!r}; drop it or use an SVD form.")
+    _option(name, value, combination_type.endswith("svd"), combination_type, svd_forms)
   if svd_rank is not None and (isinstance(svd_rank, bool) or not isinstance(svd_rank, int) or svd_rank < 1):
     raise ValueError(f"`svd_rank` must be a positive int (or None for the largest input rank), got {svd_rank!r}.")
   if svd_clamp is not None and (isinstance(svd_clamp, bool) or not isinstance(svd_clamp, (int, float))
                                 or not 0 <= svd_clamp <= 1):
     raise ValueError(f"`svd_clamp` must be a quantile in [0, 1] (e.g. 0.99), or None, got {svd_clamp!r}.")
-  prunes = method not in (None, "linear")
-  if density is None and prunes:
-    raise ValueError(f"combination_type={combination_type!r} needs `density`, the fraction of each adapter's entries "
-                     "it keeps, in (0, 1] (PEFT has no default either); e.g. density=0.5.")
-  if density is not None and not prunes:
-    raise ValueError(f"`density` applies to TIES, DARE and magnitude pruning only, got density={density!r} with "
-                     f"combination_type={combination_type!r}; drop it, or use e.g. 'ties'.")
+  _option("density", density, method not in (None, "linear"), combination_type, "TIES, DARE and magnitude pruning",
+          "the fraction of each adapter's entries it keeps, in (0, 1] (PEFT has no default either); e.g. density=0.5.")
   if density is not None and (isinstance(density, bool) or not isinstance(density, (int, float))
                               or not 0 < density <= 1):
     raise ValueError(f"`density` must be a number in (0, 1] (the fraction of entries kept; 1 prunes nothing), got "
                      f"{density!r}; e.g. density=0.5.")
-  elects = method in _methods.ELECTS_SIGN
-  if majority_sign_method is not None and not elects:
-    raise ValueError(f"`majority_sign_method` applies to TIES only ('ties', 'ties_svd', 'dare_ties', "
-                     f"'dare_ties_svd'), got {majority_sign_method!r} with combination_type={combination_type!r}; "
-                     "drop it.")
+  _option("majority_sign_method", majority_sign_method, method in _methods.ELECTS_SIGN, combination_type,
+          "TIES ('ties', 'ties_svd', 'dare_ties', 'dare_ties_svd')")
   sign = "total" if majority_sign_method is None else majority_sign_method
   if sign not in _methods.SIGN_METHODS:
     raise ValueError(f"`majority_sign_method` must be one of {', '.join(map(repr, _methods.SIGN_METHODS))}, got "
                      f"{majority_sign_method!r}.")
-  random = method in _methods.RANDOM
-  if key is None and random:
-    raise ValueError(f"combination_type={combination_type!r} drops entries at random (DARE) and needs `key`, a PRNG "
-                     "key for its masks; e.g. key=jax.random.key(0) (the same key gives the same adapter).")
-  if key is not None and not random:
-    raise ValueError(f"`key` applies to the DARE forms only ('dare_linear', 'dare_ties' and their '_svd' forms), got "
-                     f"a key with combination_type={combination_type!r}; drop it.")
+  _option("key", key, method in _methods.RANDOM, combination_type, "the DARE forms ('dare_linear', 'dare_ties' and "
+          "their '_svd' forms)", "a PRNG key for DARE's random masks; e.g. key=jax.random.key(0) (the same key gives "
+          "the same adapter).")
   if key is not None and not (isinstance(key, jax.Array) and (jnp.issubdtype(key.dtype, jax.dtypes.prng_key) or (
       key.dtype == jnp.uint32 and key.shape == (2,)))):
     raise TypeError(f"`key` must be a PRNG key (jax.random.key(0) or jax.random.PRNGKey(0)), got "
                     f"{type(key).__name__}.")
   return sign
+
+
+def _option(name: str, value: Any, applies: bool, combination_type: str, which: str, need: str = "") -> None:
+  """Raises when an option is given to a combination it does not apply to (`which` says where it does), or is
+  missing where it applies and is required (`need` says what it is)."""
+  if value is not None and not applies:
+    shown = repr(value) if isinstance(value, (str, int, float)) else f"<{type(value).__name__}>"
+    raise ValueError(f"`{name}` applies to {which} only, got {name}={shown} with combination_type={combination_type!r}"
+                     "; drop it.")
+  if value is None and applies and need:
+    raise ValueError(f"combination_type={combination_type!r} needs `{name}`, {need}")
 
 
 # ------------------------------------------------------------------ layouts

@@ -91,7 +91,7 @@ def from_peft(data: Mapping[str, Any]) -> LoraConfig:
         "load_peft: a LoftQ adapter (init_lora_weights='loftq') was initialised to make up for the quantization "
         "error of the base PEFT quantized with it: it computes the fine-tuned model over that quantized backbone "
         "(usually published with the adapter), not over the original full-precision weights.", UserWarning,
-        stacklevel=3)
+        stacklevel=4)
   return config
 
 

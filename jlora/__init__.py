@@ -4,6 +4,7 @@ from jlora.adapters.adapter_set import AdapterSet as AdapterSet
 from jlora.adapters.adapter_set import load_adapter_set as load_adapter_set
 from jlora.adapters.bank import AdapterBank as AdapterBank
 from jlora.adapters.bank import stack_adapters as stack_adapters
+from jlora.adapters.convert import convert_to_lora as convert_to_lora
 from jlora.adapters.run import apply as apply
 from jlora.adapters.run import apply_fn as apply_fn
 from jlora.adapters.weighted import add_weighted_adapter as add_weighted_adapter
@@ -53,6 +54,7 @@ __all__ = [
     "apply_fn",
     "apply_merged",
     "combine",
+    "convert_to_lora",
     "dequantize",
     "dora_norms",
     "init",

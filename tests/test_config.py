@@ -61,7 +61,7 @@ def test_scaling_default_rslora_patterns():
     ({"lora_dropout": -0.1}, r"`lora_dropout` must be in \[0, 1\)"),
     ({"bias": "some"}, "`bias` must be one of"),
     ({"task_type": "TRANSLATE"}, "`task_type` 'TRANSLATE' is unknown"),
-    ({"init_lora_weights": "olora"}, "`init_lora_weights` must be one of"),
+    ({"init_lora_weights": "kaiming_normal"}, "`init_lora_weights` must be one of"),
     ({"layers_to_transform": [-1]}, "`layers_to_transform` must be"),
     ({"layers_pattern": "layers"}, "`layers_pattern` was given without `layers_to_transform`"),
     ({"target_modules": ".*q", "layers_to_transform": [0]}, "cannot be combined with a regex"),

@@ -161,7 +161,7 @@ def test_linear_cross_terms_and_equal_ranks(mlp):
   np.testing.assert_allclose(np.asarray(tree["fc_1"]["lora_a"]), -a1 + 2 * a3, atol=1e-6, rtol=1e-5)
   t4, _, c4 = _adapter("mlp", 4, r=4, modules=["fc_1"])
   with pytest.raises(ValueError, match=r"combination_type='linear' needs equal ranks per module, but at 'fc_1' "
-                                       r"adapters\[0\]: r=2, adapters\[1\]: r=4; use 'cat' .* or 'svd'"):
+                                       r"adapters\[0\]: r=2, adapters\[1\]: r=4 \(it merges the A and B factors apart\); use 'cat' .* or 'svd'"):
     add_weighted_adapter([(t1, c1), (t4, c4)], [1.0, 1.0], "linear")
 
 
@@ -287,9 +287,8 @@ def test_errors_name_the_argument(mlp):
     add_weighted_adapter([(t1, c1)], [True])
   with pytest.raises(ValueError, match=r"`combination_type`='sum' is not one of 'svd', 'linear', 'cat'"):
     add_weighted_adapter([(t1, c1)], [1.0], "sum")
-  with pytest.raises(ValueError, match=r"`combination_type`='ties' \(PEFT's TIES.*\) is not implemented in jlora"):
-    add_weighted_adapter([(t1, c1)], [1.0], "ties")
-  with pytest.raises(ValueError, match=r"`svd_rank` applies to combination_type='svd' only"):
+  with pytest.raises(ValueError, match=r"`svd_rank` applies to the SVD forms \('svd', 'ties_svd'.*\) only, got "
+                                       r"svd_rank=2 with combination_type='cat'"):
     add_weighted_adapter([(t1, c1)], [1.0], "cat", svd_rank=2)
   with pytest.raises(ValueError, match=r"`svd_clamp` must be a quantile in \[0, 1\]"):
     add_weighted_adapter([(t1, c1)], [1.0], svd_clamp=5)
@@ -300,7 +299,7 @@ def test_errors_name_the_argument(mlp):
     add_weighted_adapter([(jlora.combine(t1, {"fc_0": {"kernel": jnp.zeros((16, 32))}}), c1)], [1.0])
   with pytest.raises(ValueError, match=r"`adapters\[0\]\[0\]` holds no adapter"):
     add_weighted_adapter([({}, c1)], [1.0])
-  with pytest.raises(ValueError, match=r"`adapters\[0\]` is a PiSSA adapter"):
+  with pytest.raises(ValueError, match=r"`adapters\[0\]` is a 'pissa' adapter \(its init rewrote the kernels"):
     add_weighted_adapter([(t1, dataclasses.replace(c1, init_lora_weights="pissa"))], [1.0])
 
 
@@ -369,3 +368,147 @@ def test_peft_rslora_first_is_sqrt_r_too_large_before_0_22(peft_model):
   _close({m: factor * v for m, v in ours.items()}, theirs)
   want = _sum([1.0, 1.0], [_deltas(*adapters["a2"], frozen), _deltas(*adapters["a1"], frozen)])
   _close(ours, want)
+
+
+# ------------------------------------------------------------------ TIES, DARE, magnitude pruning
+from jlora.adapters import merge_methods  # noqa: E402
+from jlora.adapters.weighted import _dare_seeds  # noqa: E402
+
+PRUNING = ["ties", "ties_svd", "dare_linear", "dare_linear_svd", "dare_ties", "dare_ties_svd", "magnitude_prune",
+           "magnitude_prune_svd"]
+
+
+def _queue(torch, monkeypatch, masks):
+  """Makes `torch.bernoulli` (PEFT's DARE draw) return `masks` in order, each checked against the draw's shape."""
+  masks = list(masks)
+
+  def bernoulli(probs, *args, **kwargs):
+    mask = masks.pop(0)
+    assert tuple(probs.shape) == mask.shape, (tuple(probs.shape), mask.shape)
+    return torch.tensor(mask, dtype=probs.dtype)
+
+  monkeypatch.setattr(torch, "bernoulli", bernoulli)
+  return masks
+
+
+@pytest.mark.parametrize("method", ["linear", "ties", "dare_linear", "dare_ties", "magnitude_prune"])
+@pytest.mark.parametrize("sign", ["total", "frequency"])
+def test_merge_methods_equal_peft_merge_utils_row_by_row(method, sign, monkeypatch):
+  """Each row of `(n, rows, size)` is one module's tensors; PEFT's merge_utils on that row gives the same merge
+  (DARE: with jlora's masks fed to torch.bernoulli)."""
+  torch = pytest.importorskip("torch")
+  merge_utils = pytest.importorskip("peft.utils.merge_utils")
+  if sign == "frequency" and method not in merge_methods.ELECTS_SIGN:
+    pytest.skip("majority_sign_method is TIES' only")
+  rng = np.random.default_rng(0)
+  t = rng.normal(size=(3, 2, 50)).astype(np.float32)
+  w, density = np.array([0.7, -1.2, 0.4], np.float32), 0.3
+  masks = merge_methods.dare_masks([[i] for i in range(3)], (2, 50), density)
+  ours = np.asarray(merge_methods.merge(jnp.asarray(t), jnp.asarray(w), method=method, density=density,
+                                        majority_sign_method=sign, masks=masks))
+  left = _queue(torch, monkeypatch, [masks[i, row].astype(np.float32) for row in range(2) for i in range(3)])
+  for row in range(2):
+    rows, weights = [torch.tensor(t[i, row]) for i in range(3)], torch.tensor(w)
+    args = () if method == "linear" else (density,)
+    kw = {"majority_sign_method": sign} if method in merge_methods.ELECTS_SIGN else {}
+    want = getattr(merge_utils, "task_arithmetic" if method == "linear" else method)(rows, weights, *args, **kw)
+    np.testing.assert_allclose(ours[row], want.numpy(), rtol=1e-6, atol=1e-6)
+  assert not left or method not in merge_methods.RANDOM
+  if method != "linear":  # density 1 prunes nothing
+    full = merge_methods.merge(jnp.asarray(t), jnp.asarray(w), method=method, density=1.0, masks=masks)
+    np.testing.assert_array_equal(full, merge_methods.merge(jnp.asarray(t), jnp.asarray(w), method=method.replace(
+        "dare_", "") if "ties" in method else "linear", density=1.0))
+  if method == "magnitude_prune":  # each tensor kept int(0.3·50) = 15 entries per row
+    kept = merge_methods.prune_magnitude(jnp.asarray(t), density)
+    assert (np.count_nonzero(np.asarray(kept), axis=-1) == 15).all()
+
+
+def test_dare_agrees_with_peft_in_distribution():
+  """Without shared masks: the kept fraction is `density` (binomial bounds) and kept entries are `t / density`,
+  for jlora's draw and PyTorch's."""
+  torch = pytest.importorskip("torch")
+  merge_utils = pytest.importorskip("peft.utils.merge_utils")
+  t, density, n = np.linspace(1.0, 2.0, 20_000, dtype=np.float32), 0.3, 20_000
+  torch.manual_seed(0)
+  mask = merge_methods.dare_masks([[0]], (n,), density)[0]
+  for pruned in (np.asarray(merge_methods.prune_random(mask, jnp.asarray(t), density)),
+                 merge_utils.random_pruning(torch.tensor(t), density, rescale=True).numpy()):
+    kept = pruned != 0
+    assert abs(kept.mean() - density) < 4 * math.sqrt(density * (1 - density) / n)
+    np.testing.assert_allclose(pruned[kept], t[kept] / density, rtol=1e-6)
+
+
+@pytest.mark.parametrize("kind", PRUNING)
+def test_pruning_methods_equal_peft(peft_model, kind, monkeypatch):
+  """PEFT's add_weighted_adapter with every TIES / DARE / magnitude-pruning form; DARE gets jlora's masks."""
+  torch, model, adapters, frozen = peft_model
+  svd = kind.endswith("svd")
+  names, weights = (["a1", "a2"], [0.8, -1.5]) if svd else (["a3", "a2"], [0.8, -1.5])  # equal ranks without SVD
+  options = {"density": 0.4, **({"majority_sign_method": "frequency"} if "ties" in kind else {})}
+  key = jax.random.key(7) if "dare" in kind else None
+  tree, cfg = add_weighted_adapter([adapters[n] for n in names], weights, kind, key=key, **options)
+  if key is not None:  # PEFT draws module by module (its order), A's then B's (or the deltas), adapter by adapter
+    masks = []
+    for m in MLP_PATHS:
+      present = [i for i, n in enumerate(names) if m in adapters[n][0]]
+      for factor in ("delta",) if svd else ("lora_a", "lora_b"):
+        for i, seed in zip(present, _dare_seeds(key, (m,), factor, tuple(present))):
+          a, b = (np.asarray(adapters[names[i]][0][m][x]) for x in ("lora_a", "lora_b"))
+          shape = {"lora_a": a.shape, "lora_b": b.shape, "delta": (a.shape[0], b.shape[1])}[factor]
+          mask = merge_methods.dare_masks([seed], (math.prod(shape),), 0.4)[0]
+          masks.append(mask.reshape(shape).T.astype(np.float32))  # jlora's (in, out) layout -> PyTorch's (out, in)
+    left = _queue(torch, monkeypatch, masks)
+  model.add_weighted_adapter(names, weights, kind, combination_type=kind, **options)
+  want = _peft_deltas(torch, model, kind)
+  # an SVD form truncates a pruned (full-rank) sum: float32 rounding of the deltas moves it by ~1e-5 of its size
+  _close(_deltas(tree, cfg, frozen), want, atol=5e-5 * max(np.abs(v).max() for v in want.values()) if svd else 1e-5)
+  assert key is None or not left, "PEFT drew fewer masks than jlora"
+
+
+def test_pruning_is_per_layer_and_per_head_and_dare_is_deterministic():
+  t1, _, c1 = _adapter("scan", 1, r=2, lora_alpha=4)
+  tree, _ = add_weighted_adapter([(t1, c1)], [1.0], "magnitude_prune", density=0.25)
+  a = np.asarray(tree["layers"]["up"]["lora_a"])  # (3 layers, 16, 2): each layer keeps int(0.25·32) = 8 entries
+  assert a.shape == (3, 16, 2) and [np.count_nonzero(x) for x in a] == [8, 8, 8]
+  e1, frozen_e, ce = _adapter("einsum", 1, r=2)
+  tree_e, _ = add_weighted_adapter([(e1, ce)], [1.0], "magnitude_prune", density=0.5, kernels=frozen_e)
+  a = np.asarray(tree_e["per_head"]["lora_a"])  # (2 heads, 4, 1, 2): each head keeps int(0.5·8) = 4 entries
+  assert [np.count_nonzero(x) for x in a] == [4, 4]
+  t2, _, c2 = _adapter("scan", 2, r=2, lora_alpha=4)
+  runs = [add_weighted_adapter([(t1, c1), (t2, c2)], [1.0, 0.5], "dare_ties", density=0.5, key=jax.random.key(k))[0]
+          for k in (0, 0, 1)]
+  jax.tree.map(np.testing.assert_array_equal, runs[0], runs[1])  # the same key, the same adapter
+  assert not np.array_equal(runs[0]["layers"]["up"]["lora_a"], runs[2]["layers"]["up"]["lora_a"])
+
+
+def test_pruning_options_are_checked(mlp):
+  t1, c1, t2, c2, _ = mlp
+  pair = [(t1, c1)]
+  key = jax.random.key(0)
+  for kwargs, match in [
+      ({}, r"combination_type='ties' needs `density`, the fraction .* in \(0, 1\]"),
+      ({"density": 0.0}, r"`density` must be a number in \(0, 1\] .* got 0\.0"),
+      ({"density": 1.5}, r"`density` must be a number in \(0, 1\]"),
+      ({"density": True}, r"`density` must be a number in \(0, 1\]"),
+      ({"density": 0.5, "majority_sign_method": "sum"}, r"`majority_sign_method` must be one of 'total', "
+                                                         r"'frequency', got 'sum'"),
+      ({"density": 0.5, "key": key}, r"`key` applies to the DARE forms \(.*\) only, got key=<.*> with combination_type='ties'"),
+  ]:
+    with pytest.raises(ValueError, match=match):
+      add_weighted_adapter(pair, [1.0], "ties", **kwargs)
+  with pytest.raises(ValueError, match=r"`density` applies to TIES, DARE and magnitude pruning only, got "
+                                       r"density=0\.5 with combination_type='svd'"):
+    add_weighted_adapter(pair, [1.0], "svd", density=0.5)
+  with pytest.raises(ValueError, match=r"`majority_sign_method` applies to TIES .* only, got majority_sign_method='total' with "
+                                       r"combination_type='dare_linear'; drop it"):
+    add_weighted_adapter(pair, [1.0], "dare_linear", density=0.5, majority_sign_method="total", key=key)
+  with pytest.raises(ValueError, match=r"combination_type='dare_ties_svd' needs `key`, a PRNG key for DARE's "
+                                       r"random masks; e\.g\. key=jax\.random\.key\(0\)"):
+    add_weighted_adapter(pair, [1.0], "dare_ties_svd", density=0.5)
+  with pytest.raises(TypeError, match=r"`key` must be a PRNG key .* got int"):
+    add_weighted_adapter(pair, [1.0], "dare_linear", density=0.5, key=0)
+  with pytest.raises(ValueError, match=r"combination_type='ties' needs equal ranks per module, but at 'fc_1' .*; "
+                                       r"use 'cat' .* or 'ties_svd'"):
+    add_weighted_adapter([(t1, c1), (t2, c2)], [1.0, 1.0], "ties", density=0.5)
+  with pytest.raises(ValueError, match=r"adapters\[0\] has use_dora=True"):
+    add_weighted_adapter([(t1, dataclasses.replace(c1, use_dora=True))], [1.0], "ties", density=0.5)

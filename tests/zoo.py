@@ -7,6 +7,7 @@ from typing import NamedTuple
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 
 class MLP(nn.Module):
@@ -127,3 +128,21 @@ def cases() -> list[Case]:
 
 def build(case: Case, key=0):
   return case.model.init(jax.random.key(key), case.inputs)["params"]
+
+
+def torch_mlp(base):
+  """`MLP` in PyTorch with the weights of `base` (its params): `fc_0`, `fc_1`, `head` Linear layers (PEFT's module
+  names are the Flax paths, `name_map="flax"`) with tanh-GELU between. Needs torch."""
+  import torch
+
+  net = torch.nn.Module()
+  for m in ("fc_0", "fc_1", "head"):
+    kernel, bias = np.asarray(base[m]["kernel"]), np.asarray(base[m]["bias"])
+    layer = torch.nn.Linear(*kernel.shape)
+    with torch.no_grad():
+      layer.weight.copy_(torch.tensor(kernel.T))
+      layer.bias.copy_(torch.tensor(bias))
+    setattr(net, m, layer)
+  gelu = lambda x: torch.nn.functional.gelu(x, approximate="tanh")  # noqa: E731
+  net.forward = lambda x: net.head(gelu(net.fc_1(gelu(net.fc_0(x)))))
+  return net

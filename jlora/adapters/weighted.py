@@ -4,7 +4,8 @@ Every combination works per module on batched matrices `A: (*batch, fan_in, r)`,
 whose product is that module's unscaled delta in float32: `batch` are the leading scan axes of a stacked adapter
 (the concat layout of `jlora.core.ops`) or the axes an `nn.Einsum` / `(out, in)` kernel shares between input and
 output (the broadcast layout, whose input and output axes are moved together first). So a stack is combined
-layer by layer, and an einsum head by head, exactly.
+layer by layer, and an einsum head by head, exactly. TIES, DARE and magnitude pruning (`jlora.adapters.merge_methods`)
+prune each of those matrices (each layer's, each head's) on its own, as PEFT prunes each module's.
 """
 
 from __future__ import annotations
@@ -13,6 +14,7 @@ import dataclasses
 import functools
 import math
 import re
+import zlib
 from collections.abc import Sequence
 from typing import Any, NamedTuple
 
@@ -21,18 +23,20 @@ import jax.numpy as jnp
 import numpy as np
 from jax import lax
 
+from jlora.adapters import merge_methods as _methods
 from jlora.core import ops as _ops
 from jlora.core.config import LoraConfig
-from jlora.core.fields import ALL_LINEAR
+from jlora.core.fields import ALL_LINEAR, rewrites_base
 from jlora.core.keys import restore
 from jlora.core.targets import Slot, is_head, is_lora_key, path_str, selects
 from jlora.core.tree import Params, _check_tree, flatten, get_path, slots, unflatten
 
 __all__ = ["add_weighted_adapter"]
 
-COMBINATIONS = ("svd", "linear", "cat")
-_PEFT_ONLY = ("ties", "ties_svd", "dare_ties", "dare_linear", "dare_ties_svd", "dare_linear_svd", "magnitude_prune",
-              "magnitude_prune_svd")
+# PEFT's names: `cat`, then each merge method of `merge_methods` on A and B apart, and on the deltas with an SVD
+# (`svd` is `linear`'s SVD form).
+COMBINATIONS = ("svd", "linear", "cat", "ties", "ties_svd", "dare_linear", "dare_linear_svd", "dare_ties",
+                "dare_ties_svd", "magnitude_prune", "magnitude_prune_svd")
 
 
 class _Form(NamedTuple):
@@ -89,8 +93,9 @@ def _forms(a_shape: tuple[int, ...], b_shape: tuple[int, ...], r: int) -> set[_F
 
 
 class _Entry(NamedTuple):
-  """One input adapter at one module: `coef = wᵢ·sᵢ`, its leaves, rank and index in `adapters`."""
-  coef: float
+  """One input adapter at one module: its weight `wᵢ` and scale `sᵢ`, its leaves, rank and index in `adapters`."""
+  weight: float
+  scale: float
   a: jax.Array
   b: jax.Array
   rank: int
@@ -104,6 +109,9 @@ def add_weighted_adapter(
     *,
     svd_rank: int | None = None,
     svd_clamp: float | None = None,
+    density: float | None = None,
+    majority_sign_method: str | None = None,
+    key: jax.Array | None = None,
     kernels: Params | None = None,
 ) -> tuple[dict, LoraConfig]:
   """One adapter whose delta combines the deltas of several, with PEFT's `add_weighted_adapter` semantics.
@@ -125,6 +133,23 @@ def add_weighted_adapter(
   * `"linear"`: `A = Σ sign(cᵢ)·√|cᵢ|·Aᵢ`, `B = Σ √|cᵢ|·Bᵢ` with `cᵢ = wᵢsᵢ` (equal ranks
     per module). Not `Σ wᵢΔᵢ`: two different adapters add cross terms
     `√(cᵢcⱼ)·(AᵢBⱼ + AⱼBᵢ)`; it is exact only for one adapter (or proportional ones).
+  * `"ties"`, `"dare_linear"`, `"dare_ties"`, `"magnitude_prune"`: as `"linear"` (the `Aᵢ`
+    merged with weights `sign(cᵢ)·√|cᵢ|`, the `Bᵢ` with `√|cᵢ|`, equal ranks), by that merge
+    method of `jlora.adapters.merge_methods` instead of a weighted sum: each `Aᵢ` (and each
+    `Bᵢ`) pruned to a fraction `density` of its entries (by magnitude, or at random with
+    DARE's `1/density` rescaling), and with TIES a sign elected per entry
+    (`majority_sign_method`) and the agreeing entries averaged.
+  * `"ties_svd"`, `"dare_linear_svd"`, `"dare_ties_svd"`, `"magnitude_prune_svd"`: the same
+    method on the deltas `Δᵢ` with weights `wᵢ`, then the truncated SVD of `"svd"`
+    (`svd_rank`, `svd_clamp`; any ranks).
+
+  Pruning acts on each module's matrix (one layer of a stack, one head of an einsum) as
+  PEFT prunes one PyTorch module's. The DARE methods draw their masks from `key`, one
+  independent draw per module path, factor (`A`, `B` or the delta) and adapter index,
+  so the same call gives the same adapter; PEFT draws from PyTorch's global generator,
+  so the two agree in distribution, and exactly given the same masks. Unlike PEFT, which
+  silently falls back to `"linear"` when given one adapter, every method here applies to
+  one adapter too (a pruned or truncated copy of it).
 
   A module that an adapter lacks contributes zero to it (the output covers the
   union of the modules). The output's scale is 1 everywhere: `lora_alpha = r`
@@ -139,9 +164,16 @@ def add_weighted_adapter(
       (or `<weight>_lora_a`/`_lora_b`) leaves, e.g. the trainable half of
       `jlora.split(params, config)` made with `bias="none"`; all over the same base.
     weights: one finite real weight per adapter (negative subtracts).
-    combination_type: `"svd"`, `"cat"` or `"linear"`.
-    svd_rank: the output rank for `"svd"` (default: the largest input rank).
-    svd_clamp: for `"svd"`, the quantile at which to clip the factors (None: no clipping).
+    combination_type: one of `COMBINATIONS`: `"svd"`, `"linear"`, `"cat"`, `"ties"`,
+      `"dare_linear"`, `"dare_ties"`, `"magnitude_prune"`, or one of the last four
+      with `_svd`.
+    svd_rank: the output rank for the SVD forms (default: the largest input rank).
+    svd_clamp: for the SVD forms, the quantile at which to clip the factors (None: no clipping).
+    density: the fraction of entries each adapter keeps, in (0, 1] (1 prunes nothing);
+      required by TIES, DARE and magnitude pruning, refused by the others.
+    majority_sign_method: `"total"` (the default: the sign of the sum of the pruned
+      entries) or `"frequency"` (the sign held by more of them); TIES and DARE-TIES only.
+    key: a PRNG key for DARE's masks (required by the `dare_*` forms, refused by the others).
     kernels: the base (any tree holding the kernels at the adapters' module paths).
       Only needed where `A`/`B` shapes alone fit two layouts (the error says so).
 
@@ -155,18 +187,23 @@ def add_weighted_adapter(
     TypeError: `adapters` is not a list of `(dict, LoraConfig)` pairs, or a weight
       or option is of the wrong type.
     ValueError: no adapters, a weights length mismatch, a non-finite weight, an
-      unknown `combination_type`, unequal ranks for `"linear"`, an `svd_rank` above every
+      unknown `combination_type`, an option the method does not take or a missing one
+      (`density` outside (0, 1], an unknown `majority_sign_method`, no `key` for DARE),
+      unequal ranks for the methods that merge `A` and `B` apart, an `svd_rank` above every
       module's `min(fan_in, fan_out)`, a tree with leaves other than adapters, DoRA
-      adapters (no defined combined magnitude), PiSSA adapters, or adapters whose shapes do not fit
-      their config or each other (the message names the module and the fix).
+      adapters (no defined combined magnitude), adapters whose init rewrote the kernel
+      (PiSSA, OLoRA), or adapters whose shapes do not fit their config or each other
+      (the message names the module and the fix).
 
   Example:
     >>> tree, config = add_weighted_adapter([(t1, c1), (t2, c2)], [0.7, 0.3], "cat")  # doctest: +SKIP
+    >>> pairs, key = [(t1, c1), (t2, c2)], jax.random.key(0)  # DARE: the same key, the same adapter  # doctest: +SKIP
+    >>> tree, config = add_weighted_adapter(pairs, [1, 1], "dare_ties", density=0.3, key=key)   # doctest: +SKIP
     >>> y = jlora.apply(model, jlora.combine(tree, frozen), config, x)                # doctest: +SKIP
   """
   pairs = _check_pairs(adapters)
-  coefs = _check_weights(weights, len(pairs))
-  _check_options(combination_type, svd_rank, svd_clamp)
+  given = _check_weights(weights, len(pairs))
+  sign = _check_options(combination_type, svd_rank, svd_clamp, density, majority_sign_method, key)
   if kernels is not None:
     _check_tree(kernels, "kernels")
   groups: dict[Slot, dict[str, Any]] = {}
@@ -184,13 +221,14 @@ def add_weighted_adapter(
       forms = forms(r)
       group = groups.setdefault(slot, {"path": path, "forms": forms, "entries": []})
       group["forms"] = group["forms"] & forms
-      group["entries"].append(_Entry(coefs[i] * config.scale_for(where), a, b, r, i))
+      group["entries"].append(_Entry(given[i], config.scale_for(where), a, b, r, i))
+  svd = combination_type.endswith("svd")
   k = svd_rank or max(e.rank for g in groups.values() for e in g["entries"])
   forms = {key: _one_form(path_str(g["path"]), g["entries"], g["forms"]) for key, g in groups.items()}
   # a rank-k factorization of a (fan_in × fan_out) delta has at most min(fan_in, fan_out) useful columns: each
   # module gets min(k, that), as jlora.init never makes r larger than a layer; a k above every module's is refused
   limits = {key: min(math.prod(f.sizes(f.ins)), math.prod(f.sizes(f.outs))) for key, f in forms.items()}
-  if combination_type == "svd" and k > max(limits.values()):
+  if svd and k > max(limits.values()):
     widest = max(limits, key=limits.get)
     raise ValueError(
         f"`svd_rank`={k} is larger than the dimensions of every adapted layer (the widest, "
@@ -202,13 +240,16 @@ def add_weighted_adapter(
   for slot, group in groups.items():
     where, entries = path_str(group["path"]), group["entries"]
     form = forms[slot]
-    if combination_type == "linear" and len({e.rank for e in entries}) > 1:
-      given = ", ".join(f"adapters[{e.source}]: r={e.rank}" for e in entries)
-      raise ValueError(f"combination_type='linear' needs equal ranks per module, but at {where!r} {given}; "
-                       "use 'cat' (exact, ranks add) or 'svd' (any ranks, `svd_rank=`).")
-    a, b = _combine([(e.a, e.b) for e in entries], jnp.asarray([e.coef for e in entries], jnp.float32),
-                    kind=combination_type, form=form, k=min(k, limits[slot]) if combination_type == "svd"
-                    else 0, clamp=svd_clamp)
+    if combination_type in _methods.METHODS and len({e.rank for e in entries}) > 1:
+      ranks_given = ", ".join(f"adapters[{e.source}]: r={e.rank}" for e in entries)
+      svd_form = "svd" if combination_type == "linear" else f"{combination_type}_svd"
+      raise ValueError(f"combination_type={combination_type!r} needs equal ranks per module, but at {where!r} "
+                       f"{ranks_given} (it merges the A and B factors apart); use 'cat' (exact, ranks add) or "
+                       f"{svd_form!r} (any ranks, `svd_rank=`).")
+    a, b = _combine([(e.a, e.b) for e in entries], jnp.asarray([e.weight for e in entries], jnp.float32),
+                    jnp.asarray([e.scale for e in entries], jnp.float32),
+                    _masks(key, group["path"], combination_type, form, entries, density), kind=combination_type,
+                    form=form, k=min(k, limits[slot]) if svd else 0, clamp=svd_clamp, density=density, sign=sign)
     dtype = jnp.result_type(*(x for e in entries for x in (e.a, e.b)))
     out[slot.leaf("lora_a")], out[slot.leaf("lora_b")] = a.astype(dtype), b.astype(dtype)
     ranks[group["path"]] = a.shape[-1]
@@ -250,10 +291,12 @@ def _check_pairs(adapters: Any) -> list[tuple[Params, LoraConfig]]:
     if not any(True for _ in slots(tree)):
       raise ValueError(f"`adapters[{i}][0]` holds no adapter (no lora_a/lora_b leaves); pass the trainable half "
                        "of jlora.split(params, config).")
-    if config.init_lora_weights == "pissa":
+    if rewrites_base(config.init_lora_weights):
       raise ValueError(
-          f"`adapters[{i}]` is a PiSSA adapter (init_lora_weights='pissa'): it belongs to its own residual base, "
-          "not to a base shared with the others. Merge it (jlora.merge) and combine full weights instead."
+          f"`adapters[{i}]` is a {config.init_lora_weights!r} adapter (its init rewrote the kernels, as PiSSA and "
+          "OLoRA do): it belongs to its own residual base, not to a base shared with the others. Convert it to a "
+          "plain LoRA adapter of the original base (jlora.convert_to_lora), or merge it (jlora.merge) and combine "
+          "full weights."
       )
   return [tuple(p) for p in adapters]
 
@@ -274,21 +317,58 @@ def _check_weights(weights: Any, n: int) -> list[float]:
   return out
 
 
-def _check_options(combination_type: Any, svd_rank: Any, svd_clamp: Any) -> None:
-  if combination_type in _PEFT_ONLY:
-    raise ValueError(f"`combination_type`={combination_type!r} (PEFT's TIES/DARE/magnitude pruning) is not "
-                     f"implemented in jlora; use one of {', '.join(map(repr, COMBINATIONS))}.")
-  if combination_type not in COMBINATIONS:
+def _method(combination_type: str) -> str | None:
+  """The `merge_methods` method of a combination (`"svd"` is `"linear"`'s SVD form); None for `"cat"`."""
+  if combination_type == "cat":
+    return None
+  return "linear" if combination_type == "svd" else combination_type.removesuffix("_svd")
+
+
+def _check_options(combination_type: Any, svd_rank: Any, svd_clamp: Any, density: Any, majority_sign_method: Any,
+                   key: Any) -> str:
+  """Raises unless the options fit `combination_type`; returns the majority sign method (`"total"` by default)."""
+  if not isinstance(combination_type, str) or combination_type not in COMBINATIONS:
     raise ValueError(f"`combination_type`={combination_type!r} is not one of {', '.join(map(repr, COMBINATIONS))}.")
+  method = _method(combination_type)
+  svd_forms = f"the SVD forms ({', '.join(repr(c) for c in COMBINATIONS if c.endswith('svd'))})"
   for name, value in (("svd_rank", svd_rank), ("svd_clamp", svd_clamp)):
-    if value is not None and combination_type != "svd":
-      raise ValueError(f"`{name}` applies to combination_type='svd' only, got {name}={value!r} with "
-                       f"combination_type={combination_type!r}; drop it or use 'svd'.")
+    _option(name, value, combination_type.endswith("svd"), combination_type, svd_forms)
   if svd_rank is not None and (isinstance(svd_rank, bool) or not isinstance(svd_rank, int) or svd_rank < 1):
     raise ValueError(f"`svd_rank` must be a positive int (or None for the largest input rank), got {svd_rank!r}.")
   if svd_clamp is not None and (isinstance(svd_clamp, bool) or not isinstance(svd_clamp, (int, float))
                                 or not 0 <= svd_clamp <= 1):
     raise ValueError(f"`svd_clamp` must be a quantile in [0, 1] (e.g. 0.99), or None, got {svd_clamp!r}.")
+  _option("density", density, method not in (None, "linear"), combination_type, "TIES, DARE and magnitude pruning",
+          "the fraction of each adapter's entries it keeps, in (0, 1] (PEFT has no default either); e.g. density=0.5.")
+  if density is not None and (isinstance(density, bool) or not isinstance(density, (int, float))
+                              or not 0 < density <= 1):
+    raise ValueError(f"`density` must be a number in (0, 1] (the fraction of entries kept; 1 prunes nothing), got "
+                     f"{density!r}; e.g. density=0.5.")
+  _option("majority_sign_method", majority_sign_method, method in _methods.ELECTS_SIGN, combination_type,
+          "TIES ('ties', 'ties_svd', 'dare_ties', 'dare_ties_svd')")
+  sign = "total" if majority_sign_method is None else majority_sign_method
+  if sign not in _methods.SIGN_METHODS:
+    raise ValueError(f"`majority_sign_method` must be one of {', '.join(map(repr, _methods.SIGN_METHODS))}, got "
+                     f"{majority_sign_method!r}.")
+  _option("key", key, method in _methods.RANDOM, combination_type, "the DARE forms ('dare_linear', 'dare_ties' and "
+          "their '_svd' forms)", "a PRNG key for DARE's random masks; e.g. key=jax.random.key(0) (the same key gives "
+          "the same adapter).")
+  if key is not None and not (isinstance(key, jax.Array) and (jnp.issubdtype(key.dtype, jax.dtypes.prng_key) or (
+      key.dtype == jnp.uint32 and key.shape == (2,)))):
+    raise TypeError(f"`key` must be a PRNG key (jax.random.key(0) or jax.random.PRNGKey(0)), got "
+                    f"{type(key).__name__}.")
+  return sign
+
+
+def _option(name: str, value: Any, applies: bool, combination_type: str, which: str, need: str = "") -> None:
+  """Raises when an option is given to a combination it does not apply to (`which` says where it does), or is
+  missing where it applies and is required (`need` says what it is)."""
+  if value is not None and not applies:
+    shown = repr(value) if isinstance(value, (str, int, float)) else f"<{type(value).__name__}>"
+    raise ValueError(f"`{name}` applies to {which} only, got {name}={shown} with combination_type={combination_type!r}"
+                     "; drop it.")
+  if value is None and applies and need:
+    raise ValueError(f"combination_type={combination_type!r} needs `{name}`, {need}")
 
 
 # ------------------------------------------------------------------ layouts
@@ -327,20 +407,57 @@ def _one_form(where: str, entries: list[_Entry], forms: set[_Form]) -> _Form:
 
 
 # ------------------------------------------------------------------ the math
-@functools.partial(jax.jit, static_argnames=("kind", "form", "k", "clamp"))
-def _combine(leaves: list[tuple[jax.Array, jax.Array]], coefs: jax.Array, *, kind: str, form: _Form, k: int,
-             clamp: float | None) -> tuple[jax.Array, jax.Array]:
-  """The combined `(A, B)` in the form's layout, in float32, from `[(Aᵢ, Bᵢ)]` and `coefs`: `(n,)`, `cᵢ = wᵢsᵢ`."""
+_FACTORS = ("lora_a", "lora_b", "delta")  # what DARE masks: its index is part of each mask's seed
+
+
+def _dare_seeds(key: jax.Array, path: tuple[str, ...], factor: str, sources: tuple[int, ...]) -> list[list[int]]:
+  """The seeds of DARE's masks of one factor at one module: the key's words, a hash of the module path, the
+  factor and the adapter's index in `adapters` (so a mask does not depend on which other adapters are there)."""
+  data = jax.random.key_data(key) if jnp.issubdtype(key.dtype, jax.dtypes.prng_key) else key
+  words = [int(x) for x in np.asarray(data).ravel()]
+  return [[*words, zlib.crc32(path_str(path).encode()), _FACTORS.index(factor), s] for s in sources]
+
+
+def _masks(key: jax.Array | None, path: tuple[str, ...], kind: str, form: _Form, entries: list[_Entry],
+           density: float | None) -> dict[str, np.ndarray] | None:
+  """DARE's masks at one module, `{factor: (n, *batch, size)}` as `_combine` prunes them (one row per matrix of
+  `A: (*batch, fan_in, r)`, `B: (*batch, r, fan_out)` or the delta `(*batch, fan_in, fan_out)`); None without DARE."""
+  if key is None:
+    return None
+  lead, r = form.sizes(form.batch), entries[0].rank
+  fan_in, fan_out = math.prod(form.sizes(form.ins)), math.prod(form.sizes(form.outs))
+  sizes = {"lora_a": fan_in * r, "lora_b": r * fan_out, "delta": fan_in * fan_out}
+  factors = ("delta",) if kind.endswith("svd") else ("lora_a", "lora_b")
+  sources = tuple(e.source for e in entries)
+  return {f: _methods.dare_masks(_dare_seeds(key, path, f, sources), lead + (sizes[f],), density) for f in factors}
+
+
+@functools.partial(jax.jit, static_argnames=("kind", "form", "k", "clamp", "density", "sign"))
+def _combine(leaves: list[tuple[jax.Array, jax.Array]], weights: jax.Array, scales: jax.Array,
+             masks: dict[str, jax.Array] | None, *, kind: str, form: _Form, k: int, clamp: float | None,
+             density: float | None, sign: str) -> tuple[jax.Array, jax.Array]:
+  """The combined `(A, B)` in the form's layout, in float32, from `[(Aᵢ, Bᵢ)]`, `weights`: `(n,)` `wᵢ` and
+  `scales`: `(n,)` `sᵢ`; `masks` are DARE's (`_masks`), else None."""
   mats = [form.to_matrices(a, b) for a, b in leaves]
+  coefs = weights * scales
   if kind == "cat":
     return form.from_matrices(jnp.concatenate([c * a for c, (a, _) in zip(coefs, mats)], -1),
                               jnp.concatenate([b for _, b in mats], -2))
-  if kind == "linear":
+  method = _method(kind)
+  options = {"method": method, "density": density, "majority_sign_method": sign}
+
+  def merged(tensors: list[jax.Array], w: jax.Array, factor: str) -> jax.Array:
+    """`merge_methods.merge` of same-shaped matrices, each flattened to one row per batch element."""
+    shape = tensors[0].shape
+    flat = jnp.stack([t.reshape(shape[:-2] + (-1,)) for t in tensors])
+    return _methods.merge(flat, w, masks=None if masks is None else masks[factor], **options).reshape(shape)
+
+  if not kind.endswith("svd"):  # the A's and the B's merged apart, with the weights split as ±√|c|, √|c|
     roots = jnp.sqrt(jnp.abs(coefs))
-    return form.from_matrices(sum(jnp.where(c < 0, -t, t) * a for c, t, (a, _) in zip(coefs, roots, mats)),
-                              sum(t * b for t, (_, b) in zip(roots, mats)))
-  delta = sum(c * jnp.matmul(a, b, precision=lax.Precision.HIGHEST) for c, (a, b) in zip(coefs, mats))
-  u, sv, vh = jnp.linalg.svd(delta, full_matrices=False)
+    return form.from_matrices(merged([a for a, _ in mats], jnp.where(coefs < 0, -roots, roots), "lora_a"),
+                              merged([b for _, b in mats], roots, "lora_b"))
+  deltas = [s * jnp.matmul(a, b, precision=lax.Precision.HIGHEST) for s, (a, b) in zip(scales, mats)]
+  u, sv, vh = jnp.linalg.svd(merged(deltas, weights, "delta"), full_matrices=False)
   a, b = u[..., :k], sv[..., :k, None] * vh[..., :k, :]
   if clamp is not None:  # the quantile of |entries|: PEFT's of the signed ones depends on the SVD's arbitrary signs
     both = jnp.concatenate([a.reshape(a.shape[:-2] + (-1,)), b.reshape(b.shape[:-2] + (-1,))], -1)

@@ -59,8 +59,13 @@ class LoraConfig:
       each output's inputs and treated as a constant in the backward pass, as
       in PEFT (linen models: `jlora.init` / `jlora.apply`).
     init_lora_weights: `True` (A kaiming-uniform, B zero), `"gaussian"`
-      (A ~ N(0, (1/r)²), B zero), `False` (B non-zero too; for tests only) or
-      `"pissa"` (A, B from the top-r SVD of W0; the residual replaces W0).
+      (A ~ N(0, (1/r)²), B zero), `False` (B non-zero too; for tests only),
+      `"orthogonal"` (A, B non-zero, of rank r/2, `A·B = 0`; r even), `"pissa"`
+      (A, B from the top-r SVD of W0; the residual replaces W0), `"pissa_niter_[n]"`
+      (the same by a randomized SVD of n iterations) or `"olora"` (A, B from the QR
+      decomposition of W0; the residual replaces W0). PEFT's `"eva"`, `"loftq"`,
+      `"corda"`, `"astra"`, `"lora_ga"`, `"mica"` and `"nora"` are accepted as the
+      history of a trained adapter (`jlora.load_peft`); `jlora.init` refuses them.
     modules_to_save: modules (matched like a `target_modules` list) whose every
       parameter trains fully and is saved with the adapter, e.g. a new classifier.
     task_type: a `TaskType` (informational, as in PEFT).
@@ -140,8 +145,12 @@ class LoraConfig:
   def from_dict(cls, data: Mapping[str, Any]) -> LoraConfig:
     """Builds a config from a PEFT-style dict.
 
-    Unknown keys are ignored with a warning; PEFT features that jlora does not
-    implement (LoRA bias, QA-LoRA, ...) raise when they are switched on.
+    Unknown keys are ignored with a warning. PEFT's keys that configure an
+    initialisation (`eva_config`, `loftq_config`, `corda_config`, ...) are dropped:
+    they mattered when training started, not to the adapter a file holds. PEFT
+    features and variants whose forward is not plain LoRA or DoRA (LoRA bias,
+    QA-LoRA, BD-LoRA, KaSA, VeLoRA, MonteCLoRA, aLoRA, Arrow, ...) raise, naming
+    the variant, when they are switched on.
 
     Raises:
       TypeError: `data` is not a mapping.
@@ -164,8 +173,9 @@ class LoraConfig:
       elif key in _UNSUPPORTED:
         if _is_enabled(value, _UNSUPPORTED[key][0]):
           raise ValueError(
-              f"`{key}`={value!r} asks for {_UNSUPPORTED[key][1]}, which jlora does not "
-              f"support; remove the key or set it to {_UNSUPPORTED[key][0]!r}."
+              f"`{key}`={value!r} asks for {_UNSUPPORTED[key][1]}, which jlora does not implement: an "
+              "adapter trained with it does not compute plain LoRA (or DoRA), so jlora refuses it rather than run "
+              f"it wrong. For a new run, remove the key or set it to {_UNSUPPORTED[key][0]!r}."
           )
       elif key not in _PEFT_IGNORED:
         unknown.append(key)
@@ -226,24 +236,31 @@ def _read_text(path_or_text: str | os.PathLike, inline: Callable[[str], bool]) -
     return f.read(), repr(path)
 
 
-# PEFT keys that name features jlora does not implement: (default, description).
+# PEFT keys of features jlora does not implement, each changing what the adapted layer computes or what the file
+# holds (PEFT 0.22: every LoraConfig field tagged `is_lora_variant` but `use_dora`, and the rest below):
+# (default, description).
 _UNSUPPORTED = {
     "lora_bias": (False, "a trainable bias on lora_B"),
     "layer_replication": (None, "layer replication"),
-    "use_qalora": (False, "QA-LoRA"),
+    "use_qalora": (False, "QA-LoRA (A reads group-pooled inputs)"),
     "trainable_token_indices": (None, "trainable token indices"),
     "target_parameters": (None, "LoRA on raw nn.Parameters"),
     "megatron_config": (None, "Megatron parallel layers"),
-    "loftq_config": ({}, "LoftQ initialization"),
-    "eva_config": (None, "EVA initialization"),
-    "corda_config": (None, "CorDA initialization"),
-    "alora_invocation_tokens": (None, "activated LoRA"),
-    "arrow_config": (None, "Arrow routing"),
+    "alora_invocation_tokens": (None, "activated LoRA (aLoRA: the adapter acts only from its invocation tokens on)"),
+    "arrow_config": (None, "Arrow routing (a router over several adapters)"),
+    "use_bdlora": (None, "BD-LoRA (block-diagonal A or B factors)"),
+    "kasa_config": (None, "KaSA (a trained diagonal between A and B, over a base with its r smallest singular "
+                          "directions removed)"),
+    "velora_config": (None, "VeLoRA (a compressed backward pass for A, and its projection state in the file)"),
+    "monteclora_config": (None, "MonteCLoRA (Monte Carlo perturbations of A in training, and its sampler in the "
+                                "file)"),
 }
-# PEFT keys that carry no meaning for jlora and are dropped silently.
+# PEFT keys that carry no meaning for a jlora config and are dropped silently: bookkeeping, and the settings of an
+# initialisation (which mattered when training started; `init_lora_weights` itself is kept).
 _PEFT_IGNORED = {
     "auto_mapping", "megatron_core", "runtime_config", "qalora_group_size",
-    "ensure_weight_tying", "layers_pattern_hint", "peft_version", "lora_ga_config",
+    "ensure_weight_tying", "layers_pattern_hint", "peft_version",
+    "loftq_config", "eva_config", "corda_config", "astra_config", "lora_ga_config",
 }
 
 

@@ -14,11 +14,31 @@ import re
 from collections.abc import Iterator, Mapping, Sequence
 from typing import Any
 
-__all__ = ["ALL_LINEAR", "BIAS_MODES", "INIT_METHODS", "FrozenMapping", "TaskType", "normalize", "pattern_lookup"]
+__all__ = ["ALL_LINEAR", "BIAS_MODES", "INIT_METHODS", "PEFT_ONLY_INITS", "FrozenMapping", "TaskType", "normalize",
+           "pattern_lookup", "pissa_niter", "rewrites_base"]
 
 BIAS_MODES = ("none", "all", "lora_only")
-INIT_METHODS = (True, False, "gaussian", "pissa")
+# The initialisations `jlora.init` runs (and `"pissa_niter_[n]"`, n >= 0: PiSSA by a randomized SVD).
+INIT_METHODS = (True, False, "gaussian", "orthogonal", "pissa", "olora")
+# PEFT's other values of `init_lora_weights`: a config read from a trained adapter may name them (its A and B are
+# loaded, not initialised); `jlora.init` refuses them.
+PEFT_ONLY_INITS = ("eva", "loftq", "corda", "astra", "lora_ga", "mica", "nora")
+# Those that move part of W0 into the adapter at init (PEFT's `path_initial_model_for_weight_conversion` converts
+# them): such an adapter belongs to the rewritten base, not to the original.
+_REWRITE_BASE = ("pissa", "olora", "corda", "astra", "lora_ga")
 ALL_LINEAR = "all-linear"
+
+
+def pissa_niter(init: Any) -> int | None:
+  """`n` of `init_lora_weights="pissa_niter_[n]"` (PiSSA by a randomized SVD of `n` subspace iterations), else None."""
+  match = re.fullmatch(r"pissa_niter_(\d+)", init) if isinstance(init, str) else None
+  return None if match is None else int(match.group(1))
+
+
+def rewrites_base(init: Any) -> bool:
+  """Whether an `init_lora_weights` value rewrites the base kernels at init (PiSSA, its fast form, OLoRA, and PEFT's
+  CorDA, Astra and LoRA-GA): the adapter then belongs to that residual base, not to the original weights."""
+  return isinstance(init, str) and (init in _REWRITE_BASE or pissa_niter(init) is not None)
 
 
 class TaskType(enum.StrEnum):
@@ -171,9 +191,12 @@ def normalize(cfg: Any) -> dict[str, Any]:
   init = cfg.init_lora_weights
   if isinstance(init, str):
     init = {"true": True, "false": False, "kaiming": True}.get(init.lower(), init.lower())
-  if not any(init is m or (isinstance(m, str) and init == m) for m in INIT_METHODS):
+  known = (*INIT_METHODS, *PEFT_ONLY_INITS)
+  if not any(init is m or (isinstance(m, str) and init == m) for m in known) and pissa_niter(init) is None:
     raise ValueError(
-        f"`init_lora_weights` must be one of True, False, 'gaussian', 'pissa', got {cfg.init_lora_weights!r}."
+        f"`init_lora_weights` must be one of {', '.join(map(repr, INIT_METHODS))} or 'pissa_niter_[n]' (what "
+        f"jlora.init runs), or PEFT's {', '.join(map(repr, PEFT_ONLY_INITS))} (what a trained adapter's config may "
+        f"name), got {cfg.init_lora_weights!r}."
     )
   out["init_lora_weights"] = init
 

@@ -26,10 +26,11 @@ from jlora.core.unadapted import of_sites, report
 from jlora.core.variants import init_for, variant_of
 from jlora.quant.array import QuantizedArray
 
-__all__ = ["add_adapters", "init_tree"]
+__all__ = ["add_adapters", "init_tree", "site_key"]
 
 
-def _site_key(key: jax.Array, path: tuple[str, ...]) -> jax.Array:
+def site_key(key: jax.Array, path: tuple[str, ...]) -> jax.Array:
+  """The key of one adapter path: `key` folded with a hash of the path (the same draw wherever the path sits)."""
   return jax.random.fold_in(key, zlib.crc32(path_str(path).encode()) & 0x7FFFFFFF)
 
 
@@ -40,8 +41,8 @@ def _copy_dicts(tree: Params) -> dict:
 def add_adapters(key: jax.Array, params: Params, config: LoraConfig, sites: Sequence[Site], *, dtype) -> dict:
   """Returns a copy of `params` with `lora_a`/`lora_b` beside each targeted kernel.
 
-  Base leaves are the same arrays (bit-identical), except that `"pissa"` writes
-  the residual `W0 − s·A·B` into the kernel.
+  Base leaves are the same arrays (bit-identical), except that `"pissa"`,
+  `"pissa_niter_[n]"` and `"olora"` write the residual `W0 − s·A·B` into the kernel.
 
   Raises:
     ValueError: see `jlora.core.targets.select_sites`; a site's kernel is missing or
@@ -66,26 +67,26 @@ def add_adapters(key: jax.Array, params: Params, config: LoraConfig, sites: Sequ
     stacked[site.path] = extra
   out = _copy_dicts(params)
   chosen = select_sites(config, sites, stacked)
-  for site in chosen if config.init_lora_weights == "pissa" else ():
+  variant, initial, method = variant_of(config), init_for(config.init_lora_weights), config.init_lora_weights
+  for site in chosen if initial.rewrites_kernel else ():
     kernel, where = get_path(out, site.module + (site.kernel_name,)), path_str(site.path)
     if isinstance(kernel, QuantizedArray):
-      raise ValueError(f"init_lora_weights='pissa' rewrites the kernel at {where!r}, which is quantized "
-                       "(jlora.quantize); initialize PiSSA on the full-precision base, then quantize the residual.")
+      raise ValueError(f"init_lora_weights={method!r} rewrites the kernel at {where!r}, which is quantized "
+                       "(jlora.quantize); initialize on the full-precision base, then quantize the residual.")
     if not jnp.issubdtype(kernel.dtype, jnp.floating):
-      raise ValueError(f"init_lora_weights='pissa' needs a floating-point kernel at {where!r}, got {kernel.dtype}.")
-  variant, initial = variant_of(config), init_for(config.init_lora_weights)
+      raise ValueError(f"init_lora_weights={method!r} needs a floating-point kernel at {where!r}, got {kernel.dtype}.")
   reads = initial.reads_kernel or variant.reads_kernel  # whether the new leaves depend on the kernels' values
   kernels = {site.path: get_path(out, site.module + (site.kernel_name,)) for site in chosen} if reads else {}
 
   def create(key: jax.Array, kernels: dict) -> dict:
-    """`{leaf path: value}` of every new leaf (and of each kernel an init rewrites, as PiSSA does)."""
+    """`{leaf path: value}` of every new leaf (and of each kernel an init rewrites, as PiSSA and OLoRA do)."""
     new = {}
     for site in chosen:
       where, node = path_str(site.path), site.module
       r, scale = config.rank_for(where), config.scale_for(where)
       kernel = kernels.get(site.path)
       stack = tuple(get_path(out, node + (site.kernel_name,)).shape[: stacked[site.path]])
-      a, b, rewritten = initial.fn(_site_key(key, site.path), site, r, scale, stack, kernel, dtype)
+      a, b, rewritten = initial.fn(site_key(key, site.path), site, r, scale, stack, kernel, dtype)
       if rewritten is not None:
         kernel = new[(*node, site.kernel_name)] = rewritten
       leaves = {"lora_a": a, "lora_b": b, **variant.init(kernel, a, b, scale)}

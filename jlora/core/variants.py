@@ -12,8 +12,8 @@ Leaves are passed as a dict keyed by *role* (`ROLES`): `"lora_a"` (`A`, per laye
 sit in a tree (`lora_a`, `<weight>_lora_a`, ...) is `jlora.core.targets.leaf_name`.
 
 An initialisation (`INITS`, keyed by `LoraConfig.init_lora_weights`) is a value too:
-`Init(fn, reads_kernel)`, `fn(key, site, r, scale, stack, kernel, dtype) -> (A, B, W or None)`
-(`W` when it rewrites the kernel, as PiSSA does).
+`Init(fn, reads_kernel, rewrites_kernel)`, `fn(key, site, r, scale, stack, kernel, dtype) -> (A, B, W or None)`
+(`W` when it rewrites the kernel, as PiSSA and OLoRA do).
 
 DoRA (Liu et al. 2024) writes the adapted weight as a magnitude times a direction,
 `W = m · (W0 + s·A·B) / ‖W0 + s·A·B‖`, the norm taken per output element over its
@@ -28,6 +28,7 @@ with `x_d` the LoRA input (after LoRA dropout), as PEFT does; for `nn.Embed.atte
 
 from __future__ import annotations
 
+import functools
 import math
 from collections.abc import Callable, Mapping
 from typing import Any, NamedTuple
@@ -38,6 +39,7 @@ import numpy as np
 from jax import lax
 
 from jlora.core import ops as _ops
+from jlora.core.fields import pissa_niter
 from jlora.core.targets import LORA_KEYS, MAGNITUDE_KEY, Site
 
 __all__ = ["Variant", "LORA", "DORA", "ROLES", "variant_of", "variant_of_leaves", "Init", "INITS", "init_for"]
@@ -171,12 +173,13 @@ class Init(NamedTuple):
   """An initialisation of `A` and `B`: `fn(key, site, r, scale, stack, kernel, dtype) -> (A, B, W or None)`.
 
   `stack` are the kernel's leading scan axes (a different draw per layer); `kernel` is the
-  kernel's value when `reads_kernel`, else None; `W` is the kernel it writes (PiSSA's
-  residual) or None when it leaves the kernel alone.
+  kernel's value when `reads_kernel`, else None; `W` is the kernel it writes (PiSSA's and
+  OLoRA's residual, when `rewrites_kernel`) or None when it leaves the kernel alone.
   """
 
   fn: Callable[..., tuple[jax.Array, jax.Array, jax.Array | None]]
   reads_kernel: bool = False
+  rewrites_kernel: bool = False
 
 
 # Draws are made flat and reshaped: the same values as a draw of the full shape, but XLA on CPU compiles a
@@ -212,47 +215,137 @@ def _drawn(method: Any) -> Callable[..., tuple[jax.Array, jax.Array, None]]:
   return fn
 
 
-def _pissa(key, site, r, scale, stack, kernel, dtype):
-  """PiSSA: A, B from the top-r singular triplets of W0, and the residual `W_res = W0 − s·A·B` as the kernel.
-
-  With `W0 = U S Vᵀ` (inputs × outputs), `A = U_r √S_r / √s`, `B = √S_r V_rᵀ / √s`, so the
-  model is unchanged at init and the adapter starts on the principal subspace.
-  """
+# The matrix inits (orthogonal, PiSSA, OLoRA) work on each layer's kernel as a matrix `(fan_in, fan_out)` (inputs ×
+# outputs, PyTorch's weight transposed) and give `A: (fan_in, r)`, `B: (r, fan_out)`, per layer of a stack.
+def _matrix_site(method: str, site: Site) -> None:
   if site.batch_axes:
     raise ValueError(
-        f"init_lora_weights='pissa' is not supported for the einsum at {'/'.join(site.path)!r}: "
+        f"init_lora_weights={method!r} is not supported for the einsum at {'/'.join(site.path)!r}: "
         "its kernel has axes shared by input and output."
     )
-  k = site.kernel_shape
+
+
+def _perm(site: Site, stack: tuple[int, ...]) -> tuple[int, ...]:
   ns = len(stack)
-  perm = tuple(range(ns)) + tuple(ns + i for i in site.in_axes + site.out_axes)
-  w = jnp.transpose(kernel.astype(jnp.float32), perm).reshape(stack + (site.fan_in, site.fan_out))
-  u, sv, vh = jnp.linalg.svd(w, full_matrices=False)
-  root = jnp.sqrt(sv[..., :r]) / math.sqrt(scale)
-  a = u[..., :, :r] * root[..., None, :]
-  b = root[..., :, None] * vh[..., :r, :]
-  principal = scale * jnp.matmul(a, b, precision=lax.Precision.HIGHEST)
-  residual = (w - principal).reshape(stack + tuple(k[i] for i in site.in_axes + site.out_axes))
-  residual = jnp.transpose(residual, np.argsort(perm)).astype(kernel.dtype)
+  return tuple(range(ns)) + tuple(ns + i for i in site.in_axes + site.out_axes)
+
+
+def _to_matrix(site: Site, stack: tuple[int, ...], kernel: jax.Array) -> jax.Array:
+  """The kernel `S + kernel_shape` as float32 matrices `S + (fan_in, fan_out)`."""
+  w = jnp.transpose(kernel.astype(jnp.float32), _perm(site, stack))
+  return w.reshape(stack + (site.fan_in, site.fan_out))
+
+
+def _from_matrix(site: Site, stack: tuple[int, ...], w: jax.Array, dtype: Any) -> jax.Array:
+  """The inverse of `_to_matrix`, in `dtype`."""
+  k = site.kernel_shape
+  w = w.reshape(stack + tuple(k[i] for i in site.in_axes + site.out_axes))
+  return jnp.transpose(w, np.argsort(_perm(site, stack))).astype(dtype)
+
+
+def _leaves(site: Site, r: int, stack: tuple[int, ...], a: jax.Array, b: jax.Array, dtype: Any):
+  """`A: S + (fan_in, r)`, `B: S + (r, fan_out)` in the site's adapter layout (`jlora.core.ops`), in `dtype`."""
   a_shape, b_shape = _ops.adapter_shapes(site, r)
   if site.broadcast:
     b = jnp.swapaxes(b, -1, -2)
-  return a.reshape(stack + a_shape).astype(dtype), b.reshape(stack + b_shape).astype(dtype), residual
+  return a.reshape(stack + a_shape).astype(dtype), b.reshape(stack + b_shape).astype(dtype)
+
+
+def _residual(site, r, stack, kernel, a, b, scale, dtype):
+  """`(A, B, W0 − s·A·B)` in the site's layouts: the kernel an init that moves `s·A·B` out of it writes."""
+  w = _to_matrix(site, stack, kernel) - scale * jnp.matmul(a, b, precision=lax.Precision.HIGHEST)
+  return (*_leaves(site, r, stack, a, b, dtype), _from_matrix(site, stack, w, kernel.dtype))
+
+
+def _orthogonal(key, site, r, scale, stack, kernel, dtype):
+  """PEFT's `"orthogonal"`: with `Q` the QR factor of an `(r, r)` normal draw, `A = G_A·Q[0::2] / 10` and
+  `B = Q[1::2]ᵀ·G_B / 10` (`G` normal draws of `(fan_in, r/2)` and `(r/2, fan_out)`): both non-zero, of rank
+  `r/2`, and `A·B = 0` (the rows of `Q` are orthonormal), so the model is unchanged at init."""
+  _matrix_site("orthogonal", site)
+  if r % 2:
+    raise ValueError(f"init_lora_weights='orthogonal' needs an even rank (its A and B each take half of an "
+                     f"orthogonal basis), but {'/'.join(site.path)!r} has r={r}; use an even `r` (and "
+                     "`rank_pattern` values).")
+  kq, ka, kb = jax.random.split(key, 3)
+  q, _ = jnp.linalg.qr(_normal(kq, stack + (r, r)))
+  a = jnp.matmul(_normal(ka, stack + (site.fan_in, r // 2)), q[..., 0::2, :], precision=lax.Precision.HIGHEST)
+  b = jnp.matmul(jnp.swapaxes(q[..., 1::2, :], -1, -2), _normal(kb, stack + (r // 2, site.fan_out)),
+                 precision=lax.Precision.HIGHEST)
+  return (*_leaves(site, r, stack, a / 10, b / 10, dtype), None)
+
+
+def _pissa(niter: int | None) -> Callable[..., tuple[jax.Array, jax.Array, jax.Array]]:
+  """PiSSA: A, B from the top-r singular triplets of W0, and the residual `W_res = W0 − s·A·B` as the kernel.
+
+  With `W0 = U S Vᵀ` (inputs × outputs), `A = U_r √S_r / √s`, `B = √S_r V_rᵀ / √s`, so the
+  model is unchanged at init and the adapter starts on the principal subspace. `niter=None`
+  takes the exact SVD (`"pissa"`); an int, the randomized one of `"pissa_niter_[n]"` (PEFT's
+  `torch.svd_lowrank(W, q=r, niter=n)`, Halko et al. 2009, Algorithm 4.4 then 5.1).
+  """
+
+  def fn(key, site, r, scale, stack, kernel, dtype):
+    _matrix_site("pissa" if niter is None else f"pissa_niter_{niter}", site)
+    w = _to_matrix(site, stack, kernel)
+    u, sv, vh = jnp.linalg.svd(w, full_matrices=False) if niter is None else _svd_lowrank(key, w, r, niter)
+    root = jnp.sqrt(sv[..., :r]) / math.sqrt(scale)
+    return _residual(site, r, stack, kernel, u[..., :, :r] * root[..., None, :], root[..., :, None] * vh[..., :r, :],
+                     scale, dtype)
+
+  return fn
+
+
+def _svd_lowrank(key: jax.Array, w: jax.Array, q: int, niter: int) -> tuple[jax.Array, jax.Array, jax.Array]:
+  """The rank-`q` randomized SVD `(U, S, Vᵀ)` of `w: S + (m, n)`, as `torch.svd_lowrank(w, q, niter)` computes it
+  (no oversampling; a tall matrix, `w` or `wᵀ`; a normal draw `(n, q)`; `niter` subspace iterations)."""
+  wide = w.shape[-1] > w.shape[-2]
+  m = jnp.swapaxes(w, -1, -2) if wide else w
+  mt = jnp.swapaxes(m, -1, -2)
+  mul = functools.partial(jnp.matmul, precision=lax.Precision.HIGHEST)
+  basis = jnp.linalg.qr(mul(m, _normal(key, m.shape[:-2] + (m.shape[-1], q))))[0]
+  for _ in range(niter):
+    basis = jnp.linalg.qr(mul(m, jnp.linalg.qr(mul(mt, basis))[0]))[0]
+  u, sv, vh = jnp.linalg.svd(mul(jnp.swapaxes(basis, -1, -2), m), full_matrices=False)
+  u = mul(basis, u)
+  return (jnp.swapaxes(vh, -1, -2), sv, jnp.swapaxes(u, -1, -2)) if wide else (u, sv, vh)
+
+
+def _olora(key, site, r, scale, stack, kernel, dtype):
+  """OLoRA (Büyükakyüz 2024): `Wᵀ = Q R` (PyTorch's `(out, in)` weight), `B = Q_rᵀ`, `A = R_rᵀ` (PEFT's
+  `lora_B = Q[:, :r]`, `lora_A = R[:r]`), and the residual `W0 − s·A·B` as the kernel: the model is unchanged at
+  init and the adapter starts on an orthonormal basis of W0's leading output directions."""
+  _matrix_site("olora", site)
+  q, rr = jnp.linalg.qr(jnp.swapaxes(_to_matrix(site, stack, kernel), -1, -2))
+  return _residual(site, r, stack, kernel, jnp.swapaxes(rr[..., :r, :], -1, -2), jnp.swapaxes(q[..., :, :r], -1, -2),
+                   scale, dtype)
 
 
 # `LoraConfig.init_lora_weights` -> its initialisation. A new init is one entry here (and its name in
-# `jlora.core.fields`).
+# `jlora.core.fields`); `"pissa_niter_[n]"` is the one family, read by `init_for`.
 INITS: dict[Any, Init] = {
     True: Init(_drawn(True)),
     "gaussian": Init(_drawn("gaussian")),
     False: Init(_drawn(False)),
-    "pissa": Init(_pissa, reads_kernel=True),
+    "orthogonal": Init(_orthogonal),
+    "pissa": Init(_pissa(None), reads_kernel=True, rewrites_kernel=True),
+    "olora": Init(_olora, reads_kernel=True, rewrites_kernel=True),
 }
 
 
 def init_for(method: Any) -> Init:
-  """The `Init` of an `init_lora_weights` value."""
+  """The `Init` of an `init_lora_weights` value (`"pissa_niter_[n]"`: PiSSA by a randomized SVD of `n` iterations).
+
+  Raises:
+    ValueError: a method jlora does not initialise with (PEFT's data-driven or quantization-aware inits, which a
+      config read from a trained adapter may name).
+  """
   for key, init in INITS.items():
     if type(key) is type(method) and key == method:
       return init
-  raise ValueError(f"`init_lora_weights`={method!r} is not one of {list(INITS)}.")
+  niter = pissa_niter(method)
+  if niter is not None:
+    return Init(_pissa(niter), reads_kernel=True, rewrites_kernel=True)
+  raise ValueError(
+      f"`init_lora_weights`={method!r} is an initialisation of PEFT's that jlora.init does not implement (a config "
+      "read from a trained PEFT adapter may name it: its A and B are loaded, not initialised). Initialise with one "
+      f"of {[*INITS, 'pissa_niter_[n]']}."
+  )

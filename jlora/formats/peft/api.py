@@ -21,7 +21,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from jlora.core.config import LoraConfig
-from jlora.core.fields import pattern_lookup
+from jlora.core.fields import pattern_lookup, rewrites_base
 from jlora.core.keys import restore, stringify
 from jlora.core.plain import LayoutLike, weight_site
 from jlora.core.targets import MAGNITUDE_KEY, is_saved, kernel_key
@@ -124,14 +124,18 @@ def save_peft(directory: str | os.PathLike, model: Any, params: Params, config: 
       write; an adapter does not fit its kernel or rank; a layer kind PEFT has
       no equivalent for (an `nn.Einsum` or declared layout other than one input
       and one output axis per layer, nested scans, a `modules_to_save` kernel
-      with more than two axes); `init_lora_weights="pissa"` (the jlora base holds
-      the PiSSA residual, which a PEFT base does not).
+      with more than two axes); an init that rewrote the kernels (`"pissa"`,
+      `"pissa_niter_[n]"`, `"olora"`: the jlora base holds the residual, which a
+      PEFT base does not; `jlora.convert_to_lora` makes a plain adapter of the original base).
   """
   _check_order("save_peft", model, params, config, _SAVE)
-  if config.init_lora_weights == "pissa":
+  if rewrites_base(config.init_lora_weights):
     raise ValueError(
-        "save_peft: a PiSSA adapter (init_lora_weights='pissa') only makes sense over the residual base that "
-        "jlora wrote into the kernels; merge it (jlora.merge) and export the merged model instead."
+        f"save_peft: an adapter made with init_lora_weights={config.init_lora_weights!r} only makes sense over the "
+        "residual base that its init wrote into the kernels, which a PEFT user's base is not. Convert it to a plain "
+        "LoRA adapter of the original weights first (PEFT's path_initial_model_for_weight_conversion): "
+        "tree, config = jlora.convert_to_lora(trained, initial, config), then save_peft that over the original base; "
+        "or merge it (jlora.merge) and export the merged model."
     )
   names = resolve(model, name_map, caller="save_peft")
   tensors, data = _export(stringify(params), config, names)

@@ -11,11 +11,12 @@ from __future__ import annotations
 
 import dataclasses
 import re
+import warnings
 from collections.abc import Mapping
 from typing import Any
 
 from jlora.core.config import LoraConfig
-from jlora.core.fields import ALL_LINEAR
+from jlora.core.fields import ALL_LINEAR, rewrites_base
 from jlora.core.targets import is_saved, matches
 from jlora.core.tree import KERNEL_KEYS, Params, flatten
 
@@ -55,7 +56,7 @@ def to_peft(config: LoraConfig, params: Params, *, adapted: Mapping[Path, list[s
   data["rank_pattern"], data["alpha_pattern"] = dict(ranks), dict(alphas)
   if fan_in_fan_out:
     data["fan_in_fan_out"] = True
-  if data["init_lora_weights"] not in (True, False, "gaussian"):
+  if data["init_lora_weights"] not in (True, False, "gaussian"):  # PEFT would run them (or rewrite the base) at load
     data["init_lora_weights"] = True
   return data
 
@@ -63,12 +64,35 @@ def to_peft(config: LoraConfig, params: Params, *, adapted: Mapping[Path, list[s
 def from_peft(data: Mapping[str, Any]) -> LoraConfig:
   """PEFT's config as a `LoraConfig` (PEFT names kept); keys for features switched off are dropped.
 
+  Any initialisation loads (`"orthogonal"`, `"eva"`, `"loftq"`, PiSSA / OLoRA / CorDA saved converted, which
+  PEFT writes as `true`, ...): it mattered when training started; the file holds A and B as trained. An adapter
+  whose init rewrote the base and that was saved unconverted is refused, and a LoftQ one warns (both belong to a
+  base other than the original weights).
+
   Raises:
-    ValueError: a feature jlora does not implement is switched on, or a value is invalid.
+    ValueError: a feature jlora does not implement is switched on, an adapter saved unconverted over the residual
+      base its init wrote, or a value is invalid.
   """
   fields = {f.name for f in dataclasses.fields(LoraConfig)}
   # Newer PEFT versions write keys for features jlora does not know; switched off, they mean nothing here.
-  return LoraConfig.from_dict({k: v for k, v in data.items() if k in fields or v not in (None, False, {}, [])})
+  config = LoraConfig.from_dict({k: v for k, v in data.items() if k in fields or v not in (None, False, {}, [])})
+  init = config.init_lora_weights
+  if rewrites_base(init):
+    raise ValueError(
+        f"load_peft: the adapter's config has init_lora_weights={init!r}: that init moved part of each base weight "
+        "into the adapter, and the adapter was saved unconverted, so it computes the trained model only over the "
+        "rewritten (residual) base PEFT made, not over the model's own weights. Save it converted in PEFT: "
+        "peft_model.save_pretrained(out_dir, path_initial_model_for_weight_conversion=init_dir), init_dir holding "
+        "the adapter saved right after init (with init_lora_weights=True); that plain LoRA adapter of rank 2r loads "
+        "here. If `params` is that residual base itself, set \"init_lora_weights\": true in adapter_config.json."
+    )
+  if init == "loftq":
+    warnings.warn(
+        "load_peft: a LoftQ adapter (init_lora_weights='loftq') was initialised to make up for the quantization "
+        "error of the base PEFT quantized with it: it computes the fine-tuned model over that quantized backbone "
+        "(usually published with the adapter), not over the original full-precision weights.", UserWarning,
+        stacklevel=4)
+  return config
 
 
 def to_jlora(config: LoraConfig, ranks: Mapping[Path, int], alphas: Mapping[Path, float],

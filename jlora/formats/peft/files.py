@@ -42,6 +42,17 @@ def write(directory: str | os.PathLike, tensors: dict[str, np.ndarray], config: 
     _io.write_json(os.path.join(tmp, CONFIG_FILE), config, indent=2, sort_keys=True)
 
 
+def _convert_bin(directory: str) -> str:
+  """The lines of Python that turn `adapter_model.bin` into `adapter_model.safetensors` without running a pickle."""
+  source, target = os.path.join(directory, "adapter_model.bin"), os.path.join(directory, WEIGHTS_FILE)
+  return (
+      "    import torch, safetensors.torch\n"
+      f"    tensors = torch.load({source!r}, map_location='cpu', weights_only=True)\n"
+      "    safetensors.torch.save_file({k: v.contiguous() for k, v in tensors.items()},\n"
+      f"                                {target!r}, metadata={{'format': 'pt'}})"
+  )
+
+
 def read(directory: str | os.PathLike) -> tuple[dict, dict[str, Any]]:
   """`(config dict, {key: tensor})`, tensors checked against jlora's checksums when the file has them.
 
@@ -63,9 +74,8 @@ def read(directory: str | os.PathLike) -> tuple[dict, dict[str, Any]]:
     if os.path.isfile(os.path.join(directory, "adapter_model.bin")):
       raise ValueError(
           f"load_peft: {shown!r} holds adapter_model.bin (a pickle) and no {WEIGHTS_FILE}. jlora never unpickles "
-          "files (loading a pickle can run arbitrary code); convert it where you trust it, e.g. with PEFT: "
-          "`PeftModel.from_pretrained(model, dir).save_pretrained(dir, safe_serialization=True)`."
-      )
+          "files (loading a pickle can run arbitrary code). Convert it once with PyTorch's restricted loader, which "
+          "reads tensors only:\n" + _convert_bin(directory))
     raise ValueError(f"load_peft: {shown!r} has no {WEIGHTS_FILE}.")
   try:
     with open(cfg_file, encoding="utf-8") as f:

@@ -81,11 +81,30 @@ def test_overrides_parse_yaml_values():
     (["outputs.dir="], TypeError, r"`outputs.dir` must be a string, got None"),
     (["outputs.dir=' '"], ValueError, r"`outputs.dir` must be a directory path"),
     (["train.steps=[1"], ValueError, r"override 'train.steps=\[1':1:3: not valid YAML"),
+    # `train.method` (issue 26): full fine-tuning has no adapters, so the settings only adapters have are refused.
+    (["train.method=fulll"], ValueError, r"`train.method` must be one of \['lora', 'full'\], got 'fulll'"),
+    (["train.method=full", "model.quantize=nf4"], ValueError, r"`train.method: full` trains every weight of the "
+     r"model, without adapters, but `model.quantize` is 'nf4', a setting for adapters; remove it "
+     r"\(`model.quantize=null`\) or use `train.method: lora`"),
+    (["train.method=full", "lora.init_from=runs/a/adapter"], ValueError, r"but `lora.init_from` is 'runs/a/adapter'"),
+    (["train.method=full", "optimizer.lora_plus_ratio=16"], ValueError, r"but `optimizer.lora_plus_ratio` is 16.0"),
+    (["train.method=full", "outputs.adapter_set=adapters"], ValueError, r"but `outputs.adapter_set` is 'adapters'"),
   ],
 )
 def test_bad_values_name_the_key(overrides, error, match):
   with pytest.raises(error, match=match):
     train.load(ROOT / "configs" / "default.yaml", overrides)
+
+
+def test_train_method_full_keeps_the_rest_of_the_job_and_its_own_fingerprint():
+  from jlora.train import _data, _setup
+
+  lora, full = (train.load(ROOT / "configs" / "default.yaml", [f"train.method={m}"]) for m in ("lora", "full"))
+  assert (lora.train.method, full.train.method) == ("lora", "full")
+  assert train.replace(full, train={"method": "lora"}) == lora  # nothing else changes
+  rows = _data.Examples([{"query": "q", "document": "d"}], [])
+  assert "method" not in _setup.fingerprint(lora, rows)["train"]  # LoRA runs of earlier versions still resume
+  assert _setup.fingerprint(full, rows)["train"]["method"] == "full"  # a LoRA checkpoint never resumes a full run
 
 
 def test_boundary_values_are_accepted():

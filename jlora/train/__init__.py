@@ -7,6 +7,7 @@ Examples:
   >>> result["after"]["recall@1"]  # doctest: +SKIP
 """
 
+from jlora.train._compare import compare as compare
 from jlora.train._load import apply_overrides as apply_overrides
 from jlora.train._load import describe as describe
 from jlora.train._load import load as load
@@ -16,4 +17,4 @@ from jlora.train._run import run as run
 from jlora.train._schema import Config as Config
 from jlora.train._schema import replace as replace
 
-__all__ = ["Config", "Diverged", "Interrupted", "apply_overrides", "describe", "load", "replace", "run"]
+__all__ = ["Config", "Diverged", "Interrupted", "apply_overrides", "compare", "describe", "load", "replace", "run"]

@@ -140,13 +140,21 @@ class Layout:
     return NamedSharding(self.mesh, PartitionSpec())
 
   def traced(self, fn: Callable[..., Any]) -> Callable[..., Any]:
-    """`fn` (a jitted step) called, hence traced, inside `models.on_mesh`: the models pin their activations."""
+    """`fn` (a jitted step) called, hence traced, inside `models.on_mesh`: the models pin their activations.
+
+    `.lower(*args)` lowers it there too (ahead-of-time compilation).
+    """
 
     @functools.wraps(fn)
     def call(*args: Any) -> Any:
       with models.on_mesh(self.mesh, self.rules):
         return fn(*args)
 
+    def lower(*args: Any) -> Any:
+      with models.on_mesh(self.mesh, self.rules):
+        return fn.lower(*args)
+
+    call.lower = lower
     return call
 
   def batch_sharding(self, ndim: int) -> NamedSharding:

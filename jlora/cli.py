@@ -101,13 +101,19 @@ def _load_config(args: argparse.Namespace) -> Any:
   return train.load(config_path, overrides, text=text)
 
 
-def _training(command: str, train_fn: Any, out_dir: str) -> int:
-  """Runs `train_fn()` (training, one run or several) and maps how it ended to the exit status and one line."""
+def _training(command: str, args: argparse.Namespace, start: Any) -> int:
+  """Runs `start(config)` (training: one run or several) on the command's config; maps how it ended to the exit
+  status and one line."""
   from jlora import train
 
   try:
+    config = _load_config(args)
+  except FileNotFoundError as e:
+    print(f"jlora {command}: {e}", file=sys.stderr)
+    return 2
+  try:
     with _quiet_write_failures():
-      train_fn()
+      start(config)
   except train.Interrupted as e:
     print(f"jlora {command}: {e}", file=sys.stderr)
     return EXIT_INTERRUPTED
@@ -122,6 +128,7 @@ def _training(command: str, train_fn: Any, out_dir: str) -> int:
     path = _disk_full(e)
     if path is None:
       raise
+    out_dir = getattr(args, "out", None) or config.outputs.dir
     print(f"jlora {command}: {_no_space(path or os.path.abspath(out_dir))}", file=sys.stderr)
     return EXIT_DISK_FULL
   return 0
@@ -130,12 +137,7 @@ def _training(command: str, train_fn: Any, out_dir: str) -> int:
 def _train(args: argparse.Namespace) -> int:
   from jlora import train
 
-  try:
-    config = _load_config(args)
-  except FileNotFoundError as e:
-    print(f"jlora train: {e}", file=sys.stderr)
-    return 2
-  return _training("train", lambda: train.run(config), config.outputs.dir)
+  return _training("train", args, train.run)
 
 
 _NO_SPACE = re.compile(r"No space left on device|Disk quota exceeded|os_error_code='?(?:28|122)\b")
@@ -359,18 +361,13 @@ Example (the default job; full fine-tuning at a learning rate for all weights):
 def _compare(args: argparse.Namespace) -> int:
   from jlora import train
 
-  try:
-    config = _load_config(args)
-  except FileNotFoundError as e:
-    print(f"jlora compare: {e}", file=sys.stderr)
-    return 2
-  return _training("compare", lambda: train.compare(config, methods=args.methods, ranks=args.ranks, out=args.out,
-                                                    full_overrides=args.full), args.out or config.outputs.dir)
+  return _training("compare", args, lambda config: train.compare(config, methods=args.methods, ranks=args.ranks,
+                                                                 out=args.out, full_overrides=args.full))
 
 
 def _add_compare(sub: Any) -> None:
   c = sub.add_parser("compare", help="train full fine-tuning and LoRA at several ranks side by side; table and plot",
-                     description=_COMPARE_HELP, formatter_class=argparse.RawDescriptionHelpFormatter)
+                     description=_COMPARE_HELP, epilog=_EXIT_HELP, formatter_class=argparse.RawDescriptionHelpFormatter)
   c.add_argument("config", nargs="?", help="YAML config (default: configs/default.yaml)")
   c.add_argument("overrides", nargs="*", help="section.key=value overrides of every variant")
   c.add_argument("--methods", default="full,lora", metavar="M,M", help="comma-separated, of full, lora, dora, qlora "

@@ -86,7 +86,7 @@ def test_compare_writes_the_table_json_and_plot_and_resumes_per_variant(tmp_path
   assert rows["full"]["saved_bytes"] > rows["lora-r4"]["saved_bytes"] > 0
   assert all(isinstance(r["step_bytes"], int) and r["step_bytes"] > 0 for r in rows.values())
   assert all(r["step_s"] > 0 and r["tokens_per_s"] > 0 and r["wall_s"] > 0 for r in rows.values())
-  assert all(r["after"] != r["before"] for r in rows.values())
+  assert all(r["after"] != report["before"] for r in rows.values())
   table = (out / "compare.md").read_text()
   assert all(f"| {name} | " in table for name in rows) and "| base model (before training) |" in table
   assert _compare.markdown(report) in "\n".join(lines)  # printed too

@@ -163,3 +163,17 @@ def test_describe_lists_every_section_and_key():
     assert key in text
   assert "batch_size      an integer, default 16: examples per step (pairs for contrastive training) [>= 1]" in text
   assert "b2              a number, default 0.999: Adam beta2 [in [0, 1)]" in text
+
+
+def test_more_code_search_modules_leave_the_held_out_split_as_it_was():
+  """`TRAIN_MORE` adds training pairs only (issue 26): the held-out queries are the same, and none is seen in training."""
+  from jlora.train import _stdlib
+
+  train_only, held = _stdlib.code_search_split()
+  more, held_more = _stdlib.code_search_split(more=_stdlib.TRAIN_MORE)
+  assert held_more == held and more[:len(train_only)] == train_only and len(more) > len(train_only)
+  seen = {r.doc.lower() for r in more} | {r.code for r in more}
+  assert not any(r.doc.lower() in seen or r.code in seen for r in held)
+  assert len({r.doc.lower() for r in more}) == len(more)  # every training query once
+  with pytest.raises(ValueError, match=r"`more` and `eval_modules` must be disjoint; both list \['json'\]"):
+    _stdlib.code_search_split(more=["json"])

@@ -273,7 +273,8 @@ def markdown(report: dict[str, Any]) -> str:
   lines += ["", "step time and tokens/s: mean over the steps after the first (compiling) one; step memory: the compiled "
             "training step's buffers (XLA's memory analysis: arguments + outputs + temporaries - donated); saved: what "
             "the run keeps (the adapter checkpoint, or the whole model's weights); wall time: the run that produced "
-            f"the outputs. The comparison took {report['wall_s']:,.0f} s here."]
+            f"the outputs. The variants' runs took {sum(r['wall_s'] for r in report['variants']):,.0f} s in all; "
+            f"this call of `jlora compare` {report['wall_s']:,.0f} s."]
   return "\n".join(lines)
 
 

@@ -174,10 +174,9 @@ def code_search_split(
   Raises:
     ValueError: if the module lists overlap.
   """
-  for (a, b), (x, y) in (((train_modules, eval_modules), ("train_modules", "eval_modules")),
-                         ((more, eval_modules), ("more", "eval_modules")), ((more, train_modules), ("more",
-                                                                                                  "train_modules"))):
-    overlap = sorted(set(a) & set(b))
+  lists = {"train_modules": train_modules, "eval_modules": eval_modules, "more": more}
+  for x, y in (("train_modules", "eval_modules"), ("more", "eval_modules"), ("more", "train_modules")):
+    overlap = sorted(set(lists[x]) & set(lists[y]))
     if overlap:
       raise ValueError(f"`{x}` and `{y}` must be disjoint; both list {overlap}.")
   train, held = _split(tuple(train_modules), tuple(eval_modules), tuple(more))
@@ -191,5 +190,5 @@ def _split(train_modules: tuple[str, ...], eval_modules: tuple[str, ...],
   train, held, extra = records(train_modules), records(eval_modules), records(more)
   keep = set(_unique(train + held))
   added = set(_unique(train + held + extra)) & set(extra)
-  return tuple(r for r in train if r in keep) + tuple(r for r in extra if r in added), tuple(r for r in held
-                                                                                             if r in keep)
+  kept_train = tuple(r for r in train if r in keep) + tuple(r for r in extra if r in added)
+  return kept_train, tuple(r for r in held if r in keep)

@@ -1,6 +1,8 @@
-"""The `jlora` command: `train`, `merge`, `export-peft`, `generate` and `plan`.
+"""The `jlora` command: `train`, `merge`, `export-peft`, `generate`, `compare` and `plan`.
 
   jlora train [CONFIG] [section.key=value ...] [--quiet]
+  jlora compare [CONFIG] [section.key=value ...] [--methods full,lora] [--ranks 4,8,16,32] [--out DIR]
+                [--full KEY=VALUE ...] [--quiet]
   jlora merge RUN_DIR [--out DIR]
   jlora export-peft RUN_DIR [--out DIR]
   jlora generate SOURCE... --prompt TEXT [--prompt TEXT ...] [--prompts-file FILE] [--base] [--base-run RUN_DIR]
@@ -78,7 +80,12 @@ Sections and keys:
 _EXIT_HELP = __doc__[__doc__.index("Exit status"):] if __doc__ else ""  # the module docstring's (None under -OO)
 
 
-def _train(args: argparse.Namespace) -> int:
+def _load_config(args: argparse.Namespace) -> Any:
+  """The config of `jlora train` / `jlora compare`: CONFIG (default: the default job) with the overrides.
+
+  Raises:
+    FileNotFoundError: CONFIG does not exist.
+  """
   from jlora import train
 
   config_path, overrides = args.config, list(args.overrides)
@@ -92,30 +99,46 @@ def _train(args: argparse.Namespace) -> int:
       from jlora.train._default import DEFAULT_YAML as text
   if args.quiet:
     overrides.append("train.quiet=true")
+  return train.load(config_path, overrides, text=text)
+
+
+def _training(command: str, args: argparse.Namespace, start: Any) -> int:
+  """Runs `start(config)` (training: one run or several) on the command's config; maps how it ended to the exit
+  status and one line."""
+  from jlora import train
+
   try:
-    config = train.load(config_path, overrides, text=text)
+    config = _load_config(args)
   except FileNotFoundError as e:
-    print(f"jlora train: {e}", file=sys.stderr)
+    print(f"jlora {command}: {e}", file=sys.stderr)
     return 2
   try:
     with _quiet_write_failures():
-      train.run(config)
+      start(config)
   except train.Interrupted as e:
-    print(f"jlora train: {e}", file=sys.stderr)
+    print(f"jlora {command}: {e}", file=sys.stderr)
     return EXIT_INTERRUPTED
   except train.Diverged as e:
-    print(f"jlora train: {e}", file=sys.stderr)
+    print(f"jlora {command}: {e}", file=sys.stderr)
     return EXIT_DIVERGED
   except KeyboardInterrupt:
-    print("jlora train: interrupted outside the training steps; checkpoints saved so far are kept.", file=sys.stderr)
+    print(f"jlora {command}: interrupted outside the training steps; checkpoints saved so far are kept.",
+          file=sys.stderr)
     return EXIT_INTERRUPTED
   except Exception as e:
     path = _disk_full(e)
     if path is None:
       raise
-    print(f"jlora train: {_no_space(path or os.path.abspath(config.outputs.dir))}", file=sys.stderr)
+    out_dir = getattr(args, "out", None) or config.outputs.dir
+    print(f"jlora {command}: {_no_space(path or os.path.abspath(out_dir))}", file=sys.stderr)
     return EXIT_DISK_FULL
   return 0
+
+
+def _train(args: argparse.Namespace) -> int:
+  from jlora import train
+
+  return _training("train", args, train.run)
 
 
 _NO_SPACE = re.compile(r"No space left on device|Disk quota exceeded|os_error_code='?(?:28|122)\b")
@@ -204,7 +227,11 @@ def _run_config(path: str) -> Any:
   if not os.path.isfile(cfg_file):
     raise ValueError(f"`{path}` is not a finished `jlora train` output directory (no config.yaml; a run writes it "
                      "with the adapter, at the end).")
-  return train.load(cfg_file)
+  config = train.load(cfg_file)
+  if config.train.method == "full":
+    raise ValueError(f"`{path}` is a full fine-tuning run (`train.method: full`): it has no adapter; the trained "
+                     f"model is {os.path.join(path, 'model')} (Hugging Face format: config.json + model.safetensors).")
+  return config
 
 
 def _load_run(path: str, adapter: str | None) -> tuple[Any, dict, Any]:
@@ -354,6 +381,49 @@ def _add_plan(sub: Any) -> None:
   p.set_defaults(func=_plan)
 
 
+_COMPARE_HELP = """\
+Trains the same job several ways, one after another, and writes a table and a plot side by
+side: full fine-tuning (train.method=full: every weight) and LoRA / DoRA / QLoRA at each
+rank (lora.r=R, lora_alpha scaled with it so that the scale alpha/r stays the config's).
+Same model, data, steps and evaluation; each variant is a `jlora train` run in OUT/<variant>
+(full, lora-r4, lora-r8, ...), and OUT gets compare.md, compare.json and compare.png
+(held-out quality against trainable parameters and against rank). Per variant: the held-out
+metrics, trainable parameters (count and % of the model), step time and tokens/s, the
+compiled step's memory (XLA's buffer assignment), the saved bytes (adapter/, or the full
+model's weights) and wall time.
+
+Everything is checked before anything is written: an unknown method, a rank < 1, OUT or a
+variant's directory holding files that are not jlora's or another run is one line, exit 2.
+Running the same command again skips the finished variants and resumes an interrupted one.
+
+Example (the default job; full fine-tuning at a learning rate for all weights):
+  jlora compare --methods full,lora --ranks 4,8,16,32 --full optimizer.learning_rate=1e-4
+"""
+
+
+def _compare(args: argparse.Namespace) -> int:
+  from jlora import train
+
+  return _training("compare", args, lambda config: train.compare(config, methods=args.methods, ranks=args.ranks,
+                                                                 out=args.out, full_overrides=args.full))
+
+
+def _add_compare(sub: Any) -> None:
+  c = sub.add_parser("compare", help="train full fine-tuning and LoRA at several ranks side by side; table and plot",
+                     description=_COMPARE_HELP, epilog=_EXIT_HELP, formatter_class=argparse.RawDescriptionHelpFormatter)
+  c.add_argument("config", nargs="?", help="YAML config (default: configs/default.yaml)")
+  c.add_argument("overrides", nargs="*", help="section.key=value overrides of every variant")
+  c.add_argument("--methods", default="full,lora", metavar="M,M", help="comma-separated, of full, lora, dora, qlora "
+                 "(default: full,lora)")
+  c.add_argument("--ranks", metavar="R,R", help="comma-separated LoRA ranks of lora/dora/qlora (default: the "
+                 "config's lora.r)")
+  c.add_argument("--out", metavar="DIR", help="the comparison's directory (default: outputs.dir + '-compare')")
+  c.add_argument("--full", action="append", default=[], metavar="KEY=VALUE", help="an override of the full "
+                 "fine-tuning variant only (repeatable), e.g. --full optimizer.learning_rate=1e-4")
+  c.add_argument("-q", "--quiet", action="store_true", help="no progress bars (same as train.quiet=true)")
+  c.set_defaults(func=_compare)
+
+
 def parser() -> argparse.ArgumentParser:
   """The argument parser of `jlora` (its help explains every config section and key)."""
   from jlora.train._load import describe
@@ -362,7 +432,7 @@ def parser() -> argparse.ArgumentParser:
                                 formatter_class=argparse.RawDescriptionHelpFormatter,
                                 epilog="Run `jlora train --help` for the config sections and keys, the exit "
                                 "statuses and what is checked before training starts.")
-  sub = top.add_subparsers(dest="command", metavar="{train,merge,export-peft,generate,plan}")
+  sub = top.add_subparsers(dest="command", metavar="{train,merge,export-peft,generate,compare,plan}")
   tr = sub.add_parser("train", help="train a LoRA adapter from a YAML config (default: the MiniLM code-search job)",
                       description=_TRAIN_HELP + describe(), epilog=_EXIT_HELP,
                       formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -379,6 +449,7 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--out", help=f"output directory (default: RUN_DIR/{'merged' if name == 'merge' else 'peft'})")
     p.set_defaults(func=func)
   _add_generate(sub)
+  _add_compare(sub)
   _add_plan(sub)
   return top
 
@@ -387,7 +458,7 @@ def main(argv: Sequence[str] | None = None) -> int:
   """Entry point of the `jlora` console script; returns the exit status."""
   top = parser()
   args, extra = top.parse_known_args(argv)
-  if extra and (args.command not in ("train", "plan") or any(a.startswith("-") or "=" not in a for a in extra)):
+  if extra and (args.command not in ("train", "compare", "plan") or any(a.startswith("-") or "=" not in a for a in extra)):
     top.error(f"unrecognized arguments: {' '.join(extra)}")
   if extra:  # overrides after an option, e.g. `jlora train cfg.yaml -q train.steps=5`
     args.overrides = [*args.overrides, *extra]

@@ -37,6 +37,7 @@ SLOW_FILES = {
     "test_trainloop.py", "test_train_rundir.py", "test_train_faults.py", "test_train_hostile.py", "test_cli.py",
     "test_cli_adapters.py", "test_faults.py", "test_docs.py", "test_hf_equivalence.py", "test_generate.py",
     "test_plan.py",
+    "test_compare.py", "test_notebook_compare.py",
 }
 SLOW_TESTS = {
     "test_notebook_is_committed_executed_and_still_runs", "test_on_eight_devices",

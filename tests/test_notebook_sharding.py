@@ -9,7 +9,7 @@ derived from the code under test.
 import pathlib
 import re
 
-import pytest
+from tests import notebooks
 
 ROOT = pathlib.Path(__file__).resolve().parent.parent
 NOTEBOOK = ROOT / "notebooks" / "sharding.ipynb"
@@ -115,10 +115,7 @@ def _check(text: str, quick: bool) -> None:
 
 
 def test_sharding_notebook_is_committed_executed_and_still_runs(monkeypatch):
-  nbformat = pytest.importorskip("nbformat")
-  nbclient = pytest.importorskip("nbclient")
-  nb = nbformat.read(NOTEBOOK, as_version=4)
-  assert all(cell.get("outputs") for cell in nb.cells if cell.cell_type == "code"), "commit the executed notebook"
+  nb = notebooks.committed(NOTEBOOK)
   stderr = [out["text"] for cell in nb.cells for out in cell.get("outputs", []) if out.get("name") == "stderr"]
   assert not stderr, stderr  # the committed outputs read cleanly
   committed = _outputs(nb)
@@ -126,6 +123,5 @@ def test_sharding_notebook_is_committed_executed_and_still_runs(monkeypatch):
   (wall,) = _one(r"^whole notebook: (\d+)s wall", committed)
   assert int(wall) < 90, "the committed run should take under 90 s on 2 CPU cores"
 
-  monkeypatch.setenv("JLORA_NOTEBOOK_QUICK", "1")  # the kernel inherits the environment
-  nbclient.NotebookClient(nb, timeout=600, kernel_name="python3", resources={"metadata": {"path": str(ROOT)}}).execute()
+  notebooks.rerun_quick(nb, monkeypatch)
   _check(_outputs(nb), quick=True)

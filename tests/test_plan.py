@@ -156,3 +156,17 @@ def test_a_step_the_compiler_refuses_for_hbm_is_reported_as_not_fitting():
   assert m["total"] == pytest.approx(sum(parts.values()) + 17.38 * 2**30)
   with pytest.raises(ValueError, match="something else"):
     plan._out_of_memory(ValueError("something else"), parts)
+
+
+def test_full_fine_tuning_plans_every_weight_as_trainable(tiny_config):
+  """`train.method=full` plans the step `jlora train` runs for it: every weight trains, nothing is frozen, and the
+  optimizer holds two moments per weight."""
+  proc = _run([str(tiny_config), "--topology", "v5e:2x2", "train.method=full", "--json"], tiny_config.parent)
+  assert proc.returncode == 0, proc.stderr[-3000:]
+  plan = json.loads(proc.stdout)
+  m = plan["memory_bytes"]
+  base, _ = _expected_bytes()
+  assert plan["method"] == "full fine-tuning"
+  assert m["base"] == 0
+  assert m["adapters"] == pytest.approx(base, rel=1e-9)  # the trainable tree: the whole base, sharded as it is
+  assert 2 * base <= m["optimizer"] <= 2 * base + 1024

@@ -81,11 +81,30 @@ def test_overrides_parse_yaml_values():
     (["outputs.dir="], TypeError, r"`outputs.dir` must be a string, got None"),
     (["outputs.dir=' '"], ValueError, r"`outputs.dir` must be a directory path"),
     (["train.steps=[1"], ValueError, r"override 'train.steps=\[1':1:3: not valid YAML"),
+    # `train.method` (issue 26): full fine-tuning has no adapters, so the settings only adapters have are refused.
+    (["train.method=fulll"], ValueError, r"`train.method` must be one of \['lora', 'full'\], got 'fulll'"),
+    (["train.method=full", "model.quantize=nf4"], ValueError, r"`train.method: full` trains every weight of the "
+     r"model, without adapters, but `model.quantize` is 'nf4', a setting for adapters; remove it "
+     r"\(`model.quantize=null`\) or use `train.method: lora`"),
+    (["train.method=full", "lora.init_from=runs/a/adapter"], ValueError, r"but `lora.init_from` is 'runs/a/adapter'"),
+    (["train.method=full", "optimizer.lora_plus_ratio=16"], ValueError, r"but `optimizer.lora_plus_ratio` is 16.0"),
+    (["train.method=full", "outputs.adapter_set=adapters"], ValueError, r"but `outputs.adapter_set` is 'adapters'"),
   ],
 )
 def test_bad_values_name_the_key(overrides, error, match):
   with pytest.raises(error, match=match):
     train.load(ROOT / "configs" / "default.yaml", overrides)
+
+
+def test_train_method_full_keeps_the_rest_of_the_job_and_its_own_fingerprint():
+  from jlora.train import _data, _setup
+
+  lora, full = (train.load(ROOT / "configs" / "default.yaml", [f"train.method={m}"]) for m in ("lora", "full"))
+  assert (lora.train.method, full.train.method) == ("lora", "full")
+  assert train.replace(full, train={"method": "lora"}) == lora  # nothing else changes
+  rows = _data.Examples([{"query": "q", "document": "d"}], [])
+  assert "method" not in _setup.fingerprint(lora, rows)["train"]  # LoRA runs of earlier versions still resume
+  assert _setup.fingerprint(full, rows)["train"]["method"] == "full"  # a LoRA checkpoint never resumes a full run
 
 
 def test_boundary_values_are_accepted():
@@ -144,3 +163,17 @@ def test_describe_lists_every_section_and_key():
     assert key in text
   assert "batch_size      an integer, default 16: examples per step (pairs for contrastive training) [>= 1]" in text
   assert "b2              a number, default 0.999: Adam beta2 [in [0, 1)]" in text
+
+
+def test_more_code_search_modules_leave_the_held_out_split_as_it_was():
+  """`TRAIN_MORE` adds training pairs only (issue 26): the held-out queries are the same, and none is seen in training."""
+  from jlora.train import _stdlib
+
+  train_only, held = _stdlib.code_search_split()
+  more, held_more = _stdlib.code_search_split(more=_stdlib.TRAIN_MORE)
+  assert held_more == held and more[:len(train_only)] == train_only and len(more) > len(train_only)
+  seen = {r.doc.lower() for r in more} | {r.code for r in more}
+  assert not any(r.doc.lower() in seen or r.code in seen for r in held)
+  assert len({r.doc.lower() for r in more}) == len(more)  # every training query once
+  with pytest.raises(ValueError, match=r"`more` and `eval_modules` must be disjoint; both list \['json'\]"):
+    _stdlib.code_search_split(more=["json"])

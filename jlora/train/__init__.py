@@ -8,6 +8,7 @@ Examples:
   >>> print(train.plan(config, "v5e:2x4").text())  # compiled for a TPU slice, here (jlora[plan])  # doctest: +SKIP
 """
 
+from jlora.train._compare import compare as compare
 from jlora.train._load import apply_overrides as apply_overrides
 from jlora.train._load import describe as describe
 from jlora.train._load import load as load
@@ -19,4 +20,5 @@ from jlora.train._run import run as run
 from jlora.train._schema import Config as Config
 from jlora.train._schema import replace as replace
 
-__all__ = ["Config", "Diverged", "Interrupted", "Plan", "apply_overrides", "describe", "load", "plan", "replace", "run"]
+__all__ = ["Config", "Diverged", "Interrupted", "Plan", "apply_overrides", "compare", "describe", "load", "plan", "replace",
+           "run"]

@@ -100,7 +100,8 @@ def _stable_split(key: str) -> bool:
 
 
 def _stdlib_examples(source: str) -> tuple[list[dict], list[dict]]:
-  train, held = _stdlib.code_search_split()
+  # Code search trains on more modules too (`_stdlib.TRAIN_MORE`); its held-out split is the same either way.
+  train, held = _stdlib.code_search_split(more=_stdlib.TRAIN_MORE if source == "stdlib_code_search" else ())
   if source == "stdlib_code_search":
     as_ex = lambda rs: [{"query": r.doc, "document": r.code} for r in rs]  # noqa: E731
   elif source == "stdlib_docstrings":

@@ -39,7 +39,8 @@ from jlora.train import _data, _mesh, _report
 from jlora.train._setup import Setup, rows
 from jlora.train._state import State, all_finite
 
-__all__ = ["Diverged", "Interrupted", "Throughput", "eval_batches", "make_evaluate", "make_train_step", "train"]
+__all__ = ["Diverged", "Interrupted", "Throughput", "eval_batches", "make_evaluate", "make_train_step", "step_bytes",
+           "train"]
 
 
 class Interrupted(Exception):
@@ -71,15 +72,35 @@ class Diverged(RuntimeError):
 
 
 class Throughput(NamedTuple):
-  """Seconds in all steps (`train_s`); tokens and seconds of the steps after the first (compiling) one."""
+  """Seconds in all steps (`train_s`); tokens, seconds and count of the steps after the first (compiling) one.
+
+  `step_bytes` is the compiled step's peak memory as XLA's buffer assignment gives it
+  (`compiled.memory_analysis()`: arguments + outputs + temporaries - donated buffers
+  reused for outputs, as `benchmarks/` measure it); None where the backend does not say.
+  """
 
   train_s: float = 0.0
   tokens: int = 0
   step_s: float = 0.0
+  timed_steps: int = 0
+  step_bytes: int | None = None
 
   @property
   def tokens_per_s(self) -> float:
     return self.tokens / self.step_s if self.step_s > 0 else 0.0
+
+  @property
+  def seconds_per_step(self) -> float | None:
+    """Mean seconds of a step after the first (None: no such step)."""
+    return self.step_s / self.timed_steps if self.timed_steps else None
+
+
+def step_bytes(compiled: Any) -> int | None:
+  """Peak bytes of a compiled step from XLA's buffer assignment (None where the backend gives no analysis)."""
+  mem = compiled.memory_analysis()
+  if mem is None:
+    return None
+  return int(mem.argument_size_in_bytes + mem.output_size_in_bytes + mem.temp_size_in_bytes - mem.alias_size_in_bytes)
 
 
 def _bind(apply_fn: Any, params: Any, rng: jax.Array | None) -> Callable[..., jax.Array]:
@@ -90,10 +111,15 @@ def _bind(apply_fn: Any, params: Any, rng: jax.Array | None) -> Callable[..., ja
 def make_train_step(setup: Setup, *, temperature: float, dropout: bool, shardings: Any = None) -> Callable:
   """The jitted `step(trainable, opt_state, frozen, batch, rng) -> (trainable, opt_state, loss, finite)`.
 
-  On a mesh (`setup.layout`), `shardings` are those of `(trainable, opt_state)`: the new
-  state keeps them; the loss and the finite flag are replicated.
+  The one step of every `train.method` (`jlora.train._setup.adapt`): LoRA differentiates
+  the adapters with the base frozen; full fine-tuning differentiates every weight (its
+  frozen half is `{}`). `dropout` is LoRA dropout (ignored by full fine-tuning). On a
+  mesh (`setup.layout`), `shardings` are those of `(trainable, opt_state)`: the new state
+  keeps them; the loss and the finite flag are replicated. `step.lower(...)` compiles it
+  ahead of time (`train` does, for `Throughput.step_bytes`).
   """
   task, model, apply_fn, tx = setup.task, setup.base.model, setup.apply_fn, setup.tx
+  dropout = dropout and setup.method == "lora"
 
   def step(trainable, opt_state, frozen, batch, rng):
     def loss_fn(t):
@@ -217,7 +243,7 @@ def train(setup: Setup, state: State, config: Any, *, save: Callable[[State], No
   n_train, first = len(next(iter(setup.train_arrays.values()))), state.step
   bar = _progress(tc.steps, state.step, tc.quiet or not _processes.primary())
   window: list[float] = []
-  speed = Throughput()
+  speed, compiled = Throughput(), None
   with _sigint_flag() as interrupted, warnings.catch_warnings(), contextlib.closing(bar):
     warnings.filterwarnings("ignore", message="Some donated buffers were not usable")
     while state.step < tc.steps:
@@ -230,7 +256,10 @@ def train(setup: Setup, state: State, config: Any, *, save: Callable[[State], No
         batch, rng = layout.batch(setup.train_arrays, idx), jax.random.fold_in(rng_key, step)  # the key: replicated
         tokens = setup.task.tokens(rows(setup.train_arrays, idx[layout.local_rows(len(idx))])) * jax.process_count()
       t0 = time.perf_counter()
-      new_t, new_o, loss, finite = step_fn(state.trainable, state.opt_state, setup.frozen, batch, rng)
+      if compiled is None:  # ahead of time, once: the same executable a call would build, and its memory analysis
+        compiled = step_fn.lower(state.trainable, state.opt_state, setup.frozen, batch, rng).compile()
+        speed = speed._replace(step_bytes=step_bytes(compiled))
+      new_t, new_o, loss, finite = compiled(state.trainable, state.opt_state, setup.frozen, batch, rng)
       loss, finite = jax.device_get((loss, finite))
       loss, dt = float(loss), time.perf_counter() - t0
       if not finite:
@@ -241,7 +270,8 @@ def train(setup: Setup, state: State, config: Any, *, save: Callable[[State], No
                        "`optimizer.warmup_steps`, then run again with `checkpointing.resume=false`.")
       speed = speed._replace(train_s=speed.train_s + dt)
       if step > first:
-        speed = speed._replace(tokens=speed.tokens + tokens, step_s=speed.step_s + dt)
+        speed = speed._replace(tokens=speed.tokens + tokens, step_s=speed.step_s + dt,
+                               timed_steps=speed.timed_steps + 1)
       state = state._replace(trainable=new_t, opt_state=new_o, step=step + 1)
       window.append(loss)
       bar.set_postfix(loss=f"{loss:.4f}", tok_s=f"{speed.tokens_per_s:,.0f}", refresh=False)

@@ -140,7 +140,10 @@ class Layout:
     return NamedSharding(self.mesh, PartitionSpec())
 
   def traced(self, fn: Callable[..., Any]) -> Callable[..., Any]:
-    """`fn` (a jitted step) called, hence traced, inside `models.on_mesh`: the models pin their activations."""
+    """`fn` (a jitted step) called, hence traced, inside `models.on_mesh`: the models pin their activations.
+
+    `.lower(*args)` lowers it there too (ahead-of-time compilation).
+    """
 
     @functools.wraps(fn)
     def call(*args: Any) -> Any:

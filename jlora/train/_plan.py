@@ -1,7 +1,7 @@
 """`jlora plan`: compile a `jlora train` config's training step for a TPU slice on any host, and read the figures.
 
 Will it fit, and how fast? `plan(config, "v5e:2x4")` builds the step `jlora train` would
-run for the config — the same model, adapters (`_setup.adapt`), optimizer
+run for the config — the same model, adapters (`_setup.adapted_trees`), optimizer
 (`_setup.make_optimizer`), mesh layout (`_mesh.layout`, the config's `mesh` section
 over the slice's chips; without one, data parallel over all of them) and jitted step
 (`_loop.make_train_step`) — from shapes alone (`jax.ShapeDtypeStruct`s with their
@@ -132,6 +132,8 @@ def _gib(n: float) -> str:
 
 
 def _method(config: Config) -> str:
+  if config.train.method == "full":
+    return "full fine-tuning"
   lora = config.lora
   name = "DoRA" if lora.use_dora else "LoRA"
   quant = f" over an {config.model.quantize.upper()} base (QLoRA)" if config.model.quantize else ""
@@ -289,21 +291,28 @@ def plan(config: Config, topology: str, *, bound: bool = False, hlo_path: str | 
   batch, one, tokens = _batch(config, task, base, layout)
   keys = _setup.run_keys(config.train.seed)
   inputs = task.inputs(one, base.model)
-  trainable, frozen, original = jax.eval_shape(
-    lambda p: _setup.adapt(config, base.model, p, inputs, keys.adapter), base.params)
+  full_ft = config.train.method == "full"
+  if full_ft:  # every weight trains, sharded as the base; nothing is frozen
+    trainable, frozen, original = base.params, {}, {}
+  else:
+    trainable, frozen, original = jax.eval_shape(
+      lambda p: _setup.adapted_trees(config, base.model, p, inputs, keys.adapter), base.params)
   replicated = layout.replicated
   base_sh = {p: v.sharding for p, v in flatten(base.params).items()}
   full = flatten(jlora.combine(trainable, original))
-  placed = flatten(jlora.adapter_shardings(unflatten(full), unflatten({p: base_sh.get(p, replicated) for p in full})))
+  base_placed = {p: base_sh.get(p, replicated) for p in full}
+  placed = base_placed if full_ft else flatten(jlora.adapter_shardings(unflatten(full), unflatten(base_placed)))
   trainable = _sharded(trainable, placed)
   frozen = _abstract_quantized(frozen, _frozen_shardings(frozen, placed, replicated))
-  tx, schedule = _setup.make_optimizer(config.optimizer, config.train.steps, config.lora)
+  tx, schedule = _setup.make_optimizer(config.optimizer, config.train.steps, None if full_ft else config.lora)
   opt_sh = layout.opt_shardings(tx, trainable)
   opt = jax.tree.map(lambda leaf, s: jax.ShapeDtypeStruct(leaf.shape, leaf.dtype, sharding=s),
                      jax.eval_shape(tx.init, trainable), opt_sh)
-  setup = _setup.Setup(task, base, jlora.apply_fn(base.model, config.lora), trainable, frozen, tx, schedule, {}, {},
-                       keys, None, None, layout)
-  step = _loop.make_train_step(setup, temperature=config.train.temperature, dropout=config.lora.lora_dropout > 0,
+  apply_fn = base.model.apply if full_ft else jlora.apply_fn(base.model, config.lora)
+  setup = _setup.Setup(task, base, apply_fn, trainable, frozen, tx, schedule, {}, {}, keys,
+                       method=config.train.method, layout=layout)
+  step = _loop.make_train_step(setup, temperature=config.train.temperature,
+                               dropout=not full_ft and config.lora.lora_dropout > 0,
                                shardings=(_mesh.shardings(trainable), opt_sh))
   rng = jax.ShapeDtypeStruct((), keys.data.dtype, sharding=replicated)
   say(f"compiling the training step for {topology} ({len(devices)} chips)...")

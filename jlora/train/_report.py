@@ -106,11 +106,14 @@ def summary_text(r: Mapping[str, Any]) -> str:
                                                                         if r["resumed_from"] else ""),
     f"  trainable     {r['trainable']:,} of {r['total']:,} parameters ({r['percent']:.3f}%)",
     f"  adapter       {human_bytes(r['adapter_bytes'])} on disk ({r['adapter_dir']}) vs "
-    f"{human_bytes(r['full_bytes'])} {r['full_what']}",
+    f"{human_bytes(r['full_bytes'])} {r['full_what']}" if "adapter_bytes" in r else
+    f"  model         {human_bytes(r['model_bytes'])} on disk ({r['model_dir']}: every weight, full fine-tuning)",
     f"held-out {r['eval_examples']} examples, before -> after:",
     *metric_lines,
-    f"  merged vs factored max |diff|: {r['merge_diff']:.2e}",
-    f"  wall time {r['wall_s']:.1f}s (training steps {r['train_s']:.1f}s), {r['tokens_per_s']:,.0f} tokens/s",
+    *([f"  merged vs factored max |diff|: {r['merge_diff']:.2e}"] if r.get("merge_diff") is not None else []),
+    f"  wall time {r['wall_s']:.1f}s (training steps {r['train_s']:.1f}s), {r['tokens_per_s']:,.0f} tokens/s" + (
+      f", {1e3 * r['step_s']:,.0f} ms/step" if r.get("step_s") else "") + (
+      f", step memory {human_bytes(r['step_bytes'])} (XLA)" if r.get("step_bytes") else ""),
     f"  outputs in {r['dir']}",
     *([f"  adapter also saved as {r['adapter_set_entry']}"] if r.get("adapter_set_entry") else []),
   ]

@@ -1,11 +1,12 @@
-"""`run(config)`: check everything, then train a LoRA adapter and write the outputs.
+"""`run(config)`: check everything, then train a LoRA adapter (or, `train.method: full`, every weight) and write
+the outputs.
 
-1. **Check** (writes nothing): the task, the data (every line), the run directory
+1. **Check** (`check`, writes nothing): the task, the data (every line), the run directory
    (`jlora.train._rundir.inspect`: not someone else's files), the checkpoints
    (`jlora.train._resume.plan`: not another run's, no foreign step directories), the
    `outputs.adapter_set` entry (`jlora.train._adapters.check_entry`), the output
-   directories `adapter/`, `peft/`, `merged/` (`jlora.train._outputs.check_locations`), then the model,
-   adapters (`lora.init_from`, for a run that does not resume) and optimizer
+   directories `adapter/`, `peft/`, `merged/`, `model/` (`jlora.train._outputs.check_locations`); then the
+   model, adapters (`lora.init_from`, for a run that does not resume) and optimizer
    (`jlora.train._setup.prepare`).
 2. **Train**, holding the run directory's lock: restore the newest usable checkpoint
    (falling back past damaged ones), record the run in the marker, train
@@ -26,7 +27,7 @@ from __future__ import annotations
 import os
 import time
 from collections.abc import Callable
-from typing import Any
+from typing import Any, NamedTuple
 
 import jax
 import numpy as np
@@ -50,16 +51,51 @@ from jlora.train import (
 )
 from jlora.train._schema import Config
 
-__all__ = ["run"]
+__all__ = ["Checked", "check", "run"]
+
+
+class Checked(NamedTuple):
+  """What `check` found: the task, the examples, the run's fingerprint, `outputs.dir` (absolute) and the checkpoints."""
+
+  task: _tasks.Task
+  examples: _data.Examples
+  fingerprint: dict
+  out_dir: str
+  plan: _resume.Plan
+
+
+def check(config: Config, layout: Any = None) -> Checked:
+  """The refusals of `run` before the model loads; writes nothing (decided by process 0 where there are several).
+
+  The task, the data (every line), the batch against the mesh (`layout`), the run
+  directory and its checkpoints, the `outputs.adapter_set` entry and the output
+  directories (`adapter/`, `peft/`, `merged/`, `model/`).
+
+  Raises:
+    ValueError: as `run`, for anything that would make the run fail or write over files jlora did not write.
+  """
+  task = _tasks.get(config.lora.task_type)
+  examples = _data.examples(config.data, task)
+  _setup.check_data(config, examples)
+  if layout is not None:
+    layout.check_batch(config.train.batch_size)
+  fingerprint = _setup.fingerprint(config, examples)
+  out_dir = os.path.abspath(config.outputs.dir)
+  first = _resume.Plan(*on_primary(lambda: _resume.plan(out_dir, _rundir.inspect(out_dir), fingerprint,
+                                                        resume=config.checkpointing.resume)))
+  on_primary(lambda: _adapters.check_entry(config))
+  _outputs.check_locations(config, out_dir)  # refused now, not after training
+  return Checked(task, examples, fingerprint, out_dir, first)
 
 
 def run(config: Config, *, on_step: Callable[[int, float], None] | None = None,
         log: Callable[[str], None] = print) -> dict[str, Any]:
-  """Trains a LoRA adapter as `config` says and writes everything into `config.outputs.dir`.
+  """Trains a LoRA adapter (or the whole model) as `config` says and writes everything into `config.outputs.dir`.
 
   Writes `config.yaml` (the resolved config), `checkpoints/` (the training state),
   `adapter/` (`jlora.save_adapter`), `peft/` (PEFT format, if `outputs.peft`),
-  `merged/` (Hugging Face format, if `outputs.merged`), `metrics.jsonl`, `curves.png`,
+  `merged/` (Hugging Face format, if `outputs.merged`) or, with `train.method: full`,
+  `model/` (the trained model in Hugging Face format) instead of those three, `metrics.jsonl`, `curves.png`,
   `summary.json` and the marker `.jlora-run.json`; with `outputs.adapter_set`, also the
   adapter as `ADAPTER_SET/NAME` (a new version of that adapter checkpoint). Nothing is written before the
   config, the data, the directory, the checkpoints and the adapter-set entry are checked.
@@ -74,8 +110,10 @@ def run(config: Config, *, on_step: Callable[[int, float], None] | None = None,
     log: where the summary and messages go (process 0 only).
 
   Returns:
-    The summary as a dict: `before` / `after` metrics, `trainable`, `percent`,
-    `adapter_bytes`, `merge_diff`, `wall_s`, `tokens_per_s`, ... (on every process).
+    The summary as a dict: `method`, `before` / `after` metrics, `trainable`, `percent`,
+    `adapter_bytes` (or `model_bytes`), `merge_diff` (None for full fine-tuning), `wall_s`,
+    `tokens_per_s`, `step_s` (mean seconds of a step after the first), `step_bytes` (the
+    compiled step's peak memory, XLA's buffer assignment), ... (on every process).
 
   Raises:
     Interrupted: after Ctrl-C, once the state of the finished steps is saved.
@@ -87,19 +125,8 @@ def run(config: Config, *, on_step: Callable[[int, float], None] | None = None,
   layout = _mesh.start(config.mesh)  # first: jax.distributed.initialize() must precede any other JAX call
   is_primary = primary()
   log = log if is_primary else lambda text: None
-  task = _tasks.get(config.lora.task_type)
-  examples = _data.examples(config.data, task)
-  _setup.check_data(config, examples)
-  if layout is not None:
-    layout.check_batch(config.train.batch_size)
-  fingerprint = _setup.fingerprint(config, examples)
-  out_dir = os.path.abspath(config.outputs.dir)
+  task, examples, fingerprint, out_dir, first = check(config, layout)
   resume = config.checkpointing.resume
-  # Refusals before the model loads (decided by process 0 where there are several).
-  first = _resume.Plan(*on_primary(
-    lambda: _resume.plan(out_dir, _rundir.inspect(out_dir), fingerprint, resume=resume)))
-  on_primary(lambda: _adapters.check_entry(config))
-  _outputs.check_locations(config, out_dir)  # adapter/, peft/, merged/: refused now, not after training
   # `lora.init_from` starts a new run only: a resumed one continues from its own checkpoint (`restore` either
   # restores one of the candidates or refuses).
   setup = _setup.prepare(config, task, examples, init_from=not first.candidates, layout=layout)
@@ -152,7 +179,8 @@ def run(config: Config, *, on_step: Callable[[int, float], None] | None = None,
     model_name = config.model.path or config.model.config.get("model_type") or config.model.source
     result = {"task": task.name, "model": model_name, "steps": state.step, "resumed_from": resumed_from, **written,
               "wall_s": time.perf_counter() - t_start, "train_s": speed.train_s,
-              "tokens_per_s": speed.tokens_per_s, "dir": out_dir}
+              "tokens_per_s": speed.tokens_per_s, "step_s": speed.seconds_per_step, "step_bytes": speed.step_bytes,
+              "dir": out_dir}
     if examples.label_names is not None:
       result["labels"] = list(examples.label_names)
     _outputs.write_summary(run_dir, result)

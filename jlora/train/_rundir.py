@@ -17,6 +17,10 @@ A directory that is not empty and has no marker is someone else's: it is refused
 nothing in it is touched. Plain files are written atomically (`jlora.formats.atomic`). While a run
 writes, it holds an exclusive `fcntl.flock` on `.jlora-run.lock` (released by the OS
 when the process ends, even by SIGKILL); a second run into the same directory is refused.
+
+The same rules serve the directory of a `jlora compare` (`COMPARE`: marker
+`.jlora-compare.json`, lock `.jlora-compare.lock`, its table and plot as whole files, and
+one run directory per variant inside); `Kind` says which.
 """
 
 from __future__ import annotations
@@ -26,7 +30,7 @@ import hashlib
 import json
 import os
 from collections.abc import Callable, Iterator
-from typing import Any
+from typing import Any, NamedTuple
 
 from jlora.formats import atomic as _io
 
@@ -35,11 +39,29 @@ try:
 except ImportError:  # not POSIX: no lock
   fcntl = None
 
-__all__ = ["LOCK", "MARKER", "RunDir", "inspect"]
+__all__ = ["COMPARE", "LOCK", "MARKER", "RUN", "Kind", "RunDir", "inspect"]
 
-MARKER, LOCK = ".jlora-run.json", ".jlora-run.lock"
-WHOLE_FILES = ("config.yaml", "summary.json", "curves.png")  # written whole, replaced only while unchanged
-_FORMAT = "jlora train"
+
+class Kind(NamedTuple):
+  """A kind of directory jlora owns: its marker and lock, the files it writes whole, and what names it."""
+
+  marker: str
+  lock: str
+  written_by: str  # the marker's `written_by`, and the command named in messages
+  whole_files: tuple[str, ...]  # written whole, replaced only while unchanged
+  appended: tuple[str, ...]  # jlora's once listed in the marker (appended to, so without a checksum)
+  dirs: tuple[str, ...]  # entries that must be directories when present
+  key: str  # the setting that names the directory, in messages
+  fields: tuple[tuple[str, Any], ...]  # the marker's other fields and their initial values
+
+
+RUN = Kind(".jlora-run.json", ".jlora-run.lock", "jlora train", ("config.yaml", "summary.json", "curves.png"),
+           ("metrics.jsonl",), ("checkpoints", "adapter", "peft", "merged", "model"), "`outputs.dir`",
+           (("fingerprint", None), ("outputs", None), ("checkpoints", ())))
+COMPARE = Kind(".jlora-compare.json", ".jlora-compare.lock", "jlora compare",
+               ("compare.md", "compare.json", "compare.png"), (), (), "`--out`", ())
+MARKER, LOCK = RUN.marker, RUN.lock
+WHOLE_FILES = RUN.whole_files
 
 
 def _sha256(path: str) -> str | None:
@@ -50,16 +72,17 @@ def _sha256(path: str) -> str | None:
     return None
 
 
-def _read_marker(path: str) -> dict | None:
+def _read_marker(path: str, kind: Kind) -> dict | None:
   try:
-    with open(os.path.join(path, MARKER), encoding="utf-8") as f:
+    with open(os.path.join(path, kind.marker), encoding="utf-8") as f:
       marker = json.load(f)
   except (OSError, ValueError):
     return None
-  if not isinstance(marker, dict) or marker.get("written_by") != _FORMAT:
+  if not isinstance(marker, dict) or marker.get("written_by") != kind.written_by:
     return None
   marker.setdefault("files", {})
-  marker.setdefault("checkpoints", [])
+  if kind == RUN:
+    marker.setdefault("checkpoints", [])
   return marker
 
 
@@ -69,43 +92,46 @@ def _ancestor(path: str) -> str:
   return path
 
 
-def inspect(path: str) -> dict | None:
-  """Checks, reading only, that `path` may take a `jlora train` run; returns its marker (None: new or empty).
+def inspect(path: str, kind: Kind = RUN) -> dict | None:
+  """Checks, reading only, that `path` may take a `jlora train` run (or `kind`'s); returns its marker (None: new).
 
   Raises:
     ValueError: `path` is a file, lies under a file, is not writable, holds files
       jlora did not write (no marker), or holds a file jlora wrote that changed since.
   """
-  what = f"`outputs.dir`: {path!r}"
+  what, key = f"{kind.key}: {path!r}", kind.key
   if os.path.islink(path) and not os.path.exists(path):
     raise ValueError(f"{what} is a symbolic link to {os.readlink(path)!r}, which does not exist; create that "
-                     "directory or choose another `outputs.dir`.")
+                     f"directory or choose another {key}.")
   if os.path.lexists(path) and not os.path.isdir(path):
-    raise ValueError(f"{what} is a file, not a directory; choose a directory for the run's outputs.")
+    whose = "run" if kind == RUN else "comparison"
+    raise ValueError(f"{what} is a file, not a directory; choose a directory for the {whose}'s outputs.")
   top = _ancestor(path)
   if not os.path.isdir(top):
-    raise ValueError(f"{what} cannot be created: {top!r} is a file; choose another `outputs.dir`.")
+    raise ValueError(f"{what} cannot be created: {top!r} is a file; choose another {key}.")
   if not os.access(top, os.W_OK | os.X_OK):
-    raise ValueError(f"{what} is not writable ({top!r}: permission denied); choose another `outputs.dir`.")
+    raise ValueError(f"{what} is not writable ({top!r}: permission denied); choose another {key}.")
   if top != path:
     return None
-  entries = sorted(set(os.listdir(path)) - {LOCK})
-  marker = _read_marker(path)
+  entries = sorted(set(os.listdir(path)) - {kind.lock})
+  marker = _read_marker(path, kind)
   if marker is None:
     if entries:
       shown = ", ".join(entries[:6]) + (f" and {len(entries) - 6} more" if len(entries) > 6 else "")
-      raise ValueError(f"{what} holds files that are not a `jlora train` run's ({shown}; no {MARKER}); jlora never "
-                       "writes over them. Choose a new or empty `outputs.dir` (a run directory of an older jlora has "
-                       "no marker either: continue in a new one).")
+      raise ValueError(f"{what} holds files that are not a `{kind.written_by}` run's ({shown}; no {kind.marker}); "
+                       f"jlora never writes over them. Choose a new or empty {key}" + (
+                         " (a run directory of an older jlora has no marker either: continue in a new one)."
+                         if kind == RUN else "."))
     return None
-  for name in WHOLE_FILES:
+  for name in kind.whole_files:
     digest = _sha256(os.path.join(path, name))
     if digest is not None and digest not in (marker["files"].get(name) or ()):
       raise ValueError(f"{what}: {name} was not written by jlora or changed since (its checksum differs from "
-                       f"{MARKER}'s); move it out of the directory, then run again.")
-  if os.path.exists(os.path.join(path, "metrics.jsonl")) and "metrics.jsonl" not in marker["files"]:
-    raise ValueError(f"{what}: metrics.jsonl was not written by jlora; move it out of the directory, then run again.")
-  for name in ("checkpoints", "adapter", "peft", "merged"):
+                       f"{kind.marker}'s); move it out of the directory, then run again.")
+  for name in kind.appended:
+    if os.path.exists(os.path.join(path, name)) and name not in marker["files"]:
+      raise ValueError(f"{what}: {name} was not written by jlora; move it out of the directory, then run again.")
+  for name in kind.dirs:
     if os.path.lexists(os.path.join(path, name)) and not os.path.isdir(os.path.join(path, name)):
       raise ValueError(f"{what}: {name} is a file that jlora did not write; move it away, then run again.")
   return marker
@@ -117,39 +143,39 @@ class RunDir:
   Use `RunDir.open(path)`; everything written goes through it.
   """
 
-  def __init__(self, path: str, marker: dict | None):
-    self.path = path
-    self.marker = marker or {"written_by": _FORMAT, "version": 1, "fingerprint": None, "outputs": None,
-                             "files": {}, "checkpoints": []}
+  def __init__(self, path: str, marker: dict | None, kind: Kind = RUN):
+    self.path, self.kind = path, kind
+    self.marker = marker or {"written_by": kind.written_by, "version": 1,
+                             **{k: list(v) if isinstance(v, tuple) else v for k, v in kind.fields}, "files": {}}
 
   @classmethod
   @contextlib.contextmanager
-  def open(cls, path: str | os.PathLike) -> Iterator[RunDir]:
+  def open(cls, path: str | os.PathLike, kind: Kind = RUN) -> Iterator[RunDir]:
     """Creates `path` if needed, takes its lock, checks it again (`inspect`) and yields a `RunDir`.
 
     Raises:
       ValueError: as `inspect`, the directory cannot be created, or another process holds the lock.
     """
     path = os.path.abspath(os.fspath(path))
-    inspect(path)
+    inspect(path, kind)
     try:
       os.makedirs(path, exist_ok=True)
-      fd = os.open(os.path.join(path, LOCK), os.O_RDWR | os.O_CREAT, 0o644)
+      fd = os.open(os.path.join(path, kind.lock), os.O_RDWR | os.O_CREAT, 0o644)
     except OSError as e:
-      raise ValueError(f"`outputs.dir`: {path!r} cannot be created or written ({e.strerror}); choose another "
-                       "`outputs.dir`.") from None
+      raise ValueError(f"{kind.key}: {path!r} cannot be created or written ({e.strerror}); choose another "
+                       f"{kind.key}.") from None
     try:
       if fcntl is not None:
         try:
           fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:
           holder = os.pread(fd, 32, 0).decode(errors="replace").strip() or "?"
-          raise ValueError(f"`outputs.dir`: another `jlora train` (pid {holder}) is writing into {path!r}; wait "
-                           "for it to finish or choose another `outputs.dir`.") from None
+          raise ValueError(f"{kind.key}: another `{kind.written_by}` (pid {holder}) is writing into {path!r}; wait "
+                           f"for it to finish or choose another {kind.key}.") from None
       os.ftruncate(fd, 0)
       os.pwrite(fd, f"{os.getpid()}\n".encode(), 0)
-      marker = inspect(path)  # checked again under the lock
-      run_dir = cls(path, marker)
+      marker = inspect(path, kind)  # checked again under the lock
+      run_dir = cls(path, marker, kind)
       if marker is None:
         run_dir.update()  # marked before anything else is written: a crash leaves no unmarked files
       yield run_dir
@@ -163,12 +189,12 @@ class RunDir:
   def update(self, **fields: Any) -> None:
     """Sets marker fields and writes the marker (atomically)."""
     self.marker.update(fields)
-    _io.write_json(self.join(MARKER), self.marker, indent=1)
+    _io.write_json(self.join(self.kind.marker), self.marker, indent=1)
 
   def _check_unchanged(self, name: str) -> None:
     digest = _sha256(self.join(name))
-    if digest is not None and name in WHOLE_FILES and digest not in (self.marker["files"].get(name) or ()):
-      raise ValueError(f"`outputs.dir`: {self.join(name)!r} changed since jlora wrote it; move it away, then run "
+    if digest is not None and name in self.kind.whole_files and digest not in (self.marker["files"].get(name) or ()):
+      raise ValueError(f"{self.kind.key}: {self.join(name)!r} changed since jlora wrote it; move it away, then run "
                        "again.")
 
   def write(self, name: str, write: Callable[[str], Any]) -> None:

@@ -66,6 +66,7 @@ def _num(x: float) -> str:
   return str(int(x)) if float(x).is_integer() else f"{x:g}"
 
 
+METHODS = ("lora", "full")  # `train.method`: adapters over a frozen base, or every weight
 AT_LEAST_0, AT_LEAST_1, POSITIVE = Range(0), Range(1), Range(0, low_open=True)
 UNIT = Range(0, 1, high_open=True)  # Adam's betas
 SEED = Range(0, 2**32, high_open=True)
@@ -155,6 +156,10 @@ class TrainConfig:
   log_every: int = _field(10, "write a metrics.jsonl line every N steps", range=AT_LEAST_1)
   seed: int = _field(0, "seed of the adapter init, data order and dropout", range=SEED)
   quiet: bool = _field(False, "no progress bar, only the final summary")
+  method: str = _field(
+    "lora", "what trains: `lora` (the adapters the `lora` section describes, over the frozen base) or `full` (every "
+    "weight of the model, no adapters; of the `lora` section only `task_type` applies, and the run writes the whole "
+    "model as `model/` instead of `adapter/` and `peft/`)", METHODS)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -249,7 +254,22 @@ class Config:
         check_path(init_from, "lora.init_from")
       except ValueError as e:
         raise ValueError(f"{source}: {e}") from None
-    return cls(lora=_lora(lora, source), init_from=init_from, **parts)
+    config = cls(lora=_lora(lora, source), init_from=init_from, **parts)
+    _check_method(config, source)
+    return config
+
+
+def _check_method(config: Config, source: str) -> None:
+  """Raises a ValueError for a setting that only adapters have, in a run that trains every weight."""
+  if config.train.method != "full":
+    return
+  for key, value in (("model.quantize", config.model.quantize), ("lora.init_from", config.init_from),
+                     ("optimizer.lora_plus_ratio", config.optimizer.lora_plus_ratio),
+                     ("outputs.adapter_set", config.outputs.adapter_set)):
+    if value is not None:
+      raise ValueError(f"{source}: `train.method: full` trains every weight of the model, without adapters, but "
+                       f"`{key}` is {value!r}, a setting for adapters; remove it (`{key}=null`) or use "
+                       "`train.method: lora`.")
 
 
 def replace(config: Config, **sections: dict[str, Any]) -> Config:

@@ -21,8 +21,8 @@ import jlora
 from jlora.train import _adapters, _data, _model, _tasks
 from jlora.train._schema import Config
 
-__all__ = ["RunKeys", "Setup", "adapt", "available_memory", "base_model", "check_data", "check_sizes", "fingerprint", "make_optimizer", "prepare", "rows",
-           "run_keys"]
+__all__ = ["RunKeys", "Setup", "adapt", "adapted_trees", "available_memory", "base_model", "check_data", "check_sizes",
+           "fingerprint", "make_optimizer", "prepare", "rows", "run_keys"]
 
 
 class RunKeys(NamedTuple):
@@ -42,13 +42,19 @@ def fingerprint(config: Config, examples: _data.Examples) -> dict:
   """What must not change between a run and its resumption (`train.steps` may grow), with a digest of the data."""
   d = config.to_dict()
   train = {k: d["train"][k] for k in ("batch_size", "seq_len", "target_len", "temperature", "seed")}
+  if config.train.method != "lora":  # absent for LoRA: the fingerprints of runs older than `train.method` still match
+    train["method"] = config.train.method
   rows = json.dumps([examples.train, examples.eval], sort_keys=True, default=str).encode()
   return json.loads(json.dumps({"model": d["model"], "lora": d["lora"], "data": d["data"], "optimizer": d["optimizer"],
                                 "train": train, "examples_sha256": hashlib.sha256(rows).hexdigest()}, default=str))
 
 
-def make_optimizer(cfg: Any, steps: int, lora: jlora.LoraConfig) -> tuple[optax.GradientTransformation, optax.Schedule]:
-  """`(tx, schedule)`: AdamW with warmup + schedule and optional clipping / LoRA+, via `jlora.optimizer`."""
+def make_optimizer(cfg: Any, steps: int, lora: jlora.LoraConfig | None) -> tuple[optax.GradientTransformation,
+                                                                                 optax.Schedule]:
+  """`(tx, schedule)`: AdamW with warmup + schedule and optional clipping / LoRA+ (via `jlora.optimizer`).
+
+  With `lora` None (full fine-tuning) the AdamW transformation updates every leaf it is given.
+  """
   peak, warm = cfg.learning_rate, min(cfg.warmup_steps, steps)
   after = max(1, steps - warm)
   decay = {"constant": optax.constant_schedule(peak), "cosine": optax.cosine_decay_schedule(peak, after),
@@ -57,7 +63,7 @@ def make_optimizer(cfg: Any, steps: int, lora: jlora.LoraConfig) -> tuple[optax.
   tx = optax.adamw(schedule, b1=cfg.b1, b2=cfg.b2, eps=cfg.eps, weight_decay=cfg.weight_decay)
   if cfg.clip_norm is not None:
     tx = optax.chain(optax.clip_by_global_norm(cfg.clip_norm), tx)
-  return jlora.optimizer(tx, lora, lora_plus_ratio=cfg.lora_plus_ratio), schedule
+  return (tx if lora is None else jlora.optimizer(tx, lora, lora_plus_ratio=cfg.lora_plus_ratio)), schedule
 
 
 def rows(arrays: _data.Dataset, idx: np.ndarray) -> dict[str, np.ndarray]:
@@ -164,6 +170,9 @@ class Setup:
   eval_arrays: _data.Dataset = dataclasses.field(repr=False)
   keys: RunKeys = dataclasses.field(repr=False)
   init_from: str | None = None  # the adapter checkpoint `trainable` was loaded from (`lora.init_from`)
+  # `train.method`: `lora` (trainable = the adapters, frozen = the base) or `full` (trainable = every weight, frozen
+  # = {}, apply_fn = the model's own apply)
+  method: str = "lora"
   original: Any = dataclasses.field(default=None, repr=False)  # with model.quantize: the unquantized frozen half
   layout: Any = None  # the `jlora.train._mesh.Layout` of a run with a `mesh` section (None: one device)
 
@@ -186,23 +195,42 @@ def prepare(config: Config, task: _tasks.Task, examples: _data.Examples, *, init
   With a `layout` (`jlora.train._mesh`), the base is sharded on its mesh and `jlora.init`
   creates each adapter on its kernel's devices.
   """
-  tc, lora = config.train, config.lora
+  tc = config.train
   keys = run_keys(tc.seed)
   base = base_model(config, task, examples, layout=layout)
   check_sizes(config, task, base, examples)
   encode = lambda r: task.encode(r, base.tokenizer, tc.seq_len, tc.target_len)  # noqa: E731
   train_arrays, eval_arrays = encode(examples.train), encode(examples.eval)
   args, kwargs = task.inputs(rows(train_arrays, np.arange(1)), base.model)
-  trainable, frozen, original = adapt(config, base.model, base.params, (args, kwargs), keys.adapter)
+  return dataclasses.replace(adapt(config, task, base, keys, (args, kwargs), init_from=init_from),
+                             train_arrays=train_arrays, eval_arrays=eval_arrays, layout=layout)
+
+
+def adapt(config: Config, task: _tasks.Task, base: _model.Model, keys: RunKeys, sample: tuple[tuple, dict], *,
+          init_from: bool = True) -> Setup:
+  """What trains and how, for `train.method`: a `Setup` without data (its `train_arrays` / `eval_arrays` empty).
+
+  `lora`: `jlora.init` adds the adapters (traced on the model inputs `sample = (args,
+  kwargs)`, one example is enough), `jlora.split` makes the trainable half and the frozen
+  base (packed with `model.quantize`), the forward is `jlora.apply_fn`, and the optimizer
+  is `jlora.optimizer`'s. `full`: the trainable tree is the whole base tree, the frozen
+  half is `{}`, the forward is the model's own `apply`, and AdamW updates every weight.
+  `jlora.train._loop.make_train_step` builds the one step of both from the result.
+  """
+  lora = config.lora
+  tx, schedule = make_optimizer(config.optimizer, config.train.steps, lora if config.train.method == "lora" else None)
+  if config.train.method == "full":
+    return Setup(task, base, base.model.apply, base.params, {}, tx, schedule, {}, {}, keys, method="full")
+  trainable, frozen, original = adapted_trees(config, base.model, base.params, sample, keys.adapter)
   source = config.init_from if init_from else None
   if source is not None:
     trainable = _adapters.load_init(config, base.params, trainable)
-  tx, schedule = make_optimizer(config.optimizer, tc.steps, lora)
-  return Setup(task, base, jlora.apply_fn(base.model, lora), trainable, frozen, tx, schedule, train_arrays,
-               eval_arrays, keys, source, None if original is frozen else original, layout)
+  return Setup(task, base, jlora.apply_fn(base.model, lora), trainable, frozen, tx, schedule, {}, {}, keys, source,
+               None if original is frozen else original)
 
 
-def adapt(config: Config, model: Any, params: Any, inputs: tuple[tuple, dict], key: jax.Array) -> tuple[Any, Any, Any]:
+def adapted_trees(config: Config, model: Any, params: Any, inputs: tuple[tuple, dict],
+                  key: jax.Array) -> tuple[Any, Any, Any]:
   """`(trainable, frozen, original)` of a run's base params: adapters added, split, and the frozen half quantized.
 
   `original` is the frozen half before `model.quantize` (the same tree without it). Pure in

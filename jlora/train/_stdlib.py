@@ -9,6 +9,7 @@ module and qualified name, so a given interpreter always produces the same list.
 from __future__ import annotations
 
 import dataclasses
+import functools
 import importlib
 import inspect
 import re
@@ -16,7 +17,7 @@ import warnings
 from collections import Counter
 from collections.abc import Iterable, Sequence
 
-__all__ = ["HELD_OUT", "TRAIN", "Record", "code_search_split", "records"]
+__all__ = ["HELD_OUT", "TRAIN", "TRAIN_MORE", "Record", "code_search_split", "records"]
 
 # Modules to train on, and a disjoint held-out set to evaluate on. Both fixed lists; a
 # module the interpreter cannot import (platform-specific) is skipped.
@@ -46,6 +47,28 @@ HELD_OUT: tuple[str, ...] = (
   "sre_compile", "selectors", "heapq", "readline", "copy", "csv", "bisect", "statistics", "difflib",
   "tarfile", "calendar", "ftplib", "zipfile", "shutil", "random", "base64", "tempfile", "urllib.parse", "queue",
   "gzip",
+)
+
+# More training modules (submodules of packages and modules the lists above leave out), none sharing a top-level
+# package with a held-out module; the code-search job trains on them too (`code_search_split(more=...)`).
+TRAIN_MORE: tuple[str, ...] = (
+  "asynchat", "asyncio.base_events", "asyncio.base_subprocess", "asyncio.events", "asyncio.exceptions",
+  "asyncio.locks", "asyncio.protocols", "asyncio.runners", "asyncio.selector_events", "asyncio.sslproto",
+  "asyncio.streams", "asyncio.subprocess", "asyncio.tasks", "asyncio.timeouts", "asyncio.transports",
+  "asyncio.unix_events", "audioop", "bdb", "cgi", "cgitb", "chunk", "codeop", "collections.abc",
+  "concurrent.futures.process", "concurrent.futures.thread", "email.base64mime", "email.charset", "email.encoders",
+  "email.errors", "email.feedparser", "email.generator", "email.header", "email.headerregistry", "email.iterators",
+  "email.message", "email.parser", "email.policy", "email.quoprimime", "http.cookiejar", "imghdr", "imp",
+  "importlib.abc", "importlib.metadata", "importlib.resources.abc", "importlib.resources.readers",
+  "importlib.resources.simple", "logging.config", "mailcap", "multiprocessing.connection", "multiprocessing.context",
+  "multiprocessing.dummy", "multiprocessing.forkserver", "multiprocessing.managers", "multiprocessing.pool",
+  "multiprocessing.process", "multiprocessing.reduction", "multiprocessing.resource_tracker",
+  "multiprocessing.shared_memory", "multiprocessing.sharedctypes", "multiprocessing.spawn", "multiprocessing.util",
+  "nntplib", "pyexpat", "smtpd", "sndhdr", "spwd", "telnetlib", "unittest.async_case", "unittest.case",
+  "unittest.loader", "unittest.result", "unittest.runner", "unittest.suite", "unittest.util", "uu", "webbrowser",
+  "wsgiref.handlers", "wsgiref.headers", "wsgiref.simple_server", "wsgiref.types", "xdrlib", "xml.dom",
+  "xml.dom.expatbuilder", "xml.dom.pulldom", "xml.dom.xmlbuilder", "xml.sax.expatreader", "xml.sax.handler",
+  "xml.sax.saxutils", "xml.sax.xmlreader", "xmlrpc.server",
 )
 
 
@@ -138,20 +161,34 @@ def _unique(recs: Sequence[Record]) -> list[Record]:
 
 
 def code_search_split(
-  train_modules: Sequence[str] = TRAIN, eval_modules: Sequence[str] = HELD_OUT
+  train_modules: Sequence[str] = TRAIN, eval_modules: Sequence[str] = HELD_OUT, more: Sequence[str] = ()
 ) -> tuple[list[Record], list[Record]]:
   """`(train, held_out)` records from disjoint module lists, deduplicated across both.
 
   A docstring line or code text that occurs twice anywhere (e.g. `posixpath` and
   `os.path`, or an inherited method) is dropped from both splits, so no held-out
-  query or answer is seen in training.
+  query or answer is seen in training. The records of the `more` modules join the
+  training split where their docstring line and code text occur nowhere else (in
+  any of the three lists): the held-out split is the same with or without them.
 
   Raises:
     ValueError: if the module lists overlap.
   """
-  overlap = sorted(set(train_modules) & set(eval_modules))
-  if overlap:
-    raise ValueError(f"`train_modules` and `eval_modules` must be disjoint; both list {overlap}.")
-  train, held = records(train_modules), records(eval_modules)
+  lists = {"train_modules": train_modules, "eval_modules": eval_modules, "more": more}
+  for x, y in (("train_modules", "eval_modules"), ("more", "eval_modules"), ("more", "train_modules")):
+    overlap = sorted(set(lists[x]) & set(lists[y]))
+    if overlap:
+      raise ValueError(f"`{x}` and `{y}` must be disjoint; both list {overlap}.")
+  train, held = _split(tuple(train_modules), tuple(eval_modules), tuple(more))
+  return list(train), list(held)
+
+
+@functools.lru_cache(maxsize=4)
+def _split(train_modules: tuple[str, ...], eval_modules: tuple[str, ...],
+           more: tuple[str, ...]) -> tuple[tuple[Record, ...], tuple[Record, ...]]:
+  """`code_search_split`, once per process and module lists (records are immutable; inspecting takes seconds)."""
+  train, held, extra = records(train_modules), records(eval_modules), records(more)
   keep = set(_unique(train + held))
-  return [r for r in train if r in keep], [r for r in held if r in keep]
+  added = set(_unique(train + held + extra)) & set(extra)
+  kept_train = tuple(r for r in train if r in keep) + tuple(r for r in extra if r in added)
+  return kept_train, tuple(r for r in held if r in keep)

@@ -33,6 +33,7 @@ import jax
 import jlora
 import jlora.formats.checkpoint
 from jlora.adapters.adapter_set import check_name
+from jlora.core.fields import rewrites_base
 from jlora.formats.checkpoint import MARKER
 from jlora.train._schema import Config
 
@@ -58,7 +59,7 @@ def load_init(config: Config, base_params: Any, trainable: Any) -> Any:
 
   Raises:
     ValueError: no adapter checkpoint there, a base that is not the adapter's, a saved
-      config that differs from `lora` in `SAME_FIELDS`, or `init_lora_weights: pissa`.
+      config that differs from `lora` in `SAME_FIELDS`, or an `init_lora_weights` that rewrites the base.
   """
   path, lora = config.init_from, config.lora
   what = f"`lora.init_from`: {path!r}"
@@ -68,10 +69,10 @@ def load_init(config: Config, base_params: Any, trainable: Any) -> Any:
             ": give a jlora adapter checkpoint (RUN_DIR/adapter, or ADAPTER_SET/NAME), or remove `lora.init_from`")
     kind = "is not a jlora adapter checkpoint (no jlora_adapter.json)" if os.path.isdir(path) else "does not exist"
     raise ValueError(f"{what} {kind}{hint}.")
-  if lora.init_lora_weights == "pissa":
-    raise ValueError(f"{what}: `lora.init_lora_weights: pissa` rewrites the base from a fresh SVD, which a run that "
-                     "starts from saved weights cannot do; set `lora.init_lora_weights=true` (it is not used: the "
-                     "adapter's weights are loaded).")
+  if rewrites_base(lora.init_lora_weights):
+    raise ValueError(f"{what}: `lora.init_lora_weights: {lora.init_lora_weights}` rewrites the base from the "
+                     "kernels (PiSSA, OLoRA, ...), which a run that starts from saved weights cannot do; set "
+                     "`lora.init_lora_weights=true` (it is not used: the adapter's weights are loaded).")
   try:
     params, saved = jlora.formats.checkpoint.load_adapter(path, base_params)
   except ValueError as e:

@@ -93,10 +93,11 @@ class Plan:
     free = chip.hbm_bytes - m["total"]
     mesh = " x ".join(f"{k}={v}" for k, v in self.mesh.items())
     done = "compiled for TPU" if e is not None else "the TPU compiler REFUSED the step"
+    trained = "weights" if self.method == "full fine-tuning" else "adapters"  # what trains
     lines = [f"jlora plan: {self.method} on {self.topology} ({math.prod(self.mesh.values())} chips, mesh {mesh}); "
              f"{done} in {self.compile_s:.0f} s. Compiler figures and estimates, not measurements.",
              "", "Memory per chip (compiler):",
-             f"  arguments        {_gib(m['arguments'])}  (base {_gib(m['base'])}, adapters {_gib(m['adapters'])}, "
+             f"  arguments        {_gib(m['arguments'])}  (base {_gib(m['base'])}, {trained} {_gib(m['adapters'])}, "
              f"optimizer state {_gib(m['optimizer'])}, batch {_gib(m['batch'])}, layout padding {_gib(m['padding'])})",
              f"  temporaries      {_gib(m['temporaries'])}",
              f"  outputs          {_gib(m['outputs'])}  (not aliased to the donated arguments)",

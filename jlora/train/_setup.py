@@ -225,8 +225,8 @@ def adapt(config: Config, task: _tasks.Task, base: _model.Model, keys: RunKeys, 
   source = config.init_from if init_from else None
   if source is not None:
     trainable = _adapters.load_init(config, base.params, trainable)
-  return Setup(task, base, jlora.apply_fn(base.model, lora), trainable, frozen, tx, schedule, {}, {}, keys, source,
-               None if original is frozen else original)
+  return Setup(task, base, jlora.apply_fn(base.model, lora), trainable, frozen, tx, schedule, {}, {}, keys,
+               init_from=source, original=None if original is frozen else original)
 
 
 def adapted_trees(config: Config, model: Any, params: Any, inputs: tuple[tuple, dict],

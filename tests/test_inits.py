@@ -87,15 +87,21 @@ def test_fast_pissa_equals_peft_on_a_separated_spectrum():
 
 def test_orthogonal_is_peft_in_distribution():
   """Random in both: A·B = 0 (the adapter is a no-op at init), A and B of rank r/2, and the entries' mean square
-  is 1/200 (`‖Q[0::2]‖² / r / 10²`), for PEFT's draw and jlora's."""
-  w = _weight(np.random.default_rng(3), 64, 96)
-  pa, pb, _ = _peft_init(w, "orthogonal", r=8)
-  a, b, kernel = _jlora_init(w, "orthogonal", r=8)
+  is 1/200 (`‖Q[0::2]‖² / r / 10²`), for PEFT's draw and jlora's.
+
+  The mean square of A (in, r) is a χ² with in·r/2 degrees of freedom over in·r·100: with in = 256, out = 384 and
+  r = 32 its relative spread is √(2/4096) ≈ 2.2% for A and 1.8% for B, so 12% is more than five of them (PEFT's
+  draw is seeded besides: the test is deterministic)."""
+  torch = pytest.importorskip("torch")
+  torch.manual_seed(0)
+  w = _weight(np.random.default_rng(3), 384, 256)
+  pa, pb, _ = _peft_init(w, "orthogonal", r=32)
+  a, b, kernel = _jlora_init(w, "orthogonal", r=32)
   np.testing.assert_array_equal(kernel, w.T)  # the base is left alone
   for x, y in ((a, b), (pa.T, pb.T)):
-    assert np.abs(x @ y).max() < 1e-6 * np.abs(x).max() * np.abs(y).max() * 96
-    assert np.linalg.matrix_rank(x) == np.linalg.matrix_rank(y) == 4
-    assert np.mean(x**2) == pytest.approx(1 / 200, rel=0.15) and np.mean(y**2) == pytest.approx(1 / 200, rel=0.15)
+    assert np.abs(x @ y).max() < 1e-6 * np.abs(x).max() * np.abs(y).max() * 32
+    assert np.linalg.matrix_rank(x) == np.linalg.matrix_rank(y) == 16
+    assert np.mean(x**2) == pytest.approx(1 / 200, rel=0.12) and np.mean(y**2) == pytest.approx(1 / 200, rel=0.12)
   with pytest.raises(ValueError, match=r"'orthogonal' needs an even rank .* 'fc' has r=3"):
     _jlora_init(w, "orthogonal", r=3)
 

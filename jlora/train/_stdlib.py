@@ -3,7 +3,10 @@
 Every public function, class and method of a fixed list of stdlib modules that has
 a docstring becomes a `Record`: its qualified name, its signature (from
 `inspect.signature`) and the first line of its docstring. Records are ordered by
-module and qualified name, so a given interpreter always produces the same list.
+module and qualified name, so a given interpreter always produces the same list: they are
+read in a fresh interpreter (`python -I` running this file), because the process that
+asks may have patched the standard library (a Jupyter kernel replaces `builtins.input`
+and `getpass.getpass`, pytest `pdb.set_trace`), which would change the data.
 """
 
 from __future__ import annotations
@@ -12,7 +15,10 @@ import dataclasses
 import functools
 import importlib
 import inspect
+import json
 import re
+import subprocess
+import sys
 import warnings
 from collections import Counter
 from collections.abc import Iterable, Sequence
@@ -187,8 +193,28 @@ def code_search_split(
 def _split(train_modules: tuple[str, ...], eval_modules: tuple[str, ...],
            more: tuple[str, ...]) -> tuple[tuple[Record, ...], tuple[Record, ...]]:
   """`code_search_split`, once per process and module lists (records are immutable; inspecting takes seconds)."""
-  train, held, extra = records(train_modules), records(eval_modules), records(more)
+  train, held, extra = _fresh_records([train_modules, eval_modules, more])
   keep = set(_unique(train + held))
   added = set(_unique(train + held + extra)) & set(extra)
   kept_train = tuple(r for r in train if r in keep) + tuple(r for r in extra if r in added)
   return kept_train, tuple(r for r in held if r in keep)
+
+
+def _fresh_records(lists: Sequence[Sequence[str]]) -> list[list[Record]]:
+  """`records` of each module list, read in a fresh, isolated interpreter: the same in any process.
+
+  Raises:
+    RuntimeError: if that interpreter (`sys.executable`) cannot be run.
+  """
+  try:
+    proc = subprocess.run([sys.executable, "-I", __file__], input=json.dumps([list(m) for m in lists]),
+                          capture_output=True, text=True, check=True, timeout=600)
+  except (OSError, subprocess.SubprocessError) as e:
+    detail = getattr(e, "stderr", None) or e
+    raise RuntimeError(f"reading the standard library's docstrings in a fresh interpreter ({sys.executable!r}, "
+                       f"isolated) failed: {detail}") from None
+  return [[Record(*fields) for fields in found] for found in json.loads(proc.stdout)]
+
+
+if __name__ == "__main__":  # the fresh interpreter of `_fresh_records`: module lists on stdin, records on stdout
+  json.dump([[dataclasses.astuple(r) for r in records(modules)] for modules in json.load(sys.stdin)], sys.stdout)

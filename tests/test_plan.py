@@ -66,7 +66,8 @@ def planned(tiny_config):
 
 
 def _expected_bytes(fsdp=2):
-  """Per-chip bytes of the base and the adapters from their shapes: `embed` axes are split over `fsdp`."""
+  """Per-chip bytes of the base and the adapters from their shapes: `embed` axes are split over `fsdp`, and an
+  adapter leaf without one is split along its rank (r = 8) instead: every adapter leaf holds 1/fsdp per chip."""
   model, shapes = models.param_shapes(TINY["model"]["config"], dtype="bfloat16", scan_layers=True)
   config = train.load(None, [], text=yaml.safe_dump(TINY))
   x = jax.ShapeDtypeStruct((1, 32), "int32")
@@ -75,14 +76,14 @@ def _expected_bytes(fsdp=2):
   full = jax.eval_shape(lambda p, x: jlora.init(jax.random.key(0), model, p, config.lora, x), shapes, x)
   axes = models.logical_axes(model, full)
 
-  def per_chip(leaf, spec):
+  def per_chip(leaf, spec, adapter=False):
     div = math.prod(fsdp for name, n in zip(tuple(spec), leaf.shape) if name == "embed" and n % fsdp == 0)
-    return leaf.size * leaf.dtype.itemsize / div
+    return leaf.size * leaf.dtype.itemsize / (fsdp if adapter else div)
 
   trainable, frozen = jlora.split(full, config.lora)
   total = lambda tree: sum(jax.tree.leaves(jax.tree.map(  # noqa: E731
-    per_chip, tree, jlora.split(axes, config.lora)[0 if tree is trainable else 1],
-    is_leaf=lambda v: isinstance(v, jax.ShapeDtypeStruct))))
+    lambda leaf, spec: per_chip(leaf, spec, adapter=tree is trainable), tree,
+    jlora.split(axes, config.lora)[0 if tree is trainable else 1], is_leaf=lambda v: isinstance(v, jax.ShapeDtypeStruct))))
   return total(frozen), total(trainable)
 
 

@@ -45,6 +45,15 @@ def test_the_rule_per_layer_kind_on_partition_specs(dora):
     assert len(node["lora_a"]) <= _node(abstract, where)["lora_a"].ndim  # never more entries than axes (tunix's bug)
   named = jlora.adapter_shardings(abstract, SPECS, rank_axis="lora_rank")
   assert named["layers"]["up"]["lora_a"] == P(None, "data", "lora_rank")
+  # A mesh axis as the rank axis: only where the leaf does not use it already (ZeRO-style adapters under FSDP).
+  zero = jlora.adapter_shardings(abstract, SPECS, rank_axis="data")
+  want = {"embed": (P("model", "data"), P(None, "data")), "qkv": (P("data", None), P("data", "model", None)),
+          "o": (P("model", "data", None), P("data", None)),
+          "ein": (P(None, "data", None, None), P("model", None, None, "data")),
+          "layers/up": (P(None, "data", None), P(None, "data", "model"))}
+  for where, (a, b) in want.items():
+    node = _node(zero, where)
+    assert _same(node["lora_a"], a) and _same(node["lora_b"], b), (where, node)
 
 
 def test_adapter_shardings_errors_name_the_leaf():
@@ -137,6 +146,12 @@ assert got["o"]["lora_a"].sharding.spec == P("model", "data")
 lora = jlora.init(jax.random.key(1), model, sharded, config, ids)
 for x, y in zip(jax.tree.leaves(lora), jax.tree.leaves(got)):
   np.testing.assert_array_equal(np.asarray(x), np.asarray(y))
+# A mesh axis as `rank_axis` splits the rank of the leaves that leave that axis free, where it divides r = 2.
+kernels = jax.tree.map(lambda x: x.sharding, sharded)
+over_data = jlora.adapter_shardings(abstract, kernels, rank_axis="data")  # 2 devices
+assert over_data["o"]["lora_b"].spec == P("data") and over_data["layers"]["up"]["lora_b"].spec == P(None, "data", "model")
+assert over_data["qkv"]["lora_a"].spec == P("data")  # A of qkv uses `data` for its input axis: the rank stays whole
+assert jlora.adapter_shardings(abstract, kernels, rank_axis="model")["o"]["lora_b"].spec == P()  # 4 devices, r = 2
 print("jit init ok")
 
 # 3. Merge keeps every kernel's sharding and gathers no kernel; unmerge round-trips.

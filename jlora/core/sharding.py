@@ -11,7 +11,12 @@ Adapters inherit the partitioning of the kernel they adapt, axis by axis:
 * a DoRA magnitude keeps the specs of the axes it shares with the kernel;
 * the rank axis `r` is replicated (`rank_axis=None`), or named (`'lora_rank'`
   for logical partitioning), so the gradient of a data-parallel step is
-  adapter-sized and a tensor-parallel layer needs no gather of its adapter.
+  adapter-sized and a tensor-parallel layer needs no gather of its adapter;
+  a mesh axis named as `rank_axis` (e.g. `'fsdp'`) splits the rank axis only
+  of the leaves that do not use that mesh axis already, and only where it
+  divides the rank: under FSDP every adapter leaf is then split over `fsdp`
+  (ZeRO-style), `A` along its kernel's input axis and `B` along its rank, or
+  the other way round, where the kernel's input axis is the unsplit one.
 
 The rule is a function of shapes and per-axis specs only, so it serves concrete
 arrays (`NamedSharding`), abstract ones (`jax.ShapeDtypeStruct` with a
@@ -22,6 +27,7 @@ trees, and the logical names of flax's `nn.Partitioned` /
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
@@ -61,9 +67,29 @@ def adapter_axes(kernel_axes: Sequence[Any], kernel_shape: Sequence[int], shape:
   a_shape, b_shape = (shape, tuple(other_shape)) if role == "a" else (tuple(other_shape), shape)
   form, s = _ops.layout(a_shape, b_shape, k_shape)
   if form == "broadcast":
-    return tuple(p if shape[i] == k_shape[i] else None for i, p in enumerate(spec)) + (rank_axis,)
+    kept = tuple(p if shape[i] == k_shape[i] else None for i, p in enumerate(spec))
+    return kept + (_free(rank_axis, kept),)
   n_in = len(a_shape) - 1 - s
-  return spec[: s + n_in] + (rank_axis,) if role == "a" else spec[:s] + (rank_axis,) + spec[s + n_in:]
+  if role == "a":
+    return spec[: s + n_in] + (_free(rank_axis, spec[: s + n_in]),)
+  return spec[:s] + (_free(rank_axis, spec[:s] + spec[s + n_in:]),) + spec[s + n_in:]
+
+
+def _names(entry: Any) -> tuple:
+  """The mesh axes (or logical names) of one spec entry: None, a name, or a tuple of names."""
+  return () if entry is None else tuple(entry) if isinstance(entry, tuple | list) else (entry,)
+
+
+def _free(rank_axis: Any, others: Sequence[Any]) -> Any:
+  """`rank_axis`, unless a name of it is used by another axis of the leaf (an axis may appear once in a spec)."""
+  used = {name for entry in others for name in _names(entry)}
+  return None if used & set(_names(rank_axis)) else rank_axis
+
+
+def _divisible(spec: Sequence[Any], shape: Sequence[int], mesh: Any) -> tuple:
+  """`spec` with every entry whose mesh axes do not divide that dimension replicated (None)."""
+  sizes = dict(mesh.shape)
+  return tuple(e if shape[i] % math.prod(sizes.get(n, 1) for n in _names(e)) == 0 else None for i, e in enumerate(spec))
 
 
 def _adapter_leaves(params: Params) -> dict[Path, tuple[Path, str, Path]]:
@@ -140,7 +166,9 @@ def adapter_shardings(params: Params, shardings: Params | None = None, *, rank_a
     shardings: the base's shardings: a tree shaped like `params` (its adapter
       entries may be absent) whose leaves are `jax.sharding.Sharding`s or
       `PartitionSpec`s. None: each leaf's own `.sharding`.
-    rank_axis: the spec of the rank axis (None: replicated).
+    rank_axis: the spec of the rank axis (None: replicated); a mesh axis (e.g.
+      `'fsdp'`) splits the rank of the leaves that do not use it already, where
+      it divides the rank (ZeRO-style adapters under FSDP; `jlora train` does so).
 
   Returns:
     A tree shaped like `params`: base leaves keep their sharding; each adapter
@@ -177,7 +205,7 @@ def adapter_shardings(params: Params, shardings: Params | None = None, *, rank_a
       continue
     kernel = given(adapters[path][0])
     if isinstance(kernel, NamedSharding):
-      out[path] = NamedSharding(kernel.mesh, partition_spec(specs[path]))
+      out[path] = NamedSharding(kernel.mesh, partition_spec(_divisible(specs[path], flat[path].shape, kernel.mesh)))
     elif isinstance(kernel, PartitionSpec):
       out[path] = partition_spec(specs[path])
     else:

@@ -135,6 +135,31 @@ class Layout:
     return math.prod(self.mesh.shape[a] for a in BATCH_AXES)
 
   @property
+  def rank_axis(self) -> str | None:
+    """The mesh axis that splits adapters along their rank (`jlora.adapter_shardings`): `fsdp` when it spans devices.
+
+    The rule places `A` like its kernel's input axis and `B` like its output axis; under FSDP
+    one of the two is whole on every chip (with its optimizer moments). Splitting its rank over
+    `fsdp` too keeps ~1/fsdp of every adapter leaf per chip (ZeRO-style), as FSDP does for the base.
+    """
+    return "fsdp" if self.mesh.shape["fsdp"] > 1 else None
+
+  def place_adapters(self, trainable: Any, base: Any, lora: Any) -> Any:
+    """`trainable` (the adapters of `jlora.split`) moved to the rule's shardings with `rank_axis`.
+
+    Args:
+      trainable: the trainable half, on the mesh.
+      base: the frozen half as loaded (unquantized), on the mesh: its kernels' shardings.
+      lora: the run's `jlora.LoraConfig`.
+    """
+    if self.rank_axis is None:
+      return trainable
+    import jlora
+
+    placed = jlora.adapter_shardings(jlora.combine(trainable, base), rank_axis=self.rank_axis)
+    return jax.device_put(trainable, jlora.split(placed, lora)[0])
+
+  @property
   def replicated(self) -> NamedSharding:
     """A copy on every device (scalars, keys, counters)."""
     return NamedSharding(self.mesh, PartitionSpec())

@@ -192,8 +192,9 @@ def prepare(config: Config, task: _tasks.Task, examples: _data.Examples, *, init
 
   With `lora.init_from` (and `init_from=True`: not when the run resumes from its own
   checkpoint), the trainable tree is the saved adapter's (`jlora.train._adapters.load_init`).
-  With a `layout` (`jlora.train._mesh`), the base is sharded on its mesh and `jlora.init`
-  creates each adapter on its kernel's devices.
+  With a `layout` (`jlora.train._mesh`), the base is sharded on its mesh, `jlora.init`
+  creates each adapter on its kernel's devices, and `Layout.place_adapters` splits the
+  adapters over `fsdp` too (along the rank, where the kernel's rule leaves them whole).
   """
   tc = config.train
   keys = run_keys(tc.seed)
@@ -202,8 +203,10 @@ def prepare(config: Config, task: _tasks.Task, examples: _data.Examples, *, init
   encode = lambda r: task.encode(r, base.tokenizer, tc.seq_len, tc.target_len)  # noqa: E731
   train_arrays, eval_arrays = encode(examples.train), encode(examples.eval)
   args, kwargs = task.inputs(rows(train_arrays, np.arange(1)), base.model)
-  return dataclasses.replace(adapt(config, task, base, keys, (args, kwargs), init_from=init_from),
-                             train_arrays=train_arrays, eval_arrays=eval_arrays, layout=layout)
+  setup = adapt(config, task, base, keys, (args, kwargs), init_from=init_from)
+  if layout is not None and setup.method == "lora":  # adapters split over `fsdp` too (`Layout.rank_axis`)
+    setup = dataclasses.replace(setup, trainable=layout.place_adapters(setup.trainable, setup.exported_base, config.lora))
+  return dataclasses.replace(setup, train_arrays=train_arrays, eval_arrays=eval_arrays, layout=layout)
 
 
 def adapt(config: Config, task: _tasks.Task, base: _model.Model, keys: RunKeys, sample: tuple[tuple, dict], *,

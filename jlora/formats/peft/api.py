@@ -85,8 +85,7 @@ def _few(items: Any, n: int = 6) -> str:
 
 
 # ------------------------------------------------------------------------ save
-_SAVE = ("save_peft(directory, model, params, config, *, name_map=None, save_embedding_layers=False) "
-         "(model=None with name_map=...)")
+_SAVE = "save_peft(directory, model, params, config, *, name_map=None) (model=None with name_map=...)"
 
 
 @_explained(_SAVE)

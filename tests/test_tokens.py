@@ -14,6 +14,7 @@ import numpy as np
 import optax
 import pytest
 import safetensors.numpy
+from jax.sharding import PartitionSpec
 
 import jlora
 from jlora import models
@@ -324,3 +325,30 @@ def test_jlora_resized_vocabulary_to_peft(hf, tmp_path):
   hf_model = _hf_model(hf, "llama", tmp_path / "base", vocab=vocab)  # new rows of its own, replaced by the file's
   peft_model = peft.PeftModel.from_pretrained(hf_model, tmp_path / "adapter").eval()
   _close(_logits(hf, peft_model, x), lora_forward(model, params, cfg, x), 1e-4)
+
+
+def test_sharding_rule_keeps_the_tables_dim_spec(tied):
+  _, _, _, params, _ = tied
+  specs = jax.tree.map(lambda _: PartitionSpec(), params)
+  specs["embed_tokens"] = {"embedding": PartitionSpec("vocab", "embed"), "trainable_tokens": None}
+  out = jlora.adapter_shardings(params, specs)
+  assert out["embed_tokens"]["trainable_tokens"] == PartitionSpec(None, "embed")
+
+
+class ForeignHead(nn.Module):
+  """A head applied with the table given at call time (`lm_head.apply({'params': {'kernel': table.T}})`)."""
+
+  def setup(self):
+    self.embed_tokens, self.proj, self.lm_head = nn.Embed(VOCAB, DIM), nn.Dense(DIM), nn.Dense(VOCAB, use_bias=False)
+
+  def __call__(self, ids):
+    h = self.proj(self.embed_tokens(ids))
+    return self.lm_head.apply({"params": {"kernel": self.embed_tokens.variables["params"]["embedding"].T}}, h)
+
+
+def test_a_head_given_the_table_at_call_time_is_refused():
+  model, x = ForeignHead(), jnp.array([[1, 3]])
+  base = model.init(jax.random.key(0), x)["params"]
+  config = jlora.LoraConfig(r=2, target_modules=["proj"], trainable_token_indices=[3])
+  with pytest.raises(ValueError, match=r"weight given at call time.*'embed_tokens/embedding'.*Drop its .trainable_token_indices."):
+    jlora.init(jax.random.key(1), model, base, config, x)

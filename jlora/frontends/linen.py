@@ -243,12 +243,14 @@ def _check_tied(found: Discovery, adapted: Params) -> None:
         continue
       how = "is computed from" if sources is not None else "may be (it was applied inside a transformed layer, " \
           "where jlora cannot trace it; its shape fits)"
+      leave = f"Leave it out (`exclude_modules=[{s.path[-1]!r}]`)" if s.slot.a_key in node else \
+          "Drop its `trainable_token_indices`"
       raise ValueError(
           f"jlora.init: {path_str(site.path)!r} is a layer applied with a weight given at call time (e.g. an output "
           f"head tied to the embedding: `self.lm_head.apply({{'params': {{'kernel': embedding.T}}}}, h)`), and that "
-          f"weight {how} {path_str(kernel)!r}, which this config adapts. The factored forward would change "
-          f"{path_str(s.path)!r} but not that layer, while jlora.merge, which rewrites {path_str(kernel)!r}, would "
-          f"change both: they would disagree. Leave it out (`exclude_modules=[{s.path[-1]!r}]`), or untie the head "
+          f"weight {how} {path_str(kernel)!r}, which this config adapts (a LoRA adapter, or trainable token rows). "
+          f"The factored forward would change {path_str(s.path)!r} but not that layer, while jlora.merge, which "
+          f"rewrites {path_str(kernel)!r}, would change both: they would disagree. {leave}, or untie the head "
           "(Hugging Face: `tie_word_embeddings=False` in the model's config), or compute the tied head with "
           "`nn.Embed.attend`, which jlora adapts with the embedding's adapter."
       )

@@ -27,7 +27,7 @@ import numpy as np
 from jlora.adapters.adapter_set import BASE, AdapterSet
 from jlora.core import ops as _ops
 from jlora.core.config import LoraConfig
-from jlora.core.targets import Slot, is_lora_key, selects
+from jlora.core.targets import Slot, is_lora_key, is_tokens_key, selects
 from jlora.core.tree import Params, _check_tree, adapters, combine, flatten, has_adapters, unflatten
 from jlora.frontends.linen import check_model, run_forward
 from jlora.frontends.linen_forward import Forward
@@ -207,11 +207,11 @@ def stack_adapters(adapter_set: AdapterSet, params: Params, *, names: Sequence[s
   per_slot: dict[Slot, dict[int, Any]] = {}
   for k, name in enumerate(names):
     tree, config = adapter_set[name], adapter_set.config(name)
-    extra = [p for p in flatten(tree) if not is_lora_key(p[-1])]
+    extra = [p for p in flatten(tree) if not is_lora_key(p[-1]) or is_tokens_key(p[-1])]
     if extra:
       raise ValueError(
           f"Adapter {name!r} trains leaves other than LoRA's A and B ({'/'.join(extra[0])!r} and {len(extra) - 1} "
-          "more: trained biases or modules_to_save), which differ per adapter and cannot share one batch. Run it "
+          "more: trained biases, modules_to_save or trainable tokens), which differ per adapter and cannot share one batch. Run it "
           "alone (jlora.apply with adapter_set.params(name, frozen)), or train it with bias='none' and no "
           "modules_to_save."
       )

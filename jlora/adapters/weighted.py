@@ -28,7 +28,7 @@ from jlora.core import ops as _ops
 from jlora.core.config import LoraConfig
 from jlora.core.fields import ALL_LINEAR, rewrites_base
 from jlora.core.keys import restore
-from jlora.core.targets import Slot, is_head, is_lora_key, path_str, selects
+from jlora.core.targets import Slot, is_head, is_lora_key, is_tokens_key, path_str, selects
 from jlora.core.tree import Params, _check_tree, flatten, get_path, slots, unflatten
 
 __all__ = ["add_weighted_adapter"]
@@ -280,13 +280,13 @@ def _check_pairs(adapters: Any) -> list[tuple[Params, LoraConfig]]:
           "a sum of magnitudes nor any one of them gives the combined layer). Merge each DoRA adapter (jlora.merge) "
           "and combine the full weights, or combine LoRA adapters (use_dora=False)."
       )
-    others = sorted(path_str(p) for p in flatten(tree) if not is_lora_key(p[-1]))
+    others = sorted(path_str(p) for p in flatten(tree) if not is_lora_key(p[-1]) or is_tokens_key(p[-1]))
     if others:
       raise ValueError(
           f"`adapters[{i}][0]` holds leaves that are not adapters: {', '.join(others[:4])}"
-          f"{' …' if len(others) > 4 else ''}. Only lora_a/lora_b combine (trained biases and modules_to_save "
-          "cannot be weighted); pass jlora.split(params, dataclasses.replace(config, bias='none', "
-          f"modules_to_save=None))[0], and the base, if needed, as `kernels=`."
+          f"{' …' if len(others) > 4 else ''}. Only lora_a/lora_b combine (trained biases, modules_to_save and "
+          "trainable tokens cannot be weighted); pass jlora.split(params, dataclasses.replace(config, bias='none', "
+          f"modules_to_save=None))[0] without its `trainable_tokens` leaves, and the base, if needed, as `kernels=`."
       )
     if not any(True for _ in slots(tree)):
       raise ValueError(f"`adapters[{i}][0]` holds no adapter (no lora_a/lora_b leaves); pass the trainable half "

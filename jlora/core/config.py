@@ -68,6 +68,13 @@ class LoraConfig:
       history of a trained adapter (`jlora.load_peft`); `jlora.init` refuses them.
     modules_to_save: modules (matched like a `target_modules` list) whose every
       parameter trains fully and is saved with the adapter, e.g. a new classifier.
+    trainable_token_indices: rows of an embedding that train, the rest frozen
+      (e.g. new chat tokens): a list of token ids, for the model's input
+      embedding (its only `nn.Embed`, else the one named `embed_tokens`), or
+      `{module name or path suffix: [ids]}`. Each such module gets one
+      `trainable_tokens` leaf `(n_ids, dim)` beside its table, zero at init; the
+      lookup (and a tied head's `attend`) sees `table.at[ids].add(delta)`.
+      Stored as a tuple, or a `{name: tuple}` mapping.
     task_type: a `TaskType` (informational, as in PEFT).
     fan_in_fan_out: PEFT's flag for PyTorch `Conv1D` layouts; kept for the PEFT
       format only (Flax kernels are always `(in, out)`).
@@ -90,6 +97,7 @@ class LoraConfig:
   use_dora: bool = False
   init_lora_weights: bool | str = True
   modules_to_save: tuple[str, ...] | None = None
+  trainable_token_indices: tuple[int, ...] | FrozenMapping | None = None
   task_type: TaskType | None = None
   fan_in_fan_out: bool = False
   inference_mode: bool = False
@@ -125,7 +133,7 @@ class LoraConfig:
       if isinstance(value, tuple):
         value = list(value)
       elif isinstance(value, FrozenMapping):
-        value = dict(value)
+        value = {k: list(v) if isinstance(v, tuple) else v for k, v in value.items()}
       elif isinstance(value, TaskType):
         value = value.value
       out[f.name] = value
@@ -243,7 +251,6 @@ _UNSUPPORTED = {
     "lora_bias": (False, "a trainable bias on lora_B"),
     "layer_replication": (None, "layer replication"),
     "use_qalora": (False, "QA-LoRA (A reads group-pooled inputs)"),
-    "trainable_token_indices": (None, "trainable token indices"),
     "target_parameters": (None, "LoRA on raw nn.Parameters"),
     "megatron_config": (None, "Megatron parallel layers"),
     "alora_invocation_tokens": (None, "activated LoRA (aLoRA: the adapter acts only from its invocation tokens on)"),

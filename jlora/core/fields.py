@@ -10,6 +10,7 @@ from __future__ import annotations
 import enum
 import functools
 import math
+import numbers
 import re
 from collections.abc import Iterator, Mapping, Sequence
 from typing import Any
@@ -71,7 +72,7 @@ _TASK_ALIASES = {
 
 
 class FrozenMapping(Mapping):
-  """A read-only, hashable `str -> number` mapping (for `rank_pattern` / `alpha_pattern`).
+  """A read-only, hashable `str -> value` mapping (`rank_pattern` / `alpha_pattern`, `trainable_token_indices`).
 
   Its order is part of its value: the first matching key wins (PEFT's rule), so two
   mappings with the same items in another order are different configs.
@@ -151,6 +152,37 @@ def _targets(name: str, value: Any) -> TargetSpec:
       f"`{name}` must be a list of module names or a regex string, got {value!r}; "
       f"e.g. {name}=[\"q\", \"v\"]."
   )
+
+
+def _ids(name: str, value: Any) -> tuple[int, ...]:
+  """A non-empty list of distinct token ids (ints >= 0) as a tuple."""
+  fix = f"e.g. {name}=[32000, 32001] (the ids of the tokens whose embedding rows train)"
+  if isinstance(value, (str, bytes, Mapping)) or not isinstance(value, (Sequence, set, frozenset)) or not value:
+    raise ValueError(f"`{name}` must be a non-empty list of token ids, got {value!r}; {fix}.")
+  ids = []
+  for i in value:
+    if isinstance(i, bool) or not isinstance(i, numbers.Integral) or i < 0:
+      raise ValueError(f"`{name}` must hold token ids (ints >= 0), got {i!r} in {value!r}; {fix}.")
+    ids.append(int(i))
+  twice = sorted({i for i in ids if ids.count(i) > 1})
+  if twice:
+    raise ValueError(f"`{name}` names the token ids {twice} more than once; each row trains once, list it once.")
+  return tuple(sorted(ids)) if isinstance(value, (set, frozenset)) else tuple(ids)
+
+
+def _token_indices(value: Any) -> tuple[int, ...] | FrozenMapping | None:
+  """`trainable_token_indices`: None, a list of ids (the input embedding), or `{module name: [ids]}`."""
+  if value is None:
+    return None
+  if isinstance(value, Mapping):
+    if not value:
+      raise ValueError("`trainable_token_indices` is an empty mapping; give {module name: [token ids]}, a list of "
+                       "ids (for the input embedding), or None.")
+    for key in value:
+      if not isinstance(key, str) or not key:
+        raise TypeError(f"`trainable_token_indices` keys must be module names (e.g. 'embed_tokens'), got {key!r}.")
+    return FrozenMapping({k: _ids(f"trainable_token_indices[{k!r}]", v) for k, v in value.items()})
+  return _ids("trainable_token_indices", value)
 
 
 def _pattern(name: str, value: Any, number_type: type) -> FrozenMapping:
@@ -235,6 +267,7 @@ def normalize(cfg: Any) -> dict[str, Any]:
           "(or SEQUENCE_CLASSIFICATION / TOKEN_CLASSIFICATION)."
       ) from None
   out["task_type"] = task
+  out["trainable_token_indices"] = _token_indices(cfg.trainable_token_indices)
   for flag in ("use_rslora", "use_dora", "fan_in_fan_out", "inference_mode"):
     if not isinstance(getattr(cfg, flag), bool):
       raise TypeError(f"`{flag}` must be True or False, got {getattr(cfg, flag)!r}.")

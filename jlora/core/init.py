@@ -16,6 +16,7 @@ import jax.numpy as jnp
 import numpy as np
 from jax.sharding import NamedSharding, PartitionSpec
 
+from jlora.core import tokens as _tokens
 from jlora.core.config import LoraConfig
 from jlora.core.keys import restore, stringify
 from jlora.core.plain import KERNEL_NAMES, LayoutLike, tree_sites
@@ -152,6 +153,12 @@ def init_tree(key: jax.Array, params: Params, config: LoraConfig, *, kernel_name
   a `layout=`, and a `target_modules` list naming one raises.
   Run the model with `jlora.apply_merged`, which materializes `W0 + s·A·B`
   (exact and differentiable; slower to train than a factored path).
+  `trainable_token_indices` names tables by their module: a 2-D `embedding`
+  (Flax), `embeddings` (Haiku) or `weight` (`(out, in)`: an Equinox
+  `Embedding`, or an output head) leaf, whose rows are tokens; the list form
+  takes the only `embedding` / `embeddings` table, or the one in a module named
+  `embed_tokens`. Each gets a zero `trainable_tokens: (n_ids, dim)` leaf, which
+  `merge` (and so `apply_merged`) adds to the rows `ids`.
 
   Args:
     key: PRNG key for the adapter init.
@@ -194,4 +201,7 @@ def init_tree(key: jax.Array, params: Params, config: LoraConfig, *, kernel_name
   sites = tree_sites(tree, kernel_names, layout)
   report(config, of_sites(sites), "jlora.init_tree")
   out = add_adapters(key, tree, config, sites, dtype=dtype)
+  targets = _tokens.resolve(config, _tokens.plain_embeddings(tree), [(s.module, s.kind) for s in sites],
+                            "jlora.init_tree")
+  _tokens.add(out, targets, dtype=dtype, fn="jlora.init_tree")
   return box(restore(out, plain), boxes)

@@ -11,9 +11,10 @@ import numpy as np
 
 from jlora.core import ops as _ops
 from jlora.core import sharding as _sharding
+from jlora.core import tokens as _tokens
 from jlora.core import tree as _tree
 from jlora.core.config import LoraConfig
-from jlora.core.targets import MAGNITUDE_KEY, is_lora_key
+from jlora.core.targets import MAGNITUDE_KEY, is_lora_key, is_tokens_key
 from jlora.core.tree import Params, _check_tree, adapted_modules, flatten, unflatten
 from jlora.core.variants import variant_of_leaves
 
@@ -46,7 +47,8 @@ def merge(params: Params, config: LoraConfig, *, safe: bool = False) -> dict:
   """Folds every adapter into its kernel: `W ← W0 + s·A·B`, and drops the adapter leaves.
 
   A DoRA adapter folds as `W ← m·(W0 + s·A·B)/‖W0 + s·A·B‖` (`jlora.unmerge`
-  then needs `jlora.dora_norms` taken before the merge).
+  then needs `jlora.dora_norms` taken before the merge), and trainable tokens
+  (`trainable_token_indices`) as `table ← table.at[ids].add(delta)`.
 
   Kernels keep their sharding (the sum of sharded `A`, `B` never gathers a
   kernel) and their flax partitioning boxes, if any.
@@ -77,12 +79,25 @@ def merge(params: Params, config: LoraConfig, *, safe: bool = False) -> dict:
     if safe:
       _check_finite(f"{ad.slot.where}/{ad.slot.kernel_name}", merged)
     replace.setdefault(ad.slot.module, {})[ad.slot.kernel_name] = merged
+  _fold_tokens(params, config, replace, safe)
   if not replace:
     raise ValueError(
         "merge: `params` holds no LoRA adapter (lora_a/lora_b leaves); there is nothing to merge. "
         "Was it merged already, or split into (trainable, frozen)? Pass jlora.combine(trainable, frozen)."
     )
   return _sharding.box(_rebuild(params, replace, drop_lora=True), boxes)
+
+
+def _fold_tokens(params: Params, config: LoraConfig, replace: dict[tuple[str, ...], dict], safe: bool) -> None:
+  """Adds to `replace` each table with its trainable tokens folded in."""
+  for tk in _tokens.tokens(params, config):
+    if tk.kernel_name in replace.get(tk.module, {}):
+      raise ValueError(f"merge: {tk.where!r} holds both a LoRA adapter and trainable tokens for "
+                       f"{tk.kernel_name!r}; jlora.init gives a table one of them. Pass the tree it made.")
+    merged = _tokens.fold(tk.table, tk.delta, tk.ids, tk.where)
+    if safe:
+      _check_finite(f"{tk.where}/{tk.kernel_name}", merged)
+    replace.setdefault(tk.module, {})[tk.kernel_name] = merged
 
 
 def dora_norms(params: Params, config: LoraConfig) -> dict:
@@ -136,6 +151,8 @@ def with_norms(params: Params, norms: Any) -> dict:
 def unmerge(merged: Params, adapters: Params, config: LoraConfig, *, norms: Params | None = None) -> dict:
   """Undoes `merge`: `W0 ← W − s·A·B`, with the adapters put back beside the kernels.
 
+  Trainable tokens come out of their tables too (`table.at[ids].add(-delta)`).
+
   Args:
     merged: a merged tree (from `merge`): no `lora_a` / `lora_b` leaves.
     adapters: a tree holding the adapters that were merged: the unmerged
@@ -157,6 +174,7 @@ def unmerge(merged: Params, adapters: Params, config: LoraConfig, *, norms: Para
   _check_tree(adapters, "adapters")
   (merged, boxes), (adapters, adapter_boxes) = _sharding.unbox(merged), _sharding.unbox(adapters)
   left = [("/".join(path)) for path, _ in adapted_modules(merged)]
+  left += ["/".join(path) for path, node in _tree.module_dicts(merged) if any(map(is_tokens_key, node))]
   if left:
     raise ValueError(
         f"unmerge: `merged` still holds LoRA adapters (at {left[:4]}{' …' if len(left) > 4 else ''}), so its "
@@ -168,6 +186,9 @@ def unmerge(merged: Params, adapters: Params, config: LoraConfig, *, norms: Para
     w0 = variant.unfold(ad.kernel, ad.leaves, ad.scale, None if ad.magnitude is None else _norm(norms, ad))
     leaves = {ad.slot.key(role): leaf for role, leaf in ad.leaves.items()}
     replace.setdefault(ad.slot.module, {}).update({ad.slot.kernel_name: w0, **leaves})
+  for tk in _tokens.tokens(adapters, config, kernels=merged):
+    replace.setdefault(tk.module, {}).update({tk.kernel_name: _tokens.unfold(tk.table, tk.delta, tk.ids, tk.where),
+                                              tk.key: tk.delta})
   if not replace:
     raise ValueError("unmerge: `adapters` holds no lora_a/lora_b leaves.")
   return _sharding.box(_rebuild(merged, replace, drop_lora=False), {**adapter_boxes, **boxes})

@@ -9,6 +9,7 @@ Adapters inherit the partitioning of the kernel they adapt, axis by axis:
   spec of every axis whose size they share with the kernel (size-1 axes are
   replicated);
 * a DoRA magnitude keeps the specs of the axes it shares with the kernel;
+* trainable tokens `(n_ids, dim)` keep the spec of their table's `dim` axis, rows replicated;
 * the rank axis `r` is replicated (`rank_axis=None`), or named (`'lora_rank'`
   for logical partitioning), so the gradient of a data-parallel step is
   adapter-sized and a tensor-parallel layer needs no gather of its adapter;
@@ -36,7 +37,8 @@ import jax
 from jax.sharding import NamedSharding, PartitionSpec
 
 from jlora.core import ops as _ops
-from jlora.core.tree import Params, _check_tree, flatten, get_path, slots, unflatten
+from jlora.core.targets import is_tokens_key, kernel_key, tokens_weight
+from jlora.core.tree import Params, _check_tree, flatten, get_path, module_dicts, slots, unflatten
 
 __all__ = ["LOGICAL_RANK", "adapter_axes", "adapter_shardings", "adapter_specs", "box", "partition_spec", "unbox"]
 
@@ -53,7 +55,7 @@ def adapter_axes(kernel_axes: Sequence[Any], kernel_shape: Sequence[int], shape:
       one per axis (missing trailing entries are None).
     kernel_shape: the kernel's shape (with its stack axes).
     shape: the leaf's shape.
-    role: `'a'`, `'b'` or `'magnitude'`.
+    role: `'a'`, `'b'`, `'magnitude'` or `'tokens'`.
     other_shape: the shape of the pair's other leaf (`B` for `A`, `A` for `B`).
     rank_axis: the spec of the rank axis.
 
@@ -64,6 +66,8 @@ def adapter_axes(kernel_axes: Sequence[Any], kernel_shape: Sequence[int], shape:
   spec = tuple(kernel_axes) + (None,) * (len(k_shape) - len(tuple(kernel_axes)))
   if role == "magnitude":
     return tuple(p if shape[i] == k_shape[i] else None for i, p in enumerate(spec))
+  if role == "tokens":
+    return (None, *spec[1:])
   a_shape, b_shape = (shape, tuple(other_shape)) if role == "a" else (tuple(other_shape), shape)
   form, s = _ops.layout(a_shape, b_shape, k_shape)
   if form == "broadcast":
@@ -102,6 +106,9 @@ def _adapter_leaves(params: Params) -> dict[Path, tuple[Path, str, Path]]:
     out[a], out[b] = (kernel, "a", b), (kernel, "b", a)
     if slot.m_key in node:
       out[slot.leaf("lora_magnitude")] = (kernel, "magnitude", ())
+  for module, node in module_dicts(params):
+    for key in [k for k in node if is_tokens_key(k)]:
+      out[(*module, key)] = ((*module, tokens_weight(key) or kernel_key(module, node)), "tokens", ())
   return out
 
 

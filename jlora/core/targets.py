@@ -18,8 +18,8 @@ from jlora.core.config import LoraConfig
 from jlora.core.fields import ALL_LINEAR
 
 __all__ = [
-    "Slot", "Site", "LINEAR_KINDS", "HEAD_NAMES", "KERNEL_KEYS", "LORA_KEYS", "MAGNITUDE_KEY", "leaf_name",
-    "pair_weight", "kernel_key", "lora_role", "is_pair_key", "adapter_path", "is_head", "is_lora_key", "select_sites",
+    "Slot", "Site", "LINEAR_KINDS", "HEAD_NAMES", "KERNEL_KEYS", "LORA_KEYS", "MAGNITUDE_KEY", "TOKENS_KEY", "leaf_name",
+    "pair_weight", "kernel_key", "lora_role", "is_pair_key", "is_tokens_key", "tokens_weight", "adapter_path", "is_head", "is_lora_key", "select_sites",
     "selects", "is_saved", "matches", "layer_index", "path_str",
 ]
 
@@ -31,6 +31,7 @@ HEAD_NAMES = ("lm_head", "classifier", "score", "qa_outputs", "head", "logits_de
 KERNEL_KEYS = ("kernel", "embedding", "w", "weight")
 LORA_KEYS = ("lora_a", "lora_b")
 MAGNITUDE_KEY = "lora_magnitude"  # DoRA's trainable magnitude, beside A and B
+TOKENS_KEY = "trainable_tokens"  # the trained rows of an embedding (`trainable_token_indices`), beside its table
 
 
 def is_head(module: Sequence[str]) -> bool:
@@ -62,16 +63,28 @@ def is_pair_key(key: str) -> bool:
   return key in LORA_KEYS or str(key).endswith(("_lora_a", "_lora_b"))
 
 
+def is_tokens_key(key: str) -> bool:
+  """Whether a leaf name is a trainable-tokens leaf (`trainable_tokens`, `<weight>_trainable_tokens`)."""
+  return str(key) == TOKENS_KEY or str(key).endswith("_" + TOKENS_KEY)
+
+
+def tokens_weight(key: str) -> str | None:
+  """The weight a trainable-tokens leaf belongs to: None for `trainable_tokens` (the module's main weight), else
+  the name its `<weight>_trainable_tokens` prefix gives."""
+  return None if str(key) == TOKENS_KEY else str(key)[:-len("_" + TOKENS_KEY)]
+
+
 def is_lora_key(key: str) -> bool:
-  """Whether a leaf name is an adapter leaf: `A`, `B`, or a DoRA magnitude (`lora_magnitude`, `<w>_lora_magnitude`)."""
-  return is_pair_key(key) or str(key) == MAGNITUDE_KEY or str(key).endswith("_" + MAGNITUDE_KEY)
+  """Whether a leaf name is an adapter leaf: `A`, `B`, a DoRA magnitude (`lora_magnitude`, `<w>_lora_magnitude`) or
+  trainable token rows (`trainable_tokens`, `<w>_trainable_tokens`): what `split` trains and `merge` folds."""
+  return is_pair_key(key) or str(key) == MAGNITUDE_KEY or str(key).endswith("_" + MAGNITUDE_KEY) or is_tokens_key(key)
 
 
 def lora_role(key: str) -> str:
-  """`'lora_a'`, `'lora_b'` or `'lora_magnitude'`: what an adapter leaf is (its `jlora.labels` label), the role
-  whose `leaf_name` it is."""
+  """`'lora_a'`, `'lora_b'`, `'lora_magnitude'` or `'trainable_tokens'`: what an adapter leaf is (its `jlora.labels`
+  label), the role whose `leaf_name` it is."""
   key = str(key)
-  return next(role for role in (*LORA_KEYS, MAGNITUDE_KEY) if key == role or key.endswith("_" + role))
+  return next(role for role in (*LORA_KEYS, MAGNITUDE_KEY, TOKENS_KEY) if key == role or key.endswith("_" + role))
 
 
 def kernel_key(path: tuple[str, ...], node: Mapping) -> str:

@@ -230,7 +230,8 @@ def _label(config: LoraConfig, path: tuple[str, ...], siblings: Mapping) -> str:
 
 
 def labels(params: Params, config: LoraConfig) -> dict:
-  """Per-leaf labels for `optax.partition`: `lora_a`, `lora_b`, `lora_magnitude` (DoRA), `bias`, `saved` or `frozen`.
+  """Per-leaf labels for `optax.partition`: `lora_a`, `lora_b`, `lora_magnitude` (DoRA), `trainable_tokens`
+  (`trainable_token_indices`), `bias`, `saved` or `frozen`.
 
   `bias` marks biases that train under `config.bias`; `saved` marks every leaf of
   a `modules_to_save` module. Works on a whole tree or on any part of it (such as
@@ -248,7 +249,7 @@ def labels(params: Params, config: LoraConfig) -> dict:
 
 
 def trainable_mask(params: Params, config: LoraConfig) -> dict:
-  """A bool tree, `True` where a leaf trains: adapters, biases per `bias`, `modules_to_save`."""
+  """A bool tree, `True` where a leaf trains: adapters, trainable tokens, biases per `bias`, `modules_to_save`."""
   _check_tree(params)
   return _map_with_path(lambda path, _, siblings: _label(config, path, siblings) != "frozen", params)
 

@@ -15,6 +15,7 @@ from jlora.core.adapted import adapted
 from jlora.core.config import LoraConfig
 from jlora.core.keys import stringify
 from jlora.core.targets import Site, is_head, selects
+from jlora.core.tokens import refuse as refuse_tokens
 from jlora.core.tree import Adapter, Params, _check_tree, adapters, get_path
 from jlora.core.variants import variant_of_leaves
 
@@ -50,6 +51,7 @@ def apply(fn: Callable[..., Any], params: Params, config: LoraConfig, *args, **k
   found: dict[str, Adapter] = {}
   biases: dict[str, Any] = {}
   tree = stringify(params)
+  refuse_tokens("jlora.haiku.apply", config, tree)
   for ad in adapters(tree, config):
     if ad.slot.kernel_name != "w" or ad.layout != "concat" or ad.stack or ad.kernel.ndim != 2:
       raise ValueError(f"jlora.haiku.apply: the adapter at {ad.slot.where!r} is not one of an hk.Linear `w` (in, out) "

@@ -27,12 +27,13 @@ import jax
 import jax.numpy as jnp
 
 from jlora.core import ops as _ops
+from jlora.core import tokens as _tokens
 from jlora.core.config import LoraConfig
 from jlora.core.fields import ALL_LINEAR
 from jlora.core.init import add_adapters
 from jlora.core.merge import with_norms
 from jlora.core.sharding import box, unbox
-from jlora.core.targets import LINEAR_KINDS, Site, adapter_path, is_head, path_str
+from jlora.core.targets import LINEAR_KINDS, TOKENS_KEY, Site, adapter_path, is_head, leaf_name, path_str
 from jlora.core.tree import Params, _check_tree, flatten, get_path, has_adapters
 from jlora.core.unadapted import Unadapted, is_matmul_like, of_sites, report, unknown_class
 from jlora.frontends import flow as _flow
@@ -232,7 +233,8 @@ def _check_tied(found: Discovery, adapted: Params) -> None:
   the factored forward would not change that layer, and `merge` would."""
   for site, sources in found.foreign.values():
     for s in found.sites:
-      if s.path in found.foreign or s.slot.a_key not in _node(adapted, s.module):
+      node = _node(adapted, s.module)
+      if s.path in found.foreign or (s.slot.a_key not in node and leaf_name(TOKENS_KEY, s.kernel_name) not in node):
         continue
       kernel = (*s.module, s.kernel_name)
       if sources is not None and kernel not in sources:
@@ -241,15 +243,32 @@ def _check_tied(found: Discovery, adapted: Params) -> None:
         continue
       how = "is computed from" if sources is not None else "may be (it was applied inside a transformed layer, " \
           "where jlora cannot trace it; its shape fits)"
+      leave = f"Leave it out (`exclude_modules=[{s.path[-1]!r}]`)" if s.slot.a_key in node else \
+          "Drop its `trainable_token_indices`"
       raise ValueError(
           f"jlora.init: {path_str(site.path)!r} is a layer applied with a weight given at call time (e.g. an output "
           f"head tied to the embedding: `self.lm_head.apply({{'params': {{'kernel': embedding.T}}}}, h)`), and that "
-          f"weight {how} {path_str(kernel)!r}, which this config adapts. The factored forward would change "
-          f"{path_str(s.path)!r} but not that layer, while jlora.merge, which rewrites {path_str(kernel)!r}, would "
-          f"change both: they would disagree. Leave it out (`exclude_modules=[{s.path[-1]!r}]`), or untie the head "
+          f"weight {how} {path_str(kernel)!r}, which this config adapts (a LoRA adapter, or trainable token rows). "
+          f"The factored forward would change {path_str(s.path)!r} but not that layer, while jlora.merge, which "
+          f"rewrites {path_str(kernel)!r}, would change both: they would disagree. {leave}, or untie the head "
           "(Hugging Face: `tie_word_embeddings=False` in the model's config), or compute the tied head with "
           "`nn.Embed.attend`, which jlora adapts with the embedding's adapter."
       )
+
+
+def _embeddings(found: Discovery, params: Params) -> list[_tokens.Embedding]:
+  """The tables of the `nn.Embed` layers the model looks tokens up in (trainable tokens need flax's own class)."""
+  out = []
+  for s in found.sites:
+    if s.kind != "embed" or s.path in found.foreign:
+      continue
+    cls = found.classes.get(s.module)
+    why = "" if cls is nn.Embed else (
+        f"it is a {getattr(cls, '__name__', cls)}, not flax's nn.Embed, whose lookup is exactly its table's rows "
+        "(a subclass or registered class may scale or change them)")
+    table = get_path(params, (*s.module, s.kernel_name))
+    out.append(_tokens.Embedding(s.module, s.kernel_name, tuple(table.shape), why or s.unsupported))
+  return out
 
 
 def init(key: jax.Array, model: nn.Module, params: Params, config: LoraConfig, *args,
@@ -288,13 +307,16 @@ def init(key: jax.Array, model: nn.Module, params: Params, config: LoraConfig, *
     A new params tree: the base leaves (the same arrays) plus, per adapted
     module, `lora_a: in_shape + (r,)` and `lora_b: (r,) + out_shape` (a `Conv`'s
     `in_shape` is its window and input features, and `B` a 1×1 convolution; an
-    `Einsum` kernel's `A` and `B` keep its shared axes).
+    `Einsum` kernel's `A` and `B` keep its shared axes), and per table of
+    `trainable_token_indices` a zero `trainable_tokens: (n_ids, dim)`.
 
   Raises:
     ValueError: `target_modules` matches nothing (the message lists the module
       paths that exist), `r` exceeds a module's dimensions,
       `layers_to_transform` finds no layer index or meets scanned layers, a
-      module is both adapted and in `modules_to_save`; an
+      module is both adapted and in `modules_to_save`; a `trainable_token_indices`
+      name that is no `nn.Embed` of the model, an id outside its rows, or a
+      table that LoRA adapts too; an
       adapted layer of a registered (not stock flax) class whose output does not
       change by `x·ΔW` in its declared layout when its weight changes by `ΔW`
       (checked once per distinct layer, on concrete params only: see `jlora.Layer`).
@@ -322,6 +344,9 @@ def init(key: jax.Array, model: nn.Module, params: Params, config: LoraConfig, *
     raise ValueError("jlora.init: the model has no layer jlora can adapt on these inputs. Its matmul-like weights:\n"
                      + "\n".join(u.line() for u in unadapted))
   adapted = add_adapters(key, params, config, found.sites, dtype=dtype)
+  _tokens.add(adapted, _tokens.resolve(config, _embeddings(found, params), [(s.module, s.kind) for s in found.sites
+                                                                           if s.kind != "embed"], "jlora.init"),
+              dtype=dtype, fn="jlora.init")
   _check_tied(found, adapted)
   _layer_check.check([p for p in probes if p is not None], params, adapted, variables)
   return box(adapted, boxes)

@@ -22,11 +22,22 @@ import flax.linen as nn
 import jax
 
 from jlora.core import ops as _ops
+from jlora.core import tokens as _tokens
 from jlora.core.adapted import adapted, adapted_batch
 from jlora.core.config import LoraConfig
 from jlora.core.merge import norm_key
-from jlora.core.targets import MAGNITUDE_KEY, Site, Slot, is_head, path_str, selects
-from jlora.core.tree import Params, check_magnitude, slots
+from jlora.core.targets import (
+  MAGNITUDE_KEY,
+  TOKENS_KEY,
+  Site,
+  Slot,
+  is_head,
+  is_tokens_key,
+  leaf_name,
+  path_str,
+  selects,
+)
+from jlora.core.tree import Params, check_magnitude, module_dicts, slots
 from jlora.core.variants import variant_of_leaves
 from jlora.frontends.layers import Call, describe, kinds_listing
 from jlora.frontends.linen_run import is_foreign
@@ -87,6 +98,7 @@ class Forward:
   def __init__(self, config: LoraConfig | None, bank: Any = None, ids: jax.Array | None = None):
     self.config, self.bank, self.ids = config, bank, ids
     self.consumed: set[Slot] = set()
+    self.tokens_read: set[tuple[str, ...]] = set()
 
   def __call__(self, next_fun, args, kwargs, context):
     module = context.module
@@ -94,6 +106,9 @@ class Forward:
     if layer is None or BYPASS.get() or is_foreign(module):  # re-applied with weights given at call time: not ours
       return next_fun(*args, **kwargs)
     slot = Slot(tuple(module.path), layer.weight_name(module))
+    t_key = leaf_name(TOKENS_KEY, slot.kernel_name)
+    if layer.kind in ("embed", "attend") and module.has_variable("params", t_key) and slot not in _ACTIVE.get():
+      return self._tokens(next_fun, args, kwargs, module, layer, slot, t_key)
     if not module.has_variable("params", slot.a_key) or slot in _ACTIVE.get():
       return next_fun(*args, **kwargs)
     token = _ACTIVE.set(_ACTIVE.get() | {slot})
@@ -136,6 +151,36 @@ class Forward:
                          magnitudes=magnitudes, dropout_key=self._dropout_key(module, kind, any(rates)),
                          bias=bias, y_is_product=y_is_product)
 
+  def _tokens(self, next_fun, args, kwargs, module: nn.Module, layer: Any, slot: Slot, t_key: str) -> Any:
+    """An `nn.Embed` lookup or `attend` whose table has trainable tokens: the base call, then the rows' correction
+    (`jlora.core.tokens`)."""
+    where = slot.where
+    if self.bank is not None:
+      raise ValueError(f"A mixed batch (jlora.AdapterBank) cannot hold the trainable tokens at {where!r}; run that "
+                       "adapter alone with jlora.apply.")
+    if module.has_variable("params", slot.a_key):
+      raise ValueError(f"{where!r} holds both a LoRA adapter and trainable tokens; jlora.init gives a table one of "
+                       "them. Pass the params it made.")
+    if type(module) is not nn.Embed:
+      raise ValueError(f"The trainable tokens at {where!r} sit in a {type(module).__name__}, not flax's nn.Embed, "
+                       "whose lookup is exactly its table's rows; jlora corrects only that lookup.")
+    token = _ACTIVE.set(_ACTIVE.get() | {slot})
+    try:
+      y = next_fun(*args, **kwargs)
+    finally:
+      _ACTIVE.reset(token)
+    x = Call(module, layer, args, kwargs).input
+    delta = module.get_variable("params", t_key)
+    table = module.get_variable("params", slot.kernel_name)
+    ids = _tokens.ids_for(self.config, slot.module)
+    if tuple(delta.shape) != (len(ids), table.shape[-1]):
+      raise ValueError(f"The trainable tokens at {where!r} have shape {tuple(delta.shape)}; the table "
+                       f"{tuple(table.shape)} and the config's {len(ids)} ids need ({len(ids)}, {table.shape[-1]}).")
+    self.tokens_read.add(slot.module)
+    if layer.kind == "embed":
+      return _tokens.lookup(y, x, delta, ids, table.shape[0])
+    return _tokens.attend(y, x, delta, ids, precision=getattr(module, "precision", None))
+
   @staticmethod
   def _dropout_key(module: nn.Module, kind: str, enabled: bool) -> jax.Array | None:
     """A key from the `'lora_dropout'` stream when dropout acts (a rate, a stream, and an input that is not ids)."""
@@ -160,6 +205,8 @@ class Forward:
     """Raises naming every adapter in `params` that no intercepted call read: the forward would ignore it."""
     read = {s.leaf("lora_a") for s in self.consumed}  # the same adapter whether or not its weight is named
     names = [s.where for s in slots(params) if s.leaf("lora_a") not in read]
+    names += [f"{path_str(p)} (trainable tokens)" for p, node in module_dicts(params)
+              if any(map(is_tokens_key, node)) and p not in self.tokens_read]
     if not names:
       return
     listed = ", ".join(repr(n) for n in names[:8]) + (f" and {len(names) - 8} more" if len(names) > 8 else "")

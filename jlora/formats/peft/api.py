@@ -20,6 +20,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from jlora.core import tokens as core_tokens
 from jlora.core.config import LoraConfig
 from jlora.core.fields import pattern_lookup, rewrites_base
 from jlora.core.keys import restore, stringify
@@ -37,6 +38,7 @@ from jlora.core.tree import (
 )
 from jlora.formats.checkpoint import strip_adapters
 from jlora.formats.peft import layout as peft_layout
+from jlora.formats.peft import tokens as peft_tokens
 from jlora.formats.peft.config import from_peft, to_jlora, to_peft
 from jlora.formats.peft.files import read, write
 from jlora.formats.peft.names import NameLike, module_name, name_table, per_layer, resolve
@@ -88,7 +90,7 @@ _SAVE = "save_peft(directory, model, params, config, *, name_map=None) (model=No
 
 @_explained(_SAVE)
 def save_peft(directory: str | os.PathLike, model: Any, params: Params, config: LoraConfig, *,
-              name_map: NameLike = None) -> None:
+              name_map: NameLike = None, save_embedding_layers: bool = False) -> None:
   """Writes `adapter_config.json` and `adapter_model.safetensors` that PEFT loads.
 
   `PeftModel.from_pretrained(hf_model, directory)` then computes what
@@ -99,7 +101,10 @@ def save_peft(directory: str | os.PathLike, model: Any, params: Params, config: 
   `lora_embedding_A: (r, vocab)` and `lora_embedding_B: (dim, r)`; stacked (`nn.scan`) adapters one entry per
   layer. Trained biases (`<module>.base_layer.bias` on an adapted layer,
   `<module>.bias` elsewhere) and `modules_to_save` leaves (`<module>.weight` /
-  `.bias`, in PyTorch's layout) are written under PEFT's names. The config
+  `.bias`, in PyTorch's layout) are written under PEFT's names. Trainable
+  tokens become PEFT's `<module>.token_adapter.trainable_tokens_delta:
+  (n_ids, dim)`, which holds the rows' values `table[ids] + delta`, with
+  `trainable_token_indices: {PEFT module name: ids}` in the config. The config
   lists exactly the saved modules as `target_modules`, with `rank_pattern` /
   `alpha_pattern` where ranks differ, so PEFT wraps those modules with those ranks.
 
@@ -115,6 +120,12 @@ def save_peft(directory: str | os.PathLike, model: Any, params: Params, config: 
       index), or `"flax"` for the Flax paths joined by `.`. Default: the model's
       own `peft_name_map()` (the reference models of `jlora.models` have one,
       which also knows GPT-2's `(in, out)` `Conv1D` weights).
+    save_embedding_layers: also write every embedding table (`nn.Embed`'s
+      `embedding`) and the `lm_head` weight whole, as PEFT's
+      `save_embedding_layers=True` does, e.g. after resizing the vocabulary for new
+      tokens (PEFT's users resize their base the same way before loading it). PEFT's
+      `"auto"` compares the vocabulary with the base's config on the Hub, which
+      jlora does not read: say True or False.
 
   Raises:
     TypeError: arguments in the pre-0.2 order (`save_peft(dir, params, config,
@@ -137,13 +148,18 @@ def save_peft(directory: str | os.PathLike, model: Any, params: Params, config: 
         "tree, config = jlora.convert_to_lora(trained, initial, config), then save_peft that over the original base; "
         "or merge it (jlora.merge) and export the merged model."
     )
+  if not isinstance(save_embedding_layers, bool):
+    raise TypeError(f"save_peft: `save_embedding_layers` must be True or False, got {save_embedding_layers!r} (PEFT's "
+                    "'auto' reads the base's config from the Hub; say True after resizing the vocabulary).")
   names = resolve(model, name_map, caller="save_peft")
-  tensors, data = _export(stringify(params), config, names)
+  tensors, data = _export(stringify(params), config, names, save_embedding_layers)
   write(directory, tensors, data)
 
 
-def _export(params: Params, config: LoraConfig, names: NameMap) -> tuple[dict[str, np.ndarray], dict[str, Any]]:
-  """`({PEFT key: tensor}, adapter_config dict)` of every adapter, trained bias and `modules_to_save` leaf."""
+def _export(params: Params, config: LoraConfig, names: NameMap, save_embedding_layers: bool = False
+            ) -> tuple[dict[str, np.ndarray], dict[str, Any]]:
+  """`({PEFT key: tensor}, adapter_config dict)` of every adapter, trained bias, `modules_to_save` leaf and trained
+  token rows (and with `save_embedding_layers`, the embedding tables)."""
   tensors: dict[str, np.ndarray] = {}
   ranks: dict[str, int] = {}
   alphas: dict[str, float] = {}
@@ -189,10 +205,15 @@ def _export(params: Params, config: LoraConfig, names: NameMap) -> tuple[dict[st
       key, value = peft_layout.full_to_peft(n, leaf, arr, wraps_adapter=module in adapted, transpose=flip,
                                             where="/".join(path))
       tensors[key] = value
+  rows, indices = peft_tokens.export_tokens(params, config, names)
+  tensors.update(rows)
+  if save_embedding_layers:
+    tensors.update({k: v for k, v in peft_tokens.export_tables(params, config, names, list(adapted)).items()
+                    if k not in tensors})
   if not tensors:
     raise ValueError("save_peft: `params` holds no adapter, trained bias or modules_to_save leaf to export.")
   data = to_peft(config, params, adapted=adapted, ranks=ranks, alphas=alphas, saved_modules=saved_modules,
-                 fan_in_fan_out=any(p[-1] in names.fan_in_fan_out for p in adapted))
+                 fan_in_fan_out=any(p[-1] in names.fan_in_fan_out for p in adapted), tokens=indices)
   return tensors, data
 
 
@@ -213,6 +234,11 @@ def load_peft(directory: str | os.PathLike, model: Any, params: Params, *, name_
   `lora_b: (r,) + out_shape`, or the broadcast layout `(1, in, r)`,
   `(out, 1, r)` for an `(out, in)` weight (a 2-D `weight`, or as `layout`
   declares); per-layer tensors of a scanned module are stacked to `(L, ...)`.
+  PEFT's trainable tokens (`<module>.token_adapter.trainable_tokens_delta`, the
+  rows' values) become a `trainable_tokens` leaf holding their difference from
+  the table's rows; a whole embedding table or `lm_head` weight in the file
+  (`save_embedding_layers`) replaces the base's, whose shape must be the file's
+  (resize the base first for a resized vocabulary).
   The returned config is PEFT's, translated to Flax paths where PEFT's names
   would not select the same modules.
 
@@ -237,8 +263,10 @@ def load_peft(directory: str | os.PathLike, model: Any, params: Params, *, name_
       tensor whose jlora SHA-256 differs), a tensor holding NaN or inf or that
       is not floating-point, a `peft_type` other than LORA or a
       PEFT feature jlora does not implement (`lora_bias`, LoftQ, ...), tensors for modules the
-      model lacks, shapes that do not fit the model, or ranks that differ from
-      the config.
+      model lacks, shapes that do not fit the model (a whole table of another
+      vocabulary size: the message names both shapes), ranks that differ from
+      the config, trained token ids outside the table, or a changed whole weight
+      that is neither an embedding table nor `lm_head`.
   """
   _check_order("load_peft", model, params, None, _LOAD)
   given, params = params, stringify(params)
@@ -253,15 +281,24 @@ def load_peft(directory: str | os.PathLike, model: Any, params: Params, *, name_
   full: dict[Path, dict[int | None, tuple[str, Any]]] = {}
   unknown: list[str] = []
   magnitudes: dict[Path, dict[int | None, tuple[str, Any]]] = {}
+  rows: dict[Path, tuple[str, str, Any]] = {}
+  tables: dict[Path, tuple[str, Any]] = {}
   for key, value in tensors.items():
     kind, mname, leaf, embed = peft_layout.parse_key(key)
     if kind == "skip":
       continue
     _check_values(key, value, directory)
     if mname not in table:
-      unknown.append(key)
+      if not peft_tokens.is_tied_copy(key, mname, tensors, table):
+        unknown.append(key)
       continue
     module, layer = table[mname]
+    if kind == "tokens":
+      if layer is not None:
+        raise ValueError(f"load_peft: {key!r} trains token rows of a scanned module; jlora's trainable tokens "
+                         "belong to one table.")
+      rows[module] = (mname, key, value)
+      continue
     if kind == "lora" and leaf == "lora_magnitude":
       magnitudes.setdefault(module, {})[layer] = (mname, value)
       continue
@@ -279,9 +316,13 @@ def load_peft(directory: str | os.PathLike, model: Any, params: Params, *, name_
       mine = mine if layer is None else mine[layer]
       if np.array_equal(np.asarray(value), mine) or np.array_equal(np.asarray(value).T, mine):
         continue  # an unchanged copy of a base weight (PEFT's save_embedding_layers)
+      if layer is None and peft_tokens.is_table(module, flax):  # a changed or resized table: it replaces the base's
+        tables[(*module, flax)] = (mname, value)
+        continue
       raise ValueError(
           f"load_peft: the adapter holds a changed full weight {key!r}, but {mname!r} is not in the config's "
-          "`modules_to_save`; jlora does not import modified base weights (e.g. a resized vocabulary)."
+          "`modules_to_save`; jlora imports whole base weights only for embedding tables and `lm_head` (PEFT's "
+          "save_embedding_layers), not for other layers."
       )
     full.setdefault((*module, flax), {})[layer] = (mname, value)
   if unknown:
@@ -307,9 +348,20 @@ def load_peft(directory: str | os.PathLike, model: Any, params: Params, *, name_
     flip = peft_layout.transposed(path[-1], np.ndim(base[path]) - (next(iter(layers)) is not None), path[:-1],
                                   names, config.fan_in_fan_out)
     out[path] = peft_layout.full_from_peft(path, layers, base[path], transpose=flip)
-  config = to_jlora(config, ranks, alphas, full)
+  for path, (mname, value) in sorted(tables.items()):
+    flip = peft_layout.transposed(path[-1], 2, path[:-1], names, config.fan_in_fan_out)
+    out[path] = peft_tokens.table_from_peft(path, mname, value, base[path], transpose=flip)
+  ids_read: dict[Path, tuple[int, ...]] = {}
+  for module, (mname, key, value) in sorted(rows.items()):
+    ids_read[module] = peft_tokens.ids_of(config, mname, key)
+    node = {p[-1]: v for p, v in out.items() if p[:-1] == module}
+    leaf, delta = peft_tokens.delta_from_peft(module, node, mname, value, ids_read[module], dtype)
+    out[(*module, leaf)] = delta
+  config = to_jlora(config, ranks, alphas, full, ids_read)
   params_out = unflatten(out)
   check_adapters(params_out, config)
+  for _ in core_tokens.tokens(params_out, config):  # each leaf fits its table and ids
+    pass
   return restore(params_out, given), config
 
 

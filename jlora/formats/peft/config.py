@@ -4,7 +4,7 @@ PEFT selects modules by its own (PyTorch) names, jlora by Flax paths. Where a
 name-based field would select different modules on the other side, it is
 rewritten to an explicit list: `save_peft` lists the saved modules' PEFT names,
 `load_peft` their Flax paths (`target_modules`, `rank_pattern`, `alpha_pattern`,
-`modules_to_save`).
+`modules_to_save`, `trainable_token_indices`).
 """
 
 from __future__ import annotations
@@ -30,7 +30,8 @@ def _has_separator(names: Any) -> bool:
 
 
 def to_peft(config: LoraConfig, params: Params, *, adapted: Mapping[Path, list[str]], ranks: Mapping[str, int],
-            alphas: Mapping[str, float], saved_modules: list[str], fan_in_fan_out: bool) -> dict[str, Any]:
+            alphas: Mapping[str, float], saved_modules: list[str], fan_in_fan_out: bool,
+            tokens: Mapping[str, list[int]] | None = None) -> dict[str, Any]:
   """The `adapter_config.json` dict that makes PEFT wrap exactly the adapted modules with their ranks.
 
   Args:
@@ -41,6 +42,7 @@ def to_peft(config: LoraConfig, params: Params, *, adapted: Mapping[Path, list[s
     alphas: `{PEFT name: alpha}` where it differs from `config.lora_alpha`.
     saved_modules: PEFT names of the `modules_to_save` modules.
     fan_in_fan_out: an adapted module stores its PyTorch weight `(in, out)` (GPT-2's `Conv1D`).
+    tokens: `{PEFT name: ids}` of the tables with trainable tokens (PEFT's `trainable_token_indices`, dict form).
   """
   data = config.to_dict()
   targets = config.target_modules
@@ -56,6 +58,7 @@ def to_peft(config: LoraConfig, params: Params, *, adapted: Mapping[Path, list[s
   data["rank_pattern"], data["alpha_pattern"] = dict(ranks), dict(alphas)
   if fan_in_fan_out:
     data["fan_in_fan_out"] = True
+  data["trainable_token_indices"] = dict(tokens) if tokens else None
   if data["init_lora_weights"] not in (True, False, "gaussian"):  # PEFT would run them (or rewrite the base) at load
     data["init_lora_weights"] = True
   return data
@@ -96,7 +99,7 @@ def from_peft(data: Mapping[str, Any]) -> LoraConfig:
 
 
 def to_jlora(config: LoraConfig, ranks: Mapping[Path, int], alphas: Mapping[Path, float],
-             full: Mapping[Path, Any]) -> LoraConfig:
+             full: Mapping[Path, Any], tokens: Mapping[Path, tuple[int, ...]] | None = None) -> LoraConfig:
   """The inverse of `to_peft`: PEFT's config with names rewritten to Flax paths where they would select otherwise.
 
   Args:
@@ -104,6 +107,7 @@ def to_jlora(config: LoraConfig, ranks: Mapping[Path, int], alphas: Mapping[Path
     ranks: `{Flax module path: r}` of every adapter read.
     alphas: `{Flax module path: alpha}` of every adapter read.
     full: the Flax paths of the trained biases and `modules_to_save` leaves read.
+    tokens: `{Flax module path: ids}` of the trainable tokens read.
 
   Raises:
     ValueError: the file holds trained biases but its config says `bias='none'`.
@@ -121,6 +125,8 @@ def to_jlora(config: LoraConfig, ranks: Mapping[Path, int], alphas: Mapping[Path
   saved_modules = {p[:-1] for p in full if p[-1] != "bias"}
   if saved_modules and not all(is_saved(config, m) for m in saved_modules):
     changes["modules_to_save"] = tuple(sorted("/".join(m) for m in saved_modules))
+  if config.trainable_token_indices is not None or tokens:
+    changes["trainable_token_indices"] = {"/".join(p): ids for p, ids in tokens.items()} if tokens else None
   biases = sorted("/".join(p) for p in full if p[-1] == "bias" and p[:-1] not in saved_modules)
   if biases and config.bias == "none":
     shown = ", ".join(biases[:6]) + (f" … and {len(biases) - 6} more" if len(biases) > 6 else "")

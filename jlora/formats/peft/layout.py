@@ -35,7 +35,7 @@ from jlora.core.plain import TORCH_STYLE
 from jlora.core.targets import KERNEL_KEYS, Site, kernel_key
 from jlora.formats.peft.torch_names import NameMap
 
-__all__ = ["PREFIX", "TORCH_WEIGHTS", "lora_to_peft", "lora_from_peft", "magnitude_from_peft", "from_broadcast", "to_broadcast", "transposed",
+__all__ = ["PREFIX", "TORCH_WEIGHTS", "TOKENS_DELTA", "lora_to_peft", "lora_from_peft", "magnitude_from_peft", "from_broadcast", "to_broadcast", "transposed",
            "full_to_peft", "parse_key", "full_from_peft"]
 
 PREFIX = "base_model.model."
@@ -46,6 +46,7 @@ _LORA = {  # PEFT key suffix -> (jlora leaf, is an embedding)
     ".lora_embedding_A": ("lora_a", True), ".lora_embedding_B": ("lora_b", True),
     ".lora_magnitude_vector": ("lora_magnitude", False),
 }
+TOKENS_DELTA = ".token_adapter.trainable_tokens_delta"  # PEFT's trainable tokens (`jlora.formats.peft.tokens`)
 Path = tuple[str, ...]
 
 
@@ -185,14 +186,18 @@ def full_to_peft(name: str, leaf: str, arr: np.ndarray, *, wraps_adapter: bool, 
 def parse_key(key: str) -> tuple[str, str, str | None, bool]:
   """The inverse of the key functions above: `(kind, module name, leaf, embed)`.
 
-  `kind` is `"lora"` (leaf `lora_a` / `lora_b`), `"full"` (leaf is PyTorch's
-  name, `weight` or `bias`...) or `"skip"` (PEFT's copy of an untrained module).
+  `kind` is `"lora"` (leaf `lora_a` / `lora_b`), `"tokens"` (PEFT's
+  `trainable_tokens_delta`, `jlora.formats.peft.tokens`), `"full"` (leaf is
+  PyTorch's name, `weight` or `bias`...; a table under PEFT's trainable-tokens
+  wrapper too) or `"skip"` (PEFT's copy of an untrained module).
   """
   name = key[len(PREFIX):] if key.startswith(PREFIX) else key
   for suffix, (leaf, embed) in _LORA.items():
     if name.endswith(suffix):
       return "lora", name[: -len(suffix)], leaf, embed
-  name = name.replace(".modules_to_save.", ".").replace(".base_layer.", ".")
+  if name.endswith(TOKENS_DELTA):
+    return "tokens", name[: -len(TOKENS_DELTA)], "trainable_tokens", False
+  name = name.replace(".modules_to_save.", ".").replace(".token_adapter.", ".").replace(".base_layer.", ".")
   module_name, _, torch_leaf = name.rpartition(".")
   if ".original_module" in module_name:  # saved beside a modules_to_save entry with bias="all"
     return "skip", module_name, None, False

@@ -14,7 +14,7 @@ from jlora.core import config as _config
 from jlora.core import fields as _fields
 
 PAGE = pathlib.Path(__file__).resolve().parents[1] / "docs" / "peft-features.md"
-STATUSES = ("yes", "partly", "no", "n/a", "in progress")
+STATUSES = ("yes", "partly", "no", "n/a")
 Row = collections.namedtuple("Row", "section peft status")
 
 
@@ -44,7 +44,7 @@ def test_statuses_are_known_and_the_count_matches_the_rows():
   assert ROWS and {r.status for r in ROWS} <= set(STATUSES), {r.status for r in ROWS} - set(STATUSES)
   count = re.search(r"^\*\*Count:\*\* (.*) \((\d+) rows\)\.$", PAGE.read_text(), flags=re.M)
   assert count, "the page states its count on one line: **Count:** N yes · ... (N rows)."
-  stated = {status: int(n) for n, status in re.findall(r"(\d+) (yes|partly|no|n/a|in progress)", count.group(1))}
+  stated = {status: int(n) for n, status in re.findall(r"(\d+) (yes|partly|no|n/a)", count.group(1))}
   assert stated == dict(collections.Counter(r.status for r in ROWS)) and int(count.group(2)) == len(ROWS)
 
 
@@ -69,7 +69,7 @@ def test_rows_agree_with_what_jlora_config_accepts_and_refuses():
   """A field jlora refuses when set is never `yes`; a field of `jlora.LoraConfig` is never `no`; the inits that
   `jlora.init` runs are `yes`, those it only reads from a file are `no`."""
   for name in _config._UNSUPPORTED:
-    assert [r.status for r in _named(name)] and all(r.status in ("no", "n/a", "in progress") for r in _named(name)), name
+    assert [r.status for r in _named(name)] and all(r.status in ("no", "n/a") for r in _named(name)), name
   for f in dataclasses.fields(jlora.LoraConfig):
     assert [r.status for r in _named(f.name)] and all(r.status != "no" for r in _named(f.name)), f.name
   inits = [r for r in ROWS if r.section == "Initialisations"]

@@ -283,6 +283,8 @@ def _traffic(ins: Instruction, types: dict[str, str], read: dict[str, dict[int, 
   """
   if ins.op in ("dynamic-slice", "slice", "gather"):
     return 2 * _hbm_bytes(ins.type)
+  if ins.op == "slice-done":  # an asynchronous slice (e.g. a prefetch into on-chip memory): its operand is the
+    return shape_bytes(ins.type) + _hbm_bytes(ins.type)  # start's tuple, source included; it reads the slice only
   if ins.op == "dynamic-update-slice":
     return 2 * _hbm_bytes(types.get(ins.operands[1], ""))
   callee = re.search(r"calls=%([\w.-]+)", ins.attrs) if ins.op == "fusion" else None

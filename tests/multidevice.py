@@ -8,15 +8,17 @@ inherited through the environment.
 
 from __future__ import annotations
 
+import fcntl
 import os
 import socket
 import subprocess
 import sys
 import textwrap
+from collections.abc import Callable
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
-__all__ = ["ROOT", "env", "free_port", "run_devices", "start_processes"]
+__all__ = ["ROOT", "env", "free_port", "once_per_session", "run_devices", "start_processes"]
 
 
 def env(devices: int, **extra: str) -> dict[str, str]:
@@ -33,6 +35,28 @@ def run_devices(code: str, devices: int = 8, *args: str, timeout: float = 600) -
   if out.returncode != 0:
     raise AssertionError(f"subprocess exited {out.returncode}:\n{out.stdout[-2000:]}\n{out.stderr[-4000:]}")
   return out.stdout
+
+
+def once_per_session(name: str, compute: Callable[[], str]) -> str:
+  """`compute()` (text) once per test session: the first pytest-xdist worker to ask runs it, the others wait for it
+  and read its result (a module fixture would run once per worker that gets one of the module's tests).
+
+  The results live in the session's directory (`JLORA_TEST_SESSION_DIR`, made by `tests/conftest.py`); a `compute`
+  that raises writes nothing, so the next caller runs it again.
+  """
+  root = os.environ.get("JLORA_TEST_SESSION_DIR")
+  if root is None:  # not under this suite's conftest
+    return compute()
+  path = os.path.join(root, name)
+  with open(path + ".lock", "w") as lock:
+    fcntl.flock(lock, fcntl.LOCK_EX)
+    if not os.path.exists(path):
+      text = compute()
+      with open(path + ".tmp", "w") as f:
+        f.write(text)
+      os.replace(path + ".tmp", path)
+    with open(path) as f:
+      return f.read()
 
 
 def free_port() -> int:

@@ -17,7 +17,7 @@ from jlora import models
 from jlora.core.tree import flatten
 from jlora.models import _load
 from tests.models.helpers import CONFIGS
-from tests.multidevice import run_devices
+from tests.multidevice import once_per_session, run_devices
 
 NAMES = {"vocab", "embed", "heads", "kv", "mlp", "layers", "norm", "lora_rank", None}
 MODELS = [  # (config name, options): every architecture, task head and layout
@@ -285,7 +285,8 @@ print("REPORT" + json.dumps(report))
 @pytest.fixture(scope="module")
 def report(tmp_path_factory):
   """What the 8-device subprocess measured (one interpreter for every check below)."""
-  out = run_devices(_MULTIDEVICE, 8, str(tmp_path_factory.mktemp("sharded")))
+  out = once_per_session("models_sharding",
+                         lambda: run_devices(_MULTIDEVICE, 8, str(tmp_path_factory.mktemp("sharded"))))
   return json.loads(out.split("REPORT", 1)[1])
 
 

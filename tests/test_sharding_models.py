@@ -12,7 +12,7 @@ import json
 
 import pytest
 
-from tests.multidevice import run_devices
+from tests.multidevice import once_per_session, run_devices
 
 _CHECKS = r"""
 import json, os, sys
@@ -98,7 +98,7 @@ for name, options, meshes in (("llama", {"scan_layers": True}, [(8, 1, 1), (2, 4
 
 @pytest.fixture(scope="module")
 def checks():
-  out = run_devices(_CHECKS, 8, timeout=900)
+  out = once_per_session("sharding_models", lambda: run_devices(_CHECKS, 8, timeout=900))
   return [json.loads(line) for line in out.splitlines() if line.startswith("{")]
 
 

@@ -21,7 +21,7 @@ import pytest
 
 from jlora import train
 from jlora.train import _mesh
-from tests.multidevice import run_devices, start_processes
+from tests.multidevice import once_per_session, run_devices, start_processes
 
 FAST = ["train.quiet=true", "train.log_every=1", "data.max_train=64", "data.max_eval=16", "train.eval_batch_size=16",
         "optimizer.schedule=constant", "optimizer.warmup_steps=0", "checkpointing.every=1", "checkpointing.keep=4",
@@ -150,7 +150,8 @@ def _close(a: dict, b: dict) -> None:
 @pytest.fixture(scope="module")
 def runs(tmp_path_factory):
   root = tmp_path_factory.mktemp("mesh")
-  return json.loads(run_devices(_ONE_INTERPRETER, 8, str(root)).splitlines()[-1])
+  return json.loads(once_per_session("train_mesh", lambda: run_devices(_ONE_INTERPRETER, 8, str(root)))
+                    .splitlines()[-1])
 
 
 def test_a_mesh_runs_take_the_one_device_steps(runs):

@@ -38,6 +38,7 @@ import jax
 import numpy as np
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
+import jlora
 from jlora import models
 from jlora.train._mesh_config import AXES, MeshConfig
 
@@ -154,8 +155,6 @@ class Layout:
     """
     if self.rank_axis is None:
       return trainable
-    import jlora
-
     placed = jlora.adapter_shardings(jlora.combine(trainable, base), rank_axis=self.rank_axis)
     return jax.device_put(trainable, jlora.split(placed, lora)[0])
 

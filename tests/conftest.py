@@ -113,6 +113,16 @@ def pytest_collection_modifyitems(config, items):
 
 
 @pytest.fixture
+def float32_matmuls():
+  """Matmuls in float32 (`jax.default_matmul_precision`) while the test runs: comparisons against float32 references
+  (PyTorch, merged kernels) then do not depend on the backend's default precision."""
+  import jax
+
+  with jax.default_matmul_precision("float32"):
+    yield
+
+
+@pytest.fixture
 def restore_layer_registry():
   """Layer classes a test registers with `jlora.register_layer` are gone after it."""
   from jlora.frontends import layers

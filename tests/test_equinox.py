@@ -17,10 +17,7 @@ ATOL = 2e-5
 run = eqx.filter_jit(lambda model, ids: model(ids))  # one compile per model structure, not one per op
 
 
-@pytest.fixture(autouse=True)
-def _float32_matmuls():
-  with jax.default_matmul_precision("float32"):
-    yield
+pytestmark = pytest.mark.usefixtures("float32_matmuls")  # tests/conftest.py
 
 
 class Net(eqx.Module):

@@ -18,10 +18,7 @@ from tests.test_structure import _dot_shapes
 hk = pytest.importorskip("haiku", reason="dm-haiku (the dev extra) is needed for the Haiku tests")
 
 
-@pytest.fixture(autouse=True)
-def _float32_matmuls():
-  with jax.default_matmul_precision("float32"):
-    yield
+pytestmark = pytest.mark.usefixtures("float32_matmuls")  # tests/conftest.py
 
 
 @pytest.fixture(scope="module")

@@ -17,10 +17,7 @@ CASES = {c.name: c for c in zoo.cases()}
 REWRITING = ["pissa", "pissa_niter_2", "olora"]
 
 
-@pytest.fixture(autouse=True)
-def _float32_matmuls():
-  with jax.default_matmul_precision("float32"):
-    yield
+pytestmark = pytest.mark.usefixtures("float32_matmuls")  # tests/conftest.py
 
 
 def _weight(rng, out, inp, spectrum=None):

@@ -21,10 +21,7 @@ from tests.models.helpers import CONFIGS, forward, lora_forward, tokens, write_c
 ATOL = 1e-4
 
 
-@pytest.fixture(autouse=True)
-def _float32_matmuls():
-  with jax.default_matmul_precision("float32"):
-    yield
+pytestmark = pytest.mark.usefixtures("float32_matmuls")  # tests/conftest.py
 
 
 def _inputs(name):

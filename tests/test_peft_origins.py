@@ -20,10 +20,7 @@ CASE = next(c for c in zoo.cases() if c.name == "mlp")
 TARGETS = ["fc_0", "head"]
 
 
-@pytest.fixture(autouse=True)
-def _float32_matmuls():
-  with jax.default_matmul_precision("float32"):
-    yield
+pytestmark = pytest.mark.usefixtures("float32_matmuls")  # tests/conftest.py
 
 
 @pytest.fixture(scope="module")

@@ -45,10 +45,7 @@ def _close(a, b, rtol=1e-5):
   np.testing.assert_allclose(a, b, rtol=0, atol=rtol * max(1.0, float(np.abs(b).max())))
 
 
-@pytest.fixture(autouse=True)
-def _float32_matmuls():
-  with jax.default_matmul_precision("float32"):
-    yield
+pytestmark = pytest.mark.usefixtures("float32_matmuls")  # tests/conftest.py
 
 
 @pytest.fixture(scope="module")

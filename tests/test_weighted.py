@@ -18,10 +18,7 @@ CASES = {c.name: c for c in zoo.cases()}
 MLP_PATHS = ("fc_0", "fc_1", "head")
 
 
-@pytest.fixture(autouse=True)
-def _float32_matmuls():
-  with jax.default_matmul_precision("float32"):
-    yield
+pytestmark = pytest.mark.usefixtures("float32_matmuls")  # tests/conftest.py
 
 
 @functools.cache

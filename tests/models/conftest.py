@@ -1,6 +1,5 @@
 """Fixtures of the model tests."""
 
-import jax
 import pytest
 
 from tests.models.helpers import CONFIGS, write_checkpoint
@@ -19,6 +18,5 @@ def checkpoint(tmp_path):
 
 
 @pytest.fixture(autouse=True)
-def _float32_matmuls():
-  with jax.default_matmul_precision("float32"):
-    yield
+def _float32_matmuls(float32_matmuls):
+  """Every reference-model test runs with float32 matmuls (tests/conftest.py)."""

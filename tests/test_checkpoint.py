@@ -513,7 +513,7 @@ else:  # a training checkpoint of `jlora train`
   with _state.Checkpoints(root) as checkpoints:
     checkpoints.save(state, data_position=(0, 0), fingerprint={})
   def load():
-    with _state.Checkpoints(root) as checkpoints:
+    with _state.Checkpoints(root, read_only=True) as checkpoints:
       checkpoints.restore(state, 1)
 data = os.path.join(root, "1", "state", "ocdbt.process_0", "d")
 for name in os.listdir(data):

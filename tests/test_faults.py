@@ -138,7 +138,7 @@ def _load(kind: str, target: str) -> tuple[int | None, object]:
     steps = state_lib.list_steps(target)
     if not steps:
       raise ValueError(f"no step in {target}")
-    with state_lib.Checkpoints(target) as checkpoints:
+    with state_lib.Checkpoints(target, read_only=True) as checkpoints:  # a reader beside the saves
       state = checkpoints.restore(_state(1), steps[-1])
     return state.step, (state.trainable, state.opt_state, np.asarray(state.rng))
   if kind == "peft":

@@ -134,6 +134,23 @@ def test_damage_is_detected_on_restore(reference, template, tmp_path, how):
     assert checkpoints.restore(template, 5).step == 5
 
 
+def test_a_reader_leaves_a_save_in_progress_alone(reference, template, tmp_path):
+  """A read-only reader neither removes orbax's temporary directories (a concurrent save's) nor writes."""
+  ref, _ = reference
+  shutil.copytree(ref / "checkpoints", tmp_path / "checkpoints")
+  pending = tmp_path / "checkpoints" / "7.orbax-checkpoint-tmp"
+  shutil.copytree(ref / "checkpoints" / "6", pending)  # as a save of step 7 in progress (or killed) leaves it
+  with _state.Checkpoints(tmp_path / "checkpoints", read_only=True) as reader:
+    assert reader.restore(template, 6).step == 6
+    for call in (lambda: reader.save(template, data_position=(0, 0), fingerprint={}), lambda: reader.delete(5)):
+      with pytest.raises(ValueError, match=r"^Checkpoints\.(save|delete): .* was opened with read_only=True"):
+        call()
+  assert pending.is_dir() and sorted(os.listdir(tmp_path / "checkpoints"))[:2] == ["5", "6"]
+  with _state.Checkpoints(tmp_path / "checkpoints") as writer:  # a writer removes it (before its first save)
+    assert writer.save(template._replace(step=8), data_position=(0, 0), fingerprint={})
+  assert sorted(os.listdir(tmp_path / "checkpoints")) == ["5", "6", "8"]
+
+
 def test_a_damaged_newest_checkpoint_falls_back_to_the_previous_one(reference, tmp_path, capsys):
   """Issue 15.9: a damaged newest checkpoint crashed the resume with three tracebacks."""
   ref, args = reference

@@ -108,14 +108,20 @@ class Checkpoints:
   """Save / restore / delete `State`s under `directory` with orbax; a context manager that closes the manager.
 
   Args:
-    directory: where step directories go (created if needed).
+    directory: where step directories go (created if needed, unless `read_only`).
+    read_only: open it to restore only, for a process that reads the checkpoints
+      of a run another process may be writing. A writer removes what a killed save
+      left (orbax's `N.orbax-checkpoint-tmp` directories, in a background thread
+      that its first save waits for); a reader must not: that may be the save in
+      progress, and two removals of one directory race.
   """
 
-  def __init__(self, directory: str | os.PathLike):
+  def __init__(self, directory: str | os.PathLike, *, read_only: bool = False):
     self.directory = container(directory)
+    self.read_only = read_only
     # Retention is the caller's (it deletes only steps jlora wrote), so orbax keeps everything.
-    options = ocp.CheckpointManagerOptions(max_to_keep=None, create=True, enable_async_checkpointing=False,
-                                           cleanup_tmp_directories=True)  # what a killed save left
+    options = ocp.CheckpointManagerOptions(max_to_keep=None, create=not read_only, enable_async_checkpointing=False,
+                                           cleanup_tmp_directories=not read_only, read_only=read_only)
     self._manager = ocp.CheckpointManager(self.directory, options=options, item_names=("state", "meta"))
 
   def __enter__(self) -> Checkpoints:
@@ -128,7 +134,11 @@ class Checkpoints:
     """Writes `state` (blocking) as step `state.step`, with its digests; False if that step is already saved.
 
     Collective in a multi-process run: every process calls it with its part of `state`.
+
+    Raises:
+      ValueError: opened `read_only`.
     """
+    self._writable("save")
     self._manager.reload()
     if state.step in self._manager.all_steps():
       return False
@@ -182,10 +192,16 @@ class Checkpoints:
         multi-process run passes False: it joins orbax's (collective) delete by
         the steps its manager last listed, which process 0 may already be removing.
     """
+    self._writable("delete")
     if reload:
       self._manager.reload()
     if step in self._manager.all_steps():
       self._manager.delete(step)
+
+  def _writable(self, what: str) -> None:
+    if self.read_only:  # orbax's read-only manager would skip it silently
+      raise ValueError(f"Checkpoints.{what}: {self.directory} was opened with read_only=True, which only restores; "
+                       "open it with read_only=False to write")
 
   def close(self) -> None:
     """Releases the manager."""

@@ -189,3 +189,42 @@ ENTRY %main (p: s8[16777216]) -> s8[4194304] {
 """
   assert hlo.costs(text).bytes == 4194304
   assert hlo.costs(text.replace("S(1)}", "}")).bytes == 2 * 4194304  # into HBM: read and written
+
+
+def test_a_layer_stack_sliced_inside_a_nested_fusion_counts_the_slice():
+  """TPU programs fuse a matmul with a loop fusion that slices the layer's input out of the stack of all layers' inputs
+  (and normalises it). The matmul's fusion reads one layer's slice (8 KB), not the stack (32 KB): v6e's 8B step
+  over-counted 150 GB this way, in the base's projections and in the adapters' `x·A` alike."""
+  from jlora.parallel import hlo
+
+  text = """HloModule m
+
+%slice_norm (s.1: bf16[4,16,128], i.1: s32[]) -> bf16[16,128] {
+  %s.1 = bf16[4,16,128]{2,1,0} parameter(0)
+  %i.1 = s32[] parameter(1)
+  %z.1 = s32[] constant(0)
+  %d.1 = bf16[1,16,128]{2,1,0} dynamic-slice(%s.1, %i.1, %z.1, %z.1), dynamic_slice_sizes={1,16,128}
+  ROOT %b.1 = bf16[16,128]{1,0} bitcast(%d.1)
+}
+
+%matmul (s.2: bf16[4,16,128], i.2: s32[], w.2: bf16[128,8]) -> bf16[16,8] {
+  %s.2 = bf16[4,16,128]{2,1,0} parameter(0)
+  %i.2 = s32[] parameter(1)
+  %w.2 = bf16[128,8]{1,0} parameter(2)
+  %x.2 = bf16[16,128]{1,0} fusion(%s.2, %i.2), kind=kLoop, calls=%slice_norm
+  ROOT %c.2 = bf16[16,8]{1,0} convolution(%x.2, %w.2), dim_labels=bf_io->bf
+}
+
+ENTRY %main (stack: bf16[4,16,128], i: s32[], w: bf16[128,8]) -> bf16[16,8] {
+  %stack = bf16[4,16,128]{2,1,0} parameter(0)
+  %i = s32[] parameter(1)
+  %w = bf16[128,8]{1,0} parameter(2)
+  ROOT %f = bf16[16,8]{1,0} fusion(%stack, %i, %w), kind=kOutput, calls=%matmul
+}
+"""
+  slice_, weight, out = 16 * 128 * 2, 128 * 8 * 2, 16 * 8 * 2
+  assert hlo.costs(text).bytes == slice_ + weight + out + 4  # the index too
+  # the stack also read whole inside the nested fusion: the whole stack counts
+  whole = text.replace("ROOT %b.1 = bf16[16,128]{1,0} bitcast(%d.1)",
+                       "%n.1 = bf16[4,16,128]{2,1,0} negate(%s.1)\n  ROOT %b.1 = bf16[16,128]{1,0} bitcast(%d.1)")
+  assert hlo.costs(whole).bytes == 4 * slice_ + weight + out + 4

@@ -222,7 +222,9 @@ def costs(hlo_text: str | Module) -> Costs:
   module = hlo_text if isinstance(hlo_text, Module) else parse(hlo_text)
   fused = {callee for body in module.computations.values() for ins in body if ins.op == "fusion"
            for callee in re.findall(r"calls=%([\w.-]+)", ins.attrs)}
-  read = {name: _parameter_reads(module.computations[name]) for name in fused if name in module.computations}
+  memo: dict[str, dict[int, int]] = {}
+  read = {name: _parameter_reads(module.computations[name], module.computations, memo) for name in fused
+          if name in module.computations}
   carried = {name: {_key(i.type) for i in module.computations[name] if i.op.removesuffix("-done") in OPS}
              for name in fused if name in module.computations}  # an async collective's buffers, in flight
   flops = flops_once = traffic = traffic_once = 0.0
@@ -246,9 +248,33 @@ def _hbm_bytes(type_text: str) -> int:
              if not re.search(r"S\([1-9]", layout or ""))
 
 
-def _parameter_reads(body: list[Instruction]) -> dict[int, int]:
+def _parameter_reads(body: list[Instruction], computations: dict[str, list[Instruction]] | None = None,
+                     memo: dict[str, dict[int, int]] | None = None) -> dict[int, int]:
   """`{parameter number: bytes read}` of a fused computation's parameters that are only sliced, and (key -1) the
-  bytes an in-place `dynamic-update-slice` at its root writes."""
+  bytes an in-place `dynamic-update-slice` at its root writes.
+
+  A parameter handed to a nested fusion counts what that fusion reads of it (TPU
+  programs slice a layer stack inside a loop fusion inside the matmul's fusion).
+  """
+  computations, memo = computations or {}, {} if memo is None else memo
+
+  def nested(callee: str) -> dict[int, int]:
+    if callee not in memo:
+      memo[callee] = {}  # (no recursion through a cycle)
+      memo[callee] = _parameter_reads(computations.get(callee, []), computations, memo)
+    return memo[callee]
+
+  def reads(use: Instruction, name: str) -> int | None:
+    """Bytes `use` reads of operand `name`, when it reads only part of it."""
+    if use.op in ("dynamic-slice", "slice", "gather") and use.operands[0] == name and name not in use.operands[1:]:
+      return _hbm_bytes(use.type)
+    callee = re.search(r"calls=%([\w.-]+)", use.attrs) if use.op == "fusion" else None
+    if callee is None:
+      return None
+    inner = nested(callee.group(1))
+    parts = [inner.get(k) for k, o in enumerate(use.operands) if o == name]
+    return None if None in parts else sum(parts)
+
   params = {ins.name: int(ins.args) for ins in body if ins.op == "parameter" and ins.args.strip().isdigit()}
   types = {ins.name: ins.type for ins in body}
   root = body[-1] if body else None
@@ -263,9 +289,9 @@ def _parameter_reads(body: list[Instruction]) -> dict[int, int]:
       users.setdefault(o, []).append(ins)
   out = {}
   for name, k in params.items():
-    uses = users.get(name, [])
-    if uses and all(u.op in ("dynamic-slice", "slice", "gather") and u.operands[0] == name for u in uses):
-      out[k] = sum(_hbm_bytes(u.type) for u in uses)
+    parts = [reads(u, name) for u in users.get(name, [])]
+    if parts and None not in parts:
+      out[k] = sum(parts)
   return {**out, **inplace}
 
 

@@ -6,6 +6,7 @@ random init, small batch), r = 8 on all seven projections, adamw:
   * lora_bf16: LoRA over a bf16 base (float32 adapters and state);
   * qlora_nf4: LoRA over the same base quantized to NF4 (block 64, double
     quantization), dequantized to bf16 where each layer reads it;
+  * qlora_int4: the same with int4 blocks (15 evenly spaced levels);
   * qlora_int8: the same with int8 per-channel kernels.
 Memory is XLA's buffer assignment of the compiled step (arguments + outputs +
 temporaries − aliased, with donated state): what the step needs on a device.
@@ -73,7 +74,8 @@ def bench_size(size: str, repeats: int) -> dict:
     return optax.apply_updates(t, u), s
 
   bf16 = jax.tree.map(lambda a: a.astype(jnp.bfloat16), base)
-  frozen = {"lora_bf16": bf16, "qlora_nf4": jlora.quantize(bf16, "nf4"), "qlora_int8": jlora.quantize(bf16, "int8", stack=lambda path, leaf: int("layers" in path))}
+  frozen = {"lora_bf16": bf16, "qlora_nf4": jlora.quantize(bf16, "nf4"), "qlora_int4": jlora.quantize(bf16, "int4"),
+            "qlora_int8": jlora.quantize(bf16, "int8", stack=lambda path, leaf: int("layers" in path))}
   trainable = jlora.split(jlora.init(jax.random.key(2), model, bf16, cfg, x), cfg)[0]
   full = jax.jit(full_step, donate_argnums=(0, 1))
   lora = jax.jit(lora_step, donate_argnums=(0, 1))
@@ -91,11 +93,14 @@ def bench_size(size: str, repeats: int) -> dict:
   out.update({
       "ms": {k: t.median_ms for k, t in timings.items()},
       "ratio/memory_nf4_to_lora_bf16": b["qlora_nf4"] / b["lora_bf16"],
+      "ratio/memory_int4_to_lora_bf16": b["qlora_int4"] / b["lora_bf16"],
       "ratio/memory_int8_to_lora_bf16": b["qlora_int8"] / b["lora_bf16"],
       "ratio/memory_nf4_to_full": b["qlora_nf4"] / b["full"],
       "ratio/memory_lora_bf16_to_full": b["lora_bf16"] / b["full"],
       "ratio/frozen_bytes_nf4_to_bf16": out["frozen_bytes"]["qlora_nf4"] / out["frozen_bytes"]["lora_bf16"],
       "ratio/time_nf4_to_lora_bf16": ratio("qlora_nf4", "lora_bf16"),
+      "ratio/time_int4_to_lora_bf16": ratio("qlora_int4", "lora_bf16"),
+      "ratio/time_int4_to_nf4": ratio("qlora_int4", "qlora_nf4"),
       "ratio/time_int8_to_lora_bf16": ratio("qlora_int8", "lora_bf16"),
       "ratio/time_lora_bf16_to_full": ratio("lora_bf16", "full"),
   })

@@ -2,7 +2,8 @@
 
 For W ~ N(0, 0.02²) of shape (768, 3072) (a d = 768 MLP up-projection):
   1. relative Frobenius error ‖W − deq(q(W))‖ / ‖W‖ for NF4 (block 64, with and
-     without double quantization) and int8 (per output channel), over a few seeds;
+     without double quantization), int4 (block 64, double quantization) and int8
+     (per output channel), over a few seeds;
   2. bits per parameter (`QuantizedArray.bits_per_param`), also for a row long
      enough to fill a whole second-level group of 256 blocks;
   3. jitted times (interleaved rounds, `_timing.py`) of `dequantize` to bf16
@@ -28,7 +29,7 @@ from jlora.quant.array import dequantize, quantize
 
 SHAPE = (768, 3072)
 TOKENS = 32 * 64
-SETTINGS = {"nf4_dq": ("nf4", True), "nf4": ("nf4", False), "int8": ("int8", False)}
+SETTINGS = {"nf4_dq": ("nf4", True), "nf4": ("nf4", False), "int4_dq": ("int4", True), "int8": ("int8", False)}
 
 
 def errors(seeds: int = 5) -> dict:

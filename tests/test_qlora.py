@@ -19,7 +19,7 @@ def _llama(scan: bool):
   return model, base, jnp.asarray(tokens((2, 6)))
 
 
-@pytest.mark.parametrize("method, scan", [("nf4", False), ("nf4", True), ("int8", True)])
+@pytest.mark.parametrize("method, scan", [("nf4", False), ("nf4", True), ("int4", True), ("int8", True)])
 def test_lora_over_a_quantized_base_equals_lora_over_its_dequantized_copy(method, scan):
   model, base, x = _llama(scan)
   q = jlora.quantize(base, method, block_size=16, stack=lambda path, leaf: int(scan and "layers" in path))
@@ -33,7 +33,7 @@ def test_lora_over_a_quantized_base_equals_lora_over_its_dequantized_copy(method
   out = step(trainable, q)
   np.testing.assert_allclose(out, jlora.apply(model, jlora.combine(trainable, deq), cfg, x), atol=1e-5, rtol=1e-5)
   err = float(jnp.linalg.norm(jnp.asarray(kernel) - base["lm_head"]["kernel"]) / jnp.linalg.norm(base["lm_head"]["kernel"]))
-  assert err < (0.12 if method == "nf4" else 0.02)
+  assert err < (0.02 if method == "int8" else 0.14)
   merged = jlora.merge(jlora.combine(trainable, q), cfg)  # adapted kernels: dequantized + s·A·B, full precision
   boxes = [v for v in jax.tree.leaves(merged, is_leaf=lambda v: isinstance(v, QuantizedArray))
            if isinstance(v, QuantizedArray)]

@@ -25,6 +25,8 @@ def llama():
 def _quantized(base, method):
   if method == "nf4":  # a bfloat16 base: plain leaves and the kernels' original dtype stay bfloat16
     return jlora.quantize(jax.tree.map(lambda x: np.asarray(x).astype(jnp.bfloat16), base), "nf4", block_size=16)
+  if method == "int4":  # float32, single-level scales
+    return jlora.quantize(base, "int4", block_size=16, double_quant=False)
   return jlora.quantize(base, "int8", stack=lambda path, leaf: int("layers" in path))
 
 
@@ -44,7 +46,7 @@ def _size(path):
   return sum(os.path.getsize(os.path.join(path, f)) for f in _files(path))
 
 
-@pytest.mark.parametrize("method", ["nf4", "int8"])
+@pytest.mark.parametrize("method", ["nf4", "int4", "int8"])
 def test_round_trip_is_exact_and_the_model_computes_the_same(tmp_path, llama, method):
   model, base, x = llama
   q = _quantized(base, method)
@@ -63,7 +65,7 @@ def test_round_trip_is_exact_and_the_model_computes_the_same(tmp_path, llama, me
   meta = json.loads((tmp_path / "q" / "1" / "meta" / "metadata").read_text())
   entry = next(e for e in meta["leaves"] if e["name"] == "model/layers/mlp/down_proj/kernel")
   want = {"method": method, "last_dim": 32, "dtype": "bfloat16" if method == "nf4" else "float32",
-          "block_size": 16 if method == "nf4" else None, "double_quant": method == "nf4"}
+          "block_size": None if method == "int8" else 16, "double_quant": method == "nf4"}
   assert entry["quantized"] == want and meta["format"] == "jlora.quantized" and meta["version"] == 1
   jlora.save_quantized(tmp_path / "q", q)  # a second save commits version 2 and removes version 1
   assert sorted(os.listdir(tmp_path / "q")) == ["2", "jlora_quantized.json"]

@@ -55,7 +55,7 @@ from jlora.formats.versioned import (
   restore_item,
   seal,
 )
-from jlora.quant.array import METHODS, QuantizedArray, _Meta
+from jlora.quant.array import FOUR_BIT, METHODS, QuantizedArray, _Meta
 
 __all__ = ["save_quantized", "load_quantized"]
 
@@ -107,7 +107,7 @@ def _meta_from(d: Any, name: str) -> _Meta:
   except (KeyError, TypeError) as e:
     raise ValueError(f"load_quantized: the metadata of {name!r} is not a QuantizedArray's ({e!r})") from None
   if (meta.method not in METHODS or not isinstance(meta.last_dim, int) or not isinstance(meta.double_quant, bool)
-      or (meta.method == "nf4") != isinstance(meta.block_size, int)):
+      or (meta.method in FOUR_BIT) != isinstance(meta.block_size, int)):
     raise ValueError(f"load_quantized: the metadata of {name!r} is not a QuantizedArray's: {d!r}")
   return meta
 

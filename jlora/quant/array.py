@@ -1,4 +1,4 @@
-"""Quantized frozen kernels for QLoRA: NF4 (block-wise, double-quantized scales) and int8 (per output channel).
+"""Quantized frozen kernels for QLoRA: NF4 and int4 (block-wise, double-quantized scales), int8 (per output channel).
 
 A `QuantizedArray` stands in for one frozen kernel of shape `S + (d,)` in a param
 tree. It is a pytree node: its children are arrays, its static metadata (method,
@@ -9,7 +9,9 @@ Layouts (`lead = shape[:-1]`; blocks and scales run along the LAST axis only):
 * `nf4`: `codes` uint8 `lead + (ceil(d/2),)`, two 4-bit indices into `NF4_LEVELS`
   per byte (element `2j` in the high nibble, `2j+1` in the low one); the last axis
   is padded with zeros to `n_blocks · block_size` internally and stripped again.
-  `scale`: the absmax of each block, `lead + (n_blocks,)`, float32, or with
+* `int4`: the same layout with the 16 evenly spaced levels `(k - 8) / 7`
+  (symmetric: a block's absmax is level ±1, `k = 0` is unused).
+* `nf4` and `int4` `scale`: the absmax of each block, `lead + (n_blocks,)`, float32, or with
   double quantization int8 codes of it, decoded as `scale2 · code + offset`, with
   `scale2`, `offset` float32 `lead + (n2,)`, one per group of `min(256, n_blocks)`
   blocks (the paper subtracts the mean of the absmax values and quantizes them
@@ -40,7 +42,8 @@ from jax.tree_util import GetAttrKey
 
 __all__ = ["NF4_LEVELS", "METHODS", "QuantizedArray", "quantize", "dequantize", "partition_specs"]
 
-METHODS = ("nf4", "int8")
+METHODS = ("nf4", "int4", "int8")
+FOUR_BIT = ("nf4", "int4")  # block-wise, two 4-bit codes per byte
 DQ_BLOCK = 256  # blocks of absmax values per second-level scale (QLoRA's double quantization)
 MAX_BLOCK = 4096  # the largest NF4 block (bitsandbytes offers 64..4096); larger ones only pad
 
@@ -63,8 +66,10 @@ def _nf4_levels() -> np.ndarray:
 
 
 NF4_LEVELS = _nf4_levels()
-_MIDPOINTS = (NF4_LEVELS[:-1] + NF4_LEVELS[1:]) / 2  # (15,): nearest level = number of midpoints below
-_PAIRS = np.stack([np.repeat(NF4_LEVELS, 16), np.tile(NF4_LEVELS, 16)], axis=-1)  # (256, 2): a byte's two levels
+INT4_LEVELS = ((np.arange(16) - 8) / 7).astype(np.float32)  # symmetric int4: codes -7..7 (absmax / 7 per step)
+_LEVELS = {"nf4": NF4_LEVELS, "int4": INT4_LEVELS}
+_PAIRS = {m: np.stack([np.repeat(v, 16), np.tile(v, 16)], axis=-1) for m, v in _LEVELS.items()}  # (256, 2): a byte's
+# two levels (one gather per byte decodes faster on CPU than unpacking the nibbles and computing `(k - 8) / 7`)
 
 
 class _Meta(NamedTuple):
@@ -105,10 +110,11 @@ class QuantizedArray(flax_meta.AxisMetadata):
   def tree_unflatten(cls, meta: _Meta, children) -> QuantizedArray:
     return cls(*children, meta=meta)
 
-  method = property(lambda self: self.meta.method, doc="`'nf4'` or `'int8'`.")
+  method = property(lambda self: self.meta.method, doc="`'nf4'`, `'int4'` or `'int8'`.")
   dtype = property(lambda self: self.meta.dtype, doc="The dtype of the kernel before quantization.")
-  block_size = property(lambda self: self.meta.block_size, doc="NF4 block size along the last axis (None: int8).")
-  double_quant = property(lambda self: self.meta.double_quant, doc="Whether the NF4 block scales are quantized.")
+  block_size = property(lambda self: self.meta.block_size,
+                        doc="NF4 / int4 block size along the last axis (None: int8).")
+  double_quant = property(lambda self: self.meta.double_quant, doc="Whether the 4-bit block scales are quantized.")
 
   shape = property(lambda self: (*self.codes.shape[:-1], self.meta.last_dim), doc="The kernel's shape `lead + (d,)`.")
   ndim = property(lambda self: len(self.shape))
@@ -138,7 +144,7 @@ class QuantizedArray(flax_meta.AxisMetadata):
 
   def __repr__(self) -> str:
     m = self.meta
-    extra = f", block_size={m.block_size}, double_quant={m.double_quant}" if m.method == "nf4" else ""
+    extra = f", block_size={m.block_size}, double_quant={m.double_quant}" if m.method in FOUR_BIT else ""
     # children may be specs, None, types (`jax.tree.map(type, ...)`), ...: a shape only when they have one
     shape = self.shape if isinstance(getattr(self.codes, "shape", None), tuple) else "?"
     return f"QuantizedArray({m.method}, shape={shape}, dtype={np.dtype(m.dtype).name}{extra})"
@@ -179,7 +185,7 @@ def _quantize_scales(absmax: jax.Array) -> tuple[jax.Array, jax.Array, jax.Array
 
 
 def _absmax(q: QuantizedArray) -> jax.Array:
-  """The block absmax values of an NF4 array, float32 `lead + (n_blocks,)` (decoded if double-quantized)."""
+  """The block absmax values of a 4-bit array, float32 `lead + (n_blocks,)` (decoded if double-quantized)."""
   if not q.double_quant:
     return jnp.asarray(q.scale, jnp.float32)
   nb = q.scale.shape[-1]
@@ -189,21 +195,23 @@ def _absmax(q: QuantizedArray) -> jax.Array:
   return jnp.maximum(a, 0.0)  # a decoded absmax is never negative
 
 
-def _lookup(codes: jax.Array) -> jax.Array:
-  """Bytes `(..., m)` → their two NF4 levels `(..., m, 2)`, float32: one gather from a 256-entry table."""
+def _lookup(codes: jax.Array, method: str) -> jax.Array:
+  """Bytes `(..., m)` → their two levels `(..., m, 2)`, float32: one gather from a 256-entry table."""
   s, out = jax.typeof(codes).sharding, None
   if s.mesh.shape_tuple:  # an Explicit-axes mesh: the gather must be told that its output follows the codes
     out = NamedSharding(s.mesh, PartitionSpec(*tuple(s.spec), *(None,) * (codes.ndim + 1 - len(s.spec))))
-  return jnp.asarray(_PAIRS).at[codes.astype(jnp.uint32)].get(out_sharding=out)  # unsigned: no negative wrap
+  return jnp.asarray(_PAIRS[method]).at[codes.astype(jnp.uint32)].get(out_sharding=out)  # unsigned: no negative wrap
 
 
-@functools.partial(jax.jit, static_argnames=("block_size", "double_quant"))
-def _nf4(x: jax.Array, block_size: int, double_quant: bool):
+@functools.partial(jax.jit, static_argnames=("method", "block_size", "double_quant"))
+def _four_bit(x: jax.Array, method: str, block_size: int, double_quant: bool):
   d = x.shape[-1]
   blocks = _blocks(x.astype(jnp.float32), block_size)  # lead + (nb, bs)
   absmax = jnp.max(jnp.abs(blocks), axis=-1)
   y = blocks / jnp.where(absmax > 0, absmax, 1.0)[..., None]
-  idx = jnp.searchsorted(jnp.asarray(_MIDPOINTS), y, method="compare_all")  # ties go to the lower level
+  levels = _LEVELS[method]
+  midpoints = (levels[:-1] + levels[1:]) / 2  # (15,): nearest level = number of midpoints below
+  idx = jnp.searchsorted(jnp.asarray(midpoints), y, method="compare_all")  # ties go to the lower level
   codes = _pack(idx.reshape(idx.shape[:-2] + (-1,))[..., :2 * (-(-d // 2))])
   if not double_quant:
     return (codes, absmax), absmax
@@ -243,10 +251,12 @@ def quantize(x: jax.typing.ArrayLike, method: str = "nf4", *, block_size: int = 
     x: the kernel, any floating dtype; Flax layout `(in..., out)`, optionally with
       leading stack axes `(L, in..., out)`.
     method: `'nf4'`: NormalFloat4, one absmax per `block_size` elements along the
-      last axis. `'int8'`: symmetric, one scale per output channel (last axis).
-    block_size: NF4 block length along the last axis; positive and even (QLoRA: 64).
-      Checked for both methods, used by NF4 only.
-    double_quant: NF4 only: quantize the float32 block absmax values to int8 in
+      last axis. `'int4'`: the same blocks with 15 evenly spaced symmetric levels
+      (`round(7·x/absmax)`). `'int8'`: symmetric, one
+      scale per output channel (last axis).
+    block_size: 4-bit block length along the last axis; positive and even (QLoRA: 64).
+      Checked for every method, used by NF4 and int4 only.
+    double_quant: NF4 and int4 only: quantize the float32 block absmax values to int8 in
       groups of up to 256 after subtracting each group's mean (QLoRA's double
       quantization: 4.127-4.15 bits per parameter instead of 4.5).
     stack: int8 only: the number of leading stack axes (1 for a `nn.scan` stack
@@ -278,16 +288,16 @@ def quantize(x: jax.typing.ArrayLike, method: str = "nf4", *, block_size: int = 
         f"`stack` must be an int in [0, {x.ndim - 2}] for a kernel of shape {x.shape} (the number of leading "
         f"scan axes; at least one input axis must remain), got {stack!r}."
     )
-  if method == "nf4":
-    children, absmax = _nf4(x, block_size, double_quant)
-    meta = _Meta("nf4", x.shape[-1], x.dtype, block_size, double_quant)
+  if method in FOUR_BIT:
+    children, absmax = _four_bit(x, method, block_size, double_quant)
+    meta = _Meta(method, x.shape[-1], x.dtype, block_size, double_quant)
   else:
     children, absmax = _int8(x, stack)
     meta = _Meta("int8", x.shape[-1], x.dtype, None, False)
   if not isinstance(absmax, jax.core.Tracer) and not np.isfinite(np.asarray(absmax)).all():
     bad = int(np.sum(~np.isfinite(np.asarray(absmax))))
     raise ValueError(
-        f"`x` (shape {x.shape}) has NaN or inf values in {bad} {'block(s)' if method == 'nf4' else 'channel(s)'}; "
+        f"`x` (shape {x.shape}) has NaN or inf values in {bad} {'block(s)' if method in FOUR_BIT else 'channel(s)'}; "
         "quantizing would spread them over whole blocks. Check the checkpoint the kernel came from."
     )
   return QuantizedArray(*children, meta=meta)
@@ -313,7 +323,7 @@ def _dequantize(q: QuantizedArray, dtype: np.dtype) -> jax.Array:
   lead, m = codes.shape[:-1], codes.shape[-1]
   absmax = _absmax(q)
   nb, bs = absmax.shape[-1], q.block_size
-  vals = _lookup(codes).reshape(lead + (2 * m,))
+  vals = _lookup(codes, q.method).reshape(lead + (2 * m,))
   vals = jnp.pad(vals, [(0, 0)] * len(lead) + [(0, nb * bs - 2 * m)]).reshape(lead + (nb, bs))
   return (vals * absmax[..., None]).reshape(lead + (nb * bs,))[..., :q.meta.last_dim].astype(dtype)
 
@@ -322,7 +332,7 @@ def partition_specs(q: QuantizedArray, spec: PartitionSpec) -> QuantizedArray:
   """Per-child `PartitionSpec`s for `q` from its kernel's `spec`: a tree shaped like `q` (for `jax.device_put`,
   `jit`'s `in_shardings`, `NamedSharding` trees).
 
-  `codes` and the NF4 `scale` take `spec` as is (a sharded last axis keeps blocks
+  `codes` and the NF4 / int4 `scale` take `spec` as is (a sharded last axis keeps blocks
   local when `d` is a multiple of `n_shards · block_size`); `scale2` / `offset`
   replicate their last axis; the int8 `scale` replicates its reduced (size-1) axes.
   """

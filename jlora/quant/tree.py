@@ -44,15 +44,16 @@ def is_kernel(path: tuple[str, ...], leaf: Any) -> bool:
 def quantize(params: Any, method: str = "nf4", *, block_size: int = 64, double_quant: bool = True,
              stack: int | Callable[[tuple[str, ...], Any], int] = 0,
              select: Callable[[tuple[str, ...], Any], bool] = is_kernel) -> Any:
-  """Quantizes the kernels of a frozen base for QLoRA: NF4 (QLoRA's 16 NormalFloat levels) or int8.
+  """Quantizes the kernels of a frozen base for QLoRA: NF4 (QLoRA's 16 NormalFloat levels), int4 or int8.
 
   Args:
     params: the base params (or any pytree); `QuantizedArray`s in it are kept.
     method: `"nf4"` (4-bit codes, two per byte, one absmax per `block_size`
-      values along the last axis) or `"int8"` (symmetric, one scale per output
-      channel).
-    block_size: NF4 block size (even; 64 as in the paper).
-    double_quant: NF4: quantize the block absmax values too (8 bits, groups of
+      values along the last axis), `"int4"` (the same blocks with 15 evenly
+      spaced symmetric levels) or `"int8"` (symmetric,
+      one scale per output channel).
+    block_size: NF4 / int4 block size (even; 64 as in the paper).
+    double_quant: NF4 / int4: quantize the block absmax values too (8 bits, groups of
       256 blocks): ~4.15 instead of 4.5 bits per parameter.
     stack: int8 only: leading scan axes that keep their own scales (1 for the
       kernels of an `nn.scan` stack), or `stack(path, leaf) -> int`.

@@ -102,7 +102,8 @@ class ModelConfig:
   dtype: str = _field("float32", "parameter dtype of the base", ("float32", "bfloat16"))
   quantize: str | None = _field(
     None, "QLoRA: quantize the frozen base's kernels (`nf4`: 4-bit NormalFloat, block 64, double-quantized scales; "
-    "`int8`: per output channel); each is dequantized to `model.dtype` where its layer reads it", (None, "nf4", "int8"))
+    "`int4`: the same blocks, 15 evenly spaced levels; `int8`: per output channel); each is dequantized to "
+    "`model.dtype` where its layer reads it", (None, "nf4", "int4", "int8"))
 
 
 @dataclasses.dataclass(frozen=True)

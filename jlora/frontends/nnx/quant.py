@@ -52,7 +52,7 @@ def _stacks(modules: dict[Path, nnx.Module]) -> dict[Path, int]:
 
 def quantize(model: nnx.Module, method: str = "nf4", *, block_size: int = 64, double_quant: bool = True,
              select: Callable[[tuple[str, ...], Any], bool] = is_kernel) -> nnx.Module:
-  """A copy of an NNX model with its kernels quantized: the frozen base of QLoRA (NF4 or int8).
+  """A copy of an NNX model with its kernels quantized: the frozen base of QLoRA (NF4, int4 or int8).
 
   Each selected parameter becomes a `jlora.nnx.Frozen` variable holding a
   `QuantizedArray` (NF4: 4-bit codes, an absmax per `block_size` values along the
@@ -71,9 +71,9 @@ def quantize(model: nnx.Module, method: str = "nf4", *, block_size: int = 64, do
 
   Args:
     model: an NNX model, with or without adapters.
-    method: `"nf4"` or `"int8"`.
-    block_size: NF4 block size (even; 64 as in the QLoRA paper).
-    double_quant: NF4: quantize the block absmax values too.
+    method: `"nf4"`, `"int4"` or `"int8"` (as for `jlora.quantize`).
+    block_size: NF4 / int4 block size (even; 64 as in the QLoRA paper).
+    double_quant: NF4 / int4: quantize the block absmax values too.
     select: `select(path, value) -> bool`, True = quantize; `path` is the tuple of
       attribute names, e.g. `('layers', '0', 'attn', 'query', 'kernel')`. The
       default (`is_kernel`) takes floating leaves named `kernel` of 2+ dimensions.

@@ -5,6 +5,7 @@ from jlora.adapters.adapter_set import load_adapter_set as load_adapter_set
 from jlora.adapters.bank import AdapterBank as AdapterBank
 from jlora.adapters.bank import stack_adapters as stack_adapters
 from jlora.adapters.convert import convert_to_lora as convert_to_lora
+from jlora.adapters.convert import pad_rank as pad_rank
 from jlora.adapters.run import apply as apply
 from jlora.adapters.run import apply_fn as apply_fn
 from jlora.adapters.weighted import add_weighted_adapter as add_weighted_adapter
@@ -66,6 +67,7 @@ __all__ = [
     "load_quantized",
     "merge",
     "optimizer",
+    "pad_rank",
     "quantize",
     "register_layer",
     "registered_layers",

@@ -28,7 +28,7 @@ from jlora.adapters.adapter_set import BASE, AdapterSet
 from jlora.core import ops as _ops
 from jlora.core.config import LoraConfig
 from jlora.core.targets import Slot, is_lora_key, is_tokens_key, selects
-from jlora.core.tree import Params, _check_tree, adapters, combine, flatten, has_adapters, unflatten
+from jlora.core.tree import Params, _check_tree, adapters, combine, flatten, has_adapters, pad_axis, unflatten
 from jlora.frontends.linen import check_model, run_forward
 from jlora.frontends.linen_forward import Forward
 
@@ -167,12 +167,6 @@ class AdapterBank:
     return jnp.sum((onehot * values[:, None]).sum(0) / jnp.maximum(counts, 1))
 
 
-def _pad(x: jax.Array, axis: int, size: int) -> jax.Array:
-  widths = [(0, 0)] * x.ndim
-  widths[axis] = (0, size - x.shape[axis])
-  return jnp.pad(x, widths)
-
-
 def stack_adapters(adapter_set: AdapterSet, params: Params, *, names: Sequence[str] | None = None,
                    dtype: Any = None) -> AdapterBank:
   """Stacks adapters of a set into an `AdapterBank` for `jlora.apply(model, base, bank, ..., adapter_ids=...)`.
@@ -221,15 +215,15 @@ def stack_adapters(adapter_set: AdapterSet, params: Params, *, names: Sequence[s
   leaves, entries = {}, []
   for slot, ads in per_slot.items():
     first = next(iter(ads.values()))
-    rank_axis = first.stack if first.layout == "concat" else first.b.ndim - 1
+    rank_axis = first.b_rank_axis
     big = max(ad.rank for ad in ads.values())
     a_shape = first.a.shape[:-1] + (big,)
     b_shape = tuple(big if i == rank_axis else d for i, d in enumerate(first.b.shape))
     stack_a, stack_b = [], []
     for k in range(len(names)):
       ad = ads.get(k)
-      stack_a.append(jnp.zeros(a_shape, dtype) if ad is None else _pad(ad.a.astype(dtype), ad.a.ndim - 1, big))
-      stack_b.append(jnp.zeros(b_shape, dtype) if ad is None else _pad(ad.b.astype(dtype), rank_axis, big))
+      stack_a.append(jnp.zeros(a_shape, dtype) if ad is None else pad_axis(ad.a.astype(dtype), ad.a.ndim - 1, big))
+      stack_b.append(jnp.zeros(b_shape, dtype) if ad is None else pad_axis(ad.b.astype(dtype), rank_axis, big))
     leaves[slot.leaf("lora_a")] = jnp.stack(stack_a, axis=-1)
     leaves[slot.leaf("lora_b")] = jnp.stack(stack_b, axis=-1)
     # DoRA magnitudes, where an adapter has one: zeros for the others (they keep their LoRA term, g = 1)

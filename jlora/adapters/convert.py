@@ -1,4 +1,6 @@
-"""`convert_to_lora`: a PiSSA / OLoRA adapter as a plain LoRA adapter of the original weights, as PEFT converts it.
+"""Adapters rewritten into equivalent ones under another config: `convert_to_lora` and `pad_rank`.
+
+`convert_to_lora`: a PiSSA / OLoRA adapter as a plain LoRA adapter of the original weights, as PEFT converts it.
 
 PiSSA and OLoRA move `s·A₀·B₀` out of each kernel at init: the model trains `W_res + s·A·B` with
 `W_res = W0 − s·A₀·B₀`. That adapter belongs to `W_res`, which nobody else has. Since
@@ -6,6 +8,11 @@ PiSSA and OLoRA move `s·A₀·B₀` out of each kernel at init: the model train
 `B' = [B ; −B₀]` of rank `2r` with the same scale (`lora_alpha` doubled too, or times √2 with rsLoRA) gives
 the trained model over the original `W0`: PEFT's `save_pretrained(...,
 path_initial_model_for_weight_conversion=...)` (`LoraModel.subtract_mutated_init`).
+
+`pad_rank`: an adapter of any ranks and scales as one of rank `target_rank` and scale 1 (PEFT's
+`prepare_model_for_compiled_hotswap(target_rank=...)`): `A' = [A | 0]`, `B' = s·[B ; 0]`, so
+`A'·B' = s·A·B`. Adapters of different ranks and alphas over the same targets then share one config and
+one set of shapes, and a jitted step compiled for one runs every other without compiling again.
 """
 
 from __future__ import annotations
@@ -18,9 +25,9 @@ import jax.numpy as jnp
 
 from jlora.core.config import LoraConfig
 from jlora.core.fields import FrozenMapping, rewrites_base
-from jlora.core.tree import Params, _check_tree, adapters, flatten, get_path, slots, split, unflatten
+from jlora.core.tree import Params, _check_tree, adapters, flatten, get_path, pad_axis, slots, split, unflatten
 
-__all__ = ["convert_to_lora"]
+__all__ = ["convert_to_lora", "pad_rank"]
 
 
 def convert_to_lora(trained: Params, initial: Params, config: LoraConfig) -> tuple[dict, LoraConfig]:
@@ -77,9 +84,8 @@ def convert_to_lora(trained: Params, initial: Params, config: LoraConfig) -> tup
       raise ValueError(f"convert_to_lora: the adapter at {ad.slot.where!r} has lora_a {tuple(ad.a.shape)}, lora_b "
                        f"{tuple(ad.b.shape)} in `trained` but {tuple(a0.shape)}, {tuple(b0.shape)} in `initial`; "
                        "pass the params jlora.init returned for this run.")
-    rank_axis = ad.stack if ad.layout == "concat" else -1  # where B holds r
     out[(*ad.slot.module, ad.slot.a_key)] = jnp.concatenate([ad.a, a0.astype(ad.a.dtype)], -1)
-    out[(*ad.slot.module, ad.slot.b_key)] = jnp.concatenate([ad.b, -b0.astype(ad.b.dtype)], rank_axis)
+    out[(*ad.slot.module, ad.slot.b_key)] = jnp.concatenate([ad.b, -b0.astype(ad.b.dtype)], ad.b_rank_axis)
   return unflatten(out), _doubled(config)
 
 
@@ -109,4 +115,57 @@ def _doubled(config: LoraConfig) -> LoraConfig:
       config, r=2 * config.r, lora_alpha=alpha(config.lora_alpha), init_lora_weights=True,
       rank_pattern=FrozenMapping({k: 2 * v for k, v in config.rank_pattern.items()}),
       alpha_pattern=FrozenMapping({k: alpha(v) for k, v in config.alpha_pattern.items()}))
+
+
+
+def pad_rank(params: Params, config: LoraConfig, target_rank: int, *,
+             kernels: Params | None = None) -> tuple[dict, LoraConfig]:
+  """An adapter of rank `target_rank` and scale 1 that computes what `params` computes under `config`.
+
+  For swapping adapters of different ranks and alphas into one compiled step (PEFT's
+  `prepare_model_for_compiled_hotswap(target_rank=...)`): `A' = [A | 0]` and `B' = s·[B ; 0]` with `s` each
+  module's scale (after `rank_pattern`, `alpha_pattern` and rsLoRA), so `A'·B' = s·A·B` and the DoRA
+  magnitudes are unchanged. Every adapter padded to the same `target_rank` over the same targets has the
+  same shapes and the same returned config, so `jax.jit(lambda t, f: jlora.apply(model, jlora.combine(t, f),
+  config, x))` compiles once for all of them. The padded rows and columns get zero gradients, so training a
+  padded adapter trains the original rank.
+
+  Args:
+    params: a tree holding the adapters (the whole params, or the trainable half of `jlora.split` with
+      `kernels` given); other leaves (biases, `modules_to_save`, trainable tokens) are kept as they are.
+    config: the config the adapters were made with.
+    target_rank: the rank to pad to: at least every module's rank.
+    kernels: a tree to read the kernels from (their layout says where `B` holds its rank), when `params`
+      holds only adapters.
+
+  Returns:
+    `(tree, config)`: `params` with every `lora_a` / `lora_b` padded and scaled, and `config` with
+    `r=target_rank`, `lora_alpha=target_rank`, no `rank_pattern` / `alpha_pattern` and `use_rslora=False`
+    (scale 1 everywhere).
+
+  Raises:
+    TypeError: `params` is not a nested dict, `config` not a `LoraConfig`, `target_rank` not an int.
+    ValueError: `target_rank` below a module's rank (the message names it), or an adapter that does not fit
+      its kernel.
+
+  Example:
+    >>> tree_a, canonical = jlora.pad_rank(trainable_a, config_a, 16, kernels=frozen)  # doctest: +SKIP
+    >>> tree_b, _ = jlora.pad_rank(trainable_b, config_b, 16, kernels=frozen)          # doctest: +SKIP
+    >>> step(tree_a, frozen); step(tree_b, frozen)         # one compile for both       # doctest: +SKIP
+  """
+  _check_tree(params, "params")
+  if not isinstance(config, LoraConfig):
+    raise TypeError(f"`config` must be a jlora.LoraConfig, got {type(config).__name__}.")
+  if not isinstance(target_rank, int) or isinstance(target_rank, bool) or target_rank < 1:
+    raise TypeError(f"`target_rank` must be a positive int (the rank every adapter is padded to), got {target_rank!r}.")
+  out = flatten(params)
+  for ad in adapters(params, config, kernels=kernels):
+    if ad.rank > target_rank:
+      raise ValueError(f"pad_rank: the adapter at {ad.slot.where!r} has rank {ad.rank}, above `target_rank`="
+                       f"{target_rank}; pass target_rank >= {ad.rank} (the largest rank of the adapters you swap).")
+    out[(*ad.slot.module, ad.slot.a_key)] = pad_axis(ad.a, ad.a.ndim - 1, target_rank)
+    out[(*ad.slot.module, ad.slot.b_key)] = pad_axis(ad.b * jnp.asarray(ad.scale, ad.b.dtype), ad.b_rank_axis,
+                                                     target_rank)
+  return unflatten(out), dataclasses.replace(config, r=target_rank, lora_alpha=target_rank, use_rslora=False,
+                                             rank_pattern=FrozenMapping({}), alpha_pattern=FrozenMapping({}))
 

@@ -9,6 +9,8 @@ from __future__ import annotations
 from collections.abc import Callable, Iterator, Mapping
 from typing import Any, NamedTuple
 
+import jax.numpy as jnp
+
 from jlora.core import ops as _ops
 from jlora.core.config import LoraConfig
 from jlora.core.targets import (
@@ -26,7 +28,7 @@ from jlora.core.targets import (
 __all__ = [
     "LORA_KEYS", "KERNEL_KEYS", "Adapter", "adapters", "check_adapters", "module_dicts", "slots",
     "adapted_modules", "check_magnitude", "labels", "trainable_mask", "split", "combine", "get_path", "has_adapters", "flatten",
-    "unflatten",
+    "pad_axis", "unflatten",
 ]
 
 Params = Mapping[str, Any]
@@ -119,6 +121,18 @@ class Adapter(NamedTuple):
   def magnitude(self) -> Any:
     """The DoRA magnitude, or None for a plain LoRA adapter."""
     return self.leaves.get(MAGNITUDE_KEY)
+
+  @property
+  def b_rank_axis(self) -> int:
+    """The axis of `lora_b` that holds the rank (`lora_a`'s is its last)."""
+    return self.stack if self.layout == "concat" else self.b.ndim - 1
+
+
+def pad_axis(x: Any, axis: int, size: int) -> Any:
+  """`x` with zeros appended along `axis` up to `size` (an adapter's rank padded: the product is unchanged)."""
+  widths = [(0, 0)] * x.ndim
+  widths[axis] = (0, size - x.shape[axis])
+  return jnp.pad(x, widths)
 
 
 def adapters(params: Params, config: LoraConfig, *, kernels: Params | None = None) -> Iterator[Adapter]:

@@ -89,6 +89,8 @@ out["placement"] = {"trainable": spec(t) == rule, "opt_state": spec(o) == spec(o
                     "frozen": all(frozen[k] == base[k] for k in frozen), "loss": str(loss.sharding.spec),
                     "batch": str(batch["ids"].sharding.spec), "q_a": rule["model"]["layers"]["self_attn"]["q_proj"]["lora_a"],
                     "q_b": spec(t)["model"]["layers"]["self_attn"]["q_proj"]["lora_b"],
+                    "q_b_compute": spec(layout.gathered(_mesh.shardings(setup.trainable)))["model"]["layers"][
+                        "self_attn"]["q_proj"]["lora_b"],
                     "v_b_mu": mu["model"]["layers"]["self_attn"]["v_proj"]["lora_b"],
                     "q_kernel": frozen["model"]["layers"]["self_attn"]["q_proj"]["kernel"]}
 # Full fine-tuning (`train.method=full`) on the (2, 2, 2) mesh and on one device: every weight trains.
@@ -173,6 +175,8 @@ def test_a_arrays_stay_where_the_rules_put_them(runs):
   # B: the kernel's output axis over `tensor`, and its rank over `fsdp` (ZeRO-style: the rule alone would leave B
   # whole on each `fsdp` device); its AdamW moments follow.
   assert placement["q_b"] == placement["v_b_mu"] == "P(None, 'fsdp', 'tensor')"
+  # the step gathers it whole along the rank for its matmuls (the TPU compiler's loop over a split rank is costly)
+  assert placement["q_b_compute"] == "P(None, None, 'tensor')"
 
 
 def test_a_full_fine_tuning_on_a_mesh_takes_the_one_device_steps(runs):

@@ -120,9 +120,13 @@ def make_train_step(setup: Setup, *, temperature: float, dropout: bool, sharding
   """
   task, model, apply_fn, tx = setup.task, setup.base.model, setup.apply_fn, setup.tx
   dropout = dropout and setup.method == "lora"
+  # adapters stored split along their rank are gathered for the matmuls (`Layout.gathered`)
+  compute = None if setup.layout is None or shardings is None else setup.layout.gathered(shardings[0])
 
   def step(trainable, opt_state, frozen, batch, rng):
     def loss_fn(t):
+      if compute is not None and setup.method == "lora":
+        t = jax.lax.with_sharding_constraint(t, compute)
       return task.loss(_bind(apply_fn, jlora.combine(t, frozen), rng if dropout else None), batch, model, temperature)
 
     loss, grads = jax.value_and_grad(loss_fn)(trainable)

@@ -11,6 +11,7 @@ import pytest
 import jlora
 from jlora.core.tree import flatten, get_path
 from jlora.core.variants import init_for
+from jlora.quant.array import QuantizedArray, dequantize, quantize
 from tests import zoo
 
 CASES = {c.name: c for c in zoo.cases()}
@@ -130,7 +131,7 @@ def test_refusals():
   with pytest.raises(ValueError, match=r"`init_lora_weights`='eva' is an initialisation of PEFT's that jlora\.init "
                                        r"does not implement .* 'pissa_niter_\[n\]'"):
     init_for("eva")
-  with pytest.raises(ValueError, match=r"`init_lora_weights` must be one of .*'olora' or 'pissa_niter_\[n\]'.*got "
+  with pytest.raises(ValueError, match=r"`init_lora_weights` must be one of .*'loftq' or 'pissa_niter_\[n\]'.*got "
                                        r"'pissa_niter_x'"):
     jlora.LoraConfig(init_lora_weights="pissa_niter_x")
   assert jlora.LoraConfig(init_lora_weights="PiSSA_niter_16").init_lora_weights == "pissa_niter_16"
@@ -202,3 +203,82 @@ def test_peft_loads_the_converted_adapter_over_the_original_base(tmp_path):
     theirs = model(torch.tensor(np.asarray(case.inputs))).numpy()
   want = np.asarray(jlora.apply(case.model, trained, cfg, case.inputs))
   np.testing.assert_allclose(theirs, want, rtol=1e-5, atol=1e-5 * np.abs(want).max())
+
+
+# ------------------------------------------------------------------ LoftQ
+def _loftq(case, bits, iters, r=4):
+  cfg = jlora.LoraConfig(r=r, lora_alpha=8, target_modules=case.targets, init_lora_weights="loftq",
+                         loftq_config={"loftq_bits": bits, "loftq_iter": iters})
+  return cfg, jlora.init(jax.random.key(1), case.model, zoo.build(case), cfg, case.inputs)
+
+
+def _kernels(params):
+  """`{module path: (kernel, A, B)}` of the adapted Dense kernels (inputs × outputs, leading scan axes)."""
+  return {p[:-1]: (get_path(params, p[:-1] + ("kernel",)), get_path(params, p), get_path(params, p[:-1] + ("lora_b",)))
+          for p in flatten(params) if p[-1] == "lora_a"}
+
+
+@pytest.mark.parametrize("name, bits", [("mlp", 4), ("scan", 4), ("scan", 8)])
+def test_loftq_quantizes_the_base_and_fits_the_adapter_to_what_rounding_lost(name, bits):
+  """One round (PEFT's `loftq_iter=1`): the kernel is the quantization of W0, and s·A·B the best rank-r
+  approximation of W0 − deq(Q) (the top-r SVD, per layer of a scanned stack; DenseGeneral kernels as matrices)."""
+  case = CASES[name]
+  base = zoo.build(case)
+  cfg, params = _loftq(case, bits, 1)
+  found = _kernels(params)
+  assert len(found) >= 3
+  for module, (q, a, b) in found.items():
+    w = np.asarray(get_path(base, module + ("kernel",)), np.float32)
+    stack = 1 if module[0] == "layers" else 0  # the scanned stack's layer axis
+    assert isinstance(q, QuantizedArray) and q.method == {4: "nf4", 8: "int8"}[bits] and q.shape == w.shape
+    jax.tree.map(np.testing.assert_array_equal, q, quantize(w, q.method, stack=stack if q.method == "int8" else 0))
+    lost = w - np.asarray(dequantize(q, jnp.float32))
+    lost = lost.reshape(w.shape[:stack] + (int(np.prod(a.shape[stack:-1])), -1))  # S + (fan_in, fan_out)
+    u, s, vh = np.linalg.svd(lost, full_matrices=False)
+    best = (u[..., :4] * s[..., None, :4]) @ vh[..., :4, :]
+    low = (np.asarray(a).reshape(lost.shape[:-1] + (4,)) @ np.asarray(b).reshape(lost.shape[:-2] + (4, -1)))
+    np.testing.assert_allclose(cfg.scale_for("/".join(module)) * low, best, rtol=1e-4, atol=1e-5 * np.abs(best).max())
+
+
+def test_loftq_rounds_shrink_the_error_below_plain_quantization():
+  """LoftQ's objective: ‖W0 − deq(Q) − s·A·B‖ is below plain NF4's ‖W0 − deq(q(W0))‖ and does not grow with more
+  rounds; the factored model at init is the merged one (deq(Q) + s·A·B, in full precision)."""
+  case = CASES["mlp"]
+  base = zoo.build(case)
+
+  def error(iters):
+    cfg, params = _loftq(case, 4, iters)
+    merged = jlora.merge(params, cfg)  # adapted kernels: deq(Q) + s·A·B
+    np.testing.assert_allclose(jlora.apply(case.model, params, cfg, case.inputs),
+                               case.model.apply({"params": merged}, case.inputs), rtol=1e-5, atol=1e-6)
+    return sum(float(np.linalg.norm(np.asarray(base[m]["kernel"]) - np.asarray(merged[m]["kernel"])))
+               for m in case.targets)
+
+  plain = sum(float(np.linalg.norm(np.asarray(base[m]["kernel"]) - np.asarray(
+      dequantize(quantize(base[m]["kernel"], "nf4"), jnp.float32)))) for m in case.targets)
+  one, three = error(1), error(3)
+  assert three <= one * (1 + 1e-6) and one < 0.9 * plain, (one, three, plain)
+
+
+def test_loftq_refusals_and_config():
+  case = CASES["mlp"]
+  base = zoo.build(case)
+  with pytest.raises(ValueError, match=r"init_lora_weights='loftq' needs `loftq_config`.*'loftq_bits': 4"):
+    jlora.init(jax.random.key(1), case.model, base, jlora.LoraConfig(r=2, target_modules=["fc_0"],
+                                                                     init_lora_weights="loftq"), case.inputs)
+  with pytest.raises(ValueError, match=r"`loftq_config\['loftq_bits'\]` must be 4 \(an NF4 base\) or 8 \(int8\), "
+                                       r"got 2"):
+    jlora.LoraConfig(loftq_config={"loftq_bits": 2})
+  with pytest.raises(ValueError, match=r"`loftq_config\['loftq_iter'\]` must be an int >= 1.*got 0"):
+    jlora.LoraConfig(loftq_config={"loftq_bits": 4, "loftq_iter": 0})
+  with pytest.raises(ValueError, match=r"`loftq_config` must be a mapping with keys 'loftq_bits' and 'loftq_iter'"):
+    jlora.LoraConfig(loftq_config={"bits": 4})
+  cfg = jlora.LoraConfig(r=2, target_modules=["per_head"], init_lora_weights="loftq", loftq_config={"loftq_bits": 4})
+  einsum = CASES["einsum"]
+  with pytest.raises(ValueError, match=r"init_lora_weights='loftq' is not supported for the einsum at 'per_head'"):
+    jlora.init(jax.random.key(1), einsum.model, zoo.build(einsum), cfg, einsum.inputs)
+  cfg = dataclasses.replace(cfg, target_modules=("fc_0",))
+  with pytest.raises(ValueError, match=r"init_lora_weights='loftq' rewrites the kernel at 'fc_0', which is quantized"):
+    jlora.init(jax.random.key(1), case.model, jlora.quantize(base, "nf4"), cfg, case.inputs)
+  assert cfg.loftq_config == {"loftq_bits": 4, "loftq_iter": 1}  # PEFT's LoftQConfig defaults fill the rest
+  assert jlora.LoraConfig.from_dict(cfg.to_dict()) == cfg and jlora.LoraConfig().to_dict()["loftq_config"] == {}

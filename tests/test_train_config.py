@@ -89,6 +89,11 @@ def test_overrides_parse_yaml_values():
     (["train.method=full", "lora.init_from=runs/a/adapter"], ValueError, r"but `lora.init_from` is 'runs/a/adapter'"),
     (["train.method=full", "optimizer.lora_plus_ratio=16"], ValueError, r"but `optimizer.lora_plus_ratio` is 16.0"),
     (["train.method=full", "outputs.adapter_set=adapters"], ValueError, r"but `outputs.adapter_set` is 'adapters'"),
+    # LoftQ fits its adapter to the base `model.quantize` makes: the same method, one round
+    (["lora.init_lora_weights=loftq", "lora.loftq_config={loftq_bits: 4}"], ValueError,
+     r"`lora.init_lora_weights: loftq` with loftq_bits=4 needs `model.quantize: nf4` \(got None: the base"),
+    (["lora.init_lora_weights=loftq", "lora.loftq_config={loftq_bits: 8, loftq_iter: 2}", "model.quantize=int8"],
+     ValueError, r"loftq_bits=8 needs `loftq_iter: 1` \(got 2: `jlora train` rebuilds"),
   ],
 )
 def test_bad_values_name_the_key(overrides, error, match):

@@ -63,9 +63,16 @@ class LoraConfig:
       `"orthogonal"` (A, B non-zero, of rank r/2, `A·B = 0`; r even), `"pissa"`
       (A, B from the top-r SVD of W0; the residual replaces W0), `"pissa_niter_[n]"`
       (the same by a randomized SVD of n iterations) or `"olora"` (A, B from the QR
-      decomposition of W0; the residual replaces W0). PEFT's `"eva"`, `"loftq"`,
-      `"corda"`, `"astra"`, `"lora_ga"`, `"mica"` and `"nora"` are accepted as the
-      history of a trained adapter (`jlora.load_peft`); `jlora.init` refuses them.
+      decomposition of W0; the residual replaces W0) or `"loftq"` (LoftQ, with
+      `loftq_config`: each targeted kernel becomes its NF4 or int8 quantization
+      `Q` and A, B the top-r SVD of what quantizing lost, so `deq(Q) + s·A·B ≈ W0`:
+      QLoRA's base with an adapter that starts by making up for the rounding).
+      PEFT's `"eva"`, `"corda"`, `"astra"`, `"lora_ga"`, `"mica"` and `"nora"` are
+      accepted as the history of a trained adapter (`jlora.load_peft`); `jlora.init`
+      refuses them.
+    loftq_config: LoftQ's settings (PEFT's `LoftQConfig` as a dict): `loftq_bits`
+      4 (NF4, blocks of 64, double-quantized scales) or 8 (int8 per output channel),
+      and `loftq_iter` (alternations of quantizing and SVD, >= 1).
     modules_to_save: modules (matched like a `target_modules` list) whose every
       parameter trains fully and is saved with the adapter, e.g. a new classifier.
     trainable_token_indices: rows of an embedding that train, the rest frozen
@@ -96,6 +103,7 @@ class LoraConfig:
   use_rslora: bool = False
   use_dora: bool = False
   init_lora_weights: bool | str = True
+  loftq_config: FrozenMapping | None = None
   modules_to_save: tuple[str, ...] | None = None
   trainable_token_indices: tuple[int, ...] | FrozenMapping | None = None
   task_type: TaskType | None = None
@@ -139,6 +147,8 @@ class LoraConfig:
       out[f.name] = value
     if out["layers_pattern"] is not None and len(out["layers_pattern"]) == 1:
       out["layers_pattern"] = out["layers_pattern"][0]
+    if out["loftq_config"] is None:
+      out["loftq_config"] = {}  # PEFT's default
     return out
 
   def to_json(self, path: str | os.PathLike | None = None) -> str:
@@ -154,7 +164,7 @@ class LoraConfig:
     """Builds a config from a PEFT-style dict.
 
     Unknown keys are ignored with a warning. PEFT's keys that configure an
-    initialisation (`eva_config`, `loftq_config`, `corda_config`, ...) are dropped:
+    initialisation (`eva_config`, `corda_config`, ...) are dropped:
     they mattered when training started, not to the adapter a file holds. PEFT
     features and variants whose forward is not plain LoRA or DoRA (LoRA bias,
     QA-LoRA, BD-LoRA, KaSA, VeLoRA, MonteCLoRA, aLoRA, Arrow, ...) raise, naming
@@ -267,7 +277,7 @@ _UNSUPPORTED = {
 _PEFT_IGNORED = {
     "auto_mapping", "megatron_core", "runtime_config", "qalora_group_size",
     "ensure_weight_tying", "layers_pattern_hint", "peft_version",
-    "loftq_config", "eva_config", "corda_config", "astra_config", "lora_ga_config",
+    "eva_config", "corda_config", "astra_config", "lora_ga_config",
 }
 
 

@@ -15,18 +15,21 @@ import re
 from collections.abc import Iterator, Mapping, Sequence
 from typing import Any
 
-__all__ = ["ALL_LINEAR", "BIAS_MODES", "INIT_METHODS", "PEFT_ONLY_INITS", "FrozenMapping", "TaskType", "normalize",
+__all__ = ["ALL_LINEAR", "BIAS_MODES", "INIT_METHODS", "LOFTQ_BITS", "PEFT_ONLY_INITS", "FrozenMapping", "TaskType",
+           "normalize",
            "pattern_lookup", "pissa_niter", "rewrites_base"]
 
 BIAS_MODES = ("none", "all", "lora_only")
 # The initialisations `jlora.init` runs (and `"pissa_niter_[n]"`, n >= 0: PiSSA by a randomized SVD).
-INIT_METHODS = (True, False, "gaussian", "orthogonal", "pissa", "olora")
+INIT_METHODS = (True, False, "gaussian", "orthogonal", "pissa", "olora", "loftq")
 # PEFT's other values of `init_lora_weights`: a config read from a trained adapter may name them (its A and B are
 # loaded, not initialised); `jlora.init` refuses them.
-PEFT_ONLY_INITS = ("eva", "loftq", "corda", "astra", "lora_ga", "mica", "nora")
+PEFT_ONLY_INITS = ("eva", "corda", "astra", "lora_ga", "mica", "nora")
 # Those that move part of W0 into the adapter at init (PEFT's `path_initial_model_for_weight_conversion` converts
-# them): such an adapter belongs to the rewritten base, not to the original.
+# them): such an adapter belongs to the rewritten base, not to the original. (LoftQ's adapter belongs to its
+# quantized base, which it was fitted to, and is kept with it.)
 _REWRITE_BASE = ("pissa", "olora", "corda", "astra", "lora_ga")
+LOFTQ_BITS = {4: "nf4", 8: "int8"}  # `loftq_config["loftq_bits"]` -> the jlora quantization of the base
 ALL_LINEAR = "all-linear"
 
 
@@ -185,6 +188,23 @@ def _token_indices(value: Any) -> tuple[int, ...] | FrozenMapping | None:
   return _ids("trainable_token_indices", value)
 
 
+def _loftq_config(value: Any) -> FrozenMapping | None:
+  """PEFT's `LoftQConfig` as a mapping: `{"loftq_bits": 4 or 8, "loftq_iter": n >= 1}` (None or `{}`: unset)."""
+  if value is None or (isinstance(value, Mapping) and not value):
+    return None
+  fix = "e.g. loftq_config={'loftq_bits': 4, 'loftq_iter': 1}"
+  if not isinstance(value, Mapping) or set(value) - {"loftq_bits", "loftq_iter"}:
+    raise ValueError(f"`loftq_config` must be a mapping with keys 'loftq_bits' and 'loftq_iter' (PEFT's LoftQConfig), "
+                     f"got {value!r}; {fix}.")
+  bits, iters = value.get("loftq_bits", 4), value.get("loftq_iter", 1)
+  if isinstance(bits, bool) or bits not in LOFTQ_BITS:
+    raise ValueError(f"`loftq_config['loftq_bits']` must be 4 (an NF4 base) or 8 (int8), got {bits!r}; {fix}.")
+  if isinstance(iters, bool) or not isinstance(iters, int) or iters < 1:
+    raise ValueError(f"`loftq_config['loftq_iter']` must be an int >= 1 (alternations of quantizing and SVD), got "
+                     f"{iters!r}; {fix}.")
+  return FrozenMapping({"loftq_bits": int(bits), "loftq_iter": iters})
+
+
 def _pattern(name: str, value: Any, number_type: type) -> FrozenMapping:
   if value is None:
     return FrozenMapping()
@@ -231,6 +251,7 @@ def normalize(cfg: Any) -> dict[str, Any]:
         f"name), got {cfg.init_lora_weights!r}."
     )
   out["init_lora_weights"] = init
+  out["loftq_config"] = _loftq_config(cfg.loftq_config)
 
   layers = cfg.layers_to_transform
   if layers is not None:

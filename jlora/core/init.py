@@ -68,7 +68,8 @@ def add_adapters(key: jax.Array, params: Params, config: LoraConfig, sites: Sequ
     stacked[site.path] = extra
   out = _copy_dicts(params)
   chosen = select_sites(config, sites, stacked)
-  variant, initial, method = variant_of(config), init_for(config.init_lora_weights), config.init_lora_weights
+  method = config.init_lora_weights
+  variant, initial = variant_of(config), init_for(method, config.loftq_config)
   for site in chosen if initial.rewrites_kernel else ():
     kernel, where = get_path(out, site.module + (site.kernel_name,)), path_str(site.path)
     if isinstance(kernel, QuantizedArray):

@@ -13,7 +13,7 @@ sit in a tree (`lora_a`, `<weight>_lora_a`, ...) is `jlora.core.targets.leaf_nam
 
 An initialisation (`INITS`, keyed by `LoraConfig.init_lora_weights`) is a value too:
 `Init(fn, reads_kernel, rewrites_kernel)`, `fn(key, site, r, scale, stack, kernel, dtype) -> (A, B, W or None)`
-(`W` when it rewrites the kernel, as PiSSA and OLoRA do).
+(`W` when it rewrites the kernel: PiSSA's and OLoRA's residual, LoftQ's quantized `QuantizedArray`).
 
 DoRA (Liu et al. 2024) writes the adapted weight as a magnitude times a direction,
 `W = m · (W0 + s·A·B) / ‖W0 + s·A·B‖`, the norm taken per output element over its
@@ -39,8 +39,9 @@ import numpy as np
 from jax import lax
 
 from jlora.core import ops as _ops
-from jlora.core.fields import pissa_niter
+from jlora.core.fields import LOFTQ_BITS, pissa_niter
 from jlora.core.targets import LORA_KEYS, MAGNITUDE_KEY, Site
+from jlora.quant.array import QuantizedArray, dequantize, quantize
 
 __all__ = ["Variant", "LORA", "DORA", "ROLES", "variant_of", "variant_of_leaves", "Init", "INITS", "init_for"]
 
@@ -319,8 +320,35 @@ def _olora(key, site, r, scale, stack, kernel, dtype):
                    scale, dtype)
 
 
+def _loftq(bits: int, iters: int) -> Callable[..., tuple[jax.Array, jax.Array, QuantizedArray]]:
+  """LoftQ (Li et al. 2023; PEFT's `loftq_init`): the kernel becomes its quantization `Q` (NF4 for 4 bits, int8
+  for 8) and `A`, `B` the top-r SVD of what quantizing lost, scaled so that `deq(Q) + s·A·B ≈ W0`.
+
+  Each of `iters` rounds quantizes `W0 − s·A·B` (the first quantizes `W0` itself) and takes the SVD of
+  `W0 − deq(Q)`; `A = U_r √S_r / √s`, `B = √S_r V_rᵀ / √s` (PEFT puts `√S` in both factors too, but leaves out
+  `s`, which is the same at `lora_alpha = r`). The kernel written is the `QuantizedArray` `Q`, in the kernel's
+  dtype: the QLoRA base that this adapter starts fitted to.
+  """
+  method = LOFTQ_BITS[bits]
+
+  def fn(key, site, r, scale, stack, kernel, dtype):
+    _matrix_site("loftq", site)
+    w = kernel.astype(jnp.float32)
+    target = w
+    for i in range(iters):
+      q = quantize(target.astype(kernel.dtype), method, stack=len(stack) if method == "int8" else 0)
+      u, sv, vh = jnp.linalg.svd(_to_matrix(site, stack, w - dequantize(q, jnp.float32)), full_matrices=False)
+      root = jnp.sqrt(sv[..., :r]) / math.sqrt(scale)
+      a, b = u[..., :, :r] * root[..., None, :], root[..., :, None] * vh[..., :r, :]
+      if i + 1 < iters:
+        target = w - _from_matrix(site, stack, scale * jnp.matmul(a, b, precision=lax.Precision.HIGHEST), jnp.float32)
+    return (*_leaves(site, r, stack, a, b, dtype), q)
+
+  return fn
+
+
 # `LoraConfig.init_lora_weights` -> its initialisation. A new init is one entry here (and its name in
-# `jlora.core.fields`); `"pissa_niter_[n]"` is the one family, read by `init_for`.
+# `jlora.core.fields`); `"pissa_niter_[n]"` and `"loftq"` (with its `loftq_config`) are read by `init_for`.
 INITS: dict[Any, Init] = {
     True: Init(_drawn(True)),
     "gaussian": Init(_drawn("gaussian")),
@@ -331,13 +359,20 @@ INITS: dict[Any, Init] = {
 }
 
 
-def init_for(method: Any) -> Init:
-  """The `Init` of an `init_lora_weights` value (`"pissa_niter_[n]"`: PiSSA by a randomized SVD of `n` iterations).
+def init_for(method: Any, loftq_config: Mapping[str, int] | None = None) -> Init:
+  """The `Init` of an `init_lora_weights` value (`"pissa_niter_[n]"`: PiSSA by a randomized SVD of `n` iterations;
+  `"loftq"`: LoftQ with `loftq_config`).
 
   Raises:
-    ValueError: a method jlora does not initialise with (PEFT's data-driven or quantization-aware inits, which a
-      config read from a trained adapter may name).
+    ValueError: a method jlora does not initialise with (PEFT's data-driven inits, which a config read from a
+      trained adapter may name), or `"loftq"` without `loftq_config`.
   """
+  if method == "loftq":
+    if not loftq_config:
+      raise ValueError("init_lora_weights='loftq' needs `loftq_config` (how to quantize the base), as in PEFT; e.g. "
+                       "LoraConfig(init_lora_weights='loftq', loftq_config={'loftq_bits': 4, 'loftq_iter': 1}).")
+    return Init(_loftq(loftq_config["loftq_bits"], loftq_config["loftq_iter"]), reads_kernel=True,
+                rewrites_kernel=True)
   for key, init in INITS.items():
     if type(key) is type(method) and key == method:
       return init

@@ -34,6 +34,7 @@ from typing import Any
 
 from jlora.adapters.adapter_set import check_name
 from jlora.core.config import LoraConfig
+from jlora.core.fields import LOFTQ_BITS
 from jlora.train._mesh_config import MeshConfig
 
 __all__ = ["CheckpointConfig", "Config", "DataConfig", "MeshConfig", "ModelConfig", "OptimizerConfig",
@@ -257,7 +258,25 @@ class Config:
         raise ValueError(f"{source}: {e}") from None
     config = cls(lora=_lora(lora, source), init_from=init_from, **parts)
     _check_method(config, source)
+    _check_loftq(config, source)
     return config
+
+
+def _check_loftq(config: Config, source: str) -> None:
+  """LoftQ trains over the base quantized as `model.quantize` says, which must be what LoftQ fits: the same
+  method, and one round (whose quantized kernels are exactly `model.quantize`'s, so every later tool that
+  quantizes the base again, `merged/`, `jlora merge`, `jlora generate`, rebuilds the same base)."""
+  if config.lora.init_lora_weights != "loftq" or config.lora.loftq_config is None:
+    return
+  bits, iters = config.lora.loftq_config["loftq_bits"], config.lora.loftq_config["loftq_iter"]
+  method = LOFTQ_BITS[bits]
+  needs = [f"`model.quantize: {method}` (got {config.model.quantize!r}: the base LoftQ fits the adapter to)"
+           ] if config.model.quantize != method else []
+  if iters != 1:
+    needs.append(f"`loftq_iter: 1` (got {iters}: `jlora train` rebuilds the quantized base from the original "
+                 "weights, which reproduces one round's kernels only)")
+  if needs:
+    raise ValueError(f"{source}: `lora.init_lora_weights: loftq` with loftq_bits={bits} needs {' and '.join(needs)}.")
 
 
 def _check_method(config: Config, source: str) -> None:

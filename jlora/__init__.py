@@ -11,6 +11,7 @@ from jlora.adapters.run import apply_fn as apply_fn
 from jlora.adapters.weighted import add_weighted_adapter as add_weighted_adapter
 from jlora.core.config import LoraConfig as LoraConfig
 from jlora.core.fields import TaskType as TaskType
+from jlora.core.fields import default_target_modules as default_target_modules
 from jlora.core.init import init_tree as init_tree
 from jlora.core.merge import apply_merged as apply_merged
 from jlora.core.merge import dora_norms as dora_norms
@@ -56,6 +57,7 @@ __all__ = [
     "apply_merged",
     "combine",
     "convert_to_lora",
+    "default_target_modules",
     "dequantize",
     "dora_norms",
     "init",

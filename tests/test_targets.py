@@ -1,6 +1,11 @@
 """Target matching: exact, suffix, regex, all-linear without the head, exclude, layers_to_transform; errors."""
 
+import types
+from typing import Any
+
+import flax.linen as nn
 import jax
+import jax.numpy as jnp
 import pytest
 
 import jlora
@@ -151,3 +156,33 @@ def test_apply_checks_the_whole_selection_rule():
   with pytest.raises(ValueError, match=r"holds an adapter at 'layers_1/attn/query', which the config .*"
                                        r"layers_to_transform=\(0,\)\) does not select"):
     jlora.apply(LOOP.model, params, narrower, LOOP.inputs)
+
+
+def test_default_target_modules_are_peft_s_and_a_hugging_face_module_s_missing_targets_name_them():
+  """PEFT fills `target_modules` by `model_type` at `get_peft_model`; jlora names them (`default_target_modules`),
+  and `jlora.init` of a module with a `config.model_type` (Hugging Face's Flax modules) says which they are."""
+  mapping = pytest.importorskip("peft.utils.constants").TRANSFORMERS_MODELS_TO_LORA_TARGET_MODULES_MAPPING
+  from jlora.core.fields import DEFAULT_TARGET_MODULES
+
+  assert len(DEFAULT_TARGET_MODULES) >= 25
+  for model_type, targets in DEFAULT_TARGET_MODULES.items():
+    assert jlora.default_target_modules(model_type) == targets == tuple(mapping[model_type]), model_type
+  with pytest.raises(ValueError, match=r"`model_type`='mamba' has no default target modules .*'llama'.*all-linear"):
+    jlora.default_target_modules("mamba")
+
+  class Llama(nn.Module):  # a stand-in for Hugging Face's FlaxLlamaModule: a `config` with a `model_type`
+    config: Any
+
+    @nn.compact
+    def __call__(self, x):
+      return nn.Dense(4, name="q_proj")(x) + nn.Dense(4, name="v_proj")(x)
+
+  model, x = Llama(types.SimpleNamespace(model_type="llama")), jnp.ones((2, 3))
+  params = model.init(jax.random.key(0), x)["params"]
+  with pytest.raises(ValueError, match=r"`target_modules` is not set\. PEFT's default for this model's model_type "
+                                       r"'llama' is \['q_proj', 'v_proj'\]: pass LoraConfig\(target_modules=jlora\."
+                                       r"default_target_modules\('llama'\)"):
+    jlora.init(jax.random.key(1), model, params, jlora.LoraConfig(r=2), x)
+  config = jlora.LoraConfig(r=2, target_modules=jlora.default_target_modules("llama"))
+  assert set(jlora.init(jax.random.key(1), model, params, config, x)["q_proj"]) == {"kernel", "bias", "lora_a",
+                                                                                    "lora_b"}

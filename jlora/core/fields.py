@@ -15,8 +15,8 @@ import re
 from collections.abc import Iterator, Mapping, Sequence
 from typing import Any
 
-__all__ = ["ALL_LINEAR", "BIAS_MODES", "INIT_METHODS", "LOFTQ_BITS", "PEFT_ONLY_INITS", "FrozenMapping", "TaskType",
-           "normalize",
+__all__ = ["ALL_LINEAR", "BIAS_MODES", "DEFAULT_TARGET_MODULES", "INIT_METHODS", "LOFTQ_BITS", "PEFT_ONLY_INITS",
+           "FrozenMapping", "TaskType", "default_target_modules", "normalize",
            "pattern_lookup", "pissa_niter", "rewrites_base"]
 
 BIAS_MODES = ("none", "all", "lora_only")
@@ -31,6 +31,38 @@ PEFT_ONLY_INITS = ("eva", "corda", "astra", "lora_ga", "mica", "nora")
 _REWRITE_BASE = ("pissa", "olora", "corda", "astra", "lora_ga")
 LOFTQ_BITS = {4: "nf4", 8: "int8"}  # `loftq_config["loftq_bits"]` -> the jlora quantization of the base
 ALL_LINEAR = "all-linear"
+# The modules PEFT adapts when `target_modules` is not given, by Hugging Face `model_type` (PEFT 0.22's
+# TRANSFORMERS_MODELS_TO_LORA_TARGET_MODULES_MAPPING, for the architectures with Flax or jlora models): the
+# attention's query and value projections, or the fused projection that holds them.
+_QV = ("q_proj", "v_proj")
+DEFAULT_TARGET_MODULES = {
+    **dict.fromkeys(("llama", "llama4", "mistral", "mixtral", "qwen2", "qwen3", "gemma", "gemma2", "gemma3_text",
+                     "opt", "bart", "gptj", "gpt_neo", "stablelm"), _QV),
+    **dict.fromkeys(("bert", "roberta", "xlm-roberta", "electra"), ("query", "value")),
+    **dict.fromkeys(("t5", "mt5"), ("q", "v")),
+    **dict.fromkeys(("gpt2", "gpt_bigcode"), ("c_attn",)),
+    **dict.fromkeys(("bloom", "falcon", "gpt_neox"), ("query_key_value",)),
+    "deberta-v2": ("query_proj", "value_proj"),
+    "phi": ("q_proj", "v_proj", "fc1", "fc2"),
+}
+
+
+def default_target_modules(model_type: str) -> tuple[str, ...]:
+  """The modules PEFT adapts in a Hugging Face `model_type` when `target_modules` is not given.
+
+  `jlora.LoraConfig(target_modules=jlora.default_target_modules("llama"))` is PEFT's
+  `LoraConfig()` for a Llama model: `("q_proj", "v_proj")`. (A jlora config is
+  immutable and names its targets, so that `init`, `apply`, `merge` and the files
+  agree: PEFT fills them in at `get_peft_model`, jlora asks for them here.)
+
+  Raises:
+    ValueError: a `model_type` without a default (the message lists those with one).
+  """
+  if model_type not in DEFAULT_TARGET_MODULES:
+    raise ValueError(f"`model_type`={model_type!r} has no default target modules (PEFT's mapping, for the types with "
+                     f"Flax or jlora models: {sorted(DEFAULT_TARGET_MODULES)}); name them, e.g. "
+                     "target_modules=\"all-linear\".")
+  return DEFAULT_TARGET_MODULES[model_type]
 
 
 def pissa_niter(init: Any) -> int | None:

@@ -29,7 +29,7 @@ import jax.numpy as jnp
 from jlora.core import ops as _ops
 from jlora.core import tokens as _tokens
 from jlora.core.config import LoraConfig
-from jlora.core.fields import ALL_LINEAR
+from jlora.core.fields import ALL_LINEAR, DEFAULT_TARGET_MODULES
 from jlora.core.init import add_adapters
 from jlora.core.merge import with_norms
 from jlora.core.sharding import box, unbox
@@ -334,6 +334,11 @@ def init(key: jax.Array, model: nn.Module, params: Params, config: LoraConfig, *
   """
   _check_args(model, config)
   _check_tree(params)
+  model_type = getattr(getattr(model, "config", None), "model_type", None)  # Hugging Face's Flax modules have one
+  if config.target_modules is None and model_type in DEFAULT_TARGET_MODULES:
+    raise ValueError(f"`target_modules` is not set. PEFT's default for this model's model_type {model_type!r} is "
+                     f"{list(DEFAULT_TARGET_MODULES[model_type])}: pass LoraConfig(target_modules="
+                     f"jlora.default_target_modules({model_type!r}), ...), or name others (\"all-linear\").")
   params, boxes = unbox(params)
   probes: list = []
   found = _discover(model, params, args, kwargs, variables, probes)

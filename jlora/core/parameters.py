@@ -30,7 +30,7 @@ from jlora.core.plain import LayoutLike, axes_for
 from jlora.core.plain import site as _plain_site
 from jlora.core.targets import Site, adapter_path, is_head, is_lora_key, matches, path_str, targets_parameter
 
-__all__ = ["PARAMETER", "parameter_sites", "moe_hint"]
+__all__ = ["PARAMETER", "parameter_sites", "own_site", "moe_hint"]
 
 Path = tuple[str, ...]
 # The kind of a targeted parameter that no known layer holds: merged (`apply_merged`), never factored.
@@ -53,8 +53,9 @@ def _listing(leaves: Mapping[Path, Any], limit: int = 40) -> str:
   return "\n".join(rows[:limit]) + more or "  (none)"
 
 
-def _own_site(param: Path, leaf: Any, per_layer: Sequence[int], layout: LayoutLike) -> Site:
-  """The `"parameter"` site of a targeted weight no known layer holds; refused unless 2-D or 3-D per layer."""
+def own_site(param: Path, leaf: Any, per_layer: Sequence[int], layout: LayoutLike) -> Site:
+  """The `"parameter"` site of a targeted weight no known layer holds (`per_layer`: its shape without scan axes);
+  refused unless 2-D or 3-D per layer, or declared in `layout`."""
   module, name, shape = param[:-1], param[-1], tuple(leaf.shape)
   stack = len(shape) - len(per_layer)
   declared = axes_for(param, leaf, layout) if layout is not None else None
@@ -112,5 +113,5 @@ def parameter_sites(config: LoraConfig, leaves: Mapping[Path, Any], sites: Seque
       continue
     shape = tuple(leaf.shape)
     default = per_layer.get(path, shape) if per_layer is not None else (shape[1:] if len(shape) == 4 else shape)
-    out.append(_own_site(path, leaf, default, layout))
+    out.append(own_site(path, leaf, default, layout))
   return out

@@ -30,7 +30,7 @@ from jlora.core.plain import LayoutLike, axes_for
 from jlora.core.plain import site as _plain_site
 from jlora.core.targets import Site, adapter_path, is_head, is_lora_key, matches, path_str, targets_parameter
 
-__all__ = ["PARAMETER", "parameter_sites", "own_site", "moe_hint"]
+__all__ = ["PARAMETER", "parameter_sites", "own_site", "moe_hint", "refuse"]
 
 Path = tuple[str, ...]
 # The kind of a targeted parameter that no known layer holds: merged (`apply_merged`), never factored.
@@ -115,3 +115,18 @@ def parameter_sites(config: LoraConfig, leaves: Mapping[Path, Any], sites: Seque
     default = per_layer.get(path, shape) if per_layer is not None else (shape[1:] if len(shape) == 4 else shape)
     out.append(own_site(path, leaf, default, layout))
   return out
+
+
+def refuse(fn: str, config: LoraConfig) -> None:
+  """Raises for a front-end that does not apply `target_parameters` (NNX, Equinox, Haiku) when `config` sets it.
+
+  Raises:
+    ValueError: naming `fn` and the paths that do apply them.
+  """
+  if config.target_parameters:
+    raise ValueError(
+        f"{fn}: the config has target_parameters={list(config.target_parameters)!r}, which this front-end does not "
+        "apply. Target parameters work with linen models (jlora.init + jlora.apply, factored where a described "
+        "layer holds the weight) and plain param trees (jlora.init_tree, run with jlora.apply_merged); for this "
+        "model use its params tree that way, or adapt the layers with `target_modules`."
+    )

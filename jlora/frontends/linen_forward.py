@@ -198,8 +198,9 @@ class Forward:
     if not selects(cfg, slot.path, kind, is_head=is_head(module.path), param=(*slot.module, slot.kernel_name)):
       raise ValueError(
           f"`params` holds an adapter at {where!r}, which the config (target_modules={cfg.target_modules!r}, "
-          f"exclude_modules={cfg.exclude_modules!r}, layers_to_transform={cfg.layers_to_transform!r}, "
-          f"target_parameters={cfg.target_parameters!r}) does not select. Pass the LoraConfig that created it."
+          f"exclude_modules={cfg.exclude_modules!r}, layers_to_transform={cfg.layers_to_transform!r}"
+          f"{f', target_parameters={cfg.target_parameters!r}' if cfg.target_parameters else ''}) does not select. "
+          "Pass the LoraConfig that created it."
       )
     _ops.check_adapter(where, kernel_shape, a.shape, b.shape, cfg.rank_for(where))
     check_magnitude(where, cfg, magnitude, _ops.magnitude_shape(a.shape, b.shape, kernel_shape))

@@ -281,7 +281,7 @@ def load_peft(directory: str | os.PathLike, model: Any, params: Params, *, name_
   tree = unflatten(base)
   table = name_table(base, names)
   ptable = peft_params.param_table(base, names, config) if config.target_parameters else {}
-  plora: dict[tuple[Path, str], dict[int | None, tuple[str, str, Any]]] = {}
+  nested: dict[str, dict[int, dict[str, tuple[str, Any]]]] = {}
   lora: dict[tuple[Path, str], dict[int | None, tuple[str, Any]]] = {}
   embeds: set[Path] = set()
   full: dict[Path, dict[int | None, tuple[str, Any]]] = {}
@@ -296,13 +296,7 @@ def load_peft(directory: str | os.PathLike, model: Any, params: Params, *, name_
     _check_values(key, value, directory)
     tmod, depth = peft_params.strip_wrappers(mname)
     if kind == "lora" and not embed and leaf != "lora_magnitude" and tmod in ptable:
-      held = ptable[tmod]
-      if depth >= len(held):
-        raise ValueError(f"load_peft: {key!r} is the adapter of a parameter {depth + 1} wrappers deep in {tmod!r}, "
-                         f"whose parameters that `target_parameters` selects in this model are only "
-                         f"{[n for _, _, n in held]}.")
-      param, layer, pname = held[len(held) - 1 - depth]
-      plora.setdefault((param, leaf), {})[layer] = (pname, key, value)
+      nested.setdefault(tmod, {}).setdefault(depth, {})[leaf] = (key, value)
       continue
     if mname not in table:
       if not peft_tokens.is_tied_copy(key, mname, tensors, table):
@@ -347,6 +341,7 @@ def load_peft(directory: str | os.PathLike, model: Any, params: Params, *, name_
         f"Module names of this model (PEFT style) include: {_few(table)}. Pass the model the adapter was made for, "
         "or a `name_map` from Flax module paths to PEFT module names."
     )
+  plora = peft_params.assign(nested, ptable, base, layout)
   if not lora and not plora:
     raise ValueError(f"load_peft: {os.fspath(directory)!r} holds no LoRA tensor (lora_A / lora_B / lora_embedding_A / _B).")
   out = dict(base)

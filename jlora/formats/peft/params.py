@@ -26,6 +26,8 @@ tensors are those of a plain layer (`lora_A: (r, in)`, `lora_B: (out, r)`).
 
 from __future__ import annotations
 
+import itertools
+import warnings
 from collections.abc import Mapping, Sequence
 from typing import Any
 
@@ -46,7 +48,7 @@ from jlora.formats.peft.names import module_name, per_layer
 from jlora.formats.peft.torch_names import NameMap
 
 __all__ = ["peft_matches", "split_name", "depths", "experts_to_peft", "experts_from_peft", "param_table",
-           "strip_wrappers", "export", "param_leaf"]
+           "strip_wrappers", "export", "param_leaf", "assign"]
 
 Path = tuple[str, ...]
 _WRAP = ".base_layer"
@@ -245,3 +247,59 @@ def param_leaf(param: Path, leaf: str, layers: Mapping[int | None, tuple[str, st
     arrays.append(arr)
   slot = Slot(param[:-1], param[-1])
   return slot.leaf(leaf), jnp.asarray(np.stack(arrays) if stacked else arrays[0], dtype), rank, alpha
+
+
+def _fits(tensors: Mapping[str, tuple[str, Any]], site_shape: tuple[int, ...], ins: int, outs: int) -> bool:
+  """Whether a wrapper's `lora_A` / `lora_B` fit a weight of `ins` inputs, `outs` outputs and `E` experts."""
+  e = site_shape[0] if len(site_shape) == 3 else 1
+  a, b = tensors.get("lora_a"), tensors.get("lora_b")
+  ok_a = a is None or (np.ndim(a[1]) == 2 and a[1].shape[1] == ins and a[1].shape[0] % e == 0)
+  ok_b = b is None or (np.ndim(b[1]) == 2 and b[1].shape[0] == outs and b[1].shape[1] % e == 0)
+  return ok_a and ok_b
+
+
+def assign(nested: Mapping[str, Mapping[int, Mapping[str, tuple[str, Any]]]],
+           table: Mapping[str, Sequence[tuple[Path, int | None, str]]], base: Mapping[Path, Any],
+           layout: LayoutLike) -> dict[tuple[Path, str], dict[int | None, tuple[str, str, Any]]]:
+  """Which parameter each PEFT wrapper's tensors belong to: `{(param path, leaf): {layer: (PEFT name, key, tensor)}}`.
+
+  A module's wrappers are nested in the PyTorch module's order of its parameters (the last outermost, depth 0).
+  Where the parameters' shapes tell the wrappers apart, shapes decide; where several orders fit, the Flax
+  module's dict order decides, with a warning naming the parameters (same-shaped weights, e.g. separate gate and
+  up projections, are told apart by that order only).
+
+  Raises:
+    ValueError: a module holds more wrappers than targeted parameters, or no order fits the tensors' shapes.
+  """
+  out: dict[tuple[Path, str], dict[int | None, tuple[str, str, Any]]] = {}
+  for tmod, by_depth in nested.items():
+    held = list(table[tmod])
+    if max(by_depth) >= len(held):
+      raise ValueError(f"load_peft: {tmod!r} holds {max(by_depth) + 1} nested ParamWrapper adapters, but "
+                       f"`target_parameters` selects only {[n for _, _, n in held]} in it in this model.")
+    feats = []
+    for param, layer, _ in held:
+      kernel = base[param]
+      site = own_site(param, kernel, np.shape(kernel)[1:] if layer is not None else np.shape(kernel), layout)
+      size = [int(np.prod([site.kernel_shape[i] for i in axes])) for axes in (site.in_axes, site.out_axes)]
+      feats.append((site.kernel_shape, *size))
+    n = len(held)
+    fitting = [order for order in itertools.permutations(range(n))
+               if all(_fits(t, *feats[order[n - 1 - d]]) for d, t in by_depth.items())]
+    if not fitting:
+      raise ValueError(
+          f"load_peft: the LoRA tensors of {tmod!r} ({', '.join(f'{k} {tuple(v.shape)}' for t in by_depth.values() for k, v in t.values())}) "
+          f"fit no order of the parameters {[n for _, _, n in held]} (weights {[f[0] for f in feats]}). Was the "
+          "adapter made for another base model?")
+    order = tuple(range(n)) if tuple(range(n)) in fitting else fitting[0]
+    if len(fitting) > 1:
+      warnings.warn(
+          f"load_peft: the adapters of {[n for _, _, n in held]} in {tmod!r} have the same shapes; jlora takes PEFT's "
+          "nesting (the PyTorch module's order of its parameters, the last outermost) to be the order of the Flax "
+          f"module's dict: {[n for _, _, n in (held[i] for i in order)]}. If the PyTorch module registers them in "
+          "another order, build the Flax params dict in that order.", UserWarning, stacklevel=4)
+    for depth, tensors in by_depth.items():
+      param, layer, pname = held[order[n - 1 - depth]]
+      for leaf, (key, value) in tensors.items():
+        out.setdefault((param, leaf), {})[layer] = (pname, key, value)
+  return out

@@ -20,7 +20,7 @@ from jlora.core.fields import ALL_LINEAR
 __all__ = [
     "Slot", "Site", "LINEAR_KINDS", "HEAD_NAMES", "KERNEL_KEYS", "LORA_KEYS", "MAGNITUDE_KEY", "TOKENS_KEY", "leaf_name",
     "pair_weight", "kernel_key", "lora_role", "is_pair_key", "is_tokens_key", "tokens_weight", "adapter_path", "is_head", "is_lora_key", "select_sites",
-    "selects", "targets_parameter", "is_saved", "matches", "layer_index", "path_str",
+    "selects", "targets_parameter", "targets_slot", "is_saved", "matches", "layer_index", "path_str",
 ]
 
 # Layer kinds: the linen classes jlora adapts.
@@ -294,6 +294,13 @@ def targets_parameter(config: LoraConfig, param: Sequence[str]) -> bool:
   """Whether `config.target_parameters` names the parameter at `param` (its module path, then the leaf's name):
   PEFT's rule, an entry equal to the path or to a trailing part of it (`"experts.w"`, `"moe/experts/w"`)."""
   return bool(config.target_parameters) and matches(config.target_parameters, tuple(str(p) for p in param))
+
+
+def targets_slot(config: LoraConfig, slot: Slot) -> bool:
+  """Whether `target_parameters` names the weight of an adapter's `slot` (a main weight whose name the tree at hand
+  does not show, `kernel_name` None, is any of `KERNEL_KEYS`)."""
+  names = (slot.kernel_name,) if slot.kernel_name is not None else KERNEL_KEYS
+  return any(targets_parameter(config, (*slot.module, n)) for n in names)
 
 
 def selects(config: LoraConfig, path: tuple[str, ...], kind: str, *, is_head: bool = False,

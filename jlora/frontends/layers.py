@@ -323,7 +323,7 @@ def registered_layers() -> dict[tuple[type | str, str], Layer]:
   Example:
     >>> import flax.linen as nn, jlora
     >>> jlora.registered_layers()[(nn.Dense, "__call__")]
-    Layer(weight='kernel', input=0, axis=-1, equation=None, equation_arg=None, method='__call__', unsupported=None, kind='dense')
+    Layer(weight='kernel', input=0, axis=-1, equation=None, equation_arg=None, group_sizes=None, method='__call__', unsupported=None, kind='dense')
   """
   return dict(_REGISTRY)
 

@@ -80,6 +80,9 @@ def test_init_errors_name_the_parameters():
     jlora.init_tree(jax.random.key(2), tree, jlora.LoraConfig(r=2, target_parameters=["moe.w"]))
   with pytest.raises(ValueError, match=r"matched 'moe/gate' of shape \(6,\)"):
     jlora.init_tree(jax.random.key(2), tree, jlora.LoraConfig(r=2, target_parameters=["gate"]))
+  keyed = jlora.LoraConfig(r=2, target_parameters=["up.w"], rank_pattern={"up.w": 3})
+  with pytest.raises(ValueError, match=r"`rank_pattern` key 'up.w' names the parameter 'up/w'.*e.g. 'up'"):
+    jlora.init(jax.random.key(2), MODEL, BASE, keyed, X)
   both = jlora.LoraConfig(r=2, target_modules=["up"], target_parameters=["up.w"])
   with pytest.raises(ValueError, match="matched both by `target_modules` and by `target_parameters`"):
     jlora.init(jax.random.key(2), MODEL, BASE, both, X)

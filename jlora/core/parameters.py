@@ -117,13 +117,14 @@ def parameter_sites(config: LoraConfig, leaves: Mapping[Path, Any], sites: Seque
   return out
 
 
-def refuse(fn: str, config: LoraConfig) -> None:
-  """Raises for a front-end that does not apply `target_parameters` (NNX, Equinox, Haiku) when `config` sets it.
+def refuse(fn: str, config: LoraConfig | None) -> None:
+  """Raises for a front-end that does not apply `target_parameters` (NNX, Equinox, Haiku) when `config` sets it
+  (None: no config, nothing to refuse).
 
   Raises:
     ValueError: naming `fn` and the paths that do apply them.
   """
-  if config.target_parameters:
+  if config is not None and config.target_parameters:
     raise ValueError(
         f"{fn}: the config has target_parameters={list(config.target_parameters)!r}, which this front-end does not "
         "apply. Target parameters work with linen models (jlora.init + jlora.apply, factored where a described "

@@ -15,7 +15,7 @@ from collections.abc import Callable, Iterable, Mapping, Sequence
 from typing import Any, NamedTuple
 
 from jlora.core.config import LoraConfig
-from jlora.core.fields import ALL_LINEAR
+from jlora.core.fields import ALL_LINEAR, pattern_lookup
 
 __all__ = [
     "Slot", "Site", "LINEAR_KINDS", "HEAD_NAMES", "KERNEL_KEYS", "LORA_KEYS", "MAGNITUDE_KEY", "TOKENS_KEY", "leaf_name",
@@ -403,8 +403,19 @@ def select_sites(config: LoraConfig, sites: Sequence[Site], stacked: dict[tuple[
 
 
 def _checked(config: LoraConfig, chosen: list[Site]) -> list[Site]:
-  """`chosen`, once each site is adaptable, its rank fits, and it is not a `modules_to_save` module too."""
+  """`chosen`, once each site is adaptable, its rank fits, it is not a `modules_to_save` module too, and no
+  `rank_pattern` / `alpha_pattern` key names a target parameter by a path its adapter is not named by."""
   for s in chosen:
+    param = path_str((*s.module, s.kernel_name))
+    if s.path == s.module and targets_parameter(config, (*s.module, s.kernel_name)):
+      for field in ("rank_pattern", "alpha_pattern"):
+        for key in getattr(config, field):
+          if pattern_lookup({key: 1}, param, 0) and not pattern_lookup({key: 1}, path_str(s.path), 0):
+            raise ValueError(
+                f"`{field}` key {key!r} names the parameter {param!r}, but jlora names the adapter of a module's "
+                f"main weight ({s.kernel_name!r}) by the module's path, {path_str(s.path)!r}, which the key does "
+                f"not match (PEFT would apply it); write the key for the module, e.g. {s.path[-1]!r}."
+            )
     if s.unsupported:
       raise ValueError(f"Cannot adapt {path_str(s.path)!r} ({s.kind}): {s.unsupported}. Exclude it with `exclude_modules`.")
     r = config.rank_for(path_str(s.path))

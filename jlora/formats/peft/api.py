@@ -108,6 +108,11 @@ def save_peft(directory: str | os.PathLike, model: Any, params: Params, config: 
   `trainable_token_indices: {PEFT module name: ids}` in the config. The config
   lists exactly the saved modules as `target_modules`, with `rank_pattern` /
   `alpha_pattern` where ranks differ, so PEFT wraps those modules with those ranks.
+  Adapters of `target_parameters` become PEFT's `ParamWrapper` tensors
+  (`jlora.formats.peft.params`: per expert, `lora_A.weight: (r·E, in)` and
+  `lora_B.weight: (out, r·E)`), named after the PyTorch module that the name
+  map's `module.param` name for the parameter's path gives, and are listed as
+  `target_parameters` (docs/moe.md).
 
   Args:
     directory: where to write: absent, empty, or a directory jlora wrote (it is
@@ -243,6 +248,9 @@ def load_peft(directory: str | os.PathLike, model: Any, params: Params, *, name_
   the table's rows; a whole embedding table or `lm_head` weight in the file
   (`save_embedding_layers`) replaces the base's, whose shape must be the file's
   (resize the base first for a resized vocabulary).
+  PEFT's `ParamWrapper` tensors (`target_parameters`) become per-expert adapters
+  of the parameters that the config's entries select (named by the name map as
+  `module.param`), nested wrappers placed by their shapes (docs/moe.md).
   The returned config is PEFT's, translated to Flax paths where PEFT's names
   would not select the same modules.
 

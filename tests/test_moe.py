@@ -86,6 +86,9 @@ def test_init_errors_name_the_parameters():
   both = jlora.LoraConfig(r=2, target_modules=["up"], target_parameters=["up.w"])
   with pytest.raises(ValueError, match="matched both by `target_modules` and by `target_parameters`"):
     jlora.init(jax.random.key(2), MODEL, BASE, both, X)
+  linear = jlora.LoraConfig(r=2, target_modules="all-linear", target_parameters=["up.w"])
+  with pytest.warns(UserWarning, match=r"hand \(3, 6, 6\): MoE is not a layer class.*`target_parameters`"):
+    assert jlora.init(jax.random.key(2), MODEL, BASE, linear, X)["up"]["lora_a"].shape == (E, D, 1, 2)
 
 
 # -------------------------------------------------------------------------------------------- linen

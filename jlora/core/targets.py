@@ -359,6 +359,8 @@ def select_sites(config: LoraConfig, sites: Sequence[Site], stacked: dict[tuple[
   if config.target_modules is None:
     return _checked(config, by_param)
   named = [s for s in sites if _named(config, s.path, s.kind, s.is_head)]
+  if config.target_modules == ALL_LINEAR:  # "every linear layer", less the weights named as parameters
+    named = [s for s in named if s not in by_param]
   both = [s for s in named if s in by_param]
   if both:
     raise ValueError(
@@ -367,6 +369,8 @@ def select_sites(config: LoraConfig, sites: Sequence[Site], stacked: dict[tuple[
     )
   if config.target_modules == ALL_LINEAR:  # what it cannot adapt, the front-end reports (jlora.core.unadapted)
     named = [s for s in named if not s.unsupported]
+  if not named and config.target_modules == ALL_LINEAR and by_param:  # every linear weight is named as a parameter
+    return _checked(config, by_param)
   if not named:
     raise ValueError(
         f"`target_modules`={config.target_modules!r} matched no module"

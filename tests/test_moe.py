@@ -11,6 +11,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+import safetensors.numpy
 
 import jlora
 
@@ -263,3 +264,28 @@ def test_peft_files_both_ways_against_pytorch_peft(tmp_path):
     warnings.simplefilter("ignore")
     again = peft.PeftModel.from_pretrained(TModel(), tmp_path / "jlora")
   _close(again(torch.tensor(x)).detach().numpy(), want)
+
+
+def test_peft_round_trip_of_scanned_and_same_shaped_experts(tmp_path):
+  """Without torch: a scanned stack (`{i}` in the name) and two same-shaped weights of one module, whose nested
+  wrappers only the module's dict order tells apart (load_peft says so)."""
+  tree = {"layers": {"experts": {"gate": jax.random.normal(jax.random.key(7), (2, E, D, F)),
+                                 "up": jax.random.normal(jax.random.key(8), (2, E, D, F))}}}
+  cfg = jlora.LoraConfig(r=2, target_parameters=["experts.gate", "experts.up"], init_lora_weights=False)
+  params = jlora.init_tree(jax.random.key(9), tree, cfg)
+  assert params["layers"]["experts"]["gate_lora_a"].shape == (2, E, D, 1, 2)
+
+  def names(path):
+    return "model.layers.{i}." + ".".join(path[1:])
+
+  jlora.save_peft(tmp_path, None, params, cfg, name_map=names)
+  w = safetensors.numpy.load_file(str(tmp_path / "adapter_model.safetensors"))
+  assert sorted(w) == sorted(f"base_model.model.model.layers.{i}.experts{nest}.lora_{ab}.weight" for i in range(2)
+                             for nest in ("", ".base_layer") for ab in "AB")
+  a = np.asarray(params["layers"]["experts"]["up_lora_a"])[1]  # layer 1, outermost wrapper: the module's last param
+  np.testing.assert_array_equal(w["base_model.model.model.layers.1.experts.lora_A.weight"][2 * 2 + 1], a[2, :, 0, 1])  # row e·r + k
+  with pytest.warns(UserWarning, match=r"have the same shapes; jlora takes PEFT's nesting"):
+    back, back_cfg = jlora.load_peft(tmp_path, None, tree, name_map=names)
+  assert set(back_cfg.target_parameters) == {"layers/experts/gate", "layers/experts/up"}
+  for u, v in zip(jax.tree.leaves(params), jax.tree.leaves(back)):
+    np.testing.assert_array_equal(np.asarray(u), np.asarray(v))

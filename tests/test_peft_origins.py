@@ -97,11 +97,11 @@ def test_every_peft_field_is_known_and_every_variant_refused_at_config_load(tmp_
       "use_bdlora": peft_config.BdLoraConfig(target_modules_bd_a=["fc"], nblocks=2), "kasa_config":
       peft_config.KasaConfig(), "velora_config": peft_config.VeloraConfig(), "monteclora_config":
       peft_config.MontecloraConfig(), "alora_invocation_tokens": [1, 2], "arrow_config": peft_config.ArrowConfig(),
-      "use_qalora": True, "lora_bias": True, "target_parameters": ["fc.weight"],
+      "use_qalora": True, "lora_bias": True,
   }
   names = {"use_bdlora": "BD-LoRA", "kasa_config": "KaSA", "velora_config": "VeLoRA", "monteclora_config":
            "MonteCLoRA", "alora_invocation_tokens": "activated LoRA", "arrow_config": "Arrow routing",
-           "use_qalora": "QA-LoRA", "lora_bias": "a trainable bias on lora_B", "target_parameters": "raw nn.Parameters"}
+           "use_qalora": "QA-LoRA", "lora_bias": "a trainable bias on lora_B"}
   assert variants <= set(enabled)
   for key, value in enabled.items():
     with warnings.catch_warnings():

@@ -124,7 +124,15 @@ class AdapterBank:
     return e.scales, tuple(c.lora_dropout for c in self.configs), e.magnitudes
 
   def check_selected(self, slot: Slot, kind: str, head: bool) -> None:
-    """Raises unless every adapter present at `slot` is selected there by its own config (`jlora.apply`'s rule)."""
+    """Raises unless every adapter present at `slot` is selected there by its own config (`jlora.apply`'s rule);
+    and for expert weights (`target_parameters`, a `ragged_dot` layer), whose tokens are dispatched by expert, so
+    that the input's axis 0 is not the batch that `adapter_ids` index."""
+    if kind == "ragged_dot" or any(c.target_parameters for c in self.configs):
+      raise ValueError(
+          f"A mixed batch (jlora.AdapterBank) cannot hold the adapter at {slot.where!r}: adapters of "
+          "`target_parameters` and of ragged_dot layers act on tokens dispatched by expert, whose leading axis is "
+          "not the batch that `adapter_ids` index. Run each adapter alone with jlora.apply."
+      )
     for name, config, rank in zip(self.names, self.configs, self.entry(slot).ranks):
       if rank and not selects(config, slot.path, "embed" if kind == "attend" else kind, is_head=head):
         raise ValueError(

@@ -50,7 +50,7 @@ def low_rank(site: Site, x: jax.Array, a: jax.Array, b: jax.Array, scale: Any) -
                        "the layer's own convolution (Site.conv).")
     return _ops.contract_last(site.conv(x, a) * scale, b, site.precision)
   return _ops.lora_delta(site.kind, x, a, b, scale=scale, axis=site.axis, einsum_str=site.equation,
-                         precision=site.precision)
+                         precision=site.precision, group_sizes=site.group_sizes)
 
 
 def product(site: Site, x: jax.Array, w: Any) -> jax.Array:
@@ -61,6 +61,8 @@ def product(site: Site, x: jax.Array, w: Any) -> jax.Array:
     return jnp.einsum(site.equation, x, w, precision=site.precision)
   if kind == "embed":
     return jnp.take(w, x, axis=0)
+  if kind == "ragged_dot":
+    return jax.lax.ragged_dot(x, w, site.group_sizes, precision=site.precision)
   if kind == "attend":
     return jax.lax.dot_general(x, w, (((x.ndim - 1,), (1,)), ((), ())), precision=site.precision)
   if kind == "conv":

@@ -41,6 +41,15 @@ class LoraConfig:
       `"all-linear"` adapts every `Dense`/`DenseGeneral`/`Einsum` except the
       output head.
     exclude_modules: like `target_modules`, and wins over it.
+    target_parameters: weights to adapt by their parameter's name, PEFT's rule: an
+      entry matches the parameter path `module/.../name` (written with `.` or `/`)
+      when it equals it or a trailing part of it (`"experts.w"`, `"moe/experts/w"`).
+      A 2-D match is an `(in, out)` weight (one LoRA pair); a 3-D one a stack of
+      expert weights `(experts, in, out)`, with one rank-`r` adapter per expert
+      (see docs/moe.md); `nn.scan` may add one leading axis. Not a regex;
+      independent of `target_modules` (which may stay None), `exclude_modules` and
+      `layers_to_transform`. As in PEFT, it refuses `lora_dropout`, `use_dora` and
+      `fan_in_fan_out`.
     layers_to_transform: only adapt layers with these indices.
     layers_pattern: the name of the layer list (`"layers"`, `"h"`, `"block"`) whose
       index `layers_to_transform` reads: a path component `layers_3` or `layers3`,
@@ -111,6 +120,7 @@ class LoraConfig:
   inference_mode: bool = False
   base_model_name_or_path: str | None = None
   revision: str | None = None
+  target_parameters: tuple[str, ...] | None = None
 
   def __post_init__(self):
     norm = normalize(self)
@@ -261,7 +271,6 @@ _UNSUPPORTED = {
     "lora_bias": (False, "a trainable bias on lora_B"),
     "layer_replication": (None, "layer replication"),
     "use_qalora": (False, "QA-LoRA (A reads group-pooled inputs)"),
-    "target_parameters": (None, "LoRA on raw nn.Parameters"),
     "megatron_config": (None, "Megatron parallel layers"),
     "alora_invocation_tokens": (None, "activated LoRA (aLoRA: the adapter acts only from its invocation tokens on)"),
     "arrow_config": (None, "Arrow routing (a router over several adapters)"),

@@ -324,4 +324,32 @@ def normalize(cfg: Any) -> dict[str, Any]:
   for flag in ("use_rslora", "use_dora", "fan_in_fan_out", "inference_mode"):
     if not isinstance(getattr(cfg, flag), bool):
       raise TypeError(f"`{flag}` must be True or False, got {getattr(cfg, flag)!r}.")
+  out["target_parameters"] = _parameters(cfg, out)
   return out
+
+
+def _parameters(cfg: Any, out: Mapping[str, Any]) -> tuple[str, ...] | None:
+  """`target_parameters`: a list of parameter names or path suffixes (no regex, as in PEFT), and PEFT's refusals
+  for a `ParamWrapper` (its adapter is applied to the weight, so the input cannot be dropped out, and DoRA's norm and
+  PyTorch's `fan_in_fan_out` layout do not apply), raised here rather than at the first use."""
+  value = cfg.target_parameters
+  if value is None:
+    return None
+  if isinstance(value, str) or not isinstance(value, (Sequence, set, frozenset)) or not value or not all(
+      isinstance(v, str) and v for v in value):
+    raise TypeError(f"`target_parameters` must be a non-empty list of parameter names or path suffixes (PEFT takes "
+                    f"no regex here), got {value!r}; e.g. target_parameters=[\"experts.gate_up\", \"experts.down\"].")
+  names = tuple(sorted(value)) if isinstance(value, (set, frozenset)) else tuple(value)
+  refused = [(field, why) for field, bad, why in (
+      ("lora_dropout", out["lora_dropout"] != 0.0, "the adapter is added to the weight, so no dropout of the "
+       "layer's input can reach the LoRA term alone"),
+      ("use_dora", cfg.use_dora, "DoRA's magnitude needs a layer's weight norm, which a raw parameter has not"),
+      ("fan_in_fan_out", cfg.fan_in_fan_out, "a target parameter's layout is its own (2-D `(in, out)`, 3-D "
+       "`(experts, in, out)`)"),
+  ) if bad]
+  if refused:
+    field, why = refused[0]
+    raise ValueError(f"`{field}`={getattr(cfg, field)!r} cannot be combined with `target_parameters` (as in PEFT, "
+                     f"whose ParamWrapper refuses it): {why}. Set {field} to its default, or adapt these weights "
+                     "through `target_modules`.")
+  return names

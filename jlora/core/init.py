@@ -19,6 +19,7 @@ from jax.sharding import NamedSharding, PartitionSpec
 from jlora.core import tokens as _tokens
 from jlora.core.config import LoraConfig
 from jlora.core.keys import restore, stringify
+from jlora.core.parameters import parameter_sites
 from jlora.core.plain import KERNEL_NAMES, LayoutLike, tree_sites
 from jlora.core.sharding import adapter_shardings, box, unbox
 from jlora.core.targets import Site, leaf_name, path_str, select_sites
@@ -199,7 +200,7 @@ def init_tree(key: jax.Array, params: Params, config: LoraConfig, *, kernel_name
     raise TypeError(f"`config` must be a jlora.LoraConfig, got {type(config).__name__}.")
   plain, boxes = unbox(params)
   tree = stringify(plain)
-  sites = tree_sites(tree, kernel_names, layout)
+  sites = parameter_sites(config, flatten(tree), tree_sites(tree, kernel_names, layout), layout=layout)
   report(config, of_sites(sites), "jlora.init_tree")
   out = add_adapters(key, tree, config, sites, dtype=dtype)
   targets = _tokens.resolve(config, _tokens.plain_embeddings(tree), [(s.module, s.kind) for s in sites],

@@ -27,7 +27,7 @@ from jax import lax
 from jlora.core.targets import Site
 
 __all__ = ["adapter_shapes", "layout", "delta_kernel", "fold", "check_adapter", "check_equation", "dropout",
-           "lora_delta", "contract_last", "magnitude_shape", "column_norm", "dora_fold", "dora_unfold", "contract",
+           "lora_delta", "ragged_delta", "contract_last", "magnitude_shape", "column_norm", "dora_fold", "dora_unfold", "contract",
            "parse_einsum"]
 
 
@@ -199,7 +199,7 @@ def _low_rank_2d(x2: jax.Array, a: jax.Array, b: jax.Array, scale: float, precis
 
 
 def lora_delta(kind: str, x: jax.Array, a: jax.Array, b: jax.Array, *, scale: float = 1.0, axis=(-1,),
-               einsum_str=None, precision=None) -> jax.Array:
+               einsum_str=None, precision=None, group_sizes=None) -> jax.Array:
   """The factored LoRA term `s·(x·A)·B` for one layer, never forming `A·B`.
 
   Dense-like kinds flatten the input to 2-D `(N, d_in)` first: on CPU, XLA's
@@ -221,10 +221,14 @@ def lora_delta(kind: str, x: jax.Array, a: jax.Array, b: jax.Array, *, scale: fl
       `DenseGeneral` / `LinearGeneral`) in ascending order, as flax sorts them.
     einsum_str: `nn.Einsum`'s equation.
     precision: the layer's matmul precision.
+    group_sizes: `ragged_dot` (x: `(tokens, d_in)` sorted by expert, a: `(E, d_in, 1, r)`,
+      b: `(E, 1, d_out, r)`): the tokens per expert, `(E,)`.
 
   Returns:
     The term in the layer's output shape, e.g. `(..., d_out)`.
   """
+  if kind == "ragged_dot":
+    return ragged_delta(x, a, b, group_sizes, scale=scale, precision=precision)
   if kind in ("dense", "dense_general"):
     x2, lead = _as_matrix(kind, x, axis)
     return _low_rank_2d(x2, a, b, scale, precision).reshape(lead + b.shape[1:])
@@ -236,6 +240,29 @@ def lora_delta(kind: str, x: jax.Array, a: jax.Array, b: jax.Array, *, scale: fl
   if kind == "einsum":
     return _einsum_delta(einsum_str, x, a, b, scale, precision)
   raise ValueError(f"unknown layer kind {kind!r}")
+
+
+def ragged_delta(x: jax.Array, a: jax.Array, b: jax.Array, group_sizes: jax.Array, *, scale=1.0,
+                 precision=None) -> jax.Array:
+  """`s·ragged_dot(ragged_dot(x, A), B)`: each token through its expert's adapter, factored.
+
+  Args:
+    x: `(tokens, d_in)`, sorted by expert.
+    a: `(E, d_in, 1, r)` (the broadcast layout of an `(E, d_in, d_out)` weight).
+    b: `(E, 1, d_out, r)`.
+    group_sizes: `(E,)` tokens per expert.
+    scale: `s`.
+    precision: the layer's matmul precision.
+
+  Returns:
+    `(tokens, d_out)`.
+  """
+  if x.ndim != 2:
+    raise ValueError(f"ragged_dot layer: the input must be (tokens, d_in) sorted by expert, got shape {x.shape}.")
+  a3 = a.reshape(a.shape[0], a.shape[1], a.shape[-1])
+  b3 = jnp.swapaxes(b.reshape(b.shape[0], b.shape[2], b.shape[-1]), 1, 2)  # (E, r, d_out)
+  u = lax.ragged_dot(x, a3.astype(x.dtype), group_sizes, precision=precision) * scale
+  return lax.ragged_dot(u, b3.astype(u.dtype), group_sizes, precision=precision)
 
 
 def einsum_axes(einsum_str: str) -> tuple[tuple[int, ...], tuple[int, ...], tuple[int, ...]]:

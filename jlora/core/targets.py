@@ -15,12 +15,12 @@ from collections.abc import Callable, Iterable, Mapping, Sequence
 from typing import Any, NamedTuple
 
 from jlora.core.config import LoraConfig
-from jlora.core.fields import ALL_LINEAR
+from jlora.core.fields import ALL_LINEAR, pattern_lookup
 
 __all__ = [
     "Slot", "Site", "LINEAR_KINDS", "HEAD_NAMES", "KERNEL_KEYS", "LORA_KEYS", "MAGNITUDE_KEY", "TOKENS_KEY", "leaf_name",
     "pair_weight", "kernel_key", "lora_role", "is_pair_key", "is_tokens_key", "tokens_weight", "adapter_path", "is_head", "is_lora_key", "select_sites",
-    "selects", "is_saved", "matches", "layer_index", "path_str",
+    "selects", "targets_parameter", "targets_slot", "is_saved", "matches", "layer_index", "path_str",
 ]
 
 # Layer kinds: the linen classes jlora adapts.
@@ -161,7 +161,8 @@ class Site(NamedTuple):
       module path, e.g. `('encoder', 'layers_0', 'query')`, followed by the
       weight's name when it is not the module's main weight (`KERNEL_KEYS`),
       e.g. `('layer_0', 'mlp', 'gating_einsum')`.
-    kind: one of `dense`, `dense_general`, `einsum`, `conv`, `embed`.
+    kind: one of `dense`, `dense_general`, `einsum`, `ragged_dot`, `conv`, `embed`, or `parameter` (a weight
+      that `target_parameters` names and that no known layer holds: `jlora.core.parameters`).
     kernel_name: the weight's param name: `'kernel'`, `'embedding'` for `nn.Embed`, ...
     kernel_shape: the kernel's shape as the module sees it.
     in_axes: kernel axes contracted with the input (`A` keeps them).
@@ -178,6 +179,7 @@ class Site(NamedTuple):
     precision: the layer's matmul precision.
     conv: `conv`: the layer's own convolution, `conv(x, w) -> y` for a kernel `w: window + (in, k)` (its
       strides, padding, dilation; no bias), used for `x·A` (DoRA: `x·W0` too).
+    group_sizes: `ragged_dot`: the call's group sizes `(E,)` (tokens per expert, sorted by expert).
   """
 
   path: tuple[str, ...]
@@ -193,6 +195,7 @@ class Site(NamedTuple):
   equation: str | None = None
   precision: Any = None
   conv: Callable[[Any, Any], Any] | None = None
+  group_sizes: Any = None
 
   @property
   def module(self) -> tuple[str, ...]:
@@ -287,7 +290,21 @@ def _named(config: LoraConfig, path: tuple[str, ...], kind: str, is_head: bool) 
   return hit and not matches(config.exclude_modules, path)
 
 
-def selects(config: LoraConfig, path: tuple[str, ...], kind: str, *, is_head: bool = False) -> bool:
+def targets_parameter(config: LoraConfig, param: Sequence[str]) -> bool:
+  """Whether `config.target_parameters` names the parameter at `param` (its module path, then the leaf's name):
+  PEFT's rule, an entry equal to the path or to a trailing part of it (`"experts.w"`, `"moe/experts/w"`)."""
+  return bool(config.target_parameters) and matches(config.target_parameters, tuple(str(p) for p in param))
+
+
+def targets_slot(config: LoraConfig, slot: Slot) -> bool:
+  """Whether `target_parameters` names the weight of an adapter's `slot` (a main weight whose name the tree at hand
+  does not show, `kernel_name` None, is any of `KERNEL_KEYS`)."""
+  names = (slot.kernel_name,) if slot.kernel_name is not None else KERNEL_KEYS
+  return any(targets_parameter(config, (*slot.module, n)) for n in names)
+
+
+def selects(config: LoraConfig, path: tuple[str, ...], kind: str, *, is_head: bool = False,
+            param: Sequence[str] | None = None) -> bool:
   """Whether `config` adapts the module at `path`: the one rule that `init` and `apply` both use.
 
   Args:
@@ -295,8 +312,11 @@ def selects(config: LoraConfig, path: tuple[str, ...], kind: str, *, is_head: bo
     path: the module path, e.g. `('layers_0', 'attn', 'query')`.
     kind: the layer kind (`dense`, `dense_general`, `einsum`, `conv`, `embed`).
     is_head: whether the module is the output head (`"all-linear"` skips it).
+    param: the adapted weight's parameter path (module path, then its name), which `target_parameters` matches.
   """
-  if not _named(config, path, kind, is_head):
+  if param is not None and targets_parameter(config, param):
+    return True
+  if config.target_modules is None or not _named(config, path, kind, is_head):
     return False
   return config.layers_to_transform is None or layer_index(path, config.layers_pattern) in config.layers_to_transform
 
@@ -328,14 +348,29 @@ def select_sites(config: LoraConfig, sites: Sequence[Site], stacked: dict[tuple[
         "described with jlora.register_layer) on the inputs given to `jlora.init`. If its layers are classes of "
         "your own, describe them: jlora.register_layer(MyDense, jlora.Layer(weight='kernel', input='x'))."
     )
-  if config.target_modules is None:
+  if config.target_modules is None and not config.target_parameters:
     raise ValueError(
         "`target_modules` is not set. Name the layers to adapt, e.g. target_modules=[\"query\", \"value\"] "
-        f"or \"all-linear\". Adaptable modules:\n{_listing(sites)}"
+        f"or \"all-linear\" (or weights by their parameter's name, `target_parameters`). Adaptable modules:\n"
+        f"{_listing(sites)}"
     )
+  by_param = [s for s in sites if not s.unsupported and targets_parameter(config, (*s.module, s.kernel_name))]
+  every, sites = list(sites), [s for s in sites if s.kind != "parameter"]  # `parameter`: only target_parameters
+  if config.target_modules is None:
+    return _checked(config, by_param)
   named = [s for s in sites if _named(config, s.path, s.kind, s.is_head)]
+  if config.target_modules == ALL_LINEAR:  # "every linear layer", less the weights named as parameters
+    named = [s for s in named if s not in by_param]
+  both = [s for s in named if s in by_param]
+  if both:
+    raise ValueError(
+        f"{path_str(both[0].path)!r} is matched both by `target_modules` and by `target_parameters`; a weight is "
+        "adapted once (PEFT refuses the same). Remove it from one of them."
+    )
   if config.target_modules == ALL_LINEAR:  # what it cannot adapt, the front-end reports (jlora.core.unadapted)
     named = [s for s in named if not s.unsupported]
+  if not named and config.target_modules == ALL_LINEAR and by_param:  # every linear weight is named as a parameter
+    return _checked(config, by_param)
   if not named:
     raise ValueError(
         f"`target_modules`={config.target_modules!r} matched no module"
@@ -368,7 +403,23 @@ def select_sites(config: LoraConfig, sites: Sequence[Site], stacked: dict[tuple[
           f"`layers_to_transform`={list(config.layers_to_transform)} asks for layer(s) {absent}, which no targeted "
           f"module has (layer indices found: {found}). Remove them, or check `layers_pattern`."
       )
+  return _checked(config, [s for s in every if s in chosen or s in by_param])
+
+
+def _checked(config: LoraConfig, chosen: list[Site]) -> list[Site]:
+  """`chosen`, once each site is adaptable, its rank fits, it is not a `modules_to_save` module too, and no
+  `rank_pattern` / `alpha_pattern` key names a target parameter by a path its adapter is not named by."""
   for s in chosen:
+    param = path_str((*s.module, s.kernel_name))
+    if s.path == s.module and targets_parameter(config, (*s.module, s.kernel_name)):
+      for field in ("rank_pattern", "alpha_pattern"):
+        for key in getattr(config, field):
+          if pattern_lookup({key: 1}, param, 0) and not pattern_lookup({key: 1}, path_str(s.path), 0):
+            raise ValueError(
+                f"`{field}` key {key!r} names the parameter {param!r}, but jlora names the adapter of a module's "
+                f"main weight ({s.kernel_name!r}) by the module's path, {path_str(s.path)!r}, which the key does "
+                f"not match (PEFT would apply it); write the key for the module, e.g. {s.path[-1]!r}."
+            )
     if s.unsupported:
       raise ValueError(f"Cannot adapt {path_str(s.path)!r} ({s.kind}): {s.unsupported}. Exclude it with `exclude_modules`.")
     r = config.rank_for(path_str(s.path))

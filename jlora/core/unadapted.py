@@ -63,7 +63,8 @@ def unknown_class(module: tuple[str, ...], weight: str, shape: tuple[int, ...], 
   """A weight held by a module of a layer class no front-end knows: describe it with `jlora.register_layer`."""
   return Unadapted(module, weight, tuple(shape), f"{cls} is not a layer class jlora knows",
                    f"if it computes x·W, describe it: jlora.register_layer({cls}, jlora.Layer(weight={weight!r}, "
-                   "input=...))")
+                   "input=...)); if it uses the weight in its own code (e.g. stacked experts), name it in "
+                   "`target_parameters` (docs/moe.md)")
 
 
 def of_sites(sites: Sequence[Site]) -> list[Unadapted]:

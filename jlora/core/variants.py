@@ -221,8 +221,8 @@ def _drawn(method: Any) -> Callable[..., tuple[jax.Array, jax.Array, None]]:
 def _matrix_site(method: str, site: Site) -> None:
   if site.batch_axes:
     raise ValueError(
-        f"init_lora_weights={method!r} is not supported for the einsum at {'/'.join(site.path)!r}: "
-        "its kernel has axes shared by input and output."
+        f"init_lora_weights={method!r} is not supported for the {site.kind} at {'/'.join(site.path)!r}: "
+        "its kernel has axes shared by input and output (e.g. experts); use True or 'gaussian'."
     )
 
 

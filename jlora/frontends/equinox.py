@@ -17,6 +17,7 @@ from jlora.core.adapted import adapted
 from jlora.core.config import LoraConfig
 from jlora.core.init import add_adapters
 from jlora.core.keys import stringify
+from jlora.core.parameters import refuse as refuse_parameters
 from jlora.core.plain import site
 from jlora.core.targets import LORA_KEYS, MAGNITUDE_KEY, Site, is_lora_key, path_str
 from jlora.core.tokens import refuse as refuse_tokens
@@ -208,6 +209,7 @@ def from_params(model: Any, params: Mapping[str, Any], config: LoraConfig | None
     ValueError: a leaf of `params` has no place in the model, or does not fit it.
   """
   refuse_tokens("jlora.equinox.from_params", config, stringify(params))
+  refuse_parameters("jlora.equinox.from_params", config)
   flat = flatten(stringify(params))
   entries: dict[Path, dict[str, Any]] = {}
   nodes, treedef = _nodes(model)
@@ -261,6 +263,7 @@ def init(key: jax.Array, model: Any, config: LoraConfig, *, dtype: Any = jnp.flo
   if not isinstance(config, LoraConfig):
     raise TypeError(f"`config` must be a jlora.LoraConfig, got {type(config).__name__}.")
   refuse_tokens("jlora.equinox.init", config)
+  refuse_parameters("jlora.equinox.init", config)
   nodes = [(path, leaf) for path, leaf in _nodes(model)[0] if _is_node(leaf)]
   if any(isinstance(leaf, _WRAPPERS) for _, leaf in nodes):
     raise ValueError("jlora.equinox.init: `model` already holds LoRA adapters; pass the base model, or "

@@ -14,6 +14,7 @@ import haiku as hk
 from jlora.core.adapted import adapted
 from jlora.core.config import LoraConfig
 from jlora.core.keys import stringify
+from jlora.core.parameters import refuse as refuse_parameters
 from jlora.core.targets import Site, is_head, selects
 from jlora.core.tokens import refuse as refuse_tokens
 from jlora.core.tree import Adapter, Params, _check_tree, adapters, get_path
@@ -52,6 +53,7 @@ def apply(fn: Callable[..., Any], params: Params, config: LoraConfig, *args, **k
   biases: dict[str, Any] = {}
   tree = stringify(params)
   refuse_tokens("jlora.haiku.apply", config, tree)
+  refuse_parameters("jlora.haiku.apply", config)
   for ad in adapters(tree, config):
     if ad.slot.kernel_name != "w" or ad.layout != "concat" or ad.stack or ad.kernel.ndim != 2:
       raise ValueError(f"jlora.haiku.apply: the adapter at {ad.slot.where!r} is not one of an hk.Linear `w` (in, out) "

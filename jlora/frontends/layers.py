@@ -25,7 +25,7 @@ from jlora.core import ops as _ops
 __all__ = ["Layer", "register_layer", "registered_layers", "describe", "lookup", "is_nnx_class", "Call", "NNX_STOCK"]
 
 Attr = Any  # a constant, or a function of the module returning it
-_KINDS = ("dense", "einsum")
+_KINDS = ("dense", "einsum", "ragged_dot")
 _STOCK_KINDS = ("dense_general", "conv", "embed", "attend")
 
 
@@ -78,11 +78,18 @@ class Layer:
       function of the module returning it (`lambda m: m.einsum_str`).
     equation_arg: einsum layout: the call argument holding the equation (a name
       or a position); when the call passes none, `equation` is used.
+    group_sizes: `jax.lax.ragged_dot` layout (mixture-of-experts over tokens sorted
+      by expert): the call argument holding the group sizes `(E,)` (a name or a
+      position). The layer's output must be `ragged_dot(x, W, group_sizes)` for
+      `x: (tokens, in)` and a weight `W: (E, in, out)`; each expert gets its own
+      adapter (`A: (E, in, 1, r)`, `B: (E, 1, out, r)`), applied factored as
+      `ragged_dot(ragged_dot(x, A), B)` (docs/moe.md). Not probed at init (the
+      group sizes are an array argument).
     method: the method computing the layer.
     unsupported: optional function of the module returning why this instance
       cannot be adapted exactly (`""` when it can), e.g. a weight scaled after
       it is read, which a merge would not reproduce.
-    kind: derived (`"dense"` or `"einsum"`); jlora's own entries for `nn.Conv`,
+    kind: derived (`"dense"`, `"einsum"`, or `"ragged_dot"` when `group_sizes` is given); jlora's own entries for `nn.Conv`,
       `nn.Embed` and flax's `DenseGeneral` use other kinds.
 
   Example (a layer that keeps a `(d_in, d_out)` weight named `w`)::
@@ -97,12 +104,17 @@ class Layer:
   axis: Attr = -1
   equation: Attr = None
   equation_arg: str | int | None = None
+  group_sizes: str | int | None = None
   method: str = "__call__"
   unsupported: Callable[[nn.Module], str] | None = None
   kind: str = ""
 
   def __post_init__(self):
-    kind = self.kind or ("einsum" if self.equation is not None or self.equation_arg is not None else "dense")
+    einsum = self.equation is not None or self.equation_arg is not None
+    kind = self.kind or ("ragged_dot" if self.group_sizes is not None else "einsum" if einsum else "dense")
+    if kind == "ragged_dot" and (self.group_sizes is None or einsum):
+      raise ValueError("Layer: the ragged_dot layout needs `group_sizes=` (the call argument holding the group sizes) "
+                       "and no einsum equation.")
     if kind not in _KINDS + _STOCK_KINDS:
       raise ValueError(f"Layer: `kind` must be one of {_KINDS + _STOCK_KINDS}, got {self.kind!r}; leave it unset "
                        "(dense, or einsum when an equation is given).")
@@ -169,6 +181,16 @@ class Call:
           "`equation_arg=` in its jlora.Layer."
       )
     return eq.replace(" ", "")
+
+  @property
+  def group_sizes(self) -> Any:
+    """The group sizes of a `ragged_dot` layer's call (`(E,)` int32)."""
+    sizes = self.argument(self.layer.group_sizes)
+    if sizes is None:
+      raise TypeError(f"jlora: the call of {type(self.module).__name__}.{self.layer.method} has no argument "
+                      f"{self.layer.group_sizes!r}, which its jlora.Layer names as the group sizes; fix "
+                      "`group_sizes=` in register_layer.")
+    return sizes
 
 
 @functools.cache
@@ -278,7 +300,7 @@ def register_layer(cls: type | str, layer: Layer) -> None:
         f"register_layer: `cls` must be a flax.linen or flax.nnx Module class or its qualified name, got {cls!r}. "
         "(Equinox: jlora.equinox; other models: jlora.init_tree + jlora.apply_merged.)"
     )
-  if is_nnx_class(cls) and layer.kind not in _KINDS:
+  if is_nnx_class(cls) and layer.kind not in ("dense", "einsum"):
     raise ValueError(f"register_layer: an NNX layer is described with the dense layout or an einsum equation, got "
                      f"kind={layer.kind!r} for {cls.__name__}; leave `kind` unset.")
   _REGISTRY[(cls, layer.method)] = layer
@@ -301,7 +323,7 @@ def registered_layers() -> dict[tuple[type | str, str], Layer]:
   Example:
     >>> import flax.linen as nn, jlora
     >>> jlora.registered_layers()[(nn.Dense, "__call__")]
-    Layer(weight='kernel', input=0, axis=-1, equation=None, equation_arg=None, method='__call__', unsupported=None, kind='dense')
+    Layer(weight='kernel', input=0, axis=-1, equation=None, equation_arg=None, group_sizes=None, method='__call__', unsupported=None, kind='dense')
   """
   return dict(_REGISTRY)
 

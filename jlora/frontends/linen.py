@@ -32,8 +32,18 @@ from jlora.core.config import LoraConfig
 from jlora.core.fields import ALL_LINEAR, DEFAULT_TARGET_MODULES
 from jlora.core.init import add_adapters
 from jlora.core.merge import with_norms
+from jlora.core.parameters import parameter_sites
 from jlora.core.sharding import box, unbox
-from jlora.core.targets import LINEAR_KINDS, TOKENS_KEY, Site, adapter_path, is_head, leaf_name, path_str
+from jlora.core.targets import (
+  LINEAR_KINDS,
+  TOKENS_KEY,
+  Site,
+  adapter_path,
+  is_head,
+  leaf_name,
+  path_str,
+  targets_parameter,
+)
 from jlora.core.tree import Params, _check_tree, flatten, get_path, has_adapters
 from jlora.core.unadapted import Unadapted, is_matmul_like, of_sites, report, unknown_class
 from jlora.frontends import flow as _flow
@@ -92,6 +102,9 @@ def _site(call: Call, path: tuple[str, ...] | None = None, foreign: str = "") ->
     ins, outs = tuple(range(n_in)), tuple(range(n_in, n))
   elif kind == "conv":
     ins, outs = tuple(range(n - 1)), (n - 1,)
+  elif kind == "ragged_dot":  # (experts, in, out): the expert axis is shared by A and B
+    ins, outs, batch = (1,), (2,), (0,)
+    why = why or ("" if n == 3 else f"a ragged_dot weight is (experts, in, out), got shape {shape}")
   else:  # embed
     ins, outs = (0,), (1,)
   return Site(adapter_path(module_path, kernel_name), kind, kernel_name, shape, ins, outs, batch, is_head(module_path),
@@ -137,11 +150,13 @@ def _check_call(call: Call, site: Site, y: Any) -> None:
 
 class Discovery(NamedTuple):
   """What `_discover` finds: the sites, the layers re-applied with weights given at call time and what those
-  weights are computed from (`None`: not known), and the class of every module the model runs."""
+  weights are computed from (`None`: not known), the class of every module the model runs, and the shape of each
+  of their params as the module sees it (without `nn.scan`'s layer axis: what `target_parameters` reads)."""
 
   sites: list[Site]
   foreign: dict[tuple[str, ...], tuple[Site, frozenset | None]]
   classes: dict[tuple[str, ...], type]
+  shapes: dict[tuple[str, ...], tuple[int, ...]]
 
 
 def _discover(model: nn.Module, params: Params, args, kwargs, variables, probes: list | None = None) -> Discovery:
@@ -150,14 +165,18 @@ def _discover(model: nn.Module, params: Params, args, kwargs, variables, probes:
   found: dict[tuple[str, ...], Site] = {}
   foreign: dict[tuple[str, ...], Site] = {}
   classes: dict[tuple[str, ...], type] = {}
+  shapes: dict[tuple[str, ...], tuple[int, ...]] = {}
   running: list[tuple[str, ...]] = []  # the paths of the model's modules whose methods are running
   recorder = _flow.Recorder()
 
   def record(next_fun, args, kwargs, context):
     module = context.module
     outside = is_foreign(module)
-    if not outside:
-      classes.setdefault(tuple(module.path), type(module))
+    if not outside and tuple(module.path) not in classes:
+      classes[tuple(module.path)] = type(module)
+      for name, leaf in (module.variables.get("params") or {}).items():
+        if hasattr(leaf, "shape"):
+          shapes[(*module.path, name)] = tuple(leaf.shape)
     layer = describe(module, context.method_name)
     if layer is None or layer.kind == "attend" or BYPASS.get():
       running.append(tuple(module.path) if not outside else running[-1] if running else ())
@@ -191,7 +210,7 @@ def _discover(model: nn.Module, params: Params, args, kwargs, variables, probes:
   heads = {path for kind, path in flow.returned if kind == "y"}
   sites = [s._replace(is_head=True) if s.path in heads else s for s in found.values()]
   weird = {p: (s._replace(is_head=s.is_head or p in heads), flow.sources.get(("w", p))) for p, s in foreign.items()}
-  return Discovery(sites + [s for s, _ in weird.values()], weird, classes)
+  return Discovery(sites + [s for s, _ in weird.values()], weird, classes, shapes)
 
 
 def _unadapted(params: Params, found: Discovery) -> list[Unadapted]:
@@ -342,13 +361,14 @@ def init(key: jax.Array, model: nn.Module, params: Params, config: LoraConfig, *
   params, boxes = unbox(params)
   probes: list = []
   found = _discover(model, params, args, kwargs, variables, probes)
-  unadapted = _unadapted(params, found)
+  sites = parameter_sites(config, flatten(params), found.sites, per_layer=found.shapes)
+  unadapted = [u for u in _unadapted(params, found) if not targets_parameter(config, (*u.module, u.weight))]
   report(config, unadapted, "jlora.init")
   linear = config.target_modules == ALL_LINEAR
-  if unadapted and all(s.unsupported or (linear and (s.is_head or s.kind not in LINEAR_KINDS)) for s in found.sites):
+  if unadapted and all(s.unsupported or (linear and (s.is_head or s.kind not in LINEAR_KINDS)) for s in sites):
     raise ValueError("jlora.init: the model has no layer jlora can adapt on these inputs. Its matmul-like weights:\n"
                      + "\n".join(u.line() for u in unadapted))
-  adapted = add_adapters(key, params, config, found.sites, dtype=dtype)
+  adapted = add_adapters(key, params, config, sites, dtype=dtype)
   _tokens.add(adapted, _tokens.resolve(config, _embeddings(found, params), [(s.module, s.kind) for s in found.sites
                                                                            if s.kind != "embed"], "jlora.init"),
               dtype=dtype, fn="jlora.init")

@@ -26,6 +26,7 @@ from jlora.core import tokens as _tokens
 from jlora.core.adapted import adapted, adapted_batch
 from jlora.core.config import LoraConfig
 from jlora.core.merge import norm_key
+from jlora.core.parameters import moe_hint
 from jlora.core.targets import (
   MAGNITUDE_KEY,
   TOKENS_KEY,
@@ -36,6 +37,7 @@ from jlora.core.targets import (
   leaf_name,
   path_str,
   selects,
+  targets_parameter,
 )
 from jlora.core.tree import Params, check_magnitude, module_dicts, slots
 from jlora.core.variants import variant_of_leaves
@@ -73,7 +75,8 @@ def call_site(module: nn.Module, call: Call, kind: str, path: tuple[str, ...], k
   return Site(path, kind, kernel_name, tuple(kernel_shape), (), (),
               axis=call.layer.axes(module) if kind in ("dense", "dense_general") else (-1,),
               equation=call.equation if kind == "einsum" else None, precision=getattr(module, "precision", None),
-              conv=_conv(module) if kind == "conv" else None)
+              conv=_conv(module) if kind == "conv" else None,
+              group_sizes=call.group_sizes if kind == "ragged_dot" else None)
 
 
 # flax's own layers, whose output is exactly x·W0 (+ `bias`): DoRA may read x·W0 off it. A registered class may add
@@ -126,7 +129,7 @@ class Forward:
     m_key = slot.m_key
     magnitude = module.get_variable("params", m_key) if module.has_variable("params", m_key) else None
     if self.bank is None:
-      self._validate(path, kind, module, kernel_shape, a, b, magnitude)
+      self._validate(slot, kind, module, kernel_shape, a, b, magnitude)
     else:
       _ops.check_adapter(where, kernel_shape, a.shape[:-1], b.shape[:-1], a.shape[-2])
       self.bank.check_selected(slot, kind, is_head(module.path))
@@ -188,15 +191,16 @@ class Forward:
       return None
     return module.make_rng("lora_dropout")
 
-  def _validate(self, path, kind, module, kernel_shape, a, b, magnitude) -> None:
-    where = path_str(path)
+  def _validate(self, slot: Slot, kind, module, kernel_shape, a, b, magnitude) -> None:
+    where = slot.where
     cfg = self.config
     kind = "embed" if kind == "attend" else kind
-    if not selects(cfg, path, kind, is_head=is_head(module.path)):
+    if not selects(cfg, slot.path, kind, is_head=is_head(module.path), param=(*slot.module, slot.kernel_name)):
       raise ValueError(
           f"`params` holds an adapter at {where!r}, which the config (target_modules={cfg.target_modules!r}, "
-          f"exclude_modules={cfg.exclude_modules!r}, layers_to_transform={cfg.layers_to_transform!r}) does not "
-          "select. Pass the LoraConfig that created it."
+          f"exclude_modules={cfg.exclude_modules!r}, layers_to_transform={cfg.layers_to_transform!r}"
+          f"{f', target_parameters={cfg.target_parameters!r}' if cfg.target_parameters else ''}) does not select. "
+          "Pass the LoraConfig that created it."
       )
     _ops.check_adapter(where, kernel_shape, a.shape, b.shape, cfg.rank_for(where))
     check_magnitude(where, cfg, magnitude, _ops.magnitude_shape(a.shape, b.shape, kernel_shape))
@@ -204,7 +208,12 @@ class Forward:
   def check_consumed(self, params: Params, fn: str = "jlora.apply") -> None:
     """Raises naming every adapter in `params` that no intercepted call read: the forward would ignore it."""
     read = {s.leaf("lora_a") for s in self.consumed}  # the same adapter whether or not its weight is named
-    names = [s.where for s in slots(params) if s.leaf("lora_a") not in read]
+    unread = [s for s in slots(params) if s.leaf("lora_a") not in read]
+    for s in unread:
+      if self.config is not None and targets_parameter(self.config, (*s.module, s.kernel_name or "")):
+        raise ValueError(f"{fn}: the adapter of {s.where!r} (`target_parameters`) was not used by this forward: "
+                         f"{moe_hint(path_str((*s.module, s.kernel_name)))}.")
+    names = [s.where for s in unread]
     names += [f"{path_str(p)} (trainable tokens)" for p, node in module_dicts(params)
               if any(map(is_tokens_key, node)) and p not in self.tokens_read]
     if not names:

@@ -25,7 +25,7 @@ from jlora.core.config import LoraConfig
 from jlora.core.fields import pattern_lookup, rewrites_base
 from jlora.core.keys import restore, stringify
 from jlora.core.plain import LayoutLike, weight_site
-from jlora.core.targets import MAGNITUDE_KEY, is_saved, kernel_key
+from jlora.core.targets import MAGNITUDE_KEY, is_saved, kernel_key, targets_parameter
 from jlora.core.tree import (
   Params,
   _check_tree,
@@ -38,6 +38,7 @@ from jlora.core.tree import (
 )
 from jlora.formats.checkpoint import strip_adapters
 from jlora.formats.peft import layout as peft_layout
+from jlora.formats.peft import params as peft_params
 from jlora.formats.peft import tokens as peft_tokens
 from jlora.formats.peft.config import from_peft, to_jlora, to_peft
 from jlora.formats.peft.files import read, write
@@ -107,6 +108,11 @@ def save_peft(directory: str | os.PathLike, model: Any, params: Params, config: 
   `trainable_token_indices: {PEFT module name: ids}` in the config. The config
   lists exactly the saved modules as `target_modules`, with `rank_pattern` /
   `alpha_pattern` where ranks differ, so PEFT wraps those modules with those ranks.
+  Adapters of `target_parameters` become PEFT's `ParamWrapper` tensors
+  (`jlora.formats.peft.params`: per expert, `lora_A.weight: (r·E, in)` and
+  `lora_B.weight: (out, r·E)`), named after the PyTorch module that the name
+  map's `module.param` name for the parameter's path gives, and are listed as
+  `target_parameters` (docs/moe.md).
 
   Args:
     directory: where to write: absent, empty, or a directory jlora wrote (it is
@@ -160,11 +166,13 @@ def _export(params: Params, config: LoraConfig, names: NameMap, save_embedding_l
             ) -> tuple[dict[str, np.ndarray], dict[str, Any]]:
   """`({PEFT key: tensor}, adapter_config dict)` of every adapter, trained bias, `modules_to_save` leaf and trained
   token rows (and with `save_embedding_layers`, the embedding tables)."""
-  tensors: dict[str, np.ndarray] = {}
-  ranks: dict[str, int] = {}
-  alphas: dict[str, float] = {}
   adapted: dict[Path, list[str]] = {}
-  for ad in adapters(params, config):
+  everything = list(adapters(params, config))
+  of_params = [ad for ad in everything if targets_parameter(config, (*ad.slot.module, ad.slot.kernel_name))]
+  tensors, param_names, ranks, alphas = peft_params.export(of_params, params, config, names)
+  for ad in everything:
+    if ad in of_params:
+      continue
     if ad.slot.module != ad.slot.path:
       raise ValueError(
           f"save_peft: {ad.slot.where!r} adapts {ad.slot.kernel_name!r}, one of several weights in the module "
@@ -213,7 +221,8 @@ def _export(params: Params, config: LoraConfig, names: NameMap, save_embedding_l
   if not tensors:
     raise ValueError("save_peft: `params` holds no adapter, trained bias or modules_to_save leaf to export.")
   data = to_peft(config, params, adapted=adapted, ranks=ranks, alphas=alphas, saved_modules=saved_modules,
-                 fan_in_fan_out=any(p[-1] in names.fan_in_fan_out for p in adapted), tokens=indices)
+                 fan_in_fan_out=any(p[-1] in names.fan_in_fan_out for p in adapted), tokens=indices,
+                 parameters=param_names)
   return tensors, data
 
 
@@ -239,6 +248,9 @@ def load_peft(directory: str | os.PathLike, model: Any, params: Params, *, name_
   the table's rows; a whole embedding table or `lm_head` weight in the file
   (`save_embedding_layers`) replaces the base's, whose shape must be the file's
   (resize the base first for a resized vocabulary).
+  PEFT's `ParamWrapper` tensors (`target_parameters`) become per-expert adapters
+  of the parameters that the config's entries select (named by the name map as
+  `module.param`), nested wrappers placed by their shapes (docs/moe.md).
   The returned config is PEFT's, translated to Flax paths where PEFT's names
   would not select the same modules.
 
@@ -276,6 +288,8 @@ def load_peft(directory: str | os.PathLike, model: Any, params: Params, *, name_
   base = strip_adapters(params)
   tree = unflatten(base)
   table = name_table(base, names)
+  ptable = peft_params.param_table(base, names, config) if config.target_parameters else {}
+  nested: dict[str, dict[int, dict[str, tuple[str, Any]]]] = {}
   lora: dict[tuple[Path, str], dict[int | None, tuple[str, Any]]] = {}
   embeds: set[Path] = set()
   full: dict[Path, dict[int | None, tuple[str, Any]]] = {}
@@ -288,6 +302,10 @@ def load_peft(directory: str | os.PathLike, model: Any, params: Params, *, name_
     if kind == "skip":
       continue
     _check_values(key, value, directory)
+    tmod, depth = peft_params.strip_wrappers(mname)
+    if kind == "lora" and not embed and leaf != "lora_magnitude" and tmod in ptable:
+      nested.setdefault(tmod, {}).setdefault(depth, {})[leaf] = (key, value)
+      continue
     if mname not in table:
       if not peft_tokens.is_tied_copy(key, mname, tensors, table):
         unknown.append(key)
@@ -331,11 +349,20 @@ def load_peft(directory: str | os.PathLike, model: Any, params: Params, *, name_
         f"Module names of this model (PEFT style) include: {_few(table)}. Pass the model the adapter was made for, "
         "or a `name_map` from Flax module paths to PEFT module names."
     )
-  if not lora:
+  plora = peft_params.assign(nested, ptable, base, layout)
+  if not lora and not plora:
     raise ValueError(f"load_peft: {os.fspath(directory)!r} holds no LoRA tensor (lora_A / lora_B / lora_embedding_A / _B).")
   out = dict(base)
   ranks: dict[Path, int] = {}
   alphas: dict[Path, float] = {}
+  param_ranks: dict[Path, tuple[int, float]] = {}
+  for (param, leaf), layers in sorted(plora.items()):
+    path, value, r, alpha = peft_params.param_leaf(param, leaf, layers, base[param], config, dtype=dtype, layout=layout)
+    out[path] = value
+    param_ranks[param] = (r, alpha)
+  for param in {p for p, _ in plora}:
+    if (param, "lora_a") not in plora or (param, "lora_b") not in plora:
+      raise ValueError(f"load_peft: the target parameter {'/'.join(param)!r} has only one of lora_A / lora_B.")
   for (module, leaf), layers in sorted(lora.items()):
     out[(*module, leaf)] = _adapter_leaf(module, leaf, layers, tree, config, embed=module in embeds, dtype=dtype,
                                          ranks=ranks, alphas=alphas, layout=layout)
@@ -357,7 +384,7 @@ def load_peft(directory: str | os.PathLike, model: Any, params: Params, *, name_
     node = {p[-1]: v for p, v in out.items() if p[:-1] == module}
     leaf, delta = peft_tokens.delta_from_peft(module, node, mname, value, ids_read[module], dtype)
     out[(*module, leaf)] = delta
-  config = to_jlora(config, ranks, alphas, full, ids_read)
+  config = to_jlora(config, ranks, alphas, full, ids_read, parameters=param_ranks)
   params_out = unflatten(out)
   check_adapters(params_out, config)
   for _ in core_tokens.tokens(params_out, config):  # each leaf fits its table and ids

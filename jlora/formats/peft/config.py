@@ -17,7 +17,7 @@ from typing import Any
 
 from jlora.core.config import LoraConfig
 from jlora.core.fields import ALL_LINEAR, rewrites_base
-from jlora.core.targets import is_saved, matches
+from jlora.core.targets import adapter_path, is_saved, matches
 from jlora.core.tree import KERNEL_KEYS, Params, flatten
 
 __all__ = ["to_peft", "from_peft", "to_jlora"]
@@ -31,7 +31,7 @@ def _has_separator(names: Any) -> bool:
 
 def to_peft(config: LoraConfig, params: Params, *, adapted: Mapping[Path, list[str]], ranks: Mapping[str, int],
             alphas: Mapping[str, float], saved_modules: list[str], fan_in_fan_out: bool,
-            tokens: Mapping[str, list[int]] | None = None) -> dict[str, Any]:
+            tokens: Mapping[str, list[int]] | None = None, parameters: list[str] | None = None) -> dict[str, Any]:
   """The `adapter_config.json` dict that makes PEFT wrap exactly the adapted modules with their ranks.
 
   Args:
@@ -43,15 +43,17 @@ def to_peft(config: LoraConfig, params: Params, *, adapted: Mapping[Path, list[s
     saved_modules: PEFT names of the `modules_to_save` modules.
     fan_in_fan_out: an adapted module stores its PyTorch weight `(in, out)` (GPT-2's `Conv1D`).
     tokens: `{PEFT name: ids}` of the tables with trainable tokens (PEFT's `trainable_token_indices`, dict form).
+    parameters: PEFT names (`module.param`) of the adapted target parameters (`target_parameters`).
   """
   data = config.to_dict()
+  data["target_parameters"] = sorted(parameters) if parameters else None
   targets = config.target_modules
   keep = isinstance(targets, tuple) and not _has_separator(targets)
   if keep and config.layers_to_transform is None and config.exclude_modules is None:
     with_weights = {p[:-1] for p in flatten(params) if p[-1] in KERNEL_KEYS}
     keep = {p for p in with_weights if p[-1] in targets} == set(adapted)
   if not keep:
-    data.update(target_modules=sorted(n for names in adapted.values() for n in names), exclude_modules=None,
+    data.update(target_modules=sorted(n for names in adapted.values() for n in names) or None, exclude_modules=None,
                 layers_to_transform=None, layers_pattern=None)
   if config.modules_to_save and _has_separator(config.modules_to_save):
     data["modules_to_save"] = sorted(set(saved_modules))
@@ -77,6 +79,8 @@ def from_peft(data: Mapping[str, Any]) -> LoraConfig:
       base its init wrote, or a value is invalid.
   """
   fields = {f.name for f in dataclasses.fields(LoraConfig)}
+  if data.get("target_parameters") and data.get("target_modules") == []:  # PEFT's "no module, only parameters"
+    data = {**data, "target_modules": None}
   # Newer PEFT versions write keys for features jlora does not know; switched off, they mean nothing here.
   config = LoraConfig.from_dict({k: v for k, v in data.items() if k in fields or v not in (None, False, {}, [])})
   init = config.init_lora_weights
@@ -99,7 +103,8 @@ def from_peft(data: Mapping[str, Any]) -> LoraConfig:
 
 
 def to_jlora(config: LoraConfig, ranks: Mapping[Path, int], alphas: Mapping[Path, float],
-             full: Mapping[Path, Any], tokens: Mapping[Path, tuple[int, ...]] | None = None) -> LoraConfig:
+             full: Mapping[Path, Any], tokens: Mapping[Path, tuple[int, ...]] | None = None, *,
+             parameters: Mapping[Path, tuple[int, float]] | None = None) -> LoraConfig:
   """The inverse of `to_peft`: PEFT's config with names rewritten to Flax paths where they would select otherwise.
 
   Args:
@@ -108,13 +113,24 @@ def to_jlora(config: LoraConfig, ranks: Mapping[Path, int], alphas: Mapping[Path
     alphas: `{Flax module path: alpha}` of every adapter read.
     full: the Flax paths of the trained biases and `modules_to_save` leaves read.
     tokens: `{Flax module path: ids}` of the trainable tokens read.
+    parameters: `{Flax parameter path: (r, alpha)}` of the target parameters' adapters read (`target_parameters`
+      becomes exactly these paths).
 
   Raises:
     ValueError: the file holds trained biases but its config says `bias='none'`.
   """
   changes: dict[str, Any] = {}
   paths = sorted(ranks)
-  if config.target_modules != ALL_LINEAR and not all(
+  parameters = dict(parameters or {})
+  if config.target_parameters or parameters:
+    changes["target_parameters"] = tuple("/".join(p) for p in sorted(parameters)) or None
+    ranks, alphas = dict(ranks), dict(alphas)
+    for p, (r, a) in parameters.items():  # named as jlora names the adapter: its module's, or module/param
+      where = adapter_path(p[:-1], p[-1])
+      ranks[where], alphas[where] = r, a
+  if not paths and parameters:
+    changes.update(target_modules=None, exclude_modules=None, layers_to_transform=None, layers_pattern=None)
+  elif config.target_modules != ALL_LINEAR and not all(
       matches(config.target_modules, p) and not matches(config.exclude_modules, p) for p in paths):
     changes.update(target_modules=tuple("/".join(p) for p in paths), exclude_modules=None, layers_to_transform=None,
                    layers_pattern=None)

@@ -20,6 +20,7 @@ from flax.core.meta import AxisMetadata
 
 from jlora.core.config import LoraConfig
 from jlora.core.init import add_adapters
+from jlora.core.parameters import refuse as refuse_parameters
 from jlora.core.targets import Site, is_lora_key, path_str, selects
 from jlora.core.tokens import refuse as refuse_tokens
 from jlora.core.tree import _check_tree, adapted_modules, check_adapters, flatten, has_adapters, labels
@@ -115,6 +116,7 @@ def init(key: jax.Array, model: nnx.Module, config: LoraConfig, *args, rngs: nnx
   check_model(model)
   check_config(config)
   refuse_tokens("jlora.nnx.init", config)
+  refuse_parameters("jlora.nnx.init", config)
   _check_base(model, "init")
   found, eqs, seen = sites(model, args, kwargs)
   modules, variables = walk(model)
@@ -185,6 +187,7 @@ def from_params(model: nnx.Module, params: Mapping[str, Any], config: LoraConfig
   check_config(config)
   _check_tree(params)
   refuse_tokens("jlora.nnx.from_params", config, params)
+  refuse_parameters("jlora.nnx.from_params", config)
   if not has_adapters(params):
     raise ValueError(
         "jlora.nnx.from_params: `params` holds no LoRA adapter (no lora_a/lora_b leaves). Pass a tree with "

@@ -722,8 +722,8 @@ def test_qlora_and_dora_errors_name_the_argument_and_the_fix():
   base, _, cfg = _build("linear", init_lora_weights=False, target_modules=r"layers\.\d+", modules_to_save=("head",))
   with pytest.raises(ValueError, match=r"kernel at 'head/kernel' is quantized .*modules_to_save=\('head',\).*select"):
     lnnx.init(KEY, lnnx.quantize(base), cfg)
-  with pytest.raises(ValueError, match=r"`method` must be one of \('nf4', 'int8'\), got 'int4'"):
-    lnnx.quantize(base, "int4")
+  with pytest.raises(ValueError, match=r"`method` must be one of \('nf4', 'int4', 'int8'\), got 'fp4'"):
+    lnnx.quantize(base, "fp4")
   with pytest.raises(TypeError, match=r"`model` is a flax\.linen Module"):
     lnnx.quantize(nn.Dense(4))
   lora = lnnx.init(KEY, base, jlora.LoraConfig(r=4, target_modules=r"layers\.\d+"))

@@ -40,6 +40,7 @@ from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
 import jlora
 from jlora import models
+from jlora.core.targets import is_pair_key
 from jlora.train._mesh_config import AXES, MeshConfig
 
 __all__ = ["Layout", "launcher", "layout", "shardings", "start"]
@@ -159,24 +160,27 @@ class Layout:
     return jax.device_put(trainable, jlora.split(placed, lora)[0])
 
   def gathered(self, stored: Any) -> Any:
-    """The shardings the step computes with, from those the trainable tree is stored with: `rank_axis` dropped.
+    """The shardings the step computes with, from those the trainable tree is stored with: the `A` and `B`
+    leaves without `rank_axis`; every other leaf as stored.
 
     An adapter split along its rank is stored 1/fsdp per chip but gathered whole for the step's matmuls, as
     FSDP gathers the base's weights: `B` is a few hundred KB per layer, whereas a matmul contracting a split
     rank makes the TPU compiler accumulate the `(tokens, d_out)` output piece by piece (a collective-permute
-    loop), in float32 for float32 adapters: ~40% more HBM traffic per step for Qwen2.5-7B on v5e-8.
+    loop), in float32 for float32 adapters: ~40% more HBM traffic per step for Qwen2.5-7B on v5e-8. (An `A` or
+    `B` whose other axis used `fsdp` is gathered too: it is as small. Trained biases, `modules_to_save` and
+    token rows keep their sharding.)
     """
     def entry(e: Any) -> Any:  # one entry of a PartitionSpec: an axis name, a tuple of them, or None
       if isinstance(e, tuple):
         return tuple(a for a in e if a != self.rank_axis) or None
       return None if e == self.rank_axis else e
 
-    def drop(s: Any) -> Any:
-      if self.rank_axis is None or not isinstance(s, NamedSharding):
+    def drop(path: tuple, s: Any) -> Any:
+      if self.rank_axis is None or not isinstance(s, NamedSharding) or not is_pair_key(getattr(path[-1], "key", "")):
         return s
       return NamedSharding(s.mesh, PartitionSpec(*map(entry, s.spec)))
 
-    return jax.tree.map(drop, stored)
+    return jax.tree_util.tree_map_with_path(drop, stored)
 
   @property
   def replicated(self) -> NamedSharding:

@@ -101,6 +101,18 @@ def test_bad_values_name_the_key(overrides, error, match):
     train.load(ROOT / "configs" / "default.yaml", overrides)
 
 
+def test_unset_target_modules_take_peft_s_default_for_the_model_type():
+  """As PEFT's `get_peft_model` does: `lora.target_modules` left out is filled in by the model's `model_type`."""
+  assert train.load(ROOT / "configs" / "causal_lm_tiny.yaml", ["lora.target_modules=null"]).lora.target_modules == (
+      "c_attn",)
+  assert train.load(ROOT / "configs" / "default.yaml", ["lora.target_modules=null"]).lora.target_modules == (
+      "query", "value")  # the packaged MiniLM is a BERT
+  given = train.load(ROOT / "configs" / "causal_lm_tiny.yaml", ["lora.target_modules=[c_proj]"])
+  assert given.lora.target_modules == ("c_proj",)
+  full = train.load(ROOT / "configs" / "causal_lm_tiny.yaml", ["lora.target_modules=null", "train.method=full"])
+  assert full.lora.target_modules is None  # nothing to target
+
+
 def test_train_method_full_keeps_the_rest_of_the_job_and_its_own_fingerprint():
   from jlora.train import _data, _setup
 

@@ -15,7 +15,9 @@ import typing
 from collections.abc import Mapping, Sequence
 from typing import Any
 
+from jlora.core.fields import default_target_modules
 from jlora.core.safe_load import MAX_BYTES, load_yaml
+from jlora.train import _model
 from jlora.train._schema import SECTION_TYPES, SECTIONS, Config, type_name
 
 __all__ = ["apply_overrides", "describe", "load"]
@@ -105,7 +107,23 @@ def load(path: str | os.PathLike | None, overrides: Sequence[str] = (), *, text:
       data = {}
     if not isinstance(data, Mapping):
       raise TypeError(f"{source}: the config must be a mapping of sections {list(SECTIONS)}, got {type(data).__name__}.")
-  return Config.from_dict(apply_overrides(data, overrides), source=source)
+  return _default_targets(Config.from_dict(apply_overrides(data, overrides), source=source), source)
+
+
+def _default_targets(config: Config, source: str) -> Config:
+  """`config` with PEFT's default `lora.target_modules` for its model's `model_type` where none are given (and no
+  `target_parameters`), as PEFT's `get_peft_model` fills them in; the run, its fingerprint and its saved adapter
+  config then name them."""
+  lora = config.lora
+  if lora.target_modules is not None or lora.target_parameters or config.train.method == "full":
+    return config
+  kind = _model.model_type(config.model)
+  try:
+    targets = default_target_modules(kind)
+  except ValueError:
+    raise ValueError(f"{source}: `lora.target_modules` is not set, and PEFT has no default for model_type {kind!r}; "
+                     "name them, e.g. `lora.target_modules=all-linear`.") from None
+  return dataclasses.replace(config, lora=dataclasses.replace(lora, target_modules=targets))
 
 
 def describe() -> str:

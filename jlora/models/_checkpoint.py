@@ -6,7 +6,8 @@ the Flax path `transformer/h_0/attn/c_attn/kernel` is the tensor
 `transformer.h.0.attn.c_attn.weight`. Linear kernels are transposed (torch stores
 `(out, in)`, Flax `(in, out)`) except for GPT-2's `Conv1D` layers. Stacked expert weights
 (`HFSpec.raw_leaves`) keep their own name (`mlp.experts.gate_up_proj`, no `.weight`) and swap
-their last two axes (torch `(E, out, in)`, Flax `(E, in, out)`). A scanned stack
+their last two axes (torch `(E, out, in)`, Flax `(E, in, out)`); a leaf named `weight` is kept
+in torch's layout on both sides (Mixtral's router). A scanned stack
 (`layers` with a leading axis `L`) maps to `layers.0` … `layers.{L-1}`.
 Safetensors are read with `safetensors.numpy` (no torch, no pickle).
 """
@@ -30,7 +31,7 @@ from jlora.formats.peft.torch_names import NameMap
 
 __all__ = ["HFSpec", "from_hf_tensors", "module_name", "name_map", "read_config", "read_safetensors", "to_hf_tensors"]
 
-_LEAF_NAMES = {"kernel": "weight", "embedding": "weight", "scale": "weight", "bias": "bias"}
+_LEAF_NAMES = {"kernel": "weight", "embedding": "weight", "scale": "weight", "bias": "bias", "weight": "weight"}
 
 
 class HFSpec(NamedTuple):

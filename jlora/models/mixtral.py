@@ -2,7 +2,7 @@
 
 Everything but the feed-forward is :mod:`jlora.models.llama` (attention, RoPE, norms, the KV
 cache, `scan_layers`, `remat`). Each block's `mlp` is :class:`MixtralSparseMoeBlock`, as
-`transformers` 5 names it: a router `mlp/gate` (`nn.Dense`, hidden -> E, no bias) and the
+`transformers` 5 names it: a router `mlp/gate` (:class:`MixtralRouter`, `weight (E, d)`) and the
 experts `mlp/experts` holding two stacked weights, `gate_up_proj (E, d, 2·ff)` and
 `down_proj (E, ff, d)` (Flax `(E, in, out)`; torch keeps `(E, out, in)`).
 
@@ -11,7 +11,7 @@ The expert contractions are the two methods of :class:`MixtralExperts`, each a
 (`jlora.register_layer`), so that PEFT's Mixtral targets
 `LoraConfig(target_parameters=["experts.gate_up_proj", "experts.down_proj"])` get one rank-r
 adapter per expert applied factored by `jlora.apply` (docs/moe.md); `target_modules` lists
-(`["q_proj", "v_proj"]`, the router `"gate"`) work as for Llama.
+(`["q_proj", "v_proj"]`) work as for Llama.
 
 Checkpoints: `transformers` 5 holds the fused names in memory (`mlp.experts.gate_up_proj`),
 but its `save_pretrained` writes the original per-expert layout,
@@ -36,10 +36,10 @@ import numpy as np
 from jlora.frontends.layers import Layer, register_layer
 from jlora.models._arch import Architecture, AxisTable
 from jlora.models._checkpoint import HFSpec
-from jlora.models._layers import activation, dtypes
+from jlora.models._layers import activation
 from jlora.models.llama import LlamaConfig, LlamaForCausalLM
 
-__all__ = ["ARCHITECTURE", "MixtralConfig", "MixtralExperts", "MixtralForCausalLM", "MixtralSparseMoeBlock"]
+__all__ = ["ARCHITECTURE", "MixtralConfig", "MixtralExperts", "MixtralForCausalLM", "MixtralRouter", "MixtralSparseMoeBlock"]
 
 
 @dataclasses.dataclass(frozen=True)
@@ -121,6 +121,25 @@ register_layer(MixtralExperts, Layer(weight="gate_up_proj", input="x", group_siz
 register_layer(MixtralExperts, Layer(weight="down_proj", input="x", group_sizes="group_sizes", method="down"))
 
 
+class MixtralRouter(nn.Module):
+  """The router (`mlp/gate`): `x (N, d) -> logits (N, E)` with a `weight (E, d)` kept in torch's layout.
+
+  As transformers 5's `MixtralTopKRouter`, it is not a linear layer: `"all-linear"` leaves it alone (as PEFT
+  does), `target_modules` cannot name it, and PEFT's `target_parameters=["gate.weight"]` adapts its weight,
+  which jlora folds in with `jlora.apply_merged` (`jlora.apply` refuses, naming the fix).
+  """
+
+  config: MixtralConfig
+  dtype: Any
+
+  @nn.compact
+  def __call__(self, x: jax.Array) -> jax.Array:
+    c = self.config
+    init = nn.initializers.lecun_normal(in_axis=-1, out_axis=-2)
+    weight = self.param("weight", init, (c.num_local_experts, c.hidden_size), self.dtype)
+    return jnp.einsum("nd,ed->ne", x, weight)
+
+
 class MixtralSparseMoeBlock(nn.Module):
   """The sparse mixture-of-experts feed-forward (`mlp`), as transformers 5's `MixtralSparseMoeBlock`.
 
@@ -148,7 +167,7 @@ class MixtralSparseMoeBlock(nn.Module):
     b, t, d = x.shape
     k, e = c.num_experts_per_tok, c.num_local_experts
     tokens = x.reshape(b * t, d)
-    logits = nn.Dense(e, name="gate", **dtypes(self.dtype, use_bias=False))(tokens)
+    logits = MixtralRouter(c, self.dtype, name="gate")(tokens)
     probs = jax.nn.softmax(logits.astype(jnp.float32), axis=-1)
     weights, experts = jax.lax.top_k(probs, k)  # (B·T, k) each
     weights = weights / weights.sum(-1, keepdims=True)
@@ -223,7 +242,7 @@ class MixtralForCausalLM(LlamaForCausalLM):
   """Mixtral causal LM: :class:`~jlora.models.llama.LlamaForCausalLM` whose `mlp` is a mixture of experts.
 
   Attributes, call and raises as the Llama model's. Parameters of a block's `mlp`:
-  `gate/kernel (d, E)`, `experts/gate_up_proj (E, d, 2·ff)`, `experts/down_proj (E, ff, d)`
+  `gate/weight (E, d)` (torch's layout, as a plain tree's `weight`), `experts/gate_up_proj (E, d, 2·ff)`, `experts/down_proj (E, ff, d)`
   (one more leading axis `L` with `scan_layers=True`).
   """
 
@@ -231,7 +250,7 @@ class MixtralForCausalLM(LlamaForCausalLM):
   feed_forward: ClassVar[Any] = MixtralSparseMoeBlock
   param_axes: ClassVar[AxisTable] = {
     **{k: v for k, v in LlamaForCausalLM.param_axes.items() if not k.startswith("mlp/")},
-    "mlp/gate/kernel": ("embed", "experts"),
+    "mlp/gate/weight": ("experts", "embed"),
     "mlp/experts/gate_up_proj": ("experts", "embed", "mlp"),
     "mlp/experts/down_proj": ("experts", "mlp", "embed"),
   }

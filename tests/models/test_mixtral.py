@@ -2,6 +2,7 @@
 and without `scan_layers`, checkpoints both ways (transformers' per-expert files), LoRA on the experts
 (`target_parameters`) factored, PEFT files both ways, a mesh, and the config's refusals."""
 
+import dataclasses
 import json
 import warnings
 
@@ -121,11 +122,11 @@ def test_config_refusals():
 
 @pytest.fixture(scope="module")
 def peft_dir(hf):
-  """A PEFT adapter on the torch model: every expert's weights (`target_parameters`) and q_proj, B non-zero."""
+  """A PEFT adapter on the torch model: every expert's weights and the router (`target_parameters`) and q_proj."""
   peft = pytest.importorskip("peft")
   path = hf[0]  # a fresh torch model: get_peft_model changes the one it wraps
   torch.manual_seed(1)
-  config = peft.LoraConfig(r=2, lora_alpha=6, target_modules=["q_proj"], target_parameters=TARGETS,
+  config = peft.LoraConfig(r=2, lora_alpha=6, target_modules=["q_proj"], target_parameters=[*TARGETS, "gate.weight"],
                            init_lora_weights=False)
   with warnings.catch_warnings():
     warnings.simplefilter("ignore")
@@ -135,6 +136,13 @@ def peft_dir(hf):
   return path.parent / "peft", _torch_logits(pmodel.eval(), ids, mask)
 
 
+def _without_router(tree):
+  """The params without the router's adapter leaves."""
+  if isinstance(tree, dict):
+    return {k: {"weight": v["weight"]} if k == "gate" else _without_router(v) for k, v in tree.items()}
+  return tree
+
+
 @pytest.mark.parametrize("scan", [False, True])
 def test_peft_target_parameters_both_ways(hf, peft_dir, tmp_path, scan):
   peft = pytest.importorskip("peft")
@@ -142,16 +150,23 @@ def test_peft_target_parameters_both_ways(hf, peft_dir, tmp_path, scan):
   adapter, want = peft_dir
   model, base = models.from_pretrained(path, scan_layers=scan)
   params, cfg = jlora.load_peft(adapter, model, base)
-  experts = params["model"]["layers" if scan else "layers_0"]["mlp"]["experts"]
-  assert experts["gate_up_proj_lora_a"].shape == (*((2,) if scan else ()), E, D, 1, 2)
+  lead = (2,) if scan else ()
+  mlp = params["model"]["layers" if scan else "layers_0"]["mlp"]
+  assert mlp["experts"]["gate_up_proj_lora_a"].shape == (*lead, E, D, 1, 2)
+  assert mlp["gate"]["lora_b"].shape == (*lead, E, 1, 2)  # the router's (E, d) weight, read (out, in)
   ids, mask = tokens((2, 9)), _mask(2, 9)
-  _close(lora_forward(model, params, cfg, ids, mask), want, mask)  # factored, per expert
-  _close(forward(model, jlora.merge(params, cfg), ids, mask), want, mask)
+  merged = jax.jit(lambda p: jlora.apply_merged(lambda q, *x: model.apply({"params": q}, *x), p, cfg, ids, mask))
+  _close(merged(params), want, mask)
+  # The experts' adapters are factored (the router, used by hand as in transformers, is merged only).
+  experts = dataclasses.replace(cfg, target_parameters=tuple(t for t in cfg.target_parameters if "gate/" not in t))
+  no_router = _without_router(params)
+  factored = np.asarray(lora_forward(model, no_router, experts, ids, mask))
+  _close(factored, forward(model, jlora.merge(no_router, experts), ids, mask), mask, atol=1e-5 * np.abs(want).max())
   if scan:
     return
   jlora.save_peft(tmp_path / "again", model, params, cfg)
   saved = json.loads((tmp_path / "again" / "adapter_config.json").read_text())
-  assert saved["target_modules"] == ["q_proj"]
+  assert saved["target_modules"] == ["q_proj"] and "model.layers.1.mlp.gate.weight" in saved["target_parameters"]
   with warnings.catch_warnings():
     warnings.simplefilter("ignore")
     tm = peft.PeftModel.from_pretrained(transformers.MixtralForCausalLM.from_pretrained(path), tmp_path / "again")
@@ -170,6 +185,6 @@ def test_lora_on_experts_trains_factored_on_a_mesh():
   assert tuple(axes["gate_up_proj"]) == ("experts", "embed", "mlp")
   assert tuple(axes["down_proj_lora_b"]) == ("experts", None, "embed", "lora_rank")
   lora, frozen = jlora.split(params, cfg)
-  grads = jax.grad(lambda p: jnp.mean(jlora.apply(model, jlora.combine(p, frozen), cfg, ids) ** 2))(lora)
+  grads = jax.jit(jax.grad(lambda p: jnp.mean(jlora.apply(model, jlora.combine(p, frozen), cfg, ids) ** 2)))(lora)
   g = grads["model"]["layers_0"]["mlp"]["experts"]["gate_up_proj_lora_b"]
   assert g.shape == (E, 1, 2 * F, 2) and bool(jnp.all(jnp.any(g != 0, axis=(1, 2, 3))))  # every expert used

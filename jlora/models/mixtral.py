@@ -154,7 +154,7 @@ class MixtralSparseMoeBlock(nn.Module):
   routing), so it jits once and differentiates through `ragged_dot`. The alternatives are worse
   here: a capacity-based einsum dispatch drops tokens past capacity (not transformers' result),
   and running every expert on every token costs E/k times the FLOPs. Padding tokens are routed
-  like the others (their outputs are masked downstream, as in transformers).
+  like the others, as in transformers (attention masks them; their own outputs go unused).
   """
 
   config: MixtralConfig

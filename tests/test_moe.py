@@ -289,3 +289,21 @@ def test_peft_round_trip_of_scanned_and_same_shaped_experts(tmp_path):
   assert set(back_cfg.target_parameters) == {"layers/experts/gate", "layers/experts/up"}
   for u, v in zip(jax.tree.leaves(params), jax.tree.leaves(back)):
     np.testing.assert_array_equal(np.asarray(u), np.asarray(v))
+
+
+def test_name_map_param_order_sets_peft_nesting(tmp_path):
+  """`NameMap.param_order` is the PyTorch order of a module's parameters (Flax dicts come sorted): the last listed is
+  PEFT's outermost wrapper, in `save_peft` and `load_peft` alike."""
+  tree = {"experts": {"gate": jax.random.normal(jax.random.key(7), (E, D, F)),
+                      "up": jax.random.normal(jax.random.key(8), (E, D, F))}}
+  cfg = jlora.LoraConfig(r=2, target_parameters=["experts.gate", "experts.up"], init_lora_weights=False)
+  params = jlora.init_tree(jax.random.key(9), tree, cfg)
+  names = jlora.NameMap(lambda path: ".".join(path), param_order=("up", "gate"))  # `gate` registered last
+  jlora.save_peft(tmp_path, None, params, cfg, name_map=names)
+  w = safetensors.numpy.load_file(str(tmp_path / "adapter_model.safetensors"))
+  a = np.asarray(params["experts"]["gate_lora_a"])
+  np.testing.assert_array_equal(w["base_model.model.experts.lora_A.weight"][2 * 2 + 1], a[2, :, 0, 1])
+  with pytest.warns(UserWarning, match=r"name map's `param_order`.*: \['experts.up', 'experts.gate'\]"):
+    back, _ = jlora.load_peft(tmp_path, None, tree, name_map=names)
+  for u, v in zip(jax.tree.leaves(params), jax.tree.leaves(back)):
+    np.testing.assert_array_equal(np.asarray(u), np.asarray(v))

@@ -78,6 +78,20 @@ def test_causal_lm_tiny(tmp_path):
   assert lr == pytest.approx([0.0, 1e-2 / 3, 2e-2 / 3])  # warmup_steps 5 capped at the 3 steps, then constant
 
 
+def test_mixtral_tiny_trains_every_expert(tmp_path):
+  """configs/mixtral_tiny.yaml: LoRA on the experts (`lora.target_parameters`) trains, merges and exports."""
+  result = _run("mixtral_tiny.yaml", tmp_path, "train.steps=3", "outputs.merged=true")
+  _check_outputs(result, tmp_path)
+  assert result["after"]["loss"] != result["before"]["loss"]
+  experts = adapter(tmp_path)["model"]["layers_1"]["mlp"]["experts"]
+  assert experts["down_proj_lora_b"].shape == (4, 1, 32, 4)
+  assert np.all(np.abs(experts["down_proj_lora_b"]).max(axis=(1, 2, 3)) > 0)  # every expert's adapter trained
+  peft = json.loads((tmp_path / "peft" / "adapter_config.json").read_text())
+  assert "model.layers.1.mlp.experts.gate_up_proj" in peft["target_parameters"]
+  model, merged = models.from_pretrained(tmp_path / "merged")
+  assert model.config.num_local_experts == 4 and "gate_up_proj_lora_a" not in merged["model"]["layers_0"]["mlp"]["experts"]
+
+
 def test_seq2seq_tiny(tmp_path):
   result = _run("seq2seq_tiny.yaml", tmp_path, "train.steps=2", "optimizer.schedule=linear", "optimizer.clip_norm=null")
   _check_outputs(result, tmp_path)

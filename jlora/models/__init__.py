@@ -1,9 +1,11 @@
 """Reference models with Hugging Face module names, and local checkpoint loading.
 
-Supported `model_type` values: `gpt2`, `llama`, `mistral`, `qwen2`, `bert`, `t5`.
+Supported `model_type` values: `gpt2`, `llama`, `mistral`, `qwen2`, `mixtral`, `bert`, `t5`.
 Every projection is an `nn.Dense` and every embedding an `nn.Embed` named as in
 `transformers`, so PEFT `target_modules` lists (`["q_proj", "v_proj"]`,
-`["c_attn"]`, `["query", "value"]`, `["q", "v"]`) apply unchanged. Every model
+`["c_attn"]`, `["query", "value"]`, `["q", "v"]`) apply unchanged; Mixtral's experts are
+stacked `(E, in, out)` params that PEFT's `target_parameters`
+(`["experts.gate_up_proj", "experts.down_proj"]`) name (docs/moe.md). Every model
 reads and writes its Hugging Face tensor layout, names its modules for PEFT files
 (`peft_name_map()`) and gives example inputs for `jlora.init`; the decoders also
 hold the KV cache that `generate` uses.

@@ -4,7 +4,10 @@ A model describes its Hugging Face layout with an :class:`HFSpec`; the functions
 a Flax `'params'` tree into Hugging Face tensor names and back. The rule is mechanical:
 the Flax path `transformer/h_0/attn/c_attn/kernel` is the tensor
 `transformer.h.0.attn.c_attn.weight`. Linear kernels are transposed (torch stores
-`(out, in)`, Flax `(in, out)`) except for GPT-2's `Conv1D` layers. A scanned stack
+`(out, in)`, Flax `(in, out)`) except for GPT-2's `Conv1D` layers. Stacked expert weights
+(`HFSpec.raw_leaves`) keep their own name (`mlp.experts.gate_up_proj`, no `.weight`) and swap
+their last two axes (torch `(E, out, in)`, Flax `(E, in, out)`); a leaf named `weight` is kept
+in torch's layout on both sides (Mixtral's router). A scanned stack
 (`layers` with a leading axis `L`) maps to `layers.0` … `layers.{L-1}`.
 Safetensors are read with `safetensors.numpy` (no torch, no pickle).
 """
@@ -15,7 +18,7 @@ import functools
 import json
 import os
 import re
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from typing import Any, NamedTuple
 
 import jax
@@ -28,7 +31,7 @@ from jlora.formats.peft.torch_names import NameMap
 
 __all__ = ["HFSpec", "from_hf_tensors", "module_name", "name_map", "read_config", "read_safetensors", "to_hf_tensors"]
 
-_LEAF_NAMES = {"kernel": "weight", "embedding": "weight", "scale": "weight", "bias": "bias"}
+_LEAF_NAMES = {"kernel": "weight", "embedding": "weight", "scale": "weight", "bias": "bias", "weight": "weight"}
 
 
 class HFSpec(NamedTuple):
@@ -45,6 +48,15 @@ class HFSpec(NamedTuple):
     new_head: regexes of Flax paths (`/`-joined) that may be missing from the checkpoint
       and are then freshly initialized if a `key` is given (a new task head).
     head_hint: added to the error for missing `new_head` params without a `key` (another way out).
+    raw_leaves: leaf names of parameters named as themselves (`module.leaf`, no `.weight`): stacked
+      expert weights, `(E, in, out)` in Flax and `(E, out, in)` in torch (Mixtral's
+      `experts.gate_up_proj`).
+    param_order: the PyTorch modules' order of those parameters (`NameMap.param_order`: PEFT nests the
+      wrappers of a module's target parameters in it; Flax param dicts come sorted by name).
+    read: converts the tensors of a checkpoint saved in another layout to the names above (Mixtral's
+      per-expert `block_sparse_moe.experts.{j}.w1.weight`), or None; applied before loading.
+    write: converts the tensors of :func:`to_hf_tensors` to the layout `save_pretrained` writes (what
+      `transformers`' `save_pretrained` writes), or None.
   """
 
   base_prefix: str = ""
@@ -54,6 +66,10 @@ class HFSpec(NamedTuple):
   ignore: tuple[str, ...] = ()
   new_head: tuple[str, ...] = ()
   head_hint: str = ""
+  raw_leaves: tuple[str, ...] = ()
+  param_order: tuple[str, ...] = ()
+  read: Callable[[Mapping[str, np.ndarray]], dict[str, np.ndarray]] | None = None
+  write: Callable[[Mapping[str, np.ndarray]], dict[str, np.ndarray]] | None = None
 
 
 def read_config(path: str | os.PathLike) -> dict[str, Any]:
@@ -139,17 +155,24 @@ def module_name(module: tuple[str, ...], spec: HFSpec) -> str:
 
 def name_map(spec: HFSpec) -> NameMap:
   """The model's PEFT name map (`jlora.formats.peft.torch_names`): module names as in `transformers`, Conv1D layers noted."""
-  return NameMap(functools.partial(module_name, spec=spec), frozenset(spec.no_transpose))
+  return NameMap(functools.partial(module_name, spec=spec), frozenset(spec.no_transpose), spec.param_order)
 
 
 def _hf_name(path: tuple[str, ...], spec: HFSpec) -> tuple[str, bool, bool]:
-  """(name, transpose, stacked) for a Flax leaf path; name has `{i}` when stacked."""
+  """(name, transpose, stacked) for a Flax leaf path; name has `{i}` when stacked; transpose swaps the last two axes."""
   leaf = path[-1]
+  module = module_name(path[:-1], spec)
+  if leaf in spec.raw_leaves:
+    return f"{module}.{leaf}", True, "{i}" in module
   if leaf not in _LEAF_NAMES:
     raise ValueError(f"Cannot map parameter `{'/'.join(path)}` to a Hugging Face name.")
-  module = module_name(path[:-1], spec)
   transpose = leaf == "kernel" and path[-2] not in spec.no_transpose
   return ".".join([module, _LEAF_NAMES[leaf]]) if module else _LEAF_NAMES[leaf], transpose, "{i}" in module
+
+
+def _swap(a: np.ndarray) -> np.ndarray:
+  """`a` with its last two axes swapped: torch `(..., out, in)` <-> Flax `(..., in, out)`."""
+  return np.swapaxes(a, -1, -2)
 
 
 def _strip(name: str, prefix: str) -> str:
@@ -170,13 +193,13 @@ def to_hf_tensors(params: Mapping, spec: HFSpec) -> dict[str, np.ndarray]:
   """
   out = {}
   for path, leaf in flatten(params).items():
-    if path[-1] not in _LEAF_NAMES:
+    if path[-1] not in _LEAF_NAMES and path[-1] not in spec.raw_leaves:
       continue
     name, transpose, stacked = _hf_name(path, spec)
     arr = np.asarray(jax.device_get(leaf))
     layers = list(enumerate(arr)) if stacked else [(None, arr)]
     for i, a in layers:
-      out[name.format(i=i) if stacked else name] = np.ascontiguousarray(a.T if transpose else a)
+      out[name.format(i=i) if stacked else name] = np.ascontiguousarray(_swap(a) if transpose else a)
   return out
 
 
@@ -236,6 +259,8 @@ def from_hf_tensors(
   Raises:
     ValueError: naming missing, unexpected and mis-shaped tensors.
   """
+  if spec.read is not None:
+    tensors = spec.read(tensors)
   given = _canonical(tensors, spec)
   fresh_flat = flatten(fresh) if fresh is not None else {}
   shardings_flat = flatten(shardings) if shardings is not None else {}
@@ -258,14 +283,14 @@ def from_hf_tensors(
       continue
     arrays = []
     want = tuple(sds.shape[1:] if stacked else sds.shape)
-    want_hf = want[::-1] if transpose else want
+    want_hf = want[:-2] + want[-2:][::-1] if transpose else want
     for n in names:
       used.add(n)
       a = np.asarray(tensors[given[n]])
       if a.shape != want_hf:
         misshaped.append(f"`{given[n]}`: expected {want_hf}, given {a.shape}")
         continue
-      arrays.append(a.T if transpose else a)
+      arrays.append(_swap(a) if transpose else a)
     if len(arrays) == len(names):
       out[path] = _place(arrays, stacked, dtype, shardings_flat.get(path))
   unexpected = sorted(given[n] for n in set(given) - used if not any(re.fullmatch(p, n) for p in spec.ignore))

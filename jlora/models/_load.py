@@ -12,7 +12,7 @@ import jax
 import numpy as np
 
 from jlora.formats import atomic as _io
-from jlora.models import bert, gpt2, llama, t5
+from jlora.models import bert, gpt2, llama, mixtral, t5
 from jlora.models._arch import Architecture, HFModel, checked_model
 from jlora.models._checkpoint import from_hf_tensors, read_config, read_safetensors
 from jlora.models._partitioning import LogicalRules, check_mesh, mesh_shardings
@@ -24,6 +24,7 @@ _ARCHITECTURES: dict[str, Architecture] = {
   "llama": llama.ARCHITECTURE,
   "mistral": llama.ARCHITECTURE,
   "qwen2": llama.ARCHITECTURE,
+  "mixtral": mixtral.ARCHITECTURE,
   "bert": bert.ARCHITECTURE,
   "t5": t5.ARCHITECTURE,
 }

@@ -109,6 +109,9 @@ def save_pretrained(
       a file or holds files jlora did not write (nothing is then changed).
   """
   tensors = to_hf_state_dict(model, params)
+  write = model.hf_spec().write
+  if write is not None:  # the layout `transformers` writes (Mixtral: one tensor per expert)
+    tensors = write(tensors)
   config = dict(config) if config is not None else model.config.to_hf()
   copied = [] if copy_from is None else base_files(copy_from)
   with _io.directory(path, what="`path`") as tmp:

@@ -118,7 +118,8 @@ class LlamaConfig:
         high_freq_factor=self.rope_high_freq_factor,
         original_max_position_embeddings=self.rope_original_max_position,
       )
-    arch = {"llama": "LlamaForCausalLM", "mistral": "MistralForCausalLM", "qwen2": "Qwen2ForCausalLM"}[self.model_type]
+    arch = {"llama": "LlamaForCausalLM", "mistral": "MistralForCausalLM", "qwen2": "Qwen2ForCausalLM",
+            "mixtral": "MixtralForCausalLM"}[self.model_type]
     return {
       **out,
       "architectures": [arch],
@@ -200,10 +201,15 @@ class LlamaMLP(nn.Module):
 
 
 class LlamaBlock(nn.Module):
-  """One decoder layer; `(h, layer_cache) -> (h, layer_cache)` so that it can be scanned."""
+  """One decoder layer; `(h, layer_cache) -> (h, layer_cache)` so that it can be scanned.
+
+  `feed_forward` is the `mlp` module class, `(config, dtype)` -> `x (B, T, d) -> (B, T, d)`
+  (:class:`LlamaMLP`, or Mixtral's mixture of experts).
+  """
 
   config: LlamaConfig
   dtype: Any
+  feed_forward: Any = LlamaMLP
 
   @nn.compact
   def __call__(self, h, layer_cache, ctx):
@@ -214,7 +220,7 @@ class LlamaBlock(nn.Module):
     y, layer_cache = LlamaAttention(c, self.dtype, name="self_attn")(x, mask, positions, layer_cache, index)
     h = constrain(h + y, *RESIDUAL)
     x = nn.RMSNorm(epsilon=c.rms_norm_eps, name="post_attention_layernorm", **kw)(h)
-    return constrain(h + LlamaMLP(c, self.dtype, name="mlp")(x), *RESIDUAL), layer_cache
+    return constrain(h + self.feed_forward(c, self.dtype, name="mlp")(x), *RESIDUAL), layer_cache
 
 
 class LlamaModel(nn.Module):
@@ -224,6 +230,7 @@ class LlamaModel(nn.Module):
   dtype: Any = jnp.float32
   scan_layers: bool = False
   remat: bool = False
+  feed_forward: Any = LlamaMLP
 
   @nn.compact
   def __call__(self, input_ids, attention_mask, positions, cache):
@@ -247,9 +254,10 @@ class LlamaModel(nn.Module):
         in_axes=(0, nn.broadcast),
         length=c.num_hidden_layers,
       )
-      h, kv = stack(c, self.dtype, name="layers")(h, kv, ctx)
+      h, kv = stack(c, self.dtype, self.feed_forward, name="layers")(h, kv, ctx)
     else:
-      h, kv = run_layers([block(c, self.dtype, name=f"layers_{i}") for i in range(c.num_hidden_layers)], h, kv, ctx)
+      blocks = [block(c, self.dtype, self.feed_forward, name=f"layers_{i}") for i in range(c.num_hidden_layers)]
+      h, kv = run_layers(blocks, h, kv, ctx)
     cache = None if cache is None else cache.advance(kv, t)
     return nn.RMSNorm(epsilon=c.rms_norm_eps, name="norm", **kw)(h), cache, embed
 
@@ -275,6 +283,7 @@ class LlamaForCausalLM(CausalLM):
   config: LlamaConfig
   scan_layers: bool = False
   remat: bool = False
+  feed_forward: ClassVar[Any] = LlamaMLP  # the `mlp` module class of every block (see `LlamaBlock`)
   param_axes: ClassVar[AxisTable] = {  # logical axis names (models._partitioning); scan_layers adds "layers" first
     "embed_tokens/embedding": ("vocab", "embed"),
     "lm_head/kernel": ("embed", "vocab"),
@@ -306,7 +315,7 @@ class LlamaForCausalLM(CausalLM):
     cache: KVCache | None = None,
   ):
     self.check_inputs(input_ids=input_ids)
-    trunk = LlamaModel(self.config, self.dtype, self.scan_layers, self.remat, name="model")
+    trunk = LlamaModel(self.config, self.dtype, self.scan_layers, self.remat, self.feed_forward, name="model")
     h, new_cache, embed = trunk(input_ids, attention_mask, positions, cache)
     if self.config.tie_word_embeddings:
       logits = embed.attend(h)

@@ -7,7 +7,7 @@ import pytest
 from jlora import models
 from jlora.core.tree import flatten
 from jlora.formats.peft import torch_names as _names
-from jlora.models import _load, bert, gpt2, llama, t5
+from jlora.models import _load, bert, gpt2, llama, mixtral, t5
 from jlora.models._arch import Architecture, CausalLM, HFModel
 from tests.models.helpers import CONFIGS, zero_model
 
@@ -24,8 +24,9 @@ def test_architecture_names_exactly_the_options_build_takes(module):
 
 
 def test_every_model_type_has_an_architecture():
-  assert set(_load.SUPPORTED_MODEL_TYPES) == {"gpt2", "llama", "mistral", "qwen2", "bert", "t5"}
+  assert set(_load.SUPPORTED_MODEL_TYPES) == {"gpt2", "llama", "mistral", "qwen2", "mixtral", "bert", "t5"}
   assert _load._architecture({"model_type": "qwen2"}) is llama.ARCHITECTURE
+  assert _load._architecture({"model_type": "mixtral"}) is mixtral.ARCHITECTURE
 
 
 @pytest.mark.parametrize("name", sorted(CONFIGS))

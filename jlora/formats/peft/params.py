@@ -5,8 +5,9 @@ the module, not the parameter: `<module>.lora_A.weight`. A second targeted
 parameter of the same module wraps the first wrapper, so its tensors sit one
 `.base_layer` deeper: the parameter the PyTorch module registers last is
 outermost (`<module>.lora_A.weight`), the one before it `<module>.base_layer.lora_A.weight`,
-and so on. jlora takes the PyTorch order to be the order of the parameters in
-the Flax module's dict (the order the module creates them).
+and so on. jlora takes the PyTorch order to be the name map's `param_order` for the
+names it lists, then the order of the parameters in the Flax module's dict (the
+order the module creates them).
 
 The name map is asked for the parameter's path (`('moe', 'experts', 'w')`) and
 must return `<PyTorch module>.<parameter>` (`"flax"` joins the path with `.`).
@@ -47,7 +48,7 @@ from jlora.formats.peft.layout import PREFIX
 from jlora.formats.peft.names import module_name, per_layer
 from jlora.formats.peft.torch_names import NameMap
 
-__all__ = ["peft_matches", "split_name", "depths", "experts_to_peft", "experts_from_peft", "param_table",
+__all__ = ["peft_matches", "split_name", "torch_order", "depths", "experts_to_peft", "experts_from_peft", "param_table",
            "strip_wrappers", "export", "param_leaf", "assign"]
 
 Path = tuple[str, ...]
@@ -70,6 +71,12 @@ def split_name(name: str, where: str) -> tuple[str, str]:
     raise ValueError(f"PEFT: the name map gives {name!r} for the target parameter {where!r}; a parameter's name is "
                      "'<PyTorch module>.<parameter>', e.g. 'model.layers.0.mlp.experts.gate_up_proj'.")
   return module, param
+
+
+def torch_order(names: NameMap, params: Sequence[Path]) -> list[Path]:
+  """One module's parameter paths in the PyTorch module's order: `names.param_order` first, then dict order."""
+  listed = names.param_order
+  return sorted(params, key=lambda p: listed.index(p[-1]) if p[-1] in listed else len(listed))
 
 
 def depths(params: Sequence[Path]) -> dict[Path, int]:
@@ -127,7 +134,7 @@ def experts_from_peft(leaf: str, value: np.ndarray, shape: tuple[int, ...], n_ex
 def param_table(base: Mapping[Path, Any], names: NameMap,
                 config: LoraConfig) -> dict[str, list[tuple[Path, int | None, str]]]:
   """`{PyTorch module: [(param path, layer index or None, PEFT param name)]}` of the parameters that the config's
-  `target_parameters` (PEFT's names) select, each module's in the Flax module's order."""
+  `target_parameters` (PEFT's names) select, each module's in the PyTorch module's order (`torch_order`)."""
   out: dict[str, list[tuple[Path, int | None, str]]] = {}
   for path, leaf in base.items():
     if is_lora_key(path[-1]) or np.ndim(leaf) < 2:
@@ -137,6 +144,9 @@ def param_table(base: Mapping[Path, Any], names: NameMap,
     for n, layer in layers:
       if peft_matches(config.target_parameters, n):
         out.setdefault(split_name(n, "/".join(path))[0], []).append((path, layer, n))
+  for held in out.values():
+    rank = {p: i for i, p in enumerate(torch_order(names, list(dict.fromkeys(p for p, _, _ in held))))}
+    held.sort(key=lambda h: rank[h[0]])
   return out
 
 
@@ -158,7 +168,7 @@ def export(ads: Sequence[Adapter], params: Mapping[str, Any], config: LoraConfig
     for k in module:
       node = node[k]
     targeted = {(*module, ad.slot.kernel_name) for ad in ads if ad.slot.module == module}
-    order[module] = [(*module, k) for k in node if (*module, k) in targeted]
+    order[module] = torch_order(names, [(*module, k) for k in node if (*module, k) in targeted])
   tensors: dict[str, np.ndarray] = {}
   saved: list[str] = []
   ranks: dict[str, int] = {}
@@ -295,9 +305,10 @@ def assign(nested: Mapping[str, Mapping[int, Mapping[str, tuple[str, Any]]]],
     if len(fitting) > 1:
       warnings.warn(
           f"load_peft: the adapters of {[n for _, _, n in held]} in {tmod!r} have the same shapes; jlora takes PEFT's "
-          "nesting (the PyTorch module's order of its parameters, the last outermost) to be the order of the Flax "
-          f"module's dict: {[n for _, _, n in (held[i] for i in order)]}. If the PyTorch module registers them in "
-          "another order, build the Flax params dict in that order.", UserWarning, stacklevel=4)
+          "nesting (the PyTorch module's order of its parameters, the last outermost) to be the name map's "
+          "`param_order`, then the order of the Flax module's dict: "
+          f"{[n for _, _, n in (held[i] for i in order)]}. If the PyTorch module registers them in another order, "
+          "list them in that order in the name map's `param_order` (or build the Flax params dict in that order).", UserWarning, stacklevel=4)
     for depth, tensors in by_depth.items():
       param, layer, pname = held[order[n - 1 - depth]]
       for leaf, (key, value) in tensors.items():

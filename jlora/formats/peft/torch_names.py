@@ -30,10 +30,16 @@ class NameMap(NamedTuple):
     fan_in_fan_out: names (last path component) of modules whose PyTorch weight
       is stored `(in, out)` like a Flax kernel, e.g. GPT-2's `Conv1D` layers
       `c_attn`, `c_proj`, `c_fc` (PEFT's `fan_in_fan_out=True`).
+    param_order: parameter names in the order the PyTorch modules register them,
+      e.g. `("gate_up_proj", "down_proj")` (Mixtral's experts): PEFT nests the
+      wrappers of a module's target parameters in that order. Listed names come
+      first, in this order; the others follow in the Flax module's dict order
+      (which `jax.jit` and `jax.tree.map` sort by name, hence this field).
   """
 
   module_name: Callable[[tuple[str, ...]], str]
   fan_in_fan_out: frozenset[str] = frozenset()
+  param_order: tuple[str, ...] = ()
 
 
 def of_model(model: Any) -> NameMap | None:

@@ -186,3 +186,19 @@ def test_default_target_modules_are_peft_s_and_a_hugging_face_module_s_missing_t
   config = jlora.LoraConfig(r=2, target_modules=jlora.default_target_modules("llama"))
   assert set(jlora.init(jax.random.key(1), model, params, config, x)["q_proj"]) == {"kernel", "bias", "lora_a",
                                                                                     "lora_b"}
+
+
+def test_target_parameters_alone_need_no_target_modules_even_with_a_model_type():
+  """A module with a `config.model_type` and only `target_parameters`: the parameters are adapted, nothing else."""
+
+  class Net(nn.Module):
+    config: Any
+
+    @nn.compact
+    def __call__(self, x):
+      return nn.Dense(4, name="q_proj")(x) @ self.param("mix", nn.initializers.lecun_normal(), (4, 4))
+
+  model, x = Net(types.SimpleNamespace(model_type="llama")), jnp.ones((2, 3))
+  params = model.init(jax.random.key(0), x)["params"]
+  got = jlora.init(jax.random.key(1), model, params, jlora.LoraConfig(r=2, target_parameters=["mix"]), x)
+  assert set(got["q_proj"]) == {"kernel", "bias"} and {"mix_lora_a", "mix_lora_b"} <= set(got)

@@ -354,7 +354,7 @@ def init(key: jax.Array, model: nn.Module, params: Params, config: LoraConfig, *
   _check_args(model, config)
   _check_tree(params)
   model_type = getattr(getattr(model, "config", None), "model_type", None)  # Hugging Face's Flax modules have one
-  if config.target_modules is None and model_type in DEFAULT_TARGET_MODULES:
+  if config.target_modules is None and not config.target_parameters and model_type in DEFAULT_TARGET_MODULES:
     raise ValueError(f"`target_modules` is not set. PEFT's default for this model's model_type {model_type!r} is "
                      f"{list(DEFAULT_TARGET_MODULES[model_type])}: pass LoraConfig(target_modules="
                      f"jlora.default_target_modules({model_type!r}), ...), or name others (\"all-linear\").")

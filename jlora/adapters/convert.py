@@ -117,7 +117,6 @@ def _doubled(config: LoraConfig) -> LoraConfig:
       alpha_pattern=FrozenMapping({k: alpha(v) for k, v in config.alpha_pattern.items()}))
 
 
-
 def pad_rank(params: Params, config: LoraConfig, target_rank: int, *,
              kernels: Params | None = None) -> tuple[dict, LoraConfig]:
   """An adapter of rank `target_rank` and scale 1 that computes what `params` computes under `config`.
@@ -168,4 +167,3 @@ def pad_rank(params: Params, config: LoraConfig, target_rank: int, *,
                                                      target_rank)
   return unflatten(out), dataclasses.replace(config, r=target_rank, lora_alpha=target_rank, use_rslora=False,
                                              rank_pattern=FrozenMapping({}), alpha_pattern=FrozenMapping({}))
-

@@ -27,8 +27,8 @@ from jax import lax
 from jlora.core.targets import Site
 
 __all__ = ["adapter_shapes", "layout", "delta_kernel", "fold", "check_adapter", "check_equation", "dropout",
-           "lora_delta", "ragged_delta", "contract_last", "magnitude_shape", "column_norm", "dora_fold", "dora_unfold", "contract",
-           "parse_einsum"]
+           "lora_delta", "ragged_delta", "contract_last", "magnitude_shape", "column_norm", "dora_fold", "dora_unfold",
+           "contract", "parse_einsum"]
 
 
 # ----------------------------------------------------------------- shapes

@@ -287,12 +287,18 @@ def _pissa(niter: int | None) -> Callable[..., tuple[jax.Array, jax.Array, jax.A
   def fn(key, site, r, scale, stack, kernel, dtype):
     _matrix_site("pissa" if niter is None else f"pissa_niter_{niter}", site)
     w = _to_matrix(site, stack, kernel)
-    u, sv, vh = jnp.linalg.svd(w, full_matrices=False) if niter is None else _svd_lowrank(key, w, r, niter)
-    root = jnp.sqrt(sv[..., :r]) / math.sqrt(scale)
-    return _residual(site, r, stack, kernel, u[..., :, :r] * root[..., None, :], root[..., :, None] * vh[..., :r, :],
-                     scale, dtype)
+    svd = jnp.linalg.svd(w, full_matrices=False) if niter is None else _svd_lowrank(key, w, r, niter)
+    return _residual(site, r, stack, kernel, *_top_r(svd, r, scale), scale, dtype)
 
   return fn
+
+
+def _top_r(svd: tuple[jax.Array, jax.Array, jax.Array], r: int, scale: float) -> tuple[jax.Array, jax.Array]:
+  """`(A, B)` from an SVD `(U, S, Vᵀ)` of `S + (fan_in, fan_out)` matrices: `A = U_r √S_r / √s`,
+  `B = √S_r V_rᵀ / √s`, so that `s·A·B` is the best rank-r approximation (PiSSA, LoftQ)."""
+  u, sv, vh = svd
+  root = jnp.sqrt(sv[..., :r]) / math.sqrt(scale)
+  return u[..., :, :r] * root[..., None, :], root[..., :, None] * vh[..., :r, :]
 
 
 def _svd_lowrank(key: jax.Array, w: jax.Array, q: int, niter: int) -> tuple[jax.Array, jax.Array, jax.Array]:
@@ -337,9 +343,8 @@ def _loftq(bits: int, iters: int) -> Callable[..., tuple[jax.Array, jax.Array, Q
     target = w
     for i in range(iters):
       q = quantize(target.astype(kernel.dtype), method, stack=len(stack) if method == "int8" else 0)
-      u, sv, vh = jnp.linalg.svd(_to_matrix(site, stack, w - dequantize(q, jnp.float32)), full_matrices=False)
-      root = jnp.sqrt(sv[..., :r]) / math.sqrt(scale)
-      a, b = u[..., :, :r] * root[..., None, :], root[..., :, None] * vh[..., :r, :]
+      lost = _to_matrix(site, stack, w - dequantize(q, jnp.float32))
+      a, b = _top_r(jnp.linalg.svd(lost, full_matrices=False), r, scale)
       if i + 1 < iters:
         target = w - _from_matrix(site, stack, scale * jnp.matmul(a, b, precision=lax.Precision.HIGHEST), jnp.float32)
     return (*_leaves(site, r, stack, a, b, dtype), q)

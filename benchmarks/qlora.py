@@ -116,6 +116,9 @@ def main() -> None:
   parser.add_argument("--repeats", type=int, default=None)
   args = parser.parse_args()
   sizes = (args.sizes or ("tiny" if args.quick else "medium")).split(",")
+  unknown = [s for s in sizes if s not in SIZES]
+  if unknown:
+    parser.error(f"--sizes: unknown size(s) {unknown}; choose from {list(SIZES)}")
   repeats = args.repeats or (3 if args.quick else 6)
   report = {"backend": jax.default_backend(), "device": jax.devices()[0].device_kind, "cpu_count": os.cpu_count(),
             "jax": jax.__version__, "repeats": repeats, "sizes": {s: bench_size(s, repeats) for s in sizes}}

@@ -6,6 +6,8 @@ from jlora.adapters.bank import AdapterBank as AdapterBank
 from jlora.adapters.bank import stack_adapters as stack_adapters
 from jlora.adapters.convert import convert_to_lora as convert_to_lora
 from jlora.adapters.convert import pad_rank as pad_rank
+from jlora.adapters.eva import get_eva_state_dict as get_eva_state_dict
+from jlora.adapters.eva import init_eva as init_eva
 from jlora.adapters.run import apply as apply
 from jlora.adapters.run import apply_fn as apply_fn
 from jlora.adapters.weighted import add_weighted_adapter as add_weighted_adapter
@@ -60,7 +62,9 @@ __all__ = [
     "default_target_modules",
     "dequantize",
     "dora_norms",
+    "get_eva_state_dict",
     "init",
+    "init_eva",
     "init_tree",
     "labels",
     "load_adapter",

@@ -128,8 +128,10 @@ def test_refusals():
   with pytest.raises(ValueError, match=r"init_lora_weights='olora' rewrites the kernel at 'fc_0', which is quantized"):
     jlora.init(jax.random.key(1), mlp.model, quantized, jlora.LoraConfig(r=2, target_modules=["fc_0"],
                                                                           init_lora_weights="olora"), mlp.inputs)
-  with pytest.raises(ValueError, match=r"`init_lora_weights`='eva' is an initialisation of PEFT's that jlora\.init "
+  with pytest.raises(ValueError, match=r"`init_lora_weights`='corda' is an initialisation of PEFT's that jlora\.init "
                                        r"does not implement .* 'pissa_niter_\[n\]'"):
+    init_for("corda")
+  with pytest.raises(ValueError, match=r"init_lora_weights='eva' is data-driven.*jlora\.init_eva\("):
     init_for("eva")
   with pytest.raises(ValueError, match=r"`init_lora_weights` must be one of .*'loftq' or 'pissa_niter_\[n\]'.*got "
                                        r"'pissa_niter_x'"):

@@ -76,5 +76,7 @@ def test_rows_agree_with_what_jlora_config_accepts_and_refuses():
   for value in _fields.INIT_METHODS:
     assert [r.status for r in _named(str(value), inits)] == ["yes"], value
   assert [r.status for r in _named("pissa_niter_[n]", inits)] == ["yes"]
+  for value in _fields.DATA_INITS:
+    assert [r.status for r in _named(value, inits)] == ["yes"], value
   for value in _fields.PEFT_ONLY_INITS:
     assert [r.status for r in _named(value, inits)] == ["no"], value

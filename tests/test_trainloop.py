@@ -78,6 +78,23 @@ def test_causal_lm_tiny(tmp_path):
   assert lr == pytest.approx([0.0, 1e-2 / 3, 2e-2 / 3])  # warmup_steps 5 capped at the 3 steps, then constant
 
 
+def test_eva_init_chooses_the_ranks_the_outputs_record(tmp_path):
+  """`lora.init_lora_weights: eva`: EVA reads the first training batches; the ranks it chose are in `config.yaml`, the
+  adapter checkpoint and the PEFT files, and the trained adapter loads with them."""
+  result = _run("causal_lm_tiny.yaml", tmp_path, "train.steps=2", "lora.init_lora_weights=eva",
+                "lora.eva_config={rho: 2.0, tau: 0.9}")
+  _check_outputs(result, tmp_path)
+  lora = train.load(tmp_path / "config.yaml").lora
+  ranks = {f"transformer/h_{i}/attn/c_attn": lora.rank_for(f"transformer/h_{i}/attn/c_attn") for i in range(2)}
+  assert sum(ranks.values()) == 2 * 4 and set(ranks.values()) != {4}  # the budget, redistributed
+  trained = adapter(tmp_path)
+  assert {f"transformer/h_{i}/attn/c_attn": trained["transformer"][f"h_{i}"]["attn"]["c_attn"]["lora_a"].shape[-1]
+          for i in range(2)} == ranks
+  peft = json.loads((tmp_path / "peft" / "adapter_config.json").read_text())
+  assert peft["rank_pattern"] == {f"transformer.h.{i}.attn.c_attn": ranks[f"transformer/h_{i}/attn/c_attn"]
+                                  for i in range(2) if ranks[f"transformer/h_{i}/attn/c_attn"] != 4}
+
+
 def test_mixtral_tiny_trains_every_expert(tmp_path):
   """configs/mixtral_tiny.yaml: LoRA on the experts (`lora.target_parameters`) trains, merges and exports."""
   result = _run("mixtral_tiny.yaml", tmp_path, "train.steps=3", "outputs.merged=true")

@@ -18,7 +18,8 @@ the term is vmapped over the examples; id -1 adds nothing (the base output).
 
 from __future__ import annotations
 
-from collections.abc import Mapping, Sequence
+import contextvars
+from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
 import jax
@@ -31,7 +32,12 @@ from jlora.core.variants import A as _A
 from jlora.core.variants import B as _B
 from jlora.core.variants import M as _M
 
-__all__ = ["adapted", "adapted_batch", "low_rank", "product"]
+__all__ = ["OBSERVE", "adapted", "adapted_batch", "low_rank", "product"]
+
+# Set while a data-driven initialisation (`jlora.init_eva`) reads the adapted layers' inputs: `adapted` first calls
+# it with the call's site and input `x` (before LoRA dropout), in every front-end.
+OBSERVE: contextvars.ContextVar[Callable[[Site, jax.Array], None] | None] = contextvars.ContextVar(
+    "jlora_observe", default=None)
 
 
 def low_rank(site: Site, x: jax.Array, a: jax.Array, b: jax.Array, scale: Any) -> jax.Array:
@@ -128,6 +134,9 @@ def adapted(site: Site, variant: Variant, x: jax.Array, y: jax.Array, kernel: An
   Returns:
     `y + term`, in `y`'s dtype and shape.
   """
+  observe = OBSERVE.get()
+  if observe is not None:
+    observe(site, x)
   dt = _dtype(site, x, leaves[_A])
   xd, dropped = _lora_input(site, x, dt, rate, dropout_key)
   delta = _term(site, variant, xd, y, kernel, leaves, scale, norm, dropped, bias, y_is_product)

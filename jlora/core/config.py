@@ -76,12 +76,21 @@ class LoraConfig:
       `loftq_config`: each targeted kernel becomes its NF4 or int8 quantization
       `Q` and A, B the top-r SVD of what quantizing lost, so `deq(Q) + s·A·B ≈ W0`:
       QLoRA's base with an adapter that starts by making up for the rounding).
-      PEFT's `"eva"`, `"corda"`, `"astra"`, `"lora_ga"`, `"mica"` and `"nora"` are
-      accepted as the history of a trained adapter (`jlora.load_peft`); `jlora.init`
-      refuses them.
+      `"eva"` (EVA: A from the principal components of each layer's inputs over a
+      few batches, ranks redistributed by explained variance) runs in
+      `jlora.init_eva`, which reads data. PEFT's `"corda"`, `"astra"`, `"lora_ga"`,
+      `"mica"` and `"nora"` are accepted as the history of a trained adapter
+      (`jlora.load_peft`); `jlora.init` refuses them (and `"eva"`).
     loftq_config: LoftQ's settings (PEFT's `LoftQConfig` as a dict): `loftq_bits`
       4 (NF4, blocks of 64, double-quantized scales) or 8 (int8 per output channel),
       and `loftq_iter` (alternations of quantizing and SVD, >= 1).
+    eva_config: EVA's settings (PEFT's `EvaConfig` as a dict, missing keys filled
+      with its defaults): `rho` (>= 1; a layer's rank may grow to `round(r·rho)`),
+      `tau` (the cosine similarity between two steps' components at which they
+      have converged), `use_label_mask` / `label_mask_value` (tokens whose label is
+      the value are left out), `whiten` (components divided by the square root of
+      their singular values), `adjust_scaling_factors` (`lora_alpha` scaled with a
+      layer's new rank, so its scale stays `lora_alpha / r`).
     modules_to_save: modules (matched like a `target_modules` list) whose every
       parameter trains fully and is saved with the adapter, e.g. a new classifier.
     trainable_token_indices: rows of an embedding that train, the rest frozen
@@ -113,6 +122,7 @@ class LoraConfig:
   use_dora: bool = False
   init_lora_weights: bool | str = True
   loftq_config: FrozenMapping | None = None
+  eva_config: FrozenMapping | None = None
   modules_to_save: tuple[str, ...] | None = None
   trainable_token_indices: tuple[int, ...] | FrozenMapping | None = None
   task_type: TaskType | None = None
@@ -174,7 +184,7 @@ class LoraConfig:
     """Builds a config from a PEFT-style dict.
 
     Unknown keys are ignored with a warning. PEFT's keys that configure an
-    initialisation (`eva_config`, `corda_config`, ...) are dropped:
+    initialisation jlora does not run (`corda_config`, ...) are dropped:
     they mattered when training started, not to the adapter a file holds. PEFT
     features and variants whose forward is not plain LoRA or DoRA (LoRA bias,
     QA-LoRA, BD-LoRA, KaSA, VeLoRA, MonteCLoRA, aLoRA, Arrow, ...) raise, naming
@@ -286,7 +296,7 @@ _UNSUPPORTED = {
 _PEFT_IGNORED = {
     "auto_mapping", "megatron_core", "runtime_config", "qalora_group_size",
     "ensure_weight_tying", "layers_pattern_hint", "peft_version",
-    "eva_config", "corda_config", "astra_config", "lora_ga_config",
+    "corda_config", "astra_config", "lora_ga_config",
 }
 
 

@@ -15,7 +15,8 @@ import re
 from collections.abc import Iterator, Mapping, Sequence
 from typing import Any
 
-__all__ = ["ALL_LINEAR", "BIAS_MODES", "DEFAULT_TARGET_MODULES", "INIT_METHODS", "LOFTQ_BITS", "PEFT_ONLY_INITS",
+__all__ = ["ALL_LINEAR", "BIAS_MODES", "DATA_INITS", "DEFAULT_TARGET_MODULES", "EVA_DEFAULTS", "INIT_METHODS", "LOFTQ_BITS",
+           "PEFT_ONLY_INITS",
            "FrozenMapping", "TaskType", "default_target_modules", "normalize",
            "pattern_lookup", "pissa_niter", "rewrites_base"]
 
@@ -24,7 +25,12 @@ BIAS_MODES = ("none", "all", "lora_only")
 INIT_METHODS = (True, False, "gaussian", "orthogonal", "pissa", "olora", "loftq")
 # PEFT's other values of `init_lora_weights`: a config read from a trained adapter may name them (its A and B are
 # loaded, not initialised); `jlora.init` refuses them.
-PEFT_ONLY_INITS = ("eva", "corda", "astra", "lora_ga", "mica", "nora")
+PEFT_ONLY_INITS = ("corda", "astra", "lora_ga", "mica", "nora")
+# Data-driven inits jlora runs outside `jlora.init`: "eva" in `jlora.init_eva` (and `jlora train`).
+DATA_INITS = ("eva",)
+# PEFT's `EvaConfig`, as the mapping `LoraConfig.eva_config` holds (every key filled in).
+EVA_DEFAULTS = {"rho": 2.0, "tau": 0.99, "use_label_mask": True, "label_mask_value": -100, "whiten": False,
+                "adjust_scaling_factors": True}
 # Those that move part of W0 into the adapter at init (PEFT's `path_initial_model_for_weight_conversion` converts
 # them): such an adapter belongs to the rewritten base, not to the original. (LoftQ's adapter belongs to its
 # quantized base, which it was fitted to, and is kept with it.)
@@ -237,6 +243,35 @@ def _loftq_config(value: Any) -> FrozenMapping | None:
   return FrozenMapping({"loftq_bits": int(bits), "loftq_iter": iters})
 
 
+def _eva_config(value: Any) -> FrozenMapping | None:
+  """PEFT's `EvaConfig` as a mapping, every key filled in from `EVA_DEFAULTS` (None or `{}`: unset)."""
+  if value is None or (isinstance(value, Mapping) and not value):
+    return None
+  fix = "e.g. eva_config={'rho': 2.0, 'tau': 0.99}"
+  if not isinstance(value, Mapping) or set(value) - set(EVA_DEFAULTS):
+    raise ValueError(f"`eva_config` must be a mapping with keys from {sorted(EVA_DEFAULTS)} (PEFT's EvaConfig), got "
+                     f"{value!r}; {fix}.")
+  out = {**EVA_DEFAULTS, **value}
+  for name in ("rho", "tau"):
+    v = out[name]
+    if isinstance(v, bool) or not isinstance(v, (int, float)) or not math.isfinite(v):
+      raise ValueError(f"`eva_config[{name!r}]` must be a number, got {v!r}; {fix}.")
+    out[name] = float(v)
+  if out["rho"] < 1.0:
+    raise ValueError(f"`eva_config['rho']` must be >= 1.0 (a layer's rank may grow to r·rho), got {out['rho']!r}; "
+                     "rho=1.0 keeps every layer at its rank.")
+  if not 0.0 <= out["tau"] <= 1.0:
+    raise ValueError(f"`eva_config['tau']` must be in [0, 1] (the cosine similarity at which a component has "
+                     f"converged), got {out['tau']!r}; e.g. tau=0.99.")
+  for name in ("use_label_mask", "whiten", "adjust_scaling_factors"):
+    if not isinstance(out[name], bool):
+      raise ValueError(f"`eva_config[{name!r}]` must be True or False, got {out[name]!r}.")
+  if isinstance(out["label_mask_value"], bool) or not isinstance(out["label_mask_value"], int):
+    raise ValueError(f"`eva_config['label_mask_value']` must be an int (the label of ignored tokens), got "
+                     f"{out['label_mask_value']!r}; e.g. -100.")
+  return FrozenMapping(out)
+
+
 def _pattern(name: str, value: Any, number_type: type) -> FrozenMapping:
   if value is None:
     return FrozenMapping()
@@ -275,15 +310,16 @@ def normalize(cfg: Any) -> dict[str, Any]:
   init = cfg.init_lora_weights
   if isinstance(init, str):
     init = {"true": True, "false": False, "kaiming": True}.get(init.lower(), init.lower())
-  known = (*INIT_METHODS, *PEFT_ONLY_INITS)
+  known = (*INIT_METHODS, *DATA_INITS, *PEFT_ONLY_INITS)
   if not any(init is m or (isinstance(m, str) and init == m) for m in known) and pissa_niter(init) is None:
     raise ValueError(
         f"`init_lora_weights` must be one of {', '.join(map(repr, INIT_METHODS))} or 'pissa_niter_[n]' (what "
-        f"jlora.init runs), or PEFT's {', '.join(map(repr, PEFT_ONLY_INITS))} (what a trained adapter's config may "
-        f"name), got {cfg.init_lora_weights!r}."
+        f"jlora.init runs), 'eva' (jlora.init_eva), or PEFT's {', '.join(map(repr, PEFT_ONLY_INITS))} (what a "
+        f"trained adapter's config may name), got {cfg.init_lora_weights!r}."
     )
   out["init_lora_weights"] = init
   out["loftq_config"] = _loftq_config(cfg.loftq_config)
+  out["eva_config"] = _eva_config(cfg.eva_config)
 
   layers = cfg.layers_to_transform
   if layers is not None:

@@ -28,7 +28,7 @@ from jlora.core.targets import Site
 
 __all__ = ["adapter_shapes", "layout", "delta_kernel", "fold", "check_adapter", "check_equation", "dropout",
            "lora_delta", "ragged_delta", "contract_last", "magnitude_shape", "column_norm", "dora_fold", "dora_unfold",
-           "contract", "parse_einsum"]
+           "contract", "parse_einsum", "as_matrix"]
 
 
 # ----------------------------------------------------------------- shapes
@@ -171,7 +171,7 @@ def contract_last(u: jax.Array, b: jax.Array, precision) -> jax.Array:
   return lax.dot_general(u, b, (((u.ndim - 1,), (0,)), ((), ())), precision=precision)
 
 
-def _as_matrix(kind: str, x: jax.Array, axis) -> tuple[jax.Array, tuple[int, ...]]:
+def as_matrix(kind: str, x: jax.Array, axis) -> tuple[jax.Array, tuple[int, ...]]:
   """A dense layer's input as `(N, d_in)` (its contracted axes last, flattened), and the leading shape; a 1-D input
   `(d_in,)` as it is."""
   axes = (axis,) if isinstance(axis, int) else tuple(axis)
@@ -187,7 +187,7 @@ def _as_matrix(kind: str, x: jax.Array, axis) -> tuple[jax.Array, tuple[int, ...
 
 def contract(kind: str, x: jax.Array, w: jax.Array, axis, precision=None) -> jax.Array:
   """A dense layer's `x·W` (no bias) for a kernel `w: in_shape + out_shape`, as the layer contracts `axis`."""
-  x2, lead = _as_matrix(kind, x, axis)
+  x2, lead = as_matrix(kind, x, axis)
   n_in = 1 if isinstance(axis, int) else len(axis)
   return jnp.matmul(x2, w.reshape(x2.shape[-1], -1), precision=precision).reshape(lead + w.shape[n_in:])
 
@@ -230,7 +230,7 @@ def lora_delta(kind: str, x: jax.Array, a: jax.Array, b: jax.Array, *, scale: fl
   if kind == "ragged_dot":
     return ragged_delta(x, a, b, group_sizes, scale=scale, precision=precision)
   if kind in ("dense", "dense_general"):
-    x2, lead = _as_matrix(kind, x, axis)
+    x2, lead = as_matrix(kind, x, axis)
     return _low_rank_2d(x2, a, b, scale, precision).reshape(lead + b.shape[1:])
   if kind == "embed":
     return contract_last(jnp.take(a, x, axis=0) * scale, b, precision)

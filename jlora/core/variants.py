@@ -381,6 +381,10 @@ def init_for(method: Any, loftq_config: Mapping[str, int] | None = None) -> Init
   for key, init in INITS.items():
     if type(key) is type(method) and key == method:
       return init
+  if method == "eva":
+    raise ValueError("init_lora_weights='eva' is data-driven: A comes from each layer's inputs over a few batches. "
+                     "Initialise with jlora.init_eva(key, model, params, config, batches) (which also gives the "
+                     "config with the ranks EVA chose), not jlora.init.")
   niter = pissa_niter(method)
   if niter is not None:
     return Init(_pissa(niter), reads_kernel=True, rewrites_kernel=True)

@@ -297,7 +297,7 @@ def plan(config: Config, topology: str, *, bound: bool = False, hlo_path: str | 
     trainable, frozen, original = base.params, {}, {}
   else:
     trainable, frozen, original = jax.eval_shape(
-      lambda p: _setup.adapted_trees(config, base.model, p, inputs, keys.adapter), base.params)
+      lambda p: _setup.adapted_trees(config, base.model, p, inputs, keys.adapter)[:3], base.params)
   replicated = layout.replicated
   base_sh = {p: v.sharding for p, v in flatten(base.params).items()}
   full = flatten(jlora.combine(trainable, original))

@@ -24,6 +24,7 @@ directory, and every process trains and joins the checkpoint saves
 
 from __future__ import annotations
 
+import dataclasses
 import os
 import time
 from collections.abc import Callable
@@ -130,6 +131,8 @@ def run(config: Config, *, on_step: Callable[[int, float], None] | None = None,
   # `lora.init_from` starts a new run only: a resumed one continues from its own checkpoint (`restore` either
   # restores one of the candidates or refuses).
   setup = _setup.prepare(config, task, examples, init_from=not first.candidates, layout=layout)
+  if setup.lora is not None:  # EVA chose the ranks: `config.yaml` and every output describe the adapter as made
+    config = dataclasses.replace(config, lora=setup.lora)
   _outputs.check_placement(config, setup)
   # tensorstore's "Event loop is closed" reports after a failed write (a full disk) are dropped while the run writes;
   # only from here on: the stdlib data sources read `sys`, whose `unraisablehook` must be the interpreter's then

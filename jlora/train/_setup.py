@@ -175,6 +175,7 @@ class Setup:
   method: str = "lora"
   original: Any = dataclasses.field(default=None, repr=False)  # with model.quantize: the unquantized frozen half
   layout: Any = None  # the `jlora.train._mesh.Layout` of a run with a `mesh` section (None: one device)
+  lora: jlora.LoraConfig | None = None  # the adapters' config, if init changed it (EVA's ranks); else `config.lora`
 
   @property
   def exported_base(self) -> Any:
@@ -203,41 +204,58 @@ def prepare(config: Config, task: _tasks.Task, examples: _data.Examples, *, init
   encode = lambda r: task.encode(r, base.tokenizer, tc.seq_len, tc.target_len)  # noqa: E731
   train_arrays, eval_arrays = encode(examples.train), encode(examples.eval)
   args, kwargs = task.inputs(rows(train_arrays, np.arange(1)), base.model)
-  setup = adapt(config, task, base, keys, (args, kwargs), init_from=init_from)
+  setup = adapt(config, task, base, keys, (args, kwargs), init_from=init_from,
+                eva_batches=eva_batches(config, task, train_arrays))
   if layout is not None and setup.method == "lora":  # adapters split over `fsdp` too (`Layout.rank_axis`)
     setup = dataclasses.replace(setup, trainable=layout.place_adapters(setup.trainable, setup.exported_base, config.lora))
   return dataclasses.replace(setup, train_arrays=train_arrays, eval_arrays=eval_arrays, layout=layout)
 
 
+# EVA (`lora.init_lora_weights: eva`) reads up to this many training batches, cycled until its components converge
+EVA_BATCHES = 16
+
+
+def eva_batches(config: Config, task: _tasks.Task, arrays: _data.Dataset) -> list | None:
+  """The first `EVA_BATCHES` training batches (in file order), for EVA; None for any other init."""
+  if config.train.method != "lora" or config.lora.init_lora_weights != "eva":
+    return None
+  n, size = len(next(iter(arrays.values()))), config.train.batch_size
+  return [rows(arrays, np.arange(i, min(i + size, n))) for i in range(0, min(n, EVA_BATCHES * size), size)]
+
+
 def adapt(config: Config, task: _tasks.Task, base: _model.Model, keys: RunKeys, sample: tuple[tuple, dict], *,
-          init_from: bool = True) -> Setup:
+          init_from: bool = True, eva_batches: list | None = None) -> Setup:
   """What trains and how, for `train.method`: a `Setup` without data (its `train_arrays` / `eval_arrays` empty).
 
   `lora`: `jlora.init` adds the adapters (traced on the model inputs `sample = (args,
   kwargs)`, one example is enough), `jlora.split` makes the trainable half and the frozen
   base (packed with `model.quantize`), the forward is `jlora.apply_fn`, and the optimizer
-  is `jlora.optimizer`'s. `full`: the trainable tree is the whole base tree, the frozen
+  is `jlora.optimizer`'s; with EVA (`eva_batches`) `jlora.init_eva` adds them, and the
+  `Setup`'s `lora` is the config with the ranks EVA chose. `full`: the trainable tree is the whole base tree, the frozen
   half is `{}`, the forward is the model's own `apply`, and AdamW updates every weight.
   `jlora.train._loop.make_train_step` builds the one step of both from the result.
   """
-  lora = config.lora
-  tx, schedule = make_optimizer(config.optimizer, config.train.steps, lora if config.train.method == "lora" else None)
   if config.train.method == "full":
+    tx, schedule = make_optimizer(config.optimizer, config.train.steps, None)
     return Setup(task, base, base.model.apply, base.params, {}, tx, schedule, {}, {}, keys, method="full")
-  trainable, frozen, original = adapted_trees(config, base.model, base.params, sample, keys.adapter)
+  trainable, frozen, original, lora = adapted_trees(config, base.model, base.params, sample, keys.adapter,
+                                                    eva_batches=eva_batches, task=task)
+  tx, schedule = make_optimizer(config.optimizer, config.train.steps, lora)
   source = config.init_from if init_from else None
   if source is not None:
     trainable = _adapters.load_init(config, base.params, trainable)
   return Setup(task, base, jlora.apply_fn(base.model, lora), trainable, frozen, tx, schedule, {}, {}, keys,
-               init_from=source, original=None if original is frozen else original)
+               init_from=source, original=None if original is frozen else original,
+               lora=None if lora == config.lora else lora)
 
 
-def adapted_trees(config: Config, model: Any, params: Any, inputs: tuple[tuple, dict],
-                  key: jax.Array) -> tuple[Any, Any, Any]:
-  """`(trainable, frozen, original)` of a run's base params: adapters added, split, and the frozen half quantized.
+def adapted_trees(config: Config, model: Any, params: Any, inputs: tuple[tuple, dict], key: jax.Array, *,
+                  eva_batches: list | None = None, task: _tasks.Task | None = None) -> tuple[Any, Any, Any, Any]:
+  """`(trainable, frozen, original, lora)` of a run's base params: adapters added, split, the frozen half quantized.
 
-  `original` is the frozen half before `model.quantize` (the same tree without it). Pure in
-  the params, so `jax.eval_shape` of it gives a run's trees as shapes (`jlora plan`).
+  `original` is the frozen half before `model.quantize` (the same tree without it); `lora` the adapters' config.
+  Without `eva_batches` pure in the params, so `jax.eval_shape` of it gives a run's trees as shapes (`jlora plan`;
+  EVA's adapters there have the config's ranks, whose sum EVA keeps).
 
   Args:
     config: the run's config (`lora`, `model.quantize`).
@@ -245,10 +263,22 @@ def adapted_trees(config: Config, model: Any, params: Any, inputs: tuple[tuple, 
     params: its params (arrays, or tracers under `jax.eval_shape`).
     inputs: `(args, kwargs)` of one example batch (`task.inputs`), for `jlora.init`.
     key: `run_keys(train.seed).adapter`.
+    eva_batches: with `lora.init_lora_weights: eva`, the batches EVA reads (`eva_batches`), with the `task` whose
+      `inputs` run them; the model's second input (the attention mask of every task) leaves padding out, except for
+      a sequence-to-sequence model, whose decoder reads other positions.
   """
   args, kwargs = inputs
-  trainable, frozen = jlora.split(jlora.init(key, model, params, config.lora, *args, **kwargs), config.lora)
-  return trainable, quantized(config, frozen), frozen
+  lora = config.lora
+  if lora.init_lora_weights == "eva" and eva_batches is not None:
+    mask = (lambda b: None) if task.name == "SEQ_2_SEQ_LM" else (lambda b: task.inputs(b, model)[0][1])
+    adapted, lora = jlora.init_eva(key, model, params, lora, eva_batches, inputs=lambda b: task.inputs(b, model),
+                                   mask=mask)
+  else:
+    if lora.init_lora_weights == "eva":  # shapes only (`jlora plan`): the config's ranks
+      lora = dataclasses.replace(lora, init_lora_weights=True)
+    adapted = jlora.init(key, model, params, lora, *args, **kwargs)
+  trainable, frozen = jlora.split(adapted, lora)
+  return trainable, quantized(config, frozen), frozen, lora if eva_batches is not None else config.lora
 
 
 def quantized(config: Config, frozen: Any) -> Any:

@@ -63,6 +63,7 @@ def to_peft(config: LoraConfig, params: Params, *, adapted: Mapping[Path, list[s
   data["trainable_token_indices"] = dict(tokens) if tokens else None
   if data["init_lora_weights"] not in (True, False, "gaussian"):  # PEFT would run them (or rewrite the base) at load
     data["init_lora_weights"] = True
+    data["eva_config"] = None  # an init's settings go with it (PEFT warns about an eva_config without "eva")
   return data
 
 

@@ -56,7 +56,8 @@ def _base(torch_model) -> dict:
   out = {}
   for name, module in torch_model.named_children():
     w = module.weight.detach().numpy()
-    out[name] = {"kernel": jnp.asarray(np.moveaxis(w, (0, 1), (-1, -2))), "bias": jnp.asarray(module.bias.detach().numpy())}
+    out[name] = {"kernel": jnp.asarray(np.moveaxis(w, (0, 1), (-1, -2))),
+                 "bias": jnp.asarray(module.bias.detach().numpy())}
   return out
 
 

@@ -30,9 +30,9 @@ from jax import lax
 
 from jlora.core.targets import Site
 
-__all__ = ["adapter_shapes", "layout", "conv_groups", "check_foldable", "grouped_last", "delta_kernel", "fold", "check_adapter", "check_equation", "dropout",
-           "lora_delta", "ragged_delta", "contract_last", "magnitude_shape", "column_norm", "dora_fold", "dora_unfold",
-           "contract", "parse_einsum"]
+__all__ = ["adapter_shapes", "layout", "conv_groups", "check_foldable", "grouped_last", "delta_kernel", "fold",
+           "check_adapter", "check_equation", "dropout", "lora_delta", "ragged_delta", "contract_last",
+           "magnitude_shape", "column_norm", "dora_fold", "dora_unfold", "contract", "parse_einsum"]
 
 
 # ----------------------------------------------------------------- shapes
@@ -78,11 +78,12 @@ def check_foldable(path: str, a_shape, b_shape, kernel_shape) -> None:
   not: merge, unmerge, DoRA's norm and combinations of deltas cannot be formed for it)."""
   g = conv_groups(a_shape, b_shape, kernel_shape)
   if g > 1:
+    which = f"The adapter at {path!r}" if path else "An adapter"
     raise ValueError(
-        f"{f'The adapter at {path!r}' if path else 'An adapter'} belongs to a grouped convolution (feature_group_count={g}, kernel "
-        f"{tuple(kernel_shape)}): its A reads all {tuple(a_shape)[-2]} input features, so s·A·B is a dense kernel "
-        "that the grouped one cannot hold, and it cannot be merged, unmerged or combined (PEFT cannot merge it "
-        "either). Keep it factored (jlora.apply), or leave the layer out (exclude_modules)."
+        f"{which} belongs to a grouped convolution (feature_group_count={g}, kernel {tuple(kernel_shape)}): its A "
+        f"reads all {tuple(a_shape)[-2]} input features, so s·A·B is a dense kernel that the grouped one cannot "
+        "hold, and it cannot be merged, unmerged or combined (PEFT cannot merge it either). Keep it factored "
+        "(jlora.apply), or leave the layer out (exclude_modules)."
     )
 
 

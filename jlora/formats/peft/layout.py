@@ -42,8 +42,9 @@ from jlora.core.plain import TORCH_STYLE
 from jlora.core.targets import KERNEL_KEYS, Site, kernel_key
 from jlora.formats.peft.torch_names import NameMap
 
-__all__ = ["PREFIX", "TORCH_WEIGHTS", "TOKENS_DELTA", "lora_to_peft", "lora_from_peft", "conv_to_peft", "conv_from_peft", "magnitude_from_peft", "from_broadcast", "to_broadcast", "transposed",
-           "full_to_peft", "parse_key", "full_from_peft"]
+__all__ = ["PREFIX", "TORCH_WEIGHTS", "TOKENS_DELTA", "lora_to_peft", "lora_from_peft", "conv_to_peft",
+           "conv_from_peft", "magnitude_from_peft", "from_broadcast", "to_broadcast", "transposed", "full_to_peft",
+           "parse_key", "full_from_peft"]
 
 PREFIX = "base_model.model."
 # Flax leaves that PyTorch calls `weight`: the kernels, and a norm's `scale`.
@@ -84,7 +85,8 @@ def conv_to_peft(name: str, a: np.ndarray, b: np.ndarray, where: str) -> dict[st
   return {f"{PREFIX}{name}.lora_A.weight": a_t, f"{PREFIX}{name}.lora_B.weight": b_t}
 
 
-def conv_from_peft(leaf: str, value: np.ndarray, kernel_shape: tuple[int, ...], key: str) -> tuple[np.ndarray, int | None]:
+def conv_from_peft(leaf: str, value: np.ndarray, kernel_shape: tuple[int, ...],
+                   key: str) -> tuple[np.ndarray, int | None]:
   """The inverse of `conv_to_peft` for one tensor: `(r, in) + window` -> `window + (in, r)`, `(out, r/g, 1, ...)` ->
   `(r/g, out)`.
 

@@ -218,6 +218,14 @@ def stack_adapters(adapter_set: AdapterSet, params: Params, *, names: Sequence[s
           "modules_to_save."
       )
     for ad in adapters(tree, config, kernels=params):
+      groups = _ops.conv_groups(ad.a.shape, ad.b.shape, ad.kernel.shape)
+      if groups > 1:
+        raise ValueError(
+            f"stack_adapters: adapter {name!r} adapts the grouped convolution {ad.slot.where!r} "
+            f"(feature_group_count={groups}), which a mixed batch does not take (its B is grouped by rank blocks, "
+            "which padding to a common rank would break). Run it alone (jlora.apply), or leave the layer out "
+            "(exclude_modules)."
+        )
       per_slot.setdefault(ad.slot, {})[k] = ad
   dtype = dtype or jnp.result_type(*(x for ads in per_slot.values() for ad in ads.values() for x in (ad.a, ad.b)))
   leaves, entries = {}, []

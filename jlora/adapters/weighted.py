@@ -389,6 +389,7 @@ def _layout(slot: Slot, a: jax.Array, b: jax.Array, kernels: Params | None):
 
   def forms(r: int) -> set[_Form]:
     _ops.check_adapter(path_str(path), kernel_shape, a.shape, b.shape, r)
+    _ops.check_foldable(path_str(path), a.shape, b.shape, kernel_shape)
     return {f for f in _forms(tuple(a.shape), tuple(b.shape), r) if f.kernel == kernel_shape}
 
   return path, forms

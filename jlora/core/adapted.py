@@ -54,7 +54,9 @@ def low_rank(site: Site, x: jax.Array, a: jax.Array, b: jax.Array, scale: Any) -
     if site.conv is None:
       raise ValueError(f"The conv site at {'/'.join(site.path)!r} has no `conv` callable: the front-end must give "
                        "the layer's own convolution (Site.conv).")
-    return _ops.contract_last(site.conv(x, a) * scale, b, site.precision)
+    # `x·A` by the layer's own convolution (over all input features), then B, a 1×1 convolution (grouped for a
+    # grouped layer: PEFT's adapter, `jlora.core.ops`)
+    return _ops.grouped_last(site.conv(x, a) * scale, b, site.precision)
   return _ops.lora_delta(site.kind, x, a, b, scale=scale, axis=site.axis, einsum_str=site.equation,
                          precision=site.precision, group_sizes=site.group_sizes)
 

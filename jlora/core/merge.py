@@ -75,6 +75,7 @@ def merge(params: Params, config: LoraConfig, *, safe: bool = False) -> dict:
   replace: dict[tuple[str, ...], dict] = {}
   for ad in _tree.adapters(params, config):
     leaves = ad.leaves
+    _ops.check_foldable(ad.slot.where, ad.a.shape, ad.b.shape, ad.kernel.shape)
     merged = variant_of_leaves(leaves).fold(ad.kernel, leaves, ad.scale)
     if safe:
       _check_finite(f"{ad.slot.where}/{ad.slot.kernel_name}", merged)
@@ -182,6 +183,7 @@ def unmerge(merged: Params, adapters: Params, config: LoraConfig, *, norms: Para
     )
   replace: dict[tuple[str, ...], dict] = {}
   for ad in _tree.adapters(adapters, config, kernels=merged):
+    _ops.check_foldable(ad.slot.where, ad.a.shape, ad.b.shape, ad.kernel.shape)
     variant = variant_of_leaves(ad.leaves)
     w0 = variant.unfold(ad.kernel, ad.leaves, ad.scale, None if ad.magnitude is None else _norm(norms, ad))
     leaves = {ad.slot.key(role): leaf for role, leaf in ad.leaves.items()}

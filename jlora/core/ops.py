@@ -6,6 +6,10 @@ Layouts (Flax kernels are `(in..., out...)`; `S` are leading scan axes, if any):
   `A: S + in_shape + (r,)`, `B: S + (r,) + out_shape`, `delta = A·B` reshaped to
   the kernel. For `conv`, `in_shape` is `kernel_size + (in_features,)` (A is a
   convolution with the base's window) and `B` is a 1×1 convolution `(r, out)`.
+  A grouped convolution (`feature_group_count = g > 1`, kernel `window + (in/g, out)`) takes PEFT's
+  adapter: `A: S + window + (in, r)`, a full convolution over all input features, and `B: S + (r/g, out)`, a
+  grouped 1×1 convolution (output group `j` reads `x·A`'s features `j·r/g ... (j+1)·r/g - 1`). Its `A·B` is a
+  dense (ungrouped) kernel, which the grouped kernel cannot hold: it has no merge (`check_foldable`).
 * `einsum` — the *broadcast* layout, since an `nn.Einsum` kernel may interleave
   input, output and shared (batch) axes: `A` has the kernel's shape with every
   output axis of size 1, then `r`; `B` has the kernel's shape with every input
@@ -26,9 +30,9 @@ from jax import lax
 
 from jlora.core.targets import Site
 
-__all__ = ["adapter_shapes", "layout", "delta_kernel", "fold", "check_adapter", "check_equation", "dropout",
-           "lora_delta", "ragged_delta", "contract_last", "magnitude_shape", "column_norm", "dora_fold", "dora_unfold",
-           "contract", "parse_einsum", "as_matrix"]
+__all__ = ["adapter_shapes", "layout", "conv_groups", "check_foldable", "grouped_last", "delta_kernel", "fold",
+           "check_adapter", "check_equation", "dropout", "lora_delta", "ragged_delta", "contract_last",
+           "magnitude_shape", "column_norm", "dora_fold", "dora_unfold", "contract", "parse_einsum", "as_matrix"]
 
 
 # ----------------------------------------------------------------- shapes
@@ -39,7 +43,10 @@ def adapter_shapes(site: Site, r: int) -> tuple[tuple[int, ...], tuple[int, ...]
     a = tuple(1 if i in site.out_axes else d for i, d in enumerate(k)) + (r,)
     b = tuple(1 if i in site.in_axes else d for i, d in enumerate(k)) + (r,)
     return a, b
-  return tuple(k[i] for i in site.in_axes) + (r,), (r,) + tuple(k[i] for i in site.out_axes)
+  a, b = tuple(k[i] for i in site.in_axes) + (r,), (r,) + tuple(k[i] for i in site.out_axes)
+  if site.groups > 1:  # PEFT's: A over all input features, B a grouped 1×1 convolution
+    a, b = a[:-2] + (a[-2] * site.groups, r), (r // site.groups,) + b[1:]
+  return a, b
 
 
 def layout(a_shape, b_shape, kernel_shape) -> tuple[str, int]:
@@ -50,11 +57,51 @@ def layout(a_shape, b_shape, kernel_shape) -> tuple[str, int]:
   return "concat", len(a_shape) + len(b_shape) - 2 - len(kernel_shape)
 
 
-def check_adapter(path: str, kernel_shape, a_shape, b_shape, r: int) -> None:
-  """Raises a `ValueError` naming `path` unless A and B fit the kernel with rank `r`."""
+def conv_groups(a_shape, b_shape, kernel_shape) -> int:
+  """The feature groups `g` of a grouped convolution's adapter (`A: S + window + (in, r)` over a kernel
+  `S + window + (in/g, out)`, `B: S + (r/g, out)`), read from the shapes alone; 1 for every other adapter.
+
+  A fitting adapter of any other kind has `A`'s last input axis equal to the kernel's, so it never reads as grouped.
+  """
+  a, b, k = tuple(a_shape), tuple(b_shape), tuple(kernel_shape)
+  form, s = layout(a, b, k)
+  if form != "concat" or len(b) != s + 2 or len(a) != len(k) or len(a) < s + 3 or k[-2] < 1 or b[s] < 1:
+    return 1
+  g, rest = divmod(a[-2], k[-2])
+  if g < 2 or rest or a[:-2] != k[:-2] or a[-1] != g * b[s] or b[s + 1] != k[-1] or k[-1] % g:
+    return 1
+  return g
+
+
+def check_foldable(path: str, a_shape, b_shape, kernel_shape) -> None:
+  """Raises a `ValueError` naming `path` unless `A·B` has the kernel's layout (a grouped convolution's adapter does
+  not: merge, unmerge, DoRA's norm and combinations of deltas cannot be formed for it)."""
+  g = conv_groups(a_shape, b_shape, kernel_shape)
+  if g > 1:
+    which = f"The adapter at {path!r}" if path else "An adapter"
+    raise ValueError(
+        f"{which} belongs to a grouped convolution (feature_group_count={g}, kernel {tuple(kernel_shape)}): its A "
+        f"reads all {tuple(a_shape)[-2]} input features, so s·A·B is a dense kernel that the grouped one cannot "
+        "hold, and it cannot be merged, unmerged or combined (PEFT cannot merge it either). Keep it factored "
+        "(jlora.apply), or leave the layer out (exclude_modules)."
+    )
+
+
+def check_adapter(path: str, kernel_shape, a_shape, b_shape, r: int, groups: int | None = None) -> None:
+  """Raises a `ValueError` naming `path` unless A and B fit the kernel with rank `r` (and, where the caller knows
+  the layer, its feature `groups`)."""
   kernel_shape, a_shape, b_shape = tuple(kernel_shape), tuple(a_shape), tuple(b_shape)
   form, s = layout(a_shape, b_shape, kernel_shape)
-  if form == "broadcast":
+  g = conv_groups(a_shape, b_shape, kernel_shape)
+  if groups is not None and g != groups:
+    raise ValueError(
+        f"Adapter at {path!r} (lora_a {a_shape}, lora_b {b_shape}) was made for a convolution with "
+        f"feature_group_count={g}, but the layer's kernel {kernel_shape} has {groups}. Were the adapters made for "
+        "another base model?"
+    )
+  if g > 1:
+    fits, rank = True, (a_shape[-1], b_shape[s] * g)
+  elif form == "broadcast":
     try:
       fits = np.broadcast_shapes(a_shape[:-1], b_shape[:-1]) == kernel_shape
     except ValueError:
@@ -94,6 +141,7 @@ def check_equation(path: str, einsum_str: str, kernel_shape, a_shape) -> None:
 
 def delta_kernel(a: jax.Array, b: jax.Array, kernel_shape) -> jax.Array:
   """`A·B` in the kernel's layout (unscaled, in float32). Shapes as in the module docstring."""
+  check_foldable("", a.shape, b.shape, kernel_shape)
   a, b = a.astype(jnp.float32), b.astype(jnp.float32)
   form, s = layout(a.shape, b.shape, tuple(kernel_shape))
   if form == "broadcast":
@@ -169,6 +217,18 @@ def dropout(key: jax.Array | None, x: jax.Array, rate) -> jax.Array:
 def contract_last(u: jax.Array, b: jax.Array, precision) -> jax.Array:
   """`u (..., r) · B (r, out...) -> (..., out...)`."""
   return lax.dot_general(u, b, (((u.ndim - 1,), (0,)), ((), ())), precision=precision)
+
+
+def grouped_last(u: jax.Array, b: jax.Array, precision) -> jax.Array:
+  """A grouped 1×1 convolution: `u (..., r)` with `B (r/g, out)`, output group `j` reading `u`'s `j`-th block of
+  `r/g` features -> `(..., out)`; `contract_last` when `g = 1`."""
+  g = u.shape[-1] // b.shape[0]
+  if g == 1:
+    return contract_last(u, b, precision)
+  ug = u.reshape(u.shape[:-1] + (g, b.shape[0]))
+  bg = b.reshape(b.shape[0], g, b.shape[1] // g)
+  y = jnp.einsum("...gj,jgo->...go", ug, bg, precision=precision)
+  return y.reshape(u.shape[:-1] + (b.shape[1],))
 
 
 def as_matrix(kind: str, x: jax.Array, axis) -> tuple[jax.Array, tuple[int, ...]]:

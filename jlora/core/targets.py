@@ -170,6 +170,8 @@ class Site(NamedTuple):
     batch_axes: `nn.Einsum` kernel axes shared by input and output (both keep them).
     is_head: the module's output is the model's output, or it has a head name.
     unsupported: why jlora cannot adapt this module ('' when it can).
+    groups: `conv`: the convolution's feature groups (`feature_group_count`). With `groups > 1` the adapter is
+      PEFT's: `A` a full convolution over all input features, `B` a grouped 1×1 one (`jlora.core.ops`).
 
   What a forward needs besides (given by the front-end to `jlora.core.adapted.adapted`; unused at init):
 
@@ -177,8 +179,8 @@ class Site(NamedTuple):
     axis: `dense` / `dense_general`: the input axes of `x` contracted with the kernel's leading axes.
     equation: `einsum`: the equation the layer is called with (`"lhs,kernel->out"`).
     precision: the layer's matmul precision.
-    conv: `conv`: the layer's own convolution, `conv(x, w) -> y` for a kernel `w: window + (in, k)` (its
-      strides, padding, dilation; no bias), used for `x·A` (DoRA: `x·W0` too).
+    conv: `conv`: the layer's own convolution, `conv(x, w) -> y` for a kernel `w: window + (c, k)` (its
+      strides, padding, dilation; no bias; `x`'s features / `c` feature groups), used for `x·A` (DoRA: `x·W0` too).
     group_sizes: `ragged_dot`: the call's group sizes `(E,)` (tokens per expert, sorted by expert).
   """
 
@@ -196,6 +198,7 @@ class Site(NamedTuple):
   precision: Any = None
   conv: Callable[[Any, Any], Any] | None = None
   group_sizes: Any = None
+  groups: int = 1
 
   @property
   def module(self) -> tuple[str, ...]:
@@ -215,7 +218,8 @@ class Site(NamedTuple):
 
   @property
   def fan_in(self) -> int:
-    return math.prod(self.kernel_shape[i] for i in self.in_axes)
+    """`A`'s input size: the kernel's, or all input features for a grouped convolution (its `A` reads them all)."""
+    return math.prod(self.kernel_shape[i] for i in self.in_axes) * self.groups
 
   @property
   def fan_out(self) -> int:
@@ -429,9 +433,40 @@ def _checked(config: LoraConfig, chosen: list[Site]) -> list[Site]:
           f"fan-in {s.fan_in}, fan-out {s.fan_out}); use r <= {min(s.fan_in, s.fan_out)} "
           "or a `rank_pattern` entry for this module."
       )
+    if s.groups > 1:
+      _check_grouped(config, s, r)
     if is_saved(config, s.path):
       raise ValueError(
           f"{path_str(s.path)!r} is both in `target_modules` and in `modules_to_save`; "
           "a module is either adapted or fully trained. Exclude it from one of them."
       )
   return chosen
+
+
+def _check_grouped(config: LoraConfig, s: Site, r: int) -> None:
+  """PEFT's rules for a grouped convolution's adapter (`jlora.core.ops`): a rank divisible by the groups; plain
+  LoRA (DoRA's norm needs `A·B` in the grouped kernel's layout, which it does not have) with a drawn init."""
+  where, g = path_str(s.path), s.groups
+  if r % g:
+    fit = max(g, r - r % g)
+    raise ValueError(
+        f"`r`={r} at {where!r}: this convolution has feature_group_count={g}, and its adapter's B is a grouped 1×1 "
+        f"convolution (as in PEFT), so the rank must be divisible by {g}; use r={fit} for it, e.g. "
+        f"rank_pattern={{{s.path[-1]!r}: {fit}}}, or exclude it (exclude_modules)."
+    )
+  if config.use_dora:
+    raise ValueError(
+        f"DoRA at {where!r}: a grouped convolution's adapter (feature_group_count={g}) reads all input features, so "
+        "W0 + s·A·B, whose norm DoRA needs, is not a kernel of the grouped layer (PEFT computes it from mismatched "
+        "shapes); exclude the layer (exclude_modules) or use plain LoRA (use_dora=False)."
+    )
+  method = config.init_lora_weights
+  if not any(type(m) is type(method) and m == method for m in _GROUPED_INITS):
+    raise ValueError(
+        f"init_lora_weights={method!r} is not supported for the grouped convolution at {where!r} "
+        f"(feature_group_count={g}): its A and B are not a factorization of the grouped kernel; use True, False or "
+        "'gaussian' (PEFT's drawn inits), or exclude the layer (exclude_modules)."
+    )
+
+
+_GROUPED_INITS = (True, False, "gaussian")

@@ -123,6 +123,11 @@ class Adapter(NamedTuple):
     return self.leaves.get(MAGNITUDE_KEY)
 
   @property
+  def groups(self) -> int:
+    """A grouped convolution's feature groups (`jlora.core.ops.conv_groups`), 1 for every other adapter."""
+    return _ops.conv_groups(self.a.shape, self.b.shape, self.kernel.shape)
+
+  @property
   def b_rank_axis(self) -> int:
     """The axis of `lora_b` that holds the rank (`lora_a`'s is its last)."""
     return self.stack if self.layout == "concat" else self.b.ndim - 1

@@ -208,8 +208,6 @@ def _dense_general_check(m: nn.Module) -> str:
 
 
 def _conv_check(m: nn.Module) -> str:
-  if m.feature_group_count != 1:
-    return "grouped convolutions (feature_group_count > 1) are not supported"
   return "masked convolutions are not supported" if m.mask is not None else ""
 
 

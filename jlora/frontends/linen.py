@@ -49,7 +49,7 @@ from jlora.core.unadapted import Unadapted, is_matmul_like, of_sites, report, un
 from jlora.frontends import flow as _flow
 from jlora.frontends import layer_check as _layer_check
 from jlora.frontends.layers import Call, describe
-from jlora.frontends.linen_forward import BYPASS, Forward
+from jlora.frontends.linen_forward import BYPASS, Forward, feature_groups
 from jlora.frontends.linen_run import is_foreign, run_fresh, warn_if_closed_over
 
 __all__ = ["init", "apply"]
@@ -108,7 +108,7 @@ def _site(call: Call, path: tuple[str, ...] | None = None, foreign: str = "") ->
   else:  # embed
     ins, outs = (0,), (1,)
   return Site(adapter_path(module_path, kernel_name), kind, kernel_name, shape, ins, outs, batch, is_head(module_path),
-              why)
+              why, groups=feature_groups(module, kind))
 
 
 _FOREIGN = ("it is applied with a weight given at call time (`module.apply({'params': ...})`, e.g. an output head "

@@ -44,7 +44,7 @@ from jlora.core.variants import variant_of_leaves
 from jlora.frontends.layers import Call, describe, kinds_listing
 from jlora.frontends.linen_run import is_foreign
 
-__all__ = ["BYPASS", "Forward", "call_site"]
+__all__ = ["BYPASS", "Forward", "call_site", "feature_groups"]
 
 # Set while jlora runs a helper module of its own (the LoRA half of a Conv), so
 # that the interceptor lets that inner call through untouched.
@@ -55,11 +55,12 @@ _ACTIVE: contextvars.ContextVar[frozenset] = contextvars.ContextVar("jlora_activ
 
 
 def _conv(module: nn.Module):
-  """`conv(x, w)`: the module's own convolution (flax's padding, strides, dilation) with kernel `w`, no bias."""
+  """`conv(x, w)`: the module's own convolution (flax's padding, strides, dilation) with kernel `w`, no bias, in
+  `x`'s features / `w`'s input features groups (the layer's own kernel, or a grouped layer's full-input `A`)."""
 
   def conv(x: jax.Array, w: jax.Array) -> jax.Array:
     layer = module.clone(parent=None, features=w.shape[-1], use_bias=False, mask=None, dtype=x.dtype,
-                         param_dtype=w.dtype)
+                         param_dtype=w.dtype, feature_group_count=x.shape[-1] // w.shape[-2])
     token = BYPASS.set(True)
     try:
       return layer.apply({"params": {"kernel": w}}, x)
@@ -69,6 +70,11 @@ def _conv(module: nn.Module):
   return conv
 
 
+def feature_groups(module: nn.Module, kind: str) -> int:
+  """A convolution's feature groups (1 for other kinds)."""
+  return getattr(module, "feature_group_count", 1) if kind == "conv" else 1
+
+
 def call_site(module: nn.Module, call: Call, kind: str, path: tuple[str, ...], kernel_name: str,
               kernel_shape: tuple[int, ...]) -> Site:
   """The `Site` that `jlora.core.adapted` needs for one call: kind, contraction and precision."""
@@ -76,7 +82,7 @@ def call_site(module: nn.Module, call: Call, kind: str, path: tuple[str, ...], k
               axis=call.layer.axes(module) if kind in ("dense", "dense_general") else (-1,),
               equation=call.equation if kind == "einsum" else None, precision=getattr(module, "precision", None),
               conv=_conv(module) if kind == "conv" else None,
-              group_sizes=call.group_sizes if kind == "ragged_dot" else None)
+              group_sizes=call.group_sizes if kind == "ragged_dot" else None, groups=feature_groups(module, kind))
 
 
 # flax's own layers, whose output is exactly x·W0 (+ `bias`): DoRA may read x·W0 off it. A registered class may add
@@ -202,7 +208,7 @@ class Forward:
           f"{f', target_parameters={cfg.target_parameters!r}' if cfg.target_parameters else ''}) does not select. "
           "Pass the LoraConfig that created it."
       )
-    _ops.check_adapter(where, kernel_shape, a.shape, b.shape, cfg.rank_for(where))
+    _ops.check_adapter(where, kernel_shape, a.shape, b.shape, cfg.rank_for(where), feature_groups(module, kind))
     check_magnitude(where, cfg, magnitude, _ops.magnitude_shape(a.shape, b.shape, kernel_shape))
 
   def check_consumed(self, params: Params, fn: str = "jlora.apply") -> None:

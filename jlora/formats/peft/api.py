@@ -183,6 +183,7 @@ def _export(params: Params, config: LoraConfig, names: NameMap, save_embedding_l
     if ad.layout == "broadcast":  # an (out, in) weight: a plain transpose of PEFT's factors
       a, b, stack = peft_layout.from_broadcast(jax.device_get(a), jax.device_get(b), ad.kernel.shape, ad.slot.where)
     name = module_name(names, ad.slot.path)
+    conv = ad.slot.module[-1] in names.conv or ad.groups > 1  # PEFT's Conv layers: factors as convolution kernels
     if stack > 1 or (stack == 1) != ("{i}" in name):
       raise ValueError(
           f"save_peft: {ad.slot.where!r} has {stack} leading layer axes but its PEFT name {name!r} "
@@ -192,14 +193,17 @@ def _export(params: Params, config: LoraConfig, names: NameMap, save_embedding_l
     adapted[ad.slot.path] = []
     for (n, a1), (_, b1) in zip(per_layer(name, a, ad.slot.where), per_layer(name, b, ad.slot.where)):
       adapted[ad.slot.path].append(n)
-      tensors.update(peft_layout.lora_to_peft(n, a1, b1, ad.rank, embed=ad.slot.kernel_name == "embedding"))
+      tensors.update(peft_layout.conv_to_peft(n, a1, b1, ad.slot.where) if conv else
+                     peft_layout.lora_to_peft(n, a1, b1, ad.rank, embed=ad.slot.kernel_name == "embedding"))
       if ad.rank != config.r:
         ranks[n] = ad.rank
       if config.alpha_for(ad.slot.where) != config.lora_alpha:
         alphas[n] = config.alpha_for(ad.slot.where)
     if ad.magnitude is not None:  # DoRA: PEFT keeps one magnitude per output feature
       for n, m1 in per_layer(name, np.asarray(jax.device_get(ad.magnitude)), ad.slot.where):
-        tensors[f"{peft_layout.PREFIX}{n}.lora_magnitude_vector"] = m1.reshape(-1)
+        # (1, out, 1, ...) for a convolution, as PEFT's DoRA keeps it
+        tensors[f"{peft_layout.PREFIX}{n}.lora_magnitude_vector"] = (
+            m1.reshape((1, -1) + (1,) * (m1.ndim - 2)) if conv else m1.reshape(-1))
   saved_modules: list[str] = []
   for path, label in flatten(labels(params, config)).items():
     if label not in ("bias", "saved"):
@@ -435,10 +439,14 @@ def _adapter_leaf(module: Path, leaf: str, layers: Mapping[int | None, tuple[str
   arrays = []
   for layer in sorted(layers, key=lambda x: -1 if x is None else x):
     mname, value = layers[layer]
-    arr, r = peft_layout.lora_from_peft(leaf, np.asarray(value, np.float32), k_shape, embed=embed,
-                                        kernel_name=kname, key=mname)
-    arr = peft_layout.to_broadcast(leaf, arr, site) if site is not None and site.broadcast else arr
     peft_r = pattern_lookup(config.rank_pattern, mname, config.r)
+    if np.ndim(value) > 2 and not embed:  # a convolution's factors (PEFT's Conv1d / 2d / 3d)
+      arr, r = peft_layout.conv_from_peft(leaf, np.asarray(value, np.float32), k_shape, mname)
+      r = peft_r if r is None else r  # B's rank, with A's, is checked once both are loaded
+    else:
+      arr, r = peft_layout.lora_from_peft(leaf, np.asarray(value, np.float32), k_shape, embed=embed,
+                                          kernel_name=kname, key=mname)
+      arr = peft_layout.to_broadcast(leaf, arr, site) if site is not None and site.broadcast else arr
     if r != peft_r:
       raise ValueError(
           f"load_peft: the {leaf} tensor of {mname!r} has rank {r}, but adapter_config.json gives r={peft_r} "

@@ -15,6 +15,13 @@ Per layer (jlora Flax kernels are `(in, out)`; PyTorch weights `(out, in)`):
 | `modules_to_save` `scale`, `bias`   | `.weight`, `.bias`                           |
 | `(out, in)` `weight` (Equinox): `lora_a: (1, in, r)`, `lora_b: (out, 1, r)` | `.lora_A.weight: (r, in)`, `.lora_B.weight: (out, r)` |
 | `modules_to_save` `weight` `(out, in)` | `.weight` as is                           |
+| `nn.Conv` `lora_a: window + (in, r)` | `.lora_A.weight: (r, in) + window` (a convolution kernel) |
+| `nn.Conv` `lora_b: (r/g, out)`       | `.lora_B.weight: (out, r/g, 1, ...)` (a 1×1 convolution, `g` groups) |
+| `nn.Conv` DoRA `lora_magnitude`      | `.lora_magnitude_vector: (1, out, 1, ...)`   |
+
+A convolution's factors (a module listed in `NameMap.conv`, or a grouped convolution's adapter, `g > 1`) are
+PEFT's `_ConvNd` layers': `A` a convolution with the base's window over all input features, `B` a 1×1 convolution
+with the base's groups. Flax kernels are `window + (in, out)` (channels last), PyTorch's `(out, in) + window`.
 
 GPT-2's `Conv1D` layers store their LoRA tensors like `nn.Linear` ones
 (`fan_in_fan_out=True` only changes how PEFT merges); their full weights are
@@ -35,8 +42,9 @@ from jlora.core.plain import TORCH_STYLE
 from jlora.core.targets import KERNEL_KEYS, Site, kernel_key
 from jlora.formats.peft.torch_names import NameMap
 
-__all__ = ["PREFIX", "TORCH_WEIGHTS", "TOKENS_DELTA", "lora_to_peft", "lora_from_peft", "magnitude_from_peft", "from_broadcast", "to_broadcast", "transposed",
-           "full_to_peft", "parse_key", "full_from_peft"]
+__all__ = ["PREFIX", "TORCH_WEIGHTS", "TOKENS_DELTA", "lora_to_peft", "lora_from_peft", "conv_to_peft",
+           "conv_from_peft", "magnitude_from_peft", "from_broadcast", "to_broadcast", "transposed", "full_to_peft",
+           "parse_key", "full_from_peft"]
 
 PREFIX = "base_model.model."
 # Flax leaves that PyTorch calls `weight`: the kernels, and a norm's `scale`.
@@ -57,6 +65,60 @@ def lora_to_peft(name: str, a: np.ndarray, b: np.ndarray, r: int, *, embed: bool
   if embed:
     return {f"{PREFIX}{name}.lora_embedding_A": a2, f"{PREFIX}{name}.lora_embedding_B": b2}
   return {f"{PREFIX}{name}.lora_A.weight": a2, f"{PREFIX}{name}.lora_B.weight": b2}
+
+
+def conv_to_peft(name: str, a: np.ndarray, b: np.ndarray, where: str) -> dict[str, np.ndarray]:
+  """One convolution's `lora_a: window + (in, r)`, `lora_b: (r/g, out)` -> PEFT's `(r, in) + window` and
+  `(out, r/g) + (1,) * len(window)`.
+
+  Raises:
+    ValueError: the adapter is not a convolution's (a module listed in `NameMap.conv` with another kernel).
+  """
+  if a.ndim < 3 or b.ndim != 2:
+    raise ValueError(
+        f"save_peft: {where!r} is named in the name map's `conv`, but its adapter (lora_a {a.shape}, lora_b {b.shape}) "
+        "is not an nn.Conv's (lora_a window + (in, r), lora_b (r, out)); take it out of `conv`."
+    )
+  n = a.ndim - 2
+  a_t = np.transpose(a, (n + 1, n) + tuple(range(n)))
+  b_t = b.T.reshape(b.shape[1], b.shape[0], *(1,) * n)
+  return {f"{PREFIX}{name}.lora_A.weight": a_t, f"{PREFIX}{name}.lora_B.weight": b_t}
+
+
+def conv_from_peft(leaf: str, value: np.ndarray, kernel_shape: tuple[int, ...],
+                   key: str) -> tuple[np.ndarray, int | None]:
+  """The inverse of `conv_to_peft` for one tensor: `(r, in) + window` -> `window + (in, r)`, `(out, r/g, 1, ...)` ->
+  `(r/g, out)`.
+
+  Args:
+    leaf: `"lora_a"` or `"lora_b"`.
+    value: the PEFT tensor, of the kernel's number of axes.
+    kernel_shape: the per-layer shape of the model's `nn.Conv` kernel, `window + (in/g, out)`.
+    key: the PEFT module name, for messages.
+
+  Returns:
+    `(array, r)`; `r` is None for `lora_b` (a grouped convolution's `B` holds `r/g`: the rank is `A`'s, and the
+    pair is checked together once loaded).
+
+  Raises:
+    ValueError: the tensor does not fit the model's kernel (another window, input or output size).
+  """
+  k, n = tuple(kernel_shape), value.ndim - 2
+  name = "lora_A" if leaf == "lora_a" else "lora_B"
+  if leaf == "lora_a":
+    arr = np.transpose(value, tuple(range(2, n + 2)) + (1, 0))
+    fits = len(k) == value.ndim and arr.shape[:-2] == k[:-2] and arr.shape[-2] % k[-2] == 0
+    want = f"(r, in) + window {k[:-2]} with `in` a multiple of {k[-2]}"
+  else:
+    arr = value.reshape(value.shape[:2]).T
+    fits = len(k) == value.ndim and value.shape[2:] == (1,) * n and value.shape[0] == k[-1]
+    want = f"({k[-1]}, r/groups) + {(1,) * max(len(k) - 2, 0)}"
+  if not fits:
+    raise ValueError(
+        f"load_peft: the {name} tensor of {key!r} has shape {value.shape}, a convolution's, which does not fit the "
+        f"model's kernel {k} (expected {want}). Was the adapter made for another base model?"
+    )
+  return arr, (arr.shape[-1] if leaf == "lora_a" else None)
 
 
 def lora_from_peft(leaf: str, value: np.ndarray, kernel_shape: tuple[int, ...], *, embed: bool, kernel_name: str,

@@ -35,11 +35,16 @@ class NameMap(NamedTuple):
       wrappers of a module's target parameters in that order. Listed names come
       first, in this order; the others follow in the Flax module's dict order
       (which `jax.jit` and `jax.tree.map` sort by name, hence this field).
+    conv: names (last path component) of modules that are convolutions in PyTorch (`nn.Conv1d` / `2d` / `3d`,
+      an `nn.Conv` in Flax), e.g. `("conv1", "conv2")`: PEFT stores their factors as convolution kernels
+      (`jlora.formats.peft.layout`), which a Flax `nn.Conv` kernel's shape alone cannot tell apart from a
+      multi-axis `DenseGeneral`'s. A grouped convolution's adapter is written as one whether listed or not.
   """
 
   module_name: Callable[[tuple[str, ...]], str]
   fan_in_fan_out: frozenset[str] = frozenset()
   param_order: tuple[str, ...] = ()
+  conv: frozenset[str] = frozenset()
 
 
 def of_model(model: Any) -> NameMap | None:

@@ -84,7 +84,7 @@ def site_of(path: tuple[str, ...], module: Any, kind: str, einsum_str: str | Non
   layer, stock = description(module)
   if not stock:
     return _described_site(path, module, layer, einsum_str, is_head, kernel_shape)
-  why = ""
+  why, groups = "", 1
   batch: tuple[int, ...] = ()
   if kind == "dense":
     shape = (module.in_features, module.out_features)
@@ -108,12 +108,12 @@ def site_of(path: tuple[str, ...], module: Any, kind: str, einsum_str: str | Non
   elif kind == "conv":
     shape = tuple(module.kernel_shape)
     ins, outs = tuple(range(len(shape) - 1)), (len(shape) - 1,)
-    why = layer.why_not(module)
+    why, groups = layer.why_not(module), module.feature_group_count
   else:  # embed
     shape = (module.num_embeddings, module.features)
     ins, outs = (0,), (1,)
   name = "embedding" if kind == "embed" else "kernel"
-  return Site(path, kind, name, shape, ins, outs, batch, is_head or _targets.is_head(path), why)
+  return Site(path, kind, name, shape, ins, outs, batch, is_head or _targets.is_head(path), why, groups=groups)
 
 
 _NO_EQUATION = ("its equation is given at call time; pass example inputs to jlora.nnx.init (`*args`) so that jlora "
@@ -291,7 +291,8 @@ def call_site(module: Any, kind: str, einsum_str: str | None) -> Site:
   conv = (lambda x, w: _conv(module, x, w)) if kind == "conv" else None
   return Site(module.lora_path, kind, module.lora_weight,
               tuple(kernel.shape), (), (), axis=module.lora_axis, equation=einsum_str,
-              precision=getattr(module, "precision", None), conv=conv)
+              precision=getattr(module, "precision", None), conv=conv,
+              groups=module.feature_group_count if kind == "conv" else 1)
 
 
 def _axis(axis: Any) -> tuple[int, ...]:
@@ -314,11 +315,13 @@ def _adapted_call(module: Any, kind: str, x: jax.Array, y: jax.Array, einsum_str
 
 
 def _conv(module: nnx.Conv, x: jax.Array, w: jax.Array) -> jax.Array:
-  """`x` convolved with `w: kernel_size + (in, k)` by `nnx.Conv`'s own code (its padding modes, strides, dilation),
-  without bias: `x·A` (and DoRA's `x·W0`)."""
+  """`x` convolved with `w: kernel_size + (c, k)` by `nnx.Conv`'s own code (its padding modes, strides, dilation),
+  without bias, in `x`'s features / `c` groups: `x·A` (over all input features for a grouped layer) and DoRA's
+  `x·W0`."""
   w = jnp.asarray(w)
   layer = types.SimpleNamespace(
-      kernel=w, bias=None, use_bias=False, mask=None, feature_group_count=1, kernel_size=module.kernel_size,
+      kernel=w, bias=None, use_bias=False, mask=None, feature_group_count=x.shape[-1] // w.shape[-2],
+      kernel_size=module.kernel_size,
       strides=module.strides, padding=module.padding, input_dilation=module.input_dilation,
       kernel_dilation=module.kernel_dilation, in_features=module.in_features, out_features=w.shape[-1],
       kernel_shape=w.shape, promote_dtype=module.promote_dtype, dtype=x.dtype, param_dtype=w.dtype,

@@ -41,6 +41,7 @@ def merge(model: nnx.Module) -> nnx.Module:
   out = nnx.clone(model)
   for module in adapted(out).values():
     var, leaves = kernel_var(module), leaves_of(module)
+    _ops.check_foldable(path_str(module.lora_path), leaves["lora_a"].shape, leaves["lora_b"].shape, var.shape)
     var.set_value(variant_of_leaves(leaves).fold(var.get_value(), leaves, module.lora_scale))
   _, variables = walk(out)
   for var in variables.values():  # kernels left quantized (not adapted): full precision, as plain layers read them
@@ -100,5 +101,6 @@ def unmerge(merged: nnx.Module, model: nnx.Module) -> nnx.Module:
                                      module.lora_scale)
   for path, module in adapted(out).items():
     var, leaves = kernel_var(module), leaves_of(module)
+    _ops.check_foldable(path_str(module.lora_path), leaves["lora_a"].shape, leaves["lora_b"].shape, var.shape)
     var.set_value(variant_of_leaves(leaves).unfold(var.get_value(), leaves, module.lora_scale, norms.get(path)))
   return out

@@ -179,7 +179,7 @@ def test_custom_rules_and_conflicting_mesh_axes():
 
 
 def test_default_rules():
-  assert dict(models.DEFAULT_RULES) == {"batch": ("data", "fsdp"), "embed": "fsdp", "vocab": "tensor",
+  assert dict(models.DEFAULT_RULES) == {"batch": ("data", "fsdp"), "embed": "fsdp", "experts": "fsdp", "vocab": "tensor",
                                         "heads": "tensor", "kv": "tensor", "mlp": "tensor", "act_mlp": "tensor",
                                         "act_embed": None, "length": None, "layers": None, "lora_rank": None,
                                         "norm": None}

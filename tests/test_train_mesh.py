@@ -38,15 +38,15 @@ from jlora.train import _data, _mesh_config, _setup, _state, _tasks
 FAST = {FAST!r}
 
 
-def config(out, mesh, *extra):
-  c = train.load("configs/mesh.yaml", [*FAST, f"outputs.dir={{out}}", *extra])
+def config(out, mesh, *extra, file="configs/mesh.yaml"):
+  c = train.load(file, [*FAST, f"outputs.dir={{out}}", *extra])
   mesh = _mesh_config.MeshConfig(*mesh) if isinstance(mesh, tuple) else mesh
   return dataclasses.replace(c, mesh=mesh)
 
 
-def run(out, mesh, *extra):
+def run(out, mesh, *extra, file="configs/mesh.yaml"):
   losses = []
-  result = train.run(config(out, mesh, *extra), on_step=lambda s, l: losses.append(l), log=lambda s: None)
+  result = train.run(config(out, mesh, *extra, file=file), on_step=lambda s, l: losses.append(l), log=lambda s: None)
   return {{"losses": losses, "resumed_from": result["resumed_from"], "adapter": adapter(out)}}
 
 
@@ -93,6 +93,15 @@ out["placement"] = {"trainable": spec(t) == rule, "opt_state": spec(o) == spec(o
                         "self_attn"]["q_proj"]["lora_b"],
                     "v_b_mu": mu["model"]["layers"]["self_attn"]["v_proj"]["lora_b"],
                     "q_kernel": frozen["model"]["layers"]["self_attn"]["q_proj"]["kernel"]}
+# Mixtral: LoRA on every expert (`target_parameters`), the experts split over `fsdp` (DEFAULT_RULES), the same steps
+moe = "configs/mixtral_tiny.yaml"
+out["moe_one"] = run(f"{root}/moe_one", None, "train.steps=2", file=moe)
+out["moe_222"] = run(f"{root}/moe_222", (2, 2, 2), "train.steps=2", file=moe)
+c = config(f"{root}/moe_222", (2, 2, 2), file=moe)
+setup = _setup.prepare(c, task, _data.examples(c.data, task), layout=_mesh.start(c.mesh))
+experts = lambda tree: spec(tree)["model"]["layers_0"]["mlp"]["experts"]
+out["moe_placement"] = {"kernel": experts(setup.frozen)["gate_up_proj"], "a": experts(setup.trainable)["gate_up_proj_lora_a"],
+                        "b": experts(setup.trainable)["gate_up_proj_lora_b"]}
 # Full fine-tuning (`train.method=full`) on the (2, 2, 2) mesh and on one device: every weight trains.
 import safetensors.numpy
 for name, mesh in (("full_one", None), ("full_222", (2, 2, 2))):
@@ -177,6 +186,15 @@ def test_a_arrays_stay_where_the_rules_put_them(runs):
   assert placement["q_b"] == placement["v_b_mu"] == "P(None, 'fsdp', 'tensor')"
   # the step gathers it whole along the rank for its matmuls (the TPU compiler's loop over a split rank is costly)
   assert placement["q_b_compute"] == "P(None, None, 'tensor')"
+
+
+def test_a_mixtral_with_lora_on_every_expert_takes_the_one_device_steps_with_experts_split(runs):
+  np.testing.assert_allclose(runs["moe_222"]["losses"], runs["moe_one"]["losses"], atol=TOL, rtol=0)
+  _close(runs["moe_222"]["adapter"], runs["moe_one"]["adapter"])
+  # (experts, embed, 2·ff): each device holds whole experts, their hidden axis over `tensor`; the per-expert adapters
+  # A (experts, embed, 1, r) and B (experts, 1, 2·ff, r) follow their kernel
+  assert runs["moe_placement"] == {"kernel": "P('fsdp', None, 'tensor')", "a": "P('fsdp',)",
+                                   "b": "P('fsdp', None, 'tensor')"}
 
 
 def test_a_full_fine_tuning_on_a_mesh_takes_the_one_device_steps(runs):

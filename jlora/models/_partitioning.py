@@ -55,6 +55,7 @@ LogicalRules = Sequence[tuple[str, str | tuple[str, ...] | None]]
 DEFAULT_RULES: LogicalRules = (
   ("batch", ("data", "fsdp")),
   ("embed", "fsdp"),
+  ("experts", "fsdp"),
   ("vocab", "tensor"),
   ("heads", "tensor"),
   ("kv", "tensor"),
@@ -76,6 +77,9 @@ DEFAULT_RULES: LogicalRules = (
   `(batch, length, act_embed)` stays split by batch and whole in width, so XLA gathers each
   FSDP-sharded weight where it is used instead of reducing activations; the feed-forward
   hidden `act_mlp` follows `mlp`;
+* `experts` -> `"fsdp"`: a mixture-of-experts weight `(experts, embed, mlp)` is split by expert
+  over `fsdp` (each device holds whole experts, the model width then left whole: one mesh axis
+  per array), its `mlp` axis over `tensor`; its per-expert adapters follow;
 * `vocab`, `heads`, `kv`, `mlp` -> `"tensor"`: Megatron-style tensor parallelism (q/k/v/up
   projections column-parallel, o/down projections row-parallel, embeddings and LM head by vocab);
 * `layers`, `lora_rank`, `norm` and any other name -> replicated.

@@ -9,6 +9,9 @@ formed; with `use_dora=True`, DoRA's forward, as `jlora.apply` computes it).
 The interceptor is entered inside `apply` and lives for that call only: call
 `jlora.haiku.apply` inside your jitted function, never around it.
 
+`init_eva(key, fn, params, config, batches)` is `jlora.init_eva` for these models:
+EVA's data-driven adapters on the `hk.Linear` layers.
+
 Only `hk.Linear` is intercepted. An adapter elsewhere (a conv, an `hk.get_parameter`
 used by hand, layers under `hk.layer_stack`) is an error naming it: use
 `jlora.apply_merged` for those, which materializes `W0 + s·A·B`.
@@ -23,6 +26,7 @@ Example:
   (2, 4)
 """
 
+from jlora.adapters.eva import haiku_init_eva as init_eva
 from jlora.frontends.haiku import apply as apply
 
-__all__ = ["apply"]
+__all__ = ["apply", "init_eva"]

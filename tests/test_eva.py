@@ -102,6 +102,32 @@ def test_attention_mask_and_labels_leave_rows_out_as_in_peft():
   _close(jlora.get_eva_state_dict(Chain(), params, config, batches), ref)
 
 
+@pytest.mark.parametrize("jit", [False, True])
+def test_haiku_gets_the_linen_models_adapters(jit):
+  """`jlora.haiku.init_eva` on a Haiku model with the linen model's weights: the same components, ranks and config."""
+  hk = pytest.importorskip("haiku")
+  import jlora.haiku
+
+  _, params = _torch_chain()
+  batches = _batches()
+  config = jlora.LoraConfig(r=4, target_modules=["a", "b", "c"], init_lora_weights="eva", eva_config={"rho": 2.0})
+  want, want_config = jlora.init_eva(jax.random.key(0), Chain(), params, config, batches)
+
+  def chain(x):
+    h = jnp.tanh(hk.Linear(D, name="a")(x)) * 3
+    return hk.Linear(4, name="c")(jnp.tanh(hk.Linear(D, name="b")(h)))
+
+  f = hk.without_apply_rng(hk.transform(chain))
+  hk_params = {n: {"w": params[n]["kernel"], "b": params[n]["bias"]} for n in "abc"}
+  got, got_config = jlora.haiku.init_eva(jax.random.key(0), lambda p, rng, x: f.apply(p, x), hk_params, config, batches)
+  assert got_config == want_config
+  for n in "abc":
+    np.testing.assert_allclose(got[n]["lora_a"], want[n]["lora_a"], atol=1e-5)
+  run = jax.jit(lambda p, x: jlora.haiku.apply(lambda q, rng, y: f.apply(q, y), p, got_config, None, x)) if jit else (
+      lambda p, x: jlora.haiku.apply(lambda q, rng, y: f.apply(q, y), p, got_config, None, x))
+  np.testing.assert_allclose(run(got, batches[0]), f.apply(hk_params, batches[0]), rtol=1e-6, atol=1e-6)
+
+
 class Attention(nn.Module):
   """q, k, v read the same input: one PCA serves the three."""
 

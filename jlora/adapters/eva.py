@@ -53,13 +53,27 @@ from jlora.core import adapted as _adapted
 from jlora.core import ops as _ops
 from jlora.core.config import LoraConfig
 from jlora.core.fields import EVA_DEFAULTS
+from jlora.core.init import init_tree
 from jlora.core.targets import Site, path_str
 from jlora.core.tree import Params, flatten, has_adapters, slots, unflatten
 from jlora.frontends.linen import init
 
-__all__ = ["get_eva_state_dict", "init_eva"]
+__all__ = ["get_eva_state_dict", "haiku_init_eva", "init_eva"]
 
 Inputs = Callable[[Any], tuple[tuple, dict]]
+
+
+class _Door(NamedTuple):
+  """How EVA reaches a kind of model: `add(key, config, args, kwargs)` gives the params with (placeholder) adapters,
+  `run(params, config, args, kwargs)` the model's factored forward."""
+
+  add: Callable[[jax.Array, LoraConfig, tuple, dict], Params]
+  run: Callable[[Params, LoraConfig, tuple, dict], Any]
+
+
+def _linen(model: nn.Module, params: Params, variables, dtype) -> _Door:
+  return _Door(lambda key, cfg, a, k: init(key, model, params, cfg, *a, dtype=dtype, variables=variables, **k),
+               lambda p, cfg, a, k: apply(model, p, cfg, *a, variables=variables, **k))
 
 
 class _State(NamedTuple):
@@ -234,8 +248,8 @@ def get_eva_state_dict(model: nn.Module, params: Params, config: LoraConfig, bat
     TypeError: `batches` is not a list.
   """
   _check(config, params, max_steps)
-  return _read(jax.random.PRNGKey(0), model, params, config, batches, inputs, mask, variables, jnp.float32,
-               max_steps)[1]
+  door = _linen(model, params, variables, jnp.float32)
+  return _read(jax.random.PRNGKey(0), door, params, config, batches, inputs, mask, max_steps)[1]
 
 
 def _check(config: LoraConfig, params: Params, max_steps: Any) -> None:
@@ -249,7 +263,7 @@ def _check(config: LoraConfig, params: Params, max_steps: Any) -> None:
     raise ValueError(f"jlora.init_eva: `max_steps` must be a positive int, got {max_steps!r}.")
 
 
-def _read(key, model, params, config, batches, inputs, mask, variables, dtype, max_steps) -> tuple[dict, dict]:
+def _read(key, door: _Door, params, config, batches, inputs, mask, max_steps) -> tuple[dict, dict]:
   """`(params with placeholder adapters, EVA's components)`; see `get_eva_state_dict`."""
   batches = _batches(batches)
   eva = dict(config.eva_config or EVA_DEFAULTS)
@@ -257,17 +271,17 @@ def _read(key, model, params, config, batches, inputs, mask, variables, dtype, m
   mask = mask or _default_mask(eva)
   args, kwargs = inputs(batches[0])
   placeholder = dataclasses.replace(config, init_lora_weights=True)
-  adapted = init(key, model, params, placeholder, *args, dtype=dtype, variables=variables, **kwargs)
-  plan = _plan(model, adapted, placeholder, args, kwargs, variables, eva, flatten(params))
+  adapted = door.add(key, placeholder, args, kwargs)
+  plan = _plan(door, adapted, placeholder, args, kwargs, eva, flatten(params))
   if plan.skipped:
     warnings.warn("jlora.init_eva: these adapted layers keep init_lora_weights=True, since EVA reads only dense "
                   "layers' inputs (as PEFT skips embeddings and convolutions): "
                   + ", ".join(f"{p!r} ({why})" for p, why in plan.skipped.items()), UserWarning, stacklevel=4)
-  step = _stepper(model, placeholder, inputs, variables, eva["tau"], plan)
+  step = _stepper(door, placeholder, inputs, eva["tau"], plan)
   return adapted, _fit(step, adapted, batches, mask, plan, placeholder, eva, max_steps)
 
 
-def _plan(model, adapted: Params, config: LoraConfig, args, kwargs, variables, eva, base_flat) -> _Plan:
+def _plan(door: _Door, adapted: Params, config: LoraConfig, args, kwargs, eva, base_flat) -> _Plan:
   """One abstract forward: which layers are called on which input, and the PCA size of each."""
   calls: list[tuple[Site, Any]] = []
 
@@ -277,7 +291,7 @@ def _plan(model, adapted: Params, config: LoraConfig, args, kwargs, variables, e
   def run(p):
     token = _adapted.OBSERVE.set(record)
     try:
-      return apply(model, p, config, *args, variables=variables, **kwargs)
+      return door.run(p, config, args, kwargs)
     finally:
       _adapted.OBSERVE.reset(token)
 
@@ -324,7 +338,7 @@ def _plan(model, adapted: Params, config: LoraConfig, args, kwargs, variables, e
   return _Plan(hooks, aliases, {w: why for w, why in skipped.items() if w not in hooks})
 
 
-def _stepper(model, config: LoraConfig, inputs: Inputs, variables, tau: float, plan: _Plan) -> Callable:
+def _stepper(door: _Door, config: LoraConfig, inputs: Inputs, tau: float, plan: _Plan) -> Callable:
   """The jitted `step(params, states, active, batch, mask) -> states`: one forward, every PCA updated in it."""
 
   @jax.jit
@@ -341,7 +355,7 @@ def _stepper(model, config: LoraConfig, inputs: Inputs, variables, tau: float, p
     args, kwargs = inputs(batch)
     token = _adapted.OBSERVE.set(observe)
     try:
-      apply(model, params, config, *args, variables=variables, **kwargs)
+      door.run(params, config, args, kwargs)
     finally:
       _adapted.OBSERVE.reset(token)
     return new
@@ -439,14 +453,41 @@ def init_eva(key: jax.Array, model: nn.Module, params: Params, config: LoraConfi
     ValueError: as `get_eva_state_dict`; an `eva_state_dict` entry for a layer the config does not adapt, or whose
       components do not fit its input features.
   """
+  return _init_eva(key, _linen(model, params, variables, dtype), params, config, batches, eva_state_dict, inputs, mask,
+                   max_steps)
+
+
+def _init_eva(key, door: _Door, params, config, batches, eva_state_dict, inputs, mask, max_steps):
   _check(config, params, max_steps)
   if eva_state_dict is None:
-    adapted, eva_state_dict = _read(key, model, params, config, batches, inputs, mask, variables, dtype, max_steps)
+    adapted, eva_state_dict = _read(key, door, params, config, batches, inputs, mask, max_steps)
   else:
     args, kwargs = (inputs or _default_inputs)(_batches(batches)[0])
-    placeholder = dataclasses.replace(config, init_lora_weights=True)
-    adapted = init(key, model, params, placeholder, *args, dtype=dtype, variables=variables, **kwargs)
+    adapted = door.add(key, dataclasses.replace(config, init_lora_weights=True), args, kwargs)
   return _load(adapted, config, eva_state_dict)
+
+
+def haiku_init_eva(key: jax.Array, fn: Callable[..., Any], params: Params, config: LoraConfig,
+                   batches: Sequence[Any] | None = None, *, eva_state_dict: Mapping[str, Any] | None = None,
+                   inputs: Inputs | None = None, mask: Callable[[Any], Any] | None = None, dtype: Any = jnp.float32,
+                   max_steps: int = 1000) -> tuple[dict, LoraConfig]:
+  """`jlora.init_eva` for a Haiku model (`jlora.haiku.init_eva`): EVA's adapters on its `hk.Linear` layers.
+
+  Args:
+    key: PRNG key for the layers EVA does not read.
+    fn: `transformed.apply`; EVA runs `jlora.haiku.apply(fn, params, config, None, *args, **kwargs)` (no rng:
+      the forward must be deterministic) with `(args, kwargs) = inputs(batch)`.
+    params: the Haiku params (no adapters).
+    config, batches, eva_state_dict, inputs, mask, dtype, max_steps: as for `jlora.init_eva`.
+
+  Returns:
+    `(params, config)`: the params with adapters (as `jlora.init_tree` places them), and their config.
+  """
+  from jlora.frontends.haiku import apply as haiku_apply  # Haiku is optional: imported only here
+
+  door = _Door(lambda k, cfg, a, kw: init_tree(k, params, cfg, dtype=dtype),
+               lambda p, cfg, a, kw: haiku_apply(fn, p, cfg, None, *a, **kw))
+  return _init_eva(key, door, params, config, batches, eva_state_dict, inputs, mask, max_steps)
 
 
 def _load(adapted: Params, config: LoraConfig, state: Mapping[str, Any]) -> tuple[dict, LoraConfig]:

@@ -243,7 +243,7 @@ def _load_run(path: str, adapter: str | None) -> tuple[Any, dict, Any]:
   base = _setup.base_model(config, _tasks.get(config.lora.task_type))  # the run's keys: same random init and heads
   params, lora = jlora.formats.checkpoint.load_adapter(adapter or os.path.join(path, "adapter"), base.params)
   trainable, frozen = jlora.split(params, lora)  # a QLoRA run's adapter was trained over the quantized base
-  return base, jlora.combine(trainable, _setup.quantized(config, frozen)), lora
+  return base, jlora.combine(trainable, _setup.quantized(config, frozen, base.model)), lora
 
 
 @contextlib.contextmanager

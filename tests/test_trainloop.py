@@ -1,5 +1,6 @@
 """`jlora.train.run`: every config runs with tiny overrides; a killed or interrupted run resumes exactly."""
 
+import dataclasses
 import json
 import math
 import os
@@ -76,6 +77,21 @@ def test_causal_lm_tiny(tmp_path):
   assert model.config.n_layer == 2
   lr = [r["lr"] for r in _rows(tmp_path) if r["kind"] == "train"]
   assert lr == pytest.approx([0.0, 1e-2 / 3, 2e-2 / 3])  # warmup_steps 5 capped at the 3 steps, then constant
+
+
+def test_qlora_mixtral_packs_the_experts(tmp_path):
+  """`model.quantize` packs Mixtral's stacked experts (most of its weights) beside the kernels, int8 with each
+  expert's own scales, and the adapters on them train over the packed base."""
+  config = train.load(CONFIGS / "mixtral_tiny.yaml", [*FAST, f"outputs.dir={tmp_path}", "model.quantize=int8"])
+  base = _setup.base_model(config, _tasks.get("CAUSAL_LM"))
+  frozen = _setup.quantized(config, base.params, base.model)
+  experts = frozen["model"]["layers_0"]["mlp"]["experts"]
+  assert all(isinstance(experts[n], jlora.quant.array.QuantizedArray) for n in ("gate_up_proj", "down_proj"))
+  w = base.params["model"]["layers_0"]["mlp"]["experts"]["down_proj"]
+  np.testing.assert_allclose(jlora.dequantize(experts)["down_proj"], w, atol=np.abs(w).max() / 127)  # int8 rounding
+  assert not isinstance(frozen["model"]["layers_0"]["mlp"]["gate"]["weight"], jlora.quant.array.QuantizedArray)
+  result = train.run(dataclasses.replace(config, train=dataclasses.replace(config.train, steps=2)), log=lambda s: None)
+  assert result["after"]["loss"] != result["before"]["loss"] and result["merge_diff"] < 1e-4
 
 
 def test_eva_init_chooses_the_ranks_the_outputs_record(tmp_path):

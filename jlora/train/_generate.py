@@ -255,7 +255,7 @@ def generate(sources: Sequence[str], prompts: Sequence[str], *, base_run: str | 
                      "directories, and/or --base (with --base-run RUN_DIR) for the base model.")
   config, base = _load_base(parsed, base_run)
   adapters = _adapters(parsed, base)
-  frozen = _setup.quantized(config, base.params)  # a QLoRA run's adapters were trained over its quantized base
+  frozen = _setup.quantized(config, base.params, base.model)  # a QLoRA run's adapters were trained over its quantized base
   names = [BASE] * with_base + list(adapters.names)
   rows = [(name, p) for p in prompts for name in names]
   ids, mask = _encode(base.tokenizer, prompts)

@@ -14,10 +14,12 @@ import os
 from typing import Any, NamedTuple
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 import optax
 
 import jlora
+from jlora.quant.tree import is_kernel
 from jlora.train import _adapters, _data, _model, _tasks
 from jlora.train._schema import Config
 
@@ -278,12 +280,24 @@ def adapted_trees(config: Config, model: Any, params: Any, inputs: tuple[tuple, 
       lora = dataclasses.replace(lora, init_lora_weights=True)
     adapted = jlora.init(key, model, params, lora, *args, **kwargs)
   trainable, frozen = jlora.split(adapted, lora)
-  return trainable, quantized(config, frozen), frozen, lora if eva_batches is not None else config.lora
+  return trainable, quantized(config, frozen, model), frozen, lora if eva_batches is not None else config.lora
 
 
-def quantized(config: Config, frozen: Any) -> Any:
-  """QLoRA (`model.quantize`): the frozen half with its kernels packed, else `frozen` itself."""
+def quantized(config: Config, frozen: Any, model: Any = None) -> Any:
+  """QLoRA (`model.quantize`): the frozen half with its kernels packed, else `frozen` itself.
+
+  Besides the `kernel`s, the weights a reference model keeps under their own names (`hf_spec().raw_leaves`:
+  Mixtral's stacked experts `gate_up_proj`, `down_proj`, most of its parameters) are packed too, each expert with
+  its own int8 scales.
+  """
   if not config.model.quantize:
     return frozen
   scanned = bool(config.model.options.get("scan_layers"))  # int8 scales per layer of a scanned stack
-  return jlora.quantize(frozen, config.model.quantize, stack=lambda path, leaf: int(scanned and leaf.ndim > 2))
+  raw = set(model.hf_spec().raw_leaves) if hasattr(model, "hf_spec") else set()
+
+  def is_raw(path: tuple[str, ...], leaf: Any) -> bool:
+    return bool(path) and path[-1] in raw and getattr(leaf, "ndim", 0) >= 2 and jnp.issubdtype(leaf.dtype,
+                                                                                                 jnp.floating)
+
+  return jlora.quantize(frozen, config.model.quantize, select=lambda path, leaf: is_kernel(path, leaf) or is_raw(
+      path, leaf), stack=lambda path, leaf: leaf.ndim - 2 if is_raw(path, leaf) else int(scanned and leaf.ndim > 2))

@@ -196,7 +196,8 @@ def stack_adapters(adapter_set: AdapterSet, params: Params, *, names: Sequence[s
     TypeError: `adapter_set` is not an `AdapterSet`.
     ValueError: an unknown name; `params` holding adapters; an adapter that does
       not fit the base; an adapter that trains more than A and B (biases,
-      `modules_to_save`), which a mixed batch cannot hold (run it alone).
+      `modules_to_save`) or adapts some layers of a scanned stack (a layer
+      mask), which a mixed batch cannot hold (run it alone).
   """
   if not isinstance(adapter_set, AdapterSet):
     raise TypeError(f"`adapter_set` must be a jlora.AdapterSet, got {type(adapter_set).__name__}.")
@@ -218,6 +219,12 @@ def stack_adapters(adapter_set: AdapterSet, params: Params, *, names: Sequence[s
           "modules_to_save."
       )
     for ad in adapters(tree, config, kernels=params):
+      if ad.layers is not None:
+        raise ValueError(
+            f"Adapter {name!r} adapts some layers of the scanned stack at {ad.slot.where!r} (layers_to_transform, "
+            "a layer mask), which a mixed batch (jlora.AdapterBank) cannot hold. Run it alone (jlora.apply with "
+            "adapter_set.params(name, frozen)), or train it on every layer of the stack."
+        )
       per_slot.setdefault(ad.slot, {})[k] = ad
   dtype = dtype or jnp.result_type(*(x for ads in per_slot.values() for ad in ads.values() for x in (ad.a, ad.b)))
   leaves, entries = {}, []

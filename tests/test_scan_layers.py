@@ -194,10 +194,38 @@ def test_layers_pattern_names_the_stack_and_stale_configs_are_refused(pair):
     jlora.merge(ps, jlora.LoraConfig(r=2, target_modules=["query", "up"], init_lora_weights=False))
 
 
-def test_front_ends_without_masks_refuse(pair):
+def test_mixed_batches_hold_zeros_at_the_other_layers_and_weighted_combinations_refuse(pair):
+  """A bank (`jlora generate` runs adapters through one) holds a LoRA adapter of some layers with zeros at the
+  others: example 0 gets the adapter's output, example 1 (id -1) the base's."""
   base, ps, _ = pair
-  adapters = jlora.AdapterSet().add("top", jlora.split(ps, CFG)[0], CFG)
-  with pytest.raises(ValueError, match=r"some layers of the scanned stack at 'layers/attn/query'.*mixed batch"):
-    jlora.stack_adapters(adapters, base)
+  scan = zoo.ScanStack(layers=L)
+  bank = jlora.stack_adapters(jlora.AdapterSet().add("top", jlora.split(ps, CFG)[0], CFG), base)
+  y = jax.jit(lambda b, p: jlora.apply(scan, p, b, IDS, adapter_ids=jnp.array([0, -1])))(bank, base)
+  _close(y[0], jax.jit(lambda p: jlora.apply(scan, p, CFG, IDS))(ps)[0])
+  _close(y[1], scan.apply({"params": base}, IDS)[1])
   with pytest.raises(ValueError, match=r"adapts some layers of the scanned stack\(s\)"):
     jlora.add_weighted_adapter([(jlora.split(ps, CFG)[0], CFG)], [1.0], kernels=base)
+
+
+def test_plain_trees_merge_per_layer_and_equinox_refuses():
+  """`init_tree` (a stacked weight with a declared layout) gets the mask, and `merge` (so `apply_merged`) honours
+  it; Equinox's `filter_vmap` stacks have no per-layer mask and refuse, as `jlora.nnx` does (tests/test_nnx.py)."""
+  eqx = pytest.importorskip("equinox")
+  from jlora import equinox as leqx
+  w = jax.random.normal(jax.random.key(0), (L, 4, 5))
+  config = jlora.LoraConfig(r=2, target_modules=["layers"], layers_to_transform=[0, 2], init_lora_weights=False)
+  p = jlora.init_tree(jax.random.key(1), {"layers": {"w": w}}, config, layout={"w": ((1,), (2,))})
+  node = p["layers"]
+  np.testing.assert_array_equal(node["lora_layers"], [1.0, 0.0, 1.0])
+  merged = jlora.merge(p, config)["layers"]["w"]
+  np.testing.assert_array_equal(merged[1], w[1])
+  for i in (0, 2):
+    _close(merged[i], w[i] + config.scale_for("layers") * node["lora_a"][i] @ node["lora_b"][i])
+
+  class Stacked(eqx.Module):
+    layers: eqx.nn.Linear
+
+  model = Stacked(eqx.filter_vmap(lambda k: eqx.nn.Linear(4, 4, key=k))(jax.random.split(jax.random.key(0), L)))
+  with pytest.raises(ValueError, match=r"jlora.equinox.init: `layers_to_transform` cannot pick layers inside the "
+                                       r"scanned stack at 'layers' \(its 3 layers"):
+    leqx.init(jax.random.key(1), model, config)

@@ -139,6 +139,7 @@ def test_merge_unmerge_and_summary_equal_the_unrolled_model(pair):
   assert (ss.trainable, ss.total, ss.adapter_params, ss.trainable_bytes) == (
       sl.trainable, sl.total, sl.adapter_params, sl.trainable_bytes)
   assert ss.adapter_params == 2 * (2 * (16 + 16) + 2 * (16 + 32))
+  assert sum(r.base_params for r in ss.rows) == sum(r.base_params for r in sl.rows)  # the picked layers' kernels
 
 
 def test_files_equal_the_unrolled_model(pair, tmp_path):

@@ -18,7 +18,8 @@ __all__ = ["summary", "Summary", "ModuleRow"]
 
 
 class ModuleRow(NamedTuple):
-  """One adapted module: `path`, kernel shape, rank, scale and parameter counts."""
+  """One adapted module: `path`, kernel shape, rank, scale and parameter counts (of a scanned stack whose layers
+  `layers_to_transform` picks, those of its picked layers: the unrolled model's rows of those layers, summed)."""
 
   path: str
   kernel_shape: tuple[int, ...]
@@ -36,6 +37,8 @@ class Summary(NamedTuple):
     total: every parameter in the tree, adapters included (PEFT's "all params").
     adapter_params: `lora_a` + `lora_b` (+ the DoRA magnitude) parameters.
     trainable_bytes: bytes of the trainable leaves (what an adapter file holds).
+    Of a scanned stack whose layers `layers_to_transform` picks, only the picked layers' adapters count (not the
+    zeros of the others, nor the layer mask): the counts of the same model unrolled.
     rows: one `ModuleRow` per adapted module.
     not_adapted: with `target_modules="all-linear"`: `(weight path, shape)` of each matmul-like weight (two or
       more axes, not an embedding table, a bias or a norm scale) that holds no adapter: the output head, kinds
@@ -101,8 +104,9 @@ def summary(params: Params, config: LoraConfig) -> Summary:
       train_bytes -= sum((n - k) * x.dtype.itemsize for n, k, x in zip(sizes, kept, leaves))
       train_bytes -= math.prod(ad.layers.shape) * ad.layers.dtype.itemsize
       sizes = kept
-    rows.append(ModuleRow(ad.slot.where, tuple(ad.kernel.shape), ad.rank, ad.scale, math.prod(ad.kernel.shape),
-                          sum(sizes)))
+    base = math.prod(ad.kernel.shape)
+    rows.append(ModuleRow(ad.slot.where, tuple(ad.kernel.shape), ad.rank, ad.scale,
+                          base if ad.layers is None else _stacks.kept(ad.layers, base), sum(sizes)))
   trainable, frozen = split(params, config)
   n, nbytes = _count(trainable)
   n_train, train_bytes = n_train + n, train_bytes + nbytes

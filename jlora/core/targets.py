@@ -34,7 +34,7 @@ LORA_KEYS = ("lora_a", "lora_b")
 MAGNITUDE_KEY = "lora_magnitude"  # DoRA's trainable magnitude, beside A and B
 TOKENS_KEY = "trainable_tokens"  # the trained rows of an embedding (`trainable_token_indices`), beside its table
 # The layer mask of an adapter of a scanned stack under `layers_to_transform` (`S` = the stack axes, 1 at the layers
-# it adapts, 0 elsewhere): part of the adapter (saved with it), never trained (`jlora.core.layers`).
+# it adapts, 0 elsewhere): part of the adapter (saved with it), never trained (`jlora.core.stacks`).
 LAYERS_KEY = "lora_layers"
 
 

@@ -12,8 +12,9 @@ params, so each layer call reads its own entry (`select`):
 * the forward of a masked layer is exactly the base's output (`jnp.where`, not a product: no rounding, and no
   gradient reaches that layer's `A`, `B` or magnitude, or the mask);
 * `merge` and `unmerge` leave a masked layer's kernel as it is (`select` again);
-* `jlora.init` creates the masked layers' `A` and `B` as zeros, which no optimizer moves (zero gradient, zero
-  weight decay), and the mask itself is labelled `lora_layers` (`jlora.labels`), which `jlora.optimizer` keeps
+* `jlora.init` creates the masked layers' `A` and `B` as zeros, which gradient optimizers leave at zero (SGD,
+  Adam(W), Lion: zero gradient, and no weight decay of zero), and the mask itself is labelled `lora_layers`
+  (`jlora.labels`), which `jlora.optimizer` keeps
   bit-identical; a layer counts as adapted wherever its entry is nonzero (`layers`), so even an optimizer that
   decays every leaf it is given cannot change which layers are adapted;
 * `jlora.summary`, `save_peft` count and write only the adapted layers (`kept`), so they equal those of the same
@@ -21,6 +22,11 @@ params, so each layer call reads its own entry (`select`):
 
 The mask is part of the adapter: `jlora.split` puts it in the trainable half (what `save_adapter` writes and
 `AdapterSet` holds), so that an adapter loaded onto a fresh base knows its layers.
+
+Why a mask rather than adapters of the picked layers only: `nn.scan` slices every param alike, so inside the scan
+body each layer's adapter must have the stack's shape; a stored subset would have to be scattered into a full stack
+before every forward, and every consumer of adapters (shape checks, sharding, merge, banks) would need a second
+layout. The mask leaves all of them as they are, at the cost of the left-out layers' zeros in memory.
 """
 
 from __future__ import annotations

@@ -15,8 +15,9 @@ PACKAGE = ROOT / "jlora"
 RANKS = {"core": 0, "frontends": 1, "quant": 1, "formats": 1, "parallel": 1, "adapters": 2, "models": 3, "train": 4}
 # The top level holds only public modules; every implementation module lives in a subpackage.
 PUBLIC_TOP = {"__init__.py", "__main__.py", "cli.py", "nnx.py", "equinox.py", "haiku.py"}
-# Where each public top-level module belongs.
-TOP = {"nnx": "frontends", "equinox": "frontends", "haiku": "frontends", "cli": "train", "__main__": "train"}
+# Where each public top-level module belongs (`jlora.haiku` also re-exports EVA's Haiku door, an adapters-rank
+# function, as `jlora` itself re-exports every rank).
+TOP = {"nnx": "frontends", "equinox": "frontends", "haiku": "adapters", "cli": "train", "__main__": "train"}
 
 
 def _module(path: pathlib.Path) -> str:

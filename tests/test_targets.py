@@ -116,10 +116,13 @@ def test_layers_without_index():
     adapted(target_modules=["query"], layers_to_transform=[0], layers_pattern="blocks")
 
 
-def test_layers_to_transform_in_scan_is_refused():
+def test_layers_to_transform_beyond_a_scanned_stack_is_refused():
+  """Layers inside an nn.scan stack are picked by its layer axis (tests/test_scan_layers.py); an index >= L names
+  the stack, its length and the indices given."""
   case = zoo.cases()[5]
-  cfg = jlora.LoraConfig(r=2, target_modules=["query"], layers_to_transform=[0])
-  with pytest.raises(ValueError, match="cannot pick layers inside the scanned stack at 'layers/attn/query'"):
+  cfg = jlora.LoraConfig(r=2, target_modules=["query"], layers_to_transform=[1, 3])
+  with pytest.raises(ValueError, match=r"`layers_to_transform`=\[1, 3\] asks for layer\(s\) \[3\], beyond the length L "
+                                       r"of the scanned stack\(s\) 'layers/attn/query' \(L=3\).*Give indices below 3"):
     jlora.init(jax.random.key(0), case.model, zoo.build(case), cfg, case.inputs)
 
 

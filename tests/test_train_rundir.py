@@ -75,7 +75,8 @@ def test_refused_resume_changes_nothing_and_merge_uses_the_run_base(tmp_path, ca
   a, b = _tiny_checkpoint(tmp_path / "a", 0), _tiny_checkpoint(tmp_path / "b", 1)
   run = tmp_path / "run"
   args = ["train", os.fspath(ROOT / "configs" / "causal_lm.yaml"), *FAST, "train.steps=1", "model.tokenizer=bytes",
-          "train.batch_size=4", "train.seq_len=32", *_data(tmp_path), f"outputs.dir={run}"]
+          "train.batch_size=4", "train.seq_len=32", *_data(tmp_path), f"outputs.dir={run}",
+          "lora.layers_to_transform=[1]"]  # layer 1 of the scanned stack only (a layer mask, docs/concepts.md)
   assert cli.main([*args, f"model.path={a}"]) == 0
   before = _snapshot(run)
   capsys.readouterr()
@@ -89,6 +90,12 @@ def test_refused_resume_changes_nothing_and_merge_uses_the_run_base(tmp_path, ca
   expected = models.to_hf_state_dict(model_a, jlora.merge(params, lora))
   got = safetensors.numpy.load_file(tmp_path / "merged" / "model.safetensors")
   assert got.keys() == expected.keys() and all(np.array_equal(got[k], expected[k]) for k in got)
+  hf_base = models.to_hf_state_dict(model_a, base_a)
+  for proj in ("q_proj", "v_proj"):  # layer 0 is left out: no adapter there, and merged it is the base bit for bit
+    node = params["model"]["layers"]["self_attn"][proj]
+    assert node["lora_layers"].tolist() == [0.0, 1.0] and not np.any(node["lora_a"][0]) and np.any(node["lora_a"][1])
+    np.testing.assert_array_equal(got[f"model.layers.0.self_attn.{proj}.weight"],
+                                  hf_base[f"model.layers.0.self_attn.{proj}.weight"])
 
   with pytest.raises(ValueError, match="not the base this adapter was saved with"):  # checked by contents too
     jlora.load_adapter(run / "adapter", models.from_pretrained(b, scan_layers=True)[1])

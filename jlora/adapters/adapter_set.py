@@ -23,7 +23,7 @@ from typing import Any
 import jax
 
 from jlora.core.config import LoraConfig
-from jlora.core.targets import is_head, selects, targets_slot
+from jlora.core.targets import LAYERS_KEY, is_head, selects, targets_slot
 from jlora.core.tree import Params, _check_tree, combine, get_path, has_adapters, slots, split
 
 __all__ = ["BASE", "AdapterSet", "check_name", "load_adapter_set"]
@@ -175,7 +175,8 @@ def _trainable(name: str, params: Params, config: LoraConfig) -> dict:
       raise ValueError(f"Adapter {name!r}: the adapter at {where!r} has {got}, but its config gives "
                        f"{f'r={want}' if r != want else f'use_dora={config.use_dora}'} there; pass the config it "
                        "was made with.")
-    if not (selects(config, slot.path, "dense", is_head=is_head(slot.module))  # `jlora.apply`'s rule, for every use
+    if not (selects(config, slot.path, "dense", is_head=is_head(slot.module),  # `jlora.apply`'s rule, for every use
+                    masked=slot.key(LAYERS_KEY) in node)
             or targets_slot(config, slot)):
       raise ValueError(
           f"Adapter {name!r}: `params` holds an adapter at {where!r} ({slot.a_key} / {slot.b_key}), which its config "

@@ -26,6 +26,7 @@ import numpy as np
 
 from jlora.adapters.adapter_set import BASE, AdapterSet
 from jlora.core import ops as _ops
+from jlora.core import stacks as _stacks
 from jlora.core.config import LoraConfig
 from jlora.core.targets import Slot, is_lora_key, is_tokens_key, selects
 from jlora.core.tree import Params, _check_tree, adapters, combine, flatten, has_adapters, pad_axis, unflatten
@@ -45,6 +46,8 @@ class BankEntry(NamedTuple):
     scales: each adapter's scale here (0.0 where absent).
     magnitudes: which adapters hold a DoRA magnitude here (stacked at `slot.m_key`, zeros for the others, which
       add their plain LoRA term); all False when none does (no magnitude leaf).
+    masked: which adapters adapt only some layers of this scanned stack (`layers_to_transform`, a layer mask): the
+      bank holds their other layers' `A` and `B` as zeros, which add nothing.
   """
 
   slot: Slot
@@ -52,6 +55,7 @@ class BankEntry(NamedTuple):
   ranks: tuple[int, ...]
   scales: tuple[float, ...]
   magnitudes: tuple[bool, ...]
+  masked: tuple[bool, ...] = ()
 
 
 @jax.tree_util.register_pytree_node_class
@@ -133,8 +137,10 @@ class AdapterBank:
           "`target_parameters` and of ragged_dot layers act on tokens dispatched by expert, whose leading axis is "
           "not the batch that `adapter_ids` index. Run each adapter alone with jlora.apply."
       )
-    for name, config, rank in zip(self.names, self.configs, self.entry(slot).ranks):
-      if rank and not selects(config, slot.path, "embed" if kind == "attend" else kind, is_head=head):
+    entry = self.entry(slot)
+    masked = entry.masked or (False,) * len(self.names)
+    for name, config, rank, mask in zip(self.names, self.configs, entry.ranks, masked):
+      if rank and not selects(config, slot.path, "embed" if kind == "attend" else kind, is_head=head, masked=mask):
         raise ValueError(
             f"The bank's adapter {name!r} holds an adapter at {slot.where!r}, which its config "
               f"(target_modules={config.target_modules!r}) does not select for this {kind} layer; jlora.apply "
@@ -196,7 +202,9 @@ def stack_adapters(adapter_set: AdapterSet, params: Params, *, names: Sequence[s
     TypeError: `adapter_set` is not an `AdapterSet`.
     ValueError: an unknown name; `params` holding adapters; an adapter that does
       not fit the base; an adapter that trains more than A and B (biases,
-      `modules_to_save`), which a mixed batch cannot hold (run it alone).
+      `modules_to_save`), or a DoRA adapter of some layers of a scanned stack
+      (a layer mask), which a mixed batch cannot hold (run it alone). A LoRA
+      adapter of some layers of a stack is held with zeros at its other layers.
   """
   if not isinstance(adapter_set, AdapterSet):
     raise TypeError(f"`adapter_set` must be a jlora.AdapterSet, got {type(adapter_set).__name__}.")
@@ -226,6 +234,16 @@ def stack_adapters(adapter_set: AdapterSet, params: Params, *, names: Sequence[s
             "which padding to a common rank would break). Run it alone (jlora.apply), or leave the layer out "
             "(exclude_modules)."
         )
+      if ad.layers is not None and ad.magnitude is not None:
+        raise ValueError(
+            f"Adapter {name!r} is a DoRA adapter of some layers of the scanned stack at {ad.slot.where!r} "
+            "(layers_to_transform, a layer mask); a mixed batch (jlora.AdapterBank) scales each adapter's layers "
+            "alike and cannot leave those layers out exactly. Run it alone (jlora.apply with "
+            "adapter_set.params(name, frozen))."
+        )
+      if ad.layers is not None:  # LoRA: a left-out layer's A and B as zeros add exactly nothing (as jlora.init has them)
+        zeros = {role: _stacks.select(ad.layers, x, jnp.zeros_like(x)) for role, x in ad.leaves.items()}
+        ad = ad._replace(leaves=zeros)
       per_slot.setdefault(ad.slot, {})[k] = ad
   dtype = dtype or jnp.result_type(*(x for ads in per_slot.values() for ad in ads.values() for x in (ad.a, ad.b)))
   leaves, entries = {}, []
@@ -249,7 +267,8 @@ def stack_adapters(adapter_set: AdapterSet, params: Params, *, names: Sequence[s
       leaves[slot.leaf("lora_magnitude")] = jnp.stack([ads[k].magnitude.astype(dtype) if magnitudes[k] else
                                             jnp.zeros(m_shape, dtype) for k in range(len(names))], axis=-1)
     entries.append(BankEntry(slot, rank_axis, tuple(ads[k].rank if k in ads else 0 for k in range(len(names))),
-                             tuple(float(ads[k].scale) if k in ads else 0.0 for k in range(len(names))), magnitudes))
+                             tuple(float(ads[k].scale) if k in ads else 0.0 for k in range(len(names))), magnitudes,
+                             tuple(k in ads and ads[k].layers is not None for k in range(len(names)))))
   return AdapterBank(unflatten(leaves), names, tuple(adapter_set.config(n) for n in names), tuple(entries))
 
 

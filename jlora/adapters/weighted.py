@@ -28,7 +28,7 @@ from jlora.core import ops as _ops
 from jlora.core.config import LoraConfig
 from jlora.core.fields import ALL_LINEAR, rewrites_base
 from jlora.core.keys import restore
-from jlora.core.targets import Slot, is_head, is_lora_key, is_tokens_key, path_str, selects
+from jlora.core.targets import LAYERS_KEY, Slot, is_head, is_lora_key, is_tokens_key, path_str, selects
 from jlora.core.tree import Params, _check_tree, flatten, get_path, slots, unflatten
 
 __all__ = ["add_weighted_adapter"]
@@ -279,6 +279,13 @@ def _check_pairs(adapters: Any) -> list[tuple[Params, LoraConfig]]:
           "of its own W0 + s·A·B, so a weighted combination of DoRA adapters has no well-defined magnitude (neither "
           "a sum of magnitudes nor any one of them gives the combined layer). Merge each DoRA adapter (jlora.merge) "
           "and combine the full weights, or combine LoRA adapters (use_dora=False)."
+      )
+    masked = sorted(path_str(p[:-1]) for p in flatten(tree) if str(p[-1]).endswith(LAYERS_KEY))
+    if masked:
+      raise ValueError(
+          f"add_weighted_adapter: adapters[{i}] adapts some layers of the scanned stack(s) {masked[:4]} "
+          "(layers_to_transform, a layer mask `lora_layers`); a weighted combination is made of whole stacks. "
+          "Merge it (jlora.merge) and combine full weights, or combine adapters of every layer of the stack."
       )
     others = sorted(path_str(p) for p in flatten(tree) if not is_lora_key(p[-1]) or is_tokens_key(p[-1]))
     if others:

@@ -55,7 +55,9 @@ class LoraConfig:
       index `layers_to_transform` reads: a path component `layers_3` or `layers3`,
       or `layers` followed by a component `3`, gives 3. Without it, the first
       component (other than the module's own name) that is a number or ends in
-      `_N` gives the index.
+      `_N` gives the index. A scanned (`nn.scan`) stack's path gives none: its
+      layer `i` is index `i` of the stack's first axis (with `layers_pattern`,
+      when a component of its path is the pattern itself, e.g. `model/layers/...`).
     rank_pattern: `{key: rank}` overrides; a key is a regex that matches a module
       path equal to it or ending with it (PEFT's `(.*\\.)?key$`); the first matching
       key in the mapping's order wins, as in PEFT.

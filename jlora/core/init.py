@@ -16,13 +16,14 @@ import jax.numpy as jnp
 import numpy as np
 from jax.sharding import NamedSharding, PartitionSpec
 
+from jlora.core import stacks as _stacks
 from jlora.core import tokens as _tokens
 from jlora.core.config import LoraConfig
 from jlora.core.keys import restore, stringify
 from jlora.core.parameters import parameter_sites
 from jlora.core.plain import KERNEL_NAMES, LayoutLike, tree_sites
 from jlora.core.sharding import adapter_shardings, box, unbox
-from jlora.core.targets import Site, leaf_name, path_str, select_sites
+from jlora.core.targets import LAYERS_KEY, Site, leaf_name, path_str, select_sites, stack_layers
 from jlora.core.tree import Params, _check_tree, flatten, get_path, has_adapters, unflatten
 from jlora.core.unadapted import of_sites, report
 from jlora.core.variants import init_for, variant_of
@@ -40,11 +41,18 @@ def _copy_dicts(tree: Params) -> dict:
   return {k: _copy_dicts(v) if isinstance(v, Mapping) else v for k, v in tree.items()}
 
 
-def add_adapters(key: jax.Array, params: Params, config: LoraConfig, sites: Sequence[Site], *, dtype) -> dict:
+def add_adapters(key: jax.Array, params: Params, config: LoraConfig, sites: Sequence[Site], *, dtype,
+                 masks: str | None = None) -> dict:
   """Returns a copy of `params` with `lora_a`/`lora_b` beside each targeted kernel.
 
   Base leaves are the same arrays (bit-identical), except that `"pissa"`,
   `"pissa_niter_[n]"` and `"olora"` write the residual `W0 − s·A·B` into the kernel.
+  A scanned stack whose layers `layers_to_transform` picks also gets its layer mask (`lora_layers`,
+  `jlora.core.stacks`), and its other layers zero `A` and `B` (and their kernels as they were).
+
+  Args:
+    masks: as in `jlora.core.targets.select_sites`: the caller's name when its forward cannot honour a layer
+      mask (NNX, Equinox), None when it can (linen, plain trees through `jlora.merge`).
 
   Raises:
     ValueError: see `jlora.core.targets.select_sites`; a site's kernel is missing or
@@ -66,9 +74,9 @@ def add_adapters(key: jax.Array, params: Params, config: LoraConfig, sites: Sequ
           f"The kernel at {path_str(site.path)!r} has shape {tuple(kernel.shape)} but the module uses "
           f"{site.kernel_shape}: only leading scan/vmap axes (variable_axes={{'params': 0}}) are supported."
       )
-    stacked[site.path] = extra
+    stacked[site.path] = tuple(kernel.shape[:extra])
   out = _copy_dicts(params)
-  chosen = select_sites(config, sites, stacked)
+  chosen = select_sites(config, sites, stacked, masks=masks)
   method = config.init_lora_weights
   variant, initial = variant_of(config), init_for(method, config.loftq_config)
   for site in chosen if initial.rewrites_kernel else ():
@@ -88,11 +96,18 @@ def add_adapters(key: jax.Array, params: Params, config: LoraConfig, sites: Sequ
       where, node = path_str(site.path), site.module
       r, scale = config.rank_for(where), config.scale_for(where)
       kernel = kernels.get(site.path)
-      stack = tuple(get_path(out, node + (site.kernel_name,)).shape[: stacked[site.path]])
+      stack = stacked[site.path]
       a, b, rewritten = initial.fn(site_key(key, site.path), site, r, scale, stack, kernel, dtype)
+      picked = stack_layers(config, site.path, stack)
+      mask = None if picked is None else _stacks.make(stack, picked)
+      if mask is not None:  # the other layers: no adapter (zeros that no gradient reaches), the kernel as it was
+        a, b = _stacks.select(mask, a, jnp.zeros_like(a)), _stacks.select(mask, b, jnp.zeros_like(b))
+        rewritten = None if rewritten is None else _stacks.select(mask, rewritten, kernel)
       if rewritten is not None:
         kernel = new[(*node, site.kernel_name)] = rewritten
       leaves = {"lora_a": a, "lora_b": b, **variant.init(kernel, a, b, scale)}
+      if mask is not None:
+        leaves[LAYERS_KEY] = mask
       for role, value in leaves.items():
         new[(*node, leaf_name(role, site.kernel_name))] = value.astype(dtype)
     return new

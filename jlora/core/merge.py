@@ -11,10 +11,11 @@ import numpy as np
 
 from jlora.core import ops as _ops
 from jlora.core import sharding as _sharding
+from jlora.core import stacks as _stacks
 from jlora.core import tokens as _tokens
 from jlora.core import tree as _tree
 from jlora.core.config import LoraConfig
-from jlora.core.targets import MAGNITUDE_KEY, is_lora_key, is_tokens_key
+from jlora.core.targets import LAYERS_KEY, MAGNITUDE_KEY, is_lora_key, is_tokens_key
 from jlora.core.tree import Params, _check_tree, adapted_modules, flatten, unflatten
 from jlora.core.variants import variant_of_leaves
 
@@ -55,7 +56,8 @@ def merge(params: Params, config: LoraConfig, *, safe: bool = False) -> dict:
 
   The result has the base's tree structure, shapes and dtypes, so plain
   `model.apply` runs it with no added latency. The sum is computed in float32
-  and cast back to the kernel's dtype. Stacked (scanned) layers merge per layer.
+  and cast back to the kernel's dtype. Stacked (scanned) layers merge per layer; those of a stack that
+  `layers_to_transform` leaves out (its layer mask, `lora_layers`, is 0 there) keep their kernels bit-identical.
   Trained biases and `modules_to_save` leaves are kept as they are.
 
   Args:
@@ -77,6 +79,8 @@ def merge(params: Params, config: LoraConfig, *, safe: bool = False) -> dict:
     leaves = ad.leaves
     _ops.check_foldable(ad.slot.where, ad.a.shape, ad.b.shape, ad.kernel.shape)
     merged = variant_of_leaves(leaves).fold(ad.kernel, leaves, ad.scale)
+    if ad.layers is not None:  # a scanned stack's layers outside `layers_to_transform` keep their kernels
+      merged = _stacks.select(ad.layers, merged, ad.kernel)
     if safe:
       _check_finite(f"{ad.slot.where}/{ad.slot.kernel_name}", merged)
     replace.setdefault(ad.slot.module, {})[ad.slot.kernel_name] = merged
@@ -187,6 +191,9 @@ def unmerge(merged: Params, adapters: Params, config: LoraConfig, *, norms: Para
     variant = variant_of_leaves(ad.leaves)
     w0 = variant.unfold(ad.kernel, ad.leaves, ad.scale, None if ad.magnitude is None else _norm(norms, ad))
     leaves = {ad.slot.key(role): leaf for role, leaf in ad.leaves.items()}
+    if ad.layers is not None:
+      w0 = _stacks.select(ad.layers, w0, ad.kernel)
+      leaves[ad.slot.key(LAYERS_KEY)] = ad.layers
     replace.setdefault(ad.slot.module, {}).update({ad.slot.kernel_name: w0, **leaves})
   for tk in _tokens.tokens(adapters, config, kernels=merged):
     replace.setdefault(tk.module, {}).update({tk.kernel_name: _tokens.unfold(tk.table, tk.delta, tk.ids, tk.where),

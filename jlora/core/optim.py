@@ -9,6 +9,7 @@ import jax.numpy as jnp
 import optax
 
 from jlora.core.config import LoraConfig
+from jlora.core.targets import LAYERS_KEY
 from jlora.core.tree import Params, labels
 from jlora.quant.array import QuantizedArray
 
@@ -47,7 +48,8 @@ def optimizer(tx: optax.GradientTransformation, config: LoraConfig, *,
 
   Which leaves train is read from the tree the optimizer is given (`init`,
   `update`), by `jlora.labels(tree, config)`: adapters, the biases that
-  `config.bias` trains, and `modules_to_save`. Frozen leaves get no optimizer
+  `config.bias` trains, and `modules_to_save` (not a scanned stack's layer mask,
+  `lora_layers`, which stays as it is). Frozen leaves get no optimizer
   state and an update that keeps them bit-identical. (Plain
   `optax.masked(tx, mask)` would pass the frozen gradients through as updates.)
   Under `jit`, the frozen leaves' gradients are then dead code and XLA drops
@@ -82,7 +84,7 @@ def optimizer(tx: optax.GradientTransformation, config: LoraConfig, *,
     raise ValueError(f"`lora_plus_ratio` must be a positive number (e.g. 16), got {lora_plus_ratio!r}.")
 
   def groups(tree: Params) -> Any:
-    return jax.tree.map(lambda label: "frozen" if label == "frozen" else "train", labels(tree, config))
+    return jax.tree.map(lambda label: "frozen" if label in ("frozen", LAYERS_KEY) else "train", labels(tree, config))
 
   # One `tx` over all trainable leaves, so global-norm clipping stays global.
   out = optax.partition({"train": tx, "frozen": _keep_bits()}, groups)

@@ -37,7 +37,7 @@ import jax
 from jax.sharding import NamedSharding, PartitionSpec
 
 from jlora.core import ops as _ops
-from jlora.core.targets import is_tokens_key, kernel_key, tokens_weight
+from jlora.core.targets import LAYERS_KEY, is_tokens_key, kernel_key, tokens_weight
 from jlora.core.tree import Params, _check_tree, flatten, get_path, module_dicts, slots, unflatten
 
 __all__ = ["LOGICAL_RANK", "adapter_axes", "adapter_shardings", "adapter_specs", "box", "partition_spec", "unbox"]
@@ -55,7 +55,7 @@ def adapter_axes(kernel_axes: Sequence[Any], kernel_shape: Sequence[int], shape:
       one per axis (missing trailing entries are None).
     kernel_shape: the kernel's shape (with its stack axes).
     shape: the leaf's shape.
-    role: `'a'`, `'b'`, `'magnitude'` or `'tokens'`.
+    role: `'a'`, `'b'`, `'magnitude'`, `'tokens'` or `'layers'` (a scanned stack's layer mask).
     other_shape: the shape of the pair's other leaf (`B` for `A`, `A` for `B`).
     rank_axis: the spec of the rank axis.
 
@@ -68,6 +68,8 @@ def adapter_axes(kernel_axes: Sequence[Any], kernel_shape: Sequence[int], shape:
     return tuple(p if shape[i] == k_shape[i] else None for i, p in enumerate(spec))
   if role == "tokens":
     return (None, *spec[1:])
+  if role == "layers":  # a scanned stack's layer mask: its kernel's stack axes
+    return spec[:len(shape)]
   a_shape, b_shape = (shape, tuple(other_shape)) if role == "a" else (tuple(other_shape), shape)
   form, s = _ops.layout(a_shape, b_shape, k_shape)
   if form == "broadcast":
@@ -106,6 +108,8 @@ def _adapter_leaves(params: Params) -> dict[Path, tuple[Path, str, Path]]:
     out[a], out[b] = (kernel, "a", b), (kernel, "b", a)
     if slot.m_key in node:
       out[slot.leaf("lora_magnitude")] = (kernel, "magnitude", ())
+    if slot.key(LAYERS_KEY) in node:
+      out[slot.leaf(LAYERS_KEY)] = (kernel, "layers", ())
   for module, node in module_dicts(params):
     for key in [k for k in node if is_tokens_key(k)]:
       out[(*module, key)] = ((*module, tokens_weight(key) or kernel_key(module, node)), "tokens", ())

@@ -7,6 +7,7 @@ from typing import NamedTuple
 
 import jax
 
+from jlora.core import stacks as _stacks
 from jlora.core.config import LoraConfig
 from jlora.core.fields import ALL_LINEAR
 from jlora.core.tree import Params, _check_tree, adapters, split
@@ -17,7 +18,8 @@ __all__ = ["summary", "Summary", "ModuleRow"]
 
 
 class ModuleRow(NamedTuple):
-  """One adapted module: `path`, kernel shape, rank, scale and parameter counts."""
+  """One adapted module: `path`, kernel shape, rank, scale and parameter counts (of a scanned stack whose layers
+  `layers_to_transform` picks, those of its picked layers: the unrolled model's rows of those layers, summed)."""
 
   path: str
   kernel_shape: tuple[int, ...]
@@ -35,6 +37,8 @@ class Summary(NamedTuple):
     total: every parameter in the tree, adapters included (PEFT's "all params").
     adapter_params: `lora_a` + `lora_b` (+ the DoRA magnitude) parameters.
     trainable_bytes: bytes of the trainable leaves (what an adapter file holds).
+    Of a scanned stack whose layers `layers_to_transform` picks, only the picked layers' adapters count (not the
+    zeros of the others, nor the layer mask): the counts of the same model unrolled.
     rows: one `ModuleRow` per adapted module.
     not_adapted: with `target_modules="all-linear"`: `(weight path, shape)` of each matmul-like weight (two or
       more axes, not an embedding table, a bias or a norm scale) that holds no adapter: the output head, kinds
@@ -90,12 +94,22 @@ def summary(params: Params, config: LoraConfig) -> Summary:
   """
   _check_tree(params)
   rows = []
+  n_train, train_bytes = 0, 0  # less what is no parameter of the model: a stack's masked layers and its mask
   for ad in adapters(params, config):
-    rows.append(ModuleRow(ad.slot.where, tuple(ad.kernel.shape), ad.rank, ad.scale, math.prod(ad.kernel.shape),
-                          math.prod(ad.a.shape) + math.prod(ad.b.shape)
-                          + (0 if ad.magnitude is None else math.prod(ad.magnitude.shape))))
+    leaves = list(ad.leaves.values())
+    sizes = [math.prod(x.shape) for x in leaves]
+    if ad.layers is not None:  # only the layers `layers_to_transform` adapts count, as in the unrolled model
+      kept = [_stacks.kept(ad.layers, n) for n in sizes]
+      n_train -= sum(sizes) - sum(kept) + math.prod(ad.layers.shape)
+      train_bytes -= sum((n - k) * x.dtype.itemsize for n, k, x in zip(sizes, kept, leaves))
+      train_bytes -= math.prod(ad.layers.shape) * ad.layers.dtype.itemsize
+      sizes = kept
+    base = math.prod(ad.kernel.shape)
+    rows.append(ModuleRow(ad.slot.where, tuple(ad.kernel.shape), ad.rank, ad.scale,
+                          base if ad.layers is None else _stacks.kept(ad.layers, base), sum(sizes)))
   trainable, frozen = split(params, config)
-  n_train, train_bytes = _count(trainable)
+  n, nbytes = _count(trainable)
+  n_train, train_bytes = n_train + n, train_bytes + nbytes
   n_frozen, _ = _count(frozen)
   skipped = tuple(left_out(params)) if config.target_modules == ALL_LINEAR else ()
   return Summary(n_train, n_train + n_frozen, sum(r.adapter_params for r in rows), train_bytes, tuple(rows), skipped)

@@ -18,7 +18,8 @@ from jlora.core.config import LoraConfig
 from jlora.core.fields import ALL_LINEAR, pattern_lookup
 
 __all__ = [
-    "Slot", "Site", "LINEAR_KINDS", "HEAD_NAMES", "KERNEL_KEYS", "LORA_KEYS", "MAGNITUDE_KEY", "TOKENS_KEY", "leaf_name",
+    "Slot", "Site", "LINEAR_KINDS", "HEAD_NAMES", "KERNEL_KEYS", "LORA_KEYS", "MAGNITUDE_KEY", "TOKENS_KEY", "LAYERS_KEY",
+    "leaf_name", "stack_layers", "layer_stack",
     "pair_weight", "kernel_key", "lora_role", "is_pair_key", "is_tokens_key", "tokens_weight", "adapter_path", "is_head", "is_lora_key", "select_sites",
     "selects", "targets_parameter", "targets_slot", "is_saved", "matches", "layer_index", "path_str",
 ]
@@ -32,6 +33,9 @@ KERNEL_KEYS = ("kernel", "embedding", "w", "weight")
 LORA_KEYS = ("lora_a", "lora_b")
 MAGNITUDE_KEY = "lora_magnitude"  # DoRA's trainable magnitude, beside A and B
 TOKENS_KEY = "trainable_tokens"  # the trained rows of an embedding (`trainable_token_indices`), beside its table
+# The layer mask of an adapter of a scanned stack under `layers_to_transform` (`S` = the stack axes, 1 at the layers
+# it adapts, 0 elsewhere): part of the adapter (saved with it), never trained (`jlora.core.stacks`).
+LAYERS_KEY = "lora_layers"
 
 
 def is_head(module: Sequence[str]) -> bool:
@@ -75,16 +79,19 @@ def tokens_weight(key: str) -> str | None:
 
 
 def is_lora_key(key: str) -> bool:
-  """Whether a leaf name is an adapter leaf: `A`, `B`, a DoRA magnitude (`lora_magnitude`, `<w>_lora_magnitude`) or
-  trainable token rows (`trainable_tokens`, `<w>_trainable_tokens`): what `split` trains and `merge` folds."""
-  return is_pair_key(key) or str(key) == MAGNITUDE_KEY or str(key).endswith("_" + MAGNITUDE_KEY) or is_tokens_key(key)
+  """Whether a leaf name is an adapter leaf: `A`, `B`, a DoRA magnitude (`lora_magnitude`, `<w>_lora_magnitude`),
+  trainable token rows (`trainable_tokens`, `<w>_trainable_tokens`) or a scanned stack's layer mask (`lora_layers`):
+  what `split` keeps as the adapter, `merge` folds and drops, and no base holds."""
+  return (is_pair_key(key) or is_tokens_key(key)
+          or any(str(key) == role or str(key).endswith("_" + role) for role in (MAGNITUDE_KEY, LAYERS_KEY)))
 
 
 def lora_role(key: str) -> str:
-  """`'lora_a'`, `'lora_b'`, `'lora_magnitude'` or `'trainable_tokens'`: what an adapter leaf is (its `jlora.labels`
-  label), the role whose `leaf_name` it is."""
+  """`'lora_a'`, `'lora_b'`, `'lora_magnitude'`, `'trainable_tokens'` or `'lora_layers'`: what an adapter leaf is
+  (its `jlora.labels` label), the role whose `leaf_name` it is."""
   key = str(key)
-  return next(role for role in (*LORA_KEYS, MAGNITUDE_KEY, TOKENS_KEY) if key == role or key.endswith("_" + role))
+  return next(role for role in (*LORA_KEYS, MAGNITUDE_KEY, TOKENS_KEY, LAYERS_KEY)
+              if key == role or key.endswith("_" + role))
 
 
 def kernel_key(path: tuple[str, ...], node: Mapping) -> str:
@@ -308,7 +315,7 @@ def targets_slot(config: LoraConfig, slot: Slot) -> bool:
 
 
 def selects(config: LoraConfig, path: tuple[str, ...], kind: str, *, is_head: bool = False,
-            param: Sequence[str] | None = None) -> bool:
+            param: Sequence[str] | None = None, masked: bool = False) -> bool:
   """Whether `config` adapts the module at `path`: the one rule that `init` and `apply` both use.
 
   Args:
@@ -317,12 +324,40 @@ def selects(config: LoraConfig, path: tuple[str, ...], kind: str, *, is_head: bo
     kind: the layer kind (`dense`, `dense_general`, `einsum`, `conv`, `embed`).
     is_head: whether the module is the output head (`"all-linear"` skips it).
     param: the adapted weight's parameter path (module path, then its name), which `target_parameters` matches.
+    masked: the adapter holds a layer mask (`LAYERS_KEY`, a scanned stack under `layers_to_transform`): its layers
+      are picked by the mask, so only the names are checked here.
   """
   if param is not None and targets_parameter(config, param):
     return True
   if config.target_modules is None or not _named(config, path, kind, is_head):
     return False
-  return config.layers_to_transform is None or layer_index(path, config.layers_pattern) in config.layers_to_transform
+  if config.layers_to_transform is None or (masked and layer_stack(path, config.layers_pattern)):
+    return True  # a masked stack's layers are picked by its mask (`stack_layers`)
+  return layer_index(path, config.layers_pattern) in config.layers_to_transform
+
+
+def layer_stack(path: Sequence[str], patterns: Sequence[str] | None = None) -> bool:
+  """Whether a stacked module (leading `nn.scan` / `nn.vmap` axes) is a list of layers for `layers_to_transform`: its
+  path gives no layer index (`layer_index`), and, with `layers_pattern`, one of its components is the pattern
+  itself (`("model", "layers", "self_attn", "q_proj")` for `"layers"`). Its layer index is then the position along
+  its first (outermost) stack axis: the scan's iteration, counting from 0 as an unrolled `layers_i` does."""
+  if layer_index(path, patterns) is not None:
+    return False
+  return not patterns or any(c in patterns for c in _split("/".join(str(p) for p in path)))
+
+
+def stack_layers(config: LoraConfig, path: Sequence[str], stack: Sequence[int]) -> tuple[int, ...] | None:
+  """The layers of a stacked module that `config.layers_to_transform` adapts, or None when it picks no layer inside
+  the stack (no `layers_to_transform`, no stack, or a path that gives the index: `layer_stack`).
+
+  Args:
+    config: the LoRA config.
+    path: the module's adapter path.
+    stack: the shape of the kernel's leading stack axes, `(L, ...)`; layer `i` is index `i` of axis 0.
+  """
+  if config.layers_to_transform is None or not stack or not layer_stack(path, config.layers_pattern):
+    return None
+  return tuple(i for i in sorted(set(config.layers_to_transform)) if i < stack[0])
 
 
 def is_saved(config: LoraConfig, path: tuple[str, ...]) -> bool:
@@ -330,13 +365,16 @@ def is_saved(config: LoraConfig, path: tuple[str, ...]) -> bool:
   return bool(config.modules_to_save) and any(matches(config.modules_to_save, path[:i]) for i in range(1, len(path) + 1))
 
 
-def select_sites(config: LoraConfig, sites: Sequence[Site], stacked: dict[tuple[str, ...], int]) -> list[Site]:
+def select_sites(config: LoraConfig, sites: Sequence[Site], stacked: Mapping[tuple[str, ...], tuple[int, ...]], *,
+                 masks: str | None = None) -> list[Site]:
   """The sites that `config` adapts, with every user error caught here.
 
   Args:
     config: the LoRA config.
     sites: every adaptable module found in the model.
-    stacked: the number of leading scan/vmap axes of each site's kernel.
+    stacked: the shape of the leading scan/vmap axes of each site's kernel (`()` when none).
+    masks: who adds the adapters when it cannot honour a layer mask (e.g. `"jlora.nnx.init"`), or None when it can:
+      then a stack whose layers `layers_to_transform` picks (`stack_layers`) is chosen when any of its layers is.
 
   Returns:
     The targeted sites, in model order.
@@ -344,7 +382,9 @@ def select_sites(config: LoraConfig, sites: Sequence[Site], stacked: dict[tuple[
   Raises:
     ValueError: nothing matched (the message lists the adaptable paths), a
       rank exceeds a module's dimensions, `layers_to_transform` finds no layer
-      index or meets scanned layers, or a module is both adapted and saved.
+      index or asks for a layer no targeted module has (beyond a stack's length),
+      it meets a stack and `masks` names a caller without masks, or a module is
+      both adapted and saved.
   """
   if not sites:
     raise ValueError(
@@ -384,16 +424,34 @@ def select_sites(config: LoraConfig, sites: Sequence[Site], stacked: dict[tuple[
   chosen = named
   if config.layers_to_transform is not None:
     wanted = set(config.layers_to_transform)
-    chosen = []
+    chosen, found, stacks = [], set(), {}
     for s in named:
-      if stacked.get(s.path, 0):
-        raise ValueError(
-            f"`layers_to_transform` cannot pick layers inside the scanned stack at {path_str(s.path)!r}: "
-            "its layers share one parameter path. Adapt all layers, or build the model without nn.scan."
-        )
+      stack = tuple(stacked.get(s.path, ()))
+      if stack and layer_stack(s.path, config.layers_pattern):
+        if masks is not None:
+          raise ValueError(
+              f"{masks}: `layers_to_transform` cannot pick layers inside the scanned stack at {path_str(s.path)!r} "
+              f"(its {stack[0]} layers share one parameter path), and this front-end has no per-layer mask. Adapt "
+              "all layers, build the model unrolled, or use the linen front-end (jlora.init), which picks layers "
+              "inside nn.scan stacks."
+          )
+        stacks[path_str(s.path)] = stack[0]
+        found.update(range(stack[0]))
+        if stack_layers(config, s.path, stack):
+          chosen.append(s)
+        continue
+      if (i := layer_index(s.path, config.layers_pattern)) is not None:
+        found.add(i)
       if selects(config, s.path, s.kind, is_head=s.is_head):
         chosen.append(s)
-    found = sorted({i for s in named if (i := layer_index(s.path, config.layers_pattern)) is not None})
+    found = sorted(found)
+    if stacks and sorted(wanted - set(found)):
+      shown = ", ".join(f"{p!r} (L={n})" for p, n in list(stacks.items())[:4]) + (" …" if len(stacks) > 4 else "")
+      raise ValueError(
+          f"`layers_to_transform`={sorted(wanted)} asks for layer(s) {sorted(wanted - set(found))}, beyond the "
+          f"length L of the scanned stack(s) {shown}: a stack's layers are 0..L-1 along its first axis. Give "
+          f"indices below {max(stacks.values())}, or check `layers_pattern`."
+      )
     if not chosen:
       raise ValueError(
           f"`layers_to_transform`={list(config.layers_to_transform)} selected no module"

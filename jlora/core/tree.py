@@ -12,9 +12,11 @@ from typing import Any, NamedTuple
 import jax.numpy as jnp
 
 from jlora.core import ops as _ops
+from jlora.core import stacks as _stacks
 from jlora.core.config import LoraConfig
 from jlora.core.targets import (
   KERNEL_KEYS,
+  LAYERS_KEY,
   LORA_KEYS,
   MAGNITUDE_KEY,
   Slot,
@@ -99,6 +101,8 @@ class Adapter(NamedTuple):
     scale: `s` for this module (`alpha / r`, or `alpha / sqrt(r)` with rsLoRA).
     layout: `"concat"` or `"broadcast"` (`nn.Einsum`); see `jlora.core.ops`.
     stack: the number of leading scan axes `len(S)`.
+    layers: the layer mask `S` of an adapter of some layers of a scanned stack (`lora_layers`,
+      `jlora.core.stacks`), or None (every layer, or no stack).
   """
 
   slot: Slot
@@ -108,6 +112,7 @@ class Adapter(NamedTuple):
   scale: float
   layout: str
   stack: int
+  layers: Any = None
 
   @property
   def a(self) -> Any:
@@ -175,7 +180,10 @@ def adapters(params: Params, config: LoraConfig, *, kernels: Params | None = Non
     magnitude = node.get(slot.m_key)
     check_magnitude(slot.where, config, magnitude, _ops.magnitude_shape(a.shape, b.shape, kernel.shape))
     leaves = {LORA_KEYS[0]: a, LORA_KEYS[1]: b} | ({} if magnitude is None else {MAGNITUDE_KEY: magnitude})
-    yield Adapter(slot, kernel, leaves, rank, config.scale_for(slot.where), layout, stack)
+    mask = node.get(slot.key(LAYERS_KEY))
+    if mask is not None:
+      _stacks.check(slot.where, slot.path, mask, kernel.shape, config)
+    yield Adapter(slot, kernel, leaves, rank, config.scale_for(slot.where), layout, stack, mask)
 
 
 def check_magnitude(where: str, config: LoraConfig, magnitude: Any, shape: tuple[int, ...]) -> None:
@@ -250,7 +258,10 @@ def _label(config: LoraConfig, path: tuple[str, ...], siblings: Mapping) -> str:
 
 def labels(params: Params, config: LoraConfig) -> dict:
   """Per-leaf labels for `optax.partition`: `lora_a`, `lora_b`, `lora_magnitude` (DoRA), `trainable_tokens`
-  (`trainable_token_indices`), `bias`, `saved` or `frozen`.
+  (`trainable_token_indices`), `bias`, `saved`, `lora_layers` or `frozen`.
+
+  `lora_layers` marks the layer mask of an adapter of some layers of a scanned stack (`layers_to_transform` over
+  `nn.scan`, `jlora.core.stacks`): part of the adapter, never trained; give it `optax.set_to_zero()`.
 
   `bias` marks biases that train under `config.bias`; `saved` marks every leaf of
   a `modules_to_save` module. Works on a whole tree or on any part of it (such as
@@ -268,9 +279,10 @@ def labels(params: Params, config: LoraConfig) -> dict:
 
 
 def trainable_mask(params: Params, config: LoraConfig) -> dict:
-  """A bool tree, `True` where a leaf trains: adapters, trainable tokens, biases per `bias`, `modules_to_save`."""
+  """A bool tree, `True` where a leaf trains: adapters, trainable tokens, biases per `bias`, `modules_to_save` (not a
+  scanned stack's layer mask, `lora_layers`, which `split` keeps with the adapter)."""
   _check_tree(params)
-  return _map_with_path(lambda path, _, siblings: _label(config, path, siblings) != "frozen", params)
+  return _map_with_path(lambda path, _, siblings: _label(config, path, siblings) not in ("frozen", LAYERS_KEY), params)
 
 
 def _partition(params: Params, mask: Mapping) -> tuple[dict, dict]:
@@ -293,13 +305,15 @@ def split(params: Params, config: LoraConfig) -> tuple[dict, dict]:
   """Splits a tree into `(trainable, frozen)` nested dicts holding only their own leaves.
 
   `trainable` is the small tree that a task's adapter is (A, B, trained biases,
-  saved modules); differentiate and optimize only it, and keep `frozen` (the
+  saved modules, and the layer mask of a scanned stack under `layers_to_transform`,
+  `lora_layers`: its gradient is zero and `jlora.optimizer` keeps it bit-identical);
+  differentiate and optimize only it, and keep `frozen` (the
   base) out of the optimizer. `combine(trainable, frozen)` restores the tree.
   Pass `frozen` to a jitted step as an argument, `step(trainable, frozen, batch)`:
   a jitted function that closes over it compiles the whole base in as constants.
   """
   _check_tree(params)
-  return _partition(params, trainable_mask(params, config))
+  return _partition(params, _map_with_path(lambda path, _, siblings: _label(config, path, siblings) != "frozen", params))
 
 
 def combine(*trees: Params) -> dict:

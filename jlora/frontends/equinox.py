@@ -274,7 +274,7 @@ def init(key: jax.Array, model: Any, config: LoraConfig, *, dtype: Any = jnp.flo
     embed = isinstance(node, eqx.nn.Embedding)
     axes = ((n,), (n + 1,)) if embed else ((n + 1,), (n,))
     sites.append(site(path, _weight_name(node), node.weight.shape, axes, kind="embed" if embed else "dense"))
-  params = add_adapters(key, to_params(model), config, sites, dtype=dtype)
+  params = add_adapters(key, to_params(model), config, sites, dtype=dtype, masks="jlora.equinox.init")
   return from_params(model, params, config)
 
 

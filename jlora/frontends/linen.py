@@ -27,6 +27,7 @@ import jax
 import jax.numpy as jnp
 
 from jlora.core import ops as _ops
+from jlora.core import stacks as _stacks
 from jlora.core import tokens as _tokens
 from jlora.core.config import LoraConfig
 from jlora.core.fields import ALL_LINEAR, DEFAULT_TARGET_MODULES
@@ -35,6 +36,7 @@ from jlora.core.merge import with_norms
 from jlora.core.parameters import parameter_sites
 from jlora.core.sharding import box, unbox
 from jlora.core.targets import (
+  LAYERS_KEY,
   LINEAR_KINDS,
   TOKENS_KEY,
   Site,
@@ -44,7 +46,7 @@ from jlora.core.targets import (
   path_str,
   targets_parameter,
 )
-from jlora.core.tree import Params, _check_tree, flatten, get_path, has_adapters
+from jlora.core.tree import Params, _check_tree, flatten, get_path, has_adapters, slots
 from jlora.core.unadapted import Unadapted, is_matmul_like, of_sites, report, unknown_class
 from jlora.frontends import flow as _flow
 from jlora.frontends import layer_check as _layer_check
@@ -302,7 +304,9 @@ def init(key: jax.Array, model: nn.Module, params: Params, config: LoraConfig, *
   described); those that `config` targets get `lora_a` and `lora_b` leaves
   beside their weight (`<weight>_lora_a` / `_lora_b` for a weight that is not
   its module's main one, e.g. gemma's `mlp/gating_einsum`, targeted by that path). Works through `nn.scan` / `nn.vmap` (stacked
-  adapters, e.g. `lora_a: (L, d_in, r)`, a different draw per layer),
+  adapters, e.g. `lora_a: (L, d_in, r)`, a different draw per layer; with
+  `layers_to_transform`, layer `i` of a stack is index `i` of its first axis,
+  and the adapter carries a layer mask `lora_layers: (L,)`, `jlora.core.stacks`),
   `nn.remat`, nested and shared modules.
 
   Args:
@@ -332,7 +336,8 @@ def init(key: jax.Array, model: nn.Module, params: Params, config: LoraConfig, *
   Raises:
     ValueError: `target_modules` matches nothing (the message lists the module
       paths that exist), `r` exceeds a module's dimensions,
-      `layers_to_transform` finds no layer index or meets scanned layers, a
+      `layers_to_transform` finds no layer index or asks for a layer at or
+      beyond a scanned stack's length `L` (the message names the stack), a
       module is both adapted and in `modules_to_save`; a `trainable_token_indices`
       name that is no `nn.Embed` of the model, an id outside its rows, or a
       table that LoRA adapts too; an
@@ -412,7 +417,9 @@ def apply(model: nn.Module, params: Params, config: LoraConfig, *args, rngs: Map
 
   Raises:
     ValueError: `params` holds no adapter; an adapter does not match the config
-      (rank, shape, or a module the config does not target); an adapter was not
+      (rank, shape, a module the config does not target, or a scanned stack's
+      layer mask other than the layers `layers_to_transform` picks there:
+      checked when `params` is concrete); an adapter was not
       read by any intercepted layer call (it would be silently ignored: a layer
       class jlora does not know, a wrong `method=`, a renamed module), unless
       `allow_unused`. The check runs when the forward is traced, so it costs
@@ -425,9 +432,21 @@ def apply(model: nn.Module, params: Params, config: LoraConfig, *args, rngs: Map
         "`params` holds no LoRA adapter (no lora_a/lora_b leaves), so jlora.apply would run the bare base model. "
         "Create adapters with jlora.init, or pass jlora.combine(trainable, frozen)."
     )
+  _check_masks(unbox(params)[0], config)
   if dora_norms is not None:
     params = with_norms(unbox(params)[0], dora_norms)
   return run_forward(Forward(config), model, params, args, kwargs, rngs, variables, allow_unused)
+
+
+def _check_masks(params: Params, config: LoraConfig) -> None:
+  """Raises unless every layer mask (a scanned stack's `lora_layers`) fits its kernel and, outside `jit`, holds the
+  layers `config` picks there (`jlora.core.stacks.check`): inside the scan, each layer sees only its own entry."""
+  for slot in slots(params):
+    node = get_path(params, slot.module)
+    if slot.key(LAYERS_KEY) in node:
+      slot = slot.resolve(node)
+      kernel = node.get(slot.kernel_name)
+      _stacks.check(slot.where, slot.path, node[slot.key(LAYERS_KEY)], tuple(getattr(kernel, "shape", ())), config)
 
 
 def run_forward(forward: Forward, model: nn.Module, params: Params, args: tuple, kwargs: dict,

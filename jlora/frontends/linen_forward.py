@@ -22,12 +22,14 @@ import flax.linen as nn
 import jax
 
 from jlora.core import ops as _ops
+from jlora.core import stacks as _stacks
 from jlora.core import tokens as _tokens
 from jlora.core.adapted import adapted, adapted_batch
 from jlora.core.config import LoraConfig
 from jlora.core.merge import norm_key
 from jlora.core.parameters import moe_hint
 from jlora.core.targets import (
+  LAYERS_KEY,
   MAGNITUDE_KEY,
   TOKENS_KEY,
   Site,
@@ -134,8 +136,10 @@ class Forward:
     kernel_shape = tuple(kernel.shape)
     m_key = slot.m_key
     magnitude = module.get_variable("params", m_key) if module.has_variable("params", m_key) else None
+    l_key = slot.key(LAYERS_KEY)
+    mask = module.get_variable("params", l_key) if module.has_variable("params", l_key) else None
     if self.bank is None:
-      self._validate(slot, kind, module, kernel_shape, a, b, magnitude)
+      self._validate(slot, kind, module, kernel_shape, a, b, magnitude, mask)
     else:
       _ops.check_adapter(where, kernel_shape, a.shape[:-1], b.shape[:-1], a.shape[-2])
       self.bank.check_selected(slot, kind, is_head(module.path))
@@ -153,8 +157,9 @@ class Forward:
       key = self._dropout_key(module, kind, bool(rate))
       n_key = norm_key(m_key)
       norm = module.get_variable("params", n_key) if module.has_variable("params", n_key) else None
-      return adapted(site, variant, call.input, y, kernel, leaves, scale=self.config.scale_for(where), rate=rate,
-                     dropout_key=key, bias=bias, y_is_product=y_is_product, norm=norm)
+      out = adapted(site, variant, call.input, y, kernel, leaves, scale=self.config.scale_for(where), rate=rate,
+                    dropout_key=key, bias=bias, y_is_product=y_is_product, norm=norm)
+      return out if mask is None else _stacks.select(mask, out, y)  # a layer `layers_to_transform` leaves out
     scales, rates, magnitudes = self.bank.lookup(slot)
     return adapted_batch(site, variant, call.input, y, kernel, leaves, ids=self.ids, scales=scales, rates=rates,
                          magnitudes=magnitudes, dropout_key=self._dropout_key(module, kind, any(rates)),
@@ -197,11 +202,16 @@ class Forward:
       return None
     return module.make_rng("lora_dropout")
 
-  def _validate(self, slot: Slot, kind, module, kernel_shape, a, b, magnitude) -> None:
+  def _validate(self, slot: Slot, kind, module, kernel_shape, a, b, magnitude, mask) -> None:
     where = slot.where
     cfg = self.config
     kind = "embed" if kind == "attend" else kind
-    if not selects(cfg, slot.path, kind, is_head=is_head(module.path), param=(*slot.module, slot.kernel_name)):
+    if mask is not None and jax.numpy.shape(mask) != ():
+      raise ValueError(f"The layer mask (lora_layers) at {where!r} reaches its layer with shape {jax.numpy.shape(mask)}"
+                       "; a mask is sliced to one entry per layer by the nn.scan that stacks the layer's params "
+                       "(variable_axes={'params': 0}). Pass the params jlora.init made for this model.")
+    if not selects(cfg, slot.path, kind, is_head=is_head(module.path), param=(*slot.module, slot.kernel_name),
+                   masked=mask is not None):
       raise ValueError(
           f"`params` holds an adapter at {where!r}, which the config (target_modules={cfg.target_modules!r}, "
           f"exclude_modules={cfg.exclude_modules!r}, layers_to_transform={cfg.layers_to_transform!r}"

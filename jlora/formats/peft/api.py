@@ -10,6 +10,7 @@ name in the PyTorch model. The pieces: names (`jlora.formats.peft.names`: where
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import inspect
 import os
@@ -20,12 +21,22 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from jlora.core import stacks as _stacks
 from jlora.core import tokens as core_tokens
 from jlora.core.config import LoraConfig
 from jlora.core.fields import pattern_lookup, rewrites_base
 from jlora.core.keys import restore, stringify
 from jlora.core.plain import LayoutLike, weight_site
-from jlora.core.targets import MAGNITUDE_KEY, is_saved, kernel_key, targets_parameter
+from jlora.core.targets import (
+  LAYERS_KEY,
+  MAGNITUDE_KEY,
+  is_head,
+  is_saved,
+  kernel_key,
+  layer_stack,
+  selects,
+  targets_parameter,
+)
 from jlora.core.tree import (
   Params,
   _check_tree,
@@ -191,7 +202,10 @@ def _export(params: Params, config: LoraConfig, names: NameMap, save_embedding_l
           "(one level of nn.scan is supported)."
       )
     adapted[ad.slot.path] = []
-    for (n, a1), (_, b1) in zip(per_layer(name, a, ad.slot.where), per_layer(name, b, ad.slot.where)):
+    kept = None if ad.layers is None else _stacks.layers(ad.layers)  # a scanned stack's layers_to_transform
+    for i, ((n, a1), (_, b1)) in enumerate(zip(per_layer(name, a, ad.slot.where), per_layer(name, b, ad.slot.where))):
+      if kept is not None and i not in kept:
+        continue
       adapted[ad.slot.path].append(n)
       tensors.update(peft_layout.conv_to_peft(n, a1, b1, ad.slot.where) if conv else
                      peft_layout.lora_to_peft(n, a1, b1, ad.rank, embed=ad.slot.kernel_name == "embedding"))
@@ -200,10 +214,10 @@ def _export(params: Params, config: LoraConfig, names: NameMap, save_embedding_l
       if config.alpha_for(ad.slot.where) != config.lora_alpha:
         alphas[n] = config.alpha_for(ad.slot.where)
     if ad.magnitude is not None:  # DoRA: PEFT keeps one magnitude per output feature
-      for n, m1 in per_layer(name, np.asarray(jax.device_get(ad.magnitude)), ad.slot.where):
-        # (1, out, 1, ...) for a convolution, as PEFT's DoRA keeps it
-        tensors[f"{peft_layout.PREFIX}{n}.lora_magnitude_vector"] = (
-            m1.reshape((1, -1) + (1,) * (m1.ndim - 2)) if conv else m1.reshape(-1))
+      for i, (n, m1) in enumerate(per_layer(name, np.asarray(jax.device_get(ad.magnitude)), ad.slot.where)):
+        if kept is None or i in kept:  # (1, out, 1, ...) for a convolution, as PEFT's DoRA keeps it
+          tensors[f"{peft_layout.PREFIX}{n}.lora_magnitude_vector"] = (
+              m1.reshape((1, -1) + (1,) * (m1.ndim - 2)) if conv else m1.reshape(-1))
   saved_modules: list[str] = []
   for path, label in flatten(labels(params, config)).items():
     if label not in ("bias", "saved"):
@@ -367,14 +381,16 @@ def load_peft(directory: str | os.PathLike, model: Any, params: Params, *, name_
   for param in {p for p, _ in plora}:
     if (param, "lora_a") not in plora or (param, "lora_b") not in plora:
       raise ValueError(f"load_peft: the target parameter {'/'.join(param)!r} has only one of lora_A / lora_B.")
+  present: dict[Path, tuple[int, ...]] = {}  # scanned stacks of which the file holds some layers only
   for (module, leaf), layers in sorted(lora.items()):
     out[(*module, leaf)] = _adapter_leaf(module, leaf, layers, tree, config, embed=module in embeds, dtype=dtype,
-                                         ranks=ranks, alphas=alphas, layout=layout)
+                                         ranks=ranks, alphas=alphas, layout=layout, present=present)
   for module in {m for m, _ in lora}:
     if (*module, "lora_a") not in out or (*module, "lora_b") not in out:
       raise ValueError(f"load_peft: {'/'.join(module)!r} has only one of lora_A / lora_B in the adapter.")
   for module, layers in sorted(magnitudes.items()):
-    out[(*module, MAGNITUDE_KEY)] = peft_layout.magnitude_from_peft(module, layers, out, get_path(tree, module), dtype)
+    out[(*module, MAGNITUDE_KEY)] = peft_layout.magnitude_from_peft(module, layers, out, get_path(tree, module), dtype,
+                                                                    present.get(module))
   for path, layers in sorted(full.items()):
     flip = peft_layout.transposed(path[-1], np.ndim(base[path]) - (next(iter(layers)) is not None), path[:-1],
                                   names, config.fan_in_fan_out)
@@ -389,6 +405,12 @@ def load_peft(directory: str | os.PathLike, model: Any, params: Params, *, name_
     leaf, delta = peft_tokens.delta_from_peft(module, node, mname, value, ids_read[module], dtype)
     out[(*module, leaf)] = delta
   config = to_jlora(config, ranks, alphas, full, ids_read, parameters=param_ranks)
+  stacked = {m: np.shape(out[(*m, "lora_a")])[0] for (m, _), ls in lora.items() if None not in ls}
+  if present or (stacked and config.layers_to_transform is not None):  # layers picked inside scanned stacks
+    present = {m: present.get(m, tuple(range(n))) for m, n in stacked.items()}
+    config = _picked_layers(config, present, stacked, ranks)
+    for module, layers in present.items():
+      out[(*module, LAYERS_KEY)] = _stacks.make((stacked[module],), layers, dtype)
   params_out = unflatten(out)
   check_adapters(params_out, config)
   for _ in core_tokens.tokens(params_out, config):  # each leaf fits its table and ids
@@ -414,8 +436,11 @@ def _check_values(key: str, value: Any, directory: str | os.PathLike) -> None:
 
 def _adapter_leaf(module: Path, leaf: str, layers: Mapping[int | None, tuple[str, Any]], tree: Params,
                   config: LoraConfig, *, embed: bool, dtype: Any, ranks: dict[Path, int],
-                  alphas: dict[Path, float], layout: LayoutLike = None) -> Any:
-  """One `lora_a` / `lora_b` leaf from its per-layer PEFT tensors; records the module's rank and alpha."""
+                  alphas: dict[Path, float], layout: LayoutLike = None,
+                  present: dict[Path, tuple[int, ...]] | None = None) -> Any:
+  """One `lora_a` / `lora_b` leaf from its per-layer PEFT tensors; records the module's rank and alpha, and in
+  `present` the layers held of a scanned stack the file has some layers of (the others get zeros)."""
+  present = {} if present is None else present
   where = "/".join(module)
   try:
     node = get_path(tree, module)
@@ -431,11 +456,10 @@ def _adapter_leaf(module: Path, leaf: str, layers: Mapping[int | None, tuple[str
       raise ValueError(f"load_peft: {where!r} has the layout {site.in_axes} -> {site.out_axes} over {k_shape}; "
                        "PEFT's LoRA tensors fit 2-D weights (one input and one output axis) only.")
     k_shape = (site.kernel_shape[site.in_axes[0]], site.kernel_shape[site.out_axes[0]])
-  if stacked:
-    missing = sorted(set(range(kernel.shape[0])) - set(layers))
-    if missing:
-      raise ValueError(f"load_peft: {where!r} is a scanned stack of {kernel.shape[0]} layers; the adapter lacks "
-                       f"layers {missing}.")
+  if stacked and set(layers) != set(range(kernel.shape[0])):  # some layers (PEFT's layers_to_transform): a layer mask
+    if present.setdefault(module, tuple(sorted(layers))) != tuple(sorted(layers)):
+      raise ValueError(f"load_peft: the scanned stack {where!r} has lora_A for layers {list(present[module])} but "
+                       f"lora_B for layers {sorted(layers)}; the file is incomplete.")
   arrays = []
   for layer in sorted(layers, key=lambda x: -1 if x is None else x):
     mname, value = layers[layer]
@@ -458,4 +482,33 @@ def _adapter_leaf(module: Path, leaf: str, layers: Mapping[int | None, tuple[str
     if alphas.setdefault(module, alpha) != alpha:
       raise ValueError(f"load_peft: the layers of the scanned stack {where!r} have different alphas; jlora needs one.")
     arrays.append(arr)
+  if stacked and module in present:  # the layers the file lacks: zeros, masked out by the stack's `lora_layers`
+    at = dict(zip(sorted(layers), arrays))
+    arrays = [at.get(i, np.zeros_like(arrays[0])) for i in range(kernel.shape[0])]
   return jnp.asarray(np.stack(arrays) if stacked else arrays[0], dtype)
+
+
+def _picked_layers(config: LoraConfig, present: Mapping[Path, tuple[int, ...]], lengths: Mapping[Path, int],
+                   ranks: Mapping[Path, int]) -> LoraConfig:
+  """`config` with `layers_to_transform` the layers that the file holds of its scanned stacks (`present`: every
+  stack's; `lengths`: their L), checked to select exactly the adapters read (each stack the layers below its L;
+  every unrolled module's layer among them).
+
+  Raises:
+    ValueError: the file's layers cannot be one `layers_to_transform` (the message names the module).
+  """
+  picked = tuple(sorted(set().union(*present.values())))
+  pattern = config.layers_pattern if all(layer_stack(m, config.layers_pattern) for m in present) else None
+  config = dataclasses.replace(config, layers_to_transform=picked, layers_pattern=pattern)
+  for module in ranks:
+    if module in present:
+      ok = layer_stack(module, pattern) and present[module] == tuple(i for i in picked if i < lengths[module])
+    else:
+      ok = selects(config, module, "dense", is_head=is_head(module))
+    if not ok:
+      raise ValueError(
+          f"load_peft: the file adapts layers {list(picked)} of the model's scanned stacks, but "
+          f"{'/'.join(module)!r} {f'at layers {list(present[module])}' if module in present else 'too'}, which "
+          f"layers_to_transform={list(picked)} does not pick alike (a jlora config picks one set of layers for every "
+          "stack); jlora cannot load this mix onto this model. Load it onto the unrolled model (scan_layers=False).")
+  return config

@@ -193,10 +193,12 @@ def to_broadcast(leaf: str, arr: np.ndarray, site: Site) -> np.ndarray:
 
 
 def magnitude_from_peft(module: Path, layers: Mapping[int | None, tuple[str, Any]], out: Mapping[Path, Any],
-                        node: Mapping[str, Any], dtype: Any) -> Any:
+                        node: Mapping[str, Any], dtype: Any, present: tuple[int, ...] | None = None) -> Any:
   """A DoRA `lora_magnitude` leaf from PEFT's per-layer `lora_magnitude_vector` tensors (one value per output).
 
-  `out` holds the module's imported `lora_a` / `lora_b` (flat paths); `node` is the module's dict in the base.
+  `out` holds the module's imported `lora_a` / `lora_b` (flat paths); `node` is the module's dict in the base;
+  `present`: the layers the file holds of a scanned stack it has some layers of (the others, masked out, get the
+  kernel's norms, as `jlora.init` gives them).
   """
   where = "/".join(module)
   if (*module, "lora_a") not in out:
@@ -214,6 +216,10 @@ def magnitude_from_peft(module: Path, layers: Mapping[int | None, tuple[str, Any
       raise ValueError(f"load_peft: the lora_magnitude_vector of {mname!r} has {value.size} values; the model's "
                        f"{where!r} has {int(np.prod(per_layer_shape))} outputs.")
     arrays.append(value.reshape(per_layer_shape))
+  if stacked and present is not None and tuple(sorted(layers)) == tuple(present):
+    norms = np.asarray(_ops.column_norm(kernel, jnp.zeros_like(a), jnp.zeros_like(b), 1.0), np.float32)
+    at = dict(zip(sorted(layers), arrays))
+    arrays = [at.get(i, norms[i]) for i in range(kernel.shape[0])]
   if stacked and len(arrays) != kernel.shape[0]:
     raise ValueError(f"load_peft: the adapter holds the DoRA magnitude of {len(arrays)} of the {kernel.shape[0]} "
                      f"layers of {where!r}.")

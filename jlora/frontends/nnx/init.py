@@ -21,7 +21,7 @@ from flax.core.meta import AxisMetadata
 from jlora.core.config import LoraConfig
 from jlora.core.init import add_adapters
 from jlora.core.parameters import refuse as refuse_parameters
-from jlora.core.targets import Site, is_lora_key, path_str, selects
+from jlora.core.targets import LAYERS_KEY, Site, is_lora_key, path_str, selects
 from jlora.core.tokens import refuse as refuse_tokens
 from jlora.core.tree import _check_tree, adapted_modules, check_adapters, flatten, has_adapters, labels
 from jlora.core.unadapted import Unadapted, is_matmul_like, of_sites, report, unknown_class
@@ -99,7 +99,8 @@ def init(key: jax.Array, model: nnx.Module, config: LoraConfig, *args, rngs: nnx
       `jlora.init`), or `config` is not a `LoraConfig`.
     ValueError: `target_modules` matches nothing (the message lists every
       adaptable module path), `model` already holds adapters, `r` exceeds a
-      module's dimensions, `layers_to_transform` finds no layer index, a module
+      module's dimensions, `layers_to_transform` finds no layer index or meets a stack of
+      `nnx.vmap`-made layers (no per-layer mask here; linen has one), a module
       is both adapted and in `modules_to_save`.
 
   Example:
@@ -130,7 +131,7 @@ def init(key: jax.Array, model: nnx.Module, config: LoraConfig, *args, rngs: nnx
     )
   lora = nnx.clone(model)
   base = to_params(model)
-  tree = add_adapters(key, to_params(lora), config, found, dtype=dtype)
+  tree = add_adapters(key, to_params(lora), config, found, dtype=dtype, masks="jlora.nnx.init")
   layer_check.check(plans(modules, found, seen, eqs), base, tree)
   _build(lora, tree, config, {s.path: s for s in found}, eqs, rngs)
   return lora
@@ -198,7 +199,7 @@ def from_params(model: nnx.Module, params: Mapping[str, Any], config: LoraConfig
   strip(lora)
   found, eqs, _ = sites(lora, args, kwargs)
   by_path = {s.path: s for s in found}
-  for path, _ in adapted_modules(params):
+  for path, node in adapted_modules(params):
     site = by_path.get(path)
     where = path_str(path)
     if site is None:
@@ -207,6 +208,10 @@ def from_params(model: nnx.Module, params: Mapping[str, Any], config: LoraConfig
                        f"Adaptable layers:\n{shown}\nPass the model the adapter was made for.")
     if site.unsupported:
       raise ValueError(f"Cannot adapt {where!r} ({site.kind}): {site.unsupported}.")
+    if any(str(k).endswith(LAYERS_KEY) for k in node):
+      raise ValueError(f"`params` holds a layer mask (lora_layers) at {where!r}: an adapter of some layers of a "
+                       "scanned stack (layers_to_transform), which jlora.nnx has no per-layer mask for. Run it with "
+                       "the linen model (jlora.apply), or merge it (jlora.merge) into the weights.")
     if not selects(config, path, site.kind, is_head=site.is_head):
       raise ValueError(
           f"`params` holds an adapter at {where!r}, which the config (target_modules={config.target_modules!r}, "

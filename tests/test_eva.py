@@ -264,6 +264,19 @@ def test_refusals(attention):
     jlora.LoraConfig(init_lora_weights="eva", eva_config={"rh0": 2.0})
 
 
+def test_remat_layers_are_refused():
+  class Remat(nn.Module):
+    @nn.compact
+    def __call__(self, x):
+      return nn.remat(nn.Dense)(D, name="fc")(x)
+
+  x = _batches(5, n=1)[0]
+  base = Remat().init(jax.random.key(0), x)["params"]
+  config = jlora.LoraConfig(r=2, target_modules=["fc"], init_lora_weights="eva")
+  with pytest.raises(ValueError, match="without remat"):
+    jlora.init_eva(jax.random.key(0), Remat(), base, config, [x])
+
+
 def test_scanned_layers_are_refused():
   class Block(nn.Module):
     @nn.compact

@@ -191,6 +191,14 @@ def test_overlaps_and_ambiguous_lists_are_refused(tied):
     jlora.init_tree(jax.random.key(0), tree, jlora.LoraConfig(r=1, target_modules=["q"], trainable_token_indices=[1]))
 
 
+def test_a_config_whose_ids_leave_the_table_is_refused_not_dropped(tied):
+  """`table.at[ids]` drops ids outside the table silently; merge (and every reader of the leaves) refuses them."""
+  params = tied[3]
+  other = jlora.LoraConfig(r=2, target_modules=["proj"], trainable_token_indices=[3, 20], init_lora_weights=False)
+  with pytest.raises(ValueError, match=r"'embed_tokens' ids \[20\], outside its table of 13 rows"):
+    jlora.merge(params, other)
+
+
 def test_config_round_trips_both_forms():
   for indices in ([5, 2], {"model.embed_tokens": [7, 1]}):
     config = jlora.LoraConfig(target_modules=["q"], trainable_token_indices=indices)

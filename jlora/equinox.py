@@ -6,7 +6,12 @@
 `base` and the adapters as array leaves of their own, and computes
 `base(x) + s·(x·A)·B`, the same term as every other front-end (the rank-r product first; `A·B` is
 never formed). With `use_dora=True` a wrapper also holds DoRA's `lora_magnitude`
-and computes DoRA's forward, as `jlora.apply` does. `trainable_mask(model)` is the filter spec that `eqx.partition`
+and computes DoRA's forward, as `jlora.apply` does. With `trainable_token_indices`,
+the named `eqx.nn.Embedding` becomes a `TokensEmbedding` holding the rows' change
+`trainable_tokens: (n_ids, dim)` (zero at init): its lookup sees
+`table.at[ids].add(delta)` without copying the table, and its `weight` is that
+table, formed when read (for a tied head written by hand). `trainable_mask(model)`
+is the filter spec that `eqx.partition`
 and `eqx.filter_grad` need to train the adapters only, and `merge` folds them
 back into plain modules.
 
@@ -35,10 +40,12 @@ Example:
 
 from jlora.frontends.equinox import LoraEmbedding as LoraEmbedding
 from jlora.frontends.equinox import LoraLinear as LoraLinear
+from jlora.frontends.equinox import TokensEmbedding as TokensEmbedding
 from jlora.frontends.equinox import from_params as from_params
 from jlora.frontends.equinox import init as init
 from jlora.frontends.equinox import merge as merge
 from jlora.frontends.equinox import to_params as to_params
 from jlora.frontends.equinox import trainable_mask as trainable_mask
 
-__all__ = ["LoraEmbedding", "LoraLinear", "from_params", "init", "merge", "to_params", "trainable_mask"]
+__all__ = ["LoraEmbedding", "LoraLinear", "TokensEmbedding", "from_params", "init", "merge", "to_params",
+           "trainable_mask"]

@@ -12,7 +12,13 @@ The interceptor is entered inside `apply` and lives for that call only: call
 `init_eva(key, fn, params, config, batches)` is `jlora.init_eva` for these models:
 EVA's data-driven adapters on the `hk.Linear` layers.
 
-Only `hk.Linear` is intercepted. An adapter elsewhere (a conv, an `hk.get_parameter`
+Trainable tokens (`trainable_token_indices`; `init_tree` puts
+`embeddings_trainable_tokens: (n_ids, dim)` beside an `hk.Embed`'s `embeddings`):
+that `hk.Embed`'s lookup gets the rows added (the table is not copied), and a read
+of its `embeddings` outside the lookup (a tied head `h @ embed.embeddings.T`) gets
+the table with the rows added, formed for that read.
+
+LoRA: only `hk.Linear` is intercepted. An adapter elsewhere (a conv, an `hk.get_parameter`
 used by hand, layers under `hk.layer_stack`) is an error naming it: use
 `jlora.apply_merged` for those, which materializes `W0 + s·A·B`.
 

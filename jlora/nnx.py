@@ -10,6 +10,10 @@
   `base(x) + s·(dropout(x)·A)·B`, factored, or with `use_dora=True` DoRA
   (`lora_magnitude`, `Trainable` beside `lora_a` / `lora_b`, initialised to
   `‖W0 + s·A·B‖` per output column, so the model is unchanged at init).
+* Trainable tokens (`LoraConfig.trainable_token_indices`): the targeted
+  `nnx.Embed` becomes a `TokensEmbed` holding the rows' change
+  `trainable_tokens: (n_ids, dim)` (`Trainable`, zero at init) beside its table;
+  its lookup and `attend` see `table.at[ids].add(delta)` without copying the table.
 * QLoRA: `quantize(model, "nf4")` (or `"int8"`) returns a copy whose kernels are
   packed `QuantizedArray`s held by `Frozen` variables; layers read them
   dequantized where they index them, inside the step, so memory stays packed.
@@ -56,7 +60,8 @@ def split(model: nnx.Module) -> tuple[nnx.GraphDef, nnx.State, nnx.State]:
 
   `trainable` holds the adapters (`lora_a: in_shape + (r,)`, `lora_b: (r,) +
   out_shape`, DoRA's `lora_magnitude`, stacked `(L, ...)` for `nnx.vmap`-made
-  layers), trained biases and `modules_to_save` parameters; `rest` everything
+  layers), trainable tokens (`trainable_tokens: (n_ids, dim)`), trained biases
+  and `modules_to_save` parameters; `rest` everything
   else (the frozen base, quantized kernels included, rng state, batch statistics). `nnx.merge(graphdef, trainable, rest)` rebuilds the
   model. For a pure jitted step, differentiate with respect to `trainable` only and
   pass `rest` as an argument: a jitted function that closes over it compiles the

@@ -191,28 +191,12 @@ def test_overlaps_and_ambiguous_lists_are_refused(tied):
     jlora.init_tree(jax.random.key(0), tree, jlora.LoraConfig(r=1, target_modules=["q"], trainable_token_indices=[1]))
 
 
-def test_front_ends_without_trainable_tokens_refuse_them():
-  config = jlora.LoraConfig(r=1, target_modules=["layers"], trainable_token_indices=[0])
-  from flax import nnx
-
-  from jlora import nnx as jnnx
-
-  with pytest.raises(ValueError, match=r"jlora.nnx.init: the config has trainable_token_indices"):
-    jnnx.init(jax.random.key(0), nnx.Linear(2, 2, rngs=nnx.Rngs(0)), config)
-  eqx = pytest.importorskip("equinox")
-  from jlora import equinox as jeqx
-
-  with pytest.raises(ValueError, match=r"jlora.equinox.init: the config has trainable_token_indices"):
-    jeqx.init(jax.random.key(0), eqx.nn.Linear(2, 2, key=jax.random.key(1)), config)
-  pytest.importorskip("haiku")
-  from jlora import haiku as jhk
-
-  tree = {"embed": {"embeddings": jnp.ones((4, 2))}, "linear": {"w": jnp.ones((2, 2))}}
-  tree = jlora.init_tree(jax.random.key(0), tree, jlora.LoraConfig(r=1, target_modules=["linear"],
-                                                                   trainable_token_indices={"embed": [1]}))
-  assert tree["embed"]["embeddings_trainable_tokens"].shape == (1, 2)
-  with pytest.raises(ValueError, match=r"jlora.haiku.apply: `params` holds trainable tokens at \['embed'\]"):
-    jhk.apply(lambda p, rng, x: x, tree, jlora.LoraConfig(r=1, target_modules=["linear"]), None, jnp.ones(2))
+def test_a_config_whose_ids_leave_the_table_is_refused_not_dropped(tied):
+  """`table.at[ids]` drops ids outside the table silently; merge (and every reader of the leaves) refuses them."""
+  params = tied[3]
+  other = jlora.LoraConfig(r=2, target_modules=["proj"], trainable_token_indices=[3, 20], init_lora_weights=False)
+  with pytest.raises(ValueError, match=r"'embed_tokens' ids \[20\], outside its table of 13 rows"):
+    jlora.merge(params, other)
 
 
 def test_config_round_trips_both_forms():

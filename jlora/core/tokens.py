@@ -5,10 +5,16 @@ Each targeted embedding gets one leaf beside its table `(vocab, dim)`: `trainabl
 init, so the model is unchanged; the ids live in the config (static). Every view of the table sees
 `table.at[ids].add(delta)`, computed without copying the table:
 
-* the lookup (`nn.Embed.__call__`, `y = table[x]`): `lookup` adds `delta[k]` to the rows of `y` whose id is `ids[k]`
-  (a `(vocab,)` int map from id to row, a constant of the program, finds them);
-* a tied head (`nn.Embed.attend`, `y = q·tableᵀ`): `attend` adds `q·deltaᵀ` to the logits' columns `ids`;
-* `merge` folds it into the table (`fold`) and `unmerge` takes it out (`unfold`).
+* the lookup (`nn.Embed.__call__`, `nnx.Embed.__call__`, `eqx.nn.Embedding.__call__`, `hk.Embed.__call__`:
+  `y = table[x]`): `lookup` adds `delta[k]` to the rows of `y` whose id is `ids[k]` (a `(vocab,)` int map from id
+  to row, a constant of the program, finds them);
+* a tied head (`nn.Embed.attend`, `nnx.Embed.attend`, `y = q·tableᵀ`): `attend` adds `q·deltaᵀ` to the logits'
+  columns `ids`;
+* `merge` folds it into the table (`fold`) and `unmerge` takes it out (`unfold`); a read of the table by hand that
+  a front-end sees (Haiku's `hk.Embed.embeddings`, an Equinox `TokensEmbedding.weight`) gets `fold`'s table.
+
+The front-ends find the tables (`Embedding`s) and call `resolve` and `add` (`jlora.init`, `jlora.init_tree`,
+`jlora.nnx.init`, `jlora.equinox.init`), then these corrections at their lookup and head calls.
 
 Forming `table.at[ids].add(delta)` per step instead would copy the whole table in the forward pass and make its
 gradient a dense `(vocab, dim)` array in the backward pass; the two corrections cost `O(tokens·dim)` and
@@ -45,8 +51,8 @@ from jlora.core.targets import (
 )
 from jlora.core.tree import Params, get_path, module_dicts
 
-__all__ = ["Embedding", "Tokens", "plain_embeddings", "resolve", "add", "ids_for", "tokens", "lookup", "attend", "fold", "unfold",
-           "refuse", "EMBEDDING_NAMES"]
+__all__ = ["Embedding", "Tokens", "plain_embeddings", "resolve", "add", "check_alone", "ids_for", "tokens", "lookup",
+           "attend", "fold", "unfold", "EMBEDDING_NAMES"]
 
 Path = tuple[str, ...]
 # The leaf names of an embedding table in a plain tree (Flax `embedding`, Haiku `embeddings`; a PyTorch-style
@@ -180,12 +186,7 @@ def add(tree: dict, targets: Mapping[Path, tuple[str, tuple[int, ...]]], *, dtyp
   """
   for module, (kernel_name, ids) in targets.items():
     node = get_path(tree, module)
-    if any(is_pair_key(k) for k in node):
-      raise ValueError(
-          f"{fn}: {path_str(module)!r} is both in `target_modules` (a LoRA adapter) and in "
-          "`trainable_token_indices` (trained rows); a table gets one of them. Exclude it from `target_modules` "
-          "(exclude_modules=[...]) or drop its token ids."
-      )
+    check_alone(node, module, fn)
     table = node[kernel_name]
     delta = jnp.zeros((len(ids), table.shape[1]), dtype)
     sharding = getattr(table, "sharding", None)
@@ -193,6 +194,20 @@ def add(tree: dict, targets: Mapping[Path, tuple[str, tuple[int, ...]]], *, dtyp
       axes = adapter_axes(tuple(sharding.spec), table.shape, delta.shape, "tokens")
       delta = jax.device_put(delta, NamedSharding(sharding.mesh, partition_spec(axes)))
     node[leaf_name(TOKENS_KEY, kernel_name)] = delta
+
+
+def check_alone(node: Mapping[str, Any], module: Path, fn: str) -> None:
+  """Raises when the module dict `node` of a table with trainable tokens also holds a LoRA adapter.
+
+  Raises:
+    ValueError: naming the module and the fix.
+  """
+  if any(is_pair_key(k) for k in node):
+    raise ValueError(
+        f"{fn}: {path_str(module)!r} is both in `target_modules` (a LoRA adapter) and in "
+        "`trainable_token_indices` (trained rows); a table gets one of them. Exclude it from `target_modules` "
+        "(exclude_modules=[...]) or drop its token ids."
+    )
 
 
 def ids_for(config: LoraConfig, module: Path) -> tuple[int, ...]:
@@ -247,26 +262,11 @@ def tokens(params: Params, config: LoraConfig, *, kernels: Params | None = None)
       if len(table.shape) != 2 or tuple(delta.shape) != (len(ids), table.shape[1]):
         raise ValueError(f"The trainable tokens at {where!r} have shape {tuple(delta.shape)}; its table "
                          f"{tuple(table.shape)} and {len(ids)} ids need ({len(ids)}, {table.shape[-1]}).")
+      bad = [i for i in ids if i >= table.shape[0]]
+      if bad:
+        raise ValueError(f"The config's trainable_token_indices give {where!r} ids {bad}, outside its table of "
+                         f"{table.shape[0]} rows; pass the LoraConfig that created these trainable tokens.")
       yield Tokens(module, str(key), weight, table, delta, tuple(ids))
-
-
-def refuse(fn: str, config: LoraConfig | None = None, params: Params | None = None) -> None:
-  """Raises for a front-end that does not apply trainable tokens, when `config` asks for them or `params` holds some.
-
-  Raises:
-    ValueError: naming `fn` and the paths that do apply them.
-  """
-  held = [] if params is None else [path_str(p) for p, node in module_dicts(params) if any(map(is_tokens_key, node))]
-  if (config is None or config.trainable_token_indices is None) and not held:
-    return
-  what = f"`params` holds trainable tokens at {held[:4]}" if held else (
-      f"the config has trainable_token_indices={config.trainable_token_indices!r}")
-  raise ValueError(
-      f"{fn}: {what}, which this front-end does not apply. Trainable tokens work with linen models (jlora.init + "
-      "jlora.apply) and plain param trees (jlora.init_tree, run with jlora.apply_merged, or jlora.merge then the "
-      "model's own call); for this model use its params tree that way, or train the whole table with "
-      "`modules_to_save`."
-  )
 
 
 # ------------------------------------------------------------------------------------------------- forward

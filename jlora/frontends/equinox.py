@@ -13,19 +13,20 @@ import jax
 import jax.numpy as jnp
 
 from jlora.core import ops as _ops
+from jlora.core import tokens as _tokens
 from jlora.core.adapted import adapted
 from jlora.core.config import LoraConfig
 from jlora.core.init import add_adapters
 from jlora.core.keys import stringify
 from jlora.core.parameters import refuse as refuse_parameters
 from jlora.core.plain import site
-from jlora.core.targets import LORA_KEYS, MAGNITUDE_KEY, Site, is_lora_key, path_str
-from jlora.core.tokens import refuse as refuse_tokens
+from jlora.core.targets import LORA_KEYS, MAGNITUDE_KEY, TOKENS_KEY, Site, is_lora_key, path_str
 from jlora.core.tree import check_magnitude, flatten, unflatten
 from jlora.core.tree import trainable_mask as _tree_mask
 from jlora.core.variants import variant_of_leaves
 
-__all__ = ["LoraLinear", "LoraEmbedding", "init", "merge", "trainable_mask", "to_params", "from_params"]
+__all__ = ["LoraLinear", "LoraEmbedding", "TokensEmbedding", "init", "merge", "trainable_mask", "to_params",
+           "from_params"]
 
 Path = tuple[str, ...]
 
@@ -99,7 +100,34 @@ class LoraEmbedding(eqx.Module):
                    y_is_product=True)
 
 
-_WRAPPERS = (LoraLinear, LoraEmbedding)
+class TokensEmbedding(eqx.Module):
+  """`eqx.nn.Embedding` with trainable token rows (`trainable_token_indices`): `table.at[ids].add(delta)[i]`.
+
+  The lookup adds the rows' change to the base lookup (`jlora.core.tokens.lookup`), without copying the table.
+
+  Attributes:
+    base: the original `eqx.nn.Embedding` (weight `(vocab, dim)`), frozen.
+    trainable_tokens: `(n_ids, dim)`: row `k` is added to `table[ids[k]]`; zeros at init.
+    ids: the trained token ids.
+  """
+
+  base: eqx.nn.Embedding
+  trainable_tokens: jax.Array
+  ids: tuple[int, ...] = eqx.field(static=True)
+
+  def __call__(self, x: jax.Array, *, key: jax.Array | None = None) -> jax.Array:
+    """`x`: an integer index -> `(dim,)`, like the base layer."""
+    return _tokens.lookup(self.base(x, key=key), jnp.asarray(x), self.trainable_tokens, self.ids,
+                          self.base.weight.shape[0])
+
+  @property
+  def weight(self) -> jax.Array:
+    """The table with the rows added, `(vocab, dim)`, for code that reads the weight by hand (a tied head
+    `weight @ h`): formed here, one copy of the table per read, as `jlora.apply_merged` forms a merged weight."""
+    return _tokens.fold(self.base.weight, self.trainable_tokens, self.ids)
+
+
+_WRAPPERS = (LoraLinear, LoraEmbedding, TokensEmbedding)
 _NODES = (eqx.nn.Linear, eqx.nn.Embedding, *_WRAPPERS)
 
 
@@ -122,7 +150,7 @@ def _nodes(model: Any) -> tuple[list[tuple[Path, Any]], Any]:
 
 def _weight_name(node: Any) -> str:
   """The name of a layer's weight in jlora's dict: `weight` (`(out, in)`), or `embedding` for an Embedding."""
-  return "embedding" if isinstance(node, (eqx.nn.Embedding, LoraEmbedding)) else "weight"
+  return "embedding" if isinstance(node, (eqx.nn.Embedding, LoraEmbedding, TokensEmbedding)) else "weight"
 
 
 def _node_dict(node: Any) -> dict[str, Any]:
@@ -132,7 +160,9 @@ def _node_dict(node: Any) -> dict[str, Any]:
   out = {name: base.weight}
   if getattr(base, "bias", None) is not None:
     out["bias"] = base.bias
-  if isinstance(node, _WRAPPERS):
+  if isinstance(node, TokensEmbedding):
+    out[TOKENS_KEY] = node.trainable_tokens
+  elif isinstance(node, _WRAPPERS):
     a_key, b_key = LORA_KEYS
     out[a_key], out[b_key] = node.lora_a, node.lora_b
     if node.lora_magnitude is not None:
@@ -164,7 +194,7 @@ def _rebuilt(node: Any, path: Path, entry: Mapping[str, Any], config: LoraConfig
   a_key, b_key = LORA_KEYS
   m_key = MAGNITUDE_KEY
   own = _node_dict(base)
-  extra = sorted(set(entry) - set(own) - {a_key, b_key, m_key})
+  extra = sorted(set(entry) - set(own) - {a_key, b_key, m_key, TOKENS_KEY})
   if extra:
     raise ValueError(f"from_params: the module dict at {where!r} holds {extra}; the model's layer there "
                      f"({type(base).__name__}) has {sorted(own)} (and optionally {a_key} / {b_key} / {m_key}).")
@@ -175,6 +205,8 @@ def _rebuilt(node: Any, path: Path, entry: Mapping[str, Any], config: LoraConfig
   leaves = {**own, **entry}
   base = eqx.tree_at(lambda m: [m.weight] + ([m.bias] if "bias" in own else []), base,
                      [leaves[name]] + ([leaves["bias"]] if "bias" in own else []))
+  if TOKENS_KEY in entry:
+    return _with_tokens(base, path, {**leaves, TOKENS_KEY: entry[TOKENS_KEY]}, config)
   if a_key not in entry and b_key not in entry:
     return base if name in entry or not isinstance(node, _WRAPPERS) else eqx.tree_at(lambda m: m.base, node, base)
   if not (a_key in entry and b_key in entry):
@@ -189,11 +221,27 @@ def _rebuilt(node: Any, path: Path, entry: Mapping[str, Any], config: LoraConfig
   return LoraLinear(base, a, b, config.scale_for(where), config.lora_dropout, lora_magnitude=magnitude)
 
 
+def _with_tokens(base: Any, path: Path, leaves: Mapping[str, Any], config: LoraConfig | None) -> TokensEmbedding:
+  """The `TokensEmbedding` of `base` with the `trainable_tokens` leaf of its module dict `leaves`, checked."""
+  fn = "jlora.equinox.from_params"
+  _tokens.check_alone(leaves, path, fn)
+  if type(base) is not eqx.nn.Embedding:
+    raise ValueError(f"{fn}: `params` holds trainable tokens at {path_str(path)!r}, where the model has a "
+                     f"{type(base).__name__}, not eqx.nn.Embedding (whose lookup is exactly its table's rows); pass "
+                     "the params made for this model.")
+  if config is None:
+    raise ValueError(f"{fn}: {path_str(path)!r} holds trainable tokens; pass the `config` they were made with (for "
+                     "their ids).")
+  tk = next(_tokens.tokens(unflatten({(*path, k): v for k, v in leaves.items()}), config))
+  return TokensEmbedding(base, tk.delta, tk.ids)
+
+
 def from_params(model: Any, params: Mapping[str, Any], config: LoraConfig | None = None) -> Any:
   """`model` with the arrays of a jlora params dict: the inverse of `to_params`.
 
   Layers whose module dict holds `lora_a` / `lora_b` come back as `LoraLinear` /
   `LoraEmbedding` (adapters checked against the weight and the config's rank),
+  Embeddings whose dict holds `trainable_tokens` as `TokensEmbedding`,
   layers whose dict holds the weight without adapters as plain layers; any
   other array is replaced by the dict's leaf at its path. What `params` lacks
   stays as it is in `model`, so a part of a tree (the trainable half of
@@ -208,7 +256,6 @@ def from_params(model: Any, params: Mapping[str, Any], config: LoraConfig | None
   Raises:
     ValueError: a leaf of `params` has no place in the model, or does not fit it.
   """
-  refuse_tokens("jlora.equinox.from_params", config, stringify(params))
   refuse_parameters("jlora.equinox.from_params", config)
   flat = flatten(stringify(params))
   entries: dict[Path, dict[str, Any]] = {}
@@ -248,6 +295,9 @@ def init(key: jax.Array, model: Any, config: LoraConfig, *, dtype: Any = jnp.flo
   acts when a `LoraLinear` call gets a `key`. With `use_dora=True` each wrapper
   also holds DoRA's `lora_magnitude` (`(out, 1)` for a Linear, `(1, dim)` for an
   Embedding), starting at the column norms so the model is unchanged; `merge` folds it.
+  With `config.trainable_token_indices`, each table it names (the rules of
+  `jlora.init`: a list names the model's one `eqx.nn.Embedding`, or the one named
+  `embed_tokens`) becomes a `TokensEmbedding` with a zero `trainable_tokens`.
 
   Args:
     key: PRNG key for the adapter init.
@@ -258,11 +308,12 @@ def init(key: jax.Array, model: Any, config: LoraConfig, *, dtype: Any = jnp.flo
   Raises:
     TypeError: `config` is not a `LoraConfig`.
     ValueError: as `jlora.init` (nothing matched: the message lists the layers;
-      rank too large; ...), or the model already holds adapters.
+      rank too large; a `trainable_token_indices` name that is no Embedding, an
+      id outside its rows, a table LoRA adapts too; ...), or the model already
+      holds adapters.
   """
   if not isinstance(config, LoraConfig):
     raise TypeError(f"`config` must be a jlora.LoraConfig, got {type(config).__name__}.")
-  refuse_tokens("jlora.equinox.init", config)
   refuse_parameters("jlora.equinox.init", config)
   nodes = [(path, leaf) for path, leaf in _nodes(model)[0] if _is_node(leaf)]
   if any(isinstance(leaf, _WRAPPERS) for _, leaf in nodes):
@@ -275,6 +326,12 @@ def init(key: jax.Array, model: Any, config: LoraConfig, *, dtype: Any = jnp.flo
     axes = ((n,), (n + 1,)) if embed else ((n + 1,), (n,))
     sites.append(site(path, _weight_name(node), node.weight.shape, axes, kind="embed" if embed else "dense"))
   params = add_adapters(key, to_params(model), config, sites, dtype=dtype, masks="jlora.equinox.init")
+  embeds = [_tokens.Embedding(path, "embedding", tuple(node.weight.shape), "" if type(node) is eqx.nn.Embedding else
+                              f"it is a {type(node).__name__}, not eqx.nn.Embedding, whose lookup is exactly its "
+                              "table's rows") for path, node in nodes if isinstance(node, eqx.nn.Embedding)]
+  others = [(path, "dense") for path, node in nodes if not isinstance(node, eqx.nn.Embedding)]
+  _tokens.add(params, _tokens.resolve(config, embeds, others, "jlora.equinox.init"), dtype=dtype,
+              fn="jlora.equinox.init")
   return from_params(model, params, config)
 
 
@@ -288,6 +345,8 @@ def merge(model: Any) -> Any:
   """
 
   def fold(node: Any) -> Any:
+    if isinstance(node, TokensEmbedding):
+      return eqx.tree_at(lambda m: m.weight, node.base, node.weight)
     if not isinstance(node, _WRAPPERS):
       return node
     leaves = _leaves(node)
@@ -318,7 +377,9 @@ def trainable_mask(model: Any, config: LoraConfig | None = None) -> Any:
       spec = eqx.tree_at(lambda m: m.weight, spec, entry[_weight_name(leaf)])
       if "bias" in entry:
         spec = eqx.tree_at(lambda m: m.bias, spec, entry["bias"])
-      if isinstance(leaf, _WRAPPERS):
+      if isinstance(leaf, TokensEmbedding):
+        spec = eqx.tree_at(lambda m: (m.base, m.trainable_tokens), leaf, (spec, entry[TOKENS_KEY]))
+      elif isinstance(leaf, _WRAPPERS):
         spec = eqx.tree_at(lambda m: (m.base, m.lora_a, m.lora_b), leaf, (spec, entry[a_key], entry[b_key]))
         if leaf.lora_magnitude is not None:
           m_key = MAGNITUDE_KEY

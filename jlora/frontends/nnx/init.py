@@ -18,15 +18,16 @@ import jax.numpy as jnp
 from flax import nnx
 from flax.core.meta import AxisMetadata
 
+from jlora.core import tokens as _tokens
 from jlora.core.config import LoraConfig
 from jlora.core.init import add_adapters
 from jlora.core.parameters import refuse as refuse_parameters
-from jlora.core.targets import LAYERS_KEY, Site, is_lora_key, path_str, selects
-from jlora.core.tokens import refuse as refuse_tokens
+from jlora.core.targets import LAYERS_KEY, Site, is_lora_key, is_tokens_key, path_str, selects
 from jlora.core.tree import _check_tree, adapted_modules, check_adapters, flatten, has_adapters, labels
 from jlora.core.unadapted import Unadapted, is_matmul_like, of_sites, report, unknown_class
 from jlora.frontends import layer_check
 from jlora.frontends.layers import kinds_listing
+from jlora.frontends.nnx import tokens as _nnx_tokens
 from jlora.frontends.nnx.check import plans
 from jlora.frontends.nnx.graph import Path, adapted, check_config, check_model, sites, to_params, walk
 from jlora.frontends.nnx.layer import install, uninstall
@@ -71,7 +72,12 @@ def init(key: jax.Array, model: nnx.Module, config: LoraConfig, *args, rngs: nnx
   them as in `jlora.init` (names, regex, `"all-linear"` without the output head,
   `layers_to_transform`, `rank_pattern` ...).
 
-  The returned model holds no `nnx.Param`: what trains (adapters, the biases
+  With `config.trainable_token_indices`, each table it names (the same rules and
+  errors as `jlora.init`: a list names the model's one `nnx.Embed`, or the one named
+  `embed_tokens`) becomes a `TokensEmbed` (`jlora.frontends.nnx.tokens`) holding a
+  zero `trainable_tokens: (n_ids, dim)`; its lookup and `attend` see the rows.
+
+  The returned model holds no `nnx.Param`: what trains (adapters, trainable tokens, the biases
   `config.bias` trains, `modules_to_save`) is `jlora.nnx.Trainable` and the rest
   `jlora.nnx.Frozen`. Train with `nnx.Optimizer(model, tx, wrt=jlora.nnx.Trainable)`.
   `model` itself is not changed; both share the base arrays (nothing is copied).
@@ -101,7 +107,8 @@ def init(key: jax.Array, model: nnx.Module, config: LoraConfig, *args, rngs: nnx
       adaptable module path), `model` already holds adapters, `r` exceeds a
       module's dimensions, `layers_to_transform` finds no layer index or meets a stack of
       `nnx.vmap`-made layers (no per-layer mask here; linen has one), a module
-      is both adapted and in `modules_to_save`.
+      is both adapted and in `modules_to_save`; a `trainable_token_indices` name
+      that is no `nnx.Embed`, an id outside its rows, or a table LoRA adapts too.
 
   Example:
     >>> import jax
@@ -116,7 +123,6 @@ def init(key: jax.Array, model: nnx.Module, config: LoraConfig, *args, rngs: nnx
   """
   check_model(model)
   check_config(config)
-  refuse_tokens("jlora.nnx.init", config)
   refuse_parameters("jlora.nnx.init", config)
   _check_base(model, "init")
   found, eqs, seen = sites(model, args, kwargs)
@@ -132,8 +138,11 @@ def init(key: jax.Array, model: nnx.Module, config: LoraConfig, *args, rngs: nnx
   lora = nnx.clone(model)
   base = to_params(model)
   tree = add_adapters(key, to_params(lora), config, found, dtype=dtype, masks="jlora.nnx.init")
+  targets = _tokens.resolve(config, _nnx_tokens.embeddings(found, modules, variables),
+                            [(s.module, s.kind) for s in found if s.kind != "embed"], "jlora.nnx.init")
+  _tokens.add(tree, targets, dtype=dtype, fn="jlora.nnx.init")
   layer_check.check(plans(modules, found, seen, eqs), base, tree)
-  _build(lora, tree, config, {s.path: s for s in found}, eqs, rngs)
+  _build(lora, tree, config, {s.path: s for s in found}, eqs, rngs, "jlora.nnx.init")
   return lora
 
 
@@ -158,7 +167,8 @@ def from_params(model: nnx.Module, params: Mapping[str, Any], config: LoraConfig
 
   Builds, from `model` (with or without adapters; not changed), a LoRA model whose
   every parameter is the leaf of `params` at its path, adapted exactly where
-  `params` holds `lora_a` / `lora_b`. It takes what `jlora.load_adapter` or
+  `params` holds `lora_a` / `lora_b`, and with trainable tokens (a `TokensEmbed`)
+  where it holds `trainable_tokens` beside an `nnx.Embed`'s table. It takes what `jlora.load_adapter` or
   `jlora.load_peft` return for `jlora.nnx.to_params(base)`, or the params of a
   linen twin of the model (same module paths). Kernels of `params` may be
   quantized (`jlora.quantize(jlora.nnx.to_params(lora))`, `jlora.load_quantized`):
@@ -187,9 +197,8 @@ def from_params(model: nnx.Module, params: Mapping[str, Any], config: LoraConfig
   check_model(model)
   check_config(config)
   _check_tree(params)
-  refuse_tokens("jlora.nnx.from_params", config, params)
   refuse_parameters("jlora.nnx.from_params", config)
-  if not has_adapters(params):
+  if not has_adapters(params) and not any(is_tokens_key(p[-1]) for p in flatten(params)):
     raise ValueError(
         "jlora.nnx.from_params: `params` holds no LoRA adapter (no lora_a/lora_b leaves). Pass a tree with "
         "adapters, e.g. what jlora.load_adapter(path, jlora.nnx.to_params(base)) returns."
@@ -218,22 +227,26 @@ def from_params(model: nnx.Module, params: Mapping[str, Any], config: LoraConfig
           f"exclude_modules={config.exclude_modules!r}, layers_to_transform={config.layers_to_transform!r}) does "
           "not select. Pass the LoraConfig that created it."
       )
-  _build(lora, params, config, by_path, eqs, rngs)
+  _build(lora, params, config, by_path, eqs, rngs, "jlora.nnx.from_params")
   return lora
 
 
 def strip(model: nnx.Module) -> None:
-  """Removes adapters in place, unmerged: adapted layers get their base class back, parameters their Param type."""
+  """Removes adapters in place, unmerged: adapted layers (and `TokensEmbed`s) get their base class back, parameters
+  their Param type."""
   for module in adapted(model).values():
     uninstall(module)
+  for module in _nnx_tokens.tokened(model).values():
+    _nnx_tokens.uninstall(module)
   _, variables = walk(model)
   for var in variables.values():
     restore(var)
 
 
 def _build(model: nnx.Module, tree: Mapping[str, Any], config: LoraConfig, by_path: dict[Path, Site],
-           eqs: dict[Path, str], rngs: nnx.Rngs | None) -> None:
-  """Installs the adapters of `tree` into `model` (in place), sets its other leaves, retypes every parameter."""
+           eqs: dict[Path, str], rngs: nnx.Rngs | None, fn: str) -> None:
+  """Installs the adapters (and trainable tokens) of `tree` into `model` (in place), sets its other leaves,
+  retypes every parameter."""
   modules, variables = walk(model)
   missing, bad = [], []
   for path, leaf in flatten(tree).items():
@@ -261,6 +274,7 @@ def _build(model: nnx.Module, tree: Mapping[str, Any], config: LoraConfig, by_pa
     dropout = None if stream is None or site.kind == "embed" else _dropout(stream, config.lora_dropout, shape)
     install(modules[path], path, site.kind, node[site.slot.a_key], node[site.slot.b_key], node.get(site.slot.m_key),
             scale=config.scale_for(path_str(path)), einsum_str=eqs.get(path), dropout=dropout, weight=site.kernel_name)
+  _nnx_tokens.install(model, tree, config, fn)
   for path, label in flatten(labels(tree, config)).items():
     if is_lora_key(path[-1]):
       continue

@@ -6,11 +6,13 @@ from flax import nnx
 from flax.core.meta import AxisMetadata
 
 from jlora.core import ops as _ops
+from jlora.core import tokens as _tokens
 from jlora.core.targets import is_lora_key, path_str
 from jlora.core.variants import variant_of_leaves
 from jlora.frontends.nnx.graph import adapted, check_model, require_adapters, walk
 from jlora.frontends.nnx.init import strip
 from jlora.frontends.nnx.layer import kernel_var, leaves_of
+from jlora.frontends.nnx.tokens import tokened
 from jlora.frontends.nnx.vars import PARAM_TYPES, Trainable
 
 __all__ = ["merge", "unmerge"]
@@ -22,7 +24,8 @@ def merge(model: nnx.Module) -> nnx.Module:
   The result has the base model's classes (`nnx.Linear`, ... ; no `Lora<Base>`
   layer, no `lora_a` / `lora_b`), and its parameters are `nnx.Param` again (or the
   `Param` subclass they were), so it runs with zero added latency and computes
-  what the factored LoRA model computes. The sum is taken in float32 and cast back
+  what the factored LoRA model computes (trainable tokens are added to their
+  tables' rows). The sum is taken in float32 and cast back
   to the kernel's dtype; stacked (`nnx.vmap`) layers merge per layer. Trained biases
   and `modules_to_save` parameters keep their trained values. Quantized kernels
   (QLoRA) come out dequantized, adapted or not: the result is a full-precision
@@ -47,6 +50,8 @@ def merge(model: nnx.Module) -> nnx.Module:
   for var in variables.values():  # kernels left quantized (not adapted): full precision, as plain layers read them
     if isinstance(var.get_value(), AxisMetadata):
       var.set_value(var.get_value().unbox())
+  for path, module in tokened(out).items():  # trainable tokens: `table.at[ids].add(delta)`
+    _refold(module, path, _tokens.fold)
   strip(out)
   return out
 
@@ -103,4 +108,12 @@ def unmerge(merged: nnx.Module, model: nnx.Module) -> nnx.Module:
     var, leaves = kernel_var(module), leaves_of(module)
     _ops.check_foldable(path_str(module.lora_path), leaves["lora_a"].shape, leaves["lora_b"].shape, var.shape)
     var.set_value(variant_of_leaves(leaves).unfold(var.get_value(), leaves, module.lora_scale, norms.get(path)))
+  for path, module in tokened(out).items():
+    _refold(module, path, _tokens.unfold)
   return out
+
+
+def _refold(module: nnx.Module, path: tuple[str, ...], how) -> None:
+  """Sets a `TokensEmbed`'s table to `how(table, delta, ids)` (`jlora.core.tokens.fold` or `unfold`)."""
+  var = module.embedding
+  var.set_value(how(var.get_value(), module.trainable_tokens.get_value(), module.lora_token_ids, path_str(path)))

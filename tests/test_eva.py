@@ -256,6 +256,9 @@ def test_refusals(attention):
     jlora.get_eva_state_dict(model, base, config, batches, mask=lambda b: np.ones((3, 3), bool))
   with pytest.raises(ValueError, match="have not converged"):
     jlora.get_eva_state_dict(model, base, dataclasses.replace(config, eva_config={"tau": 1.0}), batches, max_steps=3)
+  poisoned = [np.where(np.arange(8)[None, :, None] == 3, np.nan, batches[0])]  # one token's input is NaN
+  with pytest.raises(ValueError, match=r"not finite after batch 0"):
+    jlora.get_eva_state_dict(model, base, config, poisoned)
   with pytest.raises(ValueError, match="names layers the config does not adapt"):
     jlora.init_eva(jax.random.key(0), model, base, config, batches, eva_state_dict={"nope": np.zeros((1, D))})
   with pytest.raises(ValueError, match="eva_config\\['rho'\\]"):

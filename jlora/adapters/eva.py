@@ -379,13 +379,11 @@ def _fit(step, adapted: Params, batches: Sequence, mask, plan: _Plan, config: Lo
   limits = {h: k for h, (k, _) in plan.hooks.items()}
   budget = sum(config.rank_for(w) for w in (*plan.hooks, *plan.aliases))
   ranks = {**limits, **{a: limits[o] for a, o in plan.aliases.items()}}
-  done = dict.fromkeys(plan.hooks, False)
   steps = 0
   for batch in _cycle(batches):
-    converged = {h: bool(np.all(np.asarray(states[h].converged)[: ranks[h]])) for h in plan.hooks}
-    for h in plan.hooks:
-      if converged[h] != done[h]:
-        done[h] = converged[h]
+    # a layer whose components (as many as its rank now needs) have converged is not updated; a redistribution
+    # that raises its rank makes it active again
+    done = {h: bool(np.all(np.asarray(states[h].converged)[: ranks[h]])) for h in plan.hooks}
     if all(done.values()):
       break
     if steps == max_steps:
@@ -394,6 +392,11 @@ def _fit(step, adapted: Params, batches: Sequence, mask, plan: _Plan, config: Lo
     active = {h: jnp.asarray(not done[h]) for h in plan.hooks}
     states = step(adapted, states, active, batch, None if m is None else jnp.asarray(m))
     steps += 1
+    bad = [h for h, st in states.items() if not bool(jnp.all(jnp.isfinite(st.components)))]
+    if bad:
+      raise ValueError(f"jlora.init_eva: the EVA components of {bad[:8]} are not finite after batch {steps - 1}: "
+                       "their inputs overflow or hold NaN there (a bfloat16 model?). Check the model's outputs on "
+                       "that batch, or run EVA in float32.")
     if all(float(s.n) > 0 for s in states.values()):
       ranks = _distribution(plan, states, limits, budget)
   out = {}
@@ -401,7 +404,12 @@ def _fit(step, adapted: Params, batches: Sequence, mask, plan: _Plan, config: Lo
     hook = plan.aliases.get(layer, layer)
     comps = states[hook].components[: ranks[layer]]
     if eva["whiten"]:
-      comps = comps / jnp.sqrt(states[hook].singular[: ranks[layer]])[:, None]
+      singular = states[hook].singular[: ranks[layer]]
+      if not bool(jnp.all(singular > 0)):
+        raise ValueError(f"jlora.init_eva: whiten divides {layer!r}'s components by their singular values, and some "
+                         f"of its {ranks[layer]} are 0 (its inputs span fewer directions); use whiten=False, or a "
+                         "lower `r` there (rank_pattern).")
+      comps = comps / jnp.sqrt(singular)[:, None]
     out[layer] = comps
   return out
 

@@ -226,11 +226,10 @@ def stack_adapters(adapter_set: AdapterSet, params: Params, *, names: Sequence[s
           "modules_to_save."
       )
     for ad in adapters(tree, config, kernels=params):
-      groups = _ops.conv_groups(ad.a.shape, ad.b.shape, ad.kernel.shape)
-      if groups > 1:
+      if ad.groups > 1:
         raise ValueError(
             f"stack_adapters: adapter {name!r} adapts the grouped convolution {ad.slot.where!r} "
-            f"(feature_group_count={groups}), which a mixed batch does not take (its B is grouped by rank blocks, "
+            f"(feature_group_count={ad.groups}), which a mixed batch does not take (its B is grouped by rank blocks, "
             "which padding to a common rank would break). Run it alone (jlora.apply), or leave the layer out "
             "(exclude_modules)."
         )

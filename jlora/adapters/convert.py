@@ -23,7 +23,6 @@ from typing import Any
 
 import jax.numpy as jnp
 
-from jlora.core import ops as _ops
 from jlora.core.config import LoraConfig
 from jlora.core.fields import FrozenMapping, rewrites_base
 from jlora.core.tree import Params, _check_tree, adapters, flatten, get_path, pad_axis, slots, split, unflatten
@@ -163,7 +162,7 @@ def pad_rank(params: Params, config: LoraConfig, target_rank: int, *,
     if ad.rank > target_rank:
       raise ValueError(f"pad_rank: the adapter at {ad.slot.where!r} has rank {ad.rank}, above `target_rank`="
                        f"{target_rank}; pass target_rank >= {ad.rank} (the largest rank of the adapters you swap).")
-    if _ops.conv_groups(ad.a.shape, ad.b.shape, ad.kernel.shape) > 1:
+    if ad.groups > 1:
       raise ValueError(f"pad_rank: the adapter at {ad.slot.where!r} belongs to a grouped convolution, whose B is "
                        "grouped by rank blocks that padding at the end would break; leave the layer out "
                        "(exclude_modules) of adapters you hotswap.")

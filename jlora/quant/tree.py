@@ -11,7 +11,7 @@ gradients and optimizer state stay float32.
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Collection
 from typing import Any
 
 import jax
@@ -24,7 +24,7 @@ from jlora.core.sharding import partition_spec
 from jlora.quant import array as _quant
 from jlora.quant.array import QuantizedArray
 
-__all__ = ["quantize", "dequantize", "is_kernel", "requantize", "shardings_like"]
+__all__ = ["quantize", "dequantize", "is_kernel", "is_weight", "requantize", "shardings_like"]
 
 
 def _path_names(path) -> tuple[str, ...]:
@@ -32,13 +32,18 @@ def _path_names(path) -> tuple[str, ...]:
                for k in path)
 
 
+def is_weight(path: tuple[str, ...], leaf: Any, names: Collection[str] = ("kernel",)) -> bool:
+  """Whether a leaf is a floating weight of at least 2 dimensions whose name is one of `names`."""
+  return (bool(path) and path[-1] in names and hasattr(leaf, "ndim") and leaf.ndim >= 2
+          and jnp.issubdtype(leaf.dtype, jnp.floating))
+
+
 def is_kernel(path: tuple[str, ...], leaf: Any) -> bool:
   """The default selection: a floating leaf named `kernel` with at least 2 dimensions.
 
   That excludes embeddings (`embedding`), biases, norm scales and adapter leaves (`lora_*`).
   """
-  return (bool(path) and path[-1] == "kernel" and hasattr(leaf, "ndim") and leaf.ndim >= 2
-          and jnp.issubdtype(leaf.dtype, jnp.floating))
+  return is_weight(path, leaf)
 
 
 def quantize(params: Any, method: str = "nf4", *, block_size: int = 64, double_quant: bool = True,

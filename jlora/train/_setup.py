@@ -14,12 +14,11 @@ import os
 from typing import Any, NamedTuple
 
 import jax
-import jax.numpy as jnp
 import numpy as np
 import optax
 
 import jlora
-from jlora.quant.tree import is_kernel
+from jlora.quant.tree import is_weight
 from jlora.train import _adapters, _data, _model, _tasks
 from jlora.train._schema import Config
 
@@ -275,12 +274,11 @@ def adapted_trees(config: Config, model: Any, params: Any, inputs: tuple[tuple, 
     mask = (lambda b: None) if task.name == "SEQ_2_SEQ_LM" else (lambda b: task.inputs(b, model)[0][1])
     adapted, lora = jlora.init_eva(key, model, params, lora, eva_batches, inputs=lambda b: task.inputs(b, model),
                                    mask=mask)
-  else:
-    if lora.init_lora_weights == "eva":  # shapes only (`jlora plan`): the config's ranks
-      lora = dataclasses.replace(lora, init_lora_weights=True)
-    adapted = jlora.init(key, model, params, lora, *args, **kwargs)
+  else:  # without batches (`jlora plan`, shapes only) EVA's adapters are made at the config's ranks
+    drawn = dataclasses.replace(lora, init_lora_weights=True) if lora.init_lora_weights == "eva" else lora
+    adapted = jlora.init(key, model, params, drawn, *args, **kwargs)
   trainable, frozen = jlora.split(adapted, lora)
-  return trainable, quantized(config, frozen, model), frozen, lora if eva_batches is not None else config.lora
+  return trainable, quantized(config, frozen, model), frozen, lora
 
 
 def quantized(config: Config, frozen: Any, model: Any = None) -> Any:
@@ -293,11 +291,7 @@ def quantized(config: Config, frozen: Any, model: Any = None) -> Any:
   if not config.model.quantize:
     return frozen
   scanned = bool(config.model.options.get("scan_layers"))  # int8 scales per layer of a scanned stack
-  raw = set(model.hf_spec().raw_leaves) if hasattr(model, "hf_spec") else set()
-
-  def is_raw(path: tuple[str, ...], leaf: Any) -> bool:
-    return bool(path) and path[-1] in raw and getattr(leaf, "ndim", 0) >= 2 and jnp.issubdtype(leaf.dtype,
-                                                                                                 jnp.floating)
-
-  return jlora.quantize(frozen, config.model.quantize, select=lambda path, leaf: is_kernel(path, leaf) or is_raw(
-      path, leaf), stack=lambda path, leaf: leaf.ndim - 2 if is_raw(path, leaf) else int(scanned and leaf.ndim > 2))
+  raw = tuple(model.hf_spec().raw_leaves) if hasattr(model, "hf_spec") else ()
+  return jlora.quantize(frozen, config.model.quantize, select=lambda path, leaf: is_weight(path, leaf, ("kernel", *raw)),
+                        stack=lambda path, leaf: leaf.ndim - 2 if is_weight(path, leaf, raw) else
+                        int(scanned and leaf.ndim > 2))
